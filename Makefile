@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs into .venv, then runs `fastsam-batch run jobs/demo.yaml` (local Ray, CPU)
+#   make test   installs into .venv, then runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch and torchvision must be a matching pair (torchvision's compiled ops are built against one torch).
+TORCH_PINS := torch==2.15.0 torchvision==0.29.2
+
+.PHONY: install demo test bench clean
+
+$(BIN)/fastsam-batch: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS) -e '.[test]'
+	touch $@
+
+install: $(BIN)/fastsam-batch
+
+demo: install
+	$(BIN)/fastsam-batch run jobs/demo.yaml --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/bench.py
+
+clean:
+	rm -rf out .pytest_cache

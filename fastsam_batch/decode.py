@@ -1,0 +1,116 @@
+"""Decode stage: image bytes -> RGB uint8 array of the displayed image, or a reason it can't be.
+
+Strict and robust: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF; grayscale, 16-bit, CMYK,
+palette and alpha images become 3-channel RGB of the same size (alpha is dropped, as OpenCV's
+``imread`` does); EXIF orientation is applied, so width and height are those of the image as
+displayed. Decompression bombs are refused from the header, before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+# Pillow's own bomb limit (about 179 MP at the time of writing) is the default; the manifest can
+# change it. We check it ourselves to give a clear reason instead of Pillow's warning/exception.
+DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 178_956_970)
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff"})
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF"})
+
+
+class DecodeError(ValueError):
+    """An image that cannot be used; ``reason`` is a short machine-friendly category."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 HxWx3 array of the displayed image. Raises :class:`DecodeError`."""
+    if not data:
+        raise DecodeError("empty_file", "the file has zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+    except Image.UnidentifiedImageError:
+        fmt = sniff_format(data)
+        if fmt:
+            raise DecodeError("corrupt_image", f"{fmt} signature but an unreadable header") from None
+        raise DecodeError("not_an_image", "the bytes are not a supported image format") from None
+    except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, not a bug here
+        raise DecodeError("corrupt_image", f"cannot read header: {e}") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise DecodeError("corrupt_image", f"invalid size {w}x{h}")
+    if w * h > max_pixels:
+        raise DecodeError("too_many_pixels", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    try:
+        img.seek(0)  # first frame of a GIF / multi-page TIFF
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        msg = str(e) or type(e).__name__
+        reason = "truncated_image" if "truncat" in msg.lower() else "corrupt_image"
+        raise DecodeError(reason, msg) from None
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            # 16-bit grayscale: keep the high byte, as OpenCV's imread does for 8-bit colour output.
+            arr = (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.stack([arr] * 3, axis=-1))
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.stack([arr] * 3, axis=-1))
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        img = img.convert("RGBA").convert("RGB")  # drop alpha, keep colour values
+    elif img.mode != "RGB":
+        img = img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DecodeError("corrupt_image", f"unexpected decoded shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format a file's first bytes claim, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    return None
+
+
+def looks_like_image(key: str) -> bool:
+    """True when the key's extension is one of the image formats we decode."""
+    dot = key.rfind(".")
+    return dot >= 0 and key[dot:].lower() in IMAGE_EXTENSIONS

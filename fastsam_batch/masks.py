@@ -1,0 +1,103 @@
+"""Mask geometry: FastSAM's retina masks computed inside each box only, plus box helpers.
+
+ultralytics' ``process_mask_native`` upsamples every prototype-resolution mask to the full
+image (bilinear, after cropping the letterbox padding) and then zeroes it outside its box.
+Bilinear resizing is separable, so the whole chain is ``R_y @ M @ R_x^T`` with one row operator
+``R_y`` (H x mh) and one column operator ``R_x`` (W x mw) per image. Taking only the rows and
+columns of ``R_y``/``R_x`` inside a box gives that box's crop exactly, at a cost proportional
+to the box, never materialising a full-resolution mask. The operators are built by running the
+very same ``torch.nn.functional.interpolate`` calls ultralytics runs, on identity matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _axis_operator(m: int, f: int, top: int, bottom: int, out: int, device, dtype) -> torch.Tensor:
+    """(out x m) matrix: upsample by ``f``, keep [top, bottom), resize to ``out`` (bilinear, like ultralytics)."""
+    eye = torch.eye(m, device=device, dtype=dtype).view(1, m, m, 1)  # m channels, each a unit column
+    x = F.interpolate(eye, scale_factor=f, mode="bilinear") if f > 1 else eye
+    x = x[:, :, top:bottom, :1]
+    x = F.interpolate(x, size=(out, 1), mode="bilinear")
+    return x[0, :, :, 0].T.contiguous()
+
+
+def native_mask_operators(mh: int, mw: int, h: int, w: int, device=None, dtype=torch.float32):
+    """Row and column operators reproducing ``ultralytics.utils.ops.process_mask_native`` upsampling.
+
+    ``mh, mw``: prototype size (the letterboxed input / 4); ``h, w``: the original image size.
+    """
+    gain = min(4 * mh / h, 4 * mw / w)
+    pad = (4 * mh - max(round(h * gain), 1)) | (4 * mw - max(round(w * gain), 1))
+    f = 4 // math.gcd(4, pad | pad // 2)
+    ih, iw = f * mh, f * mw  # scale_masks' input size
+    g = min(ih / h, iw / w)
+    pad_w, pad_h = (iw - max(round(w * g), 1)) / 2, (ih - max(round(h * g), 1)) / 2
+    top, left = round(pad_h - 0.1), round(pad_w - 0.1)
+    bottom, right = top + max(round(h * g), 1), left + max(round(w * g), 1)
+    ry = _axis_operator(mh, f, top, bottom, h, device, dtype)
+    rx = _axis_operator(mw, f, left, right, w, device, dtype)
+    return ry, rx
+
+
+def box_pixel_span(lo: float, hi: float, size: int) -> tuple[int, int]:
+    """Integer pixel range [a, b) of pixels p with lo <= p < hi (ultralytics' ``crop_mask`` rule)."""
+    a = min(max(math.ceil(lo), 0), size)
+    b = min(max(math.ceil(hi), 0), size)
+    return a, max(a, b)
+
+
+@dataclass
+class MaskCrop:
+    """One mask as a bool crop placed at (x0, y0) in the full image; zero everywhere else."""
+
+    crop: torch.Tensor
+    x0: int
+    y0: int
+
+    @property
+    def empty(self) -> bool:
+        return self.crop.numel() == 0 or not bool(self.crop.any())
+
+
+def box_crops(coeffs: torch.Tensor, protos: torch.Tensor, boxes: torch.Tensor, h: int, w: int) -> list[MaskCrop]:
+    """Retina masks of ``coeffs`` (n x c) over ``protos`` (c x mh x mw), each computed inside its box.
+
+    ``boxes`` are xyxy in original-image pixels (float). Agrees with ``process_mask_native``.
+    """
+    c, mh, mw = protos.shape
+    ry, rx = native_mask_operators(mh, mw, h, w, device=protos.device)
+    logits = (coeffs.float() @ protos.float().view(c, -1)).view(-1, mh, mw)
+    out = []
+    for m, (x1, y1, x2, y2) in zip(logits, boxes.tolist()):
+        c0, c1 = box_pixel_span(x1, x2, w)
+        r0, r1 = box_pixel_span(y1, y2, h)
+        crop = (ry[r0:r1] @ m @ rx[c0:c1].T) > 0
+        out.append(MaskCrop(crop, c0, r0))
+    return out
+
+
+def adjust_full_image_boxes(boxes: torch.Tensor, h: int, w: int, threshold: int = 20, iou_thresh: float = 0.9) -> torch.Tensor:
+    """FastSAM's rule: a box that, snapped to the border within ``threshold`` px, covers the image
+    with IoU > 0.9 becomes exactly the full-image box. Returns a new tensor."""
+    if boxes.numel() == 0:
+        return boxes.clone()
+    snapped = boxes.clone()
+    snapped[snapped[:, 0] < threshold, 0] = 0
+    snapped[snapped[:, 1] < threshold, 1] = 0
+    snapped[snapped[:, 2] > w - threshold, 2] = w
+    snapped[snapped[:, 3] > h - threshold, 3] = h
+    full = torch.tensor([0.0, 0.0, float(w), float(h)], device=boxes.device, dtype=boxes.dtype)
+    inter_w = (torch.minimum(snapped[:, 2], full[2]) - torch.maximum(snapped[:, 0], full[0])).clamp(min=0)
+    inter_h = (torch.minimum(snapped[:, 3], full[3]) - torch.maximum(snapped[:, 1], full[1])).clamp(min=0)
+    inter = inter_w * inter_h
+    area = (snapped[:, 2] - snapped[:, 0]) * (snapped[:, 3] - snapped[:, 1])
+    iou = inter / (area + w * h - inter + 1e-7)
+    out = boxes.clone()
+    out[iou > iou_thresh] = full
+    return out

@@ -1,0 +1,175 @@
+"""The Ray wiring, and the only place that knows about Ray.
+
+    plan (driver) -> read + decode (CPU tasks) -> segment + encode (actor pool, model loaded once
+    per actor, GPUs when present) -> write Parquet (tasks) -> per-file stats back to the driver
+
+Everything before Ray starts is checked first: the manifest, the checkpoint (exists, SHA-256),
+the input listing and the output location. Only small things travel to the driver: per-file
+statistics, never masks or images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from . import __version__
+from .decode import DecodeError, decode_image
+from .manifest import Manifest
+from .model import checkpoint_sha256
+from .offline import configure_ultralytics
+from .plan import list_inputs
+from .read import read_item
+from .segment import SegmentActor, SegmentSettings
+from .storage import Storage, join_uri, redact
+from .summary import RunSummary
+from .write import PART_PREFIX, ParquetWriter, put_atomic
+
+_NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
+
+
+class JobError(RuntimeError):
+    """A problem with the job as a whole (not one image): reported and the run stops."""
+
+
+class ReadDecode:
+    """Ray Data row function: planned item -> decoded RGB image, or an error row."""
+
+    def __init__(self, storage: Storage, max_pixels: int):
+        self.storage = storage
+        self.max_pixels = max_pixels
+
+    def __call__(self, row: dict) -> dict:
+        out = {"image_id": row["image_id"], "uri": row["uri"], "width": -1, "height": -1, "decode_ms": -1.0}
+        data, err = read_item(row["uri"], self.storage)
+        image = _NO_IMAGE
+        if err is None:
+            t0 = time.perf_counter()
+            try:
+                image = decode_image(data, self.max_pixels)
+                out["height"], out["width"] = int(image.shape[0]), int(image.shape[1])
+            except DecodeError as e:
+                err = str(e)
+            out["decode_ms"] = (time.perf_counter() - t0) * 1000
+        out["error"] = err or ""
+        out["image"] = image
+        return out
+
+
+def existing_parts(output_uri: str, storage: Storage) -> list[str]:
+    fs = storage.fs(output_uri)
+    try:
+        return [p for p in fs.ls(output_uri, detail=False) if p.rsplit("/", 1)[-1].startswith(PART_PREFIX)]
+    except FileNotFoundError:
+        return []
+
+
+def _init_ray(m: Manifest, env: dict[str, str]):
+    import ray
+
+    address = m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": env}
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # Embedded local Ray. Actors hold their CPUs for the whole run, so reserve logical CPUs
+        # for them on top of the machine's, or the read/decode tasks could never be scheduled.
+        need = m.runtime.num_actors * m.runtime.cpus_per_actor + m.runtime.decode_cpus
+        ray.init(num_cpus=int(max(os.cpu_count() or 1, need + 1)), runtime_env=runtime_env, include_dashboard=False)
+    return ray
+
+
+def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
+    t_start = time.perf_counter()
+    env = configure_ultralytics()
+    storage = Storage(m.storage_options)
+    summary = RunSummary(name=m.name, output_uri=m.output.uri, tool_version=__version__)
+
+    # Checks before any work.
+    summary.checkpoint_sha256 = checkpoint_sha256(m.model.checkpoint, storage)
+    summary.model = m.model.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        plan = list_inputs(m.input.uri, storage, m.input.skip_non_images)
+    except FileNotFoundError as e:
+        raise JobError(str(e)) from None
+    summary.images_planned = len(plan.items)
+    summary.skipped_not_images = len(plan.skipped)
+    summary.skipped_examples = plan.skipped[:5]
+    parts = existing_parts(m.output.uri, storage)
+    if parts and not overwrite:
+        raise JobError(
+            f"output.uri {m.output.uri!r} already holds {len(parts)} Parquet files; pass --overwrite to replace them "
+            "or choose a new output.uri"
+        )
+    if parts:
+        storage.fs(m.output.uri).rm(parts)
+    log(f"planned {len(plan.items)} images from {m.input.uri} ({len(plan.skipped)} non-image keys skipped)")
+
+    if plan.items:
+        ray = _init_ray(m, env)
+        from ray.data import ActorPoolStrategy, DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
+        ctx.log_internal_stack_trace_to_stdout = False
+
+        settings = SegmentSettings(
+            checkpoint_uri=m.model.checkpoint,
+            checkpoint_sha256=summary.checkpoint_sha256,
+            imgsz=m.model.imgsz,
+            conf=m.model.conf,
+            iou=m.model.iou,
+            max_det=m.model.max_det,
+            device=m.model.device,
+            half=m.model.half,
+        )
+        gpus = m.runtime.gpus_per_actor
+        if gpus is None:
+            wants_cuda = m.model.device.startswith("cuda") or (
+                m.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+            )
+            gpus = 1.0 if wants_cuda else 0.0
+        ds = ray.data.from_items(plan.items, override_num_blocks=max(1, min(len(plan.items), 200)))
+        ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels), num_cpus=m.runtime.decode_cpus,
+                    compute=ActorPoolStrategy(min_size=1, max_size=max(1, m.runtime.num_actors * 2)))
+        ds = ds.map_batches(
+            SegmentActor,
+            fn_constructor_args=(settings, storage),
+            batch_size=m.runtime.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=m.runtime.num_actors),
+            num_cpus=m.runtime.cpus_per_actor,
+            num_gpus=gpus,
+        )
+        ds = ds.map_batches(
+            ParquetWriter,
+            fn_constructor_args=(m.output.uri, storage, m.output.compression),
+            batch_size=m.output.rows_per_file,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=1),
+            num_cpus=0.5,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            summary.add_file_stats(batch.to_pylist())
+
+    summary.wall_s = time.perf_counter() - t_start
+    done = summary.images_ok + summary.images_error
+    summary.images_per_s = done / summary.wall_s if summary.wall_s > 0 else 0.0
+    if done != summary.images_planned:
+        summary.failed = f"{summary.images_planned - done} planned images have no output row"
+    frac = m.runtime.max_error_fraction
+    if frac is not None and done and summary.images_error / done > frac:
+        summary.failed = (
+            f"error budget exceeded: {summary.images_error}/{done} images failed "
+            f"({summary.images_error / done:.1%} > runtime.max_error_fraction {frac:.1%})"
+        )
+    put_atomic(storage, join_uri(m.output.uri, "_run.json"), summary.to_json().encode())
+    put_atomic(storage, join_uri(m.output.uri, "_manifest.json"),
+               json.dumps({**m.model_dump(), "storage_options": redact(m.storage_options)}, indent=2).encode())
+    return summary

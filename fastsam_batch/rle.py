@@ -1,0 +1,78 @@
+"""COCO run-length encoding of masks, computed from box crops without building full-size masks.
+
+A FastSAM mask is zero outside its box, so only the box crop is ever computed. COCO RLE runs
+over the full image in column-major (Fortran) order, alternating zeros and ones and starting
+with zeros. These functions turn a crop placed at (x0, y0) in an image of height H and width W
+into those run lengths directly, with array operations, and let pycocotools do only the
+compression into its string form (``frPyObjects``), which gives the same bytes as
+``pycocotools.mask.encode`` of the full mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+
+def crop_run_lengths(crop: torch.Tensor, x0: int, y0: int, height: int, width: int) -> np.ndarray:
+    """Uncompressed COCO run lengths of a full HxW mask that is ``crop`` at (x0, y0) and zero elsewhere.
+
+    ``crop`` is a 2-D bool (or 0/1) tensor on any device; the transitions are found there and only
+    the run boundaries (a few per column) come back to the host.
+    """
+    total = height * width
+    ch, cw = crop.shape
+    if ch == 0 or cw == 0:
+        return np.array([total], dtype=np.int64)
+    # Column-major: one row per image column, padded with a zero above and below the crop, so every
+    # run of ones inside a column has a start (+1) and an end (-1) in the diff.
+    cols = crop.to(torch.int8).T
+    padded = torch.nn.functional.pad(cols, (1, 1))
+    diff = padded[:, 1:] - padded[:, :-1]
+    col_s, row_s = torch.nonzero(diff == 1, as_tuple=True)
+    col_e, row_e = torch.nonzero(diff == -1, as_tuple=True)
+    starts = ((col_s + x0) * height + row_s + y0).cpu().numpy().astype(np.int64)
+    ends = ((col_e + x0) * height + row_e + y0).cpu().numpy().astype(np.int64)
+    return _runs_from_intervals(starts, ends, total)
+
+
+def _runs_from_intervals(starts: np.ndarray, ends: np.ndarray, total: int) -> np.ndarray:
+    """Alternating zero/one run lengths from sorted half-open intervals of ones."""
+    if starts.size == 0:
+        return np.array([total], dtype=np.int64)
+    # A run that ends at the bottom of one column and one that starts at the top of the next are
+    # one run when the crop spans the full height: merge touching intervals.
+    touching = starts[1:] == ends[:-1]
+    if touching.any():
+        keep_start = np.concatenate(([True], ~touching))
+        keep_end = np.concatenate((~touching, [True]))
+        starts, ends = starts[keep_start], ends[keep_end]
+    bounds = np.empty(starts.size * 2 + 2, dtype=np.int64)
+    bounds[0] = 0
+    bounds[1:-1:2] = starts
+    bounds[2:-1:2] = ends
+    bounds[-1] = total
+    runs = np.diff(bounds)
+    # COCO RLE always starts with a (possibly empty) run of zeros but has no empty run at the end.
+    return runs[:-1] if runs[-1] == 0 else runs
+
+
+def runs_to_rle(runs: np.ndarray, height: int, width: int) -> dict:
+    """Compressed COCO RLE (``{"size", "counts"}``, counts as bytes) from run lengths.
+
+    Identical to ``pycocotools.mask.encode`` of the full mask; pycocotools only compresses here.
+    """
+    return mask_utils.frPyObjects({"size": [height, width], "counts": runs.tolist()}, height, width)
+
+
+def rle_fields(rle: dict) -> tuple[str, int, list[float]]:
+    """The output fields of one mask: counts string, area and [x, y, w, h] box (pycocotools' own)."""
+    return rle["counts"].decode("ascii"), int(mask_utils.area(rle)), [float(v) for v in mask_utils.toBbox(rle)]
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """Reference path for a full HxW mask: pycocotools on a Fortran-ordered uint8 array."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle

@@ -1,0 +1,27 @@
+"""Building output rows (pyarrow) from a batch and its per-image masks or errors."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from .schema import OUTPUT_SCHEMA
+
+
+def output_table(batch: dict, masks: list[list[dict]], errors: list, seg_ms: list, *, model: str, sha256: str) -> pa.Table:
+    n = len(batch["image_id"])
+    ok = [e is None for e in errors]
+    cols = {
+        "image_id": [str(x) for x in batch["image_id"]],
+        "uri": [str(x) for x in batch["uri"]],
+        "width": [int(batch["width"][i]) if batch["width"][i] > 0 else None for i in range(n)],
+        "height": [int(batch["height"][i]) if batch["height"][i] > 0 else None for i in range(n)],
+        "status": ["ok" if k else "error" for k in ok],
+        "error": [None if k else str(e) for k, e in zip(ok, errors)],
+        "masks": [m if k else [] for k, m in zip(ok, masks)],
+        "num_masks": [len(m) if k else 0 for k, m in zip(ok, masks)],
+        "model": [model] * n,
+        "checkpoint_sha256": [sha256] * n,
+        "decode_ms": [float(x) if x >= 0 else None for x in batch["decode_ms"]],
+        "segment_ms": seg_ms,
+    }
+    return pa.Table.from_pydict(cols, schema=OUTPUT_SCHEMA)

@@ -1,0 +1,57 @@
+"""Run summary: counts gathered from the writer's per-file stats, printed and saved as ``_run.json``."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RunSummary:
+    name: str
+    images_planned: int = 0
+    images_ok: int = 0
+    images_error: int = 0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    skipped_not_images: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+    masks_written: int = 0
+    files_written: int = 0
+    wall_s: float = 0.0
+    images_per_s: float = 0.0
+    checkpoint_sha256: str = ""
+    model: str = ""
+    output_uri: str = ""
+    tool_version: str = ""
+    failed: str | None = None  # why the run counts as failed (error budget), else None
+
+    def add_file_stats(self, rows: list[dict]) -> None:
+        reasons = Counter(self.errors_by_reason)
+        for r in rows:
+            self.images_ok += int(r["ok"])
+            self.images_error += int(r["rows"] - r["ok"])
+            self.masks_written += int(r["masks"])
+            self.files_written += 1
+            reasons.update(json.loads(r["errors"]))
+        self.errors_by_reason = dict(sorted(reasons.items()))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def render(self) -> str:
+        lines = [
+            f"fastsam-batch run '{self.name}': {self.images_ok + self.images_error} images in {self.wall_s:.1f}s "
+            f"({self.images_per_s:.2f} images/s)",
+            f"  ok: {self.images_ok}   error: {self.images_error}   masks written: {self.masks_written}"
+            f"   files: {self.files_written}",
+        ]
+        for reason, n in self.errors_by_reason.items():
+            lines.append(f"    error {reason}: {n}")
+        if self.skipped_not_images:
+            ex = ", ".join(self.skipped_examples[:5])
+            lines.append(f"  skipped (not an image by extension): {self.skipped_not_images}  e.g. {ex}")
+        lines.append(f"  output: {self.output_uri}")
+        if self.failed:
+            lines.append(f"  FAILED: {self.failed}")
+        return "\n".join(lines)

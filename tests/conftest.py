@@ -1,0 +1,89 @@
+"""Shared test fixtures: the fixture checkpoint, generated images with ground truth, a moto S3
+server on 127.0.0.1 (real S3 API over HTTP), and a helper that runs the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+CHECKPOINT = FIXTURES / "fastsam-fixture.pt"
+REAL_IMAGES = ROOT.parent / "shared" / "real-images"
+sys.path.insert(0, str(FIXTURES))
+
+from fastsam_batch.offline import configure_ultralytics  # noqa: E402
+
+configure_ultralytics()
+
+FAKE_KEY = "AKIAFASTSAMTESTKEY01"
+FAKE_SECRET = "s3cr3t-never-printed-9f8e7d"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server in its own process on 127.0.0.1; yields the endpoint URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_server):
+    """The standard AWS environment pointing at the moto server, as a user would set it."""
+    return {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": FAKE_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+        "AWS_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(scope="session")
+def s3fs_client(s3_env):
+    import s3fs
+
+    return s3fs.S3FileSystem(key=FAKE_KEY, secret=FAKE_SECRET, endpoint_url=s3_env["AWS_ENDPOINT_URL"],
+                             client_kwargs={"region_name": "us-east-1"}, skip_instance_cache=True)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``fastsam-batch ARGS`` in a subprocess, as a user runs it."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    full_env.update(env or {})
+    exe = Path(sys.executable).with_name("fastsam-batch")
+    return subprocess.run([str(exe), *args], env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> Path:
+    assert CHECKPOINT.is_file(), "run tests/fixtures/make_model.py to create the fixture checkpoint"
+    return CHECKPOINT

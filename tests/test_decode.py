@@ -1,0 +1,124 @@
+"""Decoding the images users really have, in the frame OpenCV's imread (ultralytics' reader) gives."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastsam_batch.decode import DecodeError, decode_image, looks_like_image
+
+
+def rgb_array(w=40, h=24, seed=0):
+    rng = np.random.default_rng(seed)
+    a = np.zeros((h, w, 3), np.uint8)
+    a[..., 0] = np.linspace(0, 255, w)[None, :]
+    a[..., 1] = np.linspace(0, 255, h)[:, None]
+    a[..., 2] = rng.integers(0, 255, (h, w))
+    return a
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def cv2_rgb(data: bytes) -> np.ndarray:
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return bgr[..., ::-1]
+
+
+LOSSLESS = {
+    "png_rgb": lambda: encode(Image.fromarray(rgb_array()), "PNG"),
+    "png_gray": lambda: encode(Image.fromarray(rgb_array()[..., 0]), "PNG"),
+    "png_16bit": lambda: encode(Image.fromarray((rgb_array()[..., 1].astype(np.uint16) * 257 + 3)), "PNG"),
+    "png_rgba": lambda: encode(Image.fromarray(np.dstack([rgb_array(), np.full((24, 40), 77, np.uint8)]), "RGBA"), "PNG"),
+    "png_palette": lambda: encode(Image.fromarray(rgb_array()).convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+    "bmp": lambda: encode(Image.fromarray(rgb_array()), "BMP"),
+    "tiff": lambda: encode(Image.fromarray(rgb_array()), "TIFF"),
+    "webp_lossless": lambda: encode(Image.fromarray(rgb_array()), "WEBP", lossless=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSLESS))
+def test_lossless_formats_equal_opencv(name):
+    data = LOSSLESS[name]()
+    ours = decode_image(data)
+    ref = cv2_rgb(data)
+    assert ours.dtype == np.uint8 and ours.shape == ref.shape == (24, 40, 3)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_jpeg_close_to_opencv():
+    data = encode(Image.fromarray(rgb_array(64, 48)), "JPEG", quality=95)
+    ours, ref = decode_image(data), cv2_rgb(data)
+    assert ours.shape == ref.shape == (48, 64, 3)
+    assert np.abs(ours.astype(int) - ref.astype(int)).mean() < 2
+
+
+def test_cmyk_jpeg_becomes_rgb_of_same_size():
+    data = encode(Image.fromarray(rgb_array(30, 20)).convert("CMYK"), "JPEG")
+    out = decode_image(data)
+    assert out.shape == (20, 30, 3)
+
+
+def test_gif_first_frame():
+    frames = [Image.fromarray(np.full((10, 16, 3), v, np.uint8)) for v in (10, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(buf.getvalue())
+    assert out.shape == (10, 16, 3)
+    assert abs(int(out.mean()) - 10) <= 2
+
+
+@pytest.mark.parametrize("orientation,expected_hw", [(1, (24, 40)), (3, (24, 40)), (6, (40, 24)), (8, (40, 24))])
+def test_exif_orientation_applied_like_opencv(orientation, expected_hw):
+    img = Image.fromarray(rgb_array())
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, "JPEG", quality=95, exif=exif.tobytes())
+    ours, ref = decode_image(data), cv2_rgb(data)
+    assert ours.shape[:2] == ref.shape[:2] == expected_hw
+    assert np.abs(ours.astype(int) - ref.astype(int)).mean() < 3
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty_file"),
+        (b"this is a text file, not an image\n" * 10, "not_an_image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt_image"),
+    ],
+)
+def test_bad_bytes_give_reasons(data, reason):
+    with pytest.raises(DecodeError) as e:
+        decode_image(data)
+    assert e.value.reason == reason
+
+
+def test_truncated_image():
+    data = encode(Image.fromarray(rgb_array(200, 150)), "JPEG", quality=95)
+    with pytest.raises(DecodeError) as e:
+        decode_image(data[: len(data) // 2])
+    assert e.value.reason == "truncated_image"
+    png = encode(Image.fromarray(rgb_array(200, 150)), "PNG")
+    with pytest.raises(DecodeError) as e:
+        decode_image(png[: len(png) // 2])
+    assert e.value.reason in ("truncated_image", "corrupt_image")
+
+
+def test_decompression_bomb_refused_from_header():
+    data = encode(Image.new("L", (3000, 2000)), "PNG")
+    with pytest.raises(DecodeError) as e:
+        decode_image(data, max_pixels=5_000_000)
+    assert e.value.reason == "too_many_pixels" and "6000000" in str(e.value)
+    assert decode_image(data, max_pixels=6_000_000).shape == (2000, 3000, 3)
+
+
+def test_extension_filter():
+    assert looks_like_image("a/b/C.JPG") and looks_like_image("x.tiff") and looks_like_image("x.webp")
+    assert not looks_like_image("notes.txt") and not looks_like_image("README") and not looks_like_image("x.jpg.json")

@@ -1,0 +1,119 @@
+"""Each kind of bad manifest fails before any work, naming the field; nothing is written."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from fastsam_batch.manifest import ManifestError, load_manifest, parse_manifest
+
+GOOD = {
+    "name": "t",
+    "input": {"uri": "s3://bucket/images/"},
+    "model": {"checkpoint": "s3://bucket/models/FastSAM-s.pt"},
+    "prompts": {"mode": "everything"},
+    "output": {"uri": "s3://bucket/masks/"},
+}
+
+
+def with_change(path: str, value):
+    m = copy.deepcopy(GOOD)
+    *parents, leaf = path.split(".")
+    node = m
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is KeyError:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return m
+
+
+def test_good_manifest_gets_fastsam_defaults():
+    m = parse_manifest(GOOD)
+    assert (m.model.imgsz, m.model.conf, m.model.iou, m.model.device) == (1024, 0.4, 0.9, "auto")
+    assert m.runtime.max_error_fraction is None
+
+
+@pytest.mark.parametrize(
+    "path,value,field,words",
+    [
+        ("model.colour", "red", "model.colour", "unknown key"),
+        ("extra_section", {"a": 1}, "extra_section", "unknown key"),
+        ("input.uri", KeyError, "input.uri", "required"),
+        ("model.checkpoint", KeyError, "model.checkpoint", "required"),
+        ("output", KeyError, "output", "required"),
+        ("name", KeyError, "name", "required"),
+        ("model.conf", "high", "model.conf", "number"),
+        ("model.conf", 1.5, "model.conf", "less than or equal to 1"),
+        ("model.iou", -0.1, "model.iou", "greater than or equal to 0"),
+        ("model.imgsz", "big", "model.imgsz", "integer"),
+        ("model.imgsz", 8, "model.imgsz", "greater than or equal to 32"),
+        ("model.device", "tpu", "model.device", "cuda"),
+        ("model.half", "maybe", "model.half", "boolean"),
+        ("prompts.mode", "telepathy", "prompts.mode", "everything"),
+        ("output.rows_per_file", 0, "output.rows_per_file", "greater than or equal to 1"),
+        ("runtime.batch_size", 0, "runtime.batch_size", "greater than or equal to 1"),
+        ("runtime.max_error_fraction", 2, "runtime.max_error_fraction", "less than or equal to 1"),
+        ("input", "s3://x", "input", "dictionary"),
+        ("name", "bad name!", "name", "pattern"),
+        ("output.uri", "s3://bucket/images/", "output.uri must differ", "input.uri"),
+    ],
+)
+def test_bad_manifest_names_the_field(path, value, field, words):
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(with_change(path, value))
+    msg = str(e.value)
+    assert field in msg and words in msg, msg
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path):
+    with pytest.raises(ManifestError, match="top level must be a mapping"):
+        parse_manifest(["a", "b"])
+    p = tmp_path / "m.yaml"
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifest(p)
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(tmp_path / "missing.yaml")
+
+
+def test_relative_paths_resolve_against_manifest_folder(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    p = tmp_path / "jobs" / "m.yaml"
+    p.write_text(yaml.safe_dump({**GOOD, "input": {"uri": "imgs/"}, "model": {"checkpoint": "../w.pt"},
+                                 "output": {"uri": "out/"}}))
+    m = load_manifest(p)
+    assert m.input.uri == str(tmp_path / "jobs" / "imgs") + "/"
+    assert m.model.checkpoint == str(tmp_path / "w.pt")
+
+
+def test_cli_rejects_bad_manifest_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    bad = with_change("model.conf", "high")
+    bad["input"]["uri"] = str(ROOT / "jobs" / "demo-images")
+    bad["output"]["uri"] = str(out)
+    bad["model"]["checkpoint"] = str(ROOT / "tests" / "fixtures" / "fastsam-fixture.pt")
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(bad))
+    r = run_cli("run", str(p))
+    assert r.returncode == 2
+    assert "model.conf" in r.stderr
+    assert not out.exists()
+
+
+def test_cli_missing_checkpoint_is_clear_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    m = copy.deepcopy(GOOD)
+    m["input"]["uri"] = str(ROOT / "jobs" / "demo-images")
+    m["output"]["uri"] = str(out)
+    m["model"]["checkpoint"] = str(tmp_path / "FastSAM-x.pt")
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(m))
+    r = run_cli("run", str(p))
+    assert r.returncode == 1
+    assert "model.checkpoint" in r.stderr and "not found" in r.stderr and "FastSAM-x.pt" in r.stderr
+    assert not out.exists()
