@@ -65,19 +65,36 @@ class MaskCrop:
         return self.crop.numel() == 0 or not bool(self.crop.any())
 
 
+def sparse_taps(op: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weights), each (out x K): the K <= 4 non-zero taps of each row of an operator."""
+    k = int((op != 0).sum(1).max().item()) if op.numel() else 1
+    weights, idx = torch.topk(op, k=max(k, 1), dim=1)
+    return idx, weights
+
+
 def box_crops(coeffs: torch.Tensor, protos: torch.Tensor, boxes: torch.Tensor, h: int, w: int) -> list[MaskCrop]:
     """Retina masks of ``coeffs`` (n x c) over ``protos`` (c x mh x mw), each computed inside its box.
 
     ``boxes`` are xyxy in original-image pixels (float). Agrees with ``process_mask_native``.
+    Each output pixel is a weighted sum of at most K x K prototype-resolution logits (bilinear
+    twice composed), so a box costs about 4 * K multiply-adds per pixel, whatever the image size.
     """
     c, mh, mw = protos.shape
     ry, rx = native_mask_operators(mh, mw, h, w, device=protos.device)
+    iy, wy = sparse_taps(ry)
+    ix, wx = sparse_taps(rx)
     logits = (coeffs.float() @ protos.float().view(c, -1)).view(-1, mh, mw)
     out = []
     for m, (x1, y1, x2, y2) in zip(logits, boxes.tolist()):
         c0, c1 = box_pixel_span(x1, x2, w)
         r0, r1 = box_pixel_span(y1, y2, h)
-        crop = (ry[r0:r1] @ m @ rx[c0:c1].T) > 0
+        if r1 <= r0 or c1 <= c0:
+            out.append(MaskCrop(torch.zeros((r1 - r0, c1 - c0), dtype=torch.bool, device=m.device), c0, r0))
+            continue
+        bix, bwx = ix[c0:c1], wx[c0:c1]
+        lo, hi = int(bix.min()), int(bix.max()) + 1  # prototype columns this box reads
+        rows = (m[iy[r0:r1], lo:hi] * wy[r0:r1, :, None]).sum(1)  # (box h, hi - lo)
+        crop = (rows[:, bix - lo] * bwx[None]).sum(-1) > 0  # (box h, box w)
         out.append(MaskCrop(crop, c0, r0))
     return out
 

@@ -55,33 +55,46 @@ class FastSAMSegmenter:
         self.stride = max(int(self.model.stride.max()), 32)
         self.nc = len(self.model.names)
         self.imgsz = check_imgsz(settings.imgsz, stride=self.stride, min_dim=2)
-        self.letterbox = LetterBox(self.imgsz, auto=False, stride=self.stride)
+        self.letterbox = LetterBox(self.imgsz, auto=True, stride=self.stride)
 
     def forward(self, images: list[np.ndarray]):
-        """Letterbox + model + NMS for a batch of RGB images; returns per-image (pred, protos)."""
+        """Letterbox + model + NMS for a batch of RGB images.
+
+        Like ultralytics' predictor (``rect=True``), each image is letterboxed to the smallest
+        stride-aligned rectangle that holds it at ``imgsz``. Images whose letterboxed shapes are
+        equal share one forward pass; others get their own, so batching never changes a result.
+        Returns, per image, (input shape, detections after NMS, mask prototypes).
+        """
         torch = self.torch
         from ultralytics.utils import nms
 
-        x = np.stack([self.letterbox(image=im) for im in images])
-        x = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2).contiguous()
-        x = (x.half() if self.fp16 else x.float()).div_(255)
-        with torch.inference_mode():
-            out = self.model(x)
-            y = out[0] if isinstance(out[0], tuple) else out
-            preds = nms.non_max_suppression(
-                y[0], self.settings.conf, self.settings.iou, agnostic=True, max_det=self.settings.max_det, nc=self.nc
-            )
-        return x.shape[2:], preds, y[1]
+        boxed = [self.letterbox(image=im) for im in images]
+        groups: dict[tuple, list[int]] = {}
+        for i, b in enumerate(boxed):
+            groups.setdefault(b.shape, []).append(i)
+        out: list = [None] * len(images)
+        for shape, idx in groups.items():
+            x = torch.from_numpy(np.stack([boxed[i] for i in idx])).to(self.device)
+            x = x.permute(0, 3, 1, 2).contiguous()
+            x = (x.half() if self.fp16 else x.float()).div_(255)
+            with torch.inference_mode():
+                y = self.model(x)
+                y = y[0] if isinstance(y[0], tuple) else y
+                preds = nms.non_max_suppression(
+                    y[0], self.settings.conf, self.settings.iou, agnostic=True, max_det=self.settings.max_det, nc=self.nc
+                )
+            for j, i in enumerate(idx):
+                out[i] = (shape[:2], preds[j], y[1][j])
+        return out
 
     def segment(self, images: list[np.ndarray]) -> list[list[dict]]:
         """Everything-mode masks of each image as output records, best score first."""
         torch = self.torch
         from ultralytics.utils import ops
 
-        in_shape, preds, protos = self.forward(images)
         results = []
         with torch.inference_mode():
-            for im, pred, proto in zip(images, preds, protos):
+            for im, (in_shape, pred, proto) in zip(images, self.forward(images)):
                 h, w = im.shape[:2]
                 if pred.shape[0] == 0:
                     results.append([])

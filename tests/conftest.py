@@ -75,6 +75,13 @@ def s3fs_client(s3_env):
                              client_kwargs={"region_name": "us-east-1"}, skip_instance_cache=True)
 
 
+def make_bucket(s3_env: dict, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], aws_access_key_id=FAKE_KEY,
+                 aws_secret_access_key=FAKE_SECRET, region_name="us-east-1").create_bucket(Bucket=name)
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """``fastsam-batch ARGS`` in a subprocess, as a user runs it."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
