@@ -9,6 +9,7 @@ displayed. Decompression bombs are refused from the header, before any pixel is 
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 
 import numpy as np
@@ -19,6 +20,17 @@ from PIL import Image, ImageFile, ImageOps
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 178_956_970)
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _original_pil_open():
+    """Pillow's own ``Image.open``. ultralytics replaces it at import with a wrapper that, on an
+    unidentified file, tries to pip-install a HEIF plugin: never wanted at run time here."""
+    if Image.open.__module__ == "PIL.Image":
+        return Image.open
+    return sys.modules["ultralytics.utils.patches"]._image_open
+
+
+_pil_open = _original_pil_open()
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff"})
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF"})
@@ -39,7 +51,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+            img = _pil_open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
     except Image.UnidentifiedImageError:
         fmt = sniff_format(data)
         if fmt:

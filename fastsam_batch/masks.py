@@ -12,10 +12,13 @@ very same ``torch.nn.functional.interpolate`` calls ultralytics runs, on identit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .rle import crop_intervals
 
 
 def _axis_operator(m: int, f: int, top: int, bottom: int, out: int, device, dtype) -> torch.Tensor:
@@ -52,19 +55,6 @@ def box_pixel_span(lo: float, hi: float, size: int) -> tuple[int, int]:
     return a, max(a, b)
 
 
-@dataclass
-class MaskCrop:
-    """One mask as a bool crop placed at (x0, y0) in the full image; zero everywhere else."""
-
-    crop: torch.Tensor
-    x0: int
-    y0: int
-
-    @property
-    def empty(self) -> bool:
-        return self.crop.numel() == 0 or not bool(self.crop.any())
-
-
 def sparse_taps(op: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, weights), each (out x K): the K <= 4 non-zero taps of each row of an operator."""
     k = int((op != 0).sum(1).max().item()) if op.numel() else 1
@@ -72,31 +62,40 @@ def sparse_taps(op: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, weights
 
 
-def box_crops(coeffs: torch.Tensor, protos: torch.Tensor, boxes: torch.Tensor, h: int, w: int) -> list[MaskCrop]:
-    """Retina masks of ``coeffs`` (n x c) over ``protos`` (c x mh x mw), each computed inside its box.
+def iter_box_mask_intervals(
+    coeffs: torch.Tensor, protos: torch.Tensor, boxes: torch.Tensor, h: int, w: int, chunk_pixels: int = 1 << 21
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """For each mask, ``(index, starts, ends)``: its pixels as column-major [start, end) intervals.
 
-    ``boxes`` are xyxy in original-image pixels (float). Agrees with ``process_mask_native``.
-    Each output pixel is a weighted sum of at most K x K prototype-resolution logits (bilinear
-    twice composed), so a box costs about 4 * K multiply-adds per pixel, whatever the image size.
+    The masks are ultralytics' retina masks (``process_mask_native``: prototype logits resized to
+    the original image, cropped to the box, > 0) for ``coeffs`` (n x c) over ``protos``
+    (c x mh x mw) and xyxy ``boxes`` in original-image pixels. Each mask is computed inside its
+    box only, in chunks of columns of at most ``chunk_pixels`` pixels, and turned into intervals
+    at once, so memory stays bounded whatever the image size and the number of masks. Each output
+    pixel is a weighted sum of at most K x K prototype logits (two bilinear resizes composed).
     """
     c, mh, mw = protos.shape
     ry, rx = native_mask_operators(mh, mw, h, w, device=protos.device)
     iy, wy = sparse_taps(ry)
     ix, wx = sparse_taps(rx)
     logits = (coeffs.float() @ protos.float().view(c, -1)).view(-1, mh, mw)
-    out = []
-    for m, (x1, y1, x2, y2) in zip(logits, boxes.tolist()):
+    for i, (m, (x1, y1, x2, y2)) in enumerate(zip(logits, boxes.tolist())):
         c0, c1 = box_pixel_span(x1, x2, w)
         r0, r1 = box_pixel_span(y1, y2, h)
         if r1 <= r0 or c1 <= c0:
-            out.append(MaskCrop(torch.zeros((r1 - r0, c1 - c0), dtype=torch.bool, device=m.device), c0, r0))
+            yield i, np.empty(0, np.int64), np.empty(0, np.int64)
             continue
-        bix, bwx = ix[c0:c1], wx[c0:c1]
-        lo, hi = int(bix.min()), int(bix.max()) + 1  # prototype columns this box reads
-        rows = (m[iy[r0:r1], lo:hi] * wy[r0:r1, :, None]).sum(1)  # (box h, hi - lo)
-        crop = (rows[:, bix - lo] * bwx[None]).sum(-1) > 0  # (box h, box w)
-        out.append(MaskCrop(crop, c0, r0))
-    return out
+        lo, hi = int(ix[c0:c1].min()), int(ix[c0:c1].max()) + 1  # prototype columns this box reads
+        rows = (m[iy[r0:r1], lo:hi] * wy[r0:r1, :, None]).sum(1)  # box rows at prototype column resolution
+        step = max(1, chunk_pixels // (r1 - r0))
+        starts, ends = [], []
+        for a in range(c0, c1, step):
+            b = min(a + step, c1)
+            crop = (rows[:, ix[a:b] - lo] * wx[a:b][None]).sum(-1) > 0
+            s, e = crop_intervals(crop, a, r0, h)
+            starts.append(s)
+            ends.append(e)
+        yield i, np.concatenate(starts), np.concatenate(ends)
 
 
 def adjust_full_image_boxes(boxes: torch.Tensor, h: int, w: int, threshold: int = 20, iou_thresh: float = 0.9) -> torch.Tensor:

@@ -15,39 +15,41 @@ import torch
 from pycocotools import mask as mask_utils
 
 
-def crop_run_lengths(crop: torch.Tensor, x0: int, y0: int, height: int, width: int) -> np.ndarray:
-    """Uncompressed COCO run lengths of a full HxW mask that is ``crop`` at (x0, y0) and zero elsewhere.
+def crop_intervals(crop: torch.Tensor, x0: int, y0: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Half-open [start, end) intervals of ones, as column-major indices into the full image.
 
-    ``crop`` is a 2-D bool (or 0/1) tensor on any device; the transitions are found there and only
-    the run boundaries (a few per column) come back to the host.
+    ``crop`` is a 2-D bool (or 0/1) tensor placed at (x0, y0) on any device; the transitions are
+    found there and only the interval bounds (a few per column) come back to the host. Intervals
+    come out sorted; ones touching across a column boundary are not merged here.
     """
-    total = height * width
-    ch, cw = crop.shape
-    if ch == 0 or cw == 0:
-        return np.array([total], dtype=np.int64)
-    # Column-major: one row per image column, padded with a zero above and below the crop, so every
-    # run of ones inside a column has a start (+1) and an end (-1) in the diff.
-    cols = crop.to(torch.int8).T
-    padded = torch.nn.functional.pad(cols, (1, 1))
+    if crop.numel() == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    # One row per image column, padded with a zero above and below the crop, so every run of ones
+    # inside a column has a start (+1) and an end (-1) in the diff.
+    padded = torch.nn.functional.pad(crop.to(torch.int8).T, (1, 1))
     diff = padded[:, 1:] - padded[:, :-1]
     col_s, row_s = torch.nonzero(diff == 1, as_tuple=True)
     col_e, row_e = torch.nonzero(diff == -1, as_tuple=True)
     starts = ((col_s + x0) * height + row_s + y0).cpu().numpy().astype(np.int64)
     ends = ((col_e + x0) * height + row_e + y0).cpu().numpy().astype(np.int64)
-    return _runs_from_intervals(starts, ends, total)
+    return starts, ends
 
 
-def _runs_from_intervals(starts: np.ndarray, ends: np.ndarray, total: int) -> np.ndarray:
-    """Alternating zero/one run lengths from sorted half-open intervals of ones."""
+def crop_run_lengths(crop: torch.Tensor, x0: int, y0: int, height: int, width: int) -> np.ndarray:
+    """Uncompressed COCO run lengths of a full HxW mask that is ``crop`` at (x0, y0) and zero elsewhere."""
+    return runs_from_intervals(*crop_intervals(crop, x0, y0, height), height * width)
+
+
+def runs_from_intervals(starts: np.ndarray, ends: np.ndarray, total: int) -> np.ndarray:
+    """Alternating zero/one run lengths (COCO order) from sorted half-open intervals of ones."""
     if starts.size == 0:
         return np.array([total], dtype=np.int64)
     # A run that ends at the bottom of one column and one that starts at the top of the next are
-    # one run when the crop spans the full height: merge touching intervals.
+    # one run (crops spanning the full height): merge touching intervals.
     touching = starts[1:] == ends[:-1]
     if touching.any():
-        keep_start = np.concatenate(([True], ~touching))
-        keep_end = np.concatenate((~touching, [True]))
-        starts, ends = starts[keep_start], ends[keep_end]
+        starts = starts[np.concatenate(([True], ~touching))]
+        ends = ends[np.concatenate((~touching, [True]))]
     bounds = np.empty(starts.size * 2 + 2, dtype=np.int64)
     bounds[0] = 0
     bounds[1:-1:2] = starts

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 
 from .schema import OUTPUT_SCHEMA
 
 
-def output_table(batch: dict, masks: list[list[dict]], errors: list, seg_ms: list, *, model: str, sha256: str) -> pa.Table:
+def _ms(values) -> list:
+    return [float(x) if x is not None and x >= 0 else None for x in values]
+
+
+def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: list[dict], *, model: str, sha256: str) -> pa.Table:
     n = len(batch["image_id"])
     ok = [e is None for e in errors]
+    now = int(time.time() * 1000)
     cols = {
         "image_id": [str(x) for x in batch["image_id"]],
         "uri": [str(x) for x in batch["uri"]],
@@ -21,7 +28,11 @@ def output_table(batch: dict, masks: list[list[dict]], errors: list, seg_ms: lis
         "num_masks": [len(m) if k else 0 for k, m in zip(ok, masks)],
         "model": [model] * n,
         "checkpoint_sha256": [sha256] * n,
-        "decode_ms": [float(x) if x >= 0 else None for x in batch["decode_ms"]],
-        "segment_ms": seg_ms,
+        "read_ms": _ms(batch["read_ms"]),
+        "decode_ms": _ms(batch["decode_ms"]),
+        "model_ms": _ms(t.get("model") for t in timings),
+        "masks_ms": _ms(t.get("masks") for t in timings),
+        "encode_ms": _ms(t.get("encode") for t in timings),
+        "segmented_at": [now] * n,
     }
     return pa.Table.from_pydict(cols, schema=OUTPUT_SCHEMA)

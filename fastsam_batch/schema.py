@@ -25,8 +25,13 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("num_masks", pa.int32(), nullable=False),
         pa.field("model", pa.string(), nullable=False),  # checkpoint file name
         pa.field("checkpoint_sha256", pa.string(), nullable=False),
+        # Stage timings of this image, in milliseconds (null where the stage did not run).
+        pa.field("read_ms", pa.float32()),
         pa.field("decode_ms", pa.float32()),
-        pa.field("segment_ms", pa.float32()),  # this image's share of its batch: forward + NMS + masks + RLE
+        pa.field("model_ms", pa.float32()),  # its share of its batch's letterbox + forward + NMS
+        pa.field("masks_ms", pa.float32()),  # mask pixels inside boxes + run lengths
+        pa.field("encode_ms", pa.float32()),  # RLE compression, area, bbox
+        pa.field("segmented_at", pa.timestamp("ms", tz="UTC")),  # when its batch left the model actor
     ]
 )
 

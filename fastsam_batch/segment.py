@@ -4,8 +4,9 @@
 for each image, a list of mask records (counts, bbox, area, score). It reproduces ultralytics'
 ``FastSAMPredictor`` everything mode with ``retina_masks=True``: the same letterbox, the same
 fused model, class-agnostic NMS, scale_boxes, masks at the original resolution cropped to
-their boxes, empty masks dropped, and FastSAM's full-image box adjustment. Masks are computed
-only inside their boxes (see :mod:`.masks`) and encoded to RLE right where they are made
+their boxes, and empty masks dropped. (FastSAM's full-image box adjustment changes only the
+detection boxes, which the output does not carry; the prompt rules use it, see
+``masks.adjust_full_image_boxes``.) Masks are computed only inside their boxes (see :mod:`.masks`) and encoded to RLE right where they are made
 (see :mod:`.rle`); dense masks never leave this object.
 
 :class:`SegmentActor` is the Ray Data callable around it: a batch dict in, a pyarrow table of
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .masks import adjust_full_image_boxes, box_crops
-from .rle import crop_run_lengths, rle_fields, runs_to_rle
+from .masks import iter_box_mask_intervals
+from .rle import rle_fields, runs_from_intervals, runs_to_rle
 
 
 @dataclass(frozen=True)
@@ -87,31 +88,36 @@ class FastSAMSegmenter:
                 out[i] = (shape[:2], preds[j], y[1][j])
         return out
 
-    def segment(self, images: list[np.ndarray]) -> list[list[dict]]:
-        """Everything-mode masks of each image as output records, best score first."""
+    def segment(self, images: list[np.ndarray]) -> list[tuple[list[dict], dict]]:
+        """Everything-mode masks of each image as output records (best score first), with the
+        image's stage timings in ms: ``model`` (its share of letterbox + forward + NMS),
+        ``masks`` (mask pixels and run lengths) and ``encode`` (RLE compression, area, bbox)."""
         torch = self.torch
         from ultralytics.utils import ops
 
+        t0 = time.perf_counter()
+        forwards = self.forward(images)
+        model_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         results = []
         with torch.inference_mode():
-            for im, (in_shape, pred, proto) in zip(images, self.forward(images)):
+            for im, (in_shape, pred, proto) in zip(images, forwards):
                 h, w = im.shape[:2]
-                if pred.shape[0] == 0:
-                    results.append([])
-                    continue
-                boxes = ops.scale_boxes(in_shape, pred[:, :4].clone(), (h, w))
-                crops = box_crops(pred[:, 6:], proto, boxes, h, w)
-                keep = [i for i, c in enumerate(crops) if not c.empty]
-                boxes = adjust_full_image_boxes(boxes[keep], h, w)
-                scores = pred[keep, 4].float().cpu().numpy()
+                t_img = time.perf_counter()
+                encode_s = 0.0
                 records = []
-                for j, i in enumerate(keep):
-                    c = crops[i]
-                    runs = crop_run_lengths(c.crop, c.x0, c.y0, h, w)
-                    counts, area, bbox = rle_fields(runs_to_rle(runs, h, w))
-                    records.append({"counts": counts, "bbox": bbox, "area": area, "score": float(scores[j])})
-                del boxes
-                results.append(records)
+                if pred.shape[0]:
+                    boxes = ops.scale_boxes(in_shape, pred[:, :4].clone(), (h, w))
+                    scores = pred[:, 4].float().cpu().numpy()
+                    for i, starts, ends in iter_box_mask_intervals(pred[:, 6:], proto, boxes, h, w):
+                        if starts.size == 0:
+                            continue  # empty masks are dropped, as ultralytics does
+                        t_enc = time.perf_counter()
+                        counts, area, bbox = rle_fields(runs_to_rle(runs_from_intervals(starts, ends, h * w), h, w))
+                        records.append({"counts": counts, "bbox": bbox, "area": area, "score": float(scores[i])})
+                        encode_s += time.perf_counter() - t_enc
+                total_ms = (time.perf_counter() - t_img) * 1000
+                timings = {"model": model_ms, "masks": total_ms - encode_s * 1000, "encode": encode_s * 1000}
+                results.append((records, timings))
         return results
 
 
@@ -129,23 +135,16 @@ class SegmentActor:
         n = len(batch["image_id"])
         masks: list[list[dict]] = [[] for _ in range(n)]
         errors = [batch["error"][i] or None for i in range(n)]
-        seg_ms = [None] * n
+        timings: list[dict] = [{} for _ in range(n)]
         todo = [i for i in range(n) if errors[i] is None]
         if todo:
-            t0 = time.perf_counter()
             try:
-                out = self.segmenter.segment([batch["image"][i] for i in todo])
-                per = (time.perf_counter() - t0) * 1000 / len(todo)
-                for i, recs in zip(todo, out):
-                    masks[i], seg_ms[i] = recs, per
+                for i, (recs, t) in zip(todo, self.segmenter.segment([batch["image"][i] for i in todo])):
+                    masks[i], timings[i] = recs, t
             except Exception:  # noqa: BLE001 - isolate the image that fails; the others still get rows
                 for i in todo:
-                    t1 = time.perf_counter()
                     try:
-                        masks[i] = self.segmenter.segment([batch["image"][i]])[0]
-                        seg_ms[i] = (time.perf_counter() - t1) * 1000
+                        masks[i], timings[i] = self.segmenter.segment([batch["image"][i]])[0]
                     except Exception as e:  # noqa: BLE001
                         errors[i] = f"segment_failed: {type(e).__name__}: {e}"
-        return output_table(
-            batch, masks, errors, seg_ms, model=self.model_name, sha256=self.settings.checkpoint_sha256
-        )
+        return output_table(batch, masks, errors, timings, model=self.model_name, sha256=self.settings.checkpoint_sha256)

@@ -62,8 +62,6 @@ class ParquetWriter:
         put_atomic(self.storage, join_uri(self.output_uri, name), buf.getvalue())
         statuses = table.column("status").to_pylist()
         reasons = Counter(error_reason(e) for e, s in zip(table.column("error").to_pylist(), statuses) if s != "ok")
-        seg = [x for x in table.column("segment_ms").to_pylist() if x is not None]
-        dec = [x for x in table.column("decode_ms").to_pylist() if x is not None]
         return stats_table(
             [
                 {
@@ -72,8 +70,6 @@ class ParquetWriter:
                     "ok": sum(s == "ok" for s in statuses),
                     "errors": json.dumps(dict(reasons)),
                     "masks": int(sum(table.column("num_masks").to_pylist())),
-                    "segment_ms": float(sum(seg)),
-                    "decode_ms": float(sum(dec)),
                 }
             ]
         )
@@ -86,8 +82,6 @@ STATS_SCHEMA = pa.schema(
         ("ok", pa.int64()),
         ("errors", pa.string()),
         ("masks", pa.int64()),
-        ("segment_ms", pa.float64()),
-        ("decode_ms", pa.float64()),
     ]
 )
 

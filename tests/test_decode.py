@@ -122,3 +122,16 @@ def test_decompression_bomb_refused_from_header():
 def test_extension_filter():
     assert looks_like_image("a/b/C.JPG") and looks_like_image("x.tiff") and looks_like_image("x.webp")
     assert not looks_like_image("notes.txt") and not looks_like_image("README") and not looks_like_image("x.jpg.json")
+
+
+def test_ultralytics_pillow_patch_is_bypassed():
+    # ultralytics patches PIL.Image.open to pip-install a HEIF plugin on unidentified files.
+    import ultralytics.utils.patches as patches
+
+    from fastsam_batch.decode import _original_pil_open
+
+    assert Image.open is patches.image_open
+    assert _original_pil_open() is patches._image_open  # what decode uses when imported after ultralytics
+    with pytest.raises(DecodeError) as e:
+        decode_image(b"plain text, no image here\n" * 5)
+    assert e.value.reason == "not_an_image"
