@@ -4,15 +4,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch and torchvision must be a matching pair (torchvision's compiled ops are built against one torch).
-TORCH_PINS := torch==2.15.0 torchvision==0.29.2
+# Every dependency is pinned by constraints.txt (torch and torchvision must be a matching pair:
+# torchvision's compiled ops are built against one torch).
 
 .PHONY: install demo test bench clean
 
-$(BIN)/fastsam-batch: pyproject.toml
+$(BIN)/fastsam-batch: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_PINS) -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(BIN)/fastsam-batch

@@ -69,7 +69,7 @@ def existing_parts(output_uri: str, storage: Storage) -> list[str]:
         return []
 
 
-def _init_ray(m: Manifest, env: dict[str, str]):
+def _init_ray(m: Manifest, env: dict[str, str], log=print):
     import ray
 
     address = m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
@@ -78,11 +78,14 @@ def _init_ray(m: Manifest, env: dict[str, str]):
         return ray
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        log(f"joined the Ray cluster at {address} ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
+            f"{int(ray.cluster_resources().get('GPU', 0))} GPUs)")
     else:
         # Embedded local Ray. Actors hold their CPUs for the whole run, so reserve logical CPUs
         # for them on top of the machine's, or the read/decode tasks could never be scheduled.
         need = m.runtime.num_actors * m.runtime.cpus_per_actor + m.runtime.decode_cpus
         ray.init(num_cpus=int(max(os.cpu_count() or 1, need + 1)), runtime_env=runtime_env, include_dashboard=False)
+        log("started an embedded local Ray (no RAY_ADDRESS or runtime.ray_address given)")
     return ray
 
 
@@ -113,7 +116,7 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     log(f"planned {len(plan.items)} images from {m.input.uri} ({len(plan.skipped)} non-image keys skipped)")
 
     if plan.items:
-        ray = _init_ray(m, env)
+        ray = _init_ray(m, env, log)
         from ray.data import ActorPoolStrategy, DataContext
 
         ctx = DataContext.get_current()

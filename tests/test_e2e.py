@@ -245,3 +245,27 @@ def test_rerun_into_existing_output_is_refused_without_overwrite(local_run, tmp_
     m.write_text(yaml.safe_dump({k: v for k, v in data.items()}))
     r = run_cli("run", str(m))
     assert r.returncode == 1 and "--overwrite" in r.stderr
+
+
+def test_joins_a_ray_cluster_from_ray_address_and_enforces_the_error_budget(dataset, checkpoint, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    address = cluster.address
+    try:
+        out = tmp_path / "masks"
+        m = manifest(tmp_path / "budget.yaml", str(dataset["root"]), str(out), str(checkpoint),
+                     max_error_fraction=0.1, cpus_per_actor=0.5, decode_cpus=0.5)
+        r = run_cli("run", str(m), env={"RAY_ADDRESS": address})
+    finally:
+        cluster.shutdown()
+    assert f"joined the Ray cluster at {address} (4 CPUs" in r.stdout, r.stdout + r.stderr
+    n_broken, n_total = len(dataset["broken"]), len(dataset["truth"]) + len(dataset["ok_sizes"]) + len(dataset["broken"])
+    assert n_broken / n_total > 0.1
+    assert r.returncode == 1
+    assert "error budget exceeded" in r.stdout and "runtime.max_error_fraction" in r.stdout
+    # The rows are still all written: the budget judges the run, it does not lose work.
+    assert pads.dataset(str(out), format="parquet").count_rows() == n_total
+    summary = json.loads((out / "_run.json").read_text())
+    assert summary["failed"].startswith("error budget exceeded")
