@@ -18,6 +18,7 @@ class RunSummary:
     skipped_examples: list[str] = field(default_factory=list)
     masks_written: int = 0
     files_written: int = 0
+    write_s: float = 0.0  # time spent building and putting Parquet files, summed over writers
     wall_s: float = 0.0
     images_per_s: float = 0.0
     checkpoint_sha256: str = ""
@@ -33,6 +34,7 @@ class RunSummary:
             self.images_error += int(r["rows"] - r["ok"])
             self.masks_written += int(r["masks"])
             self.files_written += 1
+            self.write_s += float(r["write_s"])
             reasons.update(json.loads(r["errors"]))
         self.errors_by_reason = dict(sorted(reasons.items()))
 

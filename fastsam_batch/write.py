@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import uuid
 from collections import Counter
 
@@ -55,11 +56,13 @@ class ParquetWriter:
     def __call__(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
             return stats_table([])
+        t0 = time.perf_counter()
         ids = table.column("image_id").to_pylist()
         name = part_name(ids)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression=self.compression)
         put_atomic(self.storage, join_uri(self.output_uri, name), buf.getvalue())
+        write_s = time.perf_counter() - t0
         statuses = table.column("status").to_pylist()
         reasons = Counter(error_reason(e) for e, s in zip(table.column("error").to_pylist(), statuses) if s != "ok")
         return stats_table(
@@ -70,6 +73,7 @@ class ParquetWriter:
                     "ok": sum(s == "ok" for s in statuses),
                     "errors": json.dumps(dict(reasons)),
                     "masks": int(sum(table.column("num_masks").to_pylist())),
+                    "write_s": write_s,
                 }
             ]
         )
@@ -82,6 +86,7 @@ STATS_SCHEMA = pa.schema(
         ("ok", pa.int64()),
         ("errors", pa.string()),
         ("masks", pa.int64()),
+        ("write_s", pa.float64()),
     ]
 )
 

@@ -1,0 +1,384 @@
+"""Throughput benchmark: the plain ultralytics loop users write today vs `fastsam-batch run`.
+
+    .venv/bin/python benchmarks/bench.py                 # everything (about 20-30 min on 2 cores)
+    .venv/bin/python benchmarks/bench.py --quick         # small sizes, to check it runs
+
+Same images, model and settings for every contender, in one run. Prints a table and writes
+benchmarks/out/results.json. Workloads:
+  1. the real photographs in ../shared/real-images, repeated to --photos images, with a
+     FastSAM-s-architecture checkpoint (yolov8s-seg, one class, seeded random weights) at
+     imgsz 1024, conf 0.01 (about 70-100 masks per image);
+  2. the fixture model on generated images (--small and --large of them) at imgsz 320,
+     fastsam-batch only, to show how cost and peak memory grow with the run.
+For each contender: images/s in steady state (start-up reported apart), milliseconds per stage,
+CPU seconds per image, peak RSS of the driver and of the workers, masks per image; plus the mask
+agreement with the baseline, and a mask-to-RLE micro-benchmark on the baseline's own masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+from fastsam_batch.offline import configure_ultralytics  # noqa: E402
+
+configure_ultralytics()
+REAL = ROOT.parent / "shared" / "real-images"
+FIXTURE = ROOT / "tests" / "fixtures" / "fastsam-fixture.pt"
+EXE = Path(sys.executable).with_name("fastsam-batch")
+
+
+# ----------------------------------------------------------------------------- measuring
+class TreeSampler:
+    """Samples RSS and CPU times of a process and all its descendants (the Ray workers included)."""
+
+    def __init__(self, root_pid: int, interval: float = 0.25):
+        self.root = psutil.Process(root_pid)
+        self.interval = interval
+        self.peak_driver = 0
+        self.peak_workers = 0
+        self.cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            workers = 0
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss
+                    t = p.cpu_times()
+                    self.cpu[p.pid] = t.user + t.system
+                except psutil.Error:
+                    continue
+                if p.pid == self.root.pid:
+                    self.peak_driver = max(self.peak_driver, rss)
+                else:
+                    workers += rss
+            self.peak_workers = max(self.peak_workers, workers)
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu.values())
+
+
+def run_tool(manifest: Path, env: dict | None = None) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(EXE), "run", str(manifest), "--overwrite"], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = TreeSampler(proc.pid)
+    out, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"fastsam-batch failed:\n{out[-3000:]}")
+    return {"wall_s": wall, "cpu_s": sampler.cpu_seconds, "peak_driver_mb": sampler.peak_driver / 2**20,
+            "peak_workers_mb": sampler.peak_workers / 2**20, "log": out}
+
+
+def tool_stats(table, run: dict) -> dict:
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    done = np.sort(table.column("segmented_at").cast("int64").to_numpy()) / 1000.0
+    batches = np.unique(done)
+    # Steady state: everything after the first batch left the model, over the time it took.
+    first = batches[0]
+    steady_n = int((done > first).sum())
+    steady = steady_n / (batches[-1] - first) if len(batches) > 1 and batches[-1] > first else float("nan")
+    stage = {c: float(pc.mean(table.column(c)).as_py() or 0.0) for c in ("read_ms", "decode_ms", "model_ms", "masks_ms", "encode_ms")}
+    summary = json.loads(run["summary"]) if "summary" in run else {}
+    stage["write_ms"] = 1000 * summary.get("write_s", 0.0) / max(n, 1)
+    return {
+        "images": n, "ok": int(pc.sum(pc.equal(table.column("status"), "ok")).as_py()),
+        "wall_s": run["wall_s"], "images_per_s_total": n / run["wall_s"], "images_per_s_steady": steady,
+        "startup_s": run["wall_s"] - (batches[-1] - first) if len(batches) > 1 else run["wall_s"],
+        "cpu_s_per_image": run["cpu_s"] / n, "peak_driver_mb": run["peak_driver_mb"],
+        "peak_workers_mb": run["peak_workers_mb"], "masks_per_image": float(pc.mean(table.column("num_masks")).as_py()),
+        "stage_ms": stage,
+    }
+
+
+# ----------------------------------------------------------------------------- contenders
+def baseline_loop(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: float, out_dir: Path) -> tuple[dict, dict]:
+    """What users write today: ultralytics FastSAM per image, pycocotools per mask, Parquet at the end."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pycocotools import mask as mask_utils
+    from ultralytics import FastSAM
+
+    proc = psutil.Process()
+    cpu0 = sum(proc.cpu_times()[:2])
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(0.25)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    model = FastSAM(str(ckpt))
+    rows, done_at, stages, rles = [], [], {"read_decode_preprocess_ms": [], "model_ms": [], "postprocess_ms": [], "encode_ms": []}, {}
+    for p in paths:
+        r = model.predict(str(p), imgsz=imgsz, conf=conf, iou=iou, retina_masks=True, device="cpu", verbose=False)[0]
+        t_enc = time.perf_counter()
+        masks = []
+        if r.masks is not None:
+            for m, s in zip(r.masks.data, r.boxes.conf.tolist()):
+                rle = mask_utils.encode(np.asfortranarray(m.cpu().numpy().astype(np.uint8)))
+                masks.append({"counts": rle["counts"].decode(), "area": int(mask_utils.area(rle)),
+                              "bbox": [float(v) for v in mask_utils.toBbox(rle)], "score": float(s)})
+        stages["encode_ms"].append((time.perf_counter() - t_enc) * 1000)
+        stages["read_decode_preprocess_ms"].append(r.speed["preprocess"])
+        stages["model_ms"].append(r.speed["inference"])
+        stages["postprocess_ms"].append(r.speed["postprocess"])
+        rows.append({"image_id": p.name, "height": r.orig_shape[0], "width": r.orig_shape[1], "masks": masks})
+        rles[p.name] = (r.orig_shape, [m["counts"] for m in masks])
+        done_at.append(time.perf_counter())
+    t_w = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out_dir / "baseline.parquet")
+    write_ms = (time.perf_counter() - t_w) * 1000 / len(paths)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    n = len(paths)
+    steady = (n - 1) / (done_at[-1] - done_at[0]) if n > 1 else float("nan")
+    stats = {
+        "images": n, "wall_s": wall, "images_per_s_total": n / wall, "images_per_s_steady": steady,
+        "startup_s": done_at[0] - t0, "cpu_s_per_image": (sum(proc.cpu_times()[:2]) - cpu0) / n,
+        "peak_driver_mb": peak[0] / 2**20, "peak_workers_mb": 0.0,
+        "masks_per_image": float(np.mean([len(r["masks"]) for r in rows])),
+        "stage_ms": {k: float(np.mean(v)) for k, v in stages.items()} | {"write_ms": write_ms},
+    }
+    return stats, rles
+
+
+def agreement(baseline_rles: dict, table) -> dict:
+    """Share of the baseline's masks matched by ours at IoU >= 0.99 (pycocotools IoU on RLE)."""
+    from pycocotools import mask as mask_utils
+
+    ours = {r["image_id"].rsplit("/", 1)[-1]: r for r in table.select(["image_id", "masks"]).to_pylist()}
+    matched = total = 0
+    worst = 1.0
+    for name, ((h, w), counts) in baseline_rles.items():
+        ref = [{"size": [h, w], "counts": c.encode()} for c in counts]
+        mine = [{"size": [h, w], "counts": m["counts"].encode()} for m in ours[name]["masks"]]
+        total += len(ref)
+        if ref and mine:
+            best = mask_utils.iou(ref, mine, [0] * len(mine)).max(1)
+            matched += int((best >= 0.99).sum())
+            worst = min(worst, float(best.min()))
+    return {"baseline_masks": total, "matched_iou_0_99": matched, "fraction": matched / max(total, 1), "worst_best_iou": worst}
+
+
+def rle_micro(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: float) -> dict:
+    """CPU time of mask -> RLE: baseline (to numpy, Fortran order, encode) vs ours (box crop ->
+    run lengths -> pycocotools compress), on the same ultralytics masks; strings must be equal."""
+    import torch
+    from pycocotools import mask as mask_utils
+    from ultralytics import FastSAM
+
+    from fastsam_batch.masks import box_pixel_span
+    from fastsam_batch.rle import crop_run_lengths, runs_to_rle
+
+    model = FastSAM(str(ckpt))
+    base_cpu = ours_cpu = 0.0
+    n_masks = 0
+    for p in paths:
+        r = model.predict(str(p), imgsz=imgsz, conf=conf, iou=iou, retina_masks=True, device="cpu", verbose=False)[0]
+        if r.masks is None:
+            continue
+        masks = r.masks.data  # (N, H, W) uint8 torch, as ultralytics returns them
+        h, w = masks.shape[1:]
+        t = time.process_time()
+        base = [mask_utils.encode(np.asfortranarray(m.cpu().numpy().astype(np.uint8)))["counts"] for m in masks]
+        base_cpu += time.process_time() - t
+        boxes = r.boxes.xyxy.tolist()
+        t = time.process_time()
+        ours = []
+        for m, (x1, y1, x2, y2) in zip(masks, boxes):  # a mask is zero outside its box
+            c0, c1 = box_pixel_span(x1, x2, w)
+            r0, r1 = box_pixel_span(y1, y2, h)
+            ours.append(runs_to_rle(crop_run_lengths(m[r0:r1, c0:c1], c0, r0, h, w), h, w)["counts"])
+        ours_cpu += time.process_time() - t
+        assert ours == base, f"RLE strings differ on {p}"
+        n_masks += len(base)
+    del torch
+    return {"masks": n_masks, "baseline_cpu_ms_per_mask": 1000 * base_cpu / n_masks,
+            "ours_cpu_ms_per_mask": 1000 * ours_cpu / n_masks, "speedup": base_cpu / ours_cpu, "identical_strings": True}
+
+
+# ----------------------------------------------------------------------------- workloads
+def random_fastsam_s(path: Path) -> Path:
+    import torch
+    from ultralytics.nn.tasks import SegmentationModel
+
+    torch.manual_seed(0)
+    m = SegmentationModel("yolov8s-seg.yaml", nc=1, verbose=False)
+    torch.save({"model": m.half(), "train_args": {"task": "segment", "imgsz": 1024}}, path)
+    return path
+
+
+def write_manifest(path: Path, input_uri: str, output_uri: str, ckpt: str, imgsz: int, conf: float, **runtime) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "name": "bench", "input": {"uri": input_uri},
+        "model": {"checkpoint": ckpt, "imgsz": imgsz, "conf": conf, "iou": 0.9, "device": "cpu"},
+        "output": {"uri": output_uri, "rows_per_file": 500}, "runtime": {"batch_size": 4, **runtime},
+    }))
+    return path
+
+
+def moto_server() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=int, default=50)
+    ap.add_argument("--small", type=int, default=200)
+    ap.add_argument("--large", type=int, default=2000)
+    ap.add_argument("--quick", action="store_true", help="photos=6, small=20, large=60")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "results.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.photos, args.small, args.large = 6, 20, 60
+    import pyarrow.dataset as pads
+
+    work = Path(tempfile.mkdtemp(prefix="fastsam-bench-"))
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "device": "cpu", "args": vars(args)}
+    try:
+        # Workload 1: real photographs, FastSAM-s architecture, imgsz 1024.
+        photos = work / "photos"
+        photos.mkdir()
+        src = sorted(REAL.glob("*.jpg"))
+        paths = []
+        for i in range(args.photos):
+            p = photos / f"{i:04d}-{src[i % len(src)].name}"
+            shutil.copy(src[i % len(src)], p)
+            paths.append(p)
+        ckpt = random_fastsam_s(work / "fastsam-s-random.pt")
+        print(f"workload 1: {len(paths)} photos, FastSAM-s architecture, imgsz 1024, conf 0.01", flush=True)
+        base, base_rles = baseline_loop(paths, ckpt, 1024, 0.01, 0.9, work / "baseline")
+        results["w1_baseline"] = base
+        print(f"  baseline: {base['images_per_s_steady']:.3f} images/s steady", flush=True)
+        m = write_manifest(work / "w1-local.yaml", str(photos), str(work / "w1-out"), str(ckpt), 1024, 0.01)
+        run = run_tool(m)
+        table = pads.dataset(str(work / "w1-out"), format="parquet").to_table()
+        run["summary"] = (work / "w1-out" / "_run.json").read_text()
+        results["w1_fastsam_batch_local"] = tool_stats(table, run) | {"agreement": agreement(base_rles, table)}
+        print(f"  fastsam-batch local: {results['w1_fastsam_batch_local']['images_per_s_steady']:.3f} images/s", flush=True)
+
+        moto, endpoint = moto_server()
+        try:
+            import s3fs
+
+            env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                   "AWS_REGION": "us-east-1"}
+            fs = s3fs.S3FileSystem(key="bench", secret="bench", endpoint_url=endpoint)
+            import boto3
+
+            boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
+                         region_name="us-east-1").create_bucket(Bucket="bench")
+            fs.put(str(photos) + "/", "bench/photos/", recursive=True)
+            fs.put_file(str(ckpt), "bench/models/fastsam-s-random.pt")
+            m = write_manifest(work / "w1-s3.yaml", "s3://bench/photos/", "s3://bench/out/",
+                               "s3://bench/models/fastsam-s-random.pt", 1024, 0.01)
+            run = run_tool(m, env)
+            fs.invalidate_cache()
+            table = pads.dataset("bench/out/", format="parquet", filesystem=fs).to_table()
+            run["summary"] = fs.cat_file("bench/out/_run.json").decode()
+            results["w1_fastsam_batch_s3"] = tool_stats(table, run) | {"agreement": agreement(base_rles, table)}
+            print(f"  fastsam-batch s3: {results['w1_fastsam_batch_s3']['images_per_s_steady']:.3f} images/s", flush=True)
+        finally:
+            moto.terminate()
+        results["w1_rle_micro"] = rle_micro(paths[: min(len(paths), len(src))], ckpt, 1024, 0.01, 0.9)
+        print(f"  mask->RLE CPU speed-up: {results['w1_rle_micro']['speedup']:.1f}x", flush=True)
+
+        # Workload 2: generated images, fixture model, growing run.
+        from shapes import make_image
+
+        for label, n in (("small", args.small), ("large", args.large)):
+            d = work / f"gen-{n}"
+            d.mkdir()
+            for i in range(n):
+                make_image(10_000 + i)[0].save(d / f"{i:05d}.png")
+            m = write_manifest(work / f"w2-{n}.yaml", str(d), str(work / f"w2-out-{n}"), str(FIXTURE), 320, 0.4)
+            run = run_tool(m)
+            table = pads.dataset(str(work / f"w2-out-{n}"), format="parquet").to_table()
+            run["summary"] = (work / f"w2-out-{n}" / "_run.json").read_text()
+            results[f"w2_fastsam_batch_{label}"] = tool_stats(table, run)
+            print(f"  workload 2, {n} images: {results[f'w2_fastsam_batch_{label}']['images_per_s_steady']:.2f} images/s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    w1b, w1l = results["w1_baseline"], results["w1_fastsam_batch_local"]
+    results["claims"] = {
+        "end_to_end_speedup_local": w1l["images_per_s_steady"] / w1b["images_per_s_steady"],
+        "end_to_end_speedup_s3": results["w1_fastsam_batch_s3"]["images_per_s_steady"] / w1b["images_per_s_steady"],
+        "masks_matched_iou_0_99": w1l["agreement"]["fraction"],
+        "rle_cpu_speedup": results["w1_rle_micro"]["speedup"],
+        "peak_memory_growth_large_vs_small": (
+            (results["w2_fastsam_batch_large"]["peak_driver_mb"] + results["w2_fastsam_batch_large"]["peak_workers_mb"])
+            / (results["w2_fastsam_batch_small"]["peak_driver_mb"] + results["w2_fastsam_batch_small"]["peak_workers_mb"]) - 1
+        ),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"\nwrote {args.out}")
+
+
+def print_table(results: dict) -> None:
+    keys = [k for k in results if k.startswith(("w1_baseline", "w1_fastsam", "w2_"))]
+    print(f"\n{'contender':30} {'img/s':>7} {'start s':>8} {'CPU s/img':>9} {'drv MB':>7} {'wrk MB':>7} {'masks':>6}  stages (ms/img)")
+    for k in keys:
+        r = results[k]
+        st = " ".join(f"{s.replace('_ms', '')}={v:.0f}" for s, v in r["stage_ms"].items())
+        print(f"{k:30} {r['images_per_s_steady']:7.3f} {r['startup_s']:8.1f} {r['cpu_s_per_image']:9.2f} "
+              f"{r['peak_driver_mb']:7.0f} {r['peak_workers_mb']:7.0f} {r['masks_per_image']:6.1f}  {st}")
+    print("\nclaims:", json.dumps(results["claims"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
