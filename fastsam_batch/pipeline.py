@@ -24,9 +24,10 @@ from .offline import configure_ultralytics
 from .plan import list_inputs
 from .read import read_item
 from .segment import SegmentActor, SegmentSettings
+from .resume import read_committed, remove_stale_temporaries, run_fingerprint
 from .storage import Storage, join_uri, redact
 from .summary import RunSummary
-from .write import PART_PREFIX, ParquetWriter, put_atomic
+from .write import ParquetWriter, put_atomic
 
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 
@@ -59,14 +60,6 @@ class ReadDecode:
         out["error"] = err or ""
         out["image"] = image
         return out
-
-
-def existing_parts(output_uri: str, storage: Storage) -> list[str]:
-    fs = storage.fs(output_uri)
-    try:
-        return [p for p in fs.ls(output_uri, detail=False) if p.rsplit("/", 1)[-1].startswith(PART_PREFIX)]
-    except FileNotFoundError:
-        return []
 
 
 def _init_ray(m: Manifest, env: dict[str, str], log=print):
@@ -105,14 +98,33 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     summary.images_planned = len(plan.items)
     summary.skipped_not_images = len(plan.skipped)
     summary.skipped_examples = plan.skipped[:5]
-    parts = existing_parts(m.output.uri, storage)
-    if parts and not overwrite:
+    summary.run_fingerprint, material = run_fingerprint(m, summary.checkpoint_sha256)
+    committed = read_committed(m.output.uri, storage)
+    others = {fp: n for fp, n in committed.fingerprints.items() if fp != summary.run_fingerprint}
+    if others and not overwrite:
         raise JobError(
-            f"output.uri {m.output.uri!r} already holds {len(parts)} Parquet files; pass --overwrite to replace them "
+            f"output.uri {m.output.uri!r} holds {sum(others.values())} rows written by another configuration "
+            f"(run fingerprint {', '.join(sorted(others))}; this run's is {summary.run_fingerprint}: checkpoint, "
+            "model settings, prompt rules, decode limits or tool version differ). Pass --overwrite to replace them, "
             "or choose a new output.uri"
         )
-    if parts:
-        storage.fs(m.output.uri).rm(parts)
+    if overwrite and committed.parts:
+        storage.fs(m.output.uri).rm(committed.parts)
+        log(f"--overwrite: removed {len(committed.parts)} Parquet files from {m.output.uri}")
+        committed = read_committed(m.output.uri, storage)
+    remove_stale_temporaries(m.output.uri, storage)
+    if committed.rows:
+        before = len(plan.items)
+        done_before = [committed.status[it["image_id"]] for it in plan.items if it["image_id"] in committed.status]
+        plan.items = [it for it in plan.items if it["image_id"] not in committed.status]
+        summary.images_skipped_done = len(done_before)
+        summary.images_ok = sum(s == "ok" for s in done_before)
+        summary.images_error = len(done_before) - summary.images_ok
+        if plan.items:
+            log(f"resuming: {summary.images_skipped_done} images already have rows; {len(plan.items)} to do")
+        else:
+            log(f"nothing to do: all {before} images already have rows under run fingerprint "
+                f"{summary.run_fingerprint} (the run is complete)")
     log(f"planned {len(plan.items)} images from {m.input.uri} ({len(plan.skipped)} non-image keys skipped)")
 
     if plan.items:
@@ -145,7 +157,7 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
                     compute=ActorPoolStrategy(min_size=1, max_size=max(1, m.runtime.num_actors * 2)))
         ds = ds.map_batches(
             SegmentActor,
-            fn_constructor_args=(settings, storage),
+            fn_constructor_args=(settings, storage, summary.run_fingerprint),
             batch_size=m.runtime.batch_size,
             batch_format="numpy",
             compute=ActorPoolStrategy(size=m.runtime.num_actors),
@@ -165,8 +177,11 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
 
     summary.wall_s = time.perf_counter() - t_start
     done = summary.images_ok + summary.images_error
-    summary.images_per_s = done / summary.wall_s if summary.wall_s > 0 else 0.0
-    if done != summary.images_planned:
+    summary.images_per_s = (done - summary.images_skipped_done) / summary.wall_s if summary.wall_s > 0 else 0.0
+    final = read_committed(m.output.uri, storage)
+    if final.rows != len(final.status):
+        summary.failed = f"{final.rows - len(final.status)} duplicate rows in {m.output.uri}"
+    elif done != summary.images_planned:
         summary.failed = f"{summary.images_planned - done} planned images have no output row"
     frac = m.runtime.max_error_fraction
     if frac is not None and done and summary.images_error / done > frac:
@@ -175,6 +190,7 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
             f"({summary.images_error / done:.1%} > runtime.max_error_fraction {frac:.1%})"
         )
     put_atomic(storage, join_uri(m.output.uri, "_run.json"), summary.to_json().encode())
+    summary.fingerprint_material = material
     put_atomic(storage, join_uri(m.output.uri, "_manifest.json"),
                json.dumps({**m.model_dump(), "storage_options": redact(m.storage_options)}, indent=2).encode())
     return summary

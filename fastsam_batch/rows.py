@@ -13,7 +13,7 @@ def _ms(values) -> list:
     return [float(x) if x is not None and x >= 0 else None for x in values]
 
 
-def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: list[dict], *, model: str, sha256: str) -> pa.Table:
+def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: list[dict], *, model: str, sha256: str, fingerprint: str) -> pa.Table:
     n = len(batch["image_id"])
     ok = [e is None for e in errors]
     now = int(time.time() * 1000)
@@ -28,6 +28,7 @@ def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: li
         "num_masks": [len(m) if k else 0 for k, m in zip(ok, masks)],
         "model": [model] * n,
         "checkpoint_sha256": [sha256] * n,
+        "run_fingerprint": [fingerprint] * n,
         "read_ms": _ms(batch["read_ms"]),
         "decode_ms": _ms(batch["decode_ms"]),
         "model_ms": _ms(t.get("model") for t in timings),

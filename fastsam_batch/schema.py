@@ -25,6 +25,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("num_masks", pa.int32(), nullable=False),
         pa.field("model", pa.string(), nullable=False),  # checkpoint file name
         pa.field("checkpoint_sha256", pa.string(), nullable=False),
+        pa.field("run_fingerprint", pa.string(), nullable=False),  # hash of checkpoint, settings, rules, version
         # Stage timings of this image, in milliseconds (null where the stage did not run).
         pa.field("read_ms", pa.float32()),
         pa.field("decode_ms", pa.float32()),

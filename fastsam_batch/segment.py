@@ -124,8 +124,9 @@ class FastSAMSegmenter:
 class SegmentActor:
     """Ray Data callable: batch of decoded rows -> pyarrow table of output rows."""
 
-    def __init__(self, settings: SegmentSettings, storage):
+    def __init__(self, settings: SegmentSettings, storage, run_fingerprint: str):
         self.segmenter = FastSAMSegmenter(settings, storage)
+        self.run_fingerprint = run_fingerprint
         self.settings = settings
         self.model_name = settings.checkpoint_uri.rstrip("/").rsplit("/", 1)[-1]
 
@@ -147,4 +148,5 @@ class SegmentActor:
                         masks[i], timings[i] = self.segmenter.segment([batch["image"][i]])[0]
                     except Exception as e:  # noqa: BLE001
                         errors[i] = f"segment_failed: {type(e).__name__}: {e}"
-        return output_table(batch, masks, errors, timings, model=self.model_name, sha256=self.settings.checkpoint_sha256)
+        return output_table(batch, masks, errors, timings, model=self.model_name, sha256=self.settings.checkpoint_sha256,
+                            fingerprint=self.run_fingerprint)

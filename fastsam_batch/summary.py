@@ -13,6 +13,7 @@ class RunSummary:
     images_planned: int = 0
     images_ok: int = 0
     images_error: int = 0
+    images_skipped_done: int = 0  # already had rows from an earlier run of the same fingerprint
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     skipped_not_images: int = 0
     skipped_examples: list[str] = field(default_factory=list)
@@ -25,6 +26,8 @@ class RunSummary:
     model: str = ""
     output_uri: str = ""
     tool_version: str = ""
+    run_fingerprint: str = ""
+    fingerprint_material: dict = field(default_factory=dict)
     failed: str | None = None  # why the run counts as failed (error budget), else None
 
     def add_file_stats(self, rows: list[dict]) -> None:
@@ -48,12 +51,14 @@ class RunSummary:
             f"  ok: {self.images_ok}   error: {self.images_error}   masks written: {self.masks_written}"
             f"   files: {self.files_written}",
         ]
+        if self.images_skipped_done:
+            lines.append(f"  already done in an earlier run (skipped): {self.images_skipped_done}")
         for reason, n in self.errors_by_reason.items():
             lines.append(f"    error {reason}: {n}")
         if self.skipped_not_images:
             ex = ", ".join(self.skipped_examples[:5])
             lines.append(f"  skipped (not an image by extension): {self.skipped_not_images}  e.g. {ex}")
-        lines.append(f"  output: {self.output_uri}")
+        lines.append(f"  output: {self.output_uri}   run fingerprint: {self.run_fingerprint}")
         if self.failed:
             lines.append(f"  FAILED: {self.failed}")
         return "\n".join(lines)

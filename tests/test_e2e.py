@@ -239,14 +239,6 @@ def test_output_readable_by_common_readers(local_run):
     assert duckdb.connect().execute(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0] == n
 
 
-def test_rerun_into_existing_output_is_refused_without_overwrite(local_run, tmp_path):
-    m = tmp_path / "again.yaml"
-    data = yaml.safe_load(next(Path(local_run["out"]).glob("_manifest.json")).read_text())
-    m.write_text(yaml.safe_dump({k: v for k, v in data.items()}))
-    r = run_cli("run", str(m))
-    assert r.returncode == 1 and "--overwrite" in r.stderr
-
-
 def test_joins_a_ray_cluster_from_ray_address_and_enforces_the_error_budget(dataset, checkpoint, tmp_path):
     from ray.cluster_utils import Cluster
 
