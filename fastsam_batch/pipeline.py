@@ -189,8 +189,8 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
             f"error budget exceeded: {summary.images_error}/{done} images failed "
             f"({summary.images_error / done:.1%} > runtime.max_error_fraction {frac:.1%})"
         )
-    put_atomic(storage, join_uri(m.output.uri, "_run.json"), summary.to_json().encode())
     summary.fingerprint_material = material
+    put_atomic(storage, join_uri(m.output.uri, "_run.json"), summary.to_json().encode())
     put_atomic(storage, join_uri(m.output.uri, "_manifest.json"),
                json.dumps({**m.model_dump(), "storage_options": redact(m.storage_options)}, indent=2).encode())
     return summary

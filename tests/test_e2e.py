@@ -214,6 +214,11 @@ def test_run_summary_file(s3_run, dataset):
     assert summary["images_error"] == len(dataset["broken"])
     assert summary["skipped_not_images"] == 1
     assert summary["masks_written"] == sum(s3_run["table"].column("num_masks").to_pylist())
+    fingerprints = set(s3_run["table"].column("run_fingerprint").to_pylist())
+    assert fingerprints == {summary["run_fingerprint"]}
+    assert summary["fingerprint_material"]["checkpoint_sha256"] == summary["checkpoint_sha256"]
+    assert summary["fingerprint_material"]["model"] == {"imgsz": IMGSZ, "conf": CONF, "iou": IOU, "max_det": 300,
+                                                        "half": False}
 
 
 def test_local_folder_with_two_actors_gives_the_same_rows(s3_run, local_run):

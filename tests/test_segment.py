@@ -1,0 +1,58 @@
+"""The segmenter on its own (no Ray): batching images of different sizes changes no result, and
+each image's masks are ultralytics' FastSAM single-image predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from fastsam_batch.decode import decode_image
+from fastsam_batch.segment import FastSAMSegmenter, SegmentSettings
+from fastsam_batch.storage import Storage
+from shapes import make_image
+
+SIZES = [(256, 224), (384, 320), (320, 256), (256, 224), (200, 360)]
+
+
+@pytest.fixture(scope="module")
+def segmenter(checkpoint):
+    return FastSAMSegmenter(SegmentSettings(str(checkpoint), "unused", imgsz=320, conf=0.25, iou=0.9, device="cpu"), Storage())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mixed")
+    paths = []
+    for i, size in enumerate(SIZES):
+        p = d / f"{i}.png"
+        make_image(4000 + i, size=size)[0].save(p)
+        paths.append(p)
+    return paths
+
+
+def test_mixed_sizes_in_one_batch_equal_single_image_calls(segmenter, images):
+    arrays = [decode_image(p.read_bytes()) for p in images]
+    batched = segmenter.segment(arrays)
+    assert len(batched) == len(arrays)
+    for arr, (recs, timings) in zip(arrays, batched):
+        (single, _), = segmenter.segment([arr])
+        assert [r["counts"] for r in recs] == [r["counts"] for r in single]
+        assert [r["score"] for r in recs] == pytest.approx([r["score"] for r in single], abs=1e-6)
+        assert set(timings) == {"model", "masks", "encode"}
+
+
+def test_batched_masks_are_the_reference_predictions(segmenter, images, checkpoint):
+    from ultralytics import FastSAM
+
+    ref_model = FastSAM(str(checkpoint))
+    arrays = [decode_image(p.read_bytes()) for p in images]
+    total = 0
+    for p, arr, (recs, _) in zip(images, arrays, segmenter.segment(arrays)):
+        ref = ref_model.predict(str(p), imgsz=320, conf=0.25, iou=0.9, retina_masks=True, device="cpu", verbose=False)[0]
+        ref_counts = [] if ref.masks is None else [
+            mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode() for m in ref.masks.data.numpy()]
+        assert [r["counts"] for r in recs] == ref_counts, p.name  # identical masks, same order
+        assert [r["score"] for r in recs] == pytest.approx(ref.boxes.conf.tolist(), abs=1e-5)
+        total += len(ref_counts)
+    assert total >= 10
