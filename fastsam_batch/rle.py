@@ -24,8 +24,21 @@ def crop_intervals(crop: torch.Tensor, x0: int, y0: int, height: int) -> tuple[n
     """
     if crop.numel() == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    # One row per image column, padded with a zero above and below the crop, so every run of ones
-    # inside a column has a start (+1) and an end (-1) in the diff.
+    if crop.device.type != "cpu":
+        return _crop_intervals_torch(crop, x0, y0, height)
+    # On the CPU: transitions down each column found in row-major memory (no transpose), then the
+    # few transition positions sorted into column-major order.
+    ch, cw = crop.shape
+    padded = np.zeros((ch + 2, cw), dtype=bool)
+    padded[1:-1] = crop.numpy() if crop.dtype == torch.bool else crop.numpy() != 0
+    r, c = np.nonzero(padded[1:] != padded[:-1])  # transition before padded row r+1, in column c
+    order = np.lexsort((r, c))
+    pos = (c[order].astype(np.int64) + x0) * height + r[order] + y0
+    return pos[0::2], pos[1::2]  # in each column transitions alternate: start, end, start, ...
+
+
+def _crop_intervals_torch(crop: torch.Tensor, x0: int, y0: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    # On an accelerator: transitions found there; only their positions come to the host.
     padded = torch.nn.functional.pad(crop.to(torch.int8).T, (1, 1))
     diff = padded[:, 1:] - padded[:, :-1]
     col_s, row_s = torch.nonzero(diff == 1, as_tuple=True)
