@@ -24,7 +24,7 @@ from .offline import configure_ultralytics
 from .plan import list_inputs
 from .read import read_item
 from .segment import SegmentActor, SegmentSettings
-from .resume import read_committed, remove_stale_temporaries, run_fingerprint
+from .resume import Committed, read_committed, remove_stale_temporaries, run_fingerprint
 from .storage import Storage, join_uri, redact
 from .summary import RunSummary
 from .write import ParquetWriter, put_atomic
@@ -111,7 +111,7 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     if overwrite and committed.parts:
         storage.fs(m.output.uri).rm(committed.parts)
         log(f"--overwrite: removed {len(committed.parts)} Parquet files from {m.output.uri}")
-        committed = read_committed(m.output.uri, storage)
+        committed = Committed()
     remove_stale_temporaries(m.output.uri, storage)
     if committed.rows:
         before = len(plan.items)

@@ -2,8 +2,8 @@
 
 Every row carries the fingerprint of the run that wrote it: a hash of everything that decides
 its masks (checkpoint SHA-256, model settings, prompt rules, decode limits, tool version).
-Re-running a job reads only the ``image_id`` and ``run_fingerprint`` columns of the committed
-Parquet files; images that already have a row are skipped. Rows of another fingerprint mean
+Re-running a job reads only the ``image_id``, ``status`` and ``run_fingerprint`` columns of the
+committed Parquet files; images that already have a row are skipped. Rows of another fingerprint mean
 another configuration wrote there: that run is refused unless ``--overwrite``.
 """
 
@@ -41,13 +41,17 @@ class Committed:
     fingerprints: dict[str, int] = field(default_factory=dict)  # fingerprint -> rows
 
 
-def list_parts(output_uri: str, storage: Storage) -> list[str]:
-    fs = storage.fs(output_uri)
+def _names_starting(output_uri: str, storage: Storage, prefix: str) -> list[str]:
+    """Paths of the files directly under ``output_uri`` whose names start with ``prefix``."""
     try:
-        names = fs.ls(output_uri, detail=False)
+        names = storage.fs(output_uri).ls(output_uri, detail=False)
     except FileNotFoundError:
         return []
-    return sorted(p for p in names if p.rsplit("/", 1)[-1].startswith(PART_PREFIX))
+    return sorted(p for p in names if p.rsplit("/", 1)[-1].startswith(prefix))
+
+
+def list_parts(output_uri: str, storage: Storage) -> list[str]:
+    return _names_starting(output_uri, storage, PART_PREFIX)
 
 
 def read_committed(output_uri: str, storage: Storage) -> Committed:
@@ -72,11 +76,7 @@ def remove_stale_temporaries(output_uri: str, storage: Storage) -> int:
     """Local temporary files left by a killed writer (S3 puts are never partial)."""
     if protocol_of(output_uri) != "file":
         return 0
-    fs = storage.fs(output_uri)
-    try:
-        stale = [p for p in fs.ls(output_uri, detail=False) if p.rsplit("/", 1)[-1].startswith("_tmp-")]
-    except FileNotFoundError:
-        return 0
+    stale = _names_starting(output_uri, storage, "_tmp-")
     if stale:
-        fs.rm(stale)
+        storage.fs(output_uri).rm(stale)
     return len(stale)

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from fastsam_batch.rle import crop_run_lengths, encode_mask, rle_fields, runs_to_rle
+from fastsam_batch.rle import (
+    _crop_intervals_torch,
+    crop_intervals,
+    crop_run_lengths,
+    encode_mask,
+    rle_fields,
+    runs_to_rle,
+)
 
 
 def encode_via_crop(full: np.ndarray) -> dict:
@@ -82,3 +89,16 @@ def test_full_height_crop_merges_runs_across_columns():
     runs = crop_run_lengths(torch.from_numpy(full[:, 1:4]), 1, 0, 5, 6)
     assert runs.tolist() == [5, 7, 1, 7, 10]
     assert encode_via_crop(full)["counts"] == encode_mask(full)["counts"].encode()
+
+
+@settings(max_examples=200, deadline=None)
+@given(masks(), st.integers(0, 30), st.integers(0, 30))
+def test_accelerator_path_finds_the_same_intervals(crop, x0, y0):
+    # The branch used for crops on a GPU (torch ops there, positions to the host) must agree with
+    # the CPU branch; it is called directly since CI has no accelerator.
+    t = torch.from_numpy(crop)
+    height = crop.shape[0] + y0 + 3
+    cpu_s, cpu_e = crop_intervals(t, x0, y0, height)
+    acc_s, acc_e = _crop_intervals_torch(t, x0, y0, height)
+    np.testing.assert_array_equal(cpu_s, acc_s)
+    np.testing.assert_array_equal(cpu_e, acc_e)
