@@ -47,7 +47,93 @@ class ModelConfig(_Strict):
 
 
 class PromptsConfig(_Strict):
-    mode: Literal["everything"] = "everything"
+    mode: Literal["everything", "prompts"] | None = Field(
+        default=None, description="everything: all masks; prompts: masks selected by prompts. Default: prompts when any are given")
+    table: str | None = Field(default=None, min_length=1, description="prompt table (Parquet, JSONL or CSV), one row per prompt")
+    table_format: Literal["parquet", "jsonl", "csv"] | None = Field(default=None, description="default: from the extension")
+    key: Literal["image_id", "uri"] = Field(default="image_id", description="the table column naming each prompt's image")
+    coco: str | None = Field(default=None, min_length=1, description="COCO annotations JSON: its boxes become box prompts")
+    coco_include_crowd: bool = False
+    boxes: list[list[float]] = Field(default_factory=list, description="global box prompts [x1, y1, x2, y2] for every image")
+    points: list[list[float]] = Field(default_factory=list, description="global points [x, y]: one point prompt for every image")
+    point_labels: list[int] | None = Field(default=None, description="1 foreground, 0 background, one per point; default all 1")
+    texts: list[str] = Field(default_factory=list, description="global text prompts for every image")
+    merge_points: bool = Field(default=False, description="merge the masks a point prompt selects into one mask")
+    keep_everything: bool = Field(default=False, description="also keep every mask (prompt fields null) after the prompted ones")
+    clip: str | None = Field(default=None, min_length=1, description="open_clip model folder (local or s3://), needed for texts")
+    text_min_area: int = Field(default=100, ge=0, description="masks with this many pixels or fewer are not scored for texts")
+
+    @field_validator("boxes")
+    @classmethod
+    def _boxes(cls, v: list[list[float]]) -> list[list[float]]:
+        for i, b in enumerate(v):
+            if len(b) != 4:
+                raise ValueError(f"box {i} must be [x1, y1, x2, y2], got {len(b)} numbers")
+        return v
+
+    @field_validator("points")
+    @classmethod
+    def _points(cls, v: list[list[float]]) -> list[list[float]]:
+        for i, p in enumerate(v):
+            if len(p) != 2:
+                raise ValueError(f"point {i} must be [x, y], got {len(p)} numbers")
+        return v
+
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, v: list[str]) -> list[str]:
+        if any(not t.strip() for t in v):
+            raise ValueError("texts must be non-empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PromptsConfig":
+        if self.table and self.coco:
+            raise ValueError("give either prompts.table or prompts.coco, not both")
+        if self.point_labels is not None:
+            if len(self.point_labels) != len(self.points):
+                raise ValueError(f"prompts.point_labels has {len(self.point_labels)} labels for {len(self.points)} points")
+            if any(x not in (0, 1) for x in self.point_labels):
+                raise ValueError("prompts.point_labels must be 1 (foreground) or 0 (background)")
+        if self.texts and not self.clip:
+            raise ValueError("prompts.clip is required for text prompts (prompts.texts)")
+        if self.mode == "everything" and self.has_sources:
+            raise ValueError("prompts.mode is 'everything' but prompts are given (table, coco, boxes, points or texts)")
+        if self.mode == "prompts" and not self.has_sources:
+            raise ValueError("prompts.mode is 'prompts' but no prompts are given (table, coco, boxes, points or texts)")
+        return self
+
+    @property
+    def has_sources(self) -> bool:
+        return bool(self.table or self.coco or self.boxes or self.points or self.texts)
+
+    @property
+    def prompted(self) -> bool:
+        return self.has_sources
+
+
+class MaskRulesConfig(_Strict):
+    """Global mask rules; see fastsam_batch/mask_rules.py and the README for their exact semantics."""
+
+    min_score: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_area: int | None = Field(default=None, ge=0, description="pixels")
+    max_area: int | None = Field(default=None, ge=0, description="pixels")
+    min_area_fraction: float | None = Field(default=None, ge=0.0, le=1.0, description="of the image's pixels")
+    max_area_fraction: float | None = Field(default=None, ge=0.0, le=1.0, description="of the image's pixels")
+    drop_full_image: bool = Field(default=False, description="drop the masks FastSAM treats as the whole image")
+    containment: float | None = Field(default=None, gt=0.0, le=1.0, description="drop masks this much inside a larger one (FastSAM: 0.8)")
+    top_k: int | None = Field(default=None, ge=1)
+    top_k_by: Literal["score", "area"] = "score"
+    clean_up_kernel: int | None = Field(default=None, ge=2, le=101, description="opening + closing with this kernel (px)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "MaskRulesConfig":
+        if self.min_area is not None and self.max_area is not None and self.min_area > self.max_area:
+            raise ValueError(f"mask_rules.min_area ({self.min_area}) is above mask_rules.max_area ({self.max_area})")
+        if (self.min_area_fraction is not None and self.max_area_fraction is not None
+                and self.min_area_fraction > self.max_area_fraction):
+            raise ValueError("mask_rules.min_area_fraction is above mask_rules.max_area_fraction")
+        return self
 
 
 class OutputConfig(_Strict):
@@ -71,6 +157,7 @@ class Manifest(_Strict):
     input: InputConfig
     model: ModelConfig
     prompts: PromptsConfig = PromptsConfig()
+    mask_rules: MaskRulesConfig = MaskRulesConfig()
     output: OutputConfig
     runtime: RuntimeConfig = RuntimeConfig()
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec/s3fs options, e.g. endpoint_url, anon")
@@ -128,10 +215,15 @@ def _resolve_relative_paths(m: Manifest, base: Path) -> Manifest:
             return uri
         return str((base / uri).resolve()) + ("/" if uri.endswith("/") else "")
 
+    def fix_opt(uri: str | None) -> str | None:
+        return None if uri is None else fix(uri)
+
+    p = m.prompts
     return m.model_copy(
         update={
             "input": m.input.model_copy(update={"uri": fix(m.input.uri)}),
             "model": m.model.model_copy(update={"checkpoint": fix(m.model.checkpoint)}),
             "output": m.output.model_copy(update={"uri": fix(m.output.uri)}),
+            "prompts": p.model_copy(update={"table": fix_opt(p.table), "coco": fix_opt(p.coco), "clip": fix_opt(p.clip)}),
         }
     )

@@ -23,6 +23,8 @@ from .model import checkpoint_sha256
 from .offline import configure_ultralytics
 from .plan import list_inputs
 from .read import read_item
+from .mask_rules import MaskRules
+from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentActor, SegmentSettings
 from .resume import Committed, read_committed, remove_stale_temporaries, run_fingerprint
 from .storage import Storage, join_uri, redact
@@ -44,7 +46,8 @@ class ReadDecode:
         self.max_pixels = max_pixels
 
     def __call__(self, row: dict) -> dict:
-        out = {"image_id": row["image_id"], "uri": row["uri"], "width": -1, "height": -1, "decode_ms": -1.0}
+        out = {"image_id": row["image_id"], "uri": row["uri"], "width": -1, "height": -1, "decode_ms": -1.0,
+               "prompts": row.get("prompts", "")}
         t0 = time.perf_counter()
         data, err = read_item(row["uri"], self.storage)
         out["read_ms"] = (time.perf_counter() - t0) * 1000
@@ -82,6 +85,56 @@ def _init_ray(m: Manifest, env: dict[str, str], log=print):
     return ray
 
 
+def attach_prompts(m: Manifest, storage: Storage, items: list[dict], summary: RunSummary) -> dict:
+    """Reads the prompt sources (before any work) and gives each plan item its prompts as a JSON
+    string. Returns what identifies the sources for the run fingerprint. Counts in ``summary`` the
+    images without prompts and the table's keys that match no input image."""
+    p = m.prompts
+    sources: dict = {}
+    if not p.prompted:
+        return sources
+    try:
+        if p.table:
+            index = load_prompt_table(p.table, storage, p.key, p.table_format)
+        elif p.coco:
+            index = load_coco(p.coco, storage, p.coco_include_crowd)
+        else:
+            index = None
+    except PromptSourceError as e:
+        raise JobError(str(e)) from None
+    common = global_prompts(p.boxes, p.points, p.point_labels, p.texts)
+    has_texts = bool(p.texts) or bool(index and index.has_texts)
+    if has_texts:
+        if not p.clip:
+            raise JobError(f"prompts.clip is required: the prompt table {p.table!r} has text prompts")
+        from .clip_text import ClipError, clip_sha256
+
+        try:
+            sources["clip_sha256"] = clip_sha256(p.clip, storage)
+        except ClipError as e:
+            raise JobError(str(e)) from None
+    key = "uri" if (p.table and p.key == "uri") else "image_id"
+    by_key = index.by_key if index else {}
+    seen = set()
+    for it in items:
+        own = by_key.get(it[key], [])
+        if own:
+            seen.add(it[key])
+        prompts = common + own
+        it["prompts"] = json.dumps(prompts, separators=(",", ":")) if prompts else ""
+        summary.images_without_prompts += not prompts
+        summary.prompts_planned += len(prompts)
+    if index is not None:
+        missing = sorted(k for k in by_key if k not in seen)
+        summary.prompt_source_rows = index.rows
+        summary.prompt_rows_without_image = index.rows_without_key
+        summary.prompt_bad_rows = sum(index.bad_rows.values())
+        summary.prompt_images_not_in_input = len(missing)
+        summary.prompt_images_not_in_input_examples = missing[:5]
+        sources["source_sha256"] = index.sha256
+    return sources
+
+
 def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     t_start = time.perf_counter()
     env = configure_ultralytics()
@@ -98,7 +151,8 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     summary.images_planned = len(plan.items)
     summary.skipped_not_images = len(plan.skipped)
     summary.skipped_examples = plan.skipped[:5]
-    summary.run_fingerprint, material = run_fingerprint(m, summary.checkpoint_sha256)
+    prompt_sources = attach_prompts(m, storage, plan.items, summary)
+    summary.run_fingerprint, material = run_fingerprint(m, summary.checkpoint_sha256, prompt_sources)
     committed = read_committed(m.output.uri, storage)
     others = {fp: n for fp, n in committed.fingerprints.items() if fp != summary.run_fingerprint}
     if others and not overwrite:
@@ -145,6 +199,13 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
             max_det=m.model.max_det,
             device=m.model.device,
             half=m.model.half,
+            rules=MaskRules(**m.mask_rules.model_dump()),
+            prompted=m.prompts.prompted,
+            keep_everything=m.prompts.keep_everything,
+            merge_points=m.prompts.merge_points,
+            clip_uri=m.prompts.clip if prompt_sources.get("clip_sha256") else None,
+            clip_sha256=prompt_sources.get("clip_sha256"),
+            text_min_area=m.prompts.text_min_area,
         )
         gpus = m.runtime.gpus_per_actor
         if gpus is None:

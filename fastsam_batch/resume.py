@@ -19,14 +19,17 @@ from .storage import Storage, protocol_of
 from .write import PART_PREFIX
 
 
-def run_fingerprint(m: Manifest, checkpoint_sha256: str) -> tuple[str, dict]:
+def run_fingerprint(m: Manifest, checkpoint_sha256: str, prompt_sources: dict | None = None) -> tuple[str, dict]:
     """(fingerprint, the material it hashes). The device is left out on purpose: cpu and cuda
-    runs of the same settings may finish each other's work (fp16 is in, as ``model.half``)."""
+    runs of the same settings may finish each other's work (fp16 is in, as ``model.half``).
+    ``prompt_sources``: SHA-256 of the prompt table / COCO file and of the CLIP folder."""
     material = {
         "tool_version": __version__,
         "checkpoint_sha256": checkpoint_sha256,
         "model": m.model.model_dump(include={"imgsz", "conf", "iou", "max_det", "half"}),
-        "prompts": m.prompts.model_dump(),
+        "prompts": m.prompts.model_dump(exclude={"table", "coco", "clip"}),
+        "prompt_sources": prompt_sources or {},
+        "mask_rules": m.mask_rules.model_dump(),
         "decode": {"max_pixels": m.input.max_pixels},
     }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]

@@ -13,10 +13,12 @@ def _ms(values) -> list:
     return [float(x) if x is not None and x >= 0 else None for x in values]
 
 
-def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: list[dict], *, model: str, sha256: str, fingerprint: str) -> pa.Table:
+def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: list[dict], *, model: str, sha256: str,
+                 fingerprint: str, prompts: list[list[dict]] | None = None) -> pa.Table:
     n = len(batch["image_id"])
     ok = [e is None for e in errors]
     now = int(time.time() * 1000)
+    prompts = prompts or [[] for _ in range(n)]
     cols = {
         "image_id": [str(x) for x in batch["image_id"]],
         "uri": [str(x) for x in batch["uri"]],
@@ -26,6 +28,8 @@ def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: li
         "error": [None if k else str(e) for k, e in zip(ok, errors)],
         "masks": [m if k else [] for k, m in zip(ok, masks)],
         "num_masks": [len(m) if k else 0 for k, m in zip(ok, masks)],
+        "prompts": prompts,
+        "num_prompt_errors": [sum(p["error"] is not None for p in ps) for ps in prompts],
         "model": [model] * n,
         "checkpoint_sha256": [sha256] * n,
         "run_fingerprint": [fingerprint] * n,
@@ -33,6 +37,7 @@ def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: li
         "decode_ms": _ms(batch["decode_ms"]),
         "model_ms": _ms(t.get("model") for t in timings),
         "masks_ms": _ms(t.get("masks") for t in timings),
+        "select_ms": _ms(t.get("select") for t in timings),
         "encode_ms": _ms(t.get("encode") for t in timings),
         "segmented_at": [now] * n,
     }

@@ -9,7 +9,24 @@ MASK_TYPE = pa.struct(
         pa.field("counts", pa.string(), nullable=False),  # COCO compressed RLE, size [height, width]
         pa.field("bbox", pa.list_(pa.float64(), 4), nullable=False),  # [x, y, w, h], COCO convention
         pa.field("area", pa.int64(), nullable=False),  # pixels in the mask
-        pa.field("score", pa.float32(), nullable=False),  # detection confidence
+        pa.field("score", pa.float32(), nullable=False),  # detection confidence (the largest, for merged masks)
+        # The prompt that selected the mask; all null for everything-mode masks.
+        pa.field("prompt_index", pa.int32()),  # position in the image's `prompts` list
+        pa.field("prompt_kind", pa.string()),  # "box" | "points" | "text"
+        pa.field("prompt_id", pa.string()),  # the id carried from the prompt table / COCO annotation id
+        pa.field("category_id", pa.int64()),  # COCO category of the annotation, when given
+        pa.field("prompt_score", pa.float32()),  # box: IoU of mask and box; text: CLIP similarity; points: null
+    ]
+)
+
+PROMPT_TYPE = pa.struct(
+    [
+        pa.field("index", pa.int32(), nullable=False),
+        pa.field("kind", pa.string()),  # null when the row could not tell
+        pa.field("id", pa.string()),
+        pa.field("category_id", pa.int64()),
+        pa.field("num_masks", pa.int32(), nullable=False),  # masks this prompt added to `masks`
+        pa.field("error", pa.string()),  # "<reason>: <detail>", null when the prompt selected its mask(s)
     ]
 )
 
@@ -23,6 +40,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("error", pa.string()),  # "<reason>: <detail>", null when ok
         pa.field("masks", pa.list_(MASK_TYPE), nullable=False),
         pa.field("num_masks", pa.int32(), nullable=False),
+        pa.field("prompts", pa.list_(PROMPT_TYPE), nullable=False),  # every prompt of the image, with its outcome
+        pa.field("num_prompt_errors", pa.int32(), nullable=False),
         pa.field("model", pa.string(), nullable=False),  # checkpoint file name
         pa.field("checkpoint_sha256", pa.string(), nullable=False),
         pa.field("run_fingerprint", pa.string(), nullable=False),  # hash of checkpoint, settings, rules, version
@@ -31,6 +50,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("decode_ms", pa.float32()),
         pa.field("model_ms", pa.float32()),  # its share of its batch's letterbox + forward + NMS
         pa.field("masks_ms", pa.float32()),  # mask pixels inside boxes + run lengths
+        pa.field("select_ms", pa.float32()),  # mask rules, prompt selection (CLIP included), clean-up
         pa.field("encode_ms", pa.float32()),  # RLE compression, area, bbox
         pa.field("segmented_at", pa.timestamp("ms", tz="UTC")),  # when its batch left the model actor
     ]

@@ -15,13 +15,19 @@ output rows out.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .masks import iter_box_mask_intervals
+from .intervals import IntervalMask
+from .mask_rules import MaskRules, apply_mask_rules, clean_up
+from .masks import adjust_full_image_boxes, iter_box_mask_intervals
 from .rle import rle_fields, runs_from_intervals, runs_to_rle
+from .select import apply_prompts, merged_intervals
+
+NO_PROMPT = {"prompt_index": None, "prompt_kind": None, "prompt_id": None, "category_id": None, "prompt_score": None}
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,13 @@ class SegmentSettings:
     max_det: int = 300
     device: str = "auto"
     half: bool = False
+    rules: MaskRules = MaskRules()
+    prompted: bool = False  # masks come from prompts (else every mask, everything mode)
+    keep_everything: bool = False  # with prompts: also every mask, after the prompted ones
+    merge_points: bool = False
+    clip_uri: str | None = None
+    clip_sha256: str | None = None
+    text_min_area: int = 100
 
 
 class FastSAMSegmenter:
@@ -57,6 +70,12 @@ class FastSAMSegmenter:
         self.nc = len(self.model.names)
         self.imgsz = check_imgsz(settings.imgsz, stride=self.stride, min_dim=2)
         self.letterbox = LetterBox(self.imgsz, auto=True, stride=self.stride)
+        self.clip = None
+        if settings.clip_uri:
+            from .clip_text import ClipScorer, local_clip_dir
+
+            clip_dir = local_clip_dir(settings.clip_uri, storage, settings.clip_sha256 or "")
+            self.clip = ClipScorer(clip_dir, self.device, min_area=settings.text_min_area)
 
     def forward(self, images: list[np.ndarray]):
         """Letterbox + model + NMS for a batch of RGB images.
@@ -88,36 +107,76 @@ class FastSAMSegmenter:
                 out[i] = (shape[:2], preds[j], y[1][j])
         return out
 
-    def segment(self, images: list[np.ndarray]) -> list[tuple[list[dict], dict]]:
-        """Everything-mode masks of each image as output records (best score first), with the
-        image's stage timings in ms: ``model`` (its share of letterbox + forward + NMS),
-        ``masks`` (mask pixels and run lengths) and ``encode`` (RLE compression, area, bbox)."""
-        torch = self.torch
+    def candidates(self, image: np.ndarray, in_shape, pred, proto) -> list[IntervalMask]:
+        """Every non-empty everything-mode mask of one image, as intervals, best score first, each
+        with FastSAM's adjusted box (a box covering the image snaps to the full-image box)."""
         from ultralytics.utils import ops
 
+        h, w = image.shape[:2]
+        if not pred.shape[0]:
+            return []
+        boxes = ops.scale_boxes(in_shape, pred[:, :4].clone(), (h, w))
+        adjusted = adjust_full_image_boxes(boxes, h, w).tolist()
+        scores = pred[:, 4].float().cpu().numpy()
+        out = []
+        for i, starts, ends in iter_box_mask_intervals(pred[:, 6:], proto, boxes, h, w):
+            if starts.size:  # empty masks are dropped, as ultralytics does
+                out.append(IntervalMask(starts, ends, float(scores[i]), tuple(adjusted[i]), tuple(boxes[i].tolist())))
+        return out
+
+    def select(self, image: np.ndarray, masks: list[IntervalMask], prompts: list[dict] | None):
+        """Mask rules, then prompts: the output masks as (intervals, record fields), and the prompt records."""
+        s = self.settings
+        h, w = image.shape[:2]
+        keep = apply_mask_rules(masks, h, w, s.rules, raw_boxes=np.array([m.raw_box or m.box for m in masks]).reshape(-1, 4))
+        masks = [masks[i] for i in keep]
+        out: list[tuple[tuple[np.ndarray, np.ndarray], dict]] = []
+        records: list[dict] = []
+        if s.prompted:
+            prompts = prompts or []
+            similarity = self.clip.similarity_fn(image, masks) if self.clip is not None else None
+            selected, errors, counts = apply_prompts(masks, prompts, h, w, merge_points=s.merge_points, similarity=similarity)
+            for k, sel in selected:
+                p = prompts[k]
+                out.append((merged_intervals(masks, sel), {
+                    "score": sel.score, "prompt_index": k, "prompt_kind": p["kind"], "prompt_id": p.get("id"),
+                    "category_id": p.get("category_id"), "prompt_score": sel.prompt_score}))
+            records = [{"index": k, "kind": p.get("kind"), "id": p.get("id"), "category_id": p.get("category_id"),
+                        "num_masks": counts[k], "error": errors[k]} for k, p in enumerate(prompts)]
+        if not s.prompted or s.keep_everything:
+            out += [((m.starts, m.ends), {"score": m.score, **NO_PROMPT}) for m in masks]
+        if s.rules.clean_up_kernel:
+            out = [(clean_up(st, en, h, w, s.rules.clean_up_kernel), f) for (st, en), f in out]
+        return out, records
+
+    def segment(self, images: list[np.ndarray], prompts: list[list[dict] | None] | None = None) -> list[tuple[list[dict], list[dict], dict]]:
+        """The output masks of each image (everything mode: best score first; with prompts: in prompt
+        order), its prompt records, and its stage timings in ms: ``model`` (its share of letterbox +
+        forward + NMS), ``masks`` (mask pixels and intervals), ``select`` (mask rules, prompts, CLIP,
+        clean-up) and ``encode`` (RLE compression, area, bbox)."""
+        torch = self.torch
+        prompts = prompts or [None] * len(images)
         t0 = time.perf_counter()
         forwards = self.forward(images)
         model_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         results = []
         with torch.inference_mode():
-            for im, (in_shape, pred, proto) in zip(images, forwards):
+            for im, (in_shape, pred, proto), image_prompts in zip(images, forwards, prompts):
                 h, w = im.shape[:2]
-                t_img = time.perf_counter()
-                encode_s = 0.0
+                t1 = time.perf_counter()
+                masks = self.candidates(im, in_shape, pred, proto)
+                t2 = time.perf_counter()
+                selected, prompt_records = self.select(im, masks, image_prompts)
+                t3 = time.perf_counter()
                 records = []
-                if pred.shape[0]:
-                    boxes = ops.scale_boxes(in_shape, pred[:, :4].clone(), (h, w))
-                    scores = pred[:, 4].float().cpu().numpy()
-                    for i, starts, ends in iter_box_mask_intervals(pred[:, 6:], proto, boxes, h, w):
-                        if starts.size == 0:
-                            continue  # empty masks are dropped, as ultralytics does
-                        t_enc = time.perf_counter()
-                        counts, area, bbox = rle_fields(runs_to_rle(runs_from_intervals(starts, ends, h * w), h, w))
-                        records.append({"counts": counts, "bbox": bbox, "area": area, "score": float(scores[i])})
-                        encode_s += time.perf_counter() - t_enc
-                total_ms = (time.perf_counter() - t_img) * 1000
-                timings = {"model": model_ms, "masks": total_ms - encode_s * 1000, "encode": encode_s * 1000}
-                results.append((records, timings))
+                for (starts, ends), fields in selected:
+                    if starts.size == 0:  # a clean-up can empty a mask
+                        continue
+                    counts, area, bbox = rle_fields(runs_to_rle(runs_from_intervals(starts, ends, h * w), h, w))
+                    records.append({"counts": counts, "bbox": bbox, "area": area, **fields})
+                t4 = time.perf_counter()
+                timings = {"model": model_ms, "masks": (t2 - t1) * 1000, "select": (t3 - t2) * 1000, "encode": (t4 - t3) * 1000}
+                results.append((records, prompt_records, timings))
         return results
 
 
@@ -137,16 +196,27 @@ class SegmentActor:
         masks: list[list[dict]] = [[] for _ in range(n)]
         errors = [batch["error"][i] or None for i in range(n)]
         timings: list[dict] = [{} for _ in range(n)]
-        todo = [i for i in range(n) if errors[i] is None]
+        given = [json.loads(batch["prompts"][i]) if "prompts" in batch and batch["prompts"][i] else [] for i in range(n)]
+        records = [_unrun(p, "image_failed: see the row's error") for p in given]
+        s = self.settings
+        # With prompts, an image without any gets an ok row with no masks and no model time.
+        todo = [i for i in range(n) if errors[i] is None and (not s.prompted or s.keep_everything or given[i])]
         if todo:
             try:
-                for i, (recs, t) in zip(todo, self.segmenter.segment([batch["image"][i] for i in todo])):
-                    masks[i], timings[i] = recs, t
+                done = self.segmenter.segment([batch["image"][i] for i in todo], [given[i] for i in todo])
+                for i, (recs, prs, t) in zip(todo, done):
+                    masks[i], records[i], timings[i] = recs, prs, t
             except Exception:  # noqa: BLE001 - isolate the image that fails; the others still get rows
                 for i in todo:
                     try:
-                        masks[i], timings[i] = self.segmenter.segment([batch["image"][i]])[0]
+                        masks[i], records[i], timings[i] = self.segmenter.segment([batch["image"][i]], [given[i]])[0]
                     except Exception as e:  # noqa: BLE001
                         errors[i] = f"segment_failed: {type(e).__name__}: {e}"
-        return output_table(batch, masks, errors, timings, model=self.model_name, sha256=self.settings.checkpoint_sha256,
-                            fingerprint=self.run_fingerprint)
+        return output_table(batch, masks, errors, timings, model=self.model_name, sha256=s.checkpoint_sha256,
+                            fingerprint=self.run_fingerprint, prompts=records)
+
+
+def _unrun(prompts: list[dict], error: str) -> list[dict]:
+    """Prompt records of an image that was not segmented."""
+    return [{"index": k, "kind": p.get("kind"), "id": p.get("id"), "category_id": p.get("category_id"), "num_masks": 0,
+             "error": p.get("error") or error} for k, p in enumerate(prompts)]

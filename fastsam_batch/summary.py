@@ -18,6 +18,16 @@ class RunSummary:
     skipped_not_images: int = 0
     skipped_examples: list[str] = field(default_factory=list)
     masks_written: int = 0
+    # Prompts (null/zero in everything mode).
+    prompts_planned: int = 0  # prompts given to the images planned (global ones included)
+    prompts_run: int = 0  # prompts recorded in the rows written by this run
+    prompt_errors_by_reason: dict[str, int] = field(default_factory=dict)
+    images_without_prompts: int = 0  # planned images no prompt names (ok rows with no masks)
+    prompt_source_rows: int = 0  # rows / annotations read from the prompt table or COCO file
+    prompt_rows_without_image: int = 0  # rows whose image key is empty (or a COCO image id not listed)
+    prompt_bad_rows: int = 0  # rows kept as prompts with a bad_prompt error
+    prompt_images_not_in_input: int = 0  # images named by the prompt source that the input does not hold
+    prompt_images_not_in_input_examples: list[str] = field(default_factory=list)
     files_written: int = 0
     write_s: float = 0.0  # time spent building and putting Parquet files, summed over writers
     wall_s: float = 0.0
@@ -32,6 +42,7 @@ class RunSummary:
 
     def add_file_stats(self, rows: list[dict]) -> None:
         reasons = Counter(self.errors_by_reason)
+        preasons = Counter(self.prompt_errors_by_reason)
         for r in rows:
             self.images_ok += int(r["ok"])
             self.images_error += int(r["rows"] - r["ok"])
@@ -39,7 +50,10 @@ class RunSummary:
             self.files_written += 1
             self.write_s += float(r["write_s"])
             reasons.update(json.loads(r["errors"]))
+            self.prompts_run += int(r["prompts"])
+            preasons.update(json.loads(r["prompt_errors"]))
         self.errors_by_reason = dict(sorted(reasons.items()))
+        self.prompt_errors_by_reason = dict(sorted(preasons.items()))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -55,6 +69,17 @@ class RunSummary:
             lines.append(f"  already done in an earlier run (skipped): {self.images_skipped_done}")
         for reason, n in self.errors_by_reason.items():
             lines.append(f"    error {reason}: {n}")
+        if self.prompts_planned or self.prompt_source_rows:
+            lines.append(f"  prompts: {self.prompts_run} run, {sum(self.prompt_errors_by_reason.values())} with an error; "
+                         f"images without prompts: {self.images_without_prompts}")
+            for reason, n in self.prompt_errors_by_reason.items():
+                lines.append(f"    prompt error {reason}: {n}")
+            if self.prompt_source_rows:
+                lines.append(f"  prompt source: {self.prompt_source_rows} rows, {self.prompt_bad_rows} bad, "
+                             f"{self.prompt_rows_without_image} without an image key; "
+                             f"{self.prompt_images_not_in_input} images not in the input"
+                             + (f" e.g. {', '.join(self.prompt_images_not_in_input_examples)}"
+                                if self.prompt_images_not_in_input else ""))
         if self.skipped_not_images:
             ex = ", ".join(self.skipped_examples[:5])
             lines.append(f"  skipped (not an image by extension): {self.skipped_not_images}  e.g. {ex}")

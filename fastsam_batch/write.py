@@ -64,6 +64,7 @@ class ParquetWriter:
         put_atomic(self.storage, join_uri(self.output_uri, name), buf.getvalue())
         write_s = time.perf_counter() - t0
         statuses = table.column("status").to_pylist()
+        prompts = table.column("prompts").to_pylist()
         reasons = Counter(error_reason(e) for e, s in zip(table.column("error").to_pylist(), statuses) if s != "ok")
         return stats_table(
             [
@@ -73,6 +74,9 @@ class ParquetWriter:
                     "ok": sum(s == "ok" for s in statuses),
                     "errors": json.dumps(dict(reasons)),
                     "masks": int(sum(table.column("num_masks").to_pylist())),
+                    "prompts": sum(len(ps) for ps in prompts),
+                    "prompt_errors": json.dumps(dict(Counter(
+                        error_reason(p["error"]) for ps in prompts for p in ps if p["error"] is not None))),
                     "write_s": write_s,
                 }
             ]
@@ -86,6 +90,8 @@ STATS_SCHEMA = pa.schema(
         ("ok", pa.int64()),
         ("errors", pa.string()),
         ("masks", pa.int64()),
+        ("prompts", pa.int64()),
+        ("prompt_errors", pa.string()),
         ("write_s", pa.float64()),
     ]
 )

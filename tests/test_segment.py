@@ -35,11 +35,12 @@ def test_mixed_sizes_in_one_batch_equal_single_image_calls(segmenter, images):
     arrays = [decode_image(p.read_bytes()) for p in images]
     batched = segmenter.segment(arrays)
     assert len(batched) == len(arrays)
-    for arr, (recs, timings) in zip(arrays, batched):
-        (single, _), = segmenter.segment([arr])
+    for arr, (recs, prompts, timings) in zip(arrays, batched):
+        (single, _, _), = segmenter.segment([arr])
+        assert prompts == []
         assert [r["counts"] for r in recs] == [r["counts"] for r in single]
         assert [r["score"] for r in recs] == pytest.approx([r["score"] for r in single], abs=1e-6)
-        assert set(timings) == {"model", "masks", "encode"}
+        assert set(timings) == {"model", "masks", "select", "encode"}
 
 
 def test_batched_masks_are_the_reference_predictions(segmenter, images, checkpoint):
@@ -48,7 +49,7 @@ def test_batched_masks_are_the_reference_predictions(segmenter, images, checkpoi
     ref_model = FastSAM(str(checkpoint))
     arrays = [decode_image(p.read_bytes()) for p in images]
     total = 0
-    for p, arr, (recs, _) in zip(images, arrays, segmenter.segment(arrays)):
+    for p, arr, (recs, _, _) in zip(images, arrays, segmenter.segment(arrays)):
         ref = ref_model.predict(str(p), imgsz=320, conf=0.25, iou=0.9, retina_masks=True, device="cpu", verbose=False)[0]
         ref_counts = [] if ref.masks is None else [
             mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode() for m in ref.masks.data.numpy()]

@@ -1,0 +1,138 @@
+"""Mask rules: which of an image's masks to keep, and an opt-in clean-up. Pure functions, no Ray.
+
+Applied to every image's masks after segmentation and before prompts select among them and
+before encoding, in this order (each rule sees what the previous ones left):
+
+1. ``min_score``: drop masks whose detection score is below it.
+2. ``min_area`` / ``max_area`` (pixels) and ``min_area_fraction`` / ``max_area_fraction`` (of the
+   image's pixels): drop masks with area < min or > max; bounds are inclusive.
+3. ``drop_full_image``: drop the masks whose box FastSAM itself treats as the whole image (its box,
+   snapped to the border within 20 px, has IoU > 0.9 with the image: the background mask).
+4. ``containment``: FastSAM's overlap filter (``filter_masks`` in the original repository): masks
+   sorted by area, largest first (stable); for each mask A, every later, strictly smaller mask B not
+   yet dropped is dropped when |A and B| / |B| > containment (FastSAM uses 0.8).
+5. ``top_k`` by ``top_k_by`` (``score`` or ``area``): keep the k largest, ties broken by the
+   original order.
+
+Kept masks stay in their original (score) order. ``clean_up`` (a morphological opening then
+closing with an elliptic kernel of ``clean_up_kernel`` pixels) applies to each output mask after
+selection; the ``area`` and ``bbox`` in the output are those of the cleaned mask, while the
+rules above see the masks as the model made them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .intervals import IntervalMask, intersection_area, intervals_bbox, to_crop
+
+
+@dataclass(frozen=True)
+class MaskRules:
+    min_score: float | None = None
+    min_area: int | None = None
+    max_area: int | None = None
+    min_area_fraction: float | None = None
+    max_area_fraction: float | None = None
+    drop_full_image: bool = False
+    containment: float | None = None
+    top_k: int | None = None
+    top_k_by: str = "score"
+    clean_up_kernel: int | None = None
+
+    @property
+    def filters(self) -> bool:
+        return any(v is not None for v in (self.min_score, self.min_area, self.max_area, self.min_area_fraction,
+                                            self.max_area_fraction, self.containment, self.top_k)) or self.drop_full_image
+
+
+def full_image_boxes(boxes: np.ndarray, h: int, w: int, threshold: int = 20, iou_thresh: float = 0.9) -> np.ndarray:
+    """FastSAM's test for the whole-image box (``adjust_bboxes_to_image_border`` then IoU > 0.9)."""
+    if len(boxes) == 0:
+        return np.zeros(0, bool)
+    b = np.array(boxes, np.float64)
+    b[b[:, 0] < threshold, 0] = 0
+    b[b[:, 1] < threshold, 1] = 0
+    b[b[:, 2] > w - threshold, 2] = w
+    b[b[:, 3] > h - threshold, 3] = h
+    iw = (np.minimum(b[:, 2], w) - np.maximum(b[:, 0], 0)).clip(min=0)
+    ih = (np.minimum(b[:, 3], h) - np.maximum(b[:, 1], 0)).clip(min=0)
+    inter = iw * ih
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / (area + w * h - inter + 1e-7) > iou_thresh
+
+
+def contained_masks(masks: list[IntervalMask], threshold: float) -> set[int]:
+    """Indices dropped by FastSAM's containment filter (see the module doc)."""
+    order = sorted(range(len(masks)), key=lambda i: -masks[i].area)
+    drop: set[int] = set()
+    for a_pos, i in enumerate(order):
+        a = masks[i]
+        for j in order[a_pos + 1:]:
+            b = masks[j]
+            if j in drop or b.area >= a.area or b.area == 0:
+                continue
+            if not _boxes_touch(a, b):
+                continue
+            if intersection_area(a, b) / b.area > threshold:
+                drop.add(j)
+    return drop
+
+
+def _boxes_touch(a: IntervalMask, b: IntervalMask) -> bool:
+    ax1, ay1, ax2, ay2 = a.box
+    bx1, by1, bx2, by2 = b.box
+    return ax1 <= bx2 and bx1 <= ax2 and ay1 <= by2 and by1 <= ay2
+
+
+def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules, raw_boxes: np.ndarray | None = None) -> list[int]:
+    """Indices of the masks the rules keep, in their original order.
+
+    ``raw_boxes``: the detection boxes before FastSAM's full-image adjustment (for
+    ``drop_full_image``); defaults to each mask's ``box``.
+    """
+    keep = list(range(len(masks)))
+    if not rules.filters:
+        return keep
+    total = h * w
+    if rules.min_score is not None:
+        keep = [i for i in keep if masks[i].score >= rules.min_score]
+    lo = max(rules.min_area or 0, (rules.min_area_fraction or 0.0) * total)
+    hi = min(rules.max_area if rules.max_area is not None else total,
+             (rules.max_area_fraction if rules.max_area_fraction is not None else 1.0) * total)
+    keep = [i for i in keep if lo <= masks[i].area <= hi]
+    if rules.drop_full_image and keep:
+        boxes = raw_boxes if raw_boxes is not None else np.array([m.box for m in masks], np.float64)
+        full = full_image_boxes(np.asarray(boxes, np.float64)[keep], h, w)
+        keep = [i for i, f in zip(keep, full) if not f]
+    if rules.containment is not None and keep:
+        sub = [masks[i] for i in keep]
+        dropped = contained_masks(sub, rules.containment)
+        keep = [i for k, i in enumerate(keep) if k not in dropped]
+    if rules.top_k is not None and len(keep) > rules.top_k:
+        key = (lambda i: masks[i].score) if rules.top_k_by == "score" else (lambda i: masks[i].area)
+        best = sorted(keep, key=lambda i: (-key(i), i))[: rules.top_k]
+        keep = sorted(best)
+    return keep
+
+
+def clean_up(starts: np.ndarray, ends: np.ndarray, h: int, w: int, kernel: int) -> tuple[np.ndarray, np.ndarray]:
+    """Morphological opening then closing (elliptic ``kernel`` x ``kernel``) of one mask, computed on
+    its box grown by the kernel only; returns the new intervals."""
+    import cv2
+    import torch
+
+    from .rle import crop_intervals
+
+    if starts.size == 0:
+        return starts, ends
+    x1, y1, x2, y2 = intervals_bbox(starts, ends, h)
+    pad = kernel
+    x1, y1, x2, y2 = max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, w), min(y2 + pad, h)
+    crop = to_crop(starts, ends, x1, y1, x2, y2, h).astype(np.uint8)
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kernel, kernel))
+    crop = cv2.morphologyEx(crop, cv2.MORPH_OPEN, k)
+    crop = cv2.morphologyEx(crop, cv2.MORPH_CLOSE, k)
+    return crop_intervals(torch.from_numpy(crop.astype(bool)), x1, y1, h)
