@@ -117,3 +117,14 @@ def test_cli_missing_checkpoint_is_clear_and_writes_nothing(tmp_path):
     assert r.returncode == 1
     assert "model.checkpoint" in r.stderr and "not found" in r.stderr and "FastSAM-x.pt" in r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_jobs_are_valid_and_their_local_files_exist(job):
+    from pathlib import Path
+
+    m = load_manifest(job)
+    local = [m.input.uri, m.model.checkpoint, m.prompts.table, m.prompts.coco, m.prompts.clip]
+    for uri in filter(None, local):
+        if "://" not in uri:
+            assert Path(uri).exists(), f"{job.name}: {uri} is missing"
