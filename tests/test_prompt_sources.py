@@ -4,6 +4,7 @@ sections of the manifest: bad rows become per-prompt errors, bad manifests name 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -178,3 +179,48 @@ def test_bad_prompt_and_rule_sections_name_the_field(section, value, field_text)
     with pytest.raises(ManifestError) as e:
         parse_manifest({**BASE, section: value})
     assert field_text in str(e.value)
+
+
+def test_attach_prompts_by_uri_counts_images_without_prompts_and_unknown_images(tmp_path):
+    from fastsam_batch.pipeline import attach_prompts
+    from fastsam_batch.summary import RunSummary
+
+    items = [{"image_id": f"{i}.png", "uri": f"s3://b/imgs/{i}.png"} for i in range(3)]
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"uri": "s3://b/imgs/0.png", "box": [0, 0, 4, 4]},
+        {"uri": "s3://b/imgs/0.png", "text": "red circle"},
+        {"uri": "s3://b/imgs/2.png", "points": [[1, 1]]},
+        {"uri": "s3://b/other/9.png", "box": [0, 0, 4, 4]},
+        {"image_id": "0.png", "box": [0, 0, 4, 4]},  # no uri: the key is uri here
+    ]) + "\n")
+    clip = Path(__file__).parent / "fixtures" / "clip-fixture"
+    m = parse_manifest({**BASE, "prompts": {"table": str(p), "key": "uri", "boxes": [[1, 1, 9, 9]], "clip": str(clip)}})
+    s = RunSummary(name="t")
+    sources = attach_prompts(m, Storage(), items, s)
+    kinds = [[q["kind"] for q in json.loads(it["prompts"])] for it in items]
+    assert kinds == [["box", "box", "text"], ["box"], ["box", "points"]]  # global first, then the table's
+    assert s.prompts_planned == 6 and s.images_without_prompts == 0
+    assert s.prompt_images_not_in_input == 1 and s.prompt_images_not_in_input_examples == ["s3://b/other/9.png"]
+    assert s.prompt_rows_without_image == 1
+    assert len(sources["source_sha256"]) == 64 and len(sources["clip_sha256"]) == 64
+    # Without global prompts an image the table does not name has none, and is counted.
+    m = parse_manifest({**BASE, "prompts": {"table": str(p), "key": "uri", "clip": str(clip)}})
+    s = RunSummary(name="t")
+    attach_prompts(m, Storage(), items, s)
+    assert items[1]["prompts"] == "" and s.images_without_prompts == 1
+
+
+def test_text_prompts_without_a_usable_clip_fail_before_work(tmp_path):
+    from fastsam_batch.pipeline import JobError, attach_prompts
+    from fastsam_batch.summary import RunSummary
+
+    items = [{"image_id": "0.png", "uri": "/x/0.png"}]
+    m = parse_manifest({**BASE, "prompts": {"texts": ["dog"], "clip": str(tmp_path / "no-clip")}})
+    with pytest.raises(JobError, match=r"prompts.clip .*no such folder"):
+        attach_prompts(m, Storage(), items, RunSummary(name="t"))
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"image_id": "0.png", "text": "dog"}\n')
+    m = parse_manifest({**BASE, "prompts": {"table": str(p)}})
+    with pytest.raises(JobError, match="prompts.clip is required"):
+        attach_prompts(m, Storage(), items, RunSummary(name="t"))
