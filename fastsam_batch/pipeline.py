@@ -49,7 +49,7 @@ class ReadDecode:
         out = {"image_id": row["image_id"], "uri": row["uri"], "width": -1, "height": -1, "decode_ms": -1.0,
                "prompts": row.get("prompts", "")}
         t0 = time.perf_counter()
-        data, err = read_item(row["uri"], self.storage)
+        data, err, out["read_retries"] = read_item(row["uri"], self.storage)
         out["read_ms"] = (time.perf_counter() - t0) * 1000
         image = _NO_IMAGE
         if err is None:

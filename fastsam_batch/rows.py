@@ -33,6 +33,7 @@ def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: li
         "model": [model] * n,
         "checkpoint_sha256": [sha256] * n,
         "run_fingerprint": [fingerprint] * n,
+        "read_retries": [int(x) for x in batch["read_retries"]] if "read_retries" in batch else [0] * n,
         "read_ms": _ms(batch["read_ms"]),
         "decode_ms": _ms(batch["decode_ms"]),
         "model_ms": _ms(t.get("model") for t in timings),

@@ -46,6 +46,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("checkpoint_sha256", pa.string(), nullable=False),
         pa.field("run_fingerprint", pa.string(), nullable=False),  # hash of checkpoint, settings, rules, version
         # Stage timings of this image, in milliseconds (null where the stage did not run).
+        pa.field("read_retries", pa.int32()),  # reads of this image retried after transient storage errors
         pa.field("read_ms", pa.float32()),
         pa.field("decode_ms", pa.float32()),
         pa.field("model_ms", pa.float32()),  # its share of its batch's letterbox + forward + NMS

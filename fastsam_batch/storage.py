@@ -40,6 +40,7 @@ class Storage:
     def __init__(self, options: dict[str, Any] | None = None):
         self._options = dict(options or {})
         self._fs_cache: dict[str, fsspec.AbstractFileSystem] = {}
+        self.failed_attempts = 0  # S3 attempts that failed transiently in this process
 
     def __getstate__(self):
         return {"_options": self._options}
@@ -47,6 +48,7 @@ class Storage:
     def __setstate__(self, state):
         self._options = state["_options"]
         self._fs_cache = {}
+        self.failed_attempts = 0
 
     def __repr__(self) -> str:
         return f"Storage({redact(self._options)!r})"
@@ -69,15 +71,36 @@ class Storage:
                 client_kwargs["region_name"] = region
             if client_kwargs:
                 opts["client_kwargs"] = client_kwargs
+            # botocore retries 5xx, throttling and dropped connections itself, with backoff; give it
+            # room (its default is 4 retries in the legacy mode). A user's config_kwargs wins.
+            opts.setdefault("config_kwargs", {"retries": {"max_attempts": 8, "mode": "standard"}})
             return opts
         # Local and other filesystems get no S3-specific options.
-        return {k: v for k, v in opts.items() if k not in ("endpoint_url", "client_kwargs", "key", "secret", "token", "anon")}
+        return {k: v for k, v in opts.items() if k not in ("endpoint_url", "client_kwargs", "config_kwargs", "key", "secret", "token", "anon")}
 
     def fs(self, uri: str) -> fsspec.AbstractFileSystem:
         protocol = protocol_of(uri)
         if protocol not in self._fs_cache:
-            self._fs_cache[protocol] = fsspec.filesystem(protocol, **self.options_for(protocol))
+            fs = fsspec.filesystem(protocol, **self.options_for(protocol))
+            if protocol in ("s3", "s3a"):
+                self._count_failed_attempts(fs)
+            self._fs_cache[protocol] = fs
         return self._fs_cache[protocol]
+
+    def _count_failed_attempts(self, fs) -> None:
+        """Count S3 request attempts that failed transiently (5xx, throttling, dropped connections),
+        including those botocore retries by itself, in ``self.failed_attempts``."""
+
+        def on_attempt(response=None, caught_exception=None, **_):
+            status = getattr(response[0], "status_code", 0) if response else 0
+            if caught_exception is not None or status >= 500 or status == 429:
+                self.failed_attempts += 1
+
+        try:
+            fs.connect()
+            fs.s3.meta.events.register("needs-retry.s3", on_attempt)
+        except Exception:  # noqa: BLE001 - counting is best effort; the filesystem works without it
+            pass
 
     def read_bytes(self, uri: str) -> bytes:
         return self.fs(uri).cat_file(uri)

@@ -18,6 +18,8 @@ class RunSummary:
     skipped_not_images: int = 0
     skipped_examples: list[str] = field(default_factory=list)
     masks_written: int = 0
+    images_retried: int = 0  # images whose read was retried after a transient storage error
+    read_retries: int = 0  # retries of reads in all
     # Prompts (null/zero in everything mode).
     prompts_planned: int = 0  # prompts given to the images planned (global ones included)
     prompts_run: int = 0  # prompts recorded in the rows written by this run
@@ -51,6 +53,8 @@ class RunSummary:
             self.write_s += float(r["write_s"])
             reasons.update(json.loads(r["errors"]))
             self.prompts_run += int(r["prompts"])
+            self.images_retried += int(r["retried"])
+            self.read_retries += int(r["retries"])
             preasons.update(json.loads(r["prompt_errors"]))
         self.errors_by_reason = dict(sorted(reasons.items()))
         self.prompt_errors_by_reason = dict(sorted(preasons.items()))
@@ -65,6 +69,8 @@ class RunSummary:
             f"  ok: {self.images_ok}   error: {self.images_error}   masks written: {self.masks_written}"
             f"   files: {self.files_written}",
         ]
+        if self.images_retried:
+            lines.append(f"  retried after transient storage errors: {self.images_retried} images ({self.read_retries} retries)")
         if self.images_skipped_done:
             lines.append(f"  already done in an earlier run (skipped): {self.images_skipped_done}")
         for reason, n in self.errors_by_reason.items():

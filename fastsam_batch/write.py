@@ -19,6 +19,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .retry import with_retries
 from .schema import error_reason
 from .storage import Storage, join_uri, protocol_of, strip_protocol
 
@@ -42,7 +43,8 @@ def put_atomic(storage: Storage, uri: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     else:
-        fs.pipe_file(uri, data)
+        # One PUT: the object is complete or absent. Retried on transient errors (same bytes, same key).
+        with_retries(lambda: fs.pipe_file(uri, data))
 
 
 class ParquetWriter:
@@ -65,6 +67,7 @@ class ParquetWriter:
         write_s = time.perf_counter() - t0
         statuses = table.column("status").to_pylist()
         prompts = table.column("prompts").to_pylist()
+        retries = [r or 0 for r in table.column("read_retries").to_pylist()]
         reasons = Counter(error_reason(e) for e, s in zip(table.column("error").to_pylist(), statuses) if s != "ok")
         return stats_table(
             [
@@ -74,6 +77,8 @@ class ParquetWriter:
                     "ok": sum(s == "ok" for s in statuses),
                     "errors": json.dumps(dict(reasons)),
                     "masks": int(sum(table.column("num_masks").to_pylist())),
+                    "retried": sum(1 for r in retries if r),
+                    "retries": sum(retries),
                     "prompts": sum(len(ps) for ps in prompts),
                     "prompt_errors": json.dumps(dict(Counter(
                         error_reason(p["error"]) for ps in prompts for p in ps if p["error"] is not None))),
@@ -90,6 +95,8 @@ STATS_SCHEMA = pa.schema(
         ("ok", pa.int64()),
         ("errors", pa.string()),
         ("masks", pa.int64()),
+        ("retried", pa.int64()),
+        ("retries", pa.int64()),
         ("prompts", pa.int64()),
         ("prompt_errors", pa.string()),
         ("write_s", pa.float64()),

@@ -1,0 +1,97 @@
+"""A small HTTP proxy in front of the moto S3 server that answers a share of requests with faults.
+
+Deterministic: requests are numbered as they arrive; request n is answered with
+``faults[n % period]`` when that entry is not None: ``"503"`` (SlowDown, as S3 throttles),
+``"500"`` (InternalError) or ``"reset"`` (the connection is closed without an answer). Every
+other request is forwarded to the upstream server unchanged. Counts what it did.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+ERROR_BODY = {
+    "503": (503, b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                 b"<Message>Please reduce your request rate.</Message></Error>"),
+    "500": (500, b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+                 b"<Message>We encountered an internal error. Please try again.</Message></Error>"),
+}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, faults: list[str | None]):
+        self.upstream = urlsplit(upstream)
+        self.faults = faults
+        self.lock = threading.Lock()
+        self.n = 0
+        self.injected: dict[str, int] = {"503": 0, "500": 0, "reset": 0}
+        self.forwarded = 0
+        self.log: list[tuple[str, str, str | None]] = []  # (method, path, fault)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy.lock:
+                    fault = proxy.faults[proxy.n % len(proxy.faults)]
+                    proxy.n += 1
+                    proxy.log.append((self.command, self.path, fault))
+                    if fault:
+                        proxy.injected[fault] += 1
+                    else:
+                        proxy.forwarded += 1
+                if fault == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault:
+                    status, payload = ERROR_BODY[fault]
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "proxy-connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    # A HEAD answer keeps the object's Content-Length; others get the body's.
+                    if k.lower() not in ("transfer-encoding", "connection") and (k.lower() != "content-length" or self.command == "HEAD"):
+                        self.send_header(k, v)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FaultProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,103 @@
+"""Faults, with the real S3 API (moto over HTTP) and real Ray: transient S3 errors are retried
+and the output still holds exactly one row per image; permanent errors fail fast."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from conftest import make_bucket, run_cli
+from fastsam_batch.read import read_item
+from fastsam_batch.retry import is_transient, with_retries
+from fastsam_batch.storage import Storage
+from s3_fault_proxy import FaultProxy
+from shapes import make_image
+
+
+def test_transient_errors_are_retried_and_permanent_ones_are_not():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError(errno.EBUSY, "SlowDown")
+        return "data"
+
+    assert with_retries(flaky, sleep=lambda s: None) == ("data", 2)
+    for permanent in (FileNotFoundError("gone"), PermissionError("403 Forbidden"), ValueError("bad request")):
+        calls.clear()
+
+        def fails(e=permanent):
+            calls.append(1)
+            raise e
+
+        with pytest.raises(type(permanent)):
+            with_retries(fails, sleep=lambda s: None)
+        assert len(calls) == 1  # at once, no waiting
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+    assert is_transient(OSError(errno.EREMOTEIO, "InternalError"))
+    assert not is_transient(OSError(errno.EINVAL, "InvalidArgument"))
+
+
+def _fs_options(proxy_url: str, s3_env: dict, attempts: int) -> Storage:
+    return Storage({"endpoint_url": proxy_url, "key": s3_env["AWS_ACCESS_KEY_ID"], "secret": s3_env["AWS_SECRET_ACCESS_KEY"],
+                    "config_kwargs": {"retries": {"max_attempts": attempts, "mode": "standard"}}})
+
+
+def test_read_retries_a_500_itself_and_fails_a_missing_object_fast(s3fs_client, s3_env):
+    make_bucket(s3_env, "flaky-read")
+    s3fs_client.pipe_file("flaky-read/a.bin", b"payload")
+    # botocore's own retries off, so the 500 reaches our layer: s3fs sends HEAD then GET; the GET fails.
+    with FaultProxy(s3_env["AWS_ENDPOINT_URL"], [None, "500", None]) as proxy:
+        storage = _fs_options(proxy.url, s3_env, attempts=0)
+        data, err, retries = read_item("s3://flaky-read/a.bin", storage)
+        assert (data, err) == (b"payload", None) and retries >= 1
+        data, err, retries = read_item("s3://flaky-read/missing.bin", storage)
+    assert data is None and err.startswith("read_failed: object not found") and retries == 0
+    assert proxy.injected["500"] >= 1
+
+
+@pytest.fixture(scope="module")
+def faulty_run(s3fs_client, s3_env, checkpoint, tmp_path_factory):
+    fs = s3fs_client
+    make_bucket(s3_env, "faulty")
+    local = tmp_path_factory.mktemp("faulty")
+    names = []
+    for seed in range(900, 912):
+        p = local / f"{seed}.png"
+        make_image(seed)[0].save(p)
+        fs.put_file(str(p), f"faulty/images/{p.name}")
+        names.append(p.name)
+    fs.put_file(str(checkpoint), "faulty/models/fixture.pt")
+    m = local / "job.yaml"
+    m.write_text(yaml.safe_dump({
+        "name": "faulty", "input": {"uri": "s3://faulty/images/"},
+        "model": {"checkpoint": "s3://faulty/models/fixture.pt", "imgsz": 320, "conf": 0.4, "device": "cpu"},
+        "output": {"uri": "s3://faulty/masks/", "rows_per_file": 4}, "runtime": {"batch_size": 2},
+    }))
+    # 3 of every 10 requests fail: a 503 SlowDown, a dropped connection, a 500.
+    faults = [None, "503", None, None, "reset", None, "500", None, None, None]
+    with FaultProxy(s3_env["AWS_ENDPOINT_URL"], faults) as proxy:
+        env = {**s3_env, "AWS_ENDPOINT_URL": proxy.url, "FASTSAM_BATCH_CACHE": str(local / "cache")}
+        r = run_cli("run", str(m), env=env)
+    fs.invalidate_cache()
+    return {"proc": r, "proxy": proxy, "names": names, "fs": fs}
+
+
+def test_s3_faults_during_a_run_leave_exactly_one_row_per_image(faulty_run):
+    r, proxy = faulty_run["proc"], faulty_run["proxy"]
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all(n > 0 for n in proxy.injected.values()), proxy.injected
+    table = pads.dataset("faulty/masks/", format="parquet", filesystem=faulty_run["fs"]).to_table()
+    ids = table.column("image_id").to_pylist()
+    assert sorted(ids) == sorted(faulty_run["names"])  # none missing, none twice
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    summary = json.loads(faulty_run["fs"].cat_file("faulty/masks/_run.json"))
+    assert summary["images_ok"] == len(faulty_run["names"]) and summary["failed"] is None
+    assert summary["images_retried"] >= 1 and summary["read_retries"] >= summary["images_retried"]  # the GETs that failed
+    print(f"S3 faults injected: {proxy.injected}; forwarded: {proxy.forwarded}; summary retried: "
+          f"{summary['images_retried']} images")
