@@ -192,6 +192,8 @@ class SegmentActor:
     def __call__(self, batch: dict) -> "pa.Table":  # noqa: F821
         from .rows import output_table
 
+        _maybe_crash_for_test()
+
         n = len(batch["image_id"])
         masks: list[list[dict]] = [[] for _ in range(n)]
         errors = [batch["error"][i] or None for i in range(n)]
@@ -220,3 +222,21 @@ def _unrun(prompts: list[dict], error: str) -> list[dict]:
     """Prompt records of an image that was not segmented."""
     return [{"index": k, "kind": p.get("kind"), "id": p.get("id"), "category_id": p.get("category_id"), "num_masks": 0,
              "error": p.get("error") or error} for k, p in enumerate(prompts)]
+
+
+def _maybe_crash_for_test() -> None:
+    """Fault injection for the tests (never set in production): with
+    ``FASTSAM_BATCH_CRASH_ONCE=/some/path``, the first actor call that finds no file there creates it
+    and kills its own process mid-batch, as a dying GPU worker would. Exactly once per path."""
+    import os
+
+    marker = os.environ.get("FASTSAM_BATCH_CRASH_ONCE")
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os._exit(137)

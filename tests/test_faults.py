@@ -101,3 +101,26 @@ def test_s3_faults_during_a_run_leave_exactly_one_row_per_image(faulty_run):
     assert summary["images_retried"] >= 1 and summary["read_retries"] >= summary["images_retried"]  # the GETs that failed
     print(f"S3 faults injected: {proxy.injected}; forwarded: {proxy.forwarded}; summary retried: "
           f"{summary['images_retried']} images")
+
+
+def test_a_segment_actor_killed_mid_batch_is_replaced_and_its_batch_redone(checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    names = []
+    for seed in range(920, 932):
+        make_image(seed)[0].save(images / f"{seed}.png")
+        names.append(f"{seed}.png")
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump({
+        "name": "actor-kill", "input": {"uri": str(images)},
+        "model": {"checkpoint": str(checkpoint), "imgsz": 320, "conf": 0.4, "device": "cpu"},
+        "output": {"uri": str(tmp_path / "masks"), "rows_per_file": 3}, "runtime": {"batch_size": 2},
+    }))
+    marker = tmp_path / "crashed"
+    r = run_cli("run", str(m), env={"FASTSAM_BATCH_CRASH_ONCE": str(marker)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert marker.exists()  # the actor process really died (os._exit in the middle of a batch)
+    table = pads.dataset(str(tmp_path / "masks"), format="parquet").to_table()
+    assert sorted(table.column("image_id").to_pylist()) == sorted(names)
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert all(n > 0 for n in table.column("num_masks").to_pylist())
