@@ -26,7 +26,8 @@ from .read import read_item
 from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentActor, SegmentSettings
-from .resume import Committed, read_committed, remove_stale_temporaries, run_fingerprint
+from .resume import (Committed, drop_superseded_rows, read_committed, remove_stale_temporaries, run_fingerprint,
+                     source_version)
 from .storage import Storage, join_uri, redact
 from .summary import RunSummary
 from .write import ParquetWriter, put_atomic
@@ -47,7 +48,7 @@ class ReadDecode:
 
     def __call__(self, row: dict) -> dict:
         out = {"image_id": row["image_id"], "uri": row["uri"], "width": -1, "height": -1, "decode_ms": -1.0,
-               "prompts": row.get("prompts", "")}
+               "prompts": row.get("prompts", ""), "source_version": row.get("source_version", "")}
         t0 = time.perf_counter()
         data, err, out["read_retries"] = read_item(row["uri"], self.storage)
         out["read_ms"] = (time.perf_counter() - t0) * 1000
@@ -167,15 +168,24 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
         log(f"--overwrite: removed {len(committed.parts)} Parquet files from {m.output.uri}")
         committed = Committed()
     remove_stale_temporaries(m.output.uri, storage)
+    current = {it["image_id"]: source_version(it) for it in plan.items}
+    for it in plan.items:
+        it["source_version"] = current[it["image_id"]]
     if committed.rows:
+        if drop_superseded_rows(m.output.uri, storage, committed, current):  # left by a run that was cut short
+            committed = read_committed(m.output.uri, storage)
         before = len(plan.items)
-        done_before = [committed.status[it["image_id"]] for it in plan.items if it["image_id"] in committed.status]
-        plan.items = [it for it in plan.items if it["image_id"] not in committed.status]
+        done_before = [committed.status[it["image_id"]] for it in plan.items
+                       if committed.fresh(it["image_id"], current[it["image_id"]])]
+        summary.images_changed = sum(1 for it in plan.items if it["image_id"] in committed.status
+                                     and not committed.fresh(it["image_id"], current[it["image_id"]]))
+        plan.items = [it for it in plan.items if not committed.fresh(it["image_id"], current[it["image_id"]])]
         summary.images_skipped_done = len(done_before)
         summary.images_ok = sum(s == "ok" for s in done_before)
         summary.images_error = len(done_before) - summary.images_ok
         if plan.items:
-            log(f"resuming: {summary.images_skipped_done} images already have rows; {len(plan.items)} to do")
+            log(f"resuming: {summary.images_skipped_done} images already have rows; {len(plan.items)} to do "
+                f"({summary.images_changed} of them changed since their row was written)")
         else:
             log(f"nothing to do: all {before} images already have rows under run fingerprint "
                 f"{summary.run_fingerprint} (the run is complete)")
@@ -240,6 +250,9 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     done = summary.images_ok + summary.images_error
     summary.images_per_s = (done - summary.images_skipped_done) / summary.wall_s if summary.wall_s > 0 else 0.0
     final = read_committed(m.output.uri, storage)
+    summary.rows_superseded = drop_superseded_rows(m.output.uri, storage, final, current)
+    if summary.rows_superseded:  # rows of objects that changed, replaced by this run's
+        final = read_committed(m.output.uri, storage)
     if final.rows != len(final.status):
         summary.failed = f"{final.rows - len(final.status)} duplicate rows in {m.output.uri}"
     elif done != summary.images_planned:

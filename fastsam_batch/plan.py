@@ -55,7 +55,8 @@ def list_inputs(uri: str, storage: Storage, skip_non_images: bool = True) -> Pla
         if skip_non_images and not looks_like_image(rel):
             plan.skipped.append(rel)
             continue
-        etag = info.get("ETag") or info.get("etag") or ""
+        # What changes when the object does: S3's ETag; for local files the modification time.
+        etag = info.get("ETag") or info.get("etag") or (f"mtime:{info['mtime']}" if info.get("mtime") else "")
         plan.items.append(
             {
                 "image_id": rel,

@@ -42,12 +42,38 @@ class Committed:
     status: dict[str, str] = field(default_factory=dict)  # image_id -> "ok" | "error"
     rows: int = 0
     fingerprints: dict[str, int] = field(default_factory=dict)  # fingerprint -> rows
+    # image_id -> [(source version, part path)] for every committed row of the image
+    versions: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def fresh(self, image_id: str, version: str) -> bool:
+        """Whether the image has a committed row made from this version of its source object."""
+        return any(v == version or v == "" for v, _ in self.versions.get(image_id, []))
+
+    def superseded_parts(self, current: dict[str, str]) -> dict[str, set[str]]:
+        """part -> image ids whose rows there were made from an older version of the object while a
+        row from the current version is committed too (after an incremental run, or a crash in it)."""
+        out: dict[str, set[str]] = {}
+        for image_id, rows in self.versions.items():
+            version = current.get(image_id)
+            if version is None or len(rows) < 2 or not self.fresh(image_id, version):
+                continue
+            for v, part in rows:
+                if v not in (version, ""):
+                    out.setdefault(part, set()).add(image_id)
+        return out
+
+
+def source_version(item: dict) -> str:
+    """What identifies the content of a planned object: its ETag (S3) or modification time (local), and size."""
+    return f"{item.get('etag', '')}/{item.get('size', 0)}"
 
 
 def _names_starting(output_uri: str, storage: Storage, prefix: str) -> list[str]:
     """Paths of the files directly under ``output_uri`` whose names start with ``prefix``."""
+    fs = storage.fs(output_uri)
+    fs.invalidate_cache(output_uri)  # s3fs caches listings: the writers have added files since
     try:
-        names = storage.fs(output_uri).ls(output_uri, detail=False)
+        names = fs.ls(output_uri, detail=False)
     except FileNotFoundError:
         return []
     return sorted(p for p in names if p.rsplit("/", 1)[-1].startswith(prefix))
@@ -57,22 +83,59 @@ def list_parts(output_uri: str, storage: Storage) -> list[str]:
     return _names_starting(output_uri, storage, PART_PREFIX)
 
 
+def _local(output_uri: str, paths: list[str]) -> list[str]:
+    return paths if protocol_of(output_uri) != "file" else [p.split("://", 1)[-1] for p in paths]
+
+
 def read_committed(output_uri: str, storage: Storage) -> Committed:
-    """Image ids, statuses and fingerprints of the rows already committed (three columns read)."""
+    """Image ids, statuses, fingerprints and source versions of the committed rows (a few columns read)."""
     import pyarrow.dataset as pads
 
     c = Committed(parts=list_parts(output_uri, storage))
     if not c.parts:
         return c
     fs = storage.fs(output_uri)
-    paths = c.parts if protocol_of(output_uri) != "file" else [p.split("://", 1)[-1] for p in c.parts]
-    table = pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["image_id", "run_fingerprint", "status"])
-    ids = table.column("image_id").to_pylist()
-    c.rows = len(ids)
-    c.status = dict(zip(ids, table.column("status").to_pylist()))
-    for fp in table.column("run_fingerprint").to_pylist():
-        c.fingerprints[fp] = c.fingerprints.get(fp, 0) + 1
+    for part in _local(output_uri, c.parts):
+        t = pads.dataset(part, format="parquet", filesystem=fs)
+        cols = ["image_id", "run_fingerprint", "status"] + [x for x in ("source_version",) if x in t.schema.names]
+        table = t.to_table(columns=cols)
+        ids = table.column("image_id").to_pylist()
+        versions = table.column("source_version").to_pylist() if "source_version" in cols else [""] * len(ids)
+        c.rows += len(ids)
+        c.status.update(zip(ids, table.column("status").to_pylist()))
+        for fp in table.column("run_fingerprint").to_pylist():
+            c.fingerprints[fp] = c.fingerprints.get(fp, 0) + 1
+        for image_id, v in zip(ids, versions):
+            c.versions.setdefault(image_id, []).append((v or "", part))
     return c
+
+
+def drop_superseded_rows(output_uri: str, storage: Storage, committed: Committed, current: dict[str, str]) -> int:
+    """Rewrites each Parquet file holding superseded rows without them (new content-addressed file
+    first, then the old one deleted: a crash in between leaves the old file to be rewritten again,
+    to the same name, on the next run). Returns the number of rows dropped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .write import part_name, put_atomic
+
+    fs = storage.fs(output_uri)
+    dropped = 0
+    for part, ids in sorted(committed.superseded_parts(current).items()):
+        with fs.open(part, "rb") as f:
+            table = pq.read_table(f)
+        keep = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(ids), pa.string()))))
+        dropped += table.num_rows - keep.num_rows
+        if keep.num_rows:
+            import io
+
+            buf = io.BytesIO()
+            pq.write_table(keep, buf, compression="zstd")
+            base = output_uri.rstrip("/")
+            put_atomic(storage, f"{base}/{part_name(keep.column('image_id').to_pylist())}", buf.getvalue())
+        fs.rm(part)
+    return dropped
 
 
 def remove_stale_temporaries(output_uri: str, storage: Storage) -> int:

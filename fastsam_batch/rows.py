@@ -22,6 +22,7 @@ def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: li
     cols = {
         "image_id": [str(x) for x in batch["image_id"]],
         "uri": [str(x) for x in batch["uri"]],
+        "source_version": [str(x) for x in batch["source_version"]] if "source_version" in batch else [None] * n,
         "width": [int(batch["width"][i]) if batch["width"][i] > 0 else None for i in range(n)],
         "height": [int(batch["height"][i]) if batch["height"][i] > 0 else None for i in range(n)],
         "status": ["ok" if k else "error" for k in ok],

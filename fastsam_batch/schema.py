@@ -34,6 +34,7 @@ OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
+        pa.field("source_version", pa.string()),  # "<S3 ETag or local mtime>/<size>" of the object read
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("status", pa.string(), nullable=False),  # "ok" | "error"

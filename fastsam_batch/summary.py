@@ -14,6 +14,8 @@ class RunSummary:
     images_ok: int = 0
     images_error: int = 0
     images_skipped_done: int = 0  # already had rows from an earlier run of the same fingerprint
+    images_changed: int = 0  # had rows, but the object changed since (ETag/size): processed again
+    rows_superseded: int = 0  # rows of changed objects removed once their new rows were committed
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     skipped_not_images: int = 0
     skipped_examples: list[str] = field(default_factory=list)
@@ -73,6 +75,8 @@ class RunSummary:
             lines.append(f"  retried after transient storage errors: {self.images_retried} images ({self.read_retries} retries)")
         if self.images_skipped_done:
             lines.append(f"  already done in an earlier run (skipped): {self.images_skipped_done}")
+        if self.images_changed:
+            lines.append(f"  changed since their rows were written (processed again, old rows replaced): {self.images_changed}")
         for reason, n in self.errors_by_reason.items():
             lines.append(f"    error {reason}: {n}")
         if self.prompts_planned or self.prompt_source_rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -93,3 +94,63 @@ def test_resume_with_a_changed_setting_is_refused_unless_overwrite(job):
     assert r.returncode == 0, r.stdout + r.stderr
     assert_exactly_once(job["out"])
     assert len({r["run_fingerprint"] for r in rows(job["out"])}) == 1
+
+
+def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_client, s3_env, checkpoint, tmp_path):
+    from conftest import make_bucket
+
+    fs = s3fs_client
+    make_bucket(s3_env, "grows")
+    local = tmp_path / "imgs"
+    local.mkdir()
+    for i in range(6):
+        make_image(3100 + i, size=(160, 128))[0].save(local / f"{i}.png")
+        fs.put_file(str(local / f"{i}.png"), f"grows/images/{i}.png")
+    fs.put_file(str(checkpoint), "grows/models/fixture.pt")
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump({
+        "name": "incremental", "input": {"uri": "s3://grows/images/"},
+        "model": {"checkpoint": "s3://grows/models/fixture.pt", "imgsz": 320, "conf": 0.4, "device": "cpu"},
+        "output": {"uri": "s3://grows/masks/", "rows_per_file": 4}, "runtime": {"batch_size": 2},
+    }))
+    env = {**s3_env, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache")}
+    assert run_cli("run", str(m), env=env).returncode == 0
+
+    # The prefix grows by three objects, and one object is replaced by another image (new ETag, size).
+    for i in range(6, 9):
+        make_image(3100 + i, size=(160, 128))[0].save(local / f"{i}.png")
+        fs.put_file(str(local / f"{i}.png"), f"grows/images/{i}.png")
+    make_image(3999, size=(200, 150))[0].save(local / "new-2.png")
+    fs.put_file(str(local / "new-2.png"), "grows/images/2.png")
+    r = run_cli("run", str(m), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming: 5 images already have rows; 4 to do (1 of them changed" in r.stdout
+    fs.invalidate_cache()
+    summary = json.loads(fs.cat_file("grows/masks/_run.json"))
+    assert (summary["images_skipped_done"], summary["images_changed"], summary["rows_superseded"]) == (5, 1, 1)
+    table = pads.dataset("grows/masks/", format="parquet", filesystem=fs).to_table()
+    by_id = {}
+    for row in table.to_pylist():
+        assert row["image_id"] not in by_id  # exactly one row per object
+        by_id[row["image_id"]] = row
+    assert sorted(by_id) == [f"{i}.png" for i in range(9)]
+    assert (by_id["2.png"]["width"], by_id["2.png"]["height"]) == (200, 150)  # the new content's row
+    etag = fs.info("grows/images/2.png")["ETag"].strip('"')
+    assert by_id["2.png"]["source_version"] == f"{etag}/{fs.info('grows/images/2.png')['size']}"
+
+    again = run_cli("run", str(m), env=env)
+    assert "nothing to do: all 9 images already have rows" in again.stdout
+
+
+def test_superseded_rows_are_found_only_where_a_current_row_exists():
+    from fastsam_batch.resume import Committed
+
+    c = Committed(versions={
+        "a": [("old/1", "p1"), ("new/2", "p2")],  # replaced: drop the old row from p1
+        "b": [("old/1", "p1")],  # changed, not yet redone: keep until its new row exists
+        "c": [("x/1", "p1"), ("x/1", "p3")],  # same version twice: not this rule's business
+        "d": [("", "p1")],  # written before versions were recorded: counts as current
+    })
+    current = {"a": "new/2", "b": "new/5", "c": "x/1", "d": "any/1"}
+    assert c.superseded_parts(current) == {"p1": {"a"}}
+    assert c.fresh("a", "new/2") and not c.fresh("b", "new/5") and c.fresh("d", "any/1")
