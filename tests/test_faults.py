@@ -124,3 +124,51 @@ def test_a_segment_actor_killed_mid_batch_is_replaced_and_its_batch_redone(check
     assert sorted(table.column("image_id").to_pylist()) == sorted(names)
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert all(n > 0 for n in table.column("num_masks").to_pylist())
+
+
+def test_a_worker_node_removed_mid_run_leaves_exactly_one_row_per_image(checkpoint, tmp_path):
+    """A two-worker Ray cluster (``ray.cluster_utils.Cluster``); one worker node is removed once the
+    first Parquet file is committed, and a replacement joins, as an autoscaler would do."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from ray.cluster_utils import Cluster
+
+    images = tmp_path / "images"
+    images.mkdir()
+    names = []
+    for seed in range(940, 964):
+        make_image(seed)[0].save(images / f"{seed}.png")
+        names.append(f"{seed}.png")
+    out = tmp_path / "masks"
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump({
+        "name": "node-loss", "input": {"uri": str(images)},
+        "model": {"checkpoint": str(checkpoint), "imgsz": 320, "conf": 0.4, "device": "cpu"},
+        "output": {"uri": str(out), "rows_per_file": 2},
+        # One segment actor per worker node (2 of its 3 CPUs), so losing a node loses an actor.
+        "runtime": {"batch_size": 2, "num_actors": 2, "cpus_per_actor": 2, "decode_cpus": 0.5},
+    }))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    doomed = cluster.add_node(num_cpus=3)
+    cluster.add_node(num_cpus=3)
+    try:
+        exe = Path(sys.executable).with_name("fastsam-batch")
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "RAY_ADDRESS": cluster.address}
+        proc = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(out.glob("part-*.parquet")) and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before the node could be removed"
+        cluster.remove_node(doomed)
+        cluster.add_node(num_cpus=3)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 0, output
+    table = pads.dataset(str(out), format="parquet").to_table()
+    assert sorted(table.column("image_id").to_pylist()) == sorted(names)
+    assert set(table.column("status").to_pylist()) == {"ok"}
