@@ -119,8 +119,9 @@ class ClipScorer:
                 self._text[text] = torch.nn.functional.normalize(f, dim=-1)[0].cpu().numpy()
         return self._text[text]
 
-    def crop_embeddings(self, image: np.ndarray, masks: list[IntervalMask]) -> np.ndarray:
-        """(n x d) normalised embeddings of each mask's masked crop; NaN rows for unscored masks."""
+    def crop_embeddings(self, image: np.ndarray, masks: list[IntervalMask]) -> np.ndarray | None:
+        """(n x d) normalised embeddings of each mask's masked crop, NaN rows for unscored masks;
+        None when no mask can be scored."""
         from PIL import Image
 
         torch = self.torch
@@ -135,17 +136,16 @@ class ClipScorer:
             crop = image[y1:y2, x1:x2] * to_crop(m.starts, m.ends, x1, y1, x2, y2, h)[:, :, None]
             crops.append(self.preprocess(Image.fromarray(crop)))
             scored.append(i)
-        dim = self.model.text_projection.shape[1] if hasattr(self.model, "text_projection") else None
-        out = None
+        if not crops:
+            return None
+        out = np.full((len(masks), 0), np.nan, np.float32)
         with torch.inference_mode():
             for a in range(0, len(crops), self.batch_size):
                 f = self.model.encode_image(torch.stack(crops[a:a + self.batch_size]).to(self.device)).float()
                 f = torch.nn.functional.normalize(f, dim=-1).cpu().numpy()
-                if out is None:
+                if out.shape[1] == 0:
                     out = np.full((len(masks), f.shape[1]), np.nan, np.float32)
                 out[scored[a:a + len(f)]] = f
-        if out is None:
-            out = np.full((len(masks), dim or 1), np.nan, np.float32)
         return out
 
     def similarity_fn(self, image: np.ndarray, masks: list[IntervalMask]):
@@ -156,8 +156,6 @@ class ClipScorer:
             if "emb" not in cache:
                 cache["emb"] = self.crop_embeddings(image, masks)
             emb = cache["emb"]
-            if np.isnan(emb).all():
-                return None
-            return emb @ self.text_embedding(text)
+            return None if emb is None else emb @ self.text_embedding(text)
 
         return similarity

@@ -22,7 +22,6 @@ class IntervalMask:
     ends: np.ndarray
     score: float
     box: tuple[float, float, float, float]  # detection box xyxy (FastSAM's full-image rule applied)
-    raw_box: tuple[float, float, float, float] | None = None  # the box before that rule
     area: int = field(init=False)
 
     def __post_init__(self) -> None:

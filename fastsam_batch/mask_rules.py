@@ -48,20 +48,17 @@ class MaskRules:
                                             self.max_area_fraction, self.containment, self.top_k)) or self.drop_full_image
 
 
-def full_image_boxes(boxes: np.ndarray, h: int, w: int, threshold: int = 20, iou_thresh: float = 0.9) -> np.ndarray:
-    """FastSAM's test for the whole-image box (``adjust_bboxes_to_image_border`` then IoU > 0.9)."""
+def full_image_boxes(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Which boxes FastSAM treats as the whole image: those its border rule
+    (:func:`.masks.adjust_full_image_boxes`) turns into exactly the full-image box."""
+    import torch
+
+    from .masks import adjust_full_image_boxes
+
     if len(boxes) == 0:
         return np.zeros(0, bool)
-    b = np.array(boxes, np.float64)
-    b[b[:, 0] < threshold, 0] = 0
-    b[b[:, 1] < threshold, 1] = 0
-    b[b[:, 2] > w - threshold, 2] = w
-    b[b[:, 3] > h - threshold, 3] = h
-    iw = (np.minimum(b[:, 2], w) - np.maximum(b[:, 0], 0)).clip(min=0)
-    ih = (np.minimum(b[:, 3], h) - np.maximum(b[:, 1], 0)).clip(min=0)
-    inter = iw * ih
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area + w * h - inter + 1e-7) > iou_thresh
+    adjusted = adjust_full_image_boxes(torch.as_tensor(np.asarray(boxes, np.float32)), h, w).numpy()
+    return np.all(adjusted == np.array([0, 0, w, h], np.float32), axis=1)
 
 
 def contained_masks(masks: list[IntervalMask], threshold: float) -> set[int]:
@@ -87,12 +84,8 @@ def _boxes_touch(a: IntervalMask, b: IntervalMask) -> bool:
     return ax1 <= bx2 and bx1 <= ax2 and ay1 <= by2 and by1 <= ay2
 
 
-def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules, raw_boxes: np.ndarray | None = None) -> list[int]:
-    """Indices of the masks the rules keep, in their original order.
-
-    ``raw_boxes``: the detection boxes before FastSAM's full-image adjustment (for
-    ``drop_full_image``); defaults to each mask's ``box``.
-    """
+def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules) -> list[int]:
+    """Indices of the masks the rules keep, in their original order."""
     keep = list(range(len(masks)))
     if not rules.filters:
         return keep
@@ -104,8 +97,7 @@ def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules
              (rules.max_area_fraction if rules.max_area_fraction is not None else 1.0) * total)
     keep = [i for i in keep if lo <= masks[i].area <= hi]
     if rules.drop_full_image and keep:
-        boxes = raw_boxes if raw_boxes is not None else np.array([m.box for m in masks], np.float64)
-        full = full_image_boxes(np.asarray(boxes, np.float64)[keep], h, w)
+        full = full_image_boxes(np.array([masks[i].box for i in keep], np.float32), h, w)
         keep = [i for i, f in zip(keep, full) if not f]
     if rules.containment is not None and keep:
         sub = [masks[i] for i in keep]

@@ -168,11 +168,12 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
         log(f"--overwrite: removed {len(committed.parts)} Parquet files from {m.output.uri}")
         committed = Committed()
     remove_stale_temporaries(m.output.uri, storage)
+    compression = None if m.output.compression == "none" else m.output.compression
     current = {it["image_id"]: source_version(it) for it in plan.items}
     for it in plan.items:
         it["source_version"] = current[it["image_id"]]
     if committed.rows:
-        if drop_superseded_rows(m.output.uri, storage, committed, current):  # left by a run that was cut short
+        if drop_superseded_rows(m.output.uri, storage, committed, current, compression):  # left by a run cut short
             committed = read_committed(m.output.uri, storage)
         before = len(plan.items)
         done_before = [committed.status[it["image_id"]] for it in plan.items
@@ -250,7 +251,7 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     done = summary.images_ok + summary.images_error
     summary.images_per_s = (done - summary.images_skipped_done) / summary.wall_s if summary.wall_s > 0 else 0.0
     final = read_committed(m.output.uri, storage)
-    summary.rows_superseded = drop_superseded_rows(m.output.uri, storage, final, current)
+    summary.rows_superseded = drop_superseded_rows(m.output.uri, storage, final, current, compression)
     if summary.rows_superseded:  # rows of objects that changed, replaced by this run's
         final = read_committed(m.output.uri, storage)
     if final.rows != len(final.status):

@@ -110,7 +110,8 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     return c
 
 
-def drop_superseded_rows(output_uri: str, storage: Storage, committed: Committed, current: dict[str, str]) -> int:
+def drop_superseded_rows(output_uri: str, storage: Storage, committed: Committed, current: dict[str, str],
+                         compression: str | None = "zstd") -> int:
     """Rewrites each Parquet file holding superseded rows without them (new content-addressed file
     first, then the old one deleted: a crash in between leaves the old file to be rewritten again,
     to the same name, on the next run). Returns the number of rows dropped."""
@@ -131,7 +132,7 @@ def drop_superseded_rows(output_uri: str, storage: Storage, committed: Committed
             import io
 
             buf = io.BytesIO()
-            pq.write_table(keep, buf, compression="zstd")
+            pq.write_table(keep, buf, compression=compression)
             base = output_uri.rstrip("/")
             put_atomic(storage, f"{base}/{part_name(keep.column('image_id').to_pylist())}", buf.getvalue())
         fs.rm(part)

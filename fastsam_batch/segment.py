@@ -4,10 +4,11 @@
 for each image, a list of mask records (counts, bbox, area, score). It reproduces ultralytics'
 ``FastSAMPredictor`` everything mode with ``retina_masks=True``: the same letterbox, the same
 fused model, class-agnostic NMS, scale_boxes, masks at the original resolution cropped to
-their boxes, and empty masks dropped. (FastSAM's full-image box adjustment changes only the
-detection boxes, which the output does not carry; the prompt rules use it, see
-``masks.adjust_full_image_boxes``.) Masks are computed only inside their boxes (see :mod:`.masks`) and encoded to RLE right where they are made
-(see :mod:`.rle`); dense masks never leave this object.
+their boxes, and empty masks dropped. FastSAM's full-image box adjustment changes only the
+detection boxes, which the output does not carry; the prompt and mask rules use them. Masks are
+computed only inside their boxes (see :mod:`.masks`) and held as pixel intervals (see
+:mod:`.intervals`) while the mask rules (:mod:`.mask_rules`) and prompts (:mod:`.select`) choose
+among them, then encoded to RLE (see :mod:`.rle`); dense masks never leave this object.
 
 :class:`SegmentActor` is the Ray Data callable around it: a batch dict in, a pyarrow table of
 output rows out.
@@ -121,14 +122,14 @@ class FastSAMSegmenter:
         out = []
         for i, starts, ends in iter_box_mask_intervals(pred[:, 6:], proto, boxes, h, w):
             if starts.size:  # empty masks are dropped, as ultralytics does
-                out.append(IntervalMask(starts, ends, float(scores[i]), tuple(adjusted[i]), tuple(boxes[i].tolist())))
+                out.append(IntervalMask(starts, ends, float(scores[i]), tuple(adjusted[i])))
         return out
 
     def select(self, image: np.ndarray, masks: list[IntervalMask], prompts: list[dict] | None):
         """Mask rules, then prompts: the output masks as (intervals, record fields), and the prompt records."""
         s = self.settings
         h, w = image.shape[:2]
-        keep = apply_mask_rules(masks, h, w, s.rules, raw_boxes=np.array([m.raw_box or m.box for m in masks]).reshape(-1, 4))
+        keep = apply_mask_rules(masks, h, w, s.rules)
         masks = [masks[i] for i in keep]
         out: list[tuple[tuple[np.ndarray, np.ndarray], dict]] = []
         records: list[dict] = []
