@@ -176,11 +176,10 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
         if drop_superseded_rows(m.output.uri, storage, committed, current, compression):  # left by a run cut short
             committed = read_committed(m.output.uri, storage)
         before = len(plan.items)
-        done_before = [committed.status[it["image_id"]] for it in plan.items
-                       if committed.fresh(it["image_id"], current[it["image_id"]])]
-        summary.images_changed = sum(1 for it in plan.items if it["image_id"] in committed.status
-                                     and not committed.fresh(it["image_id"], current[it["image_id"]]))
-        plan.items = [it for it in plan.items if not committed.fresh(it["image_id"], current[it["image_id"]])]
+        fresh = {i for i, v in current.items() if committed.fresh(i, v)}  # a row of the object as it is now
+        done_before = [committed.status[i] for i in fresh]
+        summary.images_changed = sum(1 for i in current if i in committed.status and i not in fresh)
+        plan.items = [it for it in plan.items if it["image_id"] not in fresh]
         summary.images_skipped_done = len(done_before)
         summary.images_ok = sum(s == "ok" for s in done_before)
         summary.images_error = len(done_before) - summary.images_ok

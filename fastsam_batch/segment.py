@@ -142,8 +142,7 @@ class FastSAMSegmenter:
                 out.append((merged_intervals(masks, sel), {
                     "score": sel.score, "prompt_index": k, "prompt_kind": p["kind"], "prompt_id": p.get("id"),
                     "category_id": p.get("category_id"), "prompt_score": sel.prompt_score}))
-            records = [{"index": k, "kind": p.get("kind"), "id": p.get("id"), "category_id": p.get("category_id"),
-                        "num_masks": counts[k], "error": errors[k]} for k, p in enumerate(prompts)]
+            records = [prompt_record(k, p, counts[k], errors[k]) for k, p in enumerate(prompts)]
         if not s.prompted or s.keep_everything:
             out += [((m.starts, m.ends), {"score": m.score, **NO_PROMPT}) for m in masks]
         if s.rules.clean_up_kernel:
@@ -200,7 +199,9 @@ class SegmentActor:
         errors = [batch["error"][i] or None for i in range(n)]
         timings: list[dict] = [{} for _ in range(n)]
         given = [json.loads(batch["prompts"][i]) if "prompts" in batch and batch["prompts"][i] else [] for i in range(n)]
-        records = [_unrun(p, "image_failed: see the row's error") for p in given]
+        # Until an image is segmented, its prompts record why not (kept when segmenting fails).
+        records = [[prompt_record(k, p, 0, p.get("error") or "image_failed: see the row's error") for k, p in enumerate(ps)]
+                   for ps in given]
         s = self.settings
         # With prompts, an image without any gets an ok row with no masks and no model time.
         todo = [i for i in range(n) if errors[i] is None and (not s.prompted or s.keep_everything or given[i])]
@@ -219,10 +220,10 @@ class SegmentActor:
                             fingerprint=self.run_fingerprint, prompts=records)
 
 
-def _unrun(prompts: list[dict], error: str) -> list[dict]:
-    """Prompt records of an image that was not segmented."""
-    return [{"index": k, "kind": p.get("kind"), "id": p.get("id"), "category_id": p.get("category_id"), "num_masks": 0,
-             "error": p.get("error") or error} for k, p in enumerate(prompts)]
+def prompt_record(index: int, prompt: dict, num_masks: int, error: str | None) -> dict:
+    """One entry of a row's ``prompts`` list (see schema.PROMPT_TYPE)."""
+    return {"index": index, "kind": prompt.get("kind"), "id": prompt.get("id"), "category_id": prompt.get("category_id"),
+            "num_masks": num_masks, "error": error}
 
 
 def _maybe_crash_for_test() -> None:

@@ -94,3 +94,28 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 def checkpoint() -> Path:
     assert CHECKPOINT.is_file(), "run tests/fixtures/make_model.py to create the fixture checkpoint"
     return CHECKPOINT
+
+
+def save_shapes(folder: Path, seeds) -> list[str]:
+    """Generated images ``<seed>.png`` in ``folder``; returns their names."""
+    from shapes import make_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for seed in seeds:
+        make_image(seed)[0].save(folder / f"{seed}.png")
+        names.append(f"{seed}.png")
+    return names
+
+
+def write_job(path: Path, name: str, input_uri: str, checkpoint: str, output_uri: str, rows_per_file: int,
+              **runtime) -> Path:
+    """A manifest for the fixture model on generated images (imgsz 320, conf 0.4, CPU, batches of 2)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "name": name, "input": {"uri": input_uri},
+        "model": {"checkpoint": checkpoint, "imgsz": 320, "conf": 0.4, "device": "cpu"},
+        "output": {"uri": output_uri, "rows_per_file": rows_per_file}, "runtime": {"batch_size": 2, **runtime},
+    }))
+    return path

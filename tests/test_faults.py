@@ -8,14 +8,12 @@ import json
 
 import pyarrow.dataset as pads
 import pytest
-import yaml
 
-from conftest import make_bucket, run_cli
+from conftest import make_bucket, run_cli, save_shapes, write_job
 from fastsam_batch.read import read_item
 from fastsam_batch.retry import is_transient, with_retries
 from fastsam_batch.storage import Storage
 from s3_fault_proxy import FaultProxy
-from shapes import make_image
 
 
 def test_transient_errors_are_retried_and_permanent_ones_are_not():
@@ -66,19 +64,12 @@ def faulty_run(s3fs_client, s3_env, checkpoint, tmp_path_factory):
     fs = s3fs_client
     make_bucket(s3_env, "faulty")
     local = tmp_path_factory.mktemp("faulty")
-    names = []
-    for seed in range(900, 912):
-        p = local / f"{seed}.png"
-        make_image(seed)[0].save(p)
-        fs.put_file(str(p), f"faulty/images/{p.name}")
-        names.append(p.name)
+    names = save_shapes(local, range(900, 912))
+    for name in names:
+        fs.put_file(str(local / name), f"faulty/images/{name}")
     fs.put_file(str(checkpoint), "faulty/models/fixture.pt")
-    m = local / "job.yaml"
-    m.write_text(yaml.safe_dump({
-        "name": "faulty", "input": {"uri": "s3://faulty/images/"},
-        "model": {"checkpoint": "s3://faulty/models/fixture.pt", "imgsz": 320, "conf": 0.4, "device": "cpu"},
-        "output": {"uri": "s3://faulty/masks/", "rows_per_file": 4}, "runtime": {"batch_size": 2},
-    }))
+    m = write_job(local / "job.yaml", "faulty", "s3://faulty/images/", "s3://faulty/models/fixture.pt",
+                  "s3://faulty/masks/", 4)
     # 3 of every 10 requests fail: a 503 SlowDown, a dropped connection, a 500.
     faults = [None, "503", None, None, "reset", None, "500", None, None, None]
     with FaultProxy(s3_env["AWS_ENDPOINT_URL"], faults) as proxy:
@@ -105,17 +96,8 @@ def test_s3_faults_during_a_run_leave_exactly_one_row_per_image(faulty_run):
 
 def test_a_segment_actor_killed_mid_batch_is_replaced_and_its_batch_redone(checkpoint, tmp_path):
     images = tmp_path / "images"
-    images.mkdir()
-    names = []
-    for seed in range(920, 932):
-        make_image(seed)[0].save(images / f"{seed}.png")
-        names.append(f"{seed}.png")
-    m = tmp_path / "job.yaml"
-    m.write_text(yaml.safe_dump({
-        "name": "actor-kill", "input": {"uri": str(images)},
-        "model": {"checkpoint": str(checkpoint), "imgsz": 320, "conf": 0.4, "device": "cpu"},
-        "output": {"uri": str(tmp_path / "masks"), "rows_per_file": 3}, "runtime": {"batch_size": 2},
-    }))
+    names = save_shapes(images, range(920, 932))
+    m = write_job(tmp_path / "job.yaml", "actor-kill", str(images), str(checkpoint), str(tmp_path / "masks"), 3)
     marker = tmp_path / "crashed"
     r = run_cli("run", str(m), env={"FASTSAM_BATCH_CRASH_ONCE": str(marker)})
     assert r.returncode == 0, r.stdout + r.stderr
@@ -138,20 +120,11 @@ def test_a_worker_node_removed_mid_run_leaves_exactly_one_row_per_image(checkpoi
     from ray.cluster_utils import Cluster
 
     images = tmp_path / "images"
-    images.mkdir()
-    names = []
-    for seed in range(940, 964):
-        make_image(seed)[0].save(images / f"{seed}.png")
-        names.append(f"{seed}.png")
+    names = save_shapes(images, range(940, 964))
     out = tmp_path / "masks"
-    m = tmp_path / "job.yaml"
-    m.write_text(yaml.safe_dump({
-        "name": "node-loss", "input": {"uri": str(images)},
-        "model": {"checkpoint": str(checkpoint), "imgsz": 320, "conf": 0.4, "device": "cpu"},
-        "output": {"uri": str(out), "rows_per_file": 2},
-        # One segment actor per worker node (2 of its 3 CPUs), so losing a node loses an actor.
-        "runtime": {"batch_size": 2, "num_actors": 2, "cpus_per_actor": 2, "decode_cpus": 0.5},
-    }))
+    # One segment actor per worker node (2 of its 3 CPUs), so losing a node loses an actor.
+    m = write_job(tmp_path / "job.yaml", "node-loss", str(images), str(checkpoint), str(out), 2,
+                  num_actors=2, cpus_per_actor=2, decode_cpus=0.5)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     doomed = cluster.add_node(num_cpus=3)
     cluster.add_node(num_cpus=3)

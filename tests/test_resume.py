@@ -97,7 +97,7 @@ def test_resume_with_a_changed_setting_is_refused_unless_overwrite(job):
 
 
 def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_client, s3_env, checkpoint, tmp_path):
-    from conftest import make_bucket
+    from conftest import make_bucket, write_job
 
     fs = s3fs_client
     make_bucket(s3_env, "grows")
@@ -107,12 +107,8 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
         make_image(3100 + i, size=(160, 128))[0].save(local / f"{i}.png")
         fs.put_file(str(local / f"{i}.png"), f"grows/images/{i}.png")
     fs.put_file(str(checkpoint), "grows/models/fixture.pt")
-    m = tmp_path / "job.yaml"
-    m.write_text(yaml.safe_dump({
-        "name": "incremental", "input": {"uri": "s3://grows/images/"},
-        "model": {"checkpoint": "s3://grows/models/fixture.pt", "imgsz": 320, "conf": 0.4, "device": "cpu"},
-        "output": {"uri": "s3://grows/masks/", "rows_per_file": 4}, "runtime": {"batch_size": 2},
-    }))
+    m = write_job(tmp_path / "job.yaml", "incremental", "s3://grows/images/", "s3://grows/models/fixture.pt",
+                  "s3://grows/masks/", 4)
     env = {**s3_env, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache")}
     assert run_cli("run", str(m), env=env).returncode == 0
 
