@@ -148,6 +148,7 @@ class RuntimeConfig(_Strict):
     gpus_per_actor: float | None = Field(default=None, ge=0, description="default: 1 when CUDA is used, else 0")
     cpus_per_actor: float = Field(default=1.0, gt=0)
     decode_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per read/decode task")
+    plan_part_rows: int = Field(default=1000, ge=1, description="planned images per plan part (above one part, parts go to files under output.uri/_plan/)")
     max_error_fraction: float | None = Field(default=None, ge=0.0, le=1.0, description="fail the run above this share of error rows")
     ray_address: str | None = Field(default=None, description="join this cluster; default RAY_ADDRESS, else an embedded local Ray")
 

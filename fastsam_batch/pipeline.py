@@ -21,18 +21,19 @@ from .decode import DecodeError, decode_image
 from .manifest import Manifest
 from .model import checkpoint_sha256
 from .offline import configure_ultralytics
-from .plan import list_inputs
+from .plan import PlanParts, Skipped, chunked, iter_inputs, read_plan_part, remove_plan_files
 from .read import read_item
 from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentActor, SegmentSettings
 from .resume import (Committed, drop_superseded_rows, read_committed, remove_stale_temporaries, run_fingerprint,
-                     source_version)
+                     source_version, superseded_parts)
 from .storage import Storage, join_uri, redact
 from .summary import RunSummary
 from .write import ParquetWriter, put_atomic
 
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
+LIST_CHUNK = 1000  # listed items handled at a time on the driver
 
 
 class JobError(RuntimeError):
@@ -86,54 +87,109 @@ def _init_ray(m: Manifest, env: dict[str, str], log=print):
     return ray
 
 
-def attach_prompts(m: Manifest, storage: Storage, items: list[dict], summary: RunSummary) -> dict:
-    """Reads the prompt sources (before any work) and gives each plan item its prompts as a JSON
-    string. Returns what identifies the sources for the run fingerprint. Counts in ``summary`` the
-    images without prompts and the table's keys that match no input image."""
-    p = m.prompts
-    sources: dict = {}
-    if not p.prompted:
-        return sources
-    try:
-        if p.table:
-            index = load_prompt_table(p.table, storage, p.key, p.table_format)
-        elif p.coco:
-            index = load_coco(p.coco, storage, p.coco_include_crowd)
-        else:
-            index = None
-    except PromptSourceError as e:
-        raise JobError(str(e)) from None
-    common = global_prompts(p.boxes, p.points, p.point_labels, p.texts)
-    has_texts = bool(p.texts) or bool(index and index.has_texts)
-    if has_texts:
-        if not p.clip:
-            raise JobError(f"prompts.clip is required: the prompt table {p.table!r} has text prompts")
-        from .clip_text import ClipError, clip_sha256
+class PromptAttacher:
+    """Reads the prompt sources (before any work), then gives each planned item its prompts as a
+    JSON string, a chunk at a time. ``sources`` identifies the sources for the run fingerprint.
+    Counts in the summary the images without prompts and the table's keys that match no input image."""
 
+    def __init__(self, m: Manifest, storage: Storage):
+        p = self.p = m.prompts
+        self.sources: dict = {}
+        self.index = None
+        self.common: list[dict] = []
+        self.seen: set[str] = set()
+        if not p.prompted:
+            return
         try:
-            sources["clip_sha256"] = clip_sha256(p.clip, storage)
-        except ClipError as e:
+            if p.table:
+                self.index = load_prompt_table(p.table, storage, p.key, p.table_format)
+            elif p.coco:
+                self.index = load_coco(p.coco, storage, p.coco_include_crowd)
+        except PromptSourceError as e:
             raise JobError(str(e)) from None
-    key = "uri" if (p.table and p.key == "uri") else "image_id"
-    by_key = index.by_key if index else {}
-    seen = set()
-    for it in items:
-        own = by_key.get(it[key], [])
-        if own:
-            seen.add(it[key])
-        prompts = common + own
-        it["prompts"] = json.dumps(prompts, separators=(",", ":")) if prompts else ""
-        summary.images_without_prompts += not prompts
-        summary.prompts_planned += len(prompts)
-    if index is not None:
-        missing = sorted(k for k in by_key if k not in seen)
-        summary.prompt_source_rows = index.rows
-        summary.prompt_rows_without_image = index.rows_without_key
-        summary.prompt_bad_rows = sum(index.bad_rows.values())
+        self.common = global_prompts(p.boxes, p.points, p.point_labels, p.texts)
+        if bool(p.texts) or bool(self.index and self.index.has_texts):
+            if not p.clip:
+                raise JobError(f"prompts.clip is required: the prompt table {p.table!r} has text prompts")
+            from .clip_text import ClipError, clip_sha256
+
+            try:
+                self.sources["clip_sha256"] = clip_sha256(p.clip, storage)
+            except ClipError as e:
+                raise JobError(str(e)) from None
+        self.key = "uri" if (p.table and p.key == "uri") else "image_id"
+        if self.index is not None:
+            self.sources["source_sha256"] = self.index.sha256
+
+    def attach(self, items: list[dict], summary: RunSummary) -> None:
+        if not self.p.prompted:
+            return
+        by_key = self.index.by_key if self.index else {}
+        for it in items:
+            own = by_key.get(it[self.key], [])
+            if own:
+                self.seen.add(it[self.key])
+            prompts = self.common + own
+            it["prompts"] = json.dumps(prompts, separators=(",", ":")) if prompts else ""
+            summary.images_without_prompts += not prompts
+            summary.prompts_planned += len(prompts)
+
+    def finish(self, summary: RunSummary) -> None:
+        if self.index is None:
+            return
+        missing = sorted(k for k in self.index.by_key if k not in self.seen)
+        summary.prompt_source_rows = self.index.rows
+        summary.prompt_rows_without_image = self.index.rows_without_key
+        summary.prompt_bad_rows = sum(self.index.bad_rows.values())
         summary.prompt_images_not_in_input = len(missing)
         summary.prompt_images_not_in_input_examples = missing[:5]
-        sources["source_sha256"] = index.sha256
-    return sources
+
+
+def attach_prompts(m: Manifest, storage: Storage, items: list[dict], summary: RunSummary) -> dict:
+    """:class:`PromptAttacher` on one list of items; returns the sources for the fingerprint."""
+    attacher = PromptAttacher(m, storage)
+    attacher.attach(items, summary)
+    attacher.finish(summary)
+    return attacher.sources
+
+
+def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Committed,
+             prompts: PromptAttacher) -> tuple[PlanParts, dict[str, set[str]], dict[str, str]]:
+    """Lists the input (streaming), gives items their prompts and source versions, and keeps those
+    without a current committed row, in plan parts. Returns the parts, the rows of older object
+    versions to drop now (left by a run cut short), and the changed images (id -> version now),
+    whose old rows are dropped once the new ones are committed."""
+    plan = PlanParts(m.output.uri, storage, m.runtime.plan_part_rows)
+    skipped = Skipped()
+    superseded: dict[str, set[str]] = {}
+    changed: dict[str, str] = {}
+    try:
+        for chunk in chunked(iter_inputs(m.input.uri, storage, skipped, m.input.skip_non_images), LIST_CHUNK):
+            summary.images_planned += len(chunk)
+            prompts.attach(chunk, summary)
+            for it in chunk:
+                it["source_version"] = source_version(it)
+            todo = []
+            for it, found in zip(chunk, committed.lookup([it["image_id"] for it in chunk],
+                                                         [it["source_version"] for it in chunk])):
+                if found.state == "fresh":  # a row of the object as it is now
+                    summary.images_skipped_done += 1
+                    summary.images_ok += found.ok
+                    summary.images_error += not found.ok
+                    for part in found.superseded:
+                        superseded.setdefault(part, set()).add(it["image_id"])
+                    continue
+                if found.state == "changed":
+                    changed[it["image_id"]] = it["source_version"]
+                todo.append(it)
+            plan.add(todo)
+    except FileNotFoundError as e:
+        raise JobError(str(e)) from None
+    prompts.finish(summary)
+    summary.images_changed = len(changed)
+    summary.skipped_not_images = skipped.count
+    summary.skipped_examples = skipped.examples
+    return plan, superseded, changed
 
 
 def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
@@ -145,15 +201,8 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     # Checks before any work.
     summary.checkpoint_sha256 = checkpoint_sha256(m.model.checkpoint, storage)
     summary.model = m.model.checkpoint.rstrip("/").rsplit("/", 1)[-1]
-    try:
-        plan = list_inputs(m.input.uri, storage, m.input.skip_non_images)
-    except FileNotFoundError as e:
-        raise JobError(str(e)) from None
-    summary.images_planned = len(plan.items)
-    summary.skipped_not_images = len(plan.skipped)
-    summary.skipped_examples = plan.skipped[:5]
-    prompt_sources = attach_prompts(m, storage, plan.items, summary)
-    summary.run_fingerprint, material = run_fingerprint(m, summary.checkpoint_sha256, prompt_sources)
+    prompts = PromptAttacher(m, storage)
+    summary.run_fingerprint, material = run_fingerprint(m, summary.checkpoint_sha256, prompts.sources)
     committed = read_committed(m.output.uri, storage)
     others = {fp: n for fp, n in committed.fingerprints.items() if fp != summary.run_fingerprint}
     if others and not overwrite:
@@ -168,93 +217,38 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
         log(f"--overwrite: removed {len(committed.parts)} Parquet files from {m.output.uri}")
         committed = Committed()
     remove_stale_temporaries(m.output.uri, storage)
+    remove_plan_files(m.output.uri, storage)  # left by runs cut short
     compression = None if m.output.compression == "none" else m.output.compression
-    current = {it["image_id"]: source_version(it) for it in plan.items}
-    for it in plan.items:
-        it["source_version"] = current[it["image_id"]]
-    if committed.rows:
-        if drop_superseded_rows(m.output.uri, storage, committed, current, compression):  # left by a run cut short
-            committed = read_committed(m.output.uri, storage)
-        before = len(plan.items)
-        fresh = {i for i, v in current.items() if committed.fresh(i, v)}  # a row of the object as it is now
-        done_before = [committed.status[i] for i in fresh]
-        summary.images_changed = sum(1 for i in current if i in committed.status and i not in fresh)
-        plan.items = [it for it in plan.items if it["image_id"] not in fresh]
-        summary.images_skipped_done = len(done_before)
-        summary.images_ok = sum(s == "ok" for s in done_before)
-        summary.images_error = len(done_before) - summary.images_ok
-        if plan.items:
-            log(f"resuming: {summary.images_skipped_done} images already have rows; {len(plan.items)} to do "
+    plan, superseded, changed = plan_job(m, storage, summary, committed, prompts)
+    if superseded:  # rows of replaced objects, left by a run cut short after their new rows committed
+        drop_superseded_rows(m.output.uri, storage, superseded, compression)
+    if summary.images_skipped_done:
+        if plan.count:
+            log(f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} to do "
                 f"({summary.images_changed} of them changed since their row was written)")
         else:
-            log(f"nothing to do: all {before} images already have rows under run fingerprint "
+            log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
                 f"{summary.run_fingerprint} (the run is complete)")
-    log(f"planned {len(plan.items)} images from {m.input.uri} ({len(plan.skipped)} non-image keys skipped)")
+    log(f"planned {plan.count} images from {m.input.uri} ({summary.skipped_not_images} non-image keys skipped"
+        + (f"; plan in {len(plan.files)} files under {plan.folder}" if plan.files else "") + ")")
 
-    if plan.items:
-        ray = _init_ray(m, env, log)
-        from ray.data import ActorPoolStrategy, DataContext
-
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.enable_operator_progress_bars = False
-        ctx.log_internal_stack_trace_to_stdout = False
-
-        settings = SegmentSettings(
-            checkpoint_uri=m.model.checkpoint,
-            checkpoint_sha256=summary.checkpoint_sha256,
-            imgsz=m.model.imgsz,
-            conf=m.model.conf,
-            iou=m.model.iou,
-            max_det=m.model.max_det,
-            device=m.model.device,
-            half=m.model.half,
-            rules=MaskRules(**m.mask_rules.model_dump()),
-            prompted=m.prompts.prompted,
-            keep_everything=m.prompts.keep_everything,
-            merge_points=m.prompts.merge_points,
-            clip_uri=m.prompts.clip if prompt_sources.get("clip_sha256") else None,
-            clip_sha256=prompt_sources.get("clip_sha256"),
-            text_min_area=m.prompts.text_min_area,
-        )
-        gpus = m.runtime.gpus_per_actor
-        if gpus is None:
-            wants_cuda = m.model.device.startswith("cuda") or (
-                m.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-            )
-            gpus = 1.0 if wants_cuda else 0.0
-        ds = ray.data.from_items(plan.items, override_num_blocks=max(1, min(len(plan.items), 200)))
-        ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels), num_cpus=m.runtime.decode_cpus,
-                    compute=ActorPoolStrategy(min_size=1, max_size=max(1, m.runtime.num_actors * 2)))
-        ds = ds.map_batches(
-            SegmentActor,
-            fn_constructor_args=(settings, storage, summary.run_fingerprint),
-            batch_size=m.runtime.batch_size,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(size=m.runtime.num_actors),
-            num_cpus=m.runtime.cpus_per_actor,
-            num_gpus=gpus,
-        )
-        ds = ds.map_batches(
-            ParquetWriter,
-            fn_constructor_args=(m.output.uri, storage, m.output.compression),
-            batch_size=m.output.rows_per_file,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=1),
-            num_cpus=0.5,
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            summary.add_file_stats(batch.to_pylist())
+    try:
+        if plan.count:
+            _run_ray(m, env, storage, settings_for(m, summary, prompts.sources), summary, plan, log)
+    finally:
+        plan.remove()
 
     summary.wall_s = time.perf_counter() - t_start
     done = summary.images_ok + summary.images_error
     summary.images_per_s = (done - summary.images_skipped_done) / summary.wall_s if summary.wall_s > 0 else 0.0
     final = read_committed(m.output.uri, storage)
-    summary.rows_superseded = drop_superseded_rows(m.output.uri, storage, final, current, compression)
-    if summary.rows_superseded:  # rows of objects that changed, replaced by this run's
-        final = read_committed(m.output.uri, storage)
-    if final.rows != len(final.status):
-        summary.failed = f"{final.rows - len(final.status)} duplicate rows in {m.output.uri}"
+    if changed:  # rows of objects that changed, replaced by this run's
+        summary.rows_superseded = drop_superseded_rows(m.output.uri, storage, superseded_parts(final, changed),
+                                                       compression)
+        if summary.rows_superseded:
+            final = read_committed(m.output.uri, storage)
+    if final.rows != final.images:
+        summary.failed = f"{final.rows - final.images} duplicate rows in {m.output.uri}"
     elif done != summary.images_planned:
         summary.failed = f"{summary.images_planned - done} planned images have no output row"
     frac = m.runtime.max_error_fraction
@@ -268,3 +262,68 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     put_atomic(storage, join_uri(m.output.uri, "_manifest.json"),
                json.dumps({**m.model_dump(), "storage_options": redact(m.storage_options)}, indent=2).encode())
     return summary
+
+
+def settings_for(m: Manifest, summary: RunSummary, prompt_sources: dict) -> SegmentSettings:
+    return SegmentSettings(
+        checkpoint_uri=m.model.checkpoint,
+        checkpoint_sha256=summary.checkpoint_sha256,
+        imgsz=m.model.imgsz,
+        conf=m.model.conf,
+        iou=m.model.iou,
+        max_det=m.model.max_det,
+        device=m.model.device,
+        half=m.model.half,
+        rules=MaskRules(**m.mask_rules.model_dump()),
+        prompted=m.prompts.prompted,
+        keep_everything=m.prompts.keep_everything,
+        merge_points=m.prompts.merge_points,
+        clip_uri=m.prompts.clip if prompt_sources.get("clip_sha256") else None,
+        clip_sha256=prompt_sources.get("clip_sha256"),
+        text_min_area=m.prompts.text_min_area,
+    )
+
+
+def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings, summary: RunSummary,
+             plan: PlanParts, log=print) -> None:
+    """read + decode -> segment + encode -> write, streaming through Ray Data; file stats to ``summary``."""
+    ray = _init_ray(m, env, log)
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.log_internal_stack_trace_to_stdout = False
+
+    gpus = m.runtime.gpus_per_actor
+    if gpus is None:
+        wants_cuda = m.model.device.startswith("cuda") or (
+            m.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+        )
+        gpus = 1.0 if wants_cuda else 0.0
+    if plan.files:  # the workers read the plan parts; the driver holds only their names
+        ds = ray.data.from_items([{"part": u} for u in plan.files], override_num_blocks=len(plan.files))
+        ds = ds.flat_map(lambda row: read_plan_part(row["part"], storage), num_cpus=0.25)
+    else:
+        ds = ray.data.from_items(plan.in_memory, override_num_blocks=max(1, min(plan.count, 200)))
+    ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels), num_cpus=m.runtime.decode_cpus,
+                compute=ActorPoolStrategy(min_size=1, max_size=max(1, m.runtime.num_actors * 2)))
+    ds = ds.map_batches(
+        SegmentActor,
+        fn_constructor_args=(settings, storage, summary.run_fingerprint),
+        batch_size=m.runtime.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=m.runtime.num_actors),
+        num_cpus=m.runtime.cpus_per_actor,
+        num_gpus=gpus,
+    )
+    ds = ds.map_batches(
+        ParquetWriter,
+        fn_constructor_args=(m.output.uri, storage, m.output.compression),
+        batch_size=m.output.rows_per_file,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=0.5,
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        summary.add_file_stats(batch.to_pylist())

@@ -13,6 +13,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import __version__
 from .manifest import Manifest
 from .storage import Storage, protocol_of
@@ -36,31 +38,99 @@ def run_fingerprint(m: Manifest, checkpoint_sha256: str, prompt_sources: dict | 
     return digest, material
 
 
+def _id_key(image_id: str) -> bytes:
+    return hashlib.blake2b(image_id.encode(), digest_size=16).digest()
+
+
+def _version_key(version: str) -> int:
+    """8-byte hash of a source version; 0 for rows written before versions were recorded."""
+    if not version:
+        return 0
+    return int.from_bytes(hashlib.blake2b(version.encode(), digest_size=8).digest(), "little") | 1
+
+
+@dataclass
+class Lookup:
+    state: str  # "new" (no row), "fresh" (a row of the object as it is now), "changed" (rows of older versions only)
+    ok: bool = False  # the fresh row's status is ok
+    superseded: list[str] = field(default_factory=list)  # files holding rows of older versions, when fresh
+
+
 @dataclass
 class Committed:
+    """The committed rows under ``output.uri``, compactly: about 30 bytes a row on the driver (a
+    16-byte hash of the image id, an 8-byte hash of its source version, status, file index), sorted
+    by id hash, so that resuming a run of ten million images holds about 300 MB, not the ids."""
+
     parts: list[str] = field(default_factory=list)
-    status: dict[str, str] = field(default_factory=dict)  # image_id -> "ok" | "error"
     rows: int = 0
     fingerprints: dict[str, int] = field(default_factory=dict)  # fingerprint -> rows
-    # image_id -> [(source version, part path)] for every committed row of the image
-    versions: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    keys: np.ndarray = field(default_factory=lambda: np.empty(0, "S16"))
+    versions: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    ok: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
+    part_of: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
 
-    def fresh(self, image_id: str, version: str) -> bool:
-        """Whether the image has a committed row made from this version of its source object."""
-        return any(v == version or v == "" for v, _ in self.versions.get(image_id, []))
+    @classmethod
+    def from_rows(cls, rows: list[tuple[str, str, str, str]], fingerprints: dict[str, int] | None = None) -> "Committed":
+        """From (image_id, source_version, status, part) tuples."""
+        parts = sorted({r[3] for r in rows})
+        index = {p: i for i, p in enumerate(parts)}
+        c = cls(parts=parts, fingerprints=dict(fingerprints or {}))
+        c._extend([(_id_key(i), _version_key(v), s == "ok", index[p]) for i, v, s, p in rows])
+        return c
 
-    def superseded_parts(self, current: dict[str, str]) -> dict[str, set[str]]:
-        """part -> image ids whose rows there were made from an older version of the object while a
-        row from the current version is committed too (after an incremental run, or a crash in it)."""
-        out: dict[str, set[str]] = {}
-        for image_id, rows in self.versions.items():
-            version = current.get(image_id)
-            if version is None or len(rows) < 2 or not self.fresh(image_id, version):
+    def _extend(self, rows: list[tuple[bytes, int, bool, int]]) -> None:
+        if not rows:
+            return
+        k, v, o, p = zip(*rows)
+        keys = np.concatenate([self.keys, np.array(k, "S16")])
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.versions = np.concatenate([self.versions, np.array(v, np.uint64)])[order]
+        self.ok = np.concatenate([self.ok, np.array(o, bool)])[order]
+        self.part_of = np.concatenate([self.part_of, np.array(p, np.int32)])[order]
+        self.rows = len(self.keys)
+
+    @property
+    def images(self) -> int:
+        """Distinct image ids with a row."""
+        if not len(self.keys):
+            return 0
+        return int(1 + np.count_nonzero(self.keys[1:] != self.keys[:-1]))
+
+    def lookup(self, image_ids: list[str], versions: list[str]) -> list[Lookup]:
+        """For each image (and the version of its object now): whether it has a row to keep, and
+        which files hold rows of older versions of it that a current row replaces."""
+        if not len(self.keys):
+            return [Lookup("new") for _ in image_ids]
+        q = np.array([_id_key(i) for i in image_ids], "S16")
+        lo = np.searchsorted(self.keys, q, "left")
+        hi = np.searchsorted(self.keys, q, "right")
+        out = []
+        for j, v in enumerate(versions):
+            if lo[j] == hi[j]:
+                out.append(Lookup("new"))
                 continue
-            for v, part in rows:
-                if v not in (version, ""):
-                    out.setdefault(part, set()).add(image_id)
+            want = _version_key(v)
+            rows = range(lo[j], hi[j])
+            fresh = [r for r in rows if self.versions[r] in (want, 0)]
+            if not fresh:
+                out.append(Lookup("changed"))
+                continue
+            old = sorted({self.parts[self.part_of[r]] for r in rows if self.versions[r] not in (want, 0)})
+            out.append(Lookup("fresh", bool(self.ok[fresh[-1]]), old))
         return out
+
+
+def superseded_parts(committed: Committed, current: dict[str, str]) -> dict[str, set[str]]:
+    """part -> image ids whose rows there were made from an older version of the object while a row
+    from the current version (``current``: image id -> version) is committed too."""
+    out: dict[str, set[str]] = {}
+    ids = list(current)
+    for image_id, found in zip(ids, committed.lookup(ids, [current[i] for i in ids])):
+        for part in found.superseded:
+            out.setdefault(part, set()).add(image_id)
+    return out
 
 
 def source_version(item: dict) -> str:
@@ -88,29 +158,27 @@ def _local(output_uri: str, paths: list[str]) -> list[str]:
 
 
 def read_committed(output_uri: str, storage: Storage) -> Committed:
-    """Image ids, statuses, fingerprints and source versions of the committed rows (a few columns read)."""
+    """Image ids, statuses, fingerprints and source versions of the committed rows (a few columns
+    read, one file at a time, kept as hashes: see :class:`Committed`)."""
     import pyarrow.dataset as pads
 
     c = Committed(parts=list_parts(output_uri, storage))
-    if not c.parts:
-        return c
     fs = storage.fs(output_uri)
-    for part in _local(output_uri, c.parts):
+    for index, part in enumerate(_local(output_uri, c.parts)):
         t = pads.dataset(part, format="parquet", filesystem=fs)
         cols = ["image_id", "run_fingerprint", "status"] + [x for x in ("source_version",) if x in t.schema.names]
         table = t.to_table(columns=cols)
         ids = table.column("image_id").to_pylist()
         versions = table.column("source_version").to_pylist() if "source_version" in cols else [""] * len(ids)
-        c.rows += len(ids)
-        c.status.update(zip(ids, table.column("status").to_pylist()))
         for fp in table.column("run_fingerprint").to_pylist():
             c.fingerprints[fp] = c.fingerprints.get(fp, 0) + 1
-        for image_id, v in zip(ids, versions):
-            c.versions.setdefault(image_id, []).append((v or "", part))
+        statuses = table.column("status").to_pylist()
+        c._extend([(_id_key(i), _version_key(v or ""), s == "ok", index) for i, v, s in zip(ids, versions, statuses)])
+    c.parts = _local(output_uri, c.parts)
     return c
 
 
-def drop_superseded_rows(output_uri: str, storage: Storage, committed: Committed, current: dict[str, str],
+def drop_superseded_rows(output_uri: str, storage: Storage, superseded: dict[str, set[str]],
                          compression: str | None = "zstd") -> int:
     """Rewrites each Parquet file holding superseded rows without them (new content-addressed file
     first, then the old one deleted: a crash in between leaves the old file to be rewritten again,
@@ -123,7 +191,7 @@ def drop_superseded_rows(output_uri: str, storage: Storage, committed: Committed
 
     fs = storage.fs(output_uri)
     dropped = 0
-    for part, ids in sorted(committed.superseded_parts(current).items()):
+    for part, ids in sorted(superseded.items()):
         with fs.open(part, "rb") as f:
             table = pq.read_table(f)
         keep = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(ids), pa.string()))))

@@ -92,8 +92,9 @@ def s3_run(dataset, s3fs_client, s3_env, checkpoint, tmp_path_factory):
         if p.is_file():
             fs.put_file(str(p), f"data/images/{p.relative_to(dataset['root'])}")
     fs.put_file(str(checkpoint), "data/models/fastsam-fixture.pt")
+    # Small plan parts: the plan goes to files under the output's _plan/ that the workers read.
     m = manifest(tmp_path_factory.mktemp("job") / "s3.yaml", "s3://data/images/", "s3://data/masks/",
-                 "s3://data/models/fastsam-fixture.pt")
+                 "s3://data/models/fastsam-fixture.pt", plan_part_rows=4)
     r = run_cli("run", str(m), env=s3_env)
     assert r.returncode == 0, r.stdout + r.stderr
     fs.invalidate_cache()
@@ -135,6 +136,8 @@ def test_one_row_per_image_with_the_documented_schema(s3_run, dataset):
     for row in t.to_pylist():
         assert row["uri"] == f"s3://data/images/{row['image_id']}"
         assert row["checkpoint_sha256"] and row["model"] == "fastsam-fixture.pt"
+    assert f"plan in {-(-len(expected) // 4)} files under s3://data/masks/_plan/" in s3_run["proc"].stdout
+    assert not s3_run["fs"].exists("data/masks/_plan")  # removed at the end of the run
 
 
 def test_odd_and_broken_files_give_statuses_and_sizes(s3_run, dataset):

@@ -35,7 +35,7 @@ def job(tmp_path, checkpoint):
             "input": {"uri": str(images)},
             "model": {"checkpoint": str(checkpoint), "imgsz": 320, "conf": conf, "device": "cpu"},
             "output": {"uri": str(out), "rows_per_file": 2},
-            "runtime": {"batch_size": 2},
+            "runtime": {"batch_size": 2, "plan_part_rows": 5},  # the plan in files under out/_plan/
         }))
         return p
 
@@ -65,13 +65,14 @@ def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job):
     proc.wait()
     partial = rows(job["out"])
     assert 0 < len(partial) < N_IMAGES, "the kill should land mid-run"
+    assert len(list((job["out"] / "_plan").glob("*/part-*.parquet"))) == 5  # 24 images in parts of 5
 
     r = run_cli("run", str(m))
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resuming: {len(partial)} images already have rows" in r.stdout
     assert f"already done in an earlier run (skipped): {len(partial)}" in r.stdout
     assert_exactly_once(job["out"])
-    assert not list(job["out"].glob("_tmp-*"))
+    assert not list(job["out"].glob("_tmp-*")) and not (job["out"] / "_plan").exists()  # the killed run's plan too
 
     again = run_cli("run", str(m))
     assert again.returncode == 0
@@ -139,14 +140,17 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
 
 
 def test_superseded_rows_are_found_only_where_a_current_row_exists():
-    from fastsam_batch.resume import Committed
+    from fastsam_batch.resume import Committed, superseded_parts
 
-    c = Committed(versions={
-        "a": [("old/1", "p1"), ("new/2", "p2")],  # replaced: drop the old row from p1
-        "b": [("old/1", "p1")],  # changed, not yet redone: keep until its new row exists
-        "c": [("x/1", "p1"), ("x/1", "p3")],  # same version twice: not this rule's business
-        "d": [("", "p1")],  # written before versions were recorded: counts as current
-    })
-    current = {"a": "new/2", "b": "new/5", "c": "x/1", "d": "any/1"}
-    assert c.superseded_parts(current) == {"p1": {"a"}}
-    assert c.fresh("a", "new/2") and not c.fresh("b", "new/5") and c.fresh("d", "any/1")
+    c = Committed.from_rows([
+        ("a", "old/1", "ok", "p1"), ("a", "new/2", "ok", "p2"),  # replaced: drop the old row from p1
+        ("b", "old/1", "ok", "p1"),  # changed, not yet redone: keep until its new row exists
+        ("c", "x/1", "ok", "p1"), ("c", "x/1", "error", "p3"),  # same version twice: not this rule's business
+        ("d", "", "error", "p1"),  # written before versions were recorded: counts as current
+    ])
+    current = {"a": "new/2", "b": "new/5", "c": "x/1", "d": "any/1", "e": "new/1"}
+    assert superseded_parts(c, current) == {"p1": {"a"}}
+    found = dict(zip(current, c.lookup(list(current), list(current.values()))))
+    assert [found[i].state for i in "abcde"] == ["fresh", "changed", "fresh", "fresh", "new"]
+    assert found["a"].ok and not found["d"].ok
+    assert (c.rows, c.images) == (6, 4)
