@@ -56,7 +56,8 @@ def box_pixel_span(lo: float, hi: float, size: int) -> tuple[int, int]:
 
 
 def iter_box_mask_intervals(
-    coeffs: torch.Tensor, protos: torch.Tensor, boxes: torch.Tensor, h: int, w: int, chunk_pixels: int = 1 << 21
+    coeffs: torch.Tensor, protos: torch.Tensor, boxes: torch.Tensor, h: int, w: int, chunk_pixels: int = 1 << 21,
+    masks_at_once: int = 1024,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """For each mask, ``(index, starts, ends)``: its pixels as column-major [start, end) intervals.
 
@@ -64,7 +65,8 @@ def iter_box_mask_intervals(
     the original image, cropped to the box, > 0) for ``coeffs`` (n x c) over ``protos``
     (c x mh x mw) and xyxy ``boxes`` in original-image pixels. Each mask is computed inside its
     box only, in chunks of columns of at most ``chunk_pixels`` pixels, and turned into intervals
-    at once, so memory stays bounded whatever the image size and the number of masks. Only the
+    at once, so memory stays bounded whatever the image size and the number of masks (prototype
+    logits are made ``masks_at_once`` masks at a time). Only the
     band of prototype rows and columns the box's operator rows touch enters the two matrix
     products, which BLAS runs far faster than per-pixel gathers.
     """
@@ -74,8 +76,12 @@ def iter_box_mask_intervals(
     nz_y, nz_x = ry != 0, rx != 0
     y_lo, y_hi = nz_y.float().argmax(1), mh - nz_y.flip(1).float().argmax(1)
     x_lo, x_hi = nz_x.float().argmax(1), mw - nz_x.flip(1).float().argmax(1)
-    logits = (coeffs.float() @ protos.float().view(c, -1)).view(-1, mh, mw)
-    for i, (m, (x1, y1, x2, y2)) in enumerate(zip(logits, boxes.tolist())):
+    flat = protos.float().view(c, -1)
+    logits = None
+    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        if i % masks_at_once == 0:
+            logits = (coeffs[i:i + masks_at_once].float() @ flat).view(-1, mh, mw)
+        m = logits[i % masks_at_once]
         c0, c1 = box_pixel_span(x1, x2, w)
         r0, r1 = box_pixel_span(y1, y2, h)
         if r1 <= r0 or c1 <= c0:

@@ -28,6 +28,9 @@ from .masks import adjust_full_image_boxes, iter_box_mask_intervals
 from .rle import rle_fields, runs_from_intervals, runs_to_rle
 from .select import apply_prompts, merged_intervals
 
+# (mask pixels per chunk, masks per prototype product): as usual, and after running out of memory.
+NORMAL_CHUNKS = (1 << 21, 1024)
+SMALL_CHUNKS = (1 << 16, 16)
 NO_PROMPT = {"prompt_index": None, "prompt_kind": None, "prompt_id": None, "category_id": None, "prompt_score": None}
 
 
@@ -108,10 +111,14 @@ class FastSAMSegmenter:
                 out[i] = (shape[:2], preds[j], y[1][j])
         return out
 
-    def candidates(self, image: np.ndarray, in_shape, pred, proto) -> list[IntervalMask]:
+    def candidates(self, image: np.ndarray, in_shape, pred, proto, small: bool = False) -> list[IntervalMask]:
         """Every non-empty everything-mode mask of one image, as intervals, best score first, each
-        with FastSAM's adjusted box (a box covering the image snaps to the full-image box)."""
+        with FastSAM's adjusted box (a box covering the image snaps to the full-image box).
+        ``small``: in much smaller pieces (after running out of memory); the masks are the same."""
         from ultralytics.utils import ops
+
+        chunk_pixels, masks_at_once = SMALL_CHUNKS if small else NORMAL_CHUNKS
+        _maybe_simulate_out_of_memory(chunk_pixels)
 
         h, w = image.shape[:2]
         if not pred.shape[0]:
@@ -120,7 +127,7 @@ class FastSAMSegmenter:
         adjusted = adjust_full_image_boxes(boxes, h, w).tolist()
         scores = pred[:, 4].float().cpu().numpy()
         out = []
-        for i, starts, ends in iter_box_mask_intervals(pred[:, 6:], proto, boxes, h, w):
+        for i, starts, ends in iter_box_mask_intervals(pred[:, 6:], proto, boxes, h, w, chunk_pixels, masks_at_once):
             if starts.size:  # empty masks are dropped, as ultralytics does
                 out.append(IntervalMask(starts, ends, float(scores[i]), tuple(adjusted[i])))
         return out
@@ -149,7 +156,8 @@ class FastSAMSegmenter:
             out = [(clean_up(st, en, h, w, s.rules.clean_up_kernel), f) for (st, en), f in out]
         return out, records
 
-    def segment(self, images: list[np.ndarray], prompts: list[list[dict] | None] | None = None) -> list[tuple[list[dict], list[dict], dict]]:
+    def segment(self, images: list[np.ndarray], prompts: list[list[dict] | None] | None = None,
+                small: bool = False) -> list[tuple[list[dict], list[dict], dict]]:
         """The output masks of each image (everything mode: best score first; with prompts: in prompt
         order), its prompt records, and its stage timings in ms: ``model`` (its share of letterbox +
         forward + NMS), ``masks`` (mask pixels and intervals), ``select`` (mask rules, prompts, CLIP,
@@ -164,7 +172,7 @@ class FastSAMSegmenter:
             for im, (in_shape, pred, proto), image_prompts in zip(images, forwards, prompts):
                 h, w = im.shape[:2]
                 t1 = time.perf_counter()
-                masks = self.candidates(im, in_shape, pred, proto)
+                masks = self.candidates(im, in_shape, pred, proto, small)
                 t2 = time.perf_counter()
                 selected, prompt_records = self.select(im, masks, image_prompts)
                 t3 = time.perf_counter()
@@ -185,6 +193,8 @@ class SegmentActor:
 
     def __init__(self, settings: SegmentSettings, storage, run_fingerprint: str):
         self.segmenter = FastSAMSegmenter(settings, storage)
+        self._cpu_segmenter: FastSAMSegmenter | None = None
+        self.storage = storage
         self.run_fingerprint = run_fingerprint
         self.settings = settings
         self.model_name = settings.checkpoint_uri.rstrip("/").rsplit("/", 1)[-1]
@@ -211,13 +221,76 @@ class SegmentActor:
                 for i, (recs, prs, t) in zip(todo, done):
                     masks[i], records[i], timings[i] = recs, prs, t
             except Exception:  # noqa: BLE001 - isolate the image that fails; the others still get rows
+                self.free_memory()
                 for i in todo:
                     try:
-                        masks[i], records[i], timings[i] = self.segmenter.segment([batch["image"][i]], [given[i]])[0]
+                        masks[i], records[i], timings[i] = self.segment_one(batch["image"][i], given[i])
                     except Exception as e:  # noqa: BLE001
                         errors[i] = f"segment_failed: {type(e).__name__}: {e}"
         return output_table(batch, masks, errors, timings, model=self.model_name, sha256=s.checkpoint_sha256,
                             fingerprint=self.run_fingerprint, prompts=records)
+
+
+    def segment_one(self, image: np.ndarray, prompts: list[dict]):
+        """One image alone; when it runs out of memory (many masks, a huge image), again with masks
+        in much smaller pieces, then on the CPU (when the model runs on an accelerator). Raises
+        :class:`OutOfMemory` naming what was tried when every way runs out of memory."""
+        tried = []
+        for way in ("as usual", "with smaller mask chunks", "on the CPU"):
+            try:
+                if way == "as usual":
+                    return self.segmenter.segment([image], [prompts])[0]
+                if way == "with smaller mask chunks":
+                    return self.segmenter.segment([image], [prompts], small=True)[0]
+                if self.segmenter.device.type == "cpu":
+                    break
+                return self.cpu_segmenter().segment([image], [prompts], small=True)[0]
+            except Exception as e:  # noqa: BLE001 - only running out of memory is retried
+                if not is_out_of_memory(e):
+                    raise
+                tried.append(f"{way}: {type(e).__name__}: {str(e)[:200]}")
+                self.free_memory()
+        raise OutOfMemory("out of memory for this image (" + "; ".join(tried) + ")")
+
+    def cpu_segmenter(self) -> "FastSAMSegmenter":
+        if self._cpu_segmenter is None:
+            from dataclasses import replace
+
+            self._cpu_segmenter = FastSAMSegmenter(replace(self.settings, device="cpu", half=False), self.storage)
+        return self._cpu_segmenter
+
+    def free_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.segmenter.device.type == "cuda":
+            self.segmenter.torch.cuda.empty_cache()
+
+
+class OutOfMemory(RuntimeError):
+    """An image that ran out of memory however it was processed."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _maybe_simulate_out_of_memory(chunk_pixels: int) -> None:
+    """Fault injection for the tests (never set in production): with
+    ``FASTSAM_BATCH_TEST_MEMORY_PIXELS=N``, computing masks in chunks of more than N pixels raises
+    ``torch.OutOfMemoryError``, as an accelerator with little free memory would."""
+    import os
+
+    limit = os.environ.get("FASTSAM_BATCH_TEST_MEMORY_PIXELS")
+    if limit and chunk_pixels > int(limit):
+        import torch
+
+        raise torch.OutOfMemoryError(f"simulated: mask chunks of {chunk_pixels} pixels > {limit}")
 
 
 def prompt_record(index: int, prompt: dict, num_masks: int, error: str | None) -> dict:

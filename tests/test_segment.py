@@ -57,3 +57,36 @@ def test_batched_masks_are_the_reference_predictions(segmenter, images, checkpoi
         assert [r["score"] for r in recs] == pytest.approx(ref.boxes.conf.tolist(), abs=1e-5)
         total += len(ref_counts)
     assert total >= 10
+
+
+def _actor_batch(arrays):
+    n = len(arrays)
+    return {"image_id": [f"{i}.png" for i in range(n)], "uri": [f"/x/{i}.png" for i in range(n)],
+            "width": [a.shape[1] for a in arrays], "height": [a.shape[0] for a in arrays], "error": [""] * n,
+            "image": arrays, "read_ms": [0.0] * n, "decode_ms": [0.0] * n}
+
+
+def test_out_of_memory_is_retried_with_smaller_chunks_then_becomes_an_error_row(checkpoint, images, monkeypatch):
+    """An accelerator short of memory, simulated by the test-only FASTSAM_BATCH_TEST_MEMORY_PIXELS
+    (mask chunks above that many pixels raise torch.OutOfMemoryError): the image is redone in smaller
+    pieces with the same masks; when even those run out, it is one error row naming what was tried."""
+    from fastsam_batch.segment import NORMAL_CHUNKS, SMALL_CHUNKS, SegmentActor
+
+    settings = SegmentSettings(str(checkpoint), "unused", imgsz=320, conf=0.25, iou=0.9, device="cpu")
+    actor = SegmentActor(settings, Storage(), "fp")
+    arrays = [decode_image(p.read_bytes()) for p in images[:3]]
+    normal = actor(_actor_batch(arrays)).to_pylist()
+    assert all(r["status"] == "ok" for r in normal) and sum(r["num_masks"] for r in normal) > 0
+
+    monkeypatch.setenv("FASTSAM_BATCH_TEST_MEMORY_PIXELS", str((SMALL_CHUNKS[0] + NORMAL_CHUNKS[0]) // 2))
+    retried = actor(_actor_batch(arrays)).to_pylist()
+    assert [r["status"] for r in retried] == ["ok"] * 3
+    assert [[m["counts"] for m in r["masks"]] for r in retried] == [[m["counts"] for m in r["masks"]] for r in normal]
+
+    monkeypatch.setenv("FASTSAM_BATCH_TEST_MEMORY_PIXELS", str(SMALL_CHUNKS[0] // 2))
+    failed = actor(_actor_batch(arrays)).to_pylist()
+    assert [r["status"] for r in failed] == ["error"] * 3
+    for r in failed:
+        assert r["error"].startswith("segment_failed: OutOfMemory: out of memory for this image")
+        assert "as usual: OutOfMemoryError" in r["error"] and "with smaller mask chunks: OutOfMemoryError" in r["error"]
+        assert r["masks"] == []
