@@ -44,13 +44,19 @@ EXE = Path(sys.executable).with_name("fastsam-batch")
 
 # ----------------------------------------------------------------------------- measuring
 class TreeSampler:
-    """Samples RSS and CPU times of a process and all its descendants (the Ray workers included)."""
+    """Samples memory and CPU times of a process and all its descendants (the Ray workers included).
+
+    Memory is PSS (proportional set size): a page shared by several processes (Ray's object store,
+    shared libraries) is split among them, so the sum over processes is the memory the run really
+    holds; summing RSS would count shared pages once per process that maps them. The peak of each
+    process (by its title) is kept too, to see what grows."""
 
     def __init__(self, root_pid: int, interval: float = 0.25):
         self.root = psutil.Process(root_pid)
         self.interval = interval
         self.peak_driver = 0
         self.peak_workers = 0
+        self.peak_by_process: dict[str, int] = {}
         self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -65,15 +71,21 @@ class TreeSampler:
             workers = 0
             for p in procs:
                 try:
-                    rss = p.memory_info().rss
+                    mem = p.memory_full_info().pss
                     t = p.cpu_times()
                     self.cpu[p.pid] = t.user + t.system
+                    cmd = " ".join(p.cmdline())
+                    if cmd.startswith("ray::"):  # Ray's titles: ray::Name(...).method, padded
+                        first = cmd.split()[0]
+                        cmd = first.split(").")[0] + ")" if ")." in first else first
+                    title = f"{p.pid} {cmd[:60]}"
                 except psutil.Error:
                     continue
+                self.peak_by_process[title] = max(self.peak_by_process.get(title, 0), mem)
                 if p.pid == self.root.pid:
-                    self.peak_driver = max(self.peak_driver, rss)
+                    self.peak_driver = max(self.peak_driver, mem)
                 else:
-                    workers += rss
+                    workers += mem
             self.peak_workers = max(self.peak_workers, workers)
             self._stop.wait(self.interval)
 
@@ -97,7 +109,9 @@ def run_tool(manifest: Path, env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"fastsam-batch failed:\n{out[-3000:]}")
     return {"wall_s": wall, "cpu_s": sampler.cpu_seconds, "peak_driver_mb": sampler.peak_driver / 2**20,
-            "peak_workers_mb": sampler.peak_workers / 2**20, "log": out}
+            "peak_workers_mb": sampler.peak_workers / 2**20, "log": out,
+            "peak_mb_by_process": {k: round(v / 2**20) for k, v in sorted(sampler.peak_by_process.items(),
+                                                                         key=lambda kv: -kv[1])[:12]}}
 
 
 def tool_stats(table, run: dict) -> dict:
@@ -124,7 +138,8 @@ def tool_stats(table, run: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- contenders
-def baseline_loop(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: float, out_dir: Path) -> tuple[dict, dict]:
+def baseline_loop(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: float, out_dir: Path,
+                  device: str = "cpu", half: bool = False) -> tuple[dict, dict]:
     """What users write today: ultralytics FastSAM per image, pycocotools per mask, Parquet at the end."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -138,7 +153,7 @@ def baseline_loop(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: f
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            peak[0] = max(peak[0], proc.memory_full_info().pss)
             stop.wait(0.25)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -147,7 +162,8 @@ def baseline_loop(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: f
     model = FastSAM(str(ckpt))
     rows, done_at, stages, rles = [], [], {"read_decode_preprocess_ms": [], "model_ms": [], "postprocess_ms": [], "encode_ms": []}, {}
     for p in paths:
-        r = model.predict(str(p), imgsz=imgsz, conf=conf, iou=iou, retina_masks=True, device="cpu", verbose=False)[0]
+        r = model.predict(str(p), imgsz=imgsz, conf=conf, iou=iou, retina_masks=True, device=device, half=half,
+                          verbose=False)[0]
         t_enc = time.perf_counter()
         masks = []
         if r.masks is not None:
@@ -236,13 +252,48 @@ def rle_micro(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: float
             "ours_cpu_ms_per_mask": 1000 * ours_cpu / n_masks, "speedup": base_cpu / ours_cpu, "identical_strings": True}
 
 
+def model_only(paths: list[Path], ckpt: Path, imgsz: int, device: str, half: bool, batch_size: int) -> dict:
+    """Images/s of the model alone: batched forward passes (letterboxed uint8 batches moved to the
+    device, normalised, forward, synchronised), no decode, NMS, masks or writing."""
+    import torch
+
+    from fastsam_batch.decode import decode_image
+    from fastsam_batch.segment import FastSAMSegmenter, SegmentSettings
+    from fastsam_batch.storage import Storage
+
+    seg = FastSAMSegmenter(SegmentSettings(str(ckpt), "bench", imgsz=imgsz, conf=0.01, iou=0.9, device=device,
+                                           half=half), Storage())
+    by_shape: dict[tuple, list] = {}
+    for p in paths:
+        b = seg.letterbox(image=decode_image(p.read_bytes()))
+        by_shape.setdefault(b.shape, []).append(b)
+    batches = [np.stack(v[i:i + batch_size]) for v in by_shape.values() for i in range(0, len(v), batch_size)]
+
+    def run_all():
+        for b in batches:
+            x = torch.from_numpy(b).to(seg.device).permute(0, 3, 1, 2)
+            x = (x.half() if seg.fp16 else x.float()).div_(255)
+            with torch.inference_mode():
+                seg.model(x)
+        if seg.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run_all()  # warm-up (cuDNN autotuning, allocator)
+    t0 = time.perf_counter()
+    run_all()
+    wall = time.perf_counter() - t0
+    return {"images": len(paths), "batch_size": batch_size, "images_per_s": len(paths) / wall, "threads": seg.threads}
+
+
 # ----------------------------------------------------------------------------- workloads
-def random_fastsam_s(path: Path) -> Path:
+def random_fastsam(path: Path, arch: str = "s") -> Path:
+    """A FastSAM-s (yolov8s-seg) or FastSAM-x (yolov8x-seg) architecture checkpoint, one class,
+    seeded random weights."""
     import torch
     from ultralytics.nn.tasks import SegmentationModel
 
     torch.manual_seed(0)
-    m = SegmentationModel("yolov8s-seg.yaml", nc=1, verbose=False)
+    m = SegmentationModel(f"yolov8{arch}-seg.yaml", nc=1, verbose=False)
     # Freshly initialised, every anchor gets exactly the same score, and which boxes survive NMS
     # is down to tie-breaking: no implementation can be compared with another on that. A little
     # seeded noise in the classification branch spreads the scores (about 80-90 masks per photo
@@ -255,12 +306,13 @@ def random_fastsam_s(path: Path) -> Path:
     return path
 
 
-def write_manifest(path: Path, input_uri: str, output_uri: str, ckpt: str, imgsz: int, conf: float, **runtime) -> Path:
+def write_manifest(path: Path, input_uri: str, output_uri: str, ckpt: str, imgsz: int, conf: float,
+                   device: str = "cpu", half: bool = False, **runtime) -> Path:
     import yaml
 
     path.write_text(yaml.safe_dump({
         "name": "bench", "input": {"uri": input_uri},
-        "model": {"checkpoint": ckpt, "imgsz": imgsz, "conf": conf, "iou": 0.9, "device": "cpu"},
+        "model": {"checkpoint": ckpt, "imgsz": imgsz, "conf": conf, "iou": 0.9, "device": device, "half": half},
         "output": {"uri": output_uri, "rows_per_file": 500}, "runtime": {"batch_size": 4, **runtime},
     }))
     return path
@@ -287,6 +339,14 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=200)
     ap.add_argument("--large", type=int, default=2000)
     ap.add_argument("--quick", action="store_true", help="photos=6, small=20, large=60")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU report")
+    ap.add_argument("--half", action="store_true", help="fp16 on CUDA")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--gpu-report", action="store_true",
+                    help="only: FastSAM-s and FastSAM-x architectures on workload 1 from a local folder, model alone "
+                         "(batched forward) vs end to end; use with --device cuda --half")
+    ap.add_argument("--sweep", action="store_true",
+                    help="only: workload 1 end to end over batch size, actors and decode CPUs (to choose defaults)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "results.json"))
     args = ap.parse_args()
     if args.quick:
@@ -294,7 +354,12 @@ def main() -> None:
     import pyarrow.dataset as pads
 
     work = Path(tempfile.mkdtemp(prefix="fastsam-bench-"))
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "device": "cpu", "args": vars(args)}
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "device": args.device,
+                     "args": vars(args)}
+    if args.device.startswith("cuda"):
+        import torch
+
+        results["gpu"] = torch.cuda.get_device_name(0)
     try:
         # Workload 1: real photographs, FastSAM-s architecture, imgsz 1024.
         photos = work / "photos"
@@ -305,7 +370,10 @@ def main() -> None:
             p = photos / f"{i:04d}-{src[i % len(src)].name}"
             shutil.copy(src[i % len(src)], p)
             paths.append(p)
-        ckpt = random_fastsam_s(work / "fastsam-s-random.pt")
+        if args.gpu_report or args.sweep:
+            (gpu_report if args.gpu_report else sweep)(args, work, photos, paths, results)
+            return finish(args, results)
+        ckpt = random_fastsam(work / "fastsam-s-random.pt")
         print(f"workload 1: {len(paths)} photos, FastSAM-s architecture, imgsz 1024, conf 0.01", flush=True)
         base, base_rles = baseline_loop(paths, ckpt, 1024, 0.01, 0.9, work / "baseline")
         results["w1_baseline"] = base
@@ -371,10 +439,72 @@ def main() -> None:
             / (results["w2_fastsam_batch_small"]["peak_driver_mb"] + results["w2_fastsam_batch_small"]["peak_workers_mb"]) - 1
         ),
     }
+    finish(args, results)
+
+
+def finish(args, results: dict) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print_table(results)
+    if "claims" in results:
+        print_table(results)
     print(f"\nwrote {args.out}")
+
+
+def gpu_report(args, work: Path, photos: Path, paths: list[Path], results: dict) -> None:
+    """FastSAM-s and -x architectures: model alone (batched forward) vs `fastsam-batch run` end to end."""
+    import pyarrow.dataset as pads
+
+    for arch in ("s", "x"):
+        ckpt = random_fastsam(work / f"fastsam-{arch}-random.pt", arch)
+        alone = model_only(paths, ckpt, 1024, args.device, args.half, args.batch_size)
+        if args.device.startswith("cuda"):
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        out = work / f"gpu-{arch}-out"
+        m = write_manifest(work / f"gpu-{arch}.yaml", str(photos), str(out), str(ckpt), 1024, 0.01, device=args.device,
+                           half=args.half, batch_size=args.batch_size)
+        run = run_tool(m)
+        run["summary"] = (out / "_run.json").read_text()
+        e2e = tool_stats(pads.dataset(str(out), format="parquet").to_table(), run)
+        results[f"fastsam_{arch}"] = {"model_only": alone, "end_to_end": e2e,
+                                      "end_to_end_over_model_only": e2e["images_per_s_steady"] / alone["images_per_s"]}
+        print(f"FastSAM-{arch}: model alone {alone['images_per_s']:.1f} images/s, end to end "
+              f"{e2e['images_per_s_steady']:.1f} images/s ({results[f'fastsam_{arch}']['end_to_end_over_model_only']:.0%}); "
+              f"stages ms/img {json.dumps({k: round(v, 1) for k, v in e2e['stage_ms'].items()})}", flush=True)
+
+
+SWEEP = [  # (label, runtime settings); the first is the default
+    ("batch 4, 1 actor (default)", {"batch_size": 4}),
+    ("batch 1", {"batch_size": 1}),
+    ("batch 2", {"batch_size": 2}),
+    ("batch 8", {"batch_size": 8}),
+    ("2 actors x 1 thread", {"batch_size": 4, "num_actors": 2}),
+    ("1 thread (ultralytics' default here)", {"batch_size": 4, "torch_threads": 1}),
+    ("decode_cpus 0.5", {"batch_size": 4, "decode_cpus": 0.5}),
+]
+
+
+def sweep(args, work: Path, photos: Path, paths: list[Path], results: dict) -> None:
+    """Workload 1 end to end with each of SWEEP's runtime settings, to choose the defaults."""
+    import pyarrow.dataset as pads
+
+    ckpt = random_fastsam(work / "fastsam-s-random.pt")
+    rows = []
+    for i, (label, runtime) in enumerate(SWEEP):
+        out = work / f"sweep-{i}"
+        m = write_manifest(work / f"sweep-{i}.yaml", str(photos), str(out), str(ckpt), 1024, 0.01, device=args.device,
+                           half=args.half, **runtime)
+        run = run_tool(m)
+        run["summary"] = (out / "_run.json").read_text()
+        st = tool_stats(pads.dataset(str(out), format="parquet").to_table(), run)
+        rows.append({"label": label, "runtime": runtime, **{k: st[k] for k in (
+            "images_per_s_steady", "startup_s", "cpu_s_per_image", "peak_driver_mb", "peak_workers_mb")}})
+        print(f"  {label}: {st['images_per_s_steady']:.3f} images/s, workers {st['peak_workers_mb']:.0f} MB", flush=True)
+    results["sweep"] = rows
 
 
 def print_table(results: dict) -> None:

@@ -34,6 +34,7 @@ from .write import ParquetWriter, put_atomic
 
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
+BLOCK_BYTES = 16 << 20  # Ray Data block size (decoded images in flight)
 
 
 class JobError(RuntimeError):
@@ -281,6 +282,9 @@ def settings_for(m: Manifest, summary: RunSummary, prompt_sources: dict) -> Segm
         clip_uri=m.prompts.clip if prompt_sources.get("clip_sha256") else None,
         clip_sha256=prompt_sources.get("clip_sha256"),
         text_min_area=m.prompts.text_min_area,
+        torch_threads=m.runtime.torch_threads or 0,
+        actors=m.runtime.num_actors,
+        cpus_per_actor=m.runtime.cpus_per_actor,
     )
 
 
@@ -288,12 +292,7 @@ def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings
              plan: PlanParts, log=print) -> None:
     """read + decode -> segment + encode -> write, streaming through Ray Data; file stats to ``summary``."""
     ray = _init_ray(m, env, log)
-    from ray.data import ActorPoolStrategy, DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.enable_operator_progress_bars = False
-    ctx.log_internal_stack_trace_to_stdout = False
+    from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
 
     gpus = m.runtime.gpus_per_actor
     if gpus is None:
@@ -301,6 +300,20 @@ def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings
             m.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
         )
         gpus = 1.0 if wants_cuda else 0.0
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.log_internal_stack_trace_to_stdout = False
+    # Small blocks: a block of decoded images waits whole in the object store until the actors
+    # take it, so memory in flight grows with the block size (128 MiB by default: 600 small images).
+    ctx.target_max_block_size = BLOCK_BYTES
+    # Flat memory however long the run: decoded images queued ahead of the (slower) model are
+    # capped, rather than filling Ray Data's default share of the object store.
+    in_flight = m.runtime.in_flight_mb or m.runtime.num_actors * (1024 if gpus else 128)
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = ExecutionResources(
+        cpu=limits.cpu, gpu=limits.gpu, memory=limits.memory, object_store_memory=in_flight * 2**20)
+
     if plan.files:  # the workers read the plan parts; the driver holds only their names
         ds = ray.data.from_items([{"part": u} for u in plan.files], override_num_blocks=len(plan.files))
         ds = ds.flat_map(lambda row: read_plan_part(row["part"], storage), num_cpus=0.25)

@@ -26,14 +26,19 @@ def crop_intervals(crop: torch.Tensor, x0: int, y0: int, height: int) -> tuple[n
         return np.empty(0, np.int64), np.empty(0, np.int64)
     if crop.device.type != "cpu":
         return _crop_intervals_torch(crop, x0, y0, height)
-    # On the CPU: transitions down each column found in row-major memory (no transpose), then the
-    # few transition positions sorted into column-major order.
-    ch, cw = crop.shape
-    padded = np.zeros((ch + 2, cw), dtype=bool)
-    padded[1:-1] = crop.numpy() if crop.dtype == torch.bool else crop.numpy() != 0
-    r, c = np.nonzero(padded[1:] != padded[:-1])  # transition before padded row r+1, in column c
-    order = np.lexsort((r, c))
-    pos = (c[order].astype(np.int64) + x0) * height + r[order] + y0
+    # On the CPU, in the crop's own row-major memory (no copy, no transpose): where a pixel
+    # differs from the one above it (one pass, then one flat nonzero: far faster than a 2-D
+    # nonzero), plus ones on the crop's first and last rows; the few transition positions are
+    # then sorted into column-major order.
+    a = crop.numpy()
+    ch, cw = a.shape
+    r, c = np.divmod(np.flatnonzero(a[1:] != a[:-1]), cw)
+    top = np.flatnonzero(a[0])  # intervals starting at the crop's top edge
+    bottom = np.flatnonzero(a[-1])  # intervals ending at its bottom edge
+    rows = np.concatenate((r + 1, np.zeros(top.size, np.int64), np.full(bottom.size, ch, np.int64)))
+    cols = np.concatenate((c, top, bottom))
+    order = np.lexsort((rows, cols))
+    pos = (cols[order] + x0) * height + rows[order] + y0
     return pos[0::2], pos[1::2]  # in each column transitions alternate: start, end, start, ...
 
 

@@ -51,6 +51,24 @@ class SegmentSettings:
     clip_uri: str | None = None
     clip_sha256: str | None = None
     text_min_area: int = 100
+    torch_threads: int = 0  # intra-op threads of torch in the actor; 0: see resolve_threads
+    actors: int = 1  # segmentation actors in the run (for the default thread count)
+    cpus_per_actor: float = 1.0
+
+
+def resolve_threads(s: SegmentSettings, device_type: str) -> int:
+    """torch threads for one actor: ``torch_threads`` when set; on the CPU, the node's cores shared
+    among the actors (the model is the heavy part; read, decode and write are light next to it,
+    and ultralytics' own default of cores - 1 leaves one core of two idle); on a GPU, the actor's
+    reserved CPUs."""
+    import math
+    import os
+
+    if s.torch_threads:
+        return s.torch_threads
+    if device_type == "cpu":
+        return max(1, (os.cpu_count() or 1) // max(1, s.actors))
+    return max(1, math.ceil(s.cpus_per_actor))
 
 
 class FastSAMSegmenter:
@@ -69,6 +87,8 @@ class FastSAMSegmenter:
         self.device = resolve_device(settings.device)
         path = local_checkpoint(settings.checkpoint_uri, storage, settings.checkpoint_sha256)
         self.model = load_model(path, self.device, half=settings.half)
+        self.threads = resolve_threads(settings, self.device.type)
+        torch.set_num_threads(self.threads)  # after ultralytics' import, which sets its own
         self.fp16 = settings.half and self.device.type == "cuda"
         self.stride = max(int(self.model.stride.max()), 32)
         self.nc = len(self.model.names)
