@@ -49,6 +49,12 @@ def _version_key(version: str) -> int:
     return int.from_bytes(hashlib.blake2b(version.encode(), digest_size=8).digest(), "little") | 1
 
 
+def _row_arrays(ids, versions, statuses, part_index) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hashed columns of committed rows: id keys, version keys, status ok, file index."""
+    return (np.array([_id_key(i) for i in ids], "S16"), np.array([_version_key(v or "") for v in versions], np.uint64),
+            np.array([s == "ok" for s in statuses], bool), np.broadcast_to(np.asarray(part_index, np.int32), (len(ids),)))
+
+
 @dataclass
 class Lookup:
     state: str  # "new" (no row), "fresh" (a row of the object as it is now), "changed" (rows of older versions only)
@@ -76,19 +82,18 @@ class Committed:
         parts = sorted({r[3] for r in rows})
         index = {p: i for i, p in enumerate(parts)}
         c = cls(parts=parts, fingerprints=dict(fingerprints or {}))
-        c._extend([(_id_key(i), _version_key(v), s == "ok", index[p]) for i, v, s, p in rows])
+        if rows:
+            ids, versions, statuses, in_parts = zip(*rows)
+            c._index([_row_arrays(ids, versions, statuses, [index[p] for p in in_parts])])
         return c
 
-    def _extend(self, rows: list[tuple[bytes, int, bool, int]]) -> None:
-        if not rows:
+    def _index(self, chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """Sets the row arrays from per-file (keys, versions, ok, part) arrays, sorted once by id hash."""
+        if not chunks:
             return
-        k, v, o, p = zip(*rows)
-        keys = np.concatenate([self.keys, np.array(k, "S16")])
+        keys, versions, ok, part_of = (np.concatenate(col) for col in zip(*chunks))
         order = np.argsort(keys, kind="stable")
-        self.keys = keys[order]
-        self.versions = np.concatenate([self.versions, np.array(v, np.uint64)])[order]
-        self.ok = np.concatenate([self.ok, np.array(o, bool)])[order]
-        self.part_of = np.concatenate([self.part_of, np.array(p, np.int32)])[order]
+        self.keys, self.versions, self.ok, self.part_of = keys[order], versions[order], ok[order], part_of[order]
         self.rows = len(self.keys)
 
     @property
@@ -164,6 +169,7 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
 
     c = Committed(parts=list_parts(output_uri, storage))
     fs = storage.fs(output_uri)
+    chunks = []
     for index, part in enumerate(_local(output_uri, c.parts)):
         t = pads.dataset(part, format="parquet", filesystem=fs)
         cols = ["image_id", "run_fingerprint", "status"] + [x for x in ("source_version",) if x in t.schema.names]
@@ -172,8 +178,8 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
         versions = table.column("source_version").to_pylist() if "source_version" in cols else [""] * len(ids)
         for fp in table.column("run_fingerprint").to_pylist():
             c.fingerprints[fp] = c.fingerprints.get(fp, 0) + 1
-        statuses = table.column("status").to_pylist()
-        c._extend([(_id_key(i), _version_key(v or ""), s == "ok", index) for i, v, s in zip(ids, versions, statuses)])
+        chunks.append(_row_arrays(ids, versions, table.column("status").to_pylist(), index))
+    c._index(chunks)  # one sort, not one per file
     c.parts = _local(output_uri, c.parts)
     return c
 
