@@ -250,21 +250,18 @@ class SegmentActor:
         return output_table(batch, masks, errors, timings, model=self.model_name, sha256=s.checkpoint_sha256,
                             fingerprint=self.run_fingerprint, prompts=records)
 
-
     def segment_one(self, image: np.ndarray, prompts: list[dict]):
         """One image alone; when it runs out of memory (many masks, a huge image), again with masks
         in much smaller pieces, then on the CPU (when the model runs on an accelerator). Raises
         :class:`OutOfMemory` naming what was tried when every way runs out of memory."""
+        ways = [("as usual", lambda: self.segmenter.segment([image], [prompts])),
+                ("with smaller mask chunks", lambda: self.segmenter.segment([image], [prompts], small=True))]
+        if self.segmenter.device.type != "cpu":
+            ways.append(("on the CPU", lambda: self.cpu_segmenter().segment([image], [prompts], small=True)))
         tried = []
-        for way in ("as usual", "with smaller mask chunks", "on the CPU"):
+        for way, run in ways:
             try:
-                if way == "as usual":
-                    return self.segmenter.segment([image], [prompts])[0]
-                if way == "with smaller mask chunks":
-                    return self.segmenter.segment([image], [prompts], small=True)[0]
-                if self.segmenter.device.type == "cpu":
-                    break
-                return self.cpu_segmenter().segment([image], [prompts], small=True)[0]
+                return run()[0]
             except Exception as e:  # noqa: BLE001 - only running out of memory is retried
                 if not is_out_of_memory(e):
                     raise
