@@ -478,13 +478,14 @@ def gpu_report(args, work: Path, photos: Path, paths: list[Path], results: dict)
 
 
 SWEEP = [  # (label, runtime settings); the first is the default
-    ("batch 4, 1 actor (default)", {"batch_size": 4}),
+    ("defaults: batch 4, one actor per core", {}),
+    ("1 actor x all cores as threads", {"num_actors": 1}),
+    ("1 actor x 1 thread (ultralytics' default here)", {"num_actors": 1, "torch_threads": 1}),
+    ("actors = cores + 1", {"num_actors": (os.cpu_count() or 1) + 1}),
     ("batch 1", {"batch_size": 1}),
     ("batch 2", {"batch_size": 2}),
     ("batch 8", {"batch_size": 8}),
-    ("2 actors x 1 thread", {"batch_size": 4, "num_actors": 2}),
-    ("1 thread (ultralytics' default here)", {"batch_size": 4, "torch_threads": 1}),
-    ("decode_cpus 0.5", {"batch_size": 4, "decode_cpus": 0.5}),
+    ("decode_cpus 0.5", {"decode_cpus": 0.5}),
 ]
 
 

@@ -144,7 +144,7 @@ class OutputConfig(_Strict):
 
 class RuntimeConfig(_Strict):
     batch_size: int = Field(default=4, ge=1, description="images per model forward")
-    num_actors: int = Field(default=1, ge=1, description="segmentation actors (model replicas)")
+    num_actors: int | None = Field(default=None, ge=1, description="segmentation actors (model replicas); default: one per GPU, on CPU one per core within memory (sizing.py)")
     gpus_per_actor: float | None = Field(default=None, ge=0, description="default: 1 when CUDA is used, else 0")
     cpus_per_actor: float = Field(default=1.0, gt=0)
     torch_threads: int | None = Field(default=None, ge=1, description="torch threads per actor; default: on CPU the node's cores / num_actors, on GPU cpus_per_actor")

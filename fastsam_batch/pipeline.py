@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -25,9 +26,10 @@ from .plan import PlanParts, Skipped, chunked, iter_inputs, read_plan_part, remo
 from .read import read_item
 from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
-from .segment import SegmentActor, SegmentSettings
+from .segment import SegmentActor, SegmentSettings, resolve_threads
 from .resume import (Committed, drop_superseded_rows, read_committed, remove_stale_temporaries, run_fingerprint,
                      source_version, superseded_parts)
+from .sizing import embedded_ray_cpus, joined_cluster, local_machine, plan_actors
 from .storage import Storage, join_uri, redact
 from .summary import RunSummary
 from .write import ParquetWriter, put_atomic
@@ -69,23 +71,25 @@ class ReadDecode:
 
 
 def _init_ray(m: Manifest, env: dict[str, str], log=print):
+    """Joins the cluster named by ``runtime.ray_address`` / RAY_ADDRESS, or starts an embedded
+    local Ray sized for the run. Returns ``(ray, actor plan)``."""
     import ray
 
     address = m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": env}
-    if ray.is_initialized():
-        return ray
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        log(f"joined the Ray cluster at {address} ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
-            f"{int(ray.cluster_resources().get('GPU', 0))} GPUs)")
-    else:
-        # Embedded local Ray. Actors hold their CPUs for the whole run, so reserve logical CPUs
-        # for them on top of the machine's, or the read/decode tasks could never be scheduled.
-        need = m.runtime.num_actors * m.runtime.cpus_per_actor + m.runtime.decode_cpus
-        ray.init(num_cpus=int(max(os.cpu_count() or 1, need + 1)), runtime_env=runtime_env, include_dashboard=False)
-        log("started an embedded local Ray (no RAY_ADDRESS or runtime.ray_address given)")
-    return ray
+    if address or ray.is_initialized():
+        if not ray.is_initialized():
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        cluster = joined_cluster(ray.cluster_resources())
+        if address:
+            log(f"joined the Ray cluster at {address} ({cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs)")
+        return ray, plan_actors(m.runtime, m.model.device, cluster)
+    machine = local_machine(m.model.device)
+    actors = plan_actors(m.runtime, m.model.device, machine)
+    ray.init(num_cpus=embedded_ray_cpus(m.runtime, actors.actors, int(machine.cpus)), runtime_env=runtime_env,
+             include_dashboard=False)
+    log("started an embedded local Ray (no RAY_ADDRESS or runtime.ray_address given)")
+    return ray, actors
 
 
 class PromptAttacher:
@@ -283,7 +287,7 @@ def settings_for(m: Manifest, summary: RunSummary, prompt_sources: dict) -> Segm
         clip_sha256=prompt_sources.get("clip_sha256"),
         text_min_area=m.prompts.text_min_area,
         torch_threads=m.runtime.torch_threads or 0,
-        actors=m.runtime.num_actors,
+        actors=m.runtime.num_actors or 1,  # the run's count is set once Ray is up (sizing.py)
         cpus_per_actor=m.runtime.cpus_per_actor,
     )
 
@@ -291,15 +295,15 @@ def settings_for(m: Manifest, summary: RunSummary, prompt_sources: dict) -> Segm
 def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings, summary: RunSummary,
              plan: PlanParts, log=print) -> None:
     """read + decode -> segment + encode -> write, streaming through Ray Data; file stats to ``summary``."""
-    ray = _init_ray(m, env, log)
+    ray, sizing = _init_ray(m, env, log)
     from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
 
-    gpus = m.runtime.gpus_per_actor
-    if gpus is None:
-        wants_cuda = m.model.device.startswith("cuda") or (
-            m.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-        )
-        gpus = 1.0 if wants_cuda else 0.0
+    actors, gpus = sizing.actors, sizing.gpus_per_actor
+    settings = replace(settings, actors=actors)
+    threads = resolve_threads(settings, "cpu")
+    log(f"segmentation: {actors} actor{'s' if actors > 1 else ''} ({sizing.why})"
+        + (f", {gpus:g} GPU each" if gpus else "")
+        + (f", {threads} torch thread{'s' if threads > 1 else ''} each" if sizing.embedded and not gpus else ""))
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
@@ -309,7 +313,7 @@ def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings
     ctx.target_max_block_size = BLOCK_BYTES
     # Flat memory however long the run: decoded images queued ahead of the (slower) model are
     # capped, rather than filling Ray Data's default share of the object store.
-    in_flight = m.runtime.in_flight_mb or m.runtime.num_actors * (1024 if gpus else 128)
+    in_flight = sizing.in_flight_mb
     limits = ctx.execution_options.resource_limits
     ctx.execution_options.resource_limits = ExecutionResources(
         cpu=limits.cpu, gpu=limits.gpu, memory=limits.memory, object_store_memory=in_flight * 2**20)
@@ -320,13 +324,13 @@ def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings
     else:
         ds = ray.data.from_items(plan.in_memory, override_num_blocks=max(1, min(plan.count, 200)))
     ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels), num_cpus=m.runtime.decode_cpus,
-                compute=ActorPoolStrategy(min_size=1, max_size=max(1, m.runtime.num_actors * 2)))
+                compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors * 2)))
     ds = ds.map_batches(
         SegmentActor,
         fn_constructor_args=(settings, storage, summary.run_fingerprint),
         batch_size=m.runtime.batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=m.runtime.num_actors),
+        compute=ActorPoolStrategy(size=actors),
         num_cpus=m.runtime.cpus_per_actor,
         num_gpus=gpus,
     )

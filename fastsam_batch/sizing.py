@@ -1,0 +1,91 @@
+"""How many segmentation actors a run starts, and what each reserves: plain functions of the
+manifest's runtime section and the cluster's resources, so that the defaults can be tested
+without Ray. The defaults come from benchmarks/RESULTS.md (see "Defaults" there)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+# Memory one CPU actor needs: a FastSAM-s model, its activations at imgsz 1024 and the masks of one
+# batch of photographs (benchmarks: about 1.2 GiB per actor at its peak), with room to spare.
+CPU_ACTOR_BYTES = 2 * 2**30
+# Logical CPUs a run needs besides the actors: the plan-part readers and the Parquet writer.
+OTHER_CPUS = 1.0
+
+
+@dataclass(frozen=True)
+class Cluster:
+    cpus: float
+    gpus: float
+    memory_bytes: int
+    embedded: bool  # an embedded local Ray started by this run (the machine's own resources)
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    actors: int
+    gpus_per_actor: float
+    in_flight_mb: int
+    why: str  # how the actor count was chosen, for the log
+    embedded: bool  # sized from this machine (an embedded local Ray)
+
+
+def uses_cuda(device: str, cluster_gpus: float) -> bool:
+    return device.startswith("cuda") or (device == "auto" and cluster_gpus > 0)
+
+
+def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
+    """Segmentation actors for a run. ``runtime`` is the manifest's runtime section.
+
+    - Set in the manifest (``runtime.num_actors``): that many.
+    - With the model on GPUs: one actor per ``gpus_per_actor`` of the cluster's GPUs (one per GPU).
+    - On the CPU: one actor per core (each then runs torch with one thread), as many as memory
+      holds at 2 GiB each. On 2 cores, 2 actors x 1 thread ran workload 1 1.6x faster than
+      1 actor x 2 threads: much of an image's time is single-threaded post-processing, which a
+      second actor overlaps with the first one's forward pass. An embedded local Ray gets extra
+      logical CPUs for read/decode (see ``embedded_ray_cpus``); on a joined CPU-only cluster the
+      actors leave ``decode_cpus`` plus one CPU free for the other stages.
+    """
+    gpus = runtime.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if uses_cuda(device, cluster.gpus) else 0.0
+    if runtime.num_actors:
+        actors, why = runtime.num_actors, "runtime.num_actors"
+    elif gpus > 0:
+        actors = max(1, int(cluster.gpus // gpus))
+        why = f"one per {gpus:g} GPU of the cluster's {cluster.gpus:g}"
+    else:
+        cpus = cluster.cpus if cluster.embedded else cluster.cpus - runtime.decode_cpus - OTHER_CPUS
+        by_cpu = int(cpus // max(runtime.cpus_per_actor, 1.0))
+        by_memory = int(cluster.memory_bytes // CPU_ACTOR_BYTES)
+        actors = max(1, min(by_cpu, by_memory))
+        why = f"on CPU: one per core, {by_cpu}; at most one per 2 GiB of memory, {by_memory}"
+    in_flight = runtime.in_flight_mb or actors * (1024 if gpus else 128)
+    return ActorPlan(actors=actors, gpus_per_actor=gpus, in_flight_mb=in_flight, why=why,
+                     embedded=cluster.embedded)
+
+
+def embedded_ray_cpus(runtime, actors: int, machine_cpus: int) -> int:
+    """Logical CPUs for an embedded local Ray: actors hold theirs for the whole run, so reserve
+    logical CPUs for them on top of the machine's, or read/decode tasks could never be scheduled."""
+    need = actors * runtime.cpus_per_actor + runtime.decode_cpus
+    return int(max(machine_cpus, math.ceil(need + OTHER_CPUS)))
+
+
+def local_machine(device: str) -> Cluster:
+    """This machine's resources, for a run that starts its own local Ray."""
+    gpus = 0
+    if device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Cluster(cpus=float(os.cpu_count() or 1), gpus=float(gpus), memory_bytes=memory, embedded=True)
+
+
+def joined_cluster(resources: dict) -> Cluster:
+    """A running Ray cluster's resources (``ray.cluster_resources()``)."""
+    return Cluster(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)),
+                   memory_bytes=int(resources.get("memory", 0)), embedded=False)

@@ -1,0 +1,47 @@
+"""How many segmentation actors a run starts (sizing.py): the defaults, without Ray."""
+
+from __future__ import annotations
+
+from fastsam_batch.manifest import RuntimeConfig
+from fastsam_batch.sizing import CPU_ACTOR_BYTES, Cluster, embedded_ray_cpus, plan_actors
+
+GIB = 2**30
+
+
+def machine(cpus, gpus=0, memory=64 * GIB, embedded=True):
+    return Cluster(cpus=cpus, gpus=gpus, memory_bytes=memory, embedded=embedded)
+
+
+def test_on_cpu_one_actor_per_core_with_room_for_decode_on_the_embedded_ray():
+    rt = RuntimeConfig()
+    got = plan_actors(rt, "auto", machine(2))
+    assert (got.actors, got.gpus_per_actor, got.in_flight_mb) == (2, 0.0, 256)
+    # Each actor holds a logical CPU for the run: read/decode (1) and the writer still get theirs.
+    assert embedded_ray_cpus(rt, got.actors, 2) == 4
+    assert plan_actors(rt, "cpu", machine(16)).actors == 16
+
+
+def test_on_cpu_memory_bounds_the_actor_count():
+    assert plan_actors(RuntimeConfig(), "cpu", machine(16, memory=5 * CPU_ACTOR_BYTES)).actors == 5
+    assert plan_actors(RuntimeConfig(), "cpu", machine(16, memory=CPU_ACTOR_BYTES // 2)).actors == 1
+
+
+def test_on_a_joined_cpu_cluster_the_actors_leave_cpus_for_the_other_stages():
+    rt = RuntimeConfig(decode_cpus=1)
+    assert plan_actors(rt, "auto", machine(8, embedded=False)).actors == 6
+    assert plan_actors(rt, "auto", machine(2, embedded=False)).actors == 1
+    assert plan_actors(RuntimeConfig(cpus_per_actor=2), "cpu", machine(10, embedded=False)).actors == 4
+
+
+def test_on_gpus_one_actor_per_gpu_or_per_share():
+    got = plan_actors(RuntimeConfig(), "auto", machine(64, gpus=8, embedded=False))
+    assert (got.actors, got.gpus_per_actor, got.in_flight_mb) == (8, 1.0, 8 * 1024)
+    assert plan_actors(RuntimeConfig(gpus_per_actor=0.5), "cuda", machine(16, gpus=1)).actors == 2
+    # device cpu on a GPU machine: the CPU rule
+    assert plan_actors(RuntimeConfig(), "cpu", machine(16, gpus=1)).gpus_per_actor == 0.0
+
+
+def test_what_the_manifest_sets_wins():
+    got = plan_actors(RuntimeConfig(num_actors=3, in_flight_mb=64), "auto", machine(2))
+    assert (got.actors, got.in_flight_mb, got.why) == (3, 64, "runtime.num_actors")
+    assert embedded_ray_cpus(RuntimeConfig(num_actors=3, decode_cpus=0.5), 3, 2) == 5
