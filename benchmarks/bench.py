@@ -133,7 +133,7 @@ def tool_stats(table, run: dict) -> dict:
         "startup_s": run["wall_s"] - (batches[-1] - first) if len(batches) > 1 else run["wall_s"],
         "cpu_s_per_image": run["cpu_s"] / n, "peak_driver_mb": run["peak_driver_mb"],
         "peak_workers_mb": run["peak_workers_mb"], "masks_per_image": float(pc.mean(table.column("num_masks")).as_py()),
-        "stage_ms": stage,
+        "stage_ms": stage, "peak_mb_by_process": run.get("peak_mb_by_process", {}),
     }
 
 
@@ -487,18 +487,31 @@ SWEEP = [  # (label, runtime settings); the first is the default
     ("batch 8", {"batch_size": 8}),
     ("decode_cpus 0.5", {"decode_cpus": 0.5}),
 ]
+GPU_SWEEP = [  # with --device cuda: fp16, batch size, actors per GPU, read/decode workers per GPU
+    ("defaults: batch 4, one actor per GPU, decoders on every free CPU", {}),
+    ("fp32 (model.half off)", {"half": False}),
+    ("batch 8", {"batch_size": 8}),
+    ("batch 16", {"batch_size": 16}),
+    ("batch 32", {"batch_size": 32}),
+    ("2 actors per GPU, batch 8", {"gpus_per_actor": 0.5, "batch_size": 8}),
+    ("2 decode workers", {"decode_workers": 2}),
+    ("4 decode workers", {"decode_workers": 4}),
+    ("8 decode workers", {"decode_workers": 8}),
+]
 
 
 def sweep(args, work: Path, photos: Path, paths: list[Path], results: dict) -> None:
-    """Workload 1 end to end with each of SWEEP's runtime settings, to choose the defaults."""
+    """Workload 1 end to end with each of SWEEP's (GPU_SWEEP's on CUDA) runtime settings, to choose
+    the defaults. ``half`` in an entry is ``model.half``; the other entries take ``--half``."""
     import pyarrow.dataset as pads
 
     ckpt = random_fastsam(work / "fastsam-s-random.pt")
     rows = []
-    for i, (label, runtime) in enumerate(SWEEP):
+    for i, (label, runtime) in enumerate(GPU_SWEEP if args.device.startswith("cuda") else SWEEP):
         out = work / f"sweep-{i}"
+        settings = {k: v for k, v in runtime.items() if k != "half"}
         m = write_manifest(work / f"sweep-{i}.yaml", str(photos), str(out), str(ckpt), 1024, 0.01, device=args.device,
-                           half=args.half, **runtime)
+                           half=runtime.get("half", args.half), **settings)
         run = run_tool(m)
         run["summary"] = (out / "_run.json").read_text()
         st = tool_stats(pads.dataset(str(out), format="parquet").to_table(), run)

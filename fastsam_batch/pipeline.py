@@ -303,7 +303,8 @@ def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings
     threads = resolve_threads(settings, "cpu")
     log(f"segmentation: {actors} actor{'s' if actors > 1 else ''} ({sizing.why})"
         + (f", {gpus:g} GPU each" if gpus else "")
-        + (f", {threads} torch thread{'s' if threads > 1 else ''} each" if sizing.embedded and not gpus else ""))
+        + (f", {threads} torch thread{'s' if threads > 1 else ''} each" if sizing.embedded and not gpus else "")
+        + f"; up to {sizing.decode_workers} read/decode workers")
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
@@ -324,7 +325,7 @@ def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings
     else:
         ds = ray.data.from_items(plan.in_memory, override_num_blocks=max(1, min(plan.count, 200)))
     ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels), num_cpus=m.runtime.decode_cpus,
-                compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors * 2)))
+                compute=ActorPoolStrategy(min_size=1, max_size=sizing.decode_workers))
     ds = ds.map_batches(
         SegmentActor,
         fn_constructor_args=(settings, storage, summary.run_fingerprint),

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 # Memory one CPU actor needs: a FastSAM-s model, its activations at imgsz 1024 and the masks of one
 # batch of photographs (benchmarks: about 1.2 GiB per actor at its peak), with room to spare.
 CPU_ACTOR_BYTES = 2 * 2**30
+# Object store a CPU actor's run may fill with decoded images queued ahead of it: six of the
+# 2250x1500 photographs, more than a batch of 4 waiting; at 128 MiB per actor, two actors let
+# peak memory grow 12% from 200 to 2,000 generated images, at 64 MiB 9% (benchmarks/RESULTS.md).
+CPU_IN_FLIGHT_MB = 64
 # Logical CPUs a run needs besides the actors: the plan-part readers and the Parquet writer.
 OTHER_CPUS = 1.0
 
@@ -28,6 +32,7 @@ class ActorPlan:
     actors: int
     gpus_per_actor: float
     in_flight_mb: int
+    decode_workers: int  # most read/decode workers the run scales to
     why: str  # how the actor count was chosen, for the log
     embedded: bool  # sized from this machine (an embedded local Ray)
 
@@ -47,6 +52,11 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
       second actor overlaps with the first one's forward pass. An embedded local Ray gets extra
       logical CPUs for read/decode (see ``embedded_ray_cpus``); on a joined CPU-only cluster the
       actors leave ``decode_cpus`` plus one CPU free for the other stages.
+
+    Read/decode workers (``runtime.decode_workers``, else): on the CPU two per actor (decoding is
+    2% of an image's time there); on GPUs every CPU the actors leave, at least two per actor: a
+    2250x1500 JPEG takes about 75 ms to decode on one core, so one decoder feeds about 13 images/s,
+    far below what a GPU segments.
     """
     gpus = runtime.gpus_per_actor
     if gpus is None:
@@ -62,8 +72,15 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
         by_memory = int(cluster.memory_bytes // CPU_ACTOR_BYTES)
         actors = max(1, min(by_cpu, by_memory))
         why = f"on CPU: one per core, {by_cpu}; at most one per 2 GiB of memory, {by_memory}"
-    in_flight = runtime.in_flight_mb or actors * (1024 if gpus else 128)
-    return ActorPlan(actors=actors, gpus_per_actor=gpus, in_flight_mb=in_flight, why=why,
+    in_flight = runtime.in_flight_mb or actors * (1024 if gpus else CPU_IN_FLIGHT_MB)
+    if runtime.decode_workers:
+        decoders = runtime.decode_workers
+    elif gpus > 0:
+        free = cluster.cpus - actors * runtime.cpus_per_actor - OTHER_CPUS
+        decoders = max(2 * actors, int(free // runtime.decode_cpus))
+    else:
+        decoders = 2 * actors
+    return ActorPlan(actors=actors, gpus_per_actor=gpus, in_flight_mb=in_flight, decode_workers=decoders, why=why,
                      embedded=cluster.embedded)
 
 

@@ -15,7 +15,7 @@ def machine(cpus, gpus=0, memory=64 * GIB, embedded=True):
 def test_on_cpu_one_actor_per_core_with_room_for_decode_on_the_embedded_ray():
     rt = RuntimeConfig()
     got = plan_actors(rt, "auto", machine(2))
-    assert (got.actors, got.gpus_per_actor, got.in_flight_mb) == (2, 0.0, 256)
+    assert (got.actors, got.gpus_per_actor, got.in_flight_mb) == (2, 0.0, 128)
     # Each actor holds a logical CPU for the run: read/decode (1) and the writer still get theirs.
     assert embedded_ray_cpus(rt, got.actors, 2) == 4
     assert plan_actors(rt, "cpu", machine(16)).actors == 16
@@ -45,3 +45,13 @@ def test_what_the_manifest_sets_wins():
     got = plan_actors(RuntimeConfig(num_actors=3, in_flight_mb=64), "auto", machine(2))
     assert (got.actors, got.in_flight_mb, got.why) == (3, 64, "runtime.num_actors")
     assert embedded_ray_cpus(RuntimeConfig(num_actors=3, decode_cpus=0.5), 3, 2) == 5
+
+
+def test_read_decode_workers_two_per_actor_on_cpu_and_every_free_cpu_on_gpus():
+    assert plan_actors(RuntimeConfig(), "cpu", machine(2)).decode_workers == 4
+    # one GPU and 16 cores: the actor holds one CPU, the writer and plan readers one more
+    assert plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1)).decode_workers == 14
+    assert plan_actors(RuntimeConfig(decode_cpus=0.5), "auto", machine(16, gpus=1)).decode_workers == 28
+    # few CPUs per GPU: still two per actor
+    assert plan_actors(RuntimeConfig(), "auto", machine(4, gpus=4, embedded=False)).decode_workers == 8
+    assert plan_actors(RuntimeConfig(decode_workers=3), "auto", machine(16, gpus=1)).decode_workers == 3
