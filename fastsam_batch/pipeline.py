@@ -37,12 +37,6 @@ from .write import ParquetWriter, put_atomic
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
 BLOCK_BYTES = 16 << 20  # Ray Data block size (decoded images in flight)
-# glibc's malloc in the Ray workers: a fixed mmap threshold, so that image-sized buffers (decoded
-# images, mask crops, tensors) go back to the system when freed. By default glibc raises the
-# threshold after the first such free and serves them from the heap afterwards, which fragments
-# and grows with the run: 2,000 images took +9.9% peak memory over 200 by default, +7.8% with
-# this (benchmarks/RESULTS.md). A value set in the environment wins.
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 
 
 class JobError(RuntimeError):
@@ -82,8 +76,7 @@ def _init_ray(m: Manifest, env: dict[str, str], log=print):
     import ray
 
     address = m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
-    malloc = {k: v for k, v in WORKER_MALLOC_ENV.items() if k not in os.environ}
-    runtime_env = {"env_vars": {**malloc, **env}}
+    runtime_env = {"env_vars": env}
     if address or ray.is_initialized():
         if not ray.is_initialized():
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
