@@ -12,10 +12,9 @@ from dataclasses import dataclass
 # batch of photographs (benchmarks: about 1.2 GiB per actor at its peak), with room to spare.
 CPU_ACTOR_BYTES = 2 * 2**30
 # Object store a CPU actor's run may fill with decoded images queued ahead of it: six of the
-# 2250x1500 photographs, more than a batch of 4 waiting; at 128 MiB per actor, two actors let
-# peak memory grow 12% from 200 to 2,000 generated images, at 64 MiB 9% (benchmarks/RESULTS.md).
+# 2250x1500 photographs, more than a batch of 4 waiting (benchmarks/RESULTS.md: memory).
 CPU_IN_FLIGHT_MB = 64
-# Logical CPUs a run needs besides the actors: the plan-part readers and the Parquet writer.
+# Logical CPUs a run needs besides the actors and read/decode: the Parquet writer, Ray Data's own.
 OTHER_CPUS = 1.0
 
 
@@ -47,7 +46,7 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
     - Set in the manifest (``runtime.num_actors``): that many.
     - With the model on GPUs: one actor per ``gpus_per_actor`` of the cluster's GPUs (one per GPU).
     - On the CPU: one actor per core (each then runs torch with one thread), as many as memory
-      holds at 2 GiB each. On 2 cores, 2 actors x 1 thread ran workload 1 1.6x faster than
+      holds at 2 GiB each. On 2 cores, 2 actors x 1 thread ran workload 1 1.76x faster than
       1 actor x 2 threads: much of an image's time is single-threaded post-processing, which a
       second actor overlaps with the first one's forward pass. An embedded local Ray gets extra
       logical CPUs for read/decode (see ``embedded_ray_cpus``); on a joined CPU-only cluster the
