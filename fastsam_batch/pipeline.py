@@ -36,7 +36,7 @@ from .write import ParquetWriter, put_atomic
 
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
-BLOCK_BYTES = 16 << 20  # Ray Data block size (decoded images in flight)
+BLOCK_BYTES = 2 << 20  # Ray Data block size (decoded images in flight); see _run_ray
 
 
 class JobError(RuntimeError):
@@ -310,7 +310,10 @@ def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings
     ctx.enable_operator_progress_bars = False
     ctx.log_internal_stack_trace_to_stdout = False
     # Small blocks: a block of decoded images waits whole in the object store until the actors
-    # take it, so memory in flight grows with the block size (128 MiB by default: 600 small images).
+    # take it, so memory in flight grows with the block size (128 MiB by default: 600 small images),
+    # and the store's pages the run has touched grow with it over a long run (measured on 2,000 small
+    # images: 16 MiB blocks left 152 MB of store pages mapped, 2 MiB blocks 44 MB). A photo is
+    # a block of its own either way.
     ctx.target_max_block_size = BLOCK_BYTES
     # Flat memory however long the run: decoded images queued ahead of the (slower) model are
     # capped, rather than filling Ray Data's default share of the object store.
