@@ -70,7 +70,7 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
         by_cpu = int(cpus // max(runtime.cpus_per_actor, 1.0))
         by_memory = int(cluster.memory_bytes // CPU_ACTOR_BYTES)
         actors = max(1, min(by_cpu, by_memory))
-        why = f"on CPU: one per core, {by_cpu}; at most one per 2 GiB of memory, {by_memory}"
+        why = f"on CPU: one per core, {by_cpu}; at most one per {CPU_ACTOR_BYTES / 2**30:g} GiB of memory, {by_memory}"
     in_flight = runtime.in_flight_mb or actors * (1024 if gpus else CPU_IN_FLIGHT_MB)
     if runtime.decode_workers:
         decoders = runtime.decode_workers
