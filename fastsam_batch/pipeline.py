@@ -32,7 +32,7 @@ from .resume import (Committed, drop_superseded_rows, read_committed, remove_sta
 from .sizing import embedded_ray_cpus, joined_cluster, local_machine, plan_actors
 from .storage import Storage, join_uri, redact
 from .summary import RunSummary
-from .write import ParquetWriter, put_atomic
+from .write import DriverWatch, ParquetWriter, put_atomic
 
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
@@ -341,7 +341,8 @@ def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings
     )
     ds = ds.map_batches(
         ParquetWriter,
-        fn_constructor_args=(m.output.uri, storage, m.output.compression),
+        fn_constructor_args=(m.output.uri, storage, m.output.compression,
+                             DriverWatch(os.getpid()) if sizing.embedded else None),
         batch_size=m.output.rows_per_file,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=1),

@@ -47,13 +47,54 @@ def put_atomic(storage: Storage, uri: str, data: bytes) -> None:
         with_retries(lambda: fs.pipe_file(uri, data))
 
 
-class ParquetWriter:
-    """Ray Data callable: a pyarrow batch of output rows -> one Parquet file + a one-row stats table."""
+class DriverGone(RuntimeError):
+    """The run's driver has died: its workers must not commit anything more."""
 
-    def __init__(self, output_uri: str, storage: Storage, compression: str = "zstd"):
+
+class DriverWatch:
+    """Whether the process that started an embedded Ray (the run's driver, on this host) still lives.
+
+    An embedded Ray outlives a killed driver for a moment (its raylet and workers notice the loss
+    and exit), long enough for a writer to commit a few more files that the next run, already
+    planning, would not see. The writer asks before every commit. The process is identified by pid
+    and start time, so a recycled pid is not taken for the driver."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.started = _process_start(pid)
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else
+            pass
+        return _process_start(self.pid) == self.started
+
+    def check(self) -> None:
+        if not self.alive():
+            raise DriverGone(f"the run's driver (pid {self.pid}) is gone: nothing more is committed")
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), None where /proc is absent."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class ParquetWriter:
+    """Ray Data callable: a pyarrow batch of output rows -> one Parquet file + a one-row stats table.
+    ``driver``: with an embedded Ray, the driver to check before each commit (see DriverWatch)."""
+
+    def __init__(self, output_uri: str, storage: Storage, compression: str = "zstd", driver: DriverWatch | None = None):
         self.output_uri = output_uri
         self.storage = storage
         self.compression = None if compression == "none" else compression
+        self.driver = driver
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
@@ -63,6 +104,8 @@ class ParquetWriter:
         name = part_name(ids)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression=self.compression)
+        if self.driver is not None:
+            self.driver.check()
         put_atomic(self.storage, join_uri(self.output_uri, name), buf.getvalue())
         write_s = time.perf_counter() - t0
         statuses = table.column("status").to_pylist()

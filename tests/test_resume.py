@@ -52,10 +52,25 @@ def assert_exactly_once(out: Path):
     assert set(ids) == {f"{i:03d}.png" for i in range(N_IMAGES)}
 
 
-def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job):
+def processes_with_env(marker: str) -> list[int]:
+    """Pids of the processes whose environment holds ``marker`` (a run's driver and every Ray process
+    it started: raylet, GCS and workers inherit the driver's environment)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker.encode() in (d / "environ").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job, tmp_path):
     m = job["manifest"]()
     exe = Path(sys.executable).with_name("fastsam-batch")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    marker = f"FASTSAM_TEST_RUN={tmp_path.name}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | dict([marker.split("=")])
     proc = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(job["out"].glob("part-*.parquet"))) < 2:
@@ -63,6 +78,13 @@ def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job):
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The embedded Ray outlives its driver for a moment; its writer checks the driver before each
+    # commit. Read the output only once every process of the killed run is gone: then nothing can
+    # change it any more, and the re-run must see exactly these rows.
+    deadline = time.time() + 120
+    while processes_with_env(marker):
+        assert time.time() < deadline, f"the killed run's processes still run: {processes_with_env(marker)}"
+        time.sleep(0.2)
     partial = rows(job["out"])
     assert 0 < len(partial) < N_IMAGES, "the kill should land mid-run"
     assert len(list((job["out"] / "_plan").glob("*/part-*.parquet"))) == 5  # 24 images in parts of 5
@@ -154,3 +176,23 @@ def test_superseded_rows_are_found_only_where_a_current_row_exists():
     assert [found[i].state for i in "abcde"] == ["fresh", "changed", "fresh", "fresh", "new"]
     assert found["a"].ok and not found["d"].ok
     assert (c.rows, c.images) == (6, 4)
+
+
+def test_writer_commits_nothing_once_the_driver_is_gone(tmp_path):
+    """The embedded-Ray writer's fence: with its driver alive it commits; once the driver process has
+    exited (a killed run), the same writer refuses to commit and the output is left as it was."""
+    import pyarrow as pa
+
+    from fastsam_batch.storage import Storage
+    from fastsam_batch.write import DriverGone, DriverWatch, ParquetWriter
+
+    driver = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    writer = ParquetWriter(str(tmp_path), Storage(), "zstd", DriverWatch(driver.pid))
+    table = pa.table({"image_id": ["a.png"], "status": ["ok"], "prompts": pa.array([[]], pa.list_(pa.struct([("error", pa.string())]))),
+                      "read_retries": [0], "error": [None], "num_masks": [0]})
+    assert writer(table).num_rows == 1 and len(list(tmp_path.glob("part-*.parquet"))) == 1
+    driver.stdin.close()
+    driver.wait()
+    with pytest.raises(DriverGone):
+        writer(table.set_column(0, "image_id", pa.array(["b.png"])))
+    assert len(list(tmp_path.glob("part-*.parquet"))) == 1
