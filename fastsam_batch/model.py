@@ -75,6 +75,8 @@ def resolve_device(device: str):
 def load_model(path: str, device, half: bool = False):
     """The fused eval-mode torch module of a checkpoint, as ultralytics' predictor loads it."""
     configure_ultralytics()
+    import torchvision  # noqa: F401 - with it imported, any ultralytics NMS runs torchvision's kernel, never
+    # ultralytics' pure-torch fallback (its non_max_suppression checks sys.modules)
     from ultralytics.nn.tasks import load_checkpoint
 
     model, _ = load_checkpoint(path, device=device, fuse=True)

@@ -110,7 +110,7 @@ class FastSAMSegmenter:
         Returns, per image, (input shape, detections after NMS, mask prototypes).
         """
         torch = self.torch
-        from ultralytics.utils import nms
+        from .nms import batched_nms
 
         boxed = [self.letterbox(image=im) for im in images]
         groups: dict[tuple, list[int]] = {}
@@ -124,9 +124,7 @@ class FastSAMSegmenter:
             with torch.inference_mode():
                 y = self.model(x)
                 y = y[0] if isinstance(y[0], tuple) else y
-                preds = nms.non_max_suppression(
-                    y[0], self.settings.conf, self.settings.iou, agnostic=True, max_det=self.settings.max_det, nc=self.nc
-                )
+                preds = batched_nms(y[0], self.settings.conf, self.settings.iou, self.settings.max_det, self.nc)
             for j, i in enumerate(idx):
                 out[i] = (shape[:2], preds[j], y[1][j])
         return out
