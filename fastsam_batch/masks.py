@@ -120,3 +120,102 @@ def adjust_full_image_boxes(boxes: torch.Tensor, h: int, w: int, threshold: int 
     out = boxes.clone()
     out[iou > iou_thresh] = full
     return out
+
+
+def box_pixel_spans(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """:func:`box_pixel_span` of every xyxy box at once: ``(n, 4)`` int64 ``r0, r1, c0, c1``."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    c0 = np.clip(np.ceil(b[:, 0]), 0, w)
+    c1 = np.maximum(c0, np.clip(np.ceil(b[:, 2]), 0, w))
+    r0 = np.clip(np.ceil(b[:, 1]), 0, h)
+    r1 = np.maximum(r0, np.clip(np.ceil(b[:, 3]), 0, h))
+    return np.stack([r0, r1, c0, c1], 1).astype(np.int64)
+
+
+# Device memory per crop pixel in a chunk: float32 crop, bool mask and int8 transitions, with room.
+BYTES_PER_CROP_PIXEL = 12
+
+
+def batched_box_mask_intervals(
+    jobs: list[tuple[torch.Tensor, torch.Tensor, np.ndarray, int, int]], budget_pixels: int = 1 << 26,
+) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """The accelerator form of :func:`iter_box_mask_intervals`, for a whole batch: per image, per
+    mask, ``(starts, ends)``, the same intervals.
+
+    ``jobs``: per image ``(coeffs (n x c), protos (c x mh x mw), boxes (n x 4, xyxy, on the host),
+    h, w)``, tensors on the device. Masks are computed in chunks of similar box sizes, each chunk
+    in a few large operations: its prototype logits (one matrix product), the rows and columns of
+    the retina operators inside each box (gathers, every crop padded to the chunk's largest), two
+    batched matrix products, the threshold with the box's own extent, and the column-major
+    transitions of every crop (one ``nonzero``). A chunk holds at most ``budget_pixels`` crop
+    pixels, so memory stays bounded whatever the number of masks. The transition positions of the
+    whole batch come to the host in one copy; no step synchronises per mask or per image.
+    """
+    out: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    keys, positions = [], []
+    offsets = []
+    key0 = 0
+    for coeffs, protos, boxes, h, w in jobs:
+        n = coeffs.shape[0]
+        offsets.append((key0, n))
+        key0 += n
+        if n == 0:
+            continue
+        device = protos.device
+        c, mh, mw = protos.shape
+        ry, rx = native_mask_operators(mh, mw, h, w, device=device)
+        spans = box_pixel_spans(boxes, h, w)
+        hc, wc = spans[:, 1] - spans[:, 0], spans[:, 3] - spans[:, 2]
+        flat = protos.float().view(c, -1)
+        for idx in _chunks_by_size(hc, wc, budget_pixels):
+            k = len(idx)
+            Hc, Wc = int(hc[idx].max()), int(wc[idx].max())
+            sp = torch.from_numpy(spans[idx]).to(device, non_blocking=True)
+            r0, c0 = sp[:, 0], sp[:, 2]
+            ar_h, ar_w = torch.arange(Hc, device=device), torch.arange(Wc, device=device)
+            ry_sel = ry[(r0[:, None] + ar_h).clamp_(max=h - 1)]  # (k, Hc, mh)
+            rx_sel = rx[(c0[:, None] + ar_w).clamp_(max=w - 1)]  # (k, Wc, mw)
+            sel = torch.from_numpy(np.asarray(idx)).to(device, non_blocking=True)
+            logits = (coeffs[sel].float() @ flat).view(k, mh, mw)
+            crop = torch.bmm(torch.bmm(ry_sel, logits), rx_sel.transpose(1, 2))  # (k, Hc, Wc)
+            inside = (ar_h[None, :] < (sp[:, 1] - r0)[:, None])[:, :, None] & \
+                     (ar_w[None, :] < (sp[:, 3] - c0)[:, None])[:, None, :]
+            on = ((crop > 0) & inside).transpose(1, 2).to(torch.int8)  # (k, Wc, Hc): column-major
+            d = torch.nn.functional.pad(on, (1, 1)).diff(dim=2)  # +1 where a run starts, -1 past its end
+            j, col, row = d.nonzero(as_tuple=True)  # mask by mask, column by column, row by row
+            positions.append((c0[j] + col) * h + r0[j] + row)
+            keys.append(sel[j] + offsets[-1][0])
+    if positions:
+        both = torch.stack([torch.cat(keys), torch.cat(positions)]).cpu().numpy()  # the one copy to the host
+        key, pos = both[0], both[1]
+        order = np.argsort(key, kind="stable")  # within a mask, positions stay in column-major order
+        key, pos = key[order], pos[order]
+        bounds = np.searchsorted(key, np.arange(key0 + 1))
+    else:
+        pos, bounds = np.empty(0, np.int64), np.zeros(key0 + 1, np.int64)
+    for first, n in offsets:
+        masks = []
+        for i in range(first, first + n):
+            p = pos[bounds[i]:bounds[i + 1]]
+            masks.append((p[0::2], p[1::2]))
+        out.append(masks)
+    return out
+
+
+def _chunks_by_size(hc: np.ndarray, wc: np.ndarray, budget_pixels: int) -> list[list[int]]:
+    """Indices of the non-empty boxes in chunks of similar crop sizes, each chunk's padded crops
+    (count x largest height x largest width) within ``budget_pixels`` (a box larger than the budget
+    is a chunk of its own)."""
+    nonempty = np.flatnonzero((hc > 0) & (wc > 0))
+    order = nonempty[np.argsort(-(hc[nonempty] * wc[nonempty]), kind="stable")]
+    chunks, cur, mh, mw = [], [], 0, 0
+    for i in order.tolist():
+        nh, nw = max(mh, int(hc[i])), max(mw, int(wc[i]))
+        if cur and (len(cur) + 1) * nh * nw > budget_pixels:
+            chunks.append(cur)
+            cur, nh, nw = [], int(hc[i]), int(wc[i])
+        cur.append(i)
+        mh, mw = nh, nw
+    if cur:
+        chunks.append(cur)
+    return chunks

@@ -24,13 +24,14 @@ import numpy as np
 
 from .intervals import IntervalMask
 from .mask_rules import MaskRules, apply_mask_rules, clean_up
-from .masks import adjust_full_image_boxes, iter_box_mask_intervals
+from .masks import adjust_full_image_boxes, batched_box_mask_intervals, iter_box_mask_intervals
 from .rle import rle_fields, runs_from_intervals, runs_to_rle
 from .select import apply_prompts, merged_intervals
 
-# (mask pixels per chunk, masks per prototype product): as usual, and after running out of memory.
-NORMAL_CHUNKS = (1 << 21, 1024)
-SMALL_CHUNKS = (1 << 16, 16)
+# (mask pixels per chunk and masks per prototype product on the CPU, crop pixels per chunk on an
+# accelerator): as usual, and after running out of memory.
+NORMAL_CHUNKS = (1 << 21, 1024, 1 << 26)
+SMALL_CHUNKS = (1 << 16, 16, 1 << 20)
 NO_PROMPT = {"prompt_index": None, "prompt_kind": None, "prompt_id": None, "category_id": None, "prompt_score": None}
 
 
@@ -54,6 +55,7 @@ class SegmentSettings:
     torch_threads: int = 0  # intra-op threads of torch in the actor; 0: see resolve_threads
     actors: int = 1  # segmentation actors in the run (for the default thread count)
     cpus_per_actor: float = 1.0
+    mask_path: str = "auto"  # "per_mask" (CPU's fastest), "batched" (accelerators'), or "auto": by device
 
 
 def resolve_threads(s: SegmentSettings, device_type: str) -> int:
@@ -90,6 +92,9 @@ class FastSAMSegmenter:
         self.threads = resolve_threads(settings, self.device.type)
         torch.set_num_threads(self.threads)  # after ultralytics' import, which sets its own
         self.fp16 = settings.half and self.device.type == "cuda"
+        # The one place the mask path is chosen: mask by mask with BLAS on the box band is fastest on
+        # a CPU; on an accelerator, a few large operations per batch (see candidates()).
+        self.batched_masks = settings.mask_path == "batched" or (settings.mask_path == "auto" and self.device.type != "cpu")
         self.stride = max(int(self.model.stride.max()), 32)
         self.nc = len(self.model.names)
         self.imgsz = check_imgsz(settings.imgsz, stride=self.stride, min_dim=2)
@@ -129,25 +134,37 @@ class FastSAMSegmenter:
                 out[i] = (shape[:2], preds[j], y[1][j])
         return out
 
-    def candidates(self, image: np.ndarray, in_shape, pred, proto, small: bool = False) -> list[IntervalMask]:
-        """Every non-empty everything-mode mask of one image, as intervals, best score first, each
+    def candidates(self, sizes: list[tuple[int, int]], forwards, small: bool = False) -> list[list[IntervalMask]]:
+        """Every non-empty everything-mode mask of each image, as intervals, best score first, each
         with FastSAM's adjusted box (a box covering the image snaps to the full-image box).
-        ``small``: in much smaller pieces (after running out of memory); the masks are the same."""
+        ``sizes``: each image's (height, width); ``small``: in much smaller pieces (after running out
+        of memory); the masks are the same. The boxes and scores of the whole batch come to the host
+        in one copy. Mask pixels: on the CPU mask by mask inside its box (:func:`iter_box_mask_intervals`,
+        BLAS on the box band: fastest there); on an accelerator in a few large operations for the
+        whole batch (:func:`batched_box_mask_intervals`): the same intervals (tests)."""
+        torch = self.torch
         from ultralytics.utils import ops
 
-        chunk_pixels, masks_at_once = SMALL_CHUNKS if small else NORMAL_CHUNKS
+        chunk_pixels, masks_at_once, device_pixels = SMALL_CHUNKS if small else NORMAL_CHUNKS
         _maybe_simulate_out_of_memory(chunk_pixels)
-
-        h, w = image.shape[:2]
-        if not pred.shape[0]:
-            return []
-        boxes = ops.scale_boxes(in_shape, pred[:, :4].clone(), (h, w))
-        adjusted = adjust_full_image_boxes(boxes, h, w).tolist()
-        scores = pred[:, 4].float().cpu().numpy()
+        boxes = [ops.scale_boxes(in_shape, pred[:, :4].clone(), hw) for hw, (in_shape, pred, _) in zip(sizes, forwards)]
+        host = [torch.cat([b, adjust_full_image_boxes(b, *hw), pred[:, 4:5]], 1).float()
+                for b, hw, (_, pred, _) in zip(boxes, sizes, forwards)]
+        host = torch.cat(host).cpu().numpy() if host else np.empty((0, 9), np.float32)  # one copy for the batch
+        host = np.split(host, np.cumsum([len(b) for b in boxes])[:-1])
+        if not self.batched_masks:
+            pixels = [list((s, e) for _, s, e in iter_box_mask_intervals(pred[:, 6:], proto, b, h, w, chunk_pixels,
+                                                                         masks_at_once))
+                      for b, (h, w), (_, pred, proto) in zip(boxes, sizes, forwards)]
+        else:
+            pixels = batched_box_mask_intervals([(pred[:, 6:], proto, hb[:, :4], h, w)
+                                                 for hb, (h, w), (_, pred, proto) in zip(host, sizes, forwards)],
+                                                device_pixels)
         out = []
-        for i, starts, ends in iter_box_mask_intervals(pred[:, 6:], proto, boxes, h, w, chunk_pixels, masks_at_once):
-            if starts.size:  # empty masks are dropped, as ultralytics does
-                out.append(IntervalMask(starts, ends, float(scores[i]), tuple(adjusted[i])))
+        for hb, masks in zip(host, pixels):
+            adjusted, scores = hb[:, 4:8].tolist(), hb[:, 8].tolist()
+            # empty masks are dropped, as ultralytics does
+            out.append([IntervalMask(st, en, scores[i], tuple(adjusted[i])) for i, (st, en) in enumerate(masks) if st.size])
         return out
 
     def select(self, image: np.ndarray, masks: list[IntervalMask], prompts: list[dict] | None):
@@ -178,19 +195,31 @@ class FastSAMSegmenter:
                 small: bool = False) -> list[tuple[list[dict], list[dict], dict]]:
         """The output masks of each image (everything mode: best score first; with prompts: in prompt
         order), its prompt records, and its stage timings in ms: ``model`` (its share of letterbox +
-        forward + NMS), ``masks`` (mask pixels and intervals), ``select`` (mask rules, prompts, CLIP,
-        clean-up) and ``encode`` (RLE compression, area, bbox)."""
-        torch = self.torch
-        prompts = prompts or [None] * len(images)
+        forward + NMS), ``masks`` (its share of mask pixels and intervals), ``select`` (mask rules,
+        prompts, CLIP, clean-up) and ``encode`` (RLE compression, area, bbox)."""
+        return self.finish(self.segment_on_device(images, small), images, prompts)
+
+    def segment_on_device(self, images: list[np.ndarray], small: bool = False) -> tuple[list, list, dict]:
+        """The model's part of :meth:`segment`: letterbox, forward, NMS and mask intervals of a batch
+        (on the accelerator, when there is one). Returns what :meth:`finish` needs, all on the host."""
         t0 = time.perf_counter()
+        sizes = [im.shape[:2] for im in images]
         forwards = self.forward(images)
-        model_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
+        t1 = time.perf_counter()
+        with self.torch.inference_mode():
+            masks = self.candidates(sizes, forwards, small)
+        t2 = time.perf_counter()
+        n = max(len(images), 1)
+        return sizes, masks, {"model": (t1 - t0) * 1000 / n, "masks": (t2 - t1) * 1000 / n}
+
+    def finish(self, done: tuple[list, list, dict], images: list[np.ndarray],
+               prompts: list[list[dict] | None] | None = None) -> list[tuple[list[dict], list[dict], dict]]:
+        """The host's part of :meth:`segment`: mask rules, prompts and RLE of each image."""
+        sizes, candidates, shared = done
+        prompts = prompts or [None] * len(images)
         results = []
-        with torch.inference_mode():
-            for im, (in_shape, pred, proto), image_prompts in zip(images, forwards, prompts):
-                h, w = im.shape[:2]
-                t1 = time.perf_counter()
-                masks = self.candidates(im, in_shape, pred, proto, small)
+        with self.torch.inference_mode():
+            for im, (h, w), masks, image_prompts in zip(images, sizes, candidates, prompts):
                 t2 = time.perf_counter()
                 selected, prompt_records = self.select(im, masks, image_prompts)
                 t3 = time.perf_counter()
@@ -201,7 +230,7 @@ class FastSAMSegmenter:
                     counts, area, bbox = rle_fields(runs_to_rle(runs_from_intervals(starts, ends, h * w), h, w))
                     records.append({"counts": counts, "bbox": bbox, "area": area, **fields})
                 t4 = time.perf_counter()
-                timings = {"model": model_ms, "masks": (t2 - t1) * 1000, "select": (t3 - t2) * 1000, "encode": (t4 - t3) * 1000}
+                timings = {**shared, "select": (t3 - t2) * 1000, "encode": (t4 - t3) * 1000}
                 results.append((records, prompt_records, timings))
         return results
 

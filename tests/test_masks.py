@@ -8,7 +8,8 @@ from ultralytics.models.fastsam.utils import adjust_bboxes_to_image_border
 from ultralytics.utils.metrics import box_iou
 from ultralytics.utils.ops import process_mask_native
 
-from fastsam_batch.masks import adjust_full_image_boxes, box_pixel_span, iter_box_mask_intervals
+from fastsam_batch.masks import (adjust_full_image_boxes, batched_box_mask_intervals, box_pixel_span, box_pixel_spans,
+                                 iter_box_mask_intervals)
 
 
 def random_boxes(n: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
@@ -37,6 +38,48 @@ def test_box_crops_equal_process_mask_native(mh, mw, h, w):
         ours[i] = flat.view(w, h).T
     assert ref.sum() > 0
     assert torch.equal(ours, ref)
+
+
+def dense(masks: list, h: int, w: int) -> torch.Tensor:
+    out = torch.zeros(len(masks), h, w, dtype=torch.uint8)
+    for i, (starts, ends) in enumerate(masks):
+        flat = torch.zeros(h * w, dtype=torch.uint8)
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            flat[s:e] = 1
+        out[i] = flat.view(w, h).T
+    return out
+
+
+@pytest.mark.parametrize("budget", [1 << 26, 5000, 1])
+def test_batched_device_masks_equal_process_mask_native(budget):
+    """The accelerator path (a whole batch in a few large operations), run on CPU tensors: the same
+    masks as ultralytics' process_mask_native, image by image, whatever the chunk budget (5000: many
+    chunks; 1: one mask a chunk)."""
+    gen = torch.Generator().manual_seed(11)
+    jobs, refs = [], []
+    for (mh, mw, h, w), n in zip([(80, 80, 300, 400), (256, 256, 1500, 2250), (80, 80, 333, 251), (64, 80, 100, 1000),
+                                  (80, 80, 17, 5)], [25, 40, 0, 25, 9]):
+        protos = torch.randn(32, mh, mw, generator=gen)
+        coeffs = torch.randn(n, 32, generator=gen) * 0.3
+        boxes = random_boxes(n, h, w, gen)
+        if n:
+            boxes[0] = torch.tensor([3.2, 2.5, 3.9, 7.0])  # no whole pixel inside: an empty mask
+        jobs.append((coeffs, protos, boxes.numpy(), h, w))
+        refs.append(process_mask_native(protos, coeffs, boxes.clone(), (h, w)) if n else torch.zeros(0, h, w, dtype=torch.uint8))
+    results = batched_box_mask_intervals(jobs, budget)
+    assert len(results) == len(jobs)
+    for (coeffs, _, _, h, w), ref, masks in zip(jobs, refs, results):
+        assert len(masks) == coeffs.shape[0]
+        assert torch.equal(dense(masks, h, w), ref)
+    assert sum(r.sum() for r in refs) > 0 and results[0][0][0].size == 0
+
+
+def test_box_pixel_spans_equal_box_pixel_span():
+    gen = torch.Generator().manual_seed(5)
+    boxes = torch.cat([random_boxes(50, 90, 70, gen) * 1.2 - 5, torch.tensor([[2.0, 2.1, 5.0, 5.01], [4.2, 0, 4.5, 3]])])
+    spans = box_pixel_spans(boxes.numpy(), 90, 70)
+    for (x1, y1, x2, y2), (r0, r1, c0, c1) in zip(boxes.tolist(), spans.tolist()):
+        assert (r0, r1) == box_pixel_span(y1, y2, 90) and (c0, c1) == box_pixel_span(x1, x2, 70)
 
 
 def test_box_pixel_span_follows_crop_mask_rule():

@@ -15,9 +15,11 @@ from shapes import make_image
 SIZES = [(256, 224), (384, 320), (320, 256), (256, 224), (200, 360)]
 
 
-@pytest.fixture(scope="module")
-def segmenter(checkpoint):
-    return FastSAMSegmenter(SegmentSettings(str(checkpoint), "unused", imgsz=320, conf=0.25, iou=0.9, device="cpu"), Storage())
+@pytest.fixture(scope="module", params=["per_mask", "batched"])
+def segmenter(checkpoint, request):
+    """Both mask paths, on the CPU: mask by mask (the CPU's) and the accelerator's batched one on CPU tensors."""
+    return FastSAMSegmenter(SegmentSettings(str(checkpoint), "unused", imgsz=320, conf=0.25, iou=0.9, device="cpu",
+                                            mask_path=request.param), Storage())
 
 
 @pytest.fixture(scope="module")
