@@ -335,7 +335,9 @@ def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings
         fn_constructor_args=(settings, storage, summary.run_fingerprint),
         batch_size=m.runtime.batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors),
+        # Two calls at once on GPUs (host work of one batch overlaps the device work of the next).
+        compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=sizing.calls_per_actor,
+                                  enable_true_multi_threading=sizing.calls_per_actor > 1),
         num_cpus=m.runtime.cpus_per_actor,
         num_gpus=gpus,
     )

@@ -123,7 +123,11 @@ class FastSAMSegmenter:
             groups.setdefault(b.shape, []).append(i)
         out: list = [None] * len(images)
         for shape, idx in groups.items():
-            x = torch.from_numpy(np.stack([boxed[i] for i in idx])).to(self.device)
+            x = torch.from_numpy(np.stack([boxed[i] for i in idx]))
+            if self.device.type == "cuda":  # pinned: the copy runs asynchronously
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            else:
+                x = x.to(self.device)
             x = x.permute(0, 3, 1, 2).contiguous()
             x = (x.half() if self.fp16 else x.float()).div_(255)
             with torch.inference_mode():
@@ -239,7 +243,10 @@ class SegmentActor:
     """Ray Data callable: batch of decoded rows -> pyarrow table of output rows."""
 
     def __init__(self, settings: SegmentSettings, storage, run_fingerprint: str):
+        import threading
+
         self.segmenter = FastSAMSegmenter(settings, storage)
+        self.device_lock = threading.Lock()  # one batch on the device at a time (see segment_batch)
         self._cpu_segmenter: FastSAMSegmenter | None = None
         self.storage = storage
         self.run_fingerprint = run_fingerprint
@@ -263,8 +270,9 @@ class SegmentActor:
         # With prompts, an image without any gets an ok row with no masks and no model time.
         todo = [i for i in range(n) if errors[i] is None and (not s.prompted or s.keep_everything or given[i])]
         if todo:
+            images = [batch["image"][i] for i in todo]
             try:
-                done = self.segmenter.segment([batch["image"][i] for i in todo], [given[i] for i in todo])
+                done = self.segment_batch(self.segmenter, images, [given[i] for i in todo])
                 for i, (recs, prs, t) in zip(todo, done):
                     masks[i], records[i], timings[i] = recs, prs, t
             except Exception:  # noqa: BLE001 - isolate the image that fails; the others still get rows
@@ -277,12 +285,20 @@ class SegmentActor:
         return output_table(batch, masks, errors, timings, model=self.model_name, sha256=s.checkpoint_sha256,
                             fingerprint=self.run_fingerprint, prompts=records)
 
+    def segment_batch(self, segmenter: "FastSAMSegmenter", images: list[np.ndarray], prompts: list, small: bool = False):
+        """The device part under the actor's lock, the host part outside it: with two calls running
+        in the actor (on accelerators), the mask rules, prompts and RLE of one batch run while the
+        device works on the next."""
+        with self.device_lock:
+            done = segmenter.segment_on_device(images, small)
+        return segmenter.finish(done, images, prompts)
+
     def segment_one(self, image: np.ndarray, prompts: list[dict]):
         """One image alone; when it runs out of memory (many masks, a huge image), again with masks
         in much smaller pieces, then on the CPU (when the model runs on an accelerator). Raises
         :class:`OutOfMemory` naming what was tried when every way runs out of memory."""
-        ways = [("as usual", lambda: self.segmenter.segment([image], [prompts])),
-                ("with smaller mask chunks", lambda: self.segmenter.segment([image], [prompts], small=True))]
+        ways = [("as usual", lambda: self.segment_batch(self.segmenter, [image], [prompts])),
+                ("with smaller mask chunks", lambda: self.segment_batch(self.segmenter, [image], [prompts], small=True))]
         if self.segmenter.device.type != "cpu":
             ways.append(("on the CPU", lambda: self.cpu_segmenter().segment([image], [prompts], small=True)))
         tried = []

@@ -34,6 +34,7 @@ class ActorPlan:
     decode_workers: int  # most read/decode workers the run scales to
     why: str  # how the actor count was chosen, for the log
     embedded: bool  # sized from this machine (an embedded local Ray)
+    calls_per_actor: int = 1  # batches an actor works on at once (see plan_actors)
 
 
 def uses_cuda(device: str, cluster_gpus: float) -> bool:
@@ -56,6 +57,10 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
     2% of an image's time there); on GPUs every CPU the actors leave, at least two per actor: a
     2250x1500 JPEG takes about 75 ms to decode on one core, so one decoder feeds about 13 images/s,
     far below what a GPU segments.
+
+    Batches in an actor at once: on GPUs two, so that the host part of one batch (mask rules,
+    prompts, RLE) runs while the device works on the next (the device part holds a lock; see
+    ``segment.SegmentActor``); on the CPU one, where both parts compete for the same core.
     """
     gpus = runtime.gpus_per_actor
     if gpus is None:
@@ -80,7 +85,7 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
     else:
         decoders = 2 * actors
     return ActorPlan(actors=actors, gpus_per_actor=gpus, in_flight_mb=in_flight, decode_workers=decoders, why=why,
-                     embedded=cluster.embedded)
+                     embedded=cluster.embedded, calls_per_actor=2 if gpus > 0 else 1)
 
 
 def embedded_ray_cpus(runtime, actors: int, machine_cpus: int) -> int:

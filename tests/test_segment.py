@@ -92,3 +92,22 @@ def test_out_of_memory_is_retried_with_smaller_chunks_then_becomes_an_error_row(
         assert r["error"].startswith("segment_failed: OutOfMemory: out of memory for this image")
         assert "as usual: OutOfMemoryError" in r["error"] and "with smaller mask chunks: OutOfMemoryError" in r["error"]
         assert r["masks"] == []
+
+
+def test_two_batches_at_once_in_one_actor_give_the_sequential_results(checkpoint, images):
+    """On accelerators an actor takes two batches at once (the device part of one under a lock while
+    the host part of the other runs); the rows are those of one batch after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastsam_batch.segment import SegmentActor
+
+    actor = SegmentActor(SegmentSettings(str(checkpoint), "unused", imgsz=320, conf=0.25, iou=0.9, device="cpu",
+                                         mask_path="batched"), Storage(), "fp")
+    arrays = [decode_image(p.read_bytes()) for p in images]
+    batches = [_actor_batch(arrays[:3]), _actor_batch(arrays[3:]), _actor_batch(arrays[1:4])]
+    sequential = [actor(b).to_pylist() for b in batches]
+    with ThreadPoolExecutor(2) as pool:
+        concurrent = [t.to_pylist() for t in pool.map(actor, batches)]
+    strip = lambda rows: [(r["image_id"], r["status"], [m["counts"] for m in r["masks"]]) for r in rows]  # noqa: E731
+    assert [strip(r) for r in concurrent] == [strip(r) for r in sequential]
+    assert sum(r["num_masks"] for rows in sequential for r in rows) > 0

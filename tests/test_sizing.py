@@ -55,3 +55,11 @@ def test_read_decode_workers_two_per_actor_on_cpu_and_every_free_cpu_on_gpus():
     # few CPUs per GPU: still two per actor
     assert plan_actors(RuntimeConfig(), "auto", machine(4, gpus=4, embedded=False)).decode_workers == 8
     assert plan_actors(RuntimeConfig(decode_workers=3), "auto", machine(16, gpus=1)).decode_workers == 3
+
+
+def test_two_batches_at_once_per_gpu_actor_one_on_cpu():
+    """On GPUs the host part of a batch overlaps the device part of the next (two calls per actor);
+    on the CPU both parts would compete for the same core."""
+    assert plan_actors(RuntimeConfig(), "auto", machine(16, gpus=2)).calls_per_actor == 2
+    assert plan_actors(RuntimeConfig(), "auto", machine(16)).calls_per_actor == 1
+    assert plan_actors(RuntimeConfig(), "cpu", machine(16, gpus=2)).calls_per_actor == 1
