@@ -9,6 +9,7 @@ displayed. Decompression bombs are refused from the header, before any pixel is 
 from __future__ import annotations
 
 import io
+import math
 import sys
 import warnings
 
@@ -46,6 +47,27 @@ class DecodeError(ValueError):
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """RGB uint8 HxWx3 array of the displayed image. Raises :class:`DecodeError`."""
+    return _decode(data, max_pixels, None)[0]
+
+
+def decode_for_model(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, imgsz: int | None = None
+                     ) -> tuple[np.ndarray, tuple[int, int]]:
+    """(RGB array, (height, width) of the displayed image). With ``imgsz``, a JPEG much larger than
+    the model's input is decoded at a reduced size by the decoder's own DCT scaling (1/2, 1/4 or
+    1/8: Pillow's ``draft``), never below what the letterbox at ``imgsz`` takes from it: 3-4x less
+    decode time and object store for a photo, while the masks, computed from the model's output at
+    the displayed size, still cover every pixel. The model sees the image resampled from the reduced
+    decode rather than from the full one, so masks are close to, not identical with, ultralytics'
+    (benchmarks/RESULTS.md states the agreement). Without ``imgsz``, or for other formats: the full
+    image, exactly :func:`decode_image`. Raises :class:`DecodeError`."""
+    return _decode(data, max_pixels, imgsz)
+
+
+# Margin over imgsz when asking for a reduced decode: the model rounds imgsz up to its stride.
+_STRIDE_MARGIN = 32
+
+
+def _decode(data: bytes, max_pixels: int, imgsz: int | None) -> tuple[np.ndarray, tuple[int, int]]:
     if not data:
         raise DecodeError("empty_file", "the file has zero bytes")
     try:
@@ -66,15 +88,28 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise DecodeError("too_many_pixels", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
     try:
         img.seek(0)  # first frame of a GIF / multi-page TIFF
+        reduced = None
+        if imgsz and img.format == "JPEG":
+            r = (imgsz + _STRIDE_MARGIN) / max(w, h)
+            if r < 0.5:  # a DCT scale of 1/2 or less still covers the letterbox
+                reduced = img.draft(img.mode, (math.ceil(w * r), math.ceil(h * r)))
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        turned = _exif_orientation(img) in (5, 6, 7, 8)  # shown rotated by a quarter turn
+        arr = _to_rgb(ImageOps.exif_transpose(img))
+        return arr, ((w, h) if turned else (h, w)) if reduced else arr.shape[:2]
     except DecodeError:
         raise
     except Exception as e:  # noqa: BLE001
         msg = str(e) or type(e).__name__
         reason = "truncated_image" if "truncat" in msg.lower() else "corrupt_image"
         raise DecodeError(reason, msg) from None
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: shown as stored, as exif_transpose does
+        return 1
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

@@ -27,6 +27,9 @@ class InputConfig(_Strict):
     uri: str = Field(min_length=1, description="folder, prefix (recursive), glob or single file; local or s3://")
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, description="images with more pixels are refused before decode")
     skip_non_images: bool = Field(default=True, description="skip keys whose extension is not an image format (counted)")
+    decode: Literal["reduced", "exact"] = Field(
+        default="reduced", description="reduced: JPEGs much larger than the model input decoded at 1/2-1/8 size by "
+        "DCT scaling (masks still at full size); exact: always full size, as ultralytics")
 
 
 class ModelConfig(_Strict):
@@ -165,6 +168,11 @@ class Manifest(_Strict):
     output: OutputConfig
     runtime: RuntimeConfig = RuntimeConfig()
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec/s3fs options, e.g. endpoint_url, anon")
+
+    def reduced_decode(self, clip_texts: bool) -> bool:
+        """Whether images are decoded at a reduced size (``input.decode``): not with CLIP text prompts,
+        whose crops need the full image."""
+        return self.input.decode == "reduced" and not clip_texts
 
     @model_validator(mode="after")
     def _distinct_io(self) -> "Manifest":

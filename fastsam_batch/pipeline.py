@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from . import __version__
-from .decode import DecodeError, decode_image
+from .decode import DecodeError, decode_for_model
 from .manifest import Manifest
 from .model import checkpoint_sha256
 from .offline import configure_ultralytics
@@ -44,11 +44,14 @@ class JobError(RuntimeError):
 
 
 class ReadDecode:
-    """Ray Data row function: planned item -> decoded RGB image, or an error row."""
+    """Ray Data row function: planned item -> decoded RGB image, or an error row. ``imgsz``: decode
+    JPEGs much larger than the model input at a reduced size (see decode.decode_for_model); the
+    row's width and height are always the image's as shown."""
 
-    def __init__(self, storage: Storage, max_pixels: int):
+    def __init__(self, storage: Storage, max_pixels: int, imgsz: int | None = None):
         self.storage = storage
         self.max_pixels = max_pixels
+        self.imgsz = imgsz
 
     def __call__(self, row: dict) -> dict:
         out = {"image_id": row["image_id"], "uri": row["uri"], "width": -1, "height": -1, "decode_ms": -1.0,
@@ -60,8 +63,7 @@ class ReadDecode:
         if err is None:
             t0 = time.perf_counter()
             try:
-                image = decode_image(data, self.max_pixels)
-                out["height"], out["width"] = int(image.shape[0]), int(image.shape[1])
+                image, (out["height"], out["width"]) = decode_for_model(data, self.max_pixels, self.imgsz)
             except DecodeError as e:
                 err = str(e)
             out["decode_ms"] = (time.perf_counter() - t0) * 1000
@@ -328,7 +330,9 @@ def _run_ray(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings
         ds = ds.flat_map(lambda row: read_plan_part(row["part"], storage), num_cpus=m.runtime.decode_cpus)
     else:
         ds = ray.data.from_items(plan.in_memory, override_num_blocks=max(1, min(plan.count, 200)))
-    ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels), num_cpus=m.runtime.decode_cpus,
+    reduced = m.reduced_decode(bool(settings.clip_uri))
+    ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels, m.model.imgsz if reduced else None),
+                num_cpus=m.runtime.decode_cpus,
                 compute=ActorPoolStrategy(min_size=1, max_size=sizing.decode_workers))
     ds = ds.map_batches(
         SegmentActor,

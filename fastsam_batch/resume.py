@@ -34,6 +34,8 @@ def run_fingerprint(m: Manifest, checkpoint_sha256: str, prompt_sources: dict | 
         "mask_rules": m.mask_rules.model_dump(),
         "decode": {"max_pixels": m.input.max_pixels},
     }
+    if m.reduced_decode(bool((prompt_sources or {}).get("clip_sha256"))):
+        material["decode"]["reduced"] = True  # exact decoding keeps the fingerprints it always had
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
     return digest, material
 

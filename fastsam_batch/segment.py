@@ -106,7 +106,17 @@ class FastSAMSegmenter:
             clip_dir = local_clip_dir(settings.clip_uri, storage, settings.clip_sha256 or "")
             self.clip = ClipScorer(clip_dir, self.device, min_area=settings.text_min_area)
 
-    def forward(self, images: list[np.ndarray]):
+    def letterboxed(self, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """ultralytics' letterbox of an image shown at ``size`` (height, width): its geometry is
+        that of the full image, and the pixels are resized from ``image``, which may be a reduced
+        decode of it (see decode.decode_for_model); for a full-size image exactly ``LetterBox``."""
+        if tuple(image.shape[:2]) == tuple(size):
+            return self.letterbox(image=image)
+        shape_only = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (*size, 3))
+        params = self.letterbox.get_params({"img": shape_only})
+        return self.letterbox.apply_image({"img": image}, params)["img"]
+
+    def forward(self, images: list[np.ndarray], sizes: list[tuple[int, int]] | None = None):
         """Letterbox + model + NMS for a batch of RGB images.
 
         Like ultralytics' predictor (``rect=True``), each image is letterboxed to the smallest
@@ -117,7 +127,8 @@ class FastSAMSegmenter:
         torch = self.torch
         from .nms import batched_nms
 
-        boxed = [self.letterbox(image=im) for im in images]
+        sizes = sizes or [im.shape[:2] for im in images]
+        boxed = [self.letterboxed(im, hw) for im, hw in zip(images, sizes)]
         groups: dict[tuple, list[int]] = {}
         for i, b in enumerate(boxed):
             groups.setdefault(b.shape, []).append(i)
@@ -171,10 +182,13 @@ class FastSAMSegmenter:
             out.append([IntervalMask(st, en, scores[i], tuple(adjusted[i])) for i, (st, en) in enumerate(masks) if st.size])
         return out
 
-    def select(self, image: np.ndarray, masks: list[IntervalMask], prompts: list[dict] | None):
-        """Mask rules, then prompts: the output masks as (intervals, record fields), and the prompt records."""
+    def select(self, image: np.ndarray, masks: list[IntervalMask], prompts: list[dict] | None,
+               size: tuple[int, int] | None = None):
+        """Mask rules, then prompts: the output masks as (intervals, record fields), and the prompt
+        records. ``size``: the image's (height, width) when ``image`` is a reduced decode (CLIP text
+        prompts need the full image, see pipeline)."""
         s = self.settings
-        h, w = image.shape[:2]
+        h, w = size or image.shape[:2]
         keep = apply_mask_rules(masks, h, w, s.rules)
         masks = [masks[i] for i in keep]
         out: list[tuple[tuple[np.ndarray, np.ndarray], dict]] = []
@@ -196,19 +210,21 @@ class FastSAMSegmenter:
         return out, records
 
     def segment(self, images: list[np.ndarray], prompts: list[list[dict] | None] | None = None,
-                small: bool = False) -> list[tuple[list[dict], list[dict], dict]]:
+                small: bool = False, sizes: list[tuple[int, int]] | None = None) -> list[tuple[list[dict], list[dict], dict]]:
         """The output masks of each image (everything mode: best score first; with prompts: in prompt
         order), its prompt records, and its stage timings in ms: ``model`` (its share of letterbox +
         forward + NMS), ``masks`` (its share of mask pixels and intervals), ``select`` (mask rules,
-        prompts, CLIP, clean-up) and ``encode`` (RLE compression, area, bbox)."""
-        return self.finish(self.segment_on_device(images, small), images, prompts)
+        prompts, CLIP, clean-up) and ``encode`` (RLE compression, area, bbox). ``sizes``: each
+        image's (height, width) as shown, where an image is a reduced decode; else the arrays' own."""
+        return self.finish(self.segment_on_device(images, small, sizes), images, prompts)
 
-    def segment_on_device(self, images: list[np.ndarray], small: bool = False) -> tuple[list, list, dict]:
+    def segment_on_device(self, images: list[np.ndarray], small: bool = False,
+                          sizes: list[tuple[int, int]] | None = None) -> tuple[list, list, dict]:
         """The model's part of :meth:`segment`: letterbox, forward, NMS and mask intervals of a batch
         (on the accelerator, when there is one). Returns what :meth:`finish` needs, all on the host."""
         t0 = time.perf_counter()
-        sizes = [im.shape[:2] for im in images]
-        forwards = self.forward(images)
+        sizes = [tuple(hw) for hw in sizes] if sizes else [im.shape[:2] for im in images]
+        forwards = self.forward(images, sizes)
         t1 = time.perf_counter()
         with self.torch.inference_mode():
             masks = self.candidates(sizes, forwards, small)
@@ -225,7 +241,7 @@ class FastSAMSegmenter:
         with self.torch.inference_mode():
             for im, (h, w), masks, image_prompts in zip(images, sizes, candidates, prompts):
                 t2 = time.perf_counter()
-                selected, prompt_records = self.select(im, masks, image_prompts)
+                selected, prompt_records = self.select(im, masks, image_prompts, (h, w))
                 t3 = time.perf_counter()
                 records = []
                 for (starts, ends), fields in selected:
@@ -266,41 +282,44 @@ class SegmentActor:
         # Until an image is segmented, its prompts record why not (kept when segmenting fails).
         records = [[prompt_record(k, p, 0, p.get("error") or "image_failed: see the row's error") for k, p in enumerate(ps)]
                    for ps in given]
+        # The image as shown (an image may be a reduced decode of it; see decode.decode_for_model).
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in range(n)]
         s = self.settings
         # With prompts, an image without any gets an ok row with no masks and no model time.
         todo = [i for i in range(n) if errors[i] is None and (not s.prompted or s.keep_everything or given[i])]
         if todo:
             images = [batch["image"][i] for i in todo]
             try:
-                done = self.segment_batch(self.segmenter, images, [given[i] for i in todo])
+                done = self.segment_batch(self.segmenter, images, [given[i] for i in todo], [sizes[i] for i in todo])
                 for i, (recs, prs, t) in zip(todo, done):
                     masks[i], records[i], timings[i] = recs, prs, t
             except Exception:  # noqa: BLE001 - isolate the image that fails; the others still get rows
                 self.free_memory()
                 for i in todo:
                     try:
-                        masks[i], records[i], timings[i] = self.segment_one(batch["image"][i], given[i])
+                        masks[i], records[i], timings[i] = self.segment_one(batch["image"][i], given[i], sizes[i])
                     except Exception as e:  # noqa: BLE001
                         errors[i] = f"segment_failed: {type(e).__name__}: {e}"
         return output_table(batch, masks, errors, timings, model=self.model_name, sha256=s.checkpoint_sha256,
                             fingerprint=self.run_fingerprint, prompts=records)
 
-    def segment_batch(self, segmenter: "FastSAMSegmenter", images: list[np.ndarray], prompts: list, small: bool = False):
+    def segment_batch(self, segmenter: "FastSAMSegmenter", images: list[np.ndarray], prompts: list, sizes: list,
+                      small: bool = False):
         """The device part under the actor's lock, the host part outside it: with two calls running
         in the actor (on accelerators), the mask rules, prompts and RLE of one batch run while the
         device works on the next."""
         with self.device_lock:
-            done = segmenter.segment_on_device(images, small)
+            done = segmenter.segment_on_device(images, small, sizes)
         return segmenter.finish(done, images, prompts)
 
-    def segment_one(self, image: np.ndarray, prompts: list[dict]):
+    def segment_one(self, image: np.ndarray, prompts: list[dict], size: tuple[int, int]):
         """One image alone; when it runs out of memory (many masks, a huge image), again with masks
         in much smaller pieces, then on the CPU (when the model runs on an accelerator). Raises
         :class:`OutOfMemory` naming what was tried when every way runs out of memory."""
-        ways = [("as usual", lambda: self.segment_batch(self.segmenter, [image], [prompts])),
-                ("with smaller mask chunks", lambda: self.segment_batch(self.segmenter, [image], [prompts], small=True))]
+        ways = [("as usual", lambda: self.segment_batch(self.segmenter, [image], [prompts], [size])),
+                ("with smaller mask chunks", lambda: self.segment_batch(self.segmenter, [image], [prompts], [size], True))]
         if self.segmenter.device.type != "cpu":
-            ways.append(("on the CPU", lambda: self.cpu_segmenter().segment([image], [prompts], small=True)))
+            ways.append(("on the CPU", lambda: self.cpu_segmenter().segment([image], [prompts], True, [size])))
         tried = []
         for way, run in ways:
             try:

@@ -135,3 +135,51 @@ def test_ultralytics_pillow_patch_is_bypassed():
     with pytest.raises(DecodeError) as e:
         decode_image(b"plain text, no image here\n" * 5)
     assert e.value.reason == "not_an_image"
+
+
+# ----------------------------------------------------------------------------- reduced decode
+def big_jpeg(w=1400, h=1000, orientation: int | None = None) -> bytes:
+    img = Image.fromarray(np.ascontiguousarray(np.resize(rgb_array(), (h, w, 3))))
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        return encode(img, "JPEG", quality=90, exif=exif)
+    return encode(img, "JPEG", quality=90)
+
+
+def test_reduced_decode_of_a_large_jpeg_keeps_the_shown_size():
+    from fastsam_batch.decode import decode_for_model
+
+    data = big_jpeg()
+    full = decode_image(data)
+    small, shown = decode_for_model(data, imgsz=320)
+    assert shown == full.shape[:2] == (1000, 1400)
+    assert small.shape == (500, 700, 3)  # DCT scale 1/2: still more than the 320-pixel letterbox takes
+    tiny, _ = decode_for_model(big_jpeg(3200, 2400), imgsz=320)
+    assert tiny.shape == (300, 400, 3)  # 1/8, the largest scale that still covers 320 + a stride
+    same, shown = decode_for_model(data, imgsz=1024)  # not 2x larger than the model input: full size
+    assert np.array_equal(same, full) and shown == (1000, 1400)
+    same, shown = decode_for_model(data)  # no imgsz: exactly decode_image
+    assert np.array_equal(same, full) and shown == (1000, 1400)
+
+
+def test_reduced_decode_applies_exif_orientation_to_the_shown_size():
+    from fastsam_batch.decode import decode_for_model
+
+    for orientation in (6, 8, 3):
+        data = big_jpeg(orientation=orientation)
+        full = decode_image(data)
+        small, shown = decode_for_model(data, imgsz=320)
+        assert shown == full.shape[:2] == ((1400, 1000) if orientation in (6, 8) else (1000, 1400))
+        assert small.shape[:2] == (shown[0] // 2, shown[1] // 2)
+
+
+def test_reduced_decode_leaves_other_formats_whole():
+    from fastsam_batch.decode import decode_for_model
+
+    data = encode(Image.fromarray(np.ascontiguousarray(np.resize(rgb_array(), (1000, 1400, 3)))), "PNG")
+    arr, shown = decode_for_model(data, imgsz=320)
+    assert np.array_equal(arr, decode_image(data)) and shown == (1000, 1400)
+    with pytest.raises(DecodeError) as e:
+        decode_for_model(big_jpeg()[:5000], imgsz=320)
+    assert e.value.reason == "truncated_image"

@@ -111,3 +111,32 @@ def test_two_batches_at_once_in_one_actor_give_the_sequential_results(checkpoint
     strip = lambda rows: [(r["image_id"], r["status"], [m["counts"] for m in r["masks"]]) for r in rows]  # noqa: E731
     assert [strip(r) for r in concurrent] == [strip(r) for r in sequential]
     assert sum(r["num_masks"] for rows in sequential for r in rows) > 0
+
+
+def test_reduced_decode_masks_agree_with_the_reference(segmenter, tmp_path, checkpoint):
+    """Large JPEGs decoded at a reduced size (input.decode: reduced): the letterbox has the full
+    image's geometry, the masks are at the full size, and they match ultralytics' FastSAM on the
+    same files (decoded whole) at IoU >= 0.95 for at least 95% of its masks."""
+    from ultralytics import FastSAM
+
+    from fastsam_batch.decode import decode_for_model
+
+    ref_model = FastSAM(str(checkpoint))
+    matched = total = 0
+    for seed in range(4):
+        p = tmp_path / f"{seed}.jpg"
+        make_image(4100 + seed, size=(1400, 1100))[0].save(p, quality=95)
+        full = decode_image(p.read_bytes())
+        small, shown = decode_for_model(p.read_bytes(), imgsz=320)
+        assert shown == full.shape[:2] and small.shape[0] < full.shape[0]
+        assert segmenter.letterboxed(small, shown).shape == segmenter.letterbox(image=full).shape
+        (recs, _, _), = segmenter.segment([small], sizes=[shown])
+        ref = ref_model.predict(str(p), imgsz=320, conf=0.25, iou=0.9, retina_masks=True, device="cpu", verbose=False)[0]
+        h, w = shown
+        refs = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in ref.masks.data.numpy()]
+        ours = [{"size": [h, w], "counts": r["counts"].encode()} for r in recs]
+        total += len(refs)
+        if refs and ours:
+            matched += int((mask_utils.iou(refs, ours, [0] * len(ours)).max(1) >= 0.95).sum())
+    assert total >= 8
+    assert matched >= 0.95 * total, (matched, total)
