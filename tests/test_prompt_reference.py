@@ -43,8 +43,7 @@ class Case:
 
     def __init__(self, segmenter, ref_model, path: Path, imgsz: int, conf: float):
         self.image = decode_image(path.read_bytes())
-        (in_shape, pred, proto), = segmenter.forward([self.image])
-        self.masks = segmenter.candidates(self.image, in_shape, pred, proto)
+        self.masks = segmenter.segment_on_device([self.image])[1][0]  # every mask, as intervals
         self.ref = ref_model.predict(str(path), imgsz=imgsz, conf=conf, iou=0.9, retina_masks=True, device="cpu", verbose=False)[0]
         self.predictor = ref_model.predictor
         self.h, self.w = self.image.shape[:2]

@@ -41,8 +41,7 @@ def test_text_prompts_pick_the_named_shape_far_above_chance(segmenter, scorer):
         img, shapes = make_image(seed)
         arr = np.array(img)
         h, w = arr.shape[:2]
-        (in_shape, pred, proto), = segmenter.forward([arr])
-        masks = segmenter.candidates(arr, in_shape, pred, proto)
+        masks = segmenter.segment_on_device([arr])[1][0]
         if not masks:
             continue
         sim = scorer.similarity_fn(arr, masks)
@@ -73,8 +72,7 @@ def test_text_embeddings_are_cached_per_text(scorer):
 def test_small_masks_are_not_scored(segmenter, scorer):
     img, _ = make_image(600_100)
     arr = np.array(img)
-    (in_shape, pred, proto), = segmenter.forward([arr])
-    masks = segmenter.candidates(arr, in_shape, pred, proto)
+    masks = segmenter.segment_on_device([arr])[1][0]
     big = ClipScorer.__new__(ClipScorer)
     big.__dict__.update(scorer.__dict__)
     big.min_area = 10**9  # every mask "too small"

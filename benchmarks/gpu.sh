@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU measurement of issue 11, as ONE call on the lent GPU machine (see README "Benchmark"):
+#
+#   bash ../shared/device/bundle.sh 10          # here: packs ray, ultralytics, ... and 10 photos into .device/
+#   device run, carry [".device"], timeout 420:
+#     source .device/setup.sh && bash benchmarks/gpu.sh
+#
+# FastSAM-s and FastSAM-x architectures (realistic random-weight load, conf 0.4, imgsz 1024, fp16,
+# batch 16) on the carried photos repeated to 160 images: the model alone, the plain ultralytics
+# loop, `fastsam-batch run` end to end (GPU utilisation, ms per stage, agreement with the loop),
+# then host and GPU memory at 160 and 1,600 images. Writes results under $OUT (the device tool's
+# output folder) or benchmarks/out/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 benchmarks/bench.py --gpu-report --device cuda --half --photos "${PHOTOS:-160}" --batch-size "${BATCH:-16}" \
+  --baseline-photos "${BASELINE_PHOTOS:-40}" --photo-dir "${DEVICE_PHOTOS:-../shared/real-images}" \
+  --out "$out/gpu-report.json" 2>&1 | tee "$out/gpu-report.log"
