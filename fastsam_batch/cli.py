@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .model import CheckpointError
-    from .pipeline import JobError, run_job
+    from .job import JobError, run_job
 
     try:
         summary = run_job(manifest, overwrite=args.overwrite, log=lambda msg: print(msg, flush=True))

@@ -79,7 +79,7 @@ TRACED = [sys.executable, "-X", "tracemalloc=1", "-c"]
 DRIVER = r"""
 import json, os, resource, sys, tracemalloc
 from fastsam_batch.manifest import parse_manifest
-from fastsam_batch.pipeline import PromptAttacher, plan_job
+from fastsam_batch.job import PromptAttacher, plan_job
 from fastsam_batch.resume import Committed
 from fastsam_batch.storage import Storage
 from fastsam_batch.summary import RunSummary

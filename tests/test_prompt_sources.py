@@ -182,7 +182,7 @@ def test_bad_prompt_and_rule_sections_name_the_field(section, value, field_text)
 
 
 def test_attach_prompts_by_uri_counts_images_without_prompts_and_unknown_images(tmp_path):
-    from fastsam_batch.pipeline import attach_prompts
+    from fastsam_batch.job import attach_prompts
     from fastsam_batch.summary import RunSummary
 
     items = [{"image_id": f"{i}.png", "uri": f"s3://b/imgs/{i}.png"} for i in range(3)]
@@ -212,7 +212,7 @@ def test_attach_prompts_by_uri_counts_images_without_prompts_and_unknown_images(
 
 
 def test_text_prompts_without_a_usable_clip_fail_before_work(tmp_path):
-    from fastsam_batch.pipeline import JobError, attach_prompts
+    from fastsam_batch.job import JobError, attach_prompts
     from fastsam_batch.summary import RunSummary
 
     items = [{"image_id": "0.png", "uri": "/x/0.png"}]
