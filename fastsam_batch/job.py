@@ -14,8 +14,9 @@ from .plan import PlanParts, Skipped, chunked, iter_inputs, remove_plan_files
 from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentSettings
-from .resume import (Committed, drop_superseded_rows, read_committed, remove_stale_temporaries, run_fingerprint,
-                     source_version, superseded_parts)
+from .lease import Lease, LeaseHeld, new_run_id
+from .resume import (Committed, drop_rows, drop_superseded_rows, duplicate_rows, read_committed,
+                     remove_stale_temporaries, run_fingerprint, source_version, superseded_parts)
 from .storage import Storage, join_uri, redact
 from .summary import RunSummary
 from .write import put_atomic
@@ -133,7 +134,7 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     return plan, superseded, changed
 
 
-def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
+def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool = False) -> RunSummary:
     t_start = time.perf_counter()
     env = configure_ultralytics()
     storage = Storage(m.storage_options)
@@ -144,7 +145,34 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     summary.model = m.model.checkpoint.rstrip("/").rsplit("/", 1)[-1]
     prompts = PromptAttacher(m, storage)
     summary.run_fingerprint, material = run_fingerprint(m, summary.checkpoint_sha256, prompts.sources)
+
+    # One writer per output: the lease is held from here to the end (see lease.py).
+    summary.run_id = new_run_id()
+    lease = Lease(storage, m.output.uri, summary.run_id, m.runtime.lease_stale_s, m.runtime.lease_heartbeat_s,
+                  __version__)
+    try:
+        lease.acquire(break_lease)
+    except LeaseHeld as e:
+        raise JobError(str(e)) from None
+    if lease.taken_over is not None:
+        why = lease.stale_reason(lease.taken_over) or "--break-lease"
+        summary.lease_taken_over = f"{lease.taken_over.describe()} ({why})"
+        log(f"took over the lease on {m.output.uri} from {summary.lease_taken_over}")
+    lease.start_heartbeat()
+    try:
+        return _run_holding_lease(m, overwrite, log, t_start, env, storage, summary, prompts, material, lease)
+    finally:
+        lease.release()
+
+
+def _run_holding_lease(m: Manifest, overwrite: bool, log, t_start: float, env: dict, storage: Storage,
+                       summary: RunSummary, prompts: "PromptAttacher", material: dict, lease: Lease) -> RunSummary:
+    compression = None if m.output.compression == "none" else m.output.compression
     committed = read_committed(m.output.uri, storage)
+    twice = duplicate_rows(committed)
+    if twice:  # left by two runs writing at once (a commit in flight when a lease changed hands)
+        summary.rows_deduplicated += drop_rows(m.output.uri, storage, twice, compression)
+        committed = read_committed(m.output.uri, storage)
     others = {fp: n for fp, n in committed.fingerprints.items() if fp != summary.run_fingerprint}
     if others and not overwrite:
         raise JobError(
@@ -159,7 +187,6 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
         committed = Committed()
     remove_stale_temporaries(m.output.uri, storage)
     remove_plan_files(m.output.uri, storage)  # left by runs cut short
-    compression = None if m.output.compression == "none" else m.output.compression
     plan, superseded, changed = plan_job(m, storage, summary, committed, prompts)
     if superseded:  # rows of replaced objects, left by a run cut short after their new rows committed
         drop_superseded_rows(m.output.uri, storage, superseded, compression)
@@ -173,11 +200,20 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
     log(f"planned {plan.count} images from {m.input.uri} ({summary.skipped_not_images} non-image keys skipped"
         + (f"; plan in {len(plan.files)} files under {plan.folder}" if plan.files else "") + ")")
 
+    written: set[str] = set()
     try:
         if plan.count:
-            run_segmentation(m, env, storage, settings_for(m, summary, prompts.sources), summary, plan, log)
+            written = run_segmentation(m, env, storage, settings_for(m, summary, prompts.sources), summary, plan, log,
+                                       lease.fence())
+    except Exception as e:  # noqa: BLE001 - a writer that found the lease taken over stops the dataset
+        if "LeaseLost" not in repr(e) and "LeaseLost" not in str(e):
+            raise
+        lease.renew()  # records who holds it now
     finally:
         plan.remove()
+    if lease.lost is not None:
+        raise JobError(f"this run's lease on {m.output.uri} was taken over by {lease.lost.describe()}: this run "
+                       "stopped committing; the rows it committed before are kept, and that run finishes the output")
 
     summary.wall_s = time.perf_counter() - t_start
     done = summary.images_ok + summary.images_error
@@ -188,6 +224,10 @@ def run_job(m: Manifest, overwrite: bool = False, log=print) -> RunSummary:
                                                        compression)
         if summary.rows_superseded:
             final = read_committed(m.output.uri, storage)
+    twice = duplicate_rows(final, prefer=written)
+    if twice:  # another run's commit that landed while this run wrote the same images: this run's rows stay
+        summary.rows_deduplicated += drop_rows(m.output.uri, storage, twice, compression)
+        final = read_committed(m.output.uri, storage)
     if final.rows != final.images:
         summary.failed = f"{final.rows - final.images} duplicate rows in {m.output.uri}"
     elif done != summary.images_planned:

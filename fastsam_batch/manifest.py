@@ -157,6 +157,15 @@ class RuntimeConfig(_Strict):
     plan_part_rows: int = Field(default=1000, ge=1, description="planned images per plan part (above one part, parts go to files under output.uri/_plan/)")
     max_error_fraction: float | None = Field(default=None, ge=0.0, le=1.0, description="fail the run above this share of error rows")
     ray_address: str | None = Field(default=None, description="join this cluster; default RAY_ADDRESS, else an embedded local Ray")
+    lease_stale_s: float = Field(default=120.0, gt=0, description="a lease on output.uri without a heartbeat for this long is taken over by the next run")
+    lease_heartbeat_s: float = Field(default=15.0, gt=0, description="how often a run renews its lease on output.uri")
+
+    @model_validator(mode="after")
+    def _heartbeat_within_stale(self) -> "RuntimeConfig":
+        if self.lease_heartbeat_s * 2 > self.lease_stale_s:
+            raise ValueError(f"runtime.lease_heartbeat_s ({self.lease_heartbeat_s:g}) must be at most half of "
+                             f"runtime.lease_stale_s ({self.lease_stale_s:g})")
+        return self
 
 
 class Manifest(_Strict):

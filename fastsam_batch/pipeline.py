@@ -81,8 +81,9 @@ def _init_ray(m: Manifest, env: dict[str, str], log=print):
 
 
 def run_segmentation(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings, summary: RunSummary,
-             plan: PlanParts, log=print) -> None:
-    """read + decode -> segment + encode -> write, streaming through Ray Data; file stats to ``summary``."""
+                     plan: PlanParts, log=print, fence=None) -> set[str]:
+    """read + decode -> segment + encode -> write, streaming through Ray Data; file stats to ``summary``.
+    Returns the names of the files written. ``fence``: see lease.LeaseFence."""
     ray, sizing = _init_ray(m, env, log)
     from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
 
@@ -134,11 +135,15 @@ def run_segmentation(m: Manifest, env: dict, storage: Storage, settings: Segment
     ds = ds.map_batches(
         ParquetWriter,
         fn_constructor_args=(m.output.uri, storage, m.output.compression,
-                             DriverWatch(os.getpid()) if sizing.embedded else None),
+                             DriverWatch(os.getpid()) if sizing.embedded else None, fence),
         batch_size=m.output.rows_per_file,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=1),
         num_cpus=0.5,
     )
+    written = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        summary.add_file_stats(batch.to_pylist())
+        rows = batch.to_pylist()
+        summary.add_file_stats(rows)
+        written.update(r["file"] for r in rows if r.get("file"))
+    return written

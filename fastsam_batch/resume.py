@@ -186,23 +186,56 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     return c
 
 
+def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozenset()) -> dict[str, set[bytes]]:
+    """part -> id keys of rows to drop so that each image has one row per source version: of rows of
+    the same image and version in several files, the one in a file named in ``prefer`` (the files
+    this run wrote) is kept, else the one in the first file. Such duplicates come only from two runs
+    writing at once (a run whose lease was taken over, its last commit in flight; see lease.py)."""
+    c = committed
+    if c.rows < 2:
+        return {}
+    order = np.lexsort((c.part_of, c.versions, c.keys))
+    keys, versions, parts = c.keys[order], c.versions[order], c.part_of[order]
+    same = (keys[1:] == keys[:-1]) & (versions[1:] == versions[:-1])
+    if not same.any():
+        return {}
+    out: dict[str, set[bytes]] = {}
+    starts = np.flatnonzero(np.concatenate(([True], ~same)))
+    ends = np.concatenate((starts[1:], [len(keys)]))
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        if b - a < 2:
+            continue
+        group = parts[a:b].tolist()
+        keeper = next((p for p in group if c.parts[p].rsplit("/", 1)[-1] in prefer), group[0])
+        for p in group:
+            if p != keeper:
+                out.setdefault(c.parts[p], set()).add(bytes(keys[a]))
+    return out
+
+
 def drop_superseded_rows(output_uri: str, storage: Storage, superseded: dict[str, set[str]],
                          compression: str | None = "zstd") -> int:
-    """Rewrites each Parquet file holding superseded rows without them (new content-addressed file
+    """:func:`drop_rows` of the given image ids."""
+    return drop_rows(output_uri, storage, {part: {_id_key(i) for i in ids} for part, ids in superseded.items()},
+                     compression)
+
+
+def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set[bytes]], compression: str | None = "zstd") -> int:
+    """Rewrites each Parquet file without the rows of the given id keys (new content-addressed file
     first, then the old one deleted: a crash in between leaves the old file to be rewritten again,
     to the same name, on the next run). Returns the number of rows dropped."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from .write import part_name, put_atomic
 
     fs = storage.fs(output_uri)
     dropped = 0
-    for part, ids in sorted(superseded.items()):
+    for part, keys in sorted(rows.items()):
         with fs.open(part, "rb") as f:
             table = pq.read_table(f)
-        keep = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(ids), pa.string()))))
+        drop = np.array([_id_key(i) in keys for i in table.column("image_id").to_pylist()], bool)
+        keep = table.filter(pa.array(~drop))
         dropped += table.num_rows - keep.num_rows
         if keep.num_rows:
             import io

@@ -16,6 +16,7 @@ class RunSummary:
     images_skipped_done: int = 0  # already had rows from an earlier run of the same fingerprint
     images_changed: int = 0  # had rows, but the object changed since (ETag/size): processed again
     rows_superseded: int = 0  # rows of changed objects removed once their new rows were committed
+    rows_deduplicated: int = 0  # rows of an image written twice (two runs at once) removed, one kept
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     skipped_not_images: int = 0
     skipped_examples: list[str] = field(default_factory=list)
@@ -41,6 +42,8 @@ class RunSummary:
     output_uri: str = ""
     tool_version: str = ""
     run_fingerprint: str = ""
+    run_id: str = ""  # this run's id, as in its lease on the output
+    lease_taken_over: str | None = None  # the stale (or broken) lease this run took over, described
     fingerprint_material: dict = field(default_factory=dict)
     failed: str | None = None  # why the run counts as failed (error budget), else None
 
@@ -79,6 +82,8 @@ class RunSummary:
             lines.append(f"  changed since their rows were written (processed again, old rows replaced): {self.images_changed}")
         for reason, n in self.errors_by_reason.items():
             lines.append(f"    error {reason}: {n}")
+        if self.rows_deduplicated:
+            lines.append(f"  rows of images written twice (by two runs at once) removed: {self.rows_deduplicated}")
         if self.prompts_planned or self.prompt_source_rows:
             lines.append(f"  prompts: {self.prompts_run} run, {sum(self.prompt_errors_by_reason.values())} with an error; "
                          f"images without prompts: {self.images_without_prompts}")
@@ -93,7 +98,7 @@ class RunSummary:
         if self.skipped_not_images:
             ex = ", ".join(self.skipped_examples[:5])
             lines.append(f"  skipped (not an image by extension): {self.skipped_not_images}  e.g. {ex}")
-        lines.append(f"  output: {self.output_uri}   run fingerprint: {self.run_fingerprint}")
+        lines.append(f"  output: {self.output_uri}   run fingerprint: {self.run_fingerprint}   run id: {self.run_id}")
         if self.failed:
             lines.append(f"  FAILED: {self.failed}")
         return "\n".join(lines)

@@ -88,13 +88,16 @@ def _process_start(pid: int) -> str | None:
 
 class ParquetWriter:
     """Ray Data callable: a pyarrow batch of output rows -> one Parquet file + a one-row stats table.
-    ``driver``: with an embedded Ray, the driver to check before each commit (see DriverWatch)."""
+    Before each commit it checks ``driver`` (with an embedded Ray: the driver still lives, see
+    DriverWatch) and ``fence`` (the run still holds the output's lease, see lease.py)."""
 
-    def __init__(self, output_uri: str, storage: Storage, compression: str = "zstd", driver: DriverWatch | None = None):
+    def __init__(self, output_uri: str, storage: Storage, compression: str = "zstd", driver: DriverWatch | None = None,
+                 fence=None):
         self.output_uri = output_uri
         self.storage = storage
         self.compression = None if compression == "none" else compression
         self.driver = driver
+        self.fence = fence  # lease.LeaseFence: commit only while the run holds the output's lease
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
@@ -106,6 +109,8 @@ class ParquetWriter:
         pq.write_table(table, buf, compression=self.compression)
         if self.driver is not None:
             self.driver.check()
+        if self.fence is not None:
+            self.fence.check(self.storage)
         put_atomic(self.storage, join_uri(self.output_uri, name), buf.getvalue())
         write_s = time.perf_counter() - t0
         statuses = table.column("status").to_pylist()

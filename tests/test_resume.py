@@ -92,6 +92,7 @@ def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job, tmp_path):
     r = run_cli("run", str(m))
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resuming: {len(partial)} images already have rows" in r.stdout
+    assert "took over the lease" in r.stdout and "is gone" in r.stdout  # the killed driver's lease
     assert f"already done in an earlier run (skipped): {len(partial)}" in r.stdout
     assert_exactly_once(job["out"])
     assert not list(job["out"].glob("_tmp-*")) and not (job["out"] / "_plan").exists()  # the killed run's plan too
