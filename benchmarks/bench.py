@@ -255,6 +255,49 @@ def rle_micro(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: float
             "ours_cpu_ms_per_mask": 1000 * ours_cpu / n_masks, "speedup": base_cpu / ours_cpu, "identical_strings": True}
 
 
+def reduced_decode_agreement(work: Path, n: int = 30, device: str = "cpu") -> dict:
+    """How close `input.decode: reduced` stays to the reference, with a trained model: the fixture
+    checkpoint on n generated 1400x1100 JPEGs (imgsz 320, so they are decoded at 1/2 size), our masks
+    from the reduced decode against ultralytics' FastSAM on the same files; and the exact decode."""
+    from pycocotools import mask as mask_utils
+    from shapes import make_image
+    from ultralytics import FastSAM
+
+    from fastsam_batch.decode import decode_for_model, decode_image
+    from fastsam_batch.segment import FastSAMSegmenter, SegmentSettings
+    from fastsam_batch.storage import Storage
+
+    seg = FastSAMSegmenter(SegmentSettings(str(FIXTURE), "bench", imgsz=320, conf=0.4, iou=0.9, device=device), Storage())
+    ref_model = FastSAM(str(FIXTURE))
+    d = work / "reduced"
+    d.mkdir(exist_ok=True)
+    out = {"images": n, "reference_masks": 0, "reduced": {"masks": 0, "iou_0_95": 0, "iou_0_99": 0},
+           "exact": {"masks": 0, "iou_0_95": 0, "iou_0_99": 0}}
+    for i in range(n):
+        p = d / f"{i}.jpg"
+        make_image(20_000 + i, size=(1400, 1100))[0].save(p, quality=90)
+        data = p.read_bytes()
+        small, shown = decode_for_model(data, imgsz=320)
+        assert small.shape[:2] != shown
+        ref = ref_model.predict(str(p), imgsz=320, conf=0.4, iou=0.9, retina_masks=True, device=device, verbose=False)[0]
+        refs = [] if ref.masks is None else [mask_utils.encode(np.asfortranarray(m.cpu().numpy().astype(np.uint8)))
+                                             for m in ref.masks.data]
+        out["reference_masks"] += len(refs)
+        h, w = shown
+        for label, (image, size) in (("reduced", (small, shown)), ("exact", (decode_image(data), shown))):
+            (recs, _, _), = seg.segment([image], sizes=[size])
+            ours = [{"size": [h, w], "counts": r["counts"].encode()} for r in recs]
+            out[label]["masks"] += len(ours)
+            if refs and ours:
+                best = mask_utils.iou(refs, ours, [0] * len(ours)).max(1)
+                out[label]["iou_0_95"] += int((best >= 0.95).sum())
+                out[label]["iou_0_99"] += int((best >= 0.99).sum())
+    for label in ("reduced", "exact"):
+        for k in ("iou_0_95", "iou_0_99"):
+            out[label][f"fraction_{k}"] = out[label][k] / max(out["reference_masks"], 1)
+    return out
+
+
 def nms_micro(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: float) -> dict:
     """NMS per photo on the model's own outputs: ultralytics' pure-torch fallback (what ran when
     torchvision was not imported), ultralytics with torchvision, and ours (one call per batch)."""
@@ -464,7 +507,7 @@ def load_checkpoint(args, work: Path, photos: list[Path], arch: str, results: di
     return ckpt, info["conf"]
 
 
-DECODE = "reduced"  # input.decode of the benchmark's runs (--decode)
+DECODE = "auto"  # input.decode of the benchmark's runs (--decode)
 
 
 def write_manifest(path: Path, input_uri: str, output_uri: str, ckpt: str, imgsz: int, conf: float,
@@ -514,7 +557,7 @@ def main() -> None:
     ap.add_argument("--load", choices=("realistic", "legacy"), default="realistic",
                     help="realistic: random-weight checkpoints calibrated to about 100 non-empty masks per photo at "
                          "conf 0.4 (realistic_fastsam); legacy: the earlier seeded random weights at conf 0.01")
-    ap.add_argument("--decode", choices=("reduced", "exact"), default="reduced", help="input.decode of the runs")
+    ap.add_argument("--decode", choices=("auto", "reduced", "exact"), default="auto", help="input.decode of the runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "results.json"))
     args = ap.parse_args()
     if args.quick:
@@ -582,6 +625,9 @@ def main() -> None:
         results["w1_rle_micro"] = rle_micro(paths[: min(len(paths), len(src))], ckpt, 1024, conf, 0.9)
         results["w1_nms_micro"] = nms_micro(paths[: min(len(paths), len(src))], ckpt, 1024, conf, 0.9)
         print(f"  NMS per photo: {json.dumps({k: round(v, 1) for k, v in results['w1_nms_micro'].items()})}", flush=True)
+        results["reduced_decode_agreement"] = reduced_decode_agreement(work)
+        print(f"  reduced decode vs reference (trained fixture model): "
+              f"{json.dumps(results['reduced_decode_agreement'])}", flush=True)
         print(f"  mask->RLE CPU speed-up: {results['w1_rle_micro']['speedup']:.1f}x", flush=True)
 
         # Workload 2: generated images, fixture model, growing run.
@@ -693,6 +739,9 @@ def gpu_report(args, work: Path, photos: Path, paths: list[Path], results: dict)
               f"matched IoU>=0.95 {r['agreement_with_baseline']['fraction_0_95']:.3f}, >=0.99 "
               f"{r['agreement_with_baseline']['fraction']:.3f}; stages ms/img "
               f"{json.dumps({k: round(v, 1) for k, v in e2e['stage_ms'].items()})}", flush=True)
+    results["reduced_decode_agreement"] = reduced_decode_agreement(work, device=args.device)
+    print(f"reduced decode vs reference (trained fixture model): {json.dumps(results['reduced_decode_agreement'])}",
+          flush=True)
     # Flat memory: the same job over len(paths) and 10x as many images (the last architecture).
     big = work / "photos-10x"
     big.mkdir()

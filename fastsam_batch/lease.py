@@ -236,6 +236,13 @@ def _backend(storage: Storage, uri: str) -> _Backend:
     return _Backend(storage, uri)
 
 
+def _retried(fn):
+    """``fn()`` with the storage retries of reads and puts (transient errors only; see retry.py)."""
+    from .retry import with_retries
+
+    return with_retries(fn)[0]
+
+
 def _process_start(pid: int) -> str | None:
     from .write import _process_start as start
 
@@ -267,11 +274,11 @@ class Lease:
         """Takes the lease, or raises :class:`LeaseHeld` naming its holder."""
         for _ in range(5):
             try:
-                self.token = self.backend.create(self._data())
+                self.token = _retried(lambda: self.backend.create(self._data()))
                 return
             except _Conflict:
                 pass
-            got = self.backend.read()
+            got = _retried(self.backend.read)
             if got is None:
                 continue  # released in between: create again
             data, token = got
@@ -279,6 +286,9 @@ class Lease:
                 held = LeaseRecord(**json.loads(data))
             except (ValueError, TypeError):  # unreadable: a broken write; treat as stale
                 held = LeaseRecord("unknown", "unknown", 0, None, 0.0, 0.0)
+            if held.run_id == self.run_id:  # our own create, answered with an error and retried
+                self.token = token
+                return
             why = self.stale_reason(held)
             if not why and not break_lease:
                 raise LeaseHeld(
@@ -286,7 +296,7 @@ class Lease:
                     f"if that run is gone, run again with --break-lease (a lease without a heartbeat for "
                     f"runtime.lease_stale_s = {self.stale_s:g} s is taken over by itself)")
             try:
-                self.token = self.backend.replace(self._data(), token)
+                self.token = _retried(lambda: self.backend.replace(self._data(), token))
                 self.taken_over = held
                 return
             except _Conflict:
@@ -353,7 +363,7 @@ class LeaseFence:
         self.lease_uri, self.run_id = lease_uri, run_id
 
     def check(self, storage: Storage) -> None:
-        got = _backend(storage, self.lease_uri).read()
+        got = _retried(_backend(storage, self.lease_uri).read)
         holder = None
         if got is not None:
             try:

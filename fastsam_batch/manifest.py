@@ -27,9 +27,10 @@ class InputConfig(_Strict):
     uri: str = Field(min_length=1, description="folder, prefix (recursive), glob or single file; local or s3://")
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, description="images with more pixels are refused before decode")
     skip_non_images: bool = Field(default=True, description="skip keys whose extension is not an image format (counted)")
-    decode: Literal["reduced", "exact"] = Field(
-        default="reduced", description="reduced: JPEGs much larger than the model input decoded at 1/2-1/8 size by "
-        "DCT scaling (masks still at full size); exact: always full size, as ultralytics")
+    decode: Literal["auto", "reduced", "exact"] = Field(
+        default="auto", description="reduced: JPEGs much larger than the model input decoded at 1/2-1/8 size by "
+        "DCT scaling (masks still at full size); exact: always full size, as ultralytics; auto: reduced when the "
+        "model runs on GPUs, exact on the CPU")
 
 
 class ModelConfig(_Strict):
@@ -157,6 +158,7 @@ class RuntimeConfig(_Strict):
     plan_part_rows: int = Field(default=1000, ge=1, description="planned images per plan part (above one part, parts go to files under output.uri/_plan/)")
     max_error_fraction: float | None = Field(default=None, ge=0.0, le=1.0, description="fail the run above this share of error rows")
     ray_address: str | None = Field(default=None, description="join this cluster; default RAY_ADDRESS, else an embedded local Ray")
+    image_timeout_s: float | None = Field(default=600.0, gt=0, description="most time to decode one image, or to segment one (a batch: this times its images); over it the image is a `timeout` error row (watchdog.py); null: no limit")
     lease_stale_s: float = Field(default=120.0, gt=0, description="a lease on output.uri without a heartbeat for this long is taken over by the next run")
     lease_heartbeat_s: float = Field(default=15.0, gt=0, description="how often a run renews its lease on output.uri")
 
@@ -178,10 +180,12 @@ class Manifest(_Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec/s3fs options, e.g. endpoint_url, anon")
 
-    def reduced_decode(self, clip_texts: bool) -> bool:
-        """Whether images are decoded at a reduced size (``input.decode``): not with CLIP text prompts,
-        whose crops need the full image."""
-        return self.input.decode == "reduced" and not clip_texts
+    def reduced_decode(self, clip_texts: bool, accelerators: bool) -> bool:
+        """Whether images are decoded at a reduced size (``input.decode``; ``auto``: when the model runs
+        on accelerators, where decoding must keep up with it): never with CLIP text prompts, whose
+        crops need the full image."""
+        mode = self.input.decode
+        return (mode == "reduced" or (mode == "auto" and accelerators)) and not clip_texts
 
     @model_validator(mode="after")
     def _distinct_io(self) -> "Manifest":

@@ -23,6 +23,7 @@ from .segment import SegmentActor, SegmentSettings, resolve_threads
 from .sizing import embedded_ray_cpus, joined_cluster, local_machine, plan_actors
 from .storage import Storage
 from .summary import RunSummary
+from .watchdog import Watchdog, maybe_slow_for_test
 from .write import DriverWatch, ParquetWriter
 
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
@@ -34,10 +35,13 @@ class ReadDecode:
     JPEGs much larger than the model input at a reduced size (see decode.decode_for_model); the
     row's width and height are always the image's as shown."""
 
-    def __init__(self, storage: Storage, max_pixels: int, imgsz: int | None = None):
+    def __init__(self, storage: Storage, max_pixels: int, imgsz: int | None = None, run_id: str = "",
+                 timeout_s: float | None = None):
         self.storage = storage
         self.max_pixels = max_pixels
         self.imgsz = imgsz
+        self.timeout_s = timeout_s
+        self.watchdog = Watchdog(run_id)
 
     def __call__(self, row: dict) -> dict:
         out = {"image_id": row["image_id"], "uri": row["uri"], "width": -1, "height": -1, "decode_ms": -1.0,
@@ -46,10 +50,16 @@ class ReadDecode:
         data, err, out["read_retries"] = read_item(row["uri"], self.storage)
         out["read_ms"] = (time.perf_counter() - t0) * 1000
         image = _NO_IMAGE
-        if err is None:
+        if err is not None:
+            pass
+        elif row["image_id"] in self.watchdog.poisoned("decode"):  # this image outlasted the limit before
+            err = f"timeout: decoding took longer than runtime.image_timeout_s = {self.timeout_s:g} s"
+        else:
             t0 = time.perf_counter()
             try:
-                image, (out["height"], out["width"]) = decode_for_model(data, self.max_pixels, self.imgsz)
+                with self.watchdog.watch("decode", [row["image_id"]], self.timeout_s):
+                    maybe_slow_for_test("decode", row["image_id"])
+                    image, (out["height"], out["width"]) = decode_for_model(data, self.max_pixels, self.imgsz)
             except DecodeError as e:
                 err = str(e)
             out["decode_ms"] = (time.perf_counter() - t0) * 1000
@@ -117,13 +127,16 @@ def run_segmentation(m: Manifest, env: dict, storage: Storage, settings: Segment
         ds = ds.flat_map(lambda row: read_plan_part(row["part"], storage), num_cpus=m.runtime.decode_cpus)
     else:
         ds = ray.data.from_items(plan.in_memory, override_num_blocks=max(1, min(plan.count, 200)))
-    reduced = m.reduced_decode(bool(settings.clip_uri))
-    ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels, m.model.imgsz if reduced else None),
+    reduced = m.reduced_decode(bool(settings.clip_uri), accelerators=gpus > 0)
+    if reduced:
+        log(f"decode: JPEGs much larger than the model input at a reduced size (input.decode: {m.input.decode})")
+    ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels, m.model.imgsz if reduced else None,
+                                                 summary.run_id, m.runtime.image_timeout_s),
                 num_cpus=m.runtime.decode_cpus,
                 compute=ActorPoolStrategy(min_size=1, max_size=sizing.decode_workers))
     ds = ds.map_batches(
         SegmentActor,
-        fn_constructor_args=(settings, storage, summary.run_fingerprint),
+        fn_constructor_args=(settings, storage, summary.run_fingerprint, summary.run_id, m.runtime.image_timeout_s),
         batch_size=m.runtime.batch_size,
         batch_format="numpy",
         # Two calls at once on GPUs (host work of one batch overlaps the device work of the next).

@@ -34,8 +34,10 @@ def run_fingerprint(m: Manifest, checkpoint_sha256: str, prompt_sources: dict | 
         "mask_rules": m.mask_rules.model_dump(),
         "decode": {"max_pixels": m.input.max_pixels},
     }
-    if m.reduced_decode(bool((prompt_sources or {}).get("clip_sha256"))):
-        material["decode"]["reduced"] = True  # exact decoding keeps the fingerprints it always had
+    # Like the device, `auto` decoding is left out (a CPU and a GPU run may finish each other's work);
+    # a reduced decode asked for explicitly is in. Exact decoding keeps the fingerprints it always had.
+    if m.input.decode == "reduced" and not (prompt_sources or {}).get("clip_sha256"):
+        material["decode"]["reduced"] = True
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
     return digest, material
 

@@ -27,6 +27,7 @@ from .mask_rules import MaskRules, apply_mask_rules, clean_up
 from .masks import adjust_full_image_boxes, batched_box_mask_intervals, iter_box_mask_intervals
 from .rle import rle_fields, runs_from_intervals, runs_to_rle
 from .select import apply_prompts, merged_intervals
+from .watchdog import maybe_slow_for_test
 
 # (mask pixels per chunk and masks per prototype product on the CPU, crop pixels per chunk on an
 # accelerator): as usual, and after running out of memory.
@@ -258,9 +259,14 @@ class FastSAMSegmenter:
 class SegmentActor:
     """Ray Data callable: batch of decoded rows -> pyarrow table of output rows."""
 
-    def __init__(self, settings: SegmentSettings, storage, run_fingerprint: str):
+    def __init__(self, settings: SegmentSettings, storage, run_fingerprint: str, run_id: str = "",
+                 timeout_s: float | None = None):
         import threading
 
+        from .watchdog import Watchdog
+
+        self.watchdog = Watchdog(run_id)
+        self.timeout_s = timeout_s
         self.segmenter = FastSAMSegmenter(settings, storage)
         self.device_lock = threading.Lock()  # one batch on the device at a time (see segment_batch)
         self._cpu_segmenter: FastSAMSegmenter | None = None
@@ -287,19 +293,37 @@ class SegmentActor:
         s = self.settings
         # With prompts, an image without any gets an ok row with no masks and no model time.
         todo = [i for i in range(n) if errors[i] is None and (not s.prompted or s.keep_everything or given[i])]
-        if todo:
+        # Time limits (watchdog.py): an image that outlasted its limit alone is an error row; a batch
+        # that outlasted its limit is redone one image at a time, each with its own limit.
+        ids = [batch["image_id"][i] for i in range(n)]
+        too_slow = self.watchdog.poisoned("segment-alone")
+        for i in [i for i in todo if ids[i] in too_slow]:
+            errors[i] = f"timeout: segmenting took longer than runtime.image_timeout_s = {self.timeout_s:g} s"
+        todo = [i for i in todo if errors[i] is None]
+        alone = any(ids[i] in self.watchdog.poisoned("segment-batch") for i in todo)
+        if todo and not alone:
             images = [batch["image"][i] for i in todo]
-            try:
-                done = self.segment_batch(self.segmenter, images, [given[i] for i in todo], [sizes[i] for i in todo])
-                for i, (recs, prs, t) in zip(todo, done):
-                    masks[i], records[i], timings[i] = recs, prs, t
-            except Exception:  # noqa: BLE001 - isolate the image that fails; the others still get rows
-                self.free_memory()
-                for i in todo:
-                    try:
+            limit = self.timeout_s * len(todo) if self.timeout_s else None
+            with self.watchdog.watch("segment-batch", [ids[i] for i in todo], limit):
+                try:
+                    for i in todo:
+                        maybe_slow_for_test("segment", ids[i])
+                    done = self.segment_batch(self.segmenter, images, [given[i] for i in todo], [sizes[i] for i in todo])
+                    for i, (recs, prs, t) in zip(todo, done):
+                        masks[i], records[i], timings[i] = recs, prs, t
+                except Exception:  # noqa: BLE001 - isolate the image that fails; the others still get rows
+                    self.free_memory()
+                    alone = True
+        if alone:
+            for i in todo:
+                if masks[i] or timings[i]:
+                    continue
+                try:
+                    with self.watchdog.watch("segment-alone", [ids[i]], self.timeout_s):
+                        maybe_slow_for_test("segment", ids[i])
                         masks[i], records[i], timings[i] = self.segment_one(batch["image"][i], given[i], sizes[i])
-                    except Exception as e:  # noqa: BLE001
-                        errors[i] = f"segment_failed: {type(e).__name__}: {e}"
+                except Exception as e:  # noqa: BLE001
+                    errors[i] = f"segment_failed: {type(e).__name__}: {e}"
         return output_table(batch, masks, errors, timings, model=self.model_name, sha256=s.checkpoint_sha256,
                             fingerprint=self.run_fingerprint, prompts=records)
 
@@ -381,9 +405,19 @@ def prompt_record(index: int, prompt: dict, num_masks: int, error: str | None) -
 def _maybe_crash_for_test() -> None:
     """Fault injection for the tests (never set in production): with
     ``FASTSAM_BATCH_CRASH_ONCE=/some/path``, the first actor call that finds no file there creates it
-    and kills its own process mid-batch, as a dying GPU worker would. Exactly once per path."""
+    and kills its own process mid-batch, as a dying GPU worker would. Exactly once per path. With
+    ``FASTSAM_BATCH_CRASH_EVERY=/some/file:N``, every N-th call (of all actors) does."""
     import os
 
+    every = os.environ.get("FASTSAM_BATCH_CRASH_EVERY")  # "<counter file>:<N>": every N-th call dies
+    if every:
+        path, n = every.rsplit(":", 1)
+        fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY)
+        os.write(fd, b".")  # one byte a call: appends are atomic, so the count is shared by every actor
+        calls = os.fstat(fd).st_size
+        os.close(fd)
+        if calls % int(n) == 0:
+            os._exit(137)
     marker = os.environ.get("FASTSAM_BATCH_CRASH_ONCE")
     if not marker:
         return

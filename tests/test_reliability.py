@@ -1,0 +1,161 @@
+"""Reliability: secrets appear nowhere a run leaves anything, a per-image time limit turns a
+pathological image into one `timeout` row, and a chaos run (actors killed every few batches, S3
+requests failing, the driver killed and the job run again) still ends with one row per image."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from conftest import FAKE_KEY, FAKE_SECRET, make_bucket, run_cli, save_shapes, write_job
+from s3_fault_proxy import FaultProxy
+from test_resume import processes_with_env
+
+OPTIONS_SECRET = "0pt10ns-s3cr3t-never-written-4c3b2a"
+RAY_TMP = Path("/tmp/ray")
+
+
+def ray_sessions() -> set[Path]:
+    return {p for p in RAY_TMP.glob("session_*") if not p.is_symlink()} if RAY_TMP.exists() else set()
+
+
+def everything_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+@pytest.mark.parametrize("how", ["environment", "storage_options"])
+def test_secrets_appear_nowhere_a_run_leaves_anything(how, s3fs_client, s3_env, checkpoint, tmp_path):
+    """An S3 job with recognisable secrets (in the standard AWS environment, or in the manifest's
+    storage_options): stdout, stderr, every object the run wrote (_run.json, _manifest.json, the
+    Parquet files) and Ray's session logs of the run hold neither the secret nor the key id."""
+    fs = s3fs_client
+    bucket = f"secrets-{how.replace('_', '-')}"
+    make_bucket(s3_env, bucket)
+    names = save_shapes(tmp_path / "imgs", range(7300, 7304))
+    for n in names:
+        fs.put_file(str(tmp_path / "imgs" / n), f"{bucket}/images/{n}")
+    fs.put_file(str(checkpoint), f"{bucket}/models/fixture.pt")
+    m = write_job(tmp_path / "job.yaml", "secrets", f"s3://{bucket}/images/", f"s3://{bucket}/models/fixture.pt",
+                  f"s3://{bucket}/masks/", 2)
+    env = {**s3_env, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache")}
+    secrets = [FAKE_SECRET, FAKE_KEY]
+    if how == "storage_options":
+        doc = yaml.safe_load(m.read_text())
+        doc["storage_options"] = {"key": FAKE_KEY, "secret": OPTIONS_SECRET, "endpoint_url": s3_env["AWS_ENDPOINT_URL"]}
+        m.write_text(yaml.safe_dump(doc))
+        env = {"AWS_REGION": "us-east-1", "FASTSAM_BATCH_CACHE": str(tmp_path / "cache")}
+        secrets = [OPTIONS_SECRET]
+    before = ray_sessions()
+    r = run_cli("run", str(m), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sessions = ray_sessions() - before
+    assert sessions, "the run's Ray session folder was not found"
+    fs.invalidate_cache()
+    written = fs.find(f"{bucket}/masks/")
+    assert any(p.endswith("_manifest.json") for p in written) and any(p.endswith(".parquet") for p in written)
+    logs = [p for s in sessions for p in everything_under(s / "logs")]
+    assert logs
+    for secret in secrets:
+        assert secret not in r.stdout + r.stderr
+        for path in written:
+            assert secret.encode() not in fs.cat_file(path), path
+        for p in logs:
+            assert secret.encode() not in p.read_bytes(), p
+    if how == "storage_options":
+        manifest = json.loads(fs.cat_file(f"{bucket}/masks/_manifest.json"))
+        assert manifest["storage_options"]["secret"] == "***"
+
+
+@pytest.mark.parametrize("stage", ["decode", "segment"])
+def test_an_image_over_the_time_limit_is_one_timeout_row(stage, checkpoint, tmp_path):
+    """A pathological image (simulated: the test-only FASTSAM_BATCH_TEST_SLOW makes work on it take
+    10 minutes) with runtime.image_timeout_s = 2: its row is a `timeout` error, every other image is
+    ok, the run finishes."""
+    images = tmp_path / "imgs"
+    names = save_shapes(images, range(7400, 7405))
+    (images / names[2]).rename(images / "slow-one.png")
+    names[2] = "slow-one.png"
+    out = tmp_path / "out"
+    m = write_job(tmp_path / "job.yaml", "slow", str(images), str(checkpoint), str(out), 8, image_timeout_s=2)
+    t0 = time.time()
+    r = run_cli("run", str(m), env={"FASTSAM_BATCH_TEST_SLOW": f"{stage}:slow-one:600",
+                                    "FASTSAM_BATCH_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert time.time() - t0 < 540  # not the 600 s the image would take
+    rows = {row["image_id"]: row for row in pads.dataset(str(out), format="parquet").to_table().to_pylist()}
+    assert sorted(rows) == sorted(names)
+    slow = rows.pop("slow-one.png")
+    verb = "decoding" if stage == "decode" else "segmenting"
+    assert slow["status"] == "error" and slow["error"].startswith(f"timeout: {verb} took longer than")
+    assert all(row["status"] == "ok" for row in rows.values())
+    assert "error timeout: 1" in r.stdout
+
+
+def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, tmp_path):
+    """160 generated images on S3, with at once: a segmentation actor killed every 9th batch, 10%
+    of S3 requests failing (503, a dropped connection, 500), and the driver killed mid-run, then
+    the same command again. One row per image, the error budget kept, and the summary's retry
+    counts are those of the rows the second run wrote."""
+    fs = s3fs_client
+    make_bucket(s3_env, "chaos")
+    local = tmp_path / "imgs"
+    local.mkdir()
+    from shapes import make_image
+
+    names = []
+    for i in range(160):
+        make_image(8000 + i, size=(160, 128))[0].save(local / f"{i:03d}.png")
+        fs.put_file(str(local / f"{i:03d}.png"), f"chaos/images/{i:03d}.png")
+        names.append(f"{i:03d}.png")
+    fs.put_file(str(checkpoint), "chaos/models/fixture.pt")
+    m = write_job(tmp_path / "job.yaml", "chaos", "s3://chaos/images/", "s3://chaos/models/fixture.pt",
+                  "s3://chaos/masks/", 8, max_error_fraction=0.02, plan_part_rows=40)
+    faults = [None] * 30
+    faults[4], faults[14], faults[24] = "503", "reset", "500"
+    marker = f"FASTSAM_TEST_RUN=chaos-{tmp_path.name}"
+    with FaultProxy(s3_env["AWS_ENDPOINT_URL"], faults) as proxy:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}, **s3_env,
+               "AWS_ENDPOINT_URL": proxy.url, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache"),
+               "FASTSAM_BATCH_CRASH_EVERY": f"{tmp_path / 'calls'}:9", **dict([marker.split("=")])}
+        exe = Path(sys.executable).with_name("fastsam-batch")
+        first = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while len([p for p in fs.find("chaos/masks/") if p.endswith(".parquet") and "/_plan/" not in p]) < 3:
+            assert first.poll() is None, "the first run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.5)
+            fs.invalidate_cache()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        deadline = time.time() + 120
+        while processes_with_env(marker):
+            assert time.time() < deadline, "the killed run's processes still run"
+            time.sleep(0.2)
+        fs.invalidate_cache()
+        done_before = set(pads.dataset("chaos/masks/", format="parquet", filesystem=fs)
+                          .to_table(columns=["image_id"]).column("image_id").to_pylist())
+        assert 0 < len(done_before) < len(names)
+        r = subprocess.run([str(exe), "run", str(m)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "calls").stat().st_size >= 9  # actors really were killed
+    assert sum(proxy.injected.values()) > 0, proxy.injected
+    fs.invalidate_cache()
+    table = pads.dataset("chaos/masks/", format="parquet", filesystem=fs).to_table()
+    ids = table.column("image_id").to_pylist()
+    assert sorted(ids) == names  # one row per image: none missing, none twice
+    summary = json.loads(fs.cat_file("chaos/masks/_run.json"))
+    assert summary["failed"] is None and summary["images_error"] <= 0.02 * len(names)
+    second = [row for row in table.select(["image_id", "read_retries"]).to_pylist() if row["image_id"] not in done_before]
+    assert summary["images_skipped_done"] == len(done_before)
+    assert summary["read_retries"] == sum(row["read_retries"] for row in second)
+    assert summary["images_retried"] == sum(1 for row in second if row["read_retries"])
+    assert "took over the lease" in r.stdout
