@@ -405,19 +405,9 @@ def prompt_record(index: int, prompt: dict, num_masks: int, error: str | None) -
 def _maybe_crash_for_test() -> None:
     """Fault injection for the tests (never set in production): with
     ``FASTSAM_BATCH_CRASH_ONCE=/some/path``, the first actor call that finds no file there creates it
-    and kills its own process mid-batch, as a dying GPU worker would. Exactly once per path. With
-    ``FASTSAM_BATCH_CRASH_EVERY=/some/file:N``, every N-th call (of all actors) does."""
+    and kills its own process mid-batch, as a dying GPU worker would. Exactly once per path."""
     import os
 
-    every = os.environ.get("FASTSAM_BATCH_CRASH_EVERY")  # "<counter file>:<N>": every N-th call dies
-    if every:
-        path, n = every.rsplit(":", 1)
-        fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY)
-        os.write(fd, b".")  # one byte a call: appends are atomic, so the count is shared by every actor
-        calls = os.fstat(fd).st_size
-        os.close(fd)
-        if calls % int(n) == 0:
-            os._exit(137)
     marker = os.environ.get("FASTSAM_BATCH_CRASH_ONCE")
     if not marker:
         return

@@ -100,11 +100,49 @@ def test_an_image_over_the_time_limit_is_one_timeout_row(stage, checkpoint, tmp_
     assert "error timeout: 1" in r.stdout
 
 
+class ActorKiller:
+    """Chaos monkey: each time two more Parquet files are committed, SIGKILL one segmentation actor
+    process of the run (found by the run's environment marker), at most ``most`` times."""
+
+    def __init__(self, count_files, marker: str, most: int):
+        import threading
+
+        self.count_files, self.marker, self.most = count_files, marker, most
+        self.kills: list[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        seen = self.count_files()
+        while not self.stop.is_set() and len(self.kills) < self.most:
+            n = self.count_files()
+            if n >= seen + 2:
+                for pid in processes_with_env(self.marker):
+                    try:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if b"SegmentActor" in cmd:
+                        os.kill(pid, signal.SIGKILL)
+                        self.kills.append(pid)
+                        seen = n
+                        break
+            self.stop.wait(0.3)
+
+    def close(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return len(self.kills)
+
+
 def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, tmp_path):
-    """160 generated images on S3, with at once: a segmentation actor killed every 9th batch, 10%
-    of S3 requests failing (503, a dropped connection, 500), and the driver killed mid-run, then
-    the same command again. One row per image, the error budget kept, and the summary's retry
-    counts are those of the rows the second run wrote."""
+    """160 generated images on S3, with at once: a segmentation actor killed every second committed
+    file, 10% of S3 requests failing (a 503, a dropped connection, a 500 in every 30), and the driver
+    killed mid-run, then the same command again. One row per image, the error budget kept, and the
+    summary's retry counts are those of the rows the second run wrote."""
+    from s3fs import S3FileSystem
+
     fs = s3fs_client
     make_bucket(s3_env, "chaos")
     local = tmp_path / "imgs"
@@ -119,43 +157,58 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
     fs.put_file(str(checkpoint), "chaos/models/fixture.pt")
     m = write_job(tmp_path / "job.yaml", "chaos", "s3://chaos/images/", "s3://chaos/models/fixture.pt",
                   "s3://chaos/masks/", 8, max_error_fraction=0.02, plan_part_rows=40)
+    watcher = S3FileSystem(key=FAKE_KEY, secret=FAKE_SECRET, endpoint_url=s3_env["AWS_ENDPOINT_URL"],
+                           skip_instance_cache=True)
+
+    def committed() -> int:
+        watcher.invalidate_cache()
+        try:
+            return len([p for p in watcher.ls("chaos/masks/") if p.rsplit("/", 1)[-1].startswith("part-")])
+        except FileNotFoundError:
+            return 0
+
     faults = [None] * 30
     faults[4], faults[14], faults[24] = "503", "reset", "500"
     marker = f"FASTSAM_TEST_RUN=chaos-{tmp_path.name}"
+    kills = 0
     with FaultProxy(s3_env["AWS_ENDPOINT_URL"], faults) as proxy:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}, **s3_env,
-               "AWS_ENDPOINT_URL": proxy.url, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache"),
-               "FASTSAM_BATCH_CRASH_EVERY": f"{tmp_path / 'calls'}:9", **dict([marker.split("=")])}
+               "AWS_ENDPOINT_URL": proxy.url, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache"), **dict([marker.split("=")])}
         exe = Path(sys.executable).with_name("fastsam-batch")
         first = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        killer = ActorKiller(committed, marker, most=2)
         deadline = time.time() + 600
-        while len([p for p in fs.find("chaos/masks/") if p.endswith(".parquet") and "/_plan/" not in p]) < 3:
+        while committed() < 6:
             assert first.poll() is None, "the first run ended before it could be killed"
-            assert time.time() < deadline
+            assert time.time() < deadline, "the first run committed too little in 10 minutes"
             time.sleep(0.5)
-            fs.invalidate_cache()
+        kills += killer.close()
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
         deadline = time.time() + 120
         while processes_with_env(marker):
             assert time.time() < deadline, "the killed run's processes still run"
             time.sleep(0.2)
-        fs.invalidate_cache()
-        done_before = set(pads.dataset("chaos/masks/", format="parquet", filesystem=fs)
+        watcher.invalidate_cache()
+        done_before = set(pads.dataset("chaos/masks/", format="parquet", filesystem=watcher)
                           .to_table(columns=["image_id"]).column("image_id").to_pylist())
         assert 0 < len(done_before) < len(names)
-        r = subprocess.run([str(exe), "run", str(m)], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert (tmp_path / "calls").stat().st_size >= 9  # actors really were killed
+        second = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        killer = ActorKiller(committed, marker, most=2)
+        out, _ = second.communicate(timeout=900)
+        kills += killer.close()
+    assert second.returncode == 0, out
+    assert kills >= 2  # actors really were killed
     assert sum(proxy.injected.values()) > 0, proxy.injected
-    fs.invalidate_cache()
-    table = pads.dataset("chaos/masks/", format="parquet", filesystem=fs).to_table()
+    watcher.invalidate_cache()
+    table = pads.dataset("chaos/masks/", format="parquet", filesystem=watcher).to_table()
     ids = table.column("image_id").to_pylist()
     assert sorted(ids) == names  # one row per image: none missing, none twice
-    summary = json.loads(fs.cat_file("chaos/masks/_run.json"))
+    summary = json.loads(watcher.cat_file("chaos/masks/_run.json"))
     assert summary["failed"] is None and summary["images_error"] <= 0.02 * len(names)
-    second = [row for row in table.select(["image_id", "read_retries"]).to_pylist() if row["image_id"] not in done_before]
+    rows = [row for row in table.select(["image_id", "read_retries"]).to_pylist() if row["image_id"] not in done_before]
     assert summary["images_skipped_done"] == len(done_before)
-    assert summary["read_retries"] == sum(row["read_retries"] for row in second)
-    assert summary["images_retried"] == sum(1 for row in second if row["read_retries"])
-    assert "took over the lease" in r.stdout
+    assert summary["read_retries"] == sum(row["read_retries"] for row in rows)
+    assert summary["images_retried"] == sum(1 for row in rows if row["read_retries"])
+    assert "took over the lease" in out

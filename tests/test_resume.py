@@ -113,6 +113,7 @@ def test_resume_with_a_changed_setting_is_refused_unless_overwrite(job):
     assert r.returncode == 1
     assert "another configuration" in r.stderr and first.pop() in r.stderr and "--overwrite" in r.stderr
     assert_exactly_once(job["out"])
+    assert not (job["out"] / "_lease.json").exists()  # released by the run that failed
 
     r = run_cli("run", str(changed), "--overwrite")
     assert r.returncode == 0, r.stdout + r.stderr
