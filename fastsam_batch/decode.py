@@ -68,6 +68,14 @@ _STRIDE_MARGIN = 32
 
 
 def _decode(data: bytes, max_pixels: int, imgsz: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    # Pillow warns (UserWarning) of corrupt EXIF or TIFF tags it skips; the image is used as
+    # stored, as OpenCV does, and the warnings would only fill the workers' logs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _decode_quietly(data, max_pixels, imgsz)
+
+
+def _decode_quietly(data: bytes, max_pixels: int, imgsz: int | None) -> tuple[np.ndarray, tuple[int, int]]:
     if not data:
         raise DecodeError("empty_file", "the file has zero bytes")
     try:
