@@ -169,10 +169,6 @@ def _run_holding_lease(m: Manifest, overwrite: bool, log, t_start: float, env: d
                        summary: RunSummary, prompts: "PromptAttacher", material: dict, lease: Lease) -> RunSummary:
     compression = None if m.output.compression == "none" else m.output.compression
     committed = read_committed(m.output.uri, storage)
-    twice = duplicate_rows(committed)
-    if twice:  # left by two runs writing at once (a commit in flight when a lease changed hands)
-        summary.rows_deduplicated += drop_rows(m.output.uri, storage, twice, compression)
-        committed = read_committed(m.output.uri, storage)
     others = {fp: n for fp, n in committed.fingerprints.items() if fp != summary.run_fingerprint}
     if others and not overwrite:
         raise JobError(
@@ -185,6 +181,10 @@ def _run_holding_lease(m: Manifest, overwrite: bool, log, t_start: float, env: d
         storage.fs(m.output.uri).rm(committed.parts)
         log(f"--overwrite: removed {len(committed.parts)} Parquet files from {m.output.uri}")
         committed = Committed()
+    twice = duplicate_rows(committed)
+    if twice:  # left by two runs writing at once (a commit in flight when a lease changed hands)
+        summary.rows_deduplicated += drop_rows(m.output.uri, storage, twice, compression)
+        committed = read_committed(m.output.uri, storage)
     remove_stale_temporaries(m.output.uri, storage)
     remove_plan_files(m.output.uri, storage)  # left by runs cut short
     plan, superseded, changed = plan_job(m, storage, summary, committed, prompts)
