@@ -27,6 +27,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from .storage import Storage, join_uri, protocol_of, strip_protocol
+from .write import _process_start
 
 LEASE_NAME = "_lease.json"
 
@@ -63,6 +64,13 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
+def _token(data: bytes) -> str:
+    """What a compare-and-swap compares where the store gives no ETag: the content's hash."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 class _Conflict(Exception):
     """A conditional write found the lease not as expected."""
 
@@ -87,7 +95,7 @@ class _Backend:
             data = fs.cat_file(self.uri)
         except FileNotFoundError:
             return None
-        return data, str(hash(data))
+        return data, _token(data)
 
     def replace(self, data: bytes, token: str) -> str:
         got = self.read()
@@ -133,7 +141,7 @@ class _LocalBackend(_Backend):
                 raise _Conflict() from None
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            return self._token(data)
+            return _token(data)
 
     def read(self) -> tuple[bytes, str] | None:
         try:
@@ -141,13 +149,7 @@ class _LocalBackend(_Backend):
                 data = f.read()
         except FileNotFoundError:
             return None
-        return data, self._token(data)
-
-    @staticmethod
-    def _token(data: bytes) -> str:
-        import hashlib
-
-        return hashlib.sha256(data).hexdigest()
+        return data, _token(data)
 
     def replace(self, data: bytes, token: str) -> str:
         with self._locked():
@@ -158,7 +160,7 @@ class _LocalBackend(_Backend):
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, self.path)
-            return self._token(data)
+            return _token(data)
 
     def delete(self, token: str) -> None:
         with self._locked():
@@ -241,12 +243,6 @@ def _retried(fn):
     from .retry import with_retries
 
     return with_retries(fn)[0]
-
-
-def _process_start(pid: int) -> str | None:
-    from .write import _process_start as start
-
-    return start(pid)
 
 
 class Lease:

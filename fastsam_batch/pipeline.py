@@ -50,11 +50,9 @@ class ReadDecode:
         data, err, out["read_retries"] = read_item(row["uri"], self.storage)
         out["read_ms"] = (time.perf_counter() - t0) * 1000
         image = _NO_IMAGE
-        if err is not None:
-            pass
-        elif row["image_id"] in self.watchdog.poisoned("decode"):  # this image outlasted the limit before
+        if err is None and row["image_id"] in self.watchdog.poisoned("decode"):  # outlasted the limit before
             err = f"timeout: decoding took longer than runtime.image_timeout_s = {self.timeout_s:g} s"
-        else:
+        elif err is None:
             t0 = time.perf_counter()
             try:
                 with self.watchdog.watch("decode", [row["image_id"]], self.timeout_s):

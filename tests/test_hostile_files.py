@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image

@@ -29,13 +29,10 @@ def test_box_crops_equal_process_mask_native(mh, mw, h, w):
     coeffs = torch.randn(25, 32, generator=gen) * 0.3
     boxes = random_boxes(25, h, w, gen)
     ref = process_mask_native(protos, coeffs, boxes.clone(), (h, w))
-    ours = torch.zeros_like(ref)
     # A small chunk forces several column chunks per box, and runs split across chunks.
-    for i, starts, ends in iter_box_mask_intervals(coeffs, protos, boxes, h, w, chunk_pixels=997):
-        flat = torch.zeros(h * w, dtype=torch.uint8)
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            flat[s:e] = 1
-        ours[i] = flat.view(w, h).T
+    found = list(iter_box_mask_intervals(coeffs, protos, boxes, h, w, chunk_pixels=997))
+    assert [i for i, _, _ in found] == list(range(len(boxes)))
+    ours = dense([(starts, ends) for _, starts, ends in found], h, w)
     assert ref.sum() > 0
     assert torch.equal(ours, ref)
 
