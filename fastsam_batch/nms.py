@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import torch
 import torchvision  # imported with the model: NMS always runs on torchvision's kernels
+from ultralytics.utils.ops import xywh2xyxy  # the reference's own box conversion
 
 MAX_NMS = 30_000  # ultralytics' cap on candidates per image entering NMS
-
-
-def xywh2xyxy(b: torch.Tensor) -> torch.Tensor:
-    xy, half = b[:, :2], b[:, 2:4] / 2
-    return torch.cat((xy - half, xy + half), 1)
 
 
 def batched_nms(prediction: torch.Tensor, conf: float, iou: float, max_det: int, nc: int,
