@@ -17,6 +17,7 @@ import numpy as np
 
 from . import __version__
 from .manifest import Manifest
+from .schema import error_reason
 from .storage import Storage, protocol_of
 from .write import PART_PREFIX
 
@@ -53,10 +54,11 @@ def _version_key(version: str) -> int:
     return int.from_bytes(hashlib.blake2b(version.encode(), digest_size=8).digest(), "little") | 1
 
 
-def _row_arrays(ids, versions, statuses, part_index) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Hashed columns of committed rows: id keys, version keys, status ok, file index."""
+def _row_arrays(ids, versions, statuses, part_index, reasons) -> tuple[np.ndarray, ...]:
+    """Hashed columns of committed rows: id keys, version keys, status ok, file index, error reason code."""
     return (np.array([_id_key(i) for i in ids], "S16"), np.array([_version_key(v or "") for v in versions], np.uint64),
-            np.array([s == "ok" for s in statuses], bool), np.broadcast_to(np.asarray(part_index, np.int32), (len(ids),)))
+            np.array([s == "ok" for s in statuses], bool), np.broadcast_to(np.asarray(part_index, np.int32), (len(ids),)),
+            np.asarray(reasons, np.int16).reshape(len(ids)))
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Lookup:
     state: str  # "new" (no row), "fresh" (a row of the object as it is now), "changed" (rows of older versions only)
     ok: bool = False  # the fresh row's status is ok
     superseded: list[str] = field(default_factory=list)  # files holding rows of older versions, when fresh
+    reason: str | None = None  # the fresh row's error reason (read_failed, ...) when it is an error row
+    parts: list[str] = field(default_factory=list)  # every file holding a row of the image
 
 
 @dataclass
@@ -79,25 +83,43 @@ class Committed:
     versions: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
     ok: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
     part_of: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+    reason_of: np.ndarray = field(default_factory=lambda: np.empty(0, np.int16))  # index in reasons; -1: ok
+    reasons: list[str] = field(default_factory=list)  # the error reasons present
+
+    def reason_code(self, error: str | None, ok: bool) -> int:
+        if ok:
+            return -1
+        reason = error_reason(error) or "error"
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        return self.reasons.index(reason)
+
+    def errors_by_reason(self) -> dict[str, int]:
+        """Rows by error reason (every row: several versions of an image count each)."""
+        codes, counts = np.unique(self.reason_of[self.reason_of >= 0], return_counts=True)
+        return {self.reasons[c]: int(n) for c, n in sorted(zip(codes.tolist(), counts.tolist()),
+                                                            key=lambda x: self.reasons[x[0]])}
 
     @classmethod
-    def from_rows(cls, rows: list[tuple[str, str, str, str]], fingerprints: dict[str, int] | None = None) -> "Committed":
-        """From (image_id, source_version, status, part) tuples."""
+    def from_rows(cls, rows: list[tuple], fingerprints: dict[str, int] | None = None) -> "Committed":
+        """From (image_id, source_version, status, part[, error]) tuples."""
         parts = sorted({r[3] for r in rows})
         index = {p: i for i, p in enumerate(parts)}
         c = cls(parts=parts, fingerprints=dict(fingerprints or {}))
         if rows:
-            ids, versions, statuses, in_parts = zip(*rows)
-            c._index([_row_arrays(ids, versions, statuses, [index[p] for p in in_parts])])
+            ids, versions, statuses, in_parts = zip(*(r[:4] for r in rows))
+            codes = [c.reason_code(r[4] if len(r) > 4 else None, r[2] == "ok") for r in rows]
+            c._index([_row_arrays(ids, versions, statuses, [index[p] for p in in_parts], codes)])
         return c
 
-    def _index(self, chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> None:
-        """Sets the row arrays from per-file (keys, versions, ok, part) arrays, sorted once by id hash."""
+    def _index(self, chunks: list[tuple[np.ndarray, ...]]) -> None:
+        """Sets the row arrays from per-file (keys, versions, ok, part, reason) arrays, sorted once by id hash."""
         if not chunks:
             return
-        keys, versions, ok, part_of = (np.concatenate(col) for col in zip(*chunks))
+        keys, versions, ok, part_of, reason_of = (np.concatenate(col) for col in zip(*chunks))
         order = np.argsort(keys, kind="stable")
         self.keys, self.versions, self.ok, self.part_of = keys[order], versions[order], ok[order], part_of[order]
+        self.reason_of = reason_of[order]
         self.rows = len(self.keys)
 
     @property
@@ -127,8 +149,31 @@ class Committed:
                 out.append(Lookup("changed"))
                 continue
             old = sorted({self.parts[self.part_of[r]] for r in rows if self.versions[r] not in (want, 0)})
-            out.append(Lookup("fresh", bool(self.ok[fresh[-1]]), old))
+            code = int(self.reason_of[fresh[-1]])
+            out.append(Lookup("fresh", bool(self.ok[fresh[-1]]), old, self.reasons[code] if code >= 0 else None,
+                              sorted({self.parts[self.part_of[r]] for r in rows})))
         return out
+
+
+def rows_outside(committed: Committed, image_ids: set[str], keep: set[str]) -> dict[str, set[str]]:
+    """part -> those of ``image_ids`` with a row there, for every file not named in ``keep`` (the
+    files this run wrote), counting only images that do have a row in one of ``keep``: the old rows
+    of retried images whose new rows are committed."""
+    c = committed
+    ids = sorted(image_ids)
+    out: dict[str, set[str]] = {}
+    if not ids or not len(c.keys):
+        return out
+    q = np.array([_id_key(i) for i in ids], "S16")
+    lo, hi = np.searchsorted(c.keys, q, "left"), np.searchsorted(c.keys, q, "right")
+    for image_id, a, b in zip(ids, lo.tolist(), hi.tolist()):
+        parts = {c.parts[c.part_of[r]] for r in range(a, b)}
+        if not any(p.rsplit("/", 1)[-1] in keep for p in parts):
+            continue
+        for part in parts:
+            if part.rsplit("/", 1)[-1] not in keep:
+                out.setdefault(part, set()).add(image_id)
+    return out
 
 
 def superseded_parts(committed: Committed, current: dict[str, str]) -> dict[str, set[str]]:
@@ -176,13 +221,15 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     chunks = []
     for index, part in enumerate(_local(output_uri, c.parts)):
         t = pads.dataset(part, format="parquet", filesystem=fs)
-        cols = ["image_id", "run_fingerprint", "status"] + [x for x in ("source_version",) if x in t.schema.names]
+        cols = ["image_id", "run_fingerprint", "status", "error"] + [x for x in ("source_version",) if x in t.schema.names]
         table = t.to_table(columns=cols)
         ids = table.column("image_id").to_pylist()
         versions = table.column("source_version").to_pylist() if "source_version" in cols else [""] * len(ids)
         for fp in table.column("run_fingerprint").to_pylist():
             c.fingerprints[fp] = c.fingerprints.get(fp, 0) + 1
-        chunks.append(_row_arrays(ids, versions, table.column("status").to_pylist(), index))
+        statuses = table.column("status").to_pylist()
+        codes = [c.reason_code(e, s == "ok") for e, s in zip(table.column("error").to_pylist(), statuses)]
+        chunks.append(_row_arrays(ids, versions, statuses, index, codes))
     c._index(chunks)  # one sort, not one per file
     c.parts = _local(output_uri, c.parts)
     return c
@@ -191,7 +238,7 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
 def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozenset()) -> dict[str, set[bytes]]:
     """part -> id keys of rows to drop so that each image has one row per source version: of rows of
     the same image and version in several files, the one in a file named in ``prefer`` (the files
-    this run wrote) is kept, else the one in the first file. Such duplicates come only from two runs
+    this run wrote) is kept, else an ok one (a retried error row's replacement), else the first. Such duplicates come only from two runs
     writing at once (a run whose lease was taken over, its last commit in flight; see lease.py)."""
     c = committed
     if c.rows < 2:
@@ -208,7 +255,9 @@ def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozense
         if b - a < 2:
             continue
         group = parts[a:b].tolist()
-        keeper = next((p for p in group if c.parts[p].rsplit("/", 1)[-1] in prefer), group[0])
+        ok = c.ok[order][a:b].tolist()
+        keeper = next((p for p in group if c.parts[p].rsplit("/", 1)[-1] in prefer),
+                      next((p for p, good in zip(group, ok) if good), group[0]))
         for p in group:
             if p != keeper:
                 out.setdefault(c.parts[p], set()).add(bytes(keys[a]))
