@@ -25,6 +25,7 @@ PROMPT_TYPE = pa.struct(
         pa.field("kind", pa.string()),  # null when the row could not tell
         pa.field("id", pa.string()),
         pa.field("category_id", pa.int64()),
+        pa.field("text", pa.string()),  # a text prompt's text (manifest or table); null for other kinds
         pa.field("num_masks", pa.int32(), nullable=False),  # masks this prompt added to `masks`
         pa.field("error", pa.string()),  # "<reason>: <detail>", null when the prompt selected its mask(s)
     ]
@@ -57,6 +58,12 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("segmented_at", pa.timestamp("ms", tz="UTC")),  # when its batch left the model actor
     ]
 )
+
+
+# The reasons of error rows (the part of ``error`` before the first colon): decode.py, read.py,
+# segment.py, the watchdog. Documented in the README's output schema.
+ERROR_REASONS = ("empty_file", "not_an_image", "corrupt_image", "truncated_image", "too_many_pixels", "read_failed",
+                 "segment_failed", "timeout")
 
 
 def error_reason(error: str | None) -> str | None:

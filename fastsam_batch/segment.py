@@ -399,7 +399,7 @@ def _maybe_simulate_out_of_memory(chunk_pixels: int) -> None:
 def prompt_record(index: int, prompt: dict, num_masks: int, error: str | None) -> dict:
     """One entry of a row's ``prompts`` list (see schema.PROMPT_TYPE)."""
     return {"index": index, "kind": prompt.get("kind"), "id": prompt.get("id"), "category_id": prompt.get("category_id"),
-            "num_masks": num_masks, "error": error}
+            "text": prompt.get("text") if prompt.get("kind") == "text" else None, "num_masks": num_masks, "error": error}
 
 
 def _maybe_crash_for_test() -> None:

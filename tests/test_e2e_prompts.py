@@ -94,7 +94,7 @@ def s3_prompted(s3fs_client, s3_env, checkpoint, tmp_path_factory):
     assert r.returncode == 0, r.stdout + r.stderr
     fs.invalidate_cache()
     table = pads.dataset("prompted/masks/", format="parquet", filesystem=fs).to_table()
-    summary = json.loads(fs.cat_file("prompted/masks/_run.json"))
+    summary = json.loads(fs.cat_file("prompted/masks/_run.json"))["last_run_summary"]
     return {"proc": r, "rows": {row["image_id"]: row for row in table.to_pylist()}, "table": table, "summary": summary,
             "truth": truth, "no_prompts": no_prompts, "fs": fs}
 
@@ -215,6 +215,8 @@ def test_global_text_and_kept_everything_masks(coco_run):
     for name, row in coco_run["rows"].items():
         kinds = [m["prompt_kind"] for m in row["masks"]]
         assert kinds[0] == "text" and row["prompts"][0]["kind"] == "text"  # the global prompt comes first
+        assert row["prompts"][0]["text"] == "red circle"  # its text recorded with it
+        assert all(p["text"] is None for p in row["prompts"][1:])  # box prompts have none
         everything = [m for m in row["masks"] if m["prompt_index"] is None]
         assert everything and all(m["prompt_id"] is None and m["category_id"] is None for m in everything)
         assert kinds.index(None) == len(kinds) - len(everything)  # prompted masks first, then all masks
