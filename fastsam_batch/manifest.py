@@ -142,7 +142,10 @@ class MaskRulesConfig(_Strict):
 
 class OutputConfig(_Strict):
     uri: str = Field(min_length=1, description="folder or prefix for the Parquet dataset")
-    rows_per_file: int = Field(default=1000, ge=1, description="images per Parquet file")
+    rows_per_file: int = Field(default=1000, ge=1, description="most images per Parquet file")
+    commit_interval_s: float = Field(default=10.0, gt=0, description="rows waiting this long are committed in a "
+                                     "file of their own, even if fewer than rows_per_file: a kill or Ctrl-C loses at "
+                                     "most this much work")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 
@@ -191,7 +194,30 @@ class Manifest(_Strict):
     def _distinct_io(self) -> "Manifest":
         if self.input.uri.rstrip("/") == self.output.uri.rstrip("/"):
             raise ValueError("output.uri must differ from input.uri")
+        if output_inside_input(self.input.uri, self.output.uri):
+            raise ValueError(f"output.uri {self.output.uri!r} is inside input.uri {self.input.uri!r}: the next run "
+                             "would list its own output as input; choose an output outside the input")
         return self
+
+
+# Files a run writes under output.uri, one of each kind (see write.py, summary, plan, lease).
+_OUTPUT_SAMPLES = ("part-0.parquet", "_run.json", "_runs/0.json", "_manifest.json", "_lease.json",
+                   "_plan/0/part-0.parquet")
+
+
+def output_inside_input(input_uri: str, output_uri: str) -> bool:
+    """Whether listing ``input_uri`` could list files the run writes under ``output_uri`` (a folder or
+    prefix containing it; a glob only when its pattern matches such files)."""
+    out = output_uri.rstrip("/")
+    if any(c in input_uri for c in "*?["):
+        import re
+
+        from fsspec.utils import glob_translate
+
+        pattern = re.compile(glob_translate(input_uri.split("://", 1)[-1]))
+        return any(pattern.match(f"{out.split('://', 1)[-1]}/{name}") for name in _OUTPUT_SAMPLES)
+    base = input_uri.rstrip("/")
+    return out.startswith(base + "/")
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -228,8 +254,11 @@ def load_manifest(path: str | Path) -> Manifest:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ManifestError(f"manifest {p} is not valid YAML: {e}") from None
-    m = parse_manifest(data)
-    return _resolve_relative_paths(m, p.parent)
+    m = _resolve_relative_paths(parse_manifest(data), p.parent)
+    if output_inside_input(m.input.uri, m.output.uri):  # relative paths, resolved
+        raise ManifestError(f"invalid manifest:\n  output.uri: {m.output.uri!r} is inside input.uri {m.input.uri!r}: "
+                            "the next run would list its own output as input; choose an output outside the input")
+    return m
 
 
 def _resolve_relative_paths(m: Manifest, base: Path) -> Manifest:
