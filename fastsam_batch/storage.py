@@ -37,10 +37,11 @@ def redact(options: Any) -> Any:
 class Storage:
     """Resolved storage options for one protocol family, picklable, never printing secrets."""
 
-    def __init__(self, options: dict[str, Any] | None = None):
+    def __init__(self, options: dict[str, Any] | None = None, quick: bool = False):
         self._options = dict(options or {})
         self._fs_cache: dict[str, fsspec.AbstractFileSystem] = {}
         self.failed_attempts = 0  # S3 attempts that failed transiently in this process
+        self.quick = quick  # short timeouts and one retry: for the checks before a run (preflight.py)
 
     def __getstate__(self):
         return {"_options": self._options}
@@ -49,6 +50,12 @@ class Storage:
         self._options = state["_options"]
         self._fs_cache = {}
         self.failed_attempts = 0
+        self.quick = False
+
+    def for_checks(self) -> "Storage":
+        """The same locations and credentials, failing in seconds: an unreachable endpoint is found
+        by a 5 s connect timeout and one retry, not the SDK's retry ladder (minutes)."""
+        return Storage(self._options, quick=True)
 
     def __repr__(self) -> str:
         return f"Storage({redact(self._options)!r})"
@@ -74,6 +81,10 @@ class Storage:
             # botocore retries 5xx, throttling and dropped connections itself, with backoff; give it
             # room (its default is 4 retries in the legacy mode). A user's config_kwargs wins.
             opts.setdefault("config_kwargs", {"retries": {"max_attempts": 8, "mode": "standard"}})
+            if self.quick:
+                opts["config_kwargs"] = {**opts["config_kwargs"], "connect_timeout": 5, "read_timeout": 30,
+                                         "retries": {"max_attempts": 2, "mode": "standard"}}
+                opts["skip_instance_cache"] = True
             return opts
         # Local and other filesystems get no S3-specific options.
         return {k: v for k, v in opts.items() if k not in ("endpoint_url", "client_kwargs", "config_kwargs", "key", "secret", "token", "anon")}
@@ -104,6 +115,46 @@ class Storage:
 
     def read_bytes(self, uri: str) -> bytes:
         return self.fs(uri).cat_file(uri)
+
+
+def storage_error_cause(exc: BaseException) -> str:
+    """What went wrong with a storage request, in words, from the exception and those it came from
+    (s3fs turns botocore's errors into OSErrors): rejected credentials, no such bucket, an endpoint
+    that cannot be reached. Never includes a secret."""
+    chain, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            code = response["Error"].get("Code", "")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+            if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidClientTokenId", "ExpiredToken",
+                        "InvalidToken", "AuthorizationHeaderMalformed"):
+                return f"credentials rejected by the endpoint ({status} {code})"
+            if code in ("AccessDenied", "403", "AllAccessDisabled"):
+                return f"access denied ({status}{'' if code == str(status) else ' ' + code}): the credentials lack the permission"
+            if code == "NoSuchBucket":
+                bucket = response["Error"].get("BucketName")
+                return f"no such bucket{f' {bucket!r}' if bucket else ''} ({status} NoSuchBucket)"
+            return f"{status} {code}: {response['Error'].get('Message', '')}".strip()
+        name = type(e).__name__
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ProxyConnectionError"):
+            url = getattr(e, "kwargs", {}).get("endpoint_url", "")
+            hint = "" if os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") else \
+                " (AWS_ENDPOINT_URL is not set: is the storage somewhere other than AWS?)"
+            return f"cannot reach {url or 'the storage endpoint'}{hint}"
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return ("no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an AWS profile or a "
+                    "role; or storage_options.anon: true for public buckets)")
+    if isinstance(exc, PermissionError):
+        return f"permission denied ({exc.strerror or exc})"
+    if isinstance(exc, FileNotFoundError):
+        return "not found"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def strip_protocol(uri: str) -> str:

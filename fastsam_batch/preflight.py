@@ -1,0 +1,160 @@
+"""Checks before a run: every location it touches, the checkpoint, and the device, before Ray
+starts work and before anything is deleted or written.
+
+Each failure is a :class:`PreflightError` whose message is one line naming the manifest field,
+the URI and the cause in words (credentials rejected, no such bucket, endpoint unreachable, a
+detection checkpoint). Storage checks use :meth:`Storage.for_checks` (a 5 s connect timeout and
+one retry), so a wrong endpoint is found in seconds, not after the SDK's retry ladder.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import socket
+import uuid
+
+from .manifest import Manifest
+from .plan import GLOB_CHARS
+from .storage import Storage, protocol_of, storage_error_cause, strip_protocol
+
+
+class PreflightError(RuntimeError):
+    """The run cannot start: the message names the field, the location and the cause."""
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = strip_protocol(uri).partition("/")
+    return bucket, key
+
+
+def _literal_prefix(path: str) -> str:
+    """The part of a path before its first wildcard."""
+    for i, ch in enumerate(path):
+        if ch in GLOB_CHARS:
+            return path[:i]
+    return path
+
+
+def _fail(field: str, uri: str, exc: BaseException | str) -> PreflightError:
+    cause = exc if isinstance(exc, str) else storage_error_cause(exc)
+    return PreflightError(f"{field} {uri!r}: {cause}")
+
+
+def _s3(fs, op: str, **kw):
+    return fs.call_s3(op, **kw)
+
+
+def check_listable(field: str, uri: str, storage: Storage) -> None:
+    """The bucket exists and the credentials may list under the prefix (one key asked for)."""
+    if protocol_of(uri) == "file":
+        path = strip_protocol(uri)
+        base = posixpath.dirname(_literal_prefix(path)) if GLOB_CHARS & set(path) else path
+        if not os.path.exists(base or "."):
+            raise _fail(field, uri, "no such file or folder")
+        if not os.access(base or ".", os.R_OK):
+            raise _fail(field, uri, "permission denied")
+        return
+    if protocol_of(uri) not in ("s3", "s3a"):
+        return
+    bucket, key = _bucket_key(uri)
+    try:
+        _s3(storage.fs(uri), "list_objects_v2", Bucket=bucket, Prefix=_literal_prefix(key), MaxKeys=1)
+    except Exception as e:  # noqa: BLE001 - the cause, in words
+        raise _fail(field, uri, e) from None
+
+
+def check_readable(field: str, uri: str, storage: Storage, missing: str = "not found") -> None:
+    """The object exists and can be read (a HEAD request; a folder such as a CLIP model: listed).
+    ``missing``: what to say when it is not there."""
+    if protocol_of(uri) == "file":
+        path = strip_protocol(uri)
+        if not os.path.exists(path):
+            raise _fail(field, uri, missing)
+        if not os.access(path, os.R_OK):
+            raise _fail(field, uri, "permission denied")
+        return
+    if protocol_of(uri) not in ("s3", "s3a"):
+        return
+    fs = storage.fs(uri)
+    bucket, key = _bucket_key(uri)
+    name = key.rstrip("/")
+    try:  # a listing first: unlike a HEAD, its error has a body that says what is wrong
+        page = _s3(fs, "list_objects_v2", Bucket=bucket, Prefix=name, MaxKeys=1)  # the key itself sorts first
+        if [o["Key"] for o in page.get("Contents", ())] == [name]:
+            _s3(fs, "head_object", Bucket=bucket, Key=name)  # may read it, not only list it
+            return
+        folder = _s3(fs, "list_objects_v2", Bucket=bucket, Prefix=name + "/", MaxKeys=1)  # a folder (CLIP)
+    except Exception as e:  # noqa: BLE001
+        raise _fail(field, uri, e) from None
+    if not folder.get("KeyCount"):
+        raise _fail(field, uri, missing)
+
+
+def check_writable(field: str, uri: str, storage: Storage) -> None:
+    """A probe object is put under the output and deleted: the bucket exists and takes writes."""
+    name = f"_probe-{uuid.uuid4().hex[:12]}"
+    if protocol_of(uri) == "file":
+        path = strip_protocol(uri)
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, name)
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as e:
+            raise _fail(field, uri, f"cannot write there ({e.strerror or e})") from None
+        return
+    if protocol_of(uri) not in ("s3", "s3a"):
+        return
+    fs = storage.fs(uri)
+    bucket, key = _bucket_key(uri)
+    probe = posixpath.join(key.rstrip("/"), name) if key.strip("/") else name
+    try:
+        _s3(fs, "put_object", Bucket=bucket, Key=probe, Body=b"")
+        _s3(fs, "delete_object", Bucket=bucket, Key=probe)
+    except Exception as e:  # noqa: BLE001
+        raise _fail(field, uri, e) from None
+
+
+def check_locations(m: Manifest, storage: Storage) -> None:
+    """Every storage location of the run, in the order a user would fix them."""
+    quick = storage.for_checks()
+    check_listable("input.uri", m.input.uri, quick)
+    check_readable("model.checkpoint", m.model.checkpoint, quick,
+                   "file not found (weights are never downloaded from a hub)")
+    p = m.prompts
+    for field, uri in (("prompts.table", p.table), ("prompts.coco", p.coco), ("prompts.clip", p.clip)):
+        if uri:
+            check_readable(field, uri, quick)
+    check_writable("output.uri", m.output.uri, quick)
+
+
+def check_ray_address(address: str | None) -> None:
+    """A cluster address the job can join, and reachable (a 5 s TCP connect), before Ray is asked to
+    (which retries for minutes). ``None`` or ``auto``: nothing to check."""
+    if not address or address == "auto":
+        return
+    field = "runtime.ray_address / RAY_ADDRESS"
+    if address.startswith(("http://", "https://")):
+        raise PreflightError(f"{field} {address!r}: that is the dashboard / Jobs API address, which `ray job submit "
+                             "--address` takes; to join a cluster give HEAD:6379 (or ray://HEAD:10001 with ray[client])")
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise PreflightError(f"{field} {address!r}: not HOST:PORT (e.g. head:6379, or ray://head:10001)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise PreflightError(f"{field} {address!r}: cannot reach {host}:{port} ({e.strerror or e})") from None
+
+
+def check_device(device: str, cluster_gpus: float, embedded: bool) -> str | None:
+    """``model.device`` against the GPUs Ray sees: ``cuda`` without any is refused (a run would wait
+    for GPUs forever); ``auto`` without any runs on the CPU, and the returned line says so."""
+    where = "this machine (torch sees no CUDA device)" if embedded else "the Ray cluster"
+    if device.startswith("cuda") and cluster_gpus <= 0:
+        raise PreflightError(f"model.device {device!r}: no GPU in {where}; use 'auto' or 'cpu' to run on the CPU")
+    if device == "auto" and cluster_gpus <= 0:
+        return f"model.device 'auto': no GPU in {where}, the model runs on the CPU"
+    return None
