@@ -125,7 +125,7 @@ def tool_stats(table, run: dict) -> dict:
     steady_n = int((done > first).sum())
     steady = steady_n / (batches[-1] - first) if len(batches) > 1 and batches[-1] > first else float("nan")
     stage = {c: float(pc.mean(table.column(c)).as_py() or 0.0) for c in ("read_ms", "decode_ms", "model_ms", "masks_ms", "encode_ms")}
-    summary = json.loads(run["summary"]) if "summary" in run else {}
+    summary = json.loads(run["summary"]).get("last_run_summary", {}) if "summary" in run else {}
     stage["write_ms"] = 1000 * summary.get("write_s", 0.0) / max(n, 1)
     return {
         "images": n, "ok": int(pc.sum(pc.equal(table.column("status"), "ok")).as_py()),

@@ -4,25 +4,31 @@ the segmentation (:mod:`.pipeline`, the Ray part), then the end-of-run checks an
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from . import __version__
 from .manifest import Manifest
-from .model import checkpoint_sha256
+from .console import silence_ray
+from .model import check_checkpoint, fetch_checkpoint
+from .preflight import check_device, check_locations, check_ray_address
+from .sizing import local_machine
 from .offline import configure_ultralytics
 from .plan import PlanParts, Skipped, chunked, iter_inputs, remove_plan_files
 from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentSettings
-from .lease import Lease, LeaseHeld, new_run_id
+from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
 from .resume import (Committed, drop_rows, drop_superseded_rows, duplicate_rows, read_committed,
-                     remove_stale_temporaries, run_fingerprint, source_version, superseded_parts)
+                     remove_stale_temporaries, rows_outside, run_fingerprint, source_version, superseded_parts)
 from .storage import Storage, join_uri, redact
 from .summary import RunSummary
-from .write import put_atomic
-from .pipeline import run_segmentation
+from .write import Committer, Interrupted, ParquetWriter, put_atomic
+from .pipeline import run_segmentation, start_ray
 
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
+RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
+ALL_ERRORS = "all"  # --retry-errors with no reasons: every error row
 
 
 class JobError(RuntimeError):
@@ -96,15 +102,18 @@ def attach_prompts(m: Manifest, storage: Storage, items: list[dict], summary: Ru
 
 
 def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Committed,
-             prompts: PromptAttacher) -> tuple[PlanParts, dict[str, set[str]], dict[str, str]]:
+             prompts: PromptAttacher, retry: frozenset[str] | None = None
+             ) -> tuple[PlanParts, dict[str, set[str]], dict[str, str], set[str]]:
     """Lists the input (streaming), gives items their prompts and source versions, and keeps those
     without a current committed row, in plan parts. Returns the parts, the rows of older object
-    versions to drop now (left by a run cut short), and the changed images (id -> version now),
-    whose old rows are dropped once the new ones are committed."""
+    versions to drop now (left by a run cut short), the changed images (id -> version now), whose
+    old rows are dropped once the new ones are committed, and the images whose error rows are
+    processed again (``retry``: the error reasons to retry, ``ALL_ERRORS`` for every one)."""
     plan = PlanParts(m.output.uri, storage, m.runtime.plan_part_rows)
     skipped = Skipped()
     superseded: dict[str, set[str]] = {}
     changed: dict[str, str] = {}
+    retried: set[str] = set()
     try:
         for chunk in chunked(iter_inputs(m.input.uri, storage, skipped, m.input.skip_non_images), LIST_CHUNK):
             summary.images_planned += len(chunk)
@@ -114,6 +123,11 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
             todo = []
             for it, found in zip(chunk, committed.lookup([it["image_id"] for it in chunk],
                                                          [it["source_version"] for it in chunk])):
+                if found.state == "fresh" and not found.ok and retry is not None \
+                        and (ALL_ERRORS in retry or found.reason in retry):
+                    retried.add(it["image_id"])  # its old rows go once the new one is committed
+                    todo.append(it)
+                    continue
                 if found.state == "fresh":  # a row of the object as it is now
                     summary.images_skipped_done += 1
                     summary.images_ok += found.ok
@@ -129,25 +143,45 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
         raise JobError(str(e)) from None
     prompts.finish(summary)
     summary.images_changed = len(changed)
+    summary.images_retried_errors = len(retried)
     summary.skipped_not_images = skipped.count
     summary.skipped_examples = skipped.examples
-    return plan, superseded, changed
+    if not summary.images_planned and skipped.count:
+        raise JobError(f"input.uri {m.input.uri!r}: no images there: {skipped.count} files, none with an image "
+                       f"extension (e.g. {', '.join(skipped.examples[:3])}); set input.skip_non_images: false to "
+                       "try every file")
+    return plan, superseded, changed, retried
 
 
-def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool = False) -> RunSummary:
+def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool = False,
+            retry_errors: frozenset[str] | None = None, debug: bool = False) -> RunSummary:
+    """Runs a job: preflight (before Ray and before anything is written), the lease, Ray, the plan,
+    the segmentation, the end-of-run checks and the records (``_run.json``, ``_runs/``).
+    ``retry_errors``: error reasons whose rows are processed again (``ALL_ERRORS``: every one).
+    Raises JobError / PreflightError / CheckpointError before any work. After a Ctrl-C the summary
+    returned has ``interrupted`` set (what had reached the writer is committed and recorded)."""
     t_start = time.perf_counter()
     env = configure_ultralytics()
     storage = Storage(m.storage_options)
     summary = RunSummary(name=m.name, output_uri=m.output.uri, tool_version=__version__)
+    summary.run_id = new_run_id()
+    summary.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-    # Checks before any work.
-    summary.checkpoint_sha256 = checkpoint_sha256(m.model.checkpoint, storage)
+    # Preflight: every location, the checkpoint, the cluster address and the device, before Ray
+    # starts and before anything is deleted or written.
+    check_locations(m, storage)
+    path, summary.checkpoint_sha256 = fetch_checkpoint(m.model.checkpoint, storage)
+    check_checkpoint(path, m.model.checkpoint)
     summary.model = m.model.checkpoint.rstrip("/").rsplit("/", 1)[-1]
     prompts = PromptAttacher(m, storage)
     summary.run_fingerprint, material = run_fingerprint(m, summary.checkpoint_sha256, prompts.sources)
+    summary.fingerprint_material = material
+    address = m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    check_ray_address(address)
+    if not address:  # an embedded Ray: this machine's GPUs
+        check_device(m.model.device, local_machine(m.model.device).gpus, embedded=True)
 
     # One writer per output: the lease is held from here to the end (see lease.py).
-    summary.run_id = new_run_id()
     lease = Lease(storage, m.output.uri, summary.run_id, m.runtime.lease_stale_s, m.runtime.lease_heartbeat_s,
                   __version__)
     try:
@@ -160,14 +194,18 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
         log(f"took over the lease on {m.output.uri} from {summary.lease_taken_over}")
     lease.start_heartbeat()
     try:
-        return _run_holding_lease(m, overwrite, log, t_start, env, storage, summary, prompts, material, lease)
+        return _run_holding_lease(m, overwrite, retry_errors, log, t_start, env, storage, summary, prompts, lease,
+                                  debug)
     finally:
         lease.release()
 
 
-def _run_holding_lease(m: Manifest, overwrite: bool, log, t_start: float, env: dict, storage: Storage,
-                       summary: RunSummary, prompts: "PromptAttacher", material: dict, lease: Lease) -> RunSummary:
+def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | None, log, t_start: float, env: dict,
+                       storage: Storage, summary: RunSummary, prompts: PromptAttacher, lease: Lease,
+                       debug: bool) -> RunSummary:
     compression = None if m.output.compression == "none" else m.output.compression
+    sizing, ray_line = start_ray(m, env, debug)
+    cpu_note = check_device(m.model.device, sizing.cluster_gpus, sizing.embedded)  # a joined cluster's GPUs
     committed = read_committed(m.output.uri, storage)
     others = {fp: n for fp, n in committed.fingerprints.items() if fp != summary.run_fingerprint}
     if others and not overwrite:
@@ -177,44 +215,67 @@ def _run_holding_lease(m: Manifest, overwrite: bool, log, t_start: float, env: d
             "model settings, prompt rules, decode limits or tool version differ). Pass --overwrite to replace them, "
             "or choose a new output.uri"
         )
-    if overwrite and committed.parts:
-        storage.fs(m.output.uri).rm(committed.parts)
-        log(f"--overwrite: removed {len(committed.parts)} Parquet files from {m.output.uri}")
-        committed = Committed()
+    old_parts = committed.parts if overwrite else []
+    if overwrite:
+        committed = Committed()  # every image is planned; the old files go just before the new ones are written
     twice = duplicate_rows(committed)
     if twice:  # left by two runs writing at once (a commit in flight when a lease changed hands)
         summary.rows_deduplicated += drop_rows(m.output.uri, storage, twice, compression)
         committed = read_committed(m.output.uri, storage)
     remove_stale_temporaries(m.output.uri, storage)
     remove_plan_files(m.output.uri, storage)  # left by runs cut short
-    plan, superseded, changed = plan_job(m, storage, summary, committed, prompts)
+    plan, superseded, changed, retried = plan_job(m, storage, summary, committed, prompts, retry)
     if superseded:  # rows of replaced objects, left by a run cut short after their new rows committed
         drop_superseded_rows(m.output.uri, storage, superseded, compression)
+    if not plan.count and not old_parts and not twice and not superseded:  # nothing to do, nothing repaired
+        summary.noop = True
+        log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
+            f"{summary.run_fingerprint} (the run is complete; --retry-errors processes error rows again)"
+            if not retry else f"nothing to do: no error rows to retry among the {summary.images_planned} images")
+        plan.remove()
+        return summary
     if summary.images_skipped_done:
-        if plan.count:
-            log(f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} to do "
-                f"({summary.images_changed} of them changed since their row was written)")
-        else:
-            log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
-                f"{summary.run_fingerprint} (the run is complete)")
+        log(f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} to do "
+            f"({summary.images_changed} of them changed since their row was written)")
     log(f"planned {plan.count} images from {m.input.uri} ({summary.skipped_not_images} non-image keys skipped"
         + (f"; plan in {len(plan.files)} files under {plan.folder}" if plan.files else "") + ")")
+    if ray_line:
+        log(ray_line)
+    if cpu_note:
+        log(cpu_note)
+    if old_parts:  # preflight passed and Ray is up: only now is the old output removed
+        storage.fs(m.output.uri).rm(old_parts)
+        log(f"--overwrite: removed {len(old_parts)} Parquet files from {m.output.uri}")
 
     written: set[str] = set()
+
+    def on_commit(stats: dict) -> None:
+        summary.add_file_stats([stats])
+        written.add(stats["file"])
+
+    writer = ParquetWriter(m.output.uri, storage, m.output.compression, lease.fence())
+    committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit)
     try:
         if plan.count:
-            written = run_segmentation(m, env, storage, settings_for(m, summary, prompts.sources), summary, plan, log,
-                                       lease.fence())
-    except Exception as e:  # noqa: BLE001 - a writer that found the lease taken over stops the dataset
-        if "LeaseLost" not in repr(e) and "LeaseLost" not in str(e):
-            raise
+            run_segmentation(m, storage, settings_for(m, summary, prompts.sources), summary, plan, sizing, committer,
+                             log)
+    except LeaseLost:
         lease.renew()  # records who holds it now
+    except Interrupted:
+        summary.interrupted = True
+        silence_ray(debug)
     finally:
         plan.remove()
     if lease.lost is not None:
         raise JobError(f"this run's lease on {m.output.uri} was taken over by {lease.lost.describe()}: this run "
                        "stopped committing; the rows it committed before are kept, and that run finishes the output")
+    return _finish(m, storage, summary, compression, t_start, written, changed, retried)
 
+
+def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str | None, t_start: float,
+            written: set[str], changed: dict[str, str], retried: set[str]) -> RunSummary:
+    """End of a run (finished or interrupted): old rows of changed objects and retried images
+    replaced, duplicates repaired, the checks, and the records."""
     summary.wall_s = time.perf_counter() - t_start
     done = summary.images_ok + summary.images_error
     summary.images_per_s = (done - summary.images_skipped_done) / summary.wall_s if summary.wall_s > 0 else 0.0
@@ -224,22 +285,29 @@ def _run_holding_lease(m: Manifest, overwrite: bool, log, t_start: float, env: d
                                                        compression)
         if summary.rows_superseded:
             final = read_committed(m.output.uri, storage)
+    if retried:  # error rows processed again: the old rows go where a new one is committed
+        if drop_superseded_rows(m.output.uri, storage, rows_outside(final, retried, written), compression):
+            final = read_committed(m.output.uri, storage)
     twice = duplicate_rows(final, prefer=written)
     if twice:  # another run's commit that landed while this run wrote the same images: this run's rows stay
         summary.rows_deduplicated += drop_rows(m.output.uri, storage, twice, compression)
         final = read_committed(m.output.uri, storage)
-    if final.rows != final.images:
+    if summary.interrupted:
+        pass
+    elif final.rows != final.images:
         summary.failed = f"{final.rows - final.images} duplicate rows in {m.output.uri}"
     elif done != summary.images_planned:
         summary.failed = f"{summary.images_planned - done} planned images have no output row"
     frac = m.runtime.max_error_fraction
-    if frac is not None and done and summary.images_error / done > frac:
+    if not summary.interrupted and frac is not None and done and summary.images_error / done > frac:
         summary.failed = (
             f"error budget exceeded: {summary.images_error}/{done} images failed "
             f"({summary.images_error / done:.1%} > runtime.max_error_fraction {frac:.1%})"
         )
-    summary.fingerprint_material = material
-    put_atomic(storage, join_uri(m.output.uri, "_run.json"), summary.to_json().encode())
+    put_atomic(storage, join_uri(m.output.uri, RUNS_DIR, f"{summary.run_id}.json"), summary.to_json().encode())
+    put_atomic(storage, join_uri(m.output.uri, "_run.json"), summary.output_record(
+        final.images, final.rows, int(final.ok.sum()), final.errors_by_reason(), len(final.parts),
+        final.fingerprints).encode())
     put_atomic(storage, join_uri(m.output.uri, "_manifest.json"),
                json.dumps({**m.model_dump(), "storage_options": redact(m.storage_options)}, indent=2).encode())
     return summary

@@ -27,9 +27,18 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from .storage import Storage, join_uri, protocol_of, strip_protocol
-from .write import _process_start
 
 LEASE_NAME = "_lease.json"
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), None where /proc is absent: with
+    the pid it tells a live process from a recycled pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 class LeaseHeld(RuntimeError):

@@ -1,30 +1,32 @@
 """The Ray wiring, and the only place that knows about Ray.
 
     planned items -> read + decode (CPU actors) -> segment + encode (actor pool, model loaded once
-    per actor, GPUs when present) -> write Parquet (one writer) -> per-file stats back to the driver
+    per actor, GPUs when present) -> output blocks (RLE, small columns) to the driver's one writer
 
-The job's lifecycle around it (checks, plan, resume, lease, summary) is :mod:`.job`. Only small
-things travel to the driver: per-file statistics, never masks or images.
+The job's lifecycle around it (checks, plan, resume, lease, summary) is :mod:`.job`. What travels
+to the driver is the output rows (RLE strings and small columns), never images or dense masks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import replace
 
 import numpy as np
 
+from .console import quiet_ray_loggers
 from .decode import DecodeError, decode_for_model
 from .manifest import Manifest
 from .plan import PlanParts, read_plan_part
 from .read import read_item
 from .segment import SegmentActor, SegmentSettings, resolve_threads
-from .sizing import embedded_ray_cpus, joined_cluster, local_machine, plan_actors
+from .sizing import ActorPlan, embedded_ray_cpus, joined_cluster, local_machine, plan_actors
 from .storage import Storage
 from .summary import RunSummary
 from .watchdog import Watchdog, maybe_slow_for_test
-from .write import DriverWatch, ParquetWriter
+from .write import Committer, Interrupted
 
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 BLOCK_BYTES = 2 << 20  # Ray Data block size (decoded images in flight); see run_segmentation
@@ -66,33 +68,36 @@ class ReadDecode:
         return out
 
 
-def _init_ray(m: Manifest, env: dict[str, str], log=print):
+def start_ray(m: Manifest, env: dict[str, str], debug: bool = False) -> tuple[ActorPlan, str]:
     """Joins the cluster named by ``runtime.ray_address`` / RAY_ADDRESS, or starts an embedded
-    local Ray sized for the run. Returns ``(ray, actor plan)``."""
+    local Ray sized for the run. Returns the actor plan and a line saying which. Ray's own INFO
+    lines and advice are kept out of the user's way unless ``debug``."""
     import ray
+    import ray.data  # noqa: F401 - configures Ray Data's loggers, which quiet_ray_loggers then quiets
 
     address = m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": env}
+    quiet = {} if debug else {"logging_level": logging.WARNING}
+    if not debug:
+        quiet_ray_loggers()
     if address or ray.is_initialized():
         if not ray.is_initialized():
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **quiet)
         cluster = joined_cluster(ray.cluster_resources())
-        if address:
-            log(f"joined the Ray cluster at {address} ({cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs)")
-        return ray, plan_actors(m.runtime, m.model.device, cluster)
+        line = f"joined the Ray cluster at {address} ({cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs)" if address else ""
+        return plan_actors(m.runtime, m.model.device, cluster), line
     machine = local_machine(m.model.device)
     actors = plan_actors(m.runtime, m.model.device, machine)
     ray.init(num_cpus=embedded_ray_cpus(m.runtime, actors.actors, int(machine.cpus)), runtime_env=runtime_env,
-             include_dashboard=False)
-    log("started an embedded local Ray (no RAY_ADDRESS or runtime.ray_address given)")
-    return ray, actors
+             include_dashboard=False, **quiet)
+    return actors, "started an embedded local Ray (no RAY_ADDRESS or runtime.ray_address given)"
 
 
-def run_segmentation(m: Manifest, env: dict, storage: Storage, settings: SegmentSettings, summary: RunSummary,
-                     plan: PlanParts, log=print, fence=None) -> set[str]:
-    """read + decode -> segment + encode -> write, streaming through Ray Data; file stats to ``summary``.
-    Returns the names of the files written. ``fence``: see lease.LeaseFence."""
-    ray, sizing = _init_ray(m, env, log)
+def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, summary: RunSummary,
+                     plan: PlanParts, sizing: ActorPlan, committer: Committer, log=print) -> None:
+    """read + decode -> segment + encode, streaming through Ray Data, into ``committer`` (the one
+    writer, on the driver). Raises write.Interrupted after a Ctrl-C (what had arrived committed)."""
+    import ray
     from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
 
     actors, gpus = sizing.actors, sizing.gpus_per_actor
@@ -105,6 +110,7 @@ def run_segmentation(m: Manifest, env: dict, storage: Storage, settings: Segment
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
     ctx.log_internal_stack_trace_to_stdout = False
     # Small blocks: a block of decoded images waits whole in the object store until the actors
     # take it, so memory in flight grows with the block size (128 MiB by default: 600 small images),
@@ -143,18 +149,14 @@ def run_segmentation(m: Manifest, env: dict, storage: Storage, settings: Segment
         num_cpus=m.runtime.cpus_per_actor,
         num_gpus=gpus,
     )
-    ds = ds.map_batches(
-        ParquetWriter,
-        fn_constructor_args=(m.output.uri, storage, m.output.compression,
-                             DriverWatch(os.getpid()) if sizing.embedded else None, fence),
-        batch_size=m.output.rows_per_file,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=1),
-        num_cpus=0.5,
-    )
-    written = set()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        rows = batch.to_pylist()
-        summary.add_file_stats(rows)
-        written.update(r["file"] for r in rows if r.get("file"))
-    return written
+    # Only RLE strings and small columns come to the driver, whose one writer commits them.
+    try:
+        committer.consume(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    except Interrupted:
+        # Stop Ray Data's executor thread now, not while Ray shuts down at exit (where it would go on
+        # calling Ray, and Ray would start a new local instance for it). Ray Data's own blocking
+        # APIs end their executors this way; the attribute is internal, hence the getattr.
+        executor = getattr(ds, "_current_executor", None)
+        if executor is not None:
+            executor.shutdown(force=True)
+        raise

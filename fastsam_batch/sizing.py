@@ -14,7 +14,7 @@ CPU_ACTOR_BYTES = 2 * 2**30
 # Object store a CPU actor's run may fill with decoded images queued ahead of it: six of the
 # 2250x1500 photographs, more than a batch of 4 waiting (benchmarks/RESULTS.md: memory).
 CPU_IN_FLIGHT_MB = 64
-# Logical CPUs a run needs besides the actors and read/decode: the Parquet writer, Ray Data's own.
+# Logical CPUs a run needs besides the actors and read/decode: Ray Data's own, the driver's writer.
 OTHER_CPUS = 1.0
 
 
@@ -35,6 +35,7 @@ class ActorPlan:
     why: str  # how the actor count was chosen, for the log
     embedded: bool  # sized from this machine (an embedded local Ray)
     calls_per_actor: int = 1  # batches an actor works on at once (see plan_actors)
+    cluster_gpus: float = 0.0  # GPUs of the machine / cluster it was sized for
 
 
 def uses_cuda(device: str, cluster_gpus: float) -> bool:
@@ -75,7 +76,11 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
         by_cpu = int(cpus // max(runtime.cpus_per_actor, 1.0))
         by_memory = int(cluster.memory_bytes // CPU_ACTOR_BYTES)
         actors = max(1, min(by_cpu, by_memory))
-        why = f"on CPU: one per core, {by_cpu}; at most one per {CPU_ACTOR_BYTES / 2**30:g} GiB of memory, {by_memory}"
+        where = (f"one per core, {by_cpu}" if cluster.embedded else
+                 f"one per CPU the cluster's {cluster.cpus:g} leave after read/decode and the other stages "
+                 f"({runtime.decode_cpus + OTHER_CPUS:g}), {max(by_cpu, 0)}")
+        why = (f"on CPU: {where}; at most one per {CPU_ACTOR_BYTES / 2**30:g} GiB of memory, {by_memory}"
+               + ("; at least one" if min(by_cpu, by_memory) < 1 else ""))
     in_flight = runtime.in_flight_mb or actors * (1024 if gpus else CPU_IN_FLIGHT_MB)
     if runtime.decode_workers:
         decoders = runtime.decode_workers
@@ -85,7 +90,7 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
     else:
         decoders = 2 * actors
     return ActorPlan(actors=actors, gpus_per_actor=gpus, in_flight_mb=in_flight, decode_workers=decoders, why=why,
-                     embedded=cluster.embedded, calls_per_actor=2 if gpus > 0 else 1)
+                     embedded=cluster.embedded, calls_per_actor=2 if gpus > 0 else 1, cluster_gpus=cluster.gpus)
 
 
 def embedded_ray_cpus(runtime, actors: int, machine_cpus: int) -> int:

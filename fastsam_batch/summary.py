@@ -15,6 +15,7 @@ class RunSummary:
     images_error: int = 0
     images_skipped_done: int = 0  # already had rows from an earlier run of the same fingerprint
     images_changed: int = 0  # had rows, but the object changed since (ETag/size): processed again
+    images_retried_errors: int = 0  # had an error row, processed again (--retry-errors); old row replaced
     rows_superseded: int = 0  # rows of changed objects removed once their new rows were committed
     rows_deduplicated: int = 0  # rows of an image written twice (two runs at once) removed, one kept
     errors_by_reason: dict[str, int] = field(default_factory=dict)
@@ -46,6 +47,9 @@ class RunSummary:
     lease_taken_over: str | None = None  # the stale (or broken) lease this run took over, described
     fingerprint_material: dict = field(default_factory=dict)
     failed: str | None = None  # why the run counts as failed (error budget), else None
+    interrupted: bool = False  # stopped by Ctrl-C: what was done is committed, the rest is for the next run
+    started: str = ""  # UTC, ISO 8601
+    noop: bool = False  # nothing to do: every image had its row (nothing was written)
 
     def add_file_stats(self, rows: list[dict]) -> None:
         reasons = Counter(self.errors_by_reason)
@@ -67,6 +71,27 @@ class RunSummary:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
+    @property
+    def status(self) -> str:
+        return "interrupted" if self.interrupted else "failed" if self.failed else "finished"
+
+    def output_record(self, images: int, rows: int, ok: int, errors_by_reason: dict[str, int], files: int,
+                      fingerprints: dict[str, int]) -> str:
+        """``_run.json``: the output as a whole (every run's rows), and the last run's summary; each
+        run's own summary is kept under ``_runs/``."""
+        return json.dumps({
+            "output_uri": self.output_uri,
+            "images": images,
+            "rows": rows,
+            "images_ok": ok,
+            "images_error": rows - ok,
+            "errors_by_reason": errors_by_reason,
+            "files": files,
+            "run_fingerprints": fingerprints,
+            "last_run": {"run_id": self.run_id, "status": self.status, "summary": f"_runs/{self.run_id}.json"},
+            "last_run_summary": asdict(self),
+        }, indent=2, sort_keys=True)
+
     def render(self) -> str:
         lines = [
             f"fastsam-batch run '{self.name}': {self.images_ok + self.images_error} images in {self.wall_s:.1f}s "
@@ -78,6 +103,8 @@ class RunSummary:
             lines.append(f"  retried after transient storage errors: {self.images_retried} images ({self.read_retries} retries)")
         if self.images_skipped_done:
             lines.append(f"  already done in an earlier run (skipped): {self.images_skipped_done}")
+        if self.images_retried_errors:
+            lines.append(f"  error rows processed again (--retry-errors, old rows replaced): {self.images_retried_errors}")
         if self.images_changed:
             lines.append(f"  changed since their rows were written (processed again, old rows replaced): {self.images_changed}")
         for reason, n in self.errors_by_reason.items():

@@ -1,5 +1,11 @@
 """Write stage: output rows -> Parquet files under ``output.uri``, each visible only when complete.
 
+The run has one writer, on the driver (:class:`Committer`): the segmentation actors' output
+blocks (RLE strings and small columns, never dense masks) come to it, and it commits a file every
+``output.rows_per_file`` rows or ``output.commit_interval_s`` seconds, whichever comes first. So a
+kill or Ctrl-C loses at most that much work; a killed driver commits nothing more (no worker can
+write behind its back); and the lease fence is checked where the lease is held.
+
 File names are content-addressed (a hash of the image ids they hold), so a retried write of the
 same rows replaces the same file instead of adding a duplicate. A file is built in memory and
 then put in one operation: on S3 a single PUT / completed multipart upload (never a partial
@@ -12,9 +18,13 @@ import hashlib
 import io
 import json
 import os
+import queue
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,56 +57,14 @@ def put_atomic(storage: Storage, uri: str, data: bytes) -> None:
         with_retries(lambda: fs.pipe_file(uri, data))
 
 
-class DriverGone(RuntimeError):
-    """The run's driver has died: its workers must not commit anything more."""
-
-
-class DriverWatch:
-    """Whether the process that started an embedded Ray (the run's driver, on this host) still lives.
-
-    An embedded Ray outlives a killed driver for a moment (its raylet and workers notice the loss
-    and exit), long enough for a writer to commit a few more files that the next run, already
-    planning, would not see. The writer asks before every commit. The process is identified by pid
-    and start time, so a recycled pid is not taken for the driver."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.started = _process_start(pid)
-
-    def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # exists, owned by someone else
-            pass
-        return _process_start(self.pid) == self.started
-
-    def check(self) -> None:
-        if not self.alive():
-            raise DriverGone(f"the run's driver (pid {self.pid}) is gone: nothing more is committed")
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), None where /proc is absent."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 class ParquetWriter:
-    """Ray Data callable: a pyarrow batch of output rows -> one Parquet file + a one-row stats table.
-    Before each commit it checks ``driver`` (with an embedded Ray: the driver still lives, see
-    DriverWatch) and ``fence`` (the run still holds the output's lease, see lease.py)."""
+    """A pyarrow table of output rows -> one Parquet file + a one-row stats table. Before each
+    commit it checks ``fence`` (the run still holds the output's lease, see lease.py)."""
 
-    def __init__(self, output_uri: str, storage: Storage, compression: str = "zstd", driver: DriverWatch | None = None,
-                 fence=None):
+    def __init__(self, output_uri: str, storage: Storage, compression: str = "zstd", fence=None):
         self.output_uri = output_uri
         self.storage = storage
         self.compression = None if compression == "none" else compression
-        self.driver = driver
         self.fence = fence  # lease.LeaseFence: commit only while the run holds the output's lease
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -107,8 +75,6 @@ class ParquetWriter:
         name = part_name(ids)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression=self.compression)
-        if self.driver is not None:
-            self.driver.check()
         if self.fence is not None:
             self.fence.check(self.storage)
         put_atomic(self.storage, join_uri(self.output_uri, name), buf.getvalue())
@@ -154,3 +120,109 @@ STATS_SCHEMA = pa.schema(
 
 def stats_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
+
+
+class Interrupted(Exception):
+    """The run was interrupted (Ctrl-C): what had reached the writer is committed."""
+
+
+_END = object()
+
+
+class Committer:
+    """The run's one writer: output blocks in, a Parquet file out every ``rows_per_file`` rows or
+    every ``interval_s`` seconds (counted from the oldest row waiting), whichever comes first.
+    ``on_commit`` gets each file's stats row."""
+
+    def __init__(self, writer: ParquetWriter, rows_per_file: int, interval_s: float,
+                 on_commit: Callable[[dict], None]):
+        self.writer = writer
+        self.rows_per_file = rows_per_file
+        self.interval_s = interval_s
+        self.on_commit = on_commit
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.oldest: float | None = None  # when the oldest waiting row arrived
+        self.committed_rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if self.oldest is None:
+            self.oldest = time.monotonic()
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows_per_file:
+            rows = pa.concat_tables(self.pending, promote_options="default")
+            self._commit(rows.slice(0, self.rows_per_file))
+            rest = rows.slice(self.rows_per_file)
+            self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+            self.oldest = time.monotonic() if rest.num_rows else None
+
+    def seconds_to_due(self) -> float:
+        if self.oldest is None:
+            return self.interval_s
+        return max(0.0, self.oldest + self.interval_s - time.monotonic())
+
+    def flush(self) -> None:
+        """Commits every waiting row."""
+        if self.pending_rows:
+            self._commit(pa.concat_tables(self.pending, promote_options="default"))
+        self.pending, self.pending_rows, self.oldest = [], 0, None
+
+    def _commit(self, table: pa.Table) -> None:
+        for row in self.writer(table.combine_chunks()).to_pylist():
+            self.on_commit(row)
+        self.committed_rows += table.num_rows
+
+    def consume(self, blocks: Iterable[pa.Table]) -> None:
+        """Commits ``blocks`` as they come (they are produced in a thread of their own, so that a
+        due commit never waits for the next block). The first Ctrl-C (SIGINT) stops taking blocks:
+        what had arrived is committed and :class:`Interrupted` raised; a second Ctrl-C stops at once
+        (KeyboardInterrupt). A commit is never cut in half by the first."""
+        inbox: queue.Queue = queue.Queue(maxsize=4)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for block in blocks:
+                    inbox.put(block)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                inbox.put(e)
+            inbox.put(_END)
+
+        def on_sigint(signum, frame):
+            stop.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one stops at once
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+        threading.Thread(target=produce, name="fastsam-batch-blocks", daemon=True).start()
+        try:
+            while not stop.is_set():
+                try:
+                    item = inbox.get(timeout=min(0.5, max(0.05, self.seconds_to_due())))
+                except queue.Empty:
+                    item = None
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not None:
+                    self.add(item)
+                if self.pending_rows and self.seconds_to_due() <= 0:
+                    self.flush()
+            if stop.is_set():
+                while True:  # the blocks that had already arrived are done work: keep them
+                    try:
+                        item = inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(item, pa.Table):
+                        self.add(item)
+            self.flush()
+        finally:
+            if main and not stop.is_set():
+                signal.signal(signal.SIGINT, previous)
+        if stop.is_set():
+            raise Interrupted()

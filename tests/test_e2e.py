@@ -212,7 +212,7 @@ def test_secrets_never_appear(s3_run):
 
 def test_run_summary_file(s3_run, dataset):
     fs = s3_run["fs"]
-    summary = json.loads(fs.cat_file("data/masks/_run.json"))
+    summary = json.loads(fs.cat_file("data/masks/_run.json"))["last_run_summary"]
     assert summary["images_planned"] == len(s3_run["table"])
     assert summary["images_error"] == len(dataset["broken"])
     assert summary["skipped_not_images"] == 1
@@ -242,9 +242,16 @@ def test_output_readable_by_common_readers(local_run):
 
     out = local_run["out"]
     n = local_run["table"].num_rows
+    assert (out / "_run.json").exists() and list(out.glob("_runs/*.json"))  # metadata the readers must skip
     assert len(pd.read_parquet(out)) == n
     assert pl.read_parquet(f"{out}/*.parquet").height == n
     assert duckdb.connect().execute(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0] == n
+    # The README's reading examples, as written there, on this output.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b.split("\n", 1)[1] for b in readme.split("```python")[1:] if "pl.read_parquet" in b).split("```")[0]
+    names: dict = {}
+    exec(block.replace("out/demo/", f"{out}/"), names)  # noqa: S102 - the documented snippet itself
+    assert len(names["df"]) == n and names["n"] == n
 
 
 def test_joins_a_ray_cluster_from_ray_address_and_enforces_the_error_budget(dataset, checkpoint, tmp_path):
@@ -267,5 +274,5 @@ def test_joins_a_ray_cluster_from_ray_address_and_enforces_the_error_budget(data
     assert "error budget exceeded" in r.stdout and "runtime.max_error_fraction" in r.stdout
     # The rows are still all written: the budget judges the run, it does not lose work.
     assert pads.dataset(str(out), format="parquet").count_rows() == n_total
-    summary = json.loads((out / "_run.json").read_text())
+    summary = json.loads((out / "_run.json").read_text())["last_run_summary"]
     assert summary["failed"].startswith("error budget exceeded")

@@ -87,7 +87,7 @@ def test_s3_faults_during_a_run_leave_exactly_one_row_per_image(faulty_run):
     ids = table.column("image_id").to_pylist()
     assert sorted(ids) == sorted(faulty_run["names"])  # none missing, none twice
     assert set(table.column("status").to_pylist()) == {"ok"}
-    summary = json.loads(faulty_run["fs"].cat_file("faulty/masks/_run.json"))
+    summary = json.loads(faulty_run["fs"].cat_file("faulty/masks/_run.json"))["last_run_summary"]
     assert summary["images_ok"] == len(faulty_run["names"]) and summary["failed"] is None
     assert summary["images_retried"] >= 1 and summary["read_retries"] >= summary["images_retried"]  # the GETs that failed
     print(f"S3 faults injected: {proxy.injected}; forwarded: {proxy.forwarded}; summary retried: "

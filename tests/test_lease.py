@@ -129,7 +129,7 @@ def test_two_runs_on_one_output_one_is_refused_at_once(tmp_path, checkpoint):
     ids = pads.dataset(str(out), format="parquet").to_table(columns=["image_id"]).column("image_id").to_pylist()
     assert sorted(ids) == sorted(names)
     assert not (out / LEASE_NAME).exists()
-    summary = json.loads((out / "_run.json").read_text())
+    summary = json.loads((out / "_run.json").read_text())["last_run_summary"]
     assert summary["run_id"] == holder["run_id"]
 
 

@@ -94,7 +94,7 @@ rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 before, _ = tracemalloc.get_traced_memory()
 tracemalloc.reset_peak()
 summary = RunSummary(name=m.name)
-plan, _, _ = plan_job(m, storage, summary, Committed(), PromptAttacher(m, storage))
+plan, *_ = plan_job(m, storage, summary, Committed(), PromptAttacher(m, storage))
 _, peak = tracemalloc.get_traced_memory()
 print(json.dumps({"planned": summary.images_planned, "todo": plan.count, "skipped": summary.skipped_not_images,
                   "files": plan.files, "peak_mb": (peak - before) / 2**20,

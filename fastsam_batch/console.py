@@ -1,0 +1,97 @@
+"""What the user sees in the terminal: Ray's own noise kept out of it unless ``--debug``.
+
+A successful run used to print Ray's token-auth notice, Ray Data's INFO lines and its advice to
+enable progress bars (which a CLI user cannot follow), and an ERROR-level line from Ray's C++ core
+about actor constructor arguments (https://github.com/ray-project/ray/issues/53727: Ray Data
+always passes them through the object store; harmless here). Python loggers are set quiet; the
+C++ line is written straight to file descriptor 2, so stderr passes through a line filter.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import select
+import struct
+import sys
+import termios
+import threading
+import time
+
+# Lines of Ray's that say nothing a user of this tool can act on.
+RAY_NOISE = re.compile(
+    r"has constructor arguments in the object store and max_restarts"
+    r"|Token authentication is enabled for this Ray cluster"
+    r"|Progress bars (for operators )?disabled\. To enable"
+)
+QUIET_LOGGERS = {
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    "ray.data": logging.WARNING,
+    "ray.data._internal.progress": logging.ERROR,
+}
+
+
+def quiet_ray_loggers() -> None:
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def silence_ray(debug: bool = False) -> None:
+    """After a Ctrl-C: the stream cut off mid-way, Ray's workers and Ray Data log warnings (with
+    tracebacks) while Ray shuts down; nothing in them is the user's (shown with ``debug``)."""
+    if not debug:
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+class StderrFilter:
+    """File descriptor 2 through a pipe; a thread copies every line but those matching ``pattern``
+    to the real stderr. :meth:`close` restores fd 2 once everything written has been copied."""
+
+    def __init__(self, pattern: re.Pattern = RAY_NOISE):
+        self.pattern = pattern
+        sys.stderr.flush()
+        self.real = os.dup(2)
+        self.read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self.busy = threading.Lock()
+        self.closed = False
+        self.thread = threading.Thread(target=self._copy, name="fastsam-batch-stderr", daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        rest = b""
+        while not self.closed:
+            ready, _, _ = select.select([self.read_end], [], [], 0.1)
+            if not ready:
+                continue
+            with self.busy:
+                data = os.read(self.read_end, 65536)
+                if not data:
+                    return
+                lines = (rest + data).split(b"\n")
+                rest = lines.pop()
+                out = b"".join(line + b"\n" for line in lines
+                               if not self.pattern.search(line.decode("utf-8", "replace")))
+                if out:
+                    os.write(self.real, out)
+        if rest:
+            os.write(self.real, rest)
+
+    def _unread(self) -> int:
+        buf = fcntl.ioctl(self.read_end, termios.FIONREAD, struct.pack("i", 0))
+        return struct.unpack("i", buf)[0]
+
+    def close(self) -> None:
+        sys.stderr.flush()
+        os.dup2(self.real, 2)  # this process now writes to the real stderr again
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # until the thread has copied what was written before
+            with self.busy:
+                if self._unread() == 0:
+                    break
+            time.sleep(0.01)
+        self.closed = True
