@@ -26,6 +26,9 @@ PROMPT_TYPE = pa.struct(
         pa.field("id", pa.string()),
         pa.field("category_id", pa.int64()),
         pa.field("text", pa.string()),  # a text prompt's text (manifest or table); null for other kinds
+        pa.field("box", pa.list_(pa.float64())),  # a box prompt's [x1, y1, x2, y2]; null for other kinds
+        pa.field("points", pa.list_(pa.list_(pa.float64()))),  # a points prompt's [[x, y], ...]
+        pa.field("labels", pa.list_(pa.int32())),  # its labels, 1 foreground / 0 background
         pa.field("num_masks", pa.int32(), nullable=False),  # masks this prompt added to `masks`
         pa.field("error", pa.string()),  # "<reason>: <detail>", null when the prompt selected its mask(s)
     ]

@@ -398,8 +398,13 @@ def _maybe_simulate_out_of_memory(chunk_pixels: int) -> None:
 
 def prompt_record(index: int, prompt: dict, num_masks: int, error: str | None) -> dict:
     """One entry of a row's ``prompts`` list (see schema.PROMPT_TYPE)."""
-    return {"index": index, "kind": prompt.get("kind"), "id": prompt.get("id"), "category_id": prompt.get("category_id"),
-            "text": prompt.get("text") if prompt.get("kind") == "text" else None, "num_masks": num_masks, "error": error}
+    kind = prompt.get("kind")
+    return {"index": index, "kind": kind, "id": prompt.get("id"), "category_id": prompt.get("category_id"),
+            "text": prompt.get("text") if kind == "text" else None,
+            "box": prompt.get("box") if kind == "box" else None,
+            "points": prompt.get("points") if kind == "points" else None,
+            "labels": prompt.get("labels") if kind == "points" else None,
+            "num_masks": num_masks, "error": error}
 
 
 def _maybe_crash_for_test() -> None:

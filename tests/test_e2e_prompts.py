@@ -217,6 +217,7 @@ def test_global_text_and_kept_everything_masks(coco_run):
         assert kinds[0] == "text" and row["prompts"][0]["kind"] == "text"  # the global prompt comes first
         assert row["prompts"][0]["text"] == "red circle"  # its text recorded with it
         assert all(p["text"] is None for p in row["prompts"][1:])  # box prompts have none
+        assert row["prompts"][0]["box"] is None and all(len(p["box"]) == 4 for p in row["prompts"][1:])
         everything = [m for m in row["masks"] if m["prompt_index"] is None]
         assert everything and all(m["prompt_id"] is None and m["category_id"] is None for m in everything)
         assert kinds.index(None) == len(kinds) - len(everything)  # prompted masks first, then all masks
