@@ -1,4 +1,6 @@
-"""Command line: ``fastsam-batch run MANIFEST.yaml [--overwrite] [--retry-errors [REASONS]] [--break-lease] [--debug]``.
+"""Command line: ``fastsam-batch run MANIFEST.yaml [--overwrite] [--retry-errors [REASONS]] [--break-lease] [--debug]``,
+and around a run: ``plan MANIFEST``, ``stats OUTPUT``, ``export-coco OUTPUT --out F``, ``schema``,
+``overlay OUTPUT --out DIR``.
 
 Exit status: 0 the run finished (error rows included); 1 the run failed (a preflight check, error
 budget exceeded, rows missing, or a job-level error: one ``fastsam-batch:`` line says which);
@@ -14,7 +16,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fastsam-batch", description="Segment image collections with FastSAM on Ray.")
+    ap = argparse.ArgumentParser(prog="fastsam-batch", description="Segment image collections with FastSAM on Ray.",
+                                 epilog="Exit status: 0 done; 1 failed (one 'fastsam-batch:' line says why); "
+                                        "2 invalid manifest or command line; 130 interrupted (run: the same command "
+                                        "resumes).")
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job manifest")
     run.add_argument("manifest", help="job manifest (YAML)")
@@ -27,7 +32,30 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--break-lease", action="store_true",
                      help="take over output.uri's lease from a run that is gone (see README: one writer per output)")
     run.add_argument("--debug", action="store_true", help="show tracebacks and Ray's own log lines")
+    plan = sub.add_parser("plan", help="what `run` would do (images to do, done, changed; actors), writing nothing")
+    plan.add_argument("manifest", help="job manifest (YAML)")
+    plan.add_argument("--overwrite", action="store_true", help="as `run --overwrite` would plan")
+    plan.add_argument("--retry-errors", nargs="?", const="all", metavar="REASONS", help="as `run --retry-errors`")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    stats = sub.add_parser("stats", help="summarise an output: rows by status, errors, masks, stage times")
+    stats.add_argument("output", help="output.uri of a run (local folder or s3://)")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    export = sub.add_parser("export-coco", help="the masks as COCO JSON (results for COCOeval, or a dataset)")
+    export.add_argument("output", help="output.uri of a run (local folder or s3://)")
+    export.add_argument("--out", required=True, help="the JSON file to write")
+    export.add_argument("--annotations", action="store_true",
+                        help="a COCO dataset (images, annotations, categories) instead of a results list")
+    export.add_argument("--coco", metavar="GT.json",
+                        help="take image ids (and categories) from this COCO file, matched by file_name")
+    sub.add_parser("schema", help="the manifest's JSON Schema, for editors")
+    overlay = sub.add_parser("overlay", help="PNG pictures of sampled images with their masks, and a contact sheet")
+    overlay.add_argument("output", help="output.uri of a run (local folder or s3://)")
+    overlay.add_argument("--sample", type=int, default=12, help="how many images (default 12)")
+    overlay.add_argument("--seed", type=int, default=0, help="which sample (default 0)")
+    overlay.add_argument("--out", required=True, help="folder for the pictures")
     args = ap.parse_args(argv)
+    if args.command != "run":
+        return _tool(args)
 
     from .manifest import ManifestError, load_manifest
 
@@ -36,16 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as e:
         print(f"fastsam-batch: {e}", file=sys.stderr)
         return 2
-    retry = None
-    if args.retry_errors is not None:
-        from .schema import ERROR_REASONS
-
-        retry = frozenset(r.strip() for r in args.retry_errors.split(",") if r.strip())
-        unknown = sorted(retry - set(ERROR_REASONS) - {"all"})
-        if not retry or unknown:
-            print(f"fastsam-batch: --retry-errors: unknown error reason {', '.join(unknown) or '(none)'}; give some of "
-                  f"{', '.join(ERROR_REASONS)} (comma-separated), or nothing for all", file=sys.stderr)
-            return 2
+    retry, bad = _retry_reasons(args.retry_errors)
+    if bad:
+        print(f"fastsam-batch: {bad}", file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .console import StderrFilter, quiet_ray_loggers
@@ -59,6 +81,87 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if noise is not None:
             noise.close()
+
+
+def _retry_reasons(value: str | None) -> tuple[frozenset[str] | None, str | None]:
+    """--retry-errors' reasons, or the line saying what is wrong with them."""
+    if value is None:
+        return None, None
+    from .schema import ERROR_REASONS
+
+    retry = frozenset(r.strip() for r in value.split(",") if r.strip())
+    unknown = sorted(retry - set(ERROR_REASONS) - {"all"})
+    if not retry or unknown:
+        return None, (f"--retry-errors: unknown error reason {', '.join(unknown) or '(none)'}; give some of "
+                      f"{', '.join(ERROR_REASONS)} (comma-separated), or nothing for all")
+    return retry, None
+
+
+def _tool(args) -> int:
+    """The commands around a run: plan, stats, export-coco, schema, overlay."""
+    import json
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `fastsam-batch schema | head` ends quietly
+
+    from .storage import Storage
+
+    def say(msg: str) -> int:
+        print(f"fastsam-batch: {msg}", file=sys.stderr, flush=True)
+        return 1
+
+    if args.command == "schema":
+        from .manifest import manifest_json_schema
+
+        print(json.dumps(manifest_json_schema(), indent=2))
+        return 0
+    from .job import JobError
+    from .model import CheckpointError
+    from .preflight import PreflightError
+    from .stats import OutputError
+    from .storage import storage_error_cause
+
+    try:
+        if args.command == "plan":
+            from .job import dry_run, render_dry_run
+            from .manifest import ManifestError, load_manifest
+
+            try:
+                manifest = load_manifest(args.manifest)
+            except ManifestError as e:
+                say(str(e))
+                return 2
+            retry, bad = _retry_reasons(args.retry_errors)
+            if bad:
+                say(bad)
+                return 2
+            d = dry_run(manifest, retry, args.overwrite)
+            print(json.dumps(d, indent=2) if args.json else render_dry_run(d))
+            return 0
+        storage = Storage()
+        if args.command == "stats":
+            from .stats import output_stats, render_stats, stats_json
+
+            st = output_stats(args.output, storage)
+            print(stats_json(st) if args.json else render_stats(st))
+        elif args.command == "export-coco":
+            from .export_coco import export_coco
+
+            with open(args.out, "w") as f:
+                counts = export_coco(args.output, storage, f, args.annotations, args.coco)
+            print(f"wrote {args.out}: {counts['masks']:,} masks of {counts['images']:,} images"
+                  + (f" ({counts['error_rows']:,} error rows left out)" if counts["error_rows"] else "")
+                  + (f" ({counts['not_in_coco']:,} images not in {args.coco} left out)" if counts["not_in_coco"] else ""))
+        elif args.command == "overlay":
+            from .overlay import write_overlays
+
+            paths = write_overlays(args.output, storage, args.sample, args.out, args.seed)
+            print(f"wrote {len(paths) - 1} pictures and {paths[-1]}")
+        return 0
+    except (JobError, CheckpointError, PreflightError, OutputError) as e:
+        return say(str(e))
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback
+        return say(f"{args.command}: {storage_error_cause(e)}")
 
 
 def _run(manifest, args, retry) -> int:

@@ -11,17 +11,18 @@ from . import __version__
 from .manifest import Manifest
 from .console import silence_ray
 from .model import check_checkpoint, fetch_checkpoint
-from .preflight import check_device, check_locations, check_ray_address
-from .sizing import local_machine
+from .preflight import check_device, check_listable, check_locations, check_ray_address
+from .sizing import local_machine, plan_actors
 from .offline import configure_ultralytics
-from .plan import PlanParts, Skipped, chunked, iter_inputs, remove_plan_files
+from .progress import Progress
+from .plan import PlanCount, PlanParts, Skipped, chunked, iter_inputs, remove_plan_files
 from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
 from .resume import (Committed, drop_rows, drop_superseded_rows, duplicate_rows, read_committed,
                      remove_stale_temporaries, rows_outside, run_fingerprint, source_version, superseded_parts)
-from .storage import Storage, join_uri, redact
+from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Committer, Interrupted, ParquetWriter, put_atomic
 from .pipeline import run_segmentation, start_ray
@@ -102,14 +103,15 @@ def attach_prompts(m: Manifest, storage: Storage, items: list[dict], summary: Ru
 
 
 def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Committed,
-             prompts: PromptAttacher, retry: frozenset[str] | None = None
+             prompts: PromptAttacher, retry: frozenset[str] | None = None, plan: PlanParts | PlanCount | None = None
              ) -> tuple[PlanParts, dict[str, set[str]], dict[str, str], set[str]]:
     """Lists the input (streaming), gives items their prompts and source versions, and keeps those
     without a current committed row, in plan parts. Returns the parts, the rows of older object
     versions to drop now (left by a run cut short), the changed images (id -> version now), whose
     old rows are dropped once the new ones are committed, and the images whose error rows are
-    processed again (``retry``: the error reasons to retry, ``ALL_ERRORS`` for every one)."""
-    plan = PlanParts(m.output.uri, storage, m.runtime.plan_part_rows)
+    processed again (``retry``: the error reasons to retry, ``ALL_ERRORS`` for every one).
+    ``plan``: where the items go (default: plan parts under the output; PlanCount: counted only)."""
+    plan = plan if plan is not None else PlanParts(m.output.uri, storage, m.runtime.plan_part_rows)
     skipped = Skipped()
     superseded: dict[str, set[str]] = {}
     changed: dict[str, str] = {}
@@ -254,7 +256,8 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         written.add(stats["file"])
 
     writer = ParquetWriter(m.output.uri, storage, m.output.compression, lease.fence())
-    committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit)
+    progress = Progress(summary, m.runtime.progress_interval_s, log=log)
+    committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit, progress.tick)
     try:
         if plan.count:
             run_segmentation(m, storage, settings_for(m, summary, prompts.sources), summary, plan, sizing, committer,
@@ -265,6 +268,7 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         summary.interrupted = True
         silence_ray(debug)
     finally:
+        progress.close()
         plan.remove()
     if lease.lost is not None:
         raise JobError(f"this run's lease on {m.output.uri} was taken over by {lease.lost.describe()}: this run "
@@ -311,6 +315,70 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
     put_atomic(storage, join_uri(m.output.uri, "_manifest.json"),
                json.dumps({**m.model_dump(), "storage_options": redact(m.storage_options)}, indent=2).encode())
     return summary
+
+
+def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: bool = False) -> dict:
+    """What ``run`` would do, without doing it: the checks that write nothing, the listing, prompts
+    and resume resolved, the actors it would start. Nothing is written (no lease, no plan files, no
+    probe object), and no Ray is started for an embedded run (a cluster is joined to read its size)."""
+    configure_ultralytics()
+    storage = Storage(m.storage_options)
+    summary = RunSummary(name=m.name, output_uri=m.output.uri, tool_version=__version__)
+    quick = storage.for_checks()
+    check_listable("input.uri", m.input.uri, quick)
+    if protocol_of(m.output.uri) != "file":  # a local output may not exist yet
+        check_listable("output.uri", m.output.uri, quick)
+    path, summary.checkpoint_sha256 = fetch_checkpoint(m.model.checkpoint, storage)
+    check_checkpoint(path, m.model.checkpoint)
+    prompts = PromptAttacher(m, storage)
+    summary.run_fingerprint, _ = run_fingerprint(m, summary.checkpoint_sha256, prompts.sources)
+    address = m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    check_ray_address(address)
+    if address:
+        sizing, _ = start_ray(m, configure_ultralytics())
+    else:
+        sizing = plan_actors(m.runtime, m.model.device, local_machine(m.model.device))
+    device_note = check_device(m.model.device, sizing.cluster_gpus, sizing.embedded)
+    committed = read_committed(m.output.uri, storage)
+    others = {fp: n for fp, n in committed.fingerprints.items() if fp != summary.run_fingerprint}
+    plan, _, _, retried = plan_job(m, storage, summary, Committed() if overwrite else committed, prompts,
+                                   retry_errors, PlanCount())
+    return {
+        "name": m.name, "input_uri": m.input.uri, "output_uri": m.output.uri,
+        "run_fingerprint": summary.run_fingerprint,
+        "images_listed": summary.images_planned,
+        "images_to_do": plan.count,
+        "images_done": summary.images_skipped_done,
+        "images_changed": summary.images_changed,
+        "images_retried_errors": len(retried),
+        "skipped_not_images": summary.skipped_not_images, "skipped_examples": summary.skipped_examples,
+        "prompts_planned": summary.prompts_planned, "images_without_prompts": summary.images_without_prompts,
+        "prompt_images_not_in_input": summary.prompt_images_not_in_input,
+        "rows_of_other_fingerprints": sum(others.values()),
+        "refused": (f"output.uri holds {sum(others.values())} rows of another configuration: run would be refused "
+                    "without --overwrite") if others and not overwrite else None,
+        "actors": sizing.actors, "actors_why": sizing.why, "gpus_per_actor": sizing.gpus_per_actor,
+        "decode_workers": sizing.decode_workers, "device": device_note or m.model.device,
+        "cluster": address or "an embedded local Ray (this machine)",
+    }
+
+
+def render_dry_run(d: dict) -> str:
+    lines = [f"plan for '{d['name']}' (run fingerprint {d['run_fingerprint']}); nothing was written",
+             f"  input: {d['input_uri']}: {d['images_listed']:,} images listed, {d['skipped_not_images']:,} non-image keys "
+             "skipped" + (f" (e.g. {', '.join(d['skipped_examples'][:3])})" if d["skipped_not_images"] else ""),
+             f"  output: {d['output_uri']}: {d['images_done']:,} already done under this fingerprint, "
+             f"{d['images_changed']:,} changed since, {d['images_retried_errors']:,} error rows to retry",
+             f"  to do: {d['images_to_do']:,} images"]
+    if d["prompts_planned"] or d["images_without_prompts"]:
+        lines.append(f"  prompts: {d['prompts_planned']:,} for the listed images; {d['images_without_prompts']:,} images "
+                     f"without any; {d['prompt_images_not_in_input']:,} prompted images not in the input")
+    lines.append(f"  cluster: {d['cluster']}; {d['actors']} segmentation actor{'s' if d['actors'] != 1 else ''} "
+                 f"({d['actors_why']})" + (f", {d['gpus_per_actor']:g} GPU each" if d["gpus_per_actor"] else "")
+                 + f"; up to {d['decode_workers']} read/decode workers; device: {d['device']}")
+    if d["refused"]:
+        lines.append(f"  REFUSED: {d['refused']}")
+    return "\n".join(lines)
 
 
 def settings_for(m: Manifest, summary: RunSummary, prompt_sources: dict) -> SegmentSettings:

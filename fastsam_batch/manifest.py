@@ -164,6 +164,8 @@ class RuntimeConfig(_Strict):
     image_timeout_s: float | None = Field(default=600.0, gt=0, description="most time to decode one image, or to segment one (a batch: this times its images); over it the image is a `timeout` error row (watchdog.py); null: no limit")
     lease_stale_s: float = Field(default=120.0, gt=0, description="a lease on output.uri without a heartbeat for this long is taken over by the next run")
     lease_heartbeat_s: float = Field(default=15.0, gt=0, description="how often a run renews its lease on output.uri")
+    progress_interval_s: float = Field(default=30.0, gt=0, description="without a terminal, a progress line this "
+                                       "often (on a terminal a live line is redrawn instead)")
 
     @model_validator(mode="after")
     def _heartbeat_within_stale(self) -> "RuntimeConfig":
@@ -218,6 +220,13 @@ def output_inside_input(input_uri: str, output_uri: str) -> bool:
         return any(pattern.match(f"{out.split('://', 1)[-1]}/{name}") for name in _OUTPUT_SAMPLES)
     base = input_uri.rstrip("/")
     return out.startswith(base + "/")
+
+
+def manifest_json_schema() -> dict:
+    """The manifest's JSON Schema (from the pydantic models), for editors: with
+    ``# yaml-language-server: $schema=<file>`` on a job file's first line they complete and check it."""
+    schema = Manifest.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "fastsam-batch job manifest"}
 
 
 def _format_errors(err: ValidationError) -> str:

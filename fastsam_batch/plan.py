@@ -222,6 +222,21 @@ class PlanParts:
                     pass
 
 
+class PlanCount:
+    """In place of :class:`PlanParts` for a dry run: the planned items counted, nothing written."""
+
+    def __init__(self):
+        self.count = 0
+        self.files: list[str] = []
+        self.in_memory: list[dict] = []
+
+    def add(self, items: list[dict]) -> None:
+        self.count += len(items)
+
+    def remove(self) -> None:
+        pass
+
+
 def read_plan_part(uri: str, storage: Storage) -> list[dict]:
     import pyarrow.parquet as pq
 

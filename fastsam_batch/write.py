@@ -135,8 +135,9 @@ class Committer:
     ``on_commit`` gets each file's stats row."""
 
     def __init__(self, writer: ParquetWriter, rows_per_file: int, interval_s: float,
-                 on_commit: Callable[[dict], None]):
+                 on_commit: Callable[[dict], None], tick: Callable[[], None] | None = None):
         self.writer = writer
+        self.tick = tick or (lambda: None)  # called about twice a second while blocks come (progress)
         self.rows_per_file = rows_per_file
         self.interval_s = interval_s
         self.on_commit = on_commit
@@ -212,6 +213,7 @@ class Committer:
                     self.add(item)
                 if self.pending_rows and self.seconds_to_due() <= 0:
                     self.flush()
+                self.tick()
             if stop.is_set():
                 while True:  # the blocks that had already arrived are done work: keep them
                     try:

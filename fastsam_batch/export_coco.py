@@ -1,0 +1,80 @@
+"""``fastsam-batch export-coco OUTPUT --out FILE.json``: the masks as COCO JSON, streamed.
+
+Results form (default): the list ``COCO.loadRes`` and ``COCOeval`` take, one entry per mask:
+``image_id``, ``category_id``, ``segmentation`` (compressed RLE as in the output), ``bbox``,
+``score``, and ``file_name`` (the output's image_id); with prompts also ``prompt_id`` (a COCO
+annotation id when the prompts came from one) and the mask's category. Annotations form
+(``--annotations``): a COCO dataset (``images``, ``annotations``, ``categories``) for labelling tools.
+
+Image ids: with ``--coco GT.json`` those of the images of that file (matched by ``file_name``, as
+``prompts.coco`` matches them); otherwise 1, 2, ... in the output's order. Masks are written as
+they are read, a file at a time: only the image list is held (annotations form).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+from .stats import OutputError, output_dataset
+from .storage import Storage
+
+DEFAULT_CATEGORY = {"id": 1, "name": "object"}
+
+
+def coco_image_ids(coco_uri: str, storage: Storage) -> tuple[dict[str, int], list[dict]]:
+    """file_name -> id, and the categories, of a COCO annotations file."""
+    try:
+        doc = json.loads(storage.read_bytes(coco_uri))
+        return {im["file_name"]: int(im["id"]) for im in doc["images"]}, list(doc.get("categories") or [])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OutputError(f"--coco {coco_uri!r}: not a readable COCO annotations file ({type(e).__name__}: {e})") from None
+
+
+def export_coco(output_uri: str, storage: Storage, out: TextIO, annotations: bool = False,
+                coco_uri: str | None = None) -> dict:
+    """Writes the COCO JSON to ``out``; returns counts (images, masks, images without a COCO id)."""
+    ids, categories = coco_image_ids(coco_uri, storage) if coco_uri else ({}, [])
+    ds = output_dataset(output_uri, storage)
+    images: list[dict] = []
+    counts = {"images": 0, "masks": 0, "error_rows": 0, "not_in_coco": 0}
+    seen_categories: set[int] = set()
+    out.write('{"annotations": [\n' if annotations else "[\n")
+    first = True
+    for batch in ds.to_batches(columns=["image_id", "width", "height", "status", "masks"]):
+        for row in batch.to_pylist():
+            if row["status"] != "ok":
+                counts["error_rows"] += 1
+                continue
+            if ids:
+                image_id = ids.get(row["image_id"])
+                if image_id is None:
+                    counts["not_in_coco"] += 1
+                    continue
+            else:
+                image_id = counts["images"] + 1
+            counts["images"] += 1
+            images.append({"id": image_id, "file_name": row["image_id"], "width": row["width"], "height": row["height"]})
+            for m in row["masks"]:
+                category = m["category_id"] if m["category_id"] is not None else DEFAULT_CATEGORY["id"]
+                seen_categories.add(category)
+                entry = {"image_id": image_id, "category_id": category,
+                         "segmentation": {"size": [row["height"], row["width"]], "counts": m["counts"]},
+                         "bbox": [round(v, 2) for v in m["bbox"]], "score": round(float(m["score"]), 5)}
+                if annotations:
+                    entry.update(id=counts["masks"] + 1, area=int(m["area"]), iscrowd=0)
+                else:
+                    entry["file_name"] = row["image_id"]
+                if m["prompt_id"] is not None:
+                    entry["prompt_id"] = m["prompt_id"]
+                out.write(("" if first else ",\n") + json.dumps(entry, separators=(",", ":")))
+                first = False
+                counts["masks"] += 1
+    if annotations:
+        known = {c["id"] for c in categories}
+        categories = categories + [DEFAULT_CATEGORY if c == DEFAULT_CATEGORY["id"] else {"id": c, "name": f"category {c}"}
+                                   for c in sorted(seen_categories - known)]
+        out.write('\n],\n"images": ' + json.dumps(images) + ',\n"categories": ' + json.dumps(categories) + "}\n")
+    else:
+        out.write("\n]\n")
+    return counts

@@ -1,0 +1,121 @@
+"""``fastsam-batch overlay OUTPUT --sample N --out DIR``: pictures to check masks by eye.
+
+For a sample of images (the same sample for the same seed): the image with each mask tinted in a
+colour of its own (half opacity) and outlined, box prompts drawn as white rectangles and point
+prompts as crosses (green foreground, red background), as ``DIR/<image id>.png``; and a contact
+sheet of the sample, ``DIR/contact-sheet.png``. Pixels outside every mask and prompt mark are the
+image's own.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .decode import DecodeError, decode_for_model
+from .stats import OutputError, output_dataset
+from .storage import Storage
+
+ALPHA = 0.5
+THUMB = 256
+
+
+def mask_colour(k: int) -> np.ndarray:
+    """Distinct colours: hues a golden angle apart, saturated and bright."""
+    r, g, b = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return np.array([r, g, b]) * 255
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The mask's pixels with a 4-neighbour outside it."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def draw(image: np.ndarray, row: dict) -> np.ndarray:
+    """The picture of one output row over its RGB image."""
+    from pycocotools import mask as mask_utils
+
+    h, w = image.shape[:2]
+    out = image.astype(np.float64)
+    edges = []
+    for k, m in enumerate(row["masks"]):
+        binary = mask_utils.decode({"size": [h, w], "counts": m["counts"].encode()}).astype(bool)
+        colour = mask_colour(k)
+        out[binary] = out[binary] * (1 - ALPHA) + colour * ALPHA
+        edges.append((outline(binary), colour))
+    for edge, colour in edges:
+        out[edge] = colour
+    out = out.round().clip(0, 255).astype(np.uint8)
+    for p in row.get("prompts") or []:
+        if p.get("box"):
+            x1, y1, x2, y2 = (int(round(v)) for v in p["box"])
+            x1, x2 = max(0, min(x1, w - 1)), max(0, min(x2, w - 1))
+            y1, y2 = max(0, min(y1, h - 1)), max(0, min(y2, h - 1))
+            out[y1, x1:x2 + 1] = out[y2, x1:x2 + 1] = 255
+            out[y1:y2 + 1, x1] = out[y1:y2 + 1, x2] = 255
+        for (x, y), label in zip(p.get("points") or [], p.get("labels") or []):
+            colour = (0, 255, 0) if label else (255, 0, 0)
+            x, y = int(round(x)), int(round(y))
+            out[max(0, y - 4):y + 5, min(max(x, 0), w - 1)] = colour
+            out[min(max(y, 0), h - 1), max(0, x - 4):x + 5] = colour
+    return out
+
+
+def safe_name(image_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
+
+
+def sample_rows(output_uri: str, storage: Storage, n: int, seed: int = 0) -> list[dict]:
+    """``n`` ok rows chosen at random (``seed``), in image id order."""
+    import pyarrow.compute as pc
+
+    ds = output_dataset(output_uri, storage)
+    ids = sorted(ds.to_table(columns=["image_id"], filter=pc.field("status") == "ok").column("image_id").to_pylist())
+    if not ids:
+        raise OutputError(f"{output_uri!r}: no ok rows to draw")
+    chosen = sorted(random.Random(seed).sample(ids, min(n, len(ids))))
+    table = ds.to_table(columns=["image_id", "uri", "width", "height", "masks", "prompts"],
+                        filter=pc.field("image_id").isin(chosen))
+    return sorted(table.to_pylist(), key=lambda r: r["image_id"])
+
+
+def write_overlays(output_uri: str, storage: Storage, n: int, out_dir: str, seed: int = 0) -> list[Path]:
+    """Draws the sample into ``out_dir``; returns the pictures written (the contact sheet last)."""
+    from PIL import Image
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written, thumbs = [], []
+    for row in sample_rows(output_uri, storage, n, seed):
+        try:
+            image, _ = decode_for_model(storage.read_bytes(row["uri"]), max_pixels=1 << 40)
+        except (OSError, DecodeError) as e:
+            raise OutputError(f"{row['uri']!r}: cannot read the image to draw on ({e})") from None
+        if image.shape[:2] != (row["height"], row["width"]):
+            raise OutputError(f"{row['uri']!r}: the image is {image.shape[1]}x{image.shape[0]} now, its row says "
+                              f"{row['width']}x{row['height']} (changed since it was segmented?)")
+        picture = Image.fromarray(draw(image, row))
+        path = folder / f"{safe_name(row['image_id'])}.png"
+        picture.save(path)
+        written.append(path)
+        thumb = picture.copy()
+        thumb.thumbnail((THUMB, THUMB))
+        thumbs.append(thumb)
+    cols = min(len(thumbs), 6)
+    rows = -(-len(thumbs) // cols)
+    sheet = Image.new("RGB", (cols * THUMB, rows * THUMB), (32, 32, 32))
+    for i, t in enumerate(thumbs):
+        sheet.paste(t, ((i % cols) * THUMB + (THUMB - t.width) // 2, (i // cols) * THUMB + (THUMB - t.height) // 2))
+    sheet_path = folder / "contact-sheet.png"
+    sheet.save(sheet_path)
+    written.append(sheet_path)
+    return written
