@@ -9,6 +9,7 @@ import time
 
 from . import __version__
 from .manifest import Manifest
+from .metrics import CommitMetrics
 from .console import silence_ray
 from .model import check_checkpoint, fetch_checkpoint
 from .preflight import check_device, check_listable, check_locations, check_ray_address
@@ -255,7 +256,7 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         summary.add_file_stats([stats])
         written.add(stats["file"])
 
-    writer = ParquetWriter(m.output.uri, storage, m.output.compression, lease.fence())
+    writer = ParquetWriter(m.output.uri, storage, m.output.compression, lease.fence(), CommitMetrics(m.name))
     progress = Progress(summary, m.runtime.progress_interval_s, log=log)
     committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit, progress.tick)
     try:

@@ -164,6 +164,9 @@ class RuntimeConfig(_Strict):
     image_timeout_s: float | None = Field(default=600.0, gt=0, description="most time to decode one image, or to segment one (a batch: this times its images); over it the image is a `timeout` error row (watchdog.py); null: no limit")
     lease_stale_s: float = Field(default=120.0, gt=0, description="a lease on output.uri without a heartbeat for this long is taken over by the next run")
     lease_heartbeat_s: float = Field(default=15.0, gt=0, description="how often a run renews its lease on output.uri")
+    metrics_export_port: int | None = Field(default=None, ge=1, le=65535, description="an embedded local Ray "
+                                            "exports its metrics (and this run's, metrics.py) for Prometheus on this "
+                                            "port; a joined cluster exports them as it is set up to")
     progress_interval_s: float = Field(default=30.0, gt=0, description="without a terminal, a progress line this "
                                        "often (on a terminal a live line is redrawn instead)")
 

@@ -19,6 +19,7 @@ import numpy as np
 from .console import quiet_ray_loggers
 from .decode import DecodeError, decode_for_model
 from .manifest import Manifest
+from .metrics import ReadMetrics
 from .plan import PlanParts, read_plan_part
 from .read import read_item
 from .segment import SegmentActor, SegmentSettings, resolve_threads
@@ -38,8 +39,9 @@ class ReadDecode:
     row's width and height are always the image's as shown."""
 
     def __init__(self, storage: Storage, max_pixels: int, imgsz: int | None = None, run_id: str = "",
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, job: str = ""):
         self.storage = storage
+        self.metrics = ReadMetrics(job)
         self.max_pixels = max_pixels
         self.imgsz = imgsz
         self.timeout_s = timeout_s
@@ -51,6 +53,7 @@ class ReadDecode:
         t0 = time.perf_counter()
         data, err, out["read_retries"] = read_item(row["uri"], self.storage)
         out["read_ms"] = (time.perf_counter() - t0) * 1000
+        self.metrics.read(len(data) if data is not None else 0)
         image = _NO_IMAGE
         if err is None and row["image_id"] in self.watchdog.poisoned("decode"):  # outlasted the limit before
             err = f"timeout: decoding took longer than runtime.image_timeout_s = {self.timeout_s:g} s"
@@ -88,6 +91,8 @@ def start_ray(m: Manifest, env: dict[str, str], debug: bool = False) -> tuple[Ac
         return plan_actors(m.runtime, m.model.device, cluster), line
     machine = local_machine(m.model.device)
     actors = plan_actors(m.runtime, m.model.device, machine)
+    if m.runtime.metrics_export_port:
+        quiet["_metrics_export_port"] = m.runtime.metrics_export_port
     ray.init(num_cpus=embedded_ray_cpus(m.runtime, actors.actors, int(machine.cpus)), runtime_env=runtime_env,
              include_dashboard=False, **quiet)
     return actors, "started an embedded local Ray (no RAY_ADDRESS or runtime.ray_address given)"
@@ -135,7 +140,7 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
     if reduced:
         log(f"decode: JPEGs much larger than the model input at a reduced size (input.decode: {m.input.decode})")
     ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels, m.model.imgsz if reduced else None,
-                                                 summary.run_id, m.runtime.image_timeout_s),
+                                                 summary.run_id, m.runtime.image_timeout_s, m.name),
                 num_cpus=m.runtime.decode_cpus,
                 compute=ActorPoolStrategy(min_size=1, max_size=sizing.decode_workers))
     ds = ds.map_batches(

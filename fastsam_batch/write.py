@@ -61,11 +61,12 @@ class ParquetWriter:
     """A pyarrow table of output rows -> one Parquet file + a one-row stats table. Before each
     commit it checks ``fence`` (the run still holds the output's lease, see lease.py)."""
 
-    def __init__(self, output_uri: str, storage: Storage, compression: str = "zstd", fence=None):
+    def __init__(self, output_uri: str, storage: Storage, compression: str = "zstd", fence=None, metrics=None):
         self.output_uri = output_uri
         self.storage = storage
         self.compression = None if compression == "none" else compression
-        self.fence = fence  # lease.LeaseFence: commit only while the run holds the output's lease
+        self.fence = fence
+        self.metrics = metrics  # metrics.CommitMetrics: counts of what is committed  # lease.LeaseFence: commit only while the run holds the output's lease
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
@@ -79,6 +80,8 @@ class ParquetWriter:
             self.fence.check(self.storage)
         put_atomic(self.storage, join_uri(self.output_uri, name), buf.getvalue())
         write_s = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.committed(table)
         statuses = table.column("status").to_pylist()
         prompts = table.column("prompts").to_pylist()
         retries = [r or 0 for r in table.column("read_retries").to_pylist()]

@@ -1,0 +1,75 @@
+"""Metrics through Ray's metrics system (``ray.util.metrics``), scraped by a cluster's Prometheus
+with Ray's own (Ray prefixes each name with ``ray_``). Tag ``job``: the manifest's name.
+
+  fastsam_batch_images_total{status, reason}  images committed, by status (ok / error) and error reason
+  fastsam_batch_masks_total                   masks committed
+  fastsam_batch_prompts_total                 prompts committed
+  fastsam_batch_files_total                   Parquet files committed
+  fastsam_batch_bytes_read_total              bytes read from storage (read/decode workers)
+  fastsam_batch_stage_ms{stage}               per-image milliseconds of read, decode, model, masks,
+                                              select, encode (histogram)
+
+Committed counts are recorded by the writer (the driver) as each file is committed, so they agree
+with the output; bytes read by the workers that read them. ``cluster/grafana-dashboard.json``
+charts them.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from .schema import error_reason
+
+STAGES = ("read_ms", "decode_ms", "model_ms", "masks_ms", "select_ms", "encode_ms")
+MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
+
+
+class CommitMetrics:
+    """The committed counts and stage times; created where Ray is initialised (the driver)."""
+
+    def __init__(self, job: str):
+        from ray.util.metrics import Counter, Histogram
+
+        self.tags = {"job": job}
+        self.images = Counter("fastsam_batch_images_total", description="images committed, by status and error reason",
+                              tag_keys=("job", "status", "reason"))
+        self.masks = Counter("fastsam_batch_masks_total", description="masks committed", tag_keys=("job",))
+        self.prompts = Counter("fastsam_batch_prompts_total", description="prompts committed", tag_keys=("job",))
+        self.files = Counter("fastsam_batch_files_total", description="Parquet files committed", tag_keys=("job",))
+        self.stage_ms = Histogram("fastsam_batch_stage_ms", description="milliseconds per image, by stage",
+                                  boundaries=MS_BOUNDARIES, tag_keys=("job", "stage"))
+
+    def committed(self, table: pa.Table) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for status, error in zip(table.column("status").to_pylist(), table.column("error").to_pylist()):
+            key = (status, (error_reason(error) or "error") if status != "ok" else "")
+            counts[key] = counts.get(key, 0) + 1
+        for (status, reason), n in counts.items():
+            self.images.inc(n, tags={**self.tags, "status": status, "reason": reason})
+        masks = sum(table.column("num_masks").to_pylist())
+        if masks:
+            self.masks.inc(masks, tags=self.tags)
+        prompts = sum(len(p) for p in table.column("prompts").to_pylist())
+        if prompts:
+            self.prompts.inc(prompts, tags=self.tags)
+        self.files.inc(1, tags=self.tags)
+        for stage in STAGES:
+            if stage in table.column_names:
+                tags = {**self.tags, "stage": stage[:-3]}
+                for v in table.column(stage).to_pylist():
+                    if v is not None and v >= 0:
+                        self.stage_ms.observe(v, tags=tags)
+
+
+class ReadMetrics:
+    """Bytes read, counted in the read/decode workers."""
+
+    def __init__(self, job: str):
+        from ray.util.metrics import Counter
+
+        self.tags = {"job": job}
+        self.bytes = Counter("fastsam_batch_bytes_read_total", description="bytes read from storage", tag_keys=("job",))
+
+    def read(self, n: int) -> None:
+        if n:
+            self.bytes.inc(n, tags=self.tags)
