@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.manifest)
     except ManifestError as e:
-        print(f"fastsam-batch: {e}", file=sys.stderr)
+        say(str(e))
         return 2
     retry, bad = _retry_reasons(args.retry_errors)
     if bad:
-        print(f"fastsam-batch: {bad}", file=sys.stderr)
+        say(bad)
         return 2
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if noise is not None:
             noise.close()
+
+
+def say(msg: str) -> int:
+    """The one line a failure prints; returns exit status 1."""
+    print(f"fastsam-batch: {msg}", file=sys.stderr, flush=True)
+    return 1
 
 
 def _retry_reasons(value: str | None) -> tuple[frozenset[str] | None, str | None]:
@@ -105,10 +111,6 @@ def _tool(args) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `fastsam-batch schema | head` ends quietly
 
     from .storage import Storage
-
-    def say(msg: str) -> int:
-        print(f"fastsam-batch: {msg}", file=sys.stderr, flush=True)
-        return 1
 
     if args.command == "schema":
         from .manifest import manifest_json_schema
@@ -169,9 +171,6 @@ def _run(manifest, args, retry) -> int:
     from .model import CheckpointError
     from .preflight import PreflightError
     from .storage import storage_error_cause
-
-    def say(msg: str) -> None:
-        print(f"fastsam-batch: {msg}", file=sys.stderr, flush=True)
 
     try:
         summary = run_job(manifest, overwrite=args.overwrite, log=lambda msg: print(msg, flush=True),
