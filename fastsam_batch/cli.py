@@ -57,17 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "run":
         return _tool(args)
 
-    from .manifest import ManifestError, load_manifest
-
-    try:
-        manifest = load_manifest(args.manifest)
-    except ManifestError as e:
-        say(str(e))
+    loaded = _manifest_and_retry(args)
+    if loaded is None:
         return 2
-    retry, bad = _retry_reasons(args.retry_errors)
-    if bad:
-        say(bad)
-        return 2
+    manifest, retry = loaded
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .console import StderrFilter, quiet_ray_loggers
@@ -89,18 +82,26 @@ def say(msg: str) -> int:
     return 1
 
 
-def _retry_reasons(value: str | None) -> tuple[frozenset[str] | None, str | None]:
-    """--retry-errors' reasons, or the line saying what is wrong with them."""
-    if value is None:
-        return None, None
+def _manifest_and_retry(args):
+    """`run` / `plan`: (the manifest, --retry-errors' reasons or None), or None once the line
+    saying what is invalid has been printed (exit status 2)."""
+    from .manifest import ManifestError, load_manifest
     from .schema import ERROR_REASONS
 
-    retry = frozenset(r.strip() for r in value.split(",") if r.strip())
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as e:
+        say(str(e))
+        return None
+    if args.retry_errors is None:
+        return manifest, None
+    retry = frozenset(r.strip() for r in args.retry_errors.split(",") if r.strip())
     unknown = sorted(retry - set(ERROR_REASONS) - {"all"})
     if not retry or unknown:
-        return None, (f"--retry-errors: unknown error reason {', '.join(unknown) or '(none)'}; give some of "
-                      f"{', '.join(ERROR_REASONS)} (comma-separated), or nothing for all")
-    return retry, None
+        say(f"--retry-errors: unknown error reason {', '.join(unknown) or '(none)'}; give some of "
+            f"{', '.join(ERROR_REASONS)} (comma-separated), or nothing for all")
+        return None
+    return manifest, retry
 
 
 def _tool(args) -> int:
@@ -126,18 +127,11 @@ def _tool(args) -> int:
     try:
         if args.command == "plan":
             from .job import dry_run, render_dry_run
-            from .manifest import ManifestError, load_manifest
 
-            try:
-                manifest = load_manifest(args.manifest)
-            except ManifestError as e:
-                say(str(e))
+            loaded = _manifest_and_retry(args)
+            if loaded is None:
                 return 2
-            retry, bad = _retry_reasons(args.retry_errors)
-            if bad:
-                say(bad)
-                return 2
-            d = dry_run(manifest, retry, args.overwrite)
+            d = dry_run(*loaded, args.overwrite)
             print(json.dumps(d, indent=2) if args.json else render_dry_run(d))
             return 0
         storage = Storage()

@@ -4,7 +4,6 @@ the segmentation (:mod:`.pipeline`, the Ray part), then the end-of-run checks an
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from . import __version__
@@ -26,7 +25,7 @@ from .resume import (Committed, drop_rows, drop_superseded_rows, duplicate_rows,
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Committer, Interrupted, ParquetWriter, put_atomic
-from .pipeline import run_segmentation, start_ray
+from .pipeline import ray_address, run_segmentation, start_ray
 
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
 RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
@@ -156,6 +155,21 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     return plan, superseded, changed, retried
 
 
+def _identify(m: Manifest, storage: Storage, summary: RunSummary) -> tuple[PromptAttacher, str | None]:
+    """What a run is, checked before any work: the checkpoint (read once, loaded on this CPU to
+    know it is a segmentation model), the prompt sources, the run fingerprint (into ``summary``),
+    and the Ray address it would join (probed; None: an embedded Ray)."""
+    path, summary.checkpoint_sha256 = fetch_checkpoint(m.model.checkpoint, storage)
+    check_checkpoint(path, m.model.checkpoint)
+    summary.model = m.model.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    prompts = PromptAttacher(m, storage)
+    summary.run_fingerprint, summary.fingerprint_material = run_fingerprint(m, summary.checkpoint_sha256,
+                                                                            prompts.sources)
+    address = ray_address(m)
+    check_ray_address(address)
+    return prompts, address
+
+
 def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool = False,
             retry_errors: frozenset[str] | None = None, debug: bool = False) -> RunSummary:
     """Runs a job: preflight (before Ray and before anything is written), the lease, Ray, the plan,
@@ -173,14 +187,7 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     # Preflight: every location, the checkpoint, the cluster address and the device, before Ray
     # starts and before anything is deleted or written.
     check_locations(m, storage)
-    path, summary.checkpoint_sha256 = fetch_checkpoint(m.model.checkpoint, storage)
-    check_checkpoint(path, m.model.checkpoint)
-    summary.model = m.model.checkpoint.rstrip("/").rsplit("/", 1)[-1]
-    prompts = PromptAttacher(m, storage)
-    summary.run_fingerprint, material = run_fingerprint(m, summary.checkpoint_sha256, prompts.sources)
-    summary.fingerprint_material = material
-    address = m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
-    check_ray_address(address)
+    prompts, address = _identify(m, storage, summary)
     if not address:  # an embedded Ray: this machine's GPUs
         check_device(m.model.device, local_machine(m.model.device).gpus, embedded=True)
 
@@ -322,21 +329,16 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
     """What ``run`` would do, without doing it: the checks that write nothing, the listing, prompts
     and resume resolved, the actors it would start. Nothing is written (no lease, no plan files, no
     probe object), and no Ray is started for an embedded run (a cluster is joined to read its size)."""
-    configure_ultralytics()
+    env = configure_ultralytics()
     storage = Storage(m.storage_options)
     summary = RunSummary(name=m.name, output_uri=m.output.uri, tool_version=__version__)
     quick = storage.for_checks()
     check_listable("input.uri", m.input.uri, quick)
     if protocol_of(m.output.uri) != "file":  # a local output may not exist yet
         check_listable("output.uri", m.output.uri, quick)
-    path, summary.checkpoint_sha256 = fetch_checkpoint(m.model.checkpoint, storage)
-    check_checkpoint(path, m.model.checkpoint)
-    prompts = PromptAttacher(m, storage)
-    summary.run_fingerprint, _ = run_fingerprint(m, summary.checkpoint_sha256, prompts.sources)
-    address = m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
-    check_ray_address(address)
+    prompts, address = _identify(m, storage, summary)
     if address:
-        sizing, _ = start_ray(m, configure_ultralytics())
+        sizing, _ = start_ray(m, env)
     else:
         sizing = plan_actors(m.runtime, m.model.device, local_machine(m.model.device))
     device_note = check_device(m.model.device, sizing.cluster_gpus, sizing.embedded)

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .schema import error_reason
+from .schema import STAGE_COLUMNS as STAGES, error_reason
 
-STAGES = ("read_ms", "decode_ms", "model_ms", "masks_ms", "select_ms", "encode_ms")
 MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 
 

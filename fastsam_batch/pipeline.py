@@ -71,6 +71,11 @@ class ReadDecode:
         return out
 
 
+def ray_address(m: Manifest) -> str | None:
+    """The cluster a run joins: ``runtime.ray_address``, else RAY_ADDRESS; None: an embedded Ray."""
+    return m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+
+
 def start_ray(m: Manifest, env: dict[str, str], debug: bool = False) -> tuple[ActorPlan, str]:
     """Joins the cluster named by ``runtime.ray_address`` / RAY_ADDRESS, or starts an embedded
     local Ray sized for the run. Returns the actor plan and a line saying which. Ray's own INFO
@@ -78,7 +83,7 @@ def start_ray(m: Manifest, env: dict[str, str], debug: bool = False) -> tuple[Ac
     import ray
     import ray.data  # noqa: F401 - configures Ray Data's loggers, which quiet_ray_loggers then quiets
 
-    address = m.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(m)
     runtime_env = {"env_vars": env}
     quiet = {} if debug else {"logging_level": logging.WARNING}
     if not debug:

@@ -51,7 +51,8 @@ class Skipped:
             self.examples.append(rel)
 
 
-def _glob_base(path: str) -> str:
+def glob_base(path: str) -> str:
+    """The folder part of a glob before its first wildcard component (what ids are relative to)."""
     parts = path.split("/")
     for i, part in enumerate(parts):
         if GLOB_CHARS & set(part):
@@ -112,7 +113,7 @@ def iter_objects(uri: str, storage: Storage) -> tuple[str, Iterator[tuple[str, d
     if GLOB_CHARS & set(path):
         from fsspec.utils import glob_translate
 
-        base = _glob_base(path)
+        base = glob_base(path)
         pattern = re.compile(glob_translate(path))
         found = ((p, info) for p, info in _iter_tree(fs, protocol, base) if pattern.match(p))
     elif not path.endswith("/") and fs.isfile(path):

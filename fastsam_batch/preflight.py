@@ -15,7 +15,7 @@ import socket
 import uuid
 
 from .manifest import Manifest
-from .plan import GLOB_CHARS
+from .plan import GLOB_CHARS, glob_base
 from .storage import Storage, protocol_of, storage_error_cause, strip_protocol
 
 
@@ -28,12 +28,9 @@ def _bucket_key(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _literal_prefix(path: str) -> str:
-    """The part of a path before its first wildcard."""
-    for i, ch in enumerate(path):
-        if ch in GLOB_CHARS:
-            return path[:i]
-    return path
+def _listed_base(path: str) -> str:
+    """What a listing of ``path`` starts from: a glob's folder before its first wildcard, else the path."""
+    return glob_base(path) if GLOB_CHARS & set(path) else path
 
 
 def _fail(field: str, uri: str, exc: BaseException | str) -> PreflightError:
@@ -41,15 +38,11 @@ def _fail(field: str, uri: str, exc: BaseException | str) -> PreflightError:
     return PreflightError(f"{field} {uri!r}: {cause}")
 
 
-def _s3(fs, op: str, **kw):
-    return fs.call_s3(op, **kw)
-
-
 def check_listable(field: str, uri: str, storage: Storage) -> None:
     """The bucket exists and the credentials may list under the prefix (one key asked for)."""
     if protocol_of(uri) == "file":
         path = strip_protocol(uri)
-        base = posixpath.dirname(_literal_prefix(path)) if GLOB_CHARS & set(path) else path
+        base = _listed_base(path)
         if not os.path.exists(base or "."):
             raise _fail(field, uri, "no such file or folder")
         if not os.access(base or ".", os.R_OK):
@@ -59,7 +52,7 @@ def check_listable(field: str, uri: str, storage: Storage) -> None:
         return
     bucket, key = _bucket_key(uri)
     try:
-        _s3(storage.fs(uri), "list_objects_v2", Bucket=bucket, Prefix=_literal_prefix(key), MaxKeys=1)
+        storage.fs(uri).call_s3("list_objects_v2", Bucket=bucket, Prefix=_listed_base(key), MaxKeys=1)
     except Exception as e:  # noqa: BLE001 - the cause, in words
         raise _fail(field, uri, e) from None
 
@@ -80,11 +73,11 @@ def check_readable(field: str, uri: str, storage: Storage, missing: str = "not f
     bucket, key = _bucket_key(uri)
     name = key.rstrip("/")
     try:  # a listing first: unlike a HEAD, its error has a body that says what is wrong
-        page = _s3(fs, "list_objects_v2", Bucket=bucket, Prefix=name, MaxKeys=1)  # the key itself sorts first
+        page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=name, MaxKeys=1)  # the key itself sorts first
         if [o["Key"] for o in page.get("Contents", ())] == [name]:
-            _s3(fs, "head_object", Bucket=bucket, Key=name)  # may read it, not only list it
+            fs.call_s3("head_object", Bucket=bucket, Key=name)  # may read it, not only list it
             return
-        folder = _s3(fs, "list_objects_v2", Bucket=bucket, Prefix=name + "/", MaxKeys=1)  # a folder (CLIP)
+        folder = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=name + "/", MaxKeys=1)  # a folder (CLIP)
     except Exception as e:  # noqa: BLE001
         raise _fail(field, uri, e) from None
     if not folder.get("KeyCount"):
@@ -111,8 +104,8 @@ def check_writable(field: str, uri: str, storage: Storage) -> None:
     bucket, key = _bucket_key(uri)
     probe = posixpath.join(key.rstrip("/"), name) if key.strip("/") else name
     try:
-        _s3(fs, "put_object", Bucket=bucket, Key=probe, Body=b"")
-        _s3(fs, "delete_object", Bucket=bucket, Key=probe)
+        fs.call_s3("put_object", Bucket=bucket, Key=probe, Body=b"")
+        fs.call_s3("delete_object", Bucket=bucket, Key=probe)
     except Exception as e:  # noqa: BLE001
         raise _fail(field, uri, e) from None
 

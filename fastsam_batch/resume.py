@@ -207,7 +207,8 @@ def list_parts(output_uri: str, storage: Storage) -> list[str]:
     return _names_starting(output_uri, storage, PART_PREFIX)
 
 
-def _local(output_uri: str, paths: list[str]) -> list[str]:
+def local_paths(output_uri: str, paths: list[str]) -> list[str]:
+    """Paths as the filesystem of ``output_uri`` takes them (local: without ``file://``)."""
     return paths if protocol_of(output_uri) != "file" else [p.split("://", 1)[-1] for p in paths]
 
 
@@ -219,7 +220,7 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     c = Committed(parts=list_parts(output_uri, storage))
     fs = storage.fs(output_uri)
     chunks = []
-    for index, part in enumerate(_local(output_uri, c.parts)):
+    for index, part in enumerate(local_paths(output_uri, c.parts)):
         t = pads.dataset(part, format="parquet", filesystem=fs)
         cols = ["image_id", "run_fingerprint", "status", "error"] + [x for x in ("source_version",) if x in t.schema.names]
         table = t.to_table(columns=cols)
@@ -231,7 +232,7 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
         codes = [c.reason_code(e, s == "ok") for e, s in zip(table.column("error").to_pylist(), statuses)]
         chunks.append(_row_arrays(ids, versions, statuses, index, codes))
     c._index(chunks)  # one sort, not one per file
-    c.parts = _local(output_uri, c.parts)
+    c.parts = local_paths(output_uri, c.parts)
     return c
 
 

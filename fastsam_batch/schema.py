@@ -63,6 +63,9 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 
+# The per-image stage timings of OUTPUT_SCHEMA (stats, metrics).
+STAGE_COLUMNS = ("read_ms", "decode_ms", "model_ms", "masks_ms", "select_ms", "encode_ms")
+
 # The reasons of error rows (the part of ``error`` before the first colon): decode.py, read.py,
 # segment.py, the watchdog. Documented in the README's output schema.
 ERROR_REASONS = ("empty_file", "not_an_image", "corrupt_image", "truncated_image", "too_many_pixels", "read_failed",

@@ -12,11 +12,10 @@ from collections import Counter
 
 import numpy as np
 
-from .resume import list_parts
-from .schema import error_reason
-from .storage import Storage, protocol_of
+from .resume import list_parts, local_paths
+from .schema import STAGE_COLUMNS as STAGES, error_reason
+from .storage import Storage
 
-STAGES = ("read_ms", "decode_ms", "model_ms", "masks_ms", "select_ms", "encode_ms")
 PERCENTILES = (50, 90, 99)
 
 
@@ -36,9 +35,7 @@ def output_dataset(output_uri: str, storage: Storage):
         raise OutputError(f"{output_uri!r}: cannot list it: {storage_error_cause(e)}") from None
     if not parts:
         raise OutputError(f"{output_uri!r}: no Parquet files (part-*.parquet) there")
-    if protocol_of(output_uri) == "file":
-        parts = [p.split("://", 1)[-1] for p in parts]
-    return pads.dataset(parts, format="parquet", filesystem=storage.fs(output_uri))
+    return pads.dataset(local_paths(output_uri, parts), format="parquet", filesystem=storage.fs(output_uri))
 
 
 def _summary(values: np.ndarray) -> dict:

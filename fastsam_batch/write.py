@@ -147,7 +147,6 @@ class Committer:
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.oldest: float | None = None  # when the oldest waiting row arrived
-        self.committed_rows = 0
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -177,7 +176,6 @@ class Committer:
     def _commit(self, table: pa.Table) -> None:
         for row in self.writer(table.combine_chunks()).to_pylist():
             self.on_commit(row)
-        self.committed_rows += table.num_rows
 
     def consume(self, blocks: Iterable[pa.Table]) -> None:
         """Commits ``blocks`` as they come (they are produced in a thread of their own, so that a
