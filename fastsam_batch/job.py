@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from . import __version__
 from .manifest import Manifest
@@ -15,17 +18,21 @@ from .preflight import check_device, check_listable, check_locations, check_ray_
 from .sizing import local_machine, plan_actors
 from .offline import configure_ultralytics
 from .progress import Progress
-from .plan import PlanCount, PlanParts, Skipped, chunked, iter_inputs, remove_plan_files
+from .inputs import CONTAINERS, InputError, Skipped, open_input
+from .plan import PlanCount, PlanParts, chunked, remove_plan_files
 from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
-from .resume import (Committed, drop_rows, drop_superseded_rows, duplicate_rows, read_committed,
-                     remove_stale_temporaries, rows_outside, run_fingerprint, source_version, superseded_parts)
+from .resume import (Committed, compact_units_records, drop_rows, drop_superseded_rows, duplicate_rows,
+                     read_committed, read_units_records, remove_stale_temporaries, rows_outside,
+                     run_fingerprint, source_version, stale_unit_rows, superseded_parts, write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Committer, Interrupted, ParquetWriter, put_atomic
 from .pipeline import ray_address, run_segmentation, start_ray
+
+from .resume import _version_key as _vkey  # noqa: E402
 
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
 RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
@@ -102,9 +109,22 @@ def attach_prompts(m: Manifest, storage: Storage, items: list[dict], summary: Ru
     return attacher.sources
 
 
+@dataclass
+class Planned:
+    """What planning found: the plan parts, and what the end of the run must tidy."""
+
+    plan: PlanParts | PlanCount
+    superseded: dict[str, set[str]]  # part -> rows of older object versions to drop now (a run cut short)
+    changed: dict[str, str]  # image id -> version now: old rows dropped once the new one is committed
+    retried: set[str]  # images whose error rows are processed again
+    carried: list[str] = field(default_factory=list)  # input columns carried into the output
+    units: dict[str, str] = field(default_factory=dict)  # container URI -> version, planned (to read)
+    stale_units: dict[str, set[bytes]] = field(default_factory=dict)  # part -> rows of old container versions
+
+
 def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Committed,
-             prompts: PromptAttacher, retry: frozenset[str] | None = None, plan: PlanParts | PlanCount | None = None
-             ) -> tuple[PlanParts, dict[str, set[str]], dict[str, str], set[str]]:
+             prompts: PromptAttacher, retry: frozenset[str] | None = None, plan: PlanParts | PlanCount | None = None,
+             complete_units: dict[str, set[tuple[str, str]]] | None = None) -> Planned:
     """Lists the input (streaming), gives items their prompts and source versions, and keeps those
     without a current committed row, in plan parts. Returns the parts, the rows of older object
     versions to drop now (left by a run cut short), the changed images (id -> version now), whose
@@ -116,13 +136,18 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     superseded: dict[str, set[str]] = {}
     changed: dict[str, str] = {}
     retried: set[str] = set()
+    units: dict[str, str] = {}
+    complete_now: dict[str, str] = {}
+    form = open_input(m.input, storage)
     try:
-        for chunk in chunked(iter_inputs(m.input.uri, storage, skipped, m.input.skip_non_images), LIST_CHUNK):
-            summary.images_planned += len(chunk)
+        for chunk in chunked(form.units(skipped), LIST_CHUNK):
             prompts.attach(chunk, summary)
             for it in chunk:
                 it["source_version"] = source_version(it)
-            todo = []
+            todo = [it for it in chunk if it["kind"] in CONTAINERS
+                    and _plan_container(it, committed, complete_units or {}, summary, units, complete_now)]
+            chunk = [it for it in chunk if it["kind"] not in CONTAINERS]
+            summary.images_planned += len(chunk)
             for it, found in zip(chunk, committed.lookup([it["image_id"] for it in chunk],
                                                          [it["source_version"] for it in chunk])):
                 if found.state == "fresh" and not found.ok and retry is not None \
@@ -141,18 +166,53 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
                     changed[it["image_id"]] = it["source_version"]
                 todo.append(it)
             plan.add(todo)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, InputError) as e:
         raise JobError(str(e)) from None
     prompts.finish(summary)
+    summary.input_format = form.name
     summary.images_changed = len(changed)
     summary.images_retried_errors = len(retried)
     summary.skipped_not_images = skipped.count
     summary.skipped_examples = skipped.examples
-    if not summary.images_planned and skipped.count:
-        raise JobError(f"input.uri {m.input.uri!r}: no images there: {skipped.count} files, none with an image "
-                       f"extension (e.g. {', '.join(skipped.examples[:3])}); set input.skip_non_images: false to "
-                       "try every file")
-    return plan, superseded, changed, retried
+    summary.duplicates_in_input = form.duplicates
+    summary.duplicate_examples = form.duplicate_examples
+    if not summary.images_planned and not summary.units_planned and skipped.count:
+        what = {"tar": "tar shards (.tar, .tar.gz, .tgz)", "parquet_images": "Parquet files (.parquet)",
+                "list": "list files (.parquet, .csv, .jsonl)"}.get(form.name)
+        raise JobError(f"input.uri {m.input.uri!r}: no {what or 'images'} there: {skipped.count} files, none "
+                       + (f"of them {what}" if what else "with an image extension")
+                       + f" (e.g. {', '.join(skipped.examples[:3])})"
+                       + ("" if what else "; set input.skip_non_images: false to try every file"))
+    stale = stale_unit_rows(committed, complete_now) if complete_now else {}
+    return Planned(plan, superseded, changed, retried, form.carried, units, stale)
+
+
+def _plan_container(it: dict, committed: Committed, complete: dict[str, set[tuple[str, str]]], summary: RunSummary,
+                    units: dict[str, str], complete_now: dict[str, str]) -> bool:
+    """Whether a container (tar shard, Parquet file) is read this run. One whose version now is
+    recorded complete under this run's fingerprint is skipped (its rows counted as done); one
+    with rows of this version committed (a run cut short inside it) is read again without those
+    images (``it["done"]``: their id keys); a changed one is read whole, its old rows dropped
+    once the new ones are all committed."""
+    summary.units_planned += 1
+    uri, version = it["uri"], it["source_version"]
+    rows = committed.unit_rows(uri)
+    fresh = rows[committed.versions[rows] == np.uint64(_vkey(version))] if len(rows) else rows
+    summary.images_planned += len(fresh)
+    summary.images_skipped_done += len(fresh)
+    summary.images_ok += int(committed.ok[fresh].sum()) if len(fresh) else 0
+    summary.images_error += len(fresh) - (int(committed.ok[fresh].sum()) if len(fresh) else 0)
+    if (version, summary.run_fingerprint) in complete.get(uri, ()):
+        summary.units_skipped_done += 1
+        if len(fresh) < len(rows):
+            complete_now[uri] = version
+        return False
+    if len(rows) and not len(fresh):
+        summary.units_changed += 1
+    if len(fresh):
+        it["done"] = ",".join(bytes(k).hex() for k in committed.keys[fresh])
+    units[uri] = version
+    return True
 
 
 def _identify(m: Manifest, storage: Storage, summary: RunSummary) -> tuple[PromptAttacher, str | None]:
@@ -234,20 +294,28 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         committed = read_committed(m.output.uri, storage)
     remove_stale_temporaries(m.output.uri, storage)
     remove_plan_files(m.output.uri, storage)  # left by runs cut short
-    plan, superseded, changed, retried = plan_job(m, storage, summary, committed, prompts, retry)
+    complete_units = {} if overwrite else read_units_records(m.output.uri, storage)[0]
+    planned = plan_job(m, storage, summary, committed, prompts, retry, complete_units=complete_units)
+    plan, superseded, changed, retried = planned.plan, planned.superseded, planned.changed, planned.retried
     if superseded:  # rows of replaced objects, left by a run cut short after their new rows committed
         drop_superseded_rows(m.output.uri, storage, superseded, compression)
-    if not plan.count and not old_parts and not twice and not superseded:  # nothing to do, nothing repaired
+    if planned.stale_units:  # rows of changed containers, left by a run cut short after the new ones completed
+        drop_rows(m.output.uri, storage, planned.stale_units, compression)
+    if not plan.count and not old_parts and not twice and not superseded and not planned.stale_units:
         summary.noop = True
         log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
             f"{summary.run_fingerprint} (the run is complete; --retry-errors processes error rows again)"
             if not retry else f"nothing to do: no error rows to retry among the {summary.images_planned} images")
         plan.remove()
         return summary
+    containers = {"tar": "tar shards", "parquet_images": "Parquet files"}.get(summary.input_format)
     if summary.images_skipped_done:
-        log(f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} to do "
-            f"({summary.images_changed} of them changed since their row was written)")
-    log(f"planned {plan.count} images from {m.input.uri} ({summary.skipped_not_images} non-image keys skipped"
+        log(f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} "
+            f"{containers or 'images'} to do ({summary.units_changed if containers else summary.images_changed} of "
+            "them changed since their rows were written)")
+    log(f"planned {plan.count} {containers or 'images'} from {m.input.uri} ({summary.skipped_not_images} "
+        f"{'other' if containers else 'non-image'} keys skipped"
+        + (f"; {summary.duplicates_in_input} repeated image ids skipped" if summary.duplicates_in_input else "")
         + (f"; plan in {len(plan.files)} files under {plan.folder}" if plan.files else "") + ")")
     if ray_line:
         log(ray_line)
@@ -256,6 +324,10 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     if old_parts:  # preflight passed and Ray is up: only now is the old output removed
         storage.fs(m.output.uri).rm(old_parts)
         log(f"--overwrite: removed {len(old_parts)} Parquet files from {m.output.uri}")
+    if overwrite:
+        _, records = read_units_records(m.output.uri, storage)
+        if records:
+            storage.fs(m.output.uri).rm(records)
 
     written: set[str] = set()
 
@@ -265,11 +337,23 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
 
     writer = ParquetWriter(m.output.uri, storage, m.output.compression, lease.fence(), CommitMetrics(m.name))
     progress = Progress(summary, m.runtime.progress_interval_s, log=log)
-    committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit, progress.tick)
+    completed: dict[str, str] = {}
+
+    def on_unit_end(rows: int, skipped: int) -> None:
+        summary.images_planned += rows
+        summary.members_skipped += skipped
+
+    def on_units_complete(units: list[tuple[str, str, int]]) -> None:
+        write_units_record(m.output.uri, storage, summary.run_fingerprint, units, lease.fence())
+        summary.units_done += len(units)
+        completed.update((uri, version) for uri, version, _ in units)
+
+    committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit, progress.tick,
+                          on_unit_end, on_units_complete)
     try:
         if plan.count:
-            run_segmentation(m, storage, settings_for(m, summary, prompts.sources), summary, plan, sizing, committer,
-                             log)
+            settings = replace(settings_for(m, summary, prompts.sources), carried=tuple(planned.carried))
+            run_segmentation(m, storage, settings, summary, plan, sizing, committer, log)
     except LeaseLost:
         lease.renew()  # records who holds it now
     except Interrupted:
@@ -281,11 +365,12 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     if lease.lost is not None:
         raise JobError(f"this run's lease on {m.output.uri} was taken over by {lease.lost.describe()}: this run "
                        "stopped committing; the rows it committed before are kept, and that run finishes the output")
-    return _finish(m, storage, summary, compression, t_start, written, changed, retried)
+    return _finish(m, storage, summary, compression, t_start, written, changed, retried, completed)
 
 
 def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str | None, t_start: float,
-            written: set[str], changed: dict[str, str], retried: set[str]) -> RunSummary:
+            written: set[str], changed: dict[str, str], retried: set[str],
+            completed: dict[str, str] | None = None) -> RunSummary:
     """End of a run (finished or interrupted): old rows of changed objects and retried images
     replaced, duplicates repaired, the checks, and the records."""
     summary.wall_s = time.perf_counter() - t_start
@@ -297,6 +382,12 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
                                                        compression)
         if summary.rows_superseded:
             final = read_committed(m.output.uri, storage)
+    stale = stale_unit_rows(final, completed) if completed else {}
+    if stale:  # containers read again whole (changed): rows of their old versions go
+        summary.rows_superseded += drop_rows(m.output.uri, storage, stale, compression)
+        final = read_committed(m.output.uri, storage)
+    if completed:
+        compact_units_records(m.output.uri, storage)
     if retried:  # error rows processed again: the old rows go where a new one is committed
         if drop_superseded_rows(m.output.uri, storage, rows_outside(final, retried, written), compression):
             final = read_committed(m.output.uri, storage)
@@ -344,8 +435,10 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
     device_note = check_device(m.model.device, sizing.cluster_gpus, sizing.embedded)
     committed = read_committed(m.output.uri, storage)
     others = {fp: n for fp, n in committed.fingerprints.items() if fp != summary.run_fingerprint}
-    plan, _, _, retried = plan_job(m, storage, summary, Committed() if overwrite else committed, prompts,
-                                   retry_errors, PlanCount())
+    complete_units = {} if overwrite else read_units_records(m.output.uri, storage)[0]
+    planned = plan_job(m, storage, summary, Committed() if overwrite else committed, prompts, retry_errors,
+                       PlanCount(), complete_units)
+    plan, retried = planned.plan, planned.retried
     return {
         "name": m.name, "input_uri": m.input.uri, "output_uri": m.output.uri,
         "run_fingerprint": summary.run_fingerprint,

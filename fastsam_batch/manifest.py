@@ -31,6 +31,32 @@ class InputConfig(_Strict):
         default="auto", description="reduced: JPEGs much larger than the model input decoded at 1/2-1/8 size by "
         "DCT scaling (masks still at full size); exact: always full size, as ultralytics; auto: reduced when the "
         "model runs on GPUs, exact on the CPU")
+    format: Literal["files", "list", "s3_inventory", "tar", "parquet_images"] = Field(
+        default="files", description="what input.uri holds: files (images as objects: folder, prefix, glob or one "
+        "file); list (Parquet/CSV/JSONL files of image URIs); s3_inventory (an S3 Inventory manifest.json); tar "
+        "(tar shards of images, WebDataset / SA-1B); parquet_images (Parquet files with image bytes)")
+    uri_column: str = Field(default="uri", min_length=1, description="list: the column of image URIs")
+    id_column: str | None = Field(default=None, min_length=1, description="list: the column of image ids (default: "
+                                  "image_id when present, else the URI); parquet_images: a column naming each image "
+                                  "within its file (default: the row number)")
+    image_column: str = Field(default="image", min_length=1, description="parquet_images: the column of image bytes "
+                              "(binary, or a Hugging Face Image struct of bytes and path)")
+    list_format: Literal["parquet", "csv", "jsonl"] | None = Field(default=None, description="list: default from "
+                                                                   "each file's extension")
+    carry: list[str] | None = Field(default=None, description="list and parquet_images: the columns carried into "
+                                    "the output (default: every other column of a list; none of a Parquet of images)")
+    list_workers: int = Field(default=16, ge=1, le=256, description="files, tar, parquet_images on S3: LIST requests in "
+                              "flight at once (sub-prefixes and key ranges listed in parallel); 1: one page after another")
+
+    @model_validator(mode="after")
+    def _fields_of_format(self) -> "InputConfig":
+        only = {"uri_column": ("list",), "list_format": ("list",), "id_column": ("list", "parquet_images"),
+                "image_column": ("parquet_images",), "carry": ("list", "parquet_images"),
+                "list_workers": ("files", "tar", "parquet_images")}
+        for name, formats in only.items():
+            if name in self.model_fields_set and self.format not in formats:
+                raise ValueError(f"input.{name} applies to input.format {' / '.join(formats)}, not {self.format!r}")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -199,6 +225,10 @@ class Manifest(_Strict):
     def _distinct_io(self) -> "Manifest":
         if self.input.uri.rstrip("/") == self.output.uri.rstrip("/"):
             raise ValueError("output.uri must differ from input.uri")
+        if self.input.format in ("tar", "parquet_images") and (self.prompts.table or self.prompts.coco):
+            raise ValueError(f"prompts.{'table' if self.prompts.table else 'coco'}: per-image prompts are joined to "
+                             "images listed one by one; with input.format "
+                             f"{self.input.format} only prompts for every image (boxes, points, texts) are supported")
         if output_inside_input(self.input.uri, self.output.uri):
             raise ValueError(f"output.uri {self.output.uri!r} is inside input.uri {self.input.uri!r}: the next run "
                              "would list its own output as input; choose an output outside the input")

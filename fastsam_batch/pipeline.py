@@ -20,6 +20,7 @@ from .console import quiet_ray_loggers
 from .decode import DecodeError, decode_for_model
 from .manifest import Manifest
 from .metrics import ReadMetrics
+from .inputs import OBJECT, read_images
 from .plan import PlanParts, read_plan_part
 from .read import read_item
 from .segment import SegmentActor, SegmentSettings, resolve_threads
@@ -34,34 +35,65 @@ BLOCK_BYTES = 2 << 20  # Ray Data block size (decoded images in flight); see run
 
 
 class ReadDecode:
-    """Ray Data row function: planned item -> decoded RGB image, or an error row. ``imgsz``: decode
-    JPEGs much larger than the model input at a reduced size (see decode.decode_for_model); the
-    row's width and height are always the image's as shown."""
+    """Ray Data flat-map function: one planned unit -> its decoded RGB images (or error rows). An
+    object unit is one image; a container unit (tar shard, Parquet file of images) is read in one
+    streaming pass by its input form, its images decoded one at a time as they come, and ends with
+    an end-of-unit row (``_unit_end`` = the rows it gave) that tells the writer when every row of
+    the unit is committed (see write.Committer). ``imgsz``: decode JPEGs much larger than the model
+    input at a reduced size (see decode.decode_for_model); a row's width and height are always the
+    image's as shown."""
 
     def __init__(self, storage: Storage, max_pixels: int, imgsz: int | None = None, run_id: str = "",
-                 timeout_s: float | None = None, job: str = ""):
+                 timeout_s: float | None = None, job: str = "", input_cfg=None):
         self.storage = storage
         self.metrics = ReadMetrics(job)
         self.max_pixels = max_pixels
         self.imgsz = imgsz
         self.timeout_s = timeout_s
         self.watchdog = Watchdog(run_id)
+        self.input_cfg = input_cfg
 
-    def __call__(self, row: dict) -> dict:
-        out = {"image_id": row["image_id"], "uri": row["uri"], "width": -1, "height": -1, "decode_ms": -1.0,
-               "prompts": row.get("prompts", ""), "source_version": row.get("source_version", "")}
+    def __call__(self, row: dict):
+        if row.get("kind", OBJECT) == OBJECT:
+            t0 = time.perf_counter()
+            data, err, retries = read_item(row["uri"], self.storage)
+            yield self.decoded(row, row["image_id"], row["uri"], data, err, retries, (time.perf_counter() - t0) * 1000,
+                               row.get("extra", ""), "")
+            return
+        done = frozenset(bytes.fromhex(h) for h in row["done"].split(",")) if row.get("done") else frozenset()
+        images = read_images(row, self.storage, self.input_cfg, done)
+        n = retries = 0
         t0 = time.perf_counter()
-        data, err, out["read_retries"] = read_item(row["uri"], self.storage)
-        out["read_ms"] = (time.perf_counter() - t0) * 1000
-        self.metrics.read(len(data) if data is not None else 0)
+        while True:
+            try:
+                im = next(images)
+            except StopIteration as stop:
+                skipped = int(stop.value or 0)
+                break
+            read_ms = (time.perf_counter() - t0) * 1000
+            yield self.decoded(row, im.image_id, im.uri, im.data, im.error, im.retries - retries, read_ms,
+                               im.extra or row.get("extra", ""), row["uri"])
+            retries, n = im.retries, n + 1
+            t0 = time.perf_counter()
+        end = self.decoded(row, row["image_id"], row["uri"], None, "unit_end", 0, -1.0, "", row["uri"])
+        end["_unit_end"], end["_unit_skipped"] = n, skipped
+        yield end
+
+    def decoded(self, row: dict, image_id: str, uri: str, data: bytes | None, err: str | None, retries: int,
+                read_ms: float, extra: str, shard: str) -> dict:
+        out = {"image_id": image_id, "uri": uri, "shard": shard, "extra": extra or "", "width": -1, "height": -1,
+               "decode_ms": -1.0, "read_ms": read_ms, "read_retries": retries, "prompts": row.get("prompts", ""),
+               "source_version": row.get("source_version", ""), "_unit_end": -1, "_unit_skipped": 0}
+        if err != "unit_end":
+            self.metrics.read(len(data) if data is not None else 0)
         image = _NO_IMAGE
-        if err is None and row["image_id"] in self.watchdog.poisoned("decode"):  # outlasted the limit before
+        if err is None and image_id in self.watchdog.poisoned("decode"):  # outlasted the limit before
             err = f"timeout: decoding took longer than runtime.image_timeout_s = {self.timeout_s:g} s"
         elif err is None:
             t0 = time.perf_counter()
             try:
-                with self.watchdog.watch("decode", [row["image_id"]], self.timeout_s):
-                    maybe_slow_for_test("decode", row["image_id"])
+                with self.watchdog.watch("decode", [image_id], self.timeout_s):
+                    maybe_slow_for_test("decode", image_id)
                     image, (out["height"], out["width"]) = decode_for_model(data, self.max_pixels, self.imgsz)
             except DecodeError as e:
                 err = str(e)
@@ -144,8 +176,8 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
     reduced = m.reduced_decode(bool(settings.clip_uri), accelerators=gpus > 0)
     if reduced:
         log(f"decode: JPEGs much larger than the model input at a reduced size (input.decode: {m.input.decode})")
-    ds = ds.map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels, m.model.imgsz if reduced else None,
-                                                 summary.run_id, m.runtime.image_timeout_s, m.name),
+    ds = ds.flat_map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels, m.model.imgsz if reduced else None,
+                                                      summary.run_id, m.runtime.image_timeout_s, m.name, m.input),
                 num_cpus=m.runtime.decode_cpus,
                 compute=ActorPoolStrategy(min_size=1, max_size=sizing.decode_workers))
     ds = ds.map_batches(

@@ -15,7 +15,7 @@ import socket
 import uuid
 
 from .manifest import Manifest
-from .plan import GLOB_CHARS, glob_base
+from .inputs.files import GLOB_CHARS, glob_base
 from .storage import Storage, protocol_of, storage_error_cause, strip_protocol
 
 

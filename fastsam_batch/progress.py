@@ -22,10 +22,19 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(summary: RunSummary, done_at_start: int, elapsed: float) -> str:
-    """``12,345 / 100,000 images (12.3%)  41.2 images/s  ETA 35m28s  errors 3  masks 1,234,567``"""
+    """``12,345 / 100,000 images (12.3%)  41.2 images/s  ETA 35m28s  errors 3  masks 1,234,567``;
+    for containers, whose images are counted as they are read: ``12,345 images, 3 / 10 shards done``."""
     planned = max(summary.images_planned, 1)
     done = summary.images_ok + summary.images_error
     rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
+    if summary.units_planned:
+        units = summary.units_done + summary.units_skipped_done
+        left = summary.units_planned - units
+        eta = _duration(left * elapsed / max(summary.units_done, 1e-9)) if summary.units_done and left else (
+            "-" if left else "0s")
+        what = "shards" if summary.input_format == "tar" else "files"
+        return (f"{done:,} images, {units:,} / {summary.units_planned:,} {what} done  {rate:.2f} images/s  ETA {eta}  "
+                f"errors {summary.images_error:,}  masks {summary.masks_written:,}")
     left = summary.images_planned - done
     eta = _duration(left / rate) if rate > 0 and left > 0 else "-" if left > 0 else "0s"
     return (f"{done:,} / {summary.images_planned:,} images ({100 * done / planned:.1f}%)  {rate:.2f} images/s  "

@@ -43,7 +43,8 @@ def run_fingerprint(m: Manifest, checkpoint_sha256: str, prompt_sources: dict | 
     return digest, material
 
 
-def _id_key(image_id: str) -> bytes:
+def id_key(image_id: str) -> bytes:
+    """The 16-byte hash an image id is kept as (see :class:`Committed`)."""
     return hashlib.blake2b(image_id.encode(), digest_size=16).digest()
 
 
@@ -54,11 +55,18 @@ def _version_key(version: str) -> int:
     return int.from_bytes(hashlib.blake2b(version.encode(), digest_size=8).digest(), "little") | 1
 
 
-def _row_arrays(ids, versions, statuses, part_index, reasons) -> tuple[np.ndarray, ...]:
-    """Hashed columns of committed rows: id keys, version keys, status ok, file index, error reason code."""
-    return (np.array([_id_key(i) for i in ids], "S16"), np.array([_version_key(v or "") for v in versions], np.uint64),
+def unit_key(shard: str | None) -> int:
+    """8-byte hash of a container's URI (tar shard, Parquet file); 0 for an image of its own."""
+    return _version_key(shard or "")
+
+
+def _row_arrays(ids, versions, statuses, part_index, reasons, shards=None) -> tuple[np.ndarray, ...]:
+    """Hashed columns of committed rows: id keys, version keys, status ok, file index, error reason
+    code, container key."""
+    return (np.array([id_key(i) for i in ids], "S16"), np.array([_version_key(v or "") for v in versions], np.uint64),
             np.array([s == "ok" for s in statuses], bool), np.broadcast_to(np.asarray(part_index, np.int32), (len(ids),)),
-            np.asarray(reasons, np.int16).reshape(len(ids)))
+            np.asarray(reasons, np.int16).reshape(len(ids)),
+            np.array([unit_key(x) for x in shards] if shards is not None else np.zeros(len(ids)), np.uint64))
 
 
 @dataclass
@@ -85,6 +93,8 @@ class Committed:
     part_of: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
     reason_of: np.ndarray = field(default_factory=lambda: np.empty(0, np.int16))  # index in reasons; -1: ok
     reasons: list[str] = field(default_factory=list)  # the error reasons present
+    units: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # container key (unit_key); 0: none
+    _by_unit: np.ndarray | None = None  # row indices sorted by container key, made when first needed
 
     def reason_code(self, error: str | None, ok: bool) -> int:
         if ok:
@@ -102,24 +112,25 @@ class Committed:
 
     @classmethod
     def from_rows(cls, rows: list[tuple], fingerprints: dict[str, int] | None = None) -> "Committed":
-        """From (image_id, source_version, status, part[, error]) tuples."""
+        """From (image_id, source_version, status, part[, error[, shard]]) tuples."""
         parts = sorted({r[3] for r in rows})
         index = {p: i for i, p in enumerate(parts)}
         c = cls(parts=parts, fingerprints=dict(fingerprints or {}))
         if rows:
             ids, versions, statuses, in_parts = zip(*(r[:4] for r in rows))
             codes = [c.reason_code(r[4] if len(r) > 4 else None, r[2] == "ok") for r in rows]
-            c._index([_row_arrays(ids, versions, statuses, [index[p] for p in in_parts], codes)])
+            shards = [r[5] if len(r) > 5 else None for r in rows]
+            c._index([_row_arrays(ids, versions, statuses, [index[p] for p in in_parts], codes, shards)])
         return c
 
     def _index(self, chunks: list[tuple[np.ndarray, ...]]) -> None:
         """Sets the row arrays from per-file (keys, versions, ok, part, reason) arrays, sorted once by id hash."""
         if not chunks:
             return
-        keys, versions, ok, part_of, reason_of = (np.concatenate(col) for col in zip(*chunks))
+        keys, versions, ok, part_of, reason_of, units = (np.concatenate(col) for col in zip(*chunks))
         order = np.argsort(keys, kind="stable")
         self.keys, self.versions, self.ok, self.part_of = keys[order], versions[order], ok[order], part_of[order]
-        self.reason_of = reason_of[order]
+        self.reason_of, self.units = reason_of[order], units[order]
         self.rows = len(self.keys)
 
     @property
@@ -129,12 +140,23 @@ class Committed:
             return 0
         return int(1 + np.count_nonzero(self.keys[1:] != self.keys[:-1]))
 
+    def unit_rows(self, shard: str) -> np.ndarray:
+        """Indices of the rows of images read from the container ``shard`` (any version)."""
+        if not len(self.keys):
+            return np.empty(0, np.int64)
+        if self._by_unit is None:
+            self._by_unit = np.argsort(self.units, kind="stable")
+        want = np.uint64(unit_key(shard))
+        sorted_units = self.units[self._by_unit]
+        lo, hi = np.searchsorted(sorted_units, want, "left"), np.searchsorted(sorted_units, want, "right")
+        return self._by_unit[lo:hi]
+
     def lookup(self, image_ids: list[str], versions: list[str]) -> list[Lookup]:
         """For each image (and the version of its object now): whether it has a row to keep, and
         which files hold rows of older versions of it that a current row replaces."""
         if not len(self.keys):
             return [Lookup("new") for _ in image_ids]
-        q = np.array([_id_key(i) for i in image_ids], "S16")
+        q = np.array([id_key(i) for i in image_ids], "S16")
         lo = np.searchsorted(self.keys, q, "left")
         hi = np.searchsorted(self.keys, q, "right")
         out = []
@@ -164,7 +186,7 @@ def rows_outside(committed: Committed, image_ids: set[str], keep: set[str]) -> d
     out: dict[str, set[str]] = {}
     if not ids or not len(c.keys):
         return out
-    q = np.array([_id_key(i) for i in ids], "S16")
+    q = np.array([id_key(i) for i in ids], "S16")
     lo, hi = np.searchsorted(c.keys, q, "left"), np.searchsorted(c.keys, q, "right")
     for image_id, a, b in zip(ids, lo.tolist(), hi.tolist()):
         parts = {c.parts[c.part_of[r]] for r in range(a, b)}
@@ -222,7 +244,8 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     chunks = []
     for index, part in enumerate(local_paths(output_uri, c.parts)):
         t = pads.dataset(part, format="parquet", filesystem=fs)
-        cols = ["image_id", "run_fingerprint", "status", "error"] + [x for x in ("source_version",) if x in t.schema.names]
+        cols = ["image_id", "run_fingerprint", "status", "error"] + [x for x in ("source_version", "shard")
+                                                                      if x in t.schema.names]
         table = t.to_table(columns=cols)
         ids = table.column("image_id").to_pylist()
         versions = table.column("source_version").to_pylist() if "source_version" in cols else [""] * len(ids)
@@ -230,7 +253,8 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
             c.fingerprints[fp] = c.fingerprints.get(fp, 0) + 1
         statuses = table.column("status").to_pylist()
         codes = [c.reason_code(e, s == "ok") for e, s in zip(table.column("error").to_pylist(), statuses)]
-        chunks.append(_row_arrays(ids, versions, statuses, index, codes))
+        shards = table.column("shard").to_pylist() if "shard" in cols else None
+        chunks.append(_row_arrays(ids, versions, statuses, index, codes, shards))
     c._index(chunks)  # one sort, not one per file
     c.parts = local_paths(output_uri, c.parts)
     return c
@@ -268,7 +292,7 @@ def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozense
 def drop_superseded_rows(output_uri: str, storage: Storage, superseded: dict[str, set[str]],
                          compression: str | None = "zstd") -> int:
     """:func:`drop_rows` of the given image ids."""
-    return drop_rows(output_uri, storage, {part: {_id_key(i) for i in ids} for part, ids in superseded.items()},
+    return drop_rows(output_uri, storage, {part: {id_key(i) for i in ids} for part, ids in superseded.items()},
                      compression)
 
 
@@ -286,7 +310,7 @@ def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set[bytes]], co
     for part, keys in sorted(rows.items()):
         with fs.open(part, "rb") as f:
             table = pq.read_table(f)
-        drop = np.array([_id_key(i) in keys for i in table.column("image_id").to_pylist()], bool)
+        drop = np.array([id_key(i) in keys for i in table.column("image_id").to_pylist()], bool)
         keep = table.filter(pa.array(~drop))
         dropped += table.num_rows - keep.num_rows
         if keep.num_rows:
@@ -308,3 +332,72 @@ def remove_stale_temporaries(output_uri: str, storage: Storage) -> int:
     if stale:
         storage.fs(output_uri).rm(stale)
     return len(stale)
+
+
+UNITS_DIR = "_units"  # records of completed containers: _units/<hash>.json
+
+
+def write_units_record(output_uri: str, storage: Storage, fingerprint: str, units: list[tuple[str, str, int]],
+                       fence=None) -> None:
+    """Records containers (shard URI, version, rows given) whose every row is committed: a resumed
+    run skips them without reading them again. Written after the commit that completed them."""
+    import json as _json
+
+    from .storage import join_uri
+    from .write import put_atomic
+
+    body = _json.dumps({"run_fingerprint": fingerprint,
+                        "units": [{"uri": u, "source_version": v, "rows": n} for u, v, n in sorted(units)]})
+    name = hashlib.sha256(body.encode()).hexdigest()[:20]
+    if fence is not None:
+        fence.check(storage)
+    put_atomic(storage, join_uri(output_uri, UNITS_DIR, f"{name}.json"), body.encode())
+
+
+def read_units_records(output_uri: str, storage: Storage) -> tuple[dict[str, set[tuple[str, str]]], list[str]]:
+    """(shard URI -> {(version, fingerprint)} of its complete versions, the record files)."""
+    from .storage import join_uri
+
+    folder = join_uri(output_uri, UNITS_DIR)
+    fs = storage.fs(folder)
+    fs.invalidate_cache(folder)
+    try:
+        files = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return {}, []
+    complete: dict[str, set[tuple[str, str]]] = {}
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            record = json.loads(fh.read())
+        for u in record["units"]:
+            complete.setdefault(u["uri"], set()).add((u["source_version"], record["run_fingerprint"]))
+    return complete, files
+
+
+def compact_units_records(output_uri: str, storage: Storage) -> None:
+    """The run's unit records merged into one file per fingerprint (fewer reads on the next run)."""
+    complete, files = read_units_records(output_uri, storage)
+    if len(files) < 2:
+        return
+    by_fp: dict[str, list[tuple[str, str, int]]] = {}
+    for uri, versions in complete.items():
+        for version, fp in versions:
+            by_fp.setdefault(fp, []).append((uri, version, 0))
+    for fp, units in by_fp.items():
+        write_units_record(output_uri, storage, fp, units)
+    _, now = read_units_records(output_uri, storage)
+    kept = set(now) - set(files)
+    if kept:
+        storage.fs(output_uri).rm([f for f in files if f not in kept])
+
+
+def stale_unit_rows(committed: Committed, current: dict[str, str]) -> dict[str, set[bytes]]:
+    """part -> id keys of rows read from an older version of a container (``current``: shard URI ->
+    its version now) whose current version is complete: members changed or gone."""
+    out: dict[str, set[bytes]] = {}
+    for shard, version in current.items():
+        rows = committed.unit_rows(shard)
+        old = rows[committed.versions[rows] != np.uint64(_version_key(version))]
+        for r in old.tolist():
+            out.setdefault(committed.parts[committed.part_of[r]], set()).add(bytes(committed.keys[r]))
+    return out

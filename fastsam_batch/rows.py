@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pyarrow as pa
 
-from .schema import OUTPUT_SCHEMA
+from .schema import INTERNAL_COLUMNS, output_schema
 
 
 def _ms(values) -> list:
@@ -14,7 +15,10 @@ def _ms(values) -> list:
 
 
 def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: list[dict], *, model: str, sha256: str,
-                 fingerprint: str, prompts: list[list[dict]] | None = None) -> pa.Table:
+                 fingerprint: str, prompts: list[list[dict]] | None = None, carried: tuple[str, ...] = ()) -> pa.Table:
+    """The output rows of a batch: the schema's columns, the ``carried`` columns (from each row's
+    ``extra``), and the internal end-of-unit columns when the batch has them (the writer drops
+    those rows and columns)."""
     n = len(batch["image_id"])
     ok = [e is None for e in errors]
     now = int(time.time() * 1000)
@@ -22,6 +26,7 @@ def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: li
     cols = {
         "image_id": [str(x) for x in batch["image_id"]],
         "uri": [str(x) for x in batch["uri"]],
+        "shard": [str(x) or None for x in batch["shard"]] if "shard" in batch else [None] * n,
         "source_version": [str(x) for x in batch["source_version"]] if "source_version" in batch else [None] * n,
         "width": [int(batch["width"][i]) if batch["width"][i] > 0 else None for i in range(n)],
         "height": [int(batch["height"][i]) if batch["height"][i] > 0 else None for i in range(n)],
@@ -43,4 +48,13 @@ def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: li
         "encode_ms": _ms(t.get("encode") for t in timings),
         "segmented_at": [now] * n,
     }
-    return pa.Table.from_pydict(cols, schema=OUTPUT_SCHEMA)
+    schema = output_schema(carried)
+    if carried:
+        extras = [json.loads(e) if e else {} for e in batch["extra"]] if "extra" in batch else [{}] * n
+        for c in carried:
+            cols[c] = [e.get(c) for e in extras]
+    if INTERNAL_COLUMNS[0] in batch:
+        for c in INTERNAL_COLUMNS:
+            cols[c] = [int(x) for x in batch[c]]
+            schema = schema.append(pa.field(c, pa.int32()))
+    return pa.Table.from_pydict(cols, schema=schema)

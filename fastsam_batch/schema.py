@@ -37,7 +37,8 @@ PROMPT_TYPE = pa.struct(
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),  # tar member: tar://<member>::<shard>; Parquet row: <file>#row=<n>
+        pa.field("shard", pa.string()),  # the tar shard or Parquet file holding the image; null for an object of its own
         pa.field("source_version", pa.string()),  # "<S3 ETag or local mtime>/<size>" of the object read
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -77,3 +78,14 @@ def error_reason(error: str | None) -> str | None:
     if error is None:
         return None
     return error.split(":", 1)[0].strip()
+
+
+# Columns a row carries through the pipeline to the writer, never written (see write.Committer).
+UNIT_END = "_unit_end"  # >= 0 on a container's end-of-unit row: the rows it gave this run
+UNIT_SKIPPED = "_unit_skipped"  # on that row: members that were not images
+INTERNAL_COLUMNS = (UNIT_END, UNIT_SKIPPED)
+
+
+def output_schema(carried: list[str] | tuple[str, ...] = ()) -> pa.Schema:
+    """OUTPUT_SCHEMA and the columns carried from the input (lists, Parquet of images), as text."""
+    return pa.schema([*OUTPUT_SCHEMA, *(pa.field(c, pa.string()) for c in carried)])

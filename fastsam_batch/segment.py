@@ -48,6 +48,7 @@ class SegmentSettings:
     half: bool = False
     rules: MaskRules = MaskRules()
     prompted: bool = False  # masks come from prompts (else every mask, everything mode)
+    carried: tuple[str, ...] = ()  # input columns carried into the output (lists, Parquet of images)
     keep_everything: bool = False  # with prompts: also every mask, after the prompted ones
     merge_points: bool = False
     clip_uri: str | None = None
@@ -325,7 +326,7 @@ class SegmentActor:
                 except Exception as e:  # noqa: BLE001
                     errors[i] = f"segment_failed: {type(e).__name__}: {e}"
         return output_table(batch, masks, errors, timings, model=self.model_name, sha256=s.checkpoint_sha256,
-                            fingerprint=self.run_fingerprint, prompts=records)
+                            fingerprint=self.run_fingerprint, prompts=records, carried=s.carried)
 
     def segment_batch(self, segmenter: "FastSAMSegmenter", images: list[np.ndarray], prompts: list, sizes: list,
                       small: bool = False):

@@ -20,6 +20,14 @@ class RunSummary:
     rows_deduplicated: int = 0  # rows of an image written twice (two runs at once) removed, one kept
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     skipped_not_images: int = 0
+    input_format: str = "files"  # input.format
+    units_planned: int = 0  # containers listed (tar shards, Parquet files of images)
+    units_skipped_done: int = 0  # of them complete under this fingerprint already (not read)
+    units_changed: int = 0  # of them changed since their rows were written (read again whole)
+    units_done: int = 0  # containers whose every row this run committed
+    members_skipped: int = 0  # tar members that are not images (side files), counted and skipped
+    duplicates_in_input: int = 0  # list rows whose image_id came before (skipped: one row per image_id)
+    duplicate_examples: list[str] = field(default_factory=list)
     skipped_examples: list[str] = field(default_factory=list)
     masks_written: int = 0
     images_retried: int = 0  # images whose read was retried after a transient storage error
@@ -122,6 +130,13 @@ class RunSummary:
                              f"{self.prompt_images_not_in_input} images not in the input"
                              + (f" e.g. {', '.join(self.prompt_images_not_in_input_examples)}"
                                 if self.prompt_images_not_in_input else ""))
+        if self.units_planned:
+            lines.append(f"  containers ({self.input_format}): {self.units_planned} listed, {self.units_done} completed "
+                         f"this run, {self.units_skipped_done} complete before, {self.units_changed} changed"
+                         + (f"; {self.members_skipped} non-image members skipped" if self.members_skipped else ""))
+        if self.duplicates_in_input:
+            lines.append(f"  repeated image ids in the input (skipped, first kept): {self.duplicates_in_input}  e.g. "
+                         + ", ".join(self.duplicate_examples[:3]))
         if self.skipped_not_images:
             ex = ", ".join(self.skipped_examples[:5])
             lines.append(f"  skipped (not an image by extension): {self.skipped_not_images}  e.g. {ex}")

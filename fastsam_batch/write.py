@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .retry import with_retries
-from .schema import error_reason
+from .schema import INTERNAL_COLUMNS, UNIT_END, UNIT_SKIPPED, error_reason
 from .storage import Storage, join_uri, protocol_of, strip_protocol
 
 PART_PREFIX = "part-"
@@ -138,8 +138,17 @@ class Committer:
     ``on_commit`` gets each file's stats row."""
 
     def __init__(self, writer: ParquetWriter, rows_per_file: int, interval_s: float,
-                 on_commit: Callable[[dict], None], tick: Callable[[], None] | None = None):
+                 on_commit: Callable[[dict], None], tick: Callable[[], None] | None = None,
+                 on_unit_end: Callable[[int, int], None] | None = None,
+                 on_units_complete: Callable[[list[tuple[str, str, int]]], None] | None = None):
         self.writer = writer
+        # Containers (tar shards, Parquet files of images): each ends with an end-of-unit row
+        # giving the rows it gave; once that many of its rows are committed, the unit is complete
+        # (on_units_complete((shard, version, rows)), called after the commit that completes it).
+        self.on_unit_end = on_unit_end or (lambda rows, skipped: None)
+        self.on_units_complete = on_units_complete or (lambda units: None)
+        self.unit_ends: dict[str, tuple[int, str]] = {}  # shard -> (rows it gave, version)
+        self.unit_committed: Counter = Counter()  # shard -> its rows committed
         self.tick = tick or (lambda: None)  # called about twice a second while blocks come (progress)
         self.rows_per_file = rows_per_file
         self.interval_s = interval_s
@@ -149,6 +158,15 @@ class Committer:
         self.oldest: float | None = None  # when the oldest waiting row arrived
 
     def add(self, table: pa.Table) -> None:
+        if UNIT_END in table.column_names:
+            import pyarrow.compute as pc
+
+            ends = pc.greater_equal(table[UNIT_END], 0)
+            for r in table.filter(ends).select(["shard", "source_version", UNIT_END, UNIT_SKIPPED]).to_pylist():
+                self.unit_ends[r["shard"]] = (r[UNIT_END], r["source_version"] or "")
+                self.on_unit_end(r[UNIT_END], r[UNIT_SKIPPED])
+            table = table.filter(pc.invert(ends)).drop_columns(list(INTERNAL_COLUMNS))
+            self._units_complete()
         if table.num_rows == 0:
             return
         if self.oldest is None:
@@ -176,6 +194,18 @@ class Committer:
     def _commit(self, table: pa.Table) -> None:
         for row in self.writer(table.combine_chunks()).to_pylist():
             self.on_commit(row)
+        if "shard" in table.column_names:
+            self.unit_committed.update(s for s in table.column("shard").to_pylist() if s)
+            self._units_complete()
+
+    def _units_complete(self) -> None:
+        done = [(shard, version, rows) for shard, (rows, version) in self.unit_ends.items()
+                if self.unit_committed[shard] >= rows]
+        if done:
+            self.on_units_complete(done)
+            for shard, _, _ in done:
+                del self.unit_ends[shard]
+                self.unit_committed.pop(shard, None)
 
     def consume(self, blocks: Iterable[pa.Table]) -> None:
         """Commits ``blocks`` as they come (they are produced in a thread of their own, so that a

@@ -11,7 +11,9 @@ import fsspec
 import pytest
 
 from conftest import FAKE_KEY, FAKE_SECRET, ROOT, free_port
-from fastsam_batch.plan import PlanParts, Skipped, iter_inputs, list_inputs, read_plan_part
+from fastsam_batch.inputs import Skipped
+from fastsam_batch.inputs.files import iter_files as iter_inputs
+from fastsam_batch.plan import PlanParts, read_plan_part
 from fastsam_batch.storage import Storage
 
 
@@ -49,15 +51,15 @@ def test_glob_listing_matches_fsspec_glob(tree, pattern):
 
 def test_missing_input_names_the_uri(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-folder"):
-        list_inputs(str(tmp_path / "no-such-folder"), Storage())
+        list(iter_inputs(str(tmp_path / "no-such-folder"), Storage(), Skipped()))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="nothing is listed there"):
-        list_inputs(str(tmp_path / "empty"), Storage())
+        list(iter_inputs(str(tmp_path / "empty"), Storage(), Skipped()))
 
 
 def test_plan_parts_stay_in_memory_for_one_part_and_go_to_files_beyond(tmp_path):
-    items = [{"image_id": f"{i}.jpg", "uri": f"/x/{i}.jpg", "size": i, "etag": "e", "prompts": "",
-              "source_version": f"e/{i}"} for i in range(7)]
+    items = [{"image_id": f"{i}.jpg", "uri": f"/x/{i}.jpg", "size": i, "etag": "e", "kind": "object", "extra": "",
+              "prompts": "", "source_version": f"e/{i}", "done": ""} for i in range(7)]
     small = PlanParts(str(tmp_path / "out"), Storage(), part_rows=7)
     small.add(items)
     assert small.in_memory == items and small.files == [] and not (tmp_path / "out").exists()
@@ -94,7 +96,7 @@ rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 before, _ = tracemalloc.get_traced_memory()
 tracemalloc.reset_peak()
 summary = RunSummary(name=m.name)
-plan, *_ = plan_job(m, storage, summary, Committed(), PromptAttacher(m, storage))
+plan = plan_job(m, storage, summary, Committed(), PromptAttacher(m, storage)).plan
 _, peak = tracemalloc.get_traced_memory()
 print(json.dumps({"planned": summary.images_planned, "todo": plan.count, "skipped": summary.skipped_not_images,
                   "files": plan.files, "peak_mb": (peak - before) / 2**20,

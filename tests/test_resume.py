@@ -184,7 +184,7 @@ def test_duplicates_keep_an_ok_row_and_retried_images_old_rows_are_found():
     """Pure: of an image's rows of one version in two files (a --retry-errors run cut short), the
     ok one is kept; rows_outside finds the old rows of retried images that have a new one; rows
     by error reason are counted."""
-    from fastsam_batch.resume import Committed, _id_key, duplicate_rows, rows_outside
+    from fastsam_batch.resume import Committed, id_key, duplicate_rows, rows_outside
 
     c = Committed.from_rows([
         ("a", "v1/1", "error", "out/p1.parquet", "read_failed: 503"),
@@ -192,8 +192,8 @@ def test_duplicates_keep_an_ok_row_and_retried_images_old_rows_are_found():
         ("b", "v1/1", "error", "out/p1.parquet", "timeout: took long"),
         ("c", "v1/1", "ok", "out/p1.parquet", None),
     ])
-    assert duplicate_rows(c) == {"out/p1.parquet": {_id_key("a")}}  # the error row goes, the ok one stays
-    assert duplicate_rows(c, prefer={"p1.parquet"}) == {"out/p2.parquet": {_id_key("a")}}  # this run's file wins
+    assert duplicate_rows(c) == {"out/p1.parquet": {id_key("a")}}  # the error row goes, the ok one stays
+    assert duplicate_rows(c, prefer={"p1.parquet"}) == {"out/p2.parquet": {id_key("a")}}  # this run's file wins
     assert rows_outside(c, {"a", "b"}, keep={"p2.parquet"}) == {"out/p1.parquet": {"a"}}  # b has no new row yet
     assert c.errors_by_reason() == {"read_failed": 1, "timeout": 1}
     found = dict(zip("abc", c.lookup(["a", "b", "c"], ["v1/1"] * 3)))

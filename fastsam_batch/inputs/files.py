@@ -1,0 +1,276 @@
+"""Files: images as objects under a folder, prefix (recursive), glob or one file; local or S3.
+
+``image_id`` is the object's key relative to the listed folder/prefix (or to the part of a glob
+before its first wildcard), so the same input always gets the same id, on any machine.
+
+Listing streams: local folders one directory at a time; S3 prefixes one ``ListObjectsV2`` page
+(1,000 keys) at a time, and with ``input.list_workers`` > 1 many pages at once (see
+:func:`iter_s3_parallel`): a delimiter listing first (each sub-prefix then listed on its own), and
+a prefix of many keys split into key ranges as its pages come back. Other fsspec protocols fall
+back to ``fs.find`` (one list in memory). The tar and Parquet-of-images forms list their
+container files the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from ..decode import looks_like_image
+from ..retry import with_retries
+from ..storage import Storage, protocol_of, strip_protocol, to_uri
+from . import InputForm, Skipped, unit
+
+GLOB_CHARS = set("*?[")
+
+
+def glob_base(path: str) -> str:
+    """The folder part of a glob before its first wildcard component (what ids are relative to)."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if GLOB_CHARS & set(part):
+            return "/".join(parts[:i])
+    return posixpath.dirname(path)
+
+
+def _objects(page: dict, bucket: str, upto: str | None = None) -> list[tuple[str, dict]]:
+    out = []
+    for obj in page.get("Contents", ()):
+        key = obj["Key"]
+        if upto is not None and key > upto:
+            break
+        if not key.endswith("/"):  # "folder" marker objects
+            out.append((f"{bucket}/{key}", {"size": obj.get("Size", 0), "ETag": obj.get("ETag", "")}))
+    return out
+
+
+def iter_s3(fs, prefix: str) -> Iterator[tuple[str, dict]]:
+    """(bucket/key, info) for every object under ``bucket/prefix``, one ListObjectsV2 page at a time."""
+    bucket, _, key_prefix = prefix.partition("/")
+    kwargs = {"Bucket": bucket, "Prefix": key_prefix}
+    while True:
+        page, _ = with_retries(lambda: fs.call_s3("list_objects_v2", **kwargs))
+        yield from _objects(page, bucket)
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def split_points(keys: list[str], prefix: str, last: str, upto: str | None, limit: int = 64) -> list[str]:
+    """Keys strictly between ``last`` and ``upto`` (None: the end of ``prefix``) at which to split
+    the rest of a listing into ranges. Any points give a correct split (ranges (a, b] cover every
+    key once); these aim at where keys vary: at each position from the end of ``prefix`` to the
+    first one where this page's keys differ, the characters seen in the page that sort after
+    ``last``'s own, of those seen where the page's keys vary (digits for numbered keys)."""
+    first = keys[0] if keys else last
+    varies = next((i for i, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
+    chars = sorted({k[varies] for k in keys if len(k) > varies} or set("".join(k[len(prefix):] for k in keys)))
+    points = set()
+    for k in range(len(prefix), min(varies, len(last) - 1) + 1):
+        for c in chars:
+            if c > last[k]:
+                b = last[:k] + c
+                if b > last and (upto is None or b < upto):
+                    points.add(b)
+    points = sorted(points)
+    if len(points) > limit:  # spread over the candidates: shallow ones cover much, deep ones little
+        points = [points[(i * len(points)) // limit] for i in range(limit)]
+    return points
+
+
+def iter_s3_parallel(fs, prefix: str, workers: int) -> Iterator[tuple[str, dict]]:
+    """As :func:`iter_s3` (the same objects; not in key order), with up to ``workers`` LIST
+    requests in flight. A delimiter listing of the prefix comes first: each sub-prefix it names is
+    listed by a task of its own. A flat prefix (and each sub-prefix) is listed as key ranges: a
+    task lists one page of its range (StartAfter = the range's start); when more keys follow, it
+    splits the rest of its range at :func:`split_points` among the workers then idle (or, none
+    being idle, hands it on whole to one task). Pages go through a queue
+    of ``2 * workers`` pages, so memory stays bounded however fast the listing runs."""
+    bucket, _, key_prefix = prefix.partition("/")
+    pages: queue.Queue = queue.Queue(maxsize=2 * workers)
+    closed = threading.Event()
+    lock = threading.Lock()
+    pending = [0]
+    _DONE = object()
+
+    def put(item) -> None:
+        while not closed.is_set():
+            try:
+                pages.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def submit(fn: Callable, *args) -> None:
+        with lock:
+            pending[0] += 1
+        pool.submit(run, fn, *args)
+
+    def run(fn: Callable, *args) -> None:
+        try:
+            if not closed.is_set():
+                fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+        finally:
+            with lock:
+                pending[0] -= 1
+                last = pending[0] == 0
+            if last:
+                put(_DONE)
+
+    def list_page(**kwargs) -> dict:
+        return with_retries(lambda: fs.call_s3("list_objects_v2", Bucket=bucket, **kwargs))[0]
+
+    def key_range(sub: str, after: str | None, upto: str | None) -> None:
+        # The keys of (after, upto] all start with the two bounds' common prefix: asking for that
+        # prefix ends the page where the range can hold no more (S3 has no end key).
+        narrow = os.path.commonprefix([after, upto]) if after and upto else sub
+        page = list_page(Prefix=max(narrow, sub, key=len), **({"StartAfter": after} if after else {}))
+        found = _objects(page, bucket, upto)
+        if found:
+            put(found)
+        keys = [o["Key"] for o in page.get("Contents", ())]
+        if not page.get("IsTruncated") or not keys or (upto is not None and keys[-1] >= upto):
+            return
+        rest(keys, sub, upto)
+
+    def rest(keys: list[str], sub: str, upto: str | None) -> None:
+        """The keys after ``keys[-1]`` (up to ``upto``): split among the idle workers, if any,
+        else one task that goes on from there (so split ranges never outnumber the workers much)."""
+        with lock:
+            idle = workers - pending[0]
+        points = split_points(keys, sub, keys[-1], upto, limit=idle) if idle > 0 else []
+        bounds = [keys[-1], *points, upto]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            submit(key_range, sub, a, b)
+
+    def by_delimiter(token: str | None) -> None:
+        page = list_page(Prefix=key_prefix, Delimiter="/", **({"ContinuationToken": token} if token else {}))
+        subs = [p["Prefix"] for p in page.get("CommonPrefixes", ())]
+        if token is None and not subs:  # a flat prefix: this page is the first of its key range
+            found = _objects(page, bucket)
+            if found:
+                put(found)
+            keys = [o["Key"] for o in page.get("Contents", ())]
+            if page.get("IsTruncated") and keys:
+                rest(keys, key_prefix, None)
+            return
+        found = _objects(page, bucket)
+        if found:
+            put(found)
+        for sub in subs:
+            submit(key_range, sub, None, None)
+        if page.get("IsTruncated"):
+            submit(by_delimiter, page["NextContinuationToken"])
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastsam-batch-list")
+    try:
+        submit(by_delimiter, None)
+        while True:
+            item = pages.get()
+            if item is _DONE:
+                with lock:
+                    if pending[0] == 0:
+                        break
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+    finally:
+        closed.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _iter_local(root: str) -> Iterator[tuple[str, dict]]:
+    """(path, info) for every file under ``root``, one directory at a time, in name order."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        files = []
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):  # no cycles through linked folders
+                stack.append(e.path)
+            elif e.is_file():
+                files.append(e)
+        for e in reversed(files):
+            st = e.stat()
+            yield e.path, {"size": st.st_size, "mtime": st.st_mtime}
+
+
+def _iter_tree(fs, protocol: str, root: str, workers: int = 1) -> Iterator[tuple[str, dict]]:
+    if protocol == "file":
+        return _iter_local(root)
+    if protocol in ("s3", "s3a") and hasattr(fs, "call_s3"):
+        prefix = root.rstrip("/") + "/"
+        return iter_s3_parallel(fs, prefix, workers) if workers > 1 else iter_s3(fs, prefix)
+    return iter(sorted(fs.find(root, detail=True).items()))  # other protocols: one list, as fsspec gives it
+
+
+def iter_objects(uri: str, storage: Storage, workers: int = 1) -> tuple[str, Iterator[tuple[str, dict]]]:
+    """(base the ids are relative to, iterator of (path, info)) for a folder, prefix, glob or file.
+    Raises FileNotFoundError, naming the uri, when there is nothing there at all."""
+    protocol = protocol_of(uri)
+    fs = storage.fs(uri)
+    path = strip_protocol(uri)
+    if protocol == "file":
+        path = path if path.startswith("/") else posixpath.abspath(path)
+    if GLOB_CHARS & set(path):
+        from fsspec.utils import glob_translate
+
+        base = glob_base(path)
+        pattern = re.compile(glob_translate(path))
+        found = ((p, info) for p, info in _iter_tree(fs, protocol, base, workers) if pattern.match(p))
+    elif not path.endswith("/") and fs.isfile(path):
+        base = posixpath.dirname(path)
+        found = iter([(path, fs.info(path))])
+    else:
+        base = path.rstrip("/")
+        if protocol == "file" and not os.path.isdir(base):
+            raise FileNotFoundError(f"input.uri {uri!r}: no such file, folder or prefix")
+        found = _iter_tree(fs, protocol, base, workers)
+    return base, _nonempty(found, uri)
+
+
+def _nonempty(found: Iterator, uri: str) -> Iterator:
+    first = next(found, None)
+    if first is None:
+        raise FileNotFoundError(f"input.uri {uri!r}: no such file, folder or prefix (nothing is listed there)")
+    yield first
+    yield from found
+
+
+def version_of(info: dict) -> str:
+    """What changes when the object does: S3's ETag; for local files the modification time."""
+    etag = info.get("ETag") or info.get("etag") or (f"mtime:{info['mtime']}" if info.get("mtime") else "")
+    return str(etag).strip('"')
+
+
+def iter_files(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[str], bool] | None = looks_like_image,
+               workers: int = 1, kind: str = "object") -> Iterator[dict]:
+    """Units for the files under ``uri`` that ``keep`` accepts (by key; None: every file); the
+    others go to ``skipped``. The first ``next()`` raises FileNotFoundError when nothing is listed."""
+    protocol = protocol_of(uri)
+    base, found = iter_objects(uri, storage, workers)
+    for p, info in found:
+        rel = posixpath.relpath(p, base) if base else p
+        if rel.startswith("../") or rel == ".":
+            rel = p
+        if keep is not None and not keep(rel):
+            skipped.add(rel)
+            continue
+        yield unit(rel, to_uri(protocol, p), info.get("size") or 0, version_of(info), kind)
+
+
+def open_form(cfg, storage: Storage) -> InputForm:
+    keep = looks_like_image if cfg.skip_non_images else None
+    return InputForm("files", lambda skipped: iter_files(cfg.uri, storage, skipped, keep, cfg.list_workers))
