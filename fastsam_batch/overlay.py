@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .inputs import read_image_at
 from .decode import DecodeError, decode_for_model
 from .stats import OutputError, output_dataset
 from .storage import Storage
@@ -97,8 +98,8 @@ def write_overlays(output_uri: str, storage: Storage, n: int, out_dir: str, seed
     written, thumbs = [], []
     for row in sample_rows(output_uri, storage, n, seed):
         try:
-            image, _ = decode_for_model(storage.read_bytes(row["uri"]), max_pixels=1 << 40)
-        except (OSError, DecodeError) as e:
+            image, _ = decode_for_model(read_image_at(row["uri"], storage), max_pixels=1 << 40)
+        except (OSError, ValueError, DecodeError) as e:
             raise OutputError(f"{row['uri']!r}: cannot read the image to draw on ({e})") from None
         if image.shape[:2] != (row["height"], row["width"]):
             raise OutputError(f"{row['uri']!r}: the image is {image.shape[1]}x{image.shape[0]} now, its row says "

@@ -2,7 +2,8 @@
 
 Deterministic: requests are numbered as they arrive; request n is answered with
 ``faults[n % period]`` when that entry is not None: ``"503"`` (SlowDown, as S3 throttles),
-``"500"`` (InternalError) or ``"reset"`` (the connection is closed without an answer). Every
+``"500"`` (InternalError), ``"reset"`` (the connection is closed without an answer) or ``"cut"``
+(the answer's headers and the first half of its body, then the connection closed). Every
 other request is forwarded to the upstream server unchanged. Counts what it did.
 """
 
@@ -28,7 +29,8 @@ class FaultProxy:
         self.faults = faults
         self.lock = threading.Lock()
         self.n = 0
-        self.injected: dict[str, int] = {"503": 0, "500": 0, "reset": 0}
+        self.injected: dict[str, int] = {"503": 0, "500": 0, "reset": 0, "cut": 0}
+        self.ranges: list[str | None] = []  # each request's Range header
         self.forwarded = 0
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, fault)
         proxy = self
@@ -46,6 +48,7 @@ class FaultProxy:
                     fault = proxy.faults[proxy.n % len(proxy.faults)]
                     proxy.n += 1
                     proxy.log.append((self.command, self.path, fault))
+                    proxy.ranges.append(self.headers.get("Range"))
                     if fault:
                         proxy.injected[fault] += 1
                     else:
@@ -55,7 +58,7 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.close()
                     return
-                if fault:
+                if fault and fault != "cut":
                     status, payload = ERROR_BODY[fault]
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
@@ -78,8 +81,12 @@ class FaultProxy:
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(data)
+                    self.wfile.write(data[: len(data) // 2] if fault == "cut" else data)
                 conn.close()
+                if fault == "cut":
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

@@ -25,6 +25,8 @@ import pytest
 import yaml
 
 from conftest import CHECKPOINT, FAKE_KEY, FAKE_SECRET, REAL_IMAGES, make_bucket, run_cli
+from fastsam_batch.inputs import read_image_at
+from fastsam_batch.storage import Storage
 from shapes import make_image
 
 BUCKET = "inputs"
@@ -211,6 +213,8 @@ def test_tar_shards_with_side_files_a_corrupt_member_and_a_cut_shard(bucket, loo
     by_id = {r["image_id"]: r for r in got}
     assert by_id["s0.tar/0.png"]["uri"] == f"tar://0.png::s3://{BUCKET}/shards/s0.tar"
     assert by_id["s0.tar/0.png"]["shard"] == f"s3://{BUCKET}/shards/s0.tar"
+    storage = Storage({"endpoint_url": bucket["endpoint"], "key": FAKE_KEY, "secret": FAKE_SECRET})
+    assert read_image_at(by_id["s1.tar/cat.jpg"]["uri"], storage) == bucket["images"]["cat.jpg"]  # as overlay reads
     assert by_id["s1.tar/bad.png"]["error"].startswith("corrupt_image:")  # a member is its own error row
     # The cut shard: its whole member is a row, the cut one an error row naming the cut.
     assert by_id["s2-cut.tar/a.png"]["status"] == "ok" and by_id["s2-cut.tar/a.png"]["masks"] == loose["0.png"]
@@ -256,6 +260,8 @@ def test_parquet_with_image_bytes(bucket, loose, tmp_path, form):
         by_id = {r["image_id"]: r for r in got}
         assert by_id["hf.parquet/id-0.png"]["uri"] == f"s3://{BUCKET}/pq/hf.parquet#row=0"
         assert by_id["hf.parquet/id-0.png"]["label"] == "0"
+        storage = Storage({"endpoint_url": bucket["endpoint"], "key": FAKE_KEY, "secret": FAKE_SECRET})
+        assert read_image_at(by_id["hf.parquet/id-3.png"]["uri"], storage) == bucket["images"]["3.png"]
         none = by_id["hf.parquet/id-none"]
         assert none["status"] == "error" and "no image bytes" in none["error"] and "x.png" in none["error"]
     else:
@@ -331,3 +337,28 @@ def test_resume_after_a_driver_kill_inside_a_shard(bucket, tmp_path):
     summary = json.loads((out / "_run.json").read_text())["last_run_summary"]
     assert summary["images_skipped_done"] >= 2 and summary["units_done"] == 1
     assert summary["images_ok"] == 6 and (out / "_units").exists()
+
+
+def test_a_shard_read_that_breaks_goes_on_from_the_byte_where_it_broke(bucket, s3_env):
+    """The shard's GET is cut halfway (headers and half the body, then the connection closed):
+    reading goes on with a ranged GET from there; every member once, byte for byte."""
+    from s3_fault_proxy import FaultProxy
+
+    from fastsam_batch.inputs import tar_shards
+    from fastsam_batch.inputs.files import version_of
+    from fastsam_batch.manifest import InputConfig
+    from fastsam_batch.storage import Storage
+
+    members = [(f"{i}.png", bucket["images"][f"{i}.png"]) for i in range(6)]
+    shard = _tar(members)
+    bucket["fs"].pipe(f"{BUCKET}/cut/s.tar", shard)
+    etag = version_of(bucket["fs"].info(f"{BUCKET}/cut/s.tar"))
+    with FaultProxy(s3_env["AWS_ENDPOINT_URL"], ["cut"] + [None] * 9) as proxy:
+        storage = Storage({"endpoint_url": proxy.url, "key": FAKE_KEY, "secret": FAKE_SECRET})
+        unit = {"image_id": "s.tar", "uri": f"s3://{BUCKET}/cut/s.tar", "etag": etag, "kind": "tar"}
+        got = list(tar_shards.read_images(unit, storage, InputConfig(uri="x", format="tar"), frozenset()))
+    assert [(g.image_id, g.data, g.error) for g in got] == [(f"s.tar/{n}", d, None) for n, d in members]
+    assert proxy.injected["cut"] == 1 and got[-1].retries == 1
+    # On from the last byte it had taken (a read the cut interrupted gave nothing: 0 < N <= half).
+    assert proxy.ranges[0] is None and proxy.ranges[1].startswith("bytes=") and proxy.ranges[1].endswith("-")
+    assert 0 < int(proxy.ranges[1][6:-1]) <= len(shard) // 2

@@ -103,3 +103,18 @@ def read_images(unit_row: dict, storage, cfg, done: frozenset[bytes]) -> Iterato
 
     readers = {TAR: tar_shards.read_images, PARQUET: parquet_images.read_images}
     return readers[unit_row["kind"]](unit_row, storage, cfg, done)
+
+
+def read_image_at(uri: str, storage) -> bytes:
+    """The bytes of the image a row's ``uri`` names: an object, a tar member
+    (``tar://<member>::<shard>``) or a Parquet row (``<file>#row=<n>``). For ``overlay`` and other
+    readers of one image; the job itself reads containers in one pass."""
+    from . import parquet_images, tar_shards
+
+    if uri.startswith("tar://") and "::" in uri:
+        member, _, shard = uri[len("tar://"):].partition("::")
+        return tar_shards.read_member(shard, member, storage)
+    if "#row=" in uri:
+        path, _, row = uri.rpartition("#row=")
+        return parquet_images.read_row(path, int(row), storage)
+    return storage.read_bytes(uri)

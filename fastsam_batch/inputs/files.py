@@ -90,9 +90,10 @@ def iter_s3_parallel(fs, prefix: str, workers: int) -> Iterator[tuple[str, dict]
     task lists one page of its range (StartAfter = the range's start); when more keys follow, it
     splits the rest of its range at :func:`split_points` among the workers then idle (or, none
     being idle, hands it on whole to one task). Pages go through a queue
-    of ``2 * workers`` pages, so memory stays bounded however fast the listing runs."""
+    of four, so the pages held are about ``workers + 4`` (about 1 MB each, parsed), however many
+    keys there are and however fast the listing runs."""
     bucket, _, key_prefix = prefix.partition("/")
-    pages: queue.Queue = queue.Queue(maxsize=2 * workers)
+    pages: queue.Queue = queue.Queue(maxsize=4)
     closed = threading.Event()
     lock = threading.Lock()
     pending = [0]

@@ -121,3 +121,32 @@ def open_form(cfg, storage: Storage) -> InputForm:
             u["rows"] = check_file(u["uri"], storage, cfg)
             yield u
     return form
+
+
+def read_row(uri: str, row: int, storage: Storage) -> bytes:
+    """The image bytes of one row: of the file's one binary column or Image struct."""
+    import pyarrow.parquet as pq
+
+    with storage.fs(uri).open(strip_protocol(uri), "rb") as f:
+        pf = pq.ParquetFile(f)
+        columns = []
+        for name in pf.schema_arrow.names:
+            try:
+                columns.append((name, image_field(pf.schema_arrow, name, uri)))
+            except InputError:
+                pass
+        if len(columns) != 1:
+            raise InputError(f"{uri}: {len(columns)} columns of image bytes; cannot tell which to read")
+        name, field = columns[0]
+        start = 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row < start + n:
+                value = pf.read_row_group(g, columns=[name]).column(name)[row - start]
+                data = value.as_py()
+                data = data.get(field) if field else data
+                if not data:
+                    raise InputError(f"{uri}#row={row}: no image bytes")
+                return bytes(data) if not isinstance(data, bytes) else data
+            start += n
+    raise IndexError(f"{uri}: no row {row}")

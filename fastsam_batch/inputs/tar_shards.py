@@ -127,3 +127,16 @@ def open_form(cfg, storage: Storage) -> InputForm:
     def units(skipped: Skipped):
         return iter_files(cfg.uri, storage, skipped, lambda k: k.lower().endswith(EXTENSIONS), cfg.list_workers, TAR)
     return InputForm("tar", units)
+
+
+def read_member(shard: str, member: str, storage: Storage) -> bytes:
+    """One member's bytes, reading the shard up to it."""
+    stream = ObjectStream(shard, storage)
+    f = gzip.GzipFile(fileobj=stream) if shard.lower().endswith((".gz", ".tgz")) else stream
+    try:
+        for name, data in iter_members(f):
+            if name == member:
+                return data
+    finally:
+        stream.close()
+    raise FileNotFoundError(f"{shard}: no member {member!r}")
