@@ -442,8 +442,11 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
     return {
         "name": m.name, "input_uri": m.input.uri, "output_uri": m.output.uri,
         "run_fingerprint": summary.run_fingerprint,
+        "input_format": summary.input_format,
         "images_listed": summary.images_planned,
-        "images_to_do": plan.count,
+        "images_to_do": plan.count if not summary.units_planned else None,
+        "containers_listed": summary.units_planned, "containers_to_do": plan.count if summary.units_planned else 0,
+        "containers_done": summary.units_skipped_done, "duplicates_in_input": summary.duplicates_in_input,
         "images_done": summary.images_skipped_done,
         "images_changed": summary.images_changed,
         "images_retried_errors": len(retried),
@@ -465,7 +468,11 @@ def render_dry_run(d: dict) -> str:
              "skipped" + (f" (e.g. {', '.join(d['skipped_examples'][:3])})" if d["skipped_not_images"] else ""),
              f"  output: {d['output_uri']}: {d['images_done']:,} already done under this fingerprint, "
              f"{d['images_changed']:,} changed since, {d['images_retried_errors']:,} error rows to retry",
-             f"  to do: {d['images_to_do']:,} images"]
+             f"  to do: {d['images_to_do']:,} images" if d["images_to_do"] is not None else
+             f"  to do: {d['containers_to_do']:,} of {d['containers_listed']:,} {d['input_format']} containers "
+             f"({d['containers_done']:,} complete; their images are counted as they are read)"]
+    if d["duplicates_in_input"]:
+        lines.append(f"  repeated image ids in the input (skipped): {d['duplicates_in_input']:,}")
     if d["prompts_planned"] or d["images_without_prompts"]:
         lines.append(f"  prompts: {d['prompts_planned']:,} for the listed images; {d['images_without_prompts']:,} images "
                      f"without any; {d['prompt_images_not_in_input']:,} prompted images not in the input")

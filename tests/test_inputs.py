@@ -362,3 +362,21 @@ def test_a_shard_read_that_breaks_goes_on_from_the_byte_where_it_broke(bucket, s
     # On from the last byte it had taken (a read the cut interrupted gave nothing: 0 < N <= half).
     assert proxy.ranges[0] is None and proxy.ranges[1].startswith("bytes=") and proxy.ranges[1].endswith("-")
     assert 0 < int(proxy.ranges[1][6:-1]) <= len(shard) // 2
+
+
+def test_a_jsonl_list_resolves_relative_uris_and_counts_what_it_skips(tmp_path):
+    """No Ray: the list's units as planned (JSONL, gzip'd), against the rows written."""
+    from fastsam_batch.inputs import Skipped, open_input
+    from fastsam_batch.manifest import InputConfig
+
+    rows_in = [{"uri": "imgs/a.jpg", "meta": {"k": 1}, "n": 3}, {"uri": "", "meta": None, "n": 4},
+               {"uri": "/abs/b.png", "meta": None, "n": None}, {"uri": "imgs/a.jpg", "meta": None, "n": 5}]
+    with gzip.open(tmp_path / "list.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows_in) + "\n")
+    form = open_input(InputConfig(uri=str(tmp_path / "list.jsonl.gz"), format="list"), Storage())
+    skipped = Skipped()
+    units = list(form.units(skipped))
+    assert [(u["image_id"], u["uri"]) for u in units] == [(f"{tmp_path}/imgs/a.jpg", f"{tmp_path}/imgs/a.jpg"),
+                                                          ("/abs/b.png", "/abs/b.png")]
+    assert [json.loads(u["extra"]) for u in units] == [{"meta": '{"k":1}', "n": "3"}, {"meta": None, "n": None}]
+    assert form.carried == ["meta", "n"] and form.duplicates == 1 and skipped.count == 1
