@@ -24,8 +24,8 @@ from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
-from .resume import (Committed, compact_units_records, drop_rows, drop_superseded_rows, duplicate_rows,
-                     read_committed, read_units_records, remove_stale_temporaries, rows_outside,
+from .resume import (Committed, compact_units_records, key_bytes, drop_rows, drop_superseded_rows, duplicate_rows,
+                     read_committed, read_units_records, remove_stale_temporaries, rows_in_other_files, rows_outside,
                      run_fingerprint, source_version, stale_unit_rows, superseded_parts, write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
@@ -120,6 +120,7 @@ class Planned:
     carried: list[str] = field(default_factory=list)  # input columns carried into the output
     units: dict[str, str] = field(default_factory=dict)  # container URI -> version, planned (to read)
     stale_units: dict[str, set[bytes]] = field(default_factory=dict)  # part -> rows of old container versions
+    retried_rows: dict[str, set[bytes]] = field(default_factory=dict)  # container URI -> error rows read again
 
 
 def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Committed,
@@ -138,6 +139,7 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     retried: set[str] = set()
     units: dict[str, str] = {}
     complete_now: dict[str, str] = {}
+    retried_rows: dict[str, set[bytes]] = {}
     form = open_input(m.input, storage)
     try:
         for chunk in chunked(form.units(skipped), LIST_CHUNK):
@@ -145,7 +147,8 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
             for it in chunk:
                 it["source_version"] = source_version(it)
             todo = [it for it in chunk if it["kind"] in CONTAINERS
-                    and _plan_container(it, committed, complete_units or {}, summary, units, complete_now)]
+                    and _plan_container(it, committed, complete_units or {}, summary, units, complete_now, retry,
+                                        retried_rows)]
             chunk = [it for it in chunk if it["kind"] not in CONTAINERS]
             summary.images_planned += len(chunk)
             for it, found in zip(chunk, committed.lookup([it["image_id"] for it in chunk],
@@ -184,16 +187,19 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
                        + f" (e.g. {', '.join(skipped.examples[:3])})"
                        + ("" if what else "; set input.skip_non_images: false to try every file"))
     stale = stale_unit_rows(committed, complete_now) if complete_now else {}
-    return Planned(plan, superseded, changed, retried, form.carried, units, stale)
+    summary.images_retried_errors += sum(len(k) for k in retried_rows.values())
+    return Planned(plan, superseded, changed, retried, form.carried, units, stale, retried_rows)
 
 
 def _plan_container(it: dict, committed: Committed, complete: dict[str, set[tuple[str, str]]], summary: RunSummary,
-                    units: dict[str, str], complete_now: dict[str, str]) -> bool:
+                    units: dict[str, str], complete_now: dict[str, str], retry: frozenset[str] | None = None,
+                    retried_rows: dict[str, set[bytes]] | None = None) -> bool:
     """Whether a container (tar shard, Parquet file) is read this run. One whose version now is
     recorded complete under this run's fingerprint is skipped (its rows counted as done); one
     with rows of this version committed (a run cut short inside it) is read again without those
     images (``it["done"]``: their id keys); a changed one is read whole, its old rows dropped
-    once the new ones are all committed."""
+    once the new ones are all committed. With ``retry``, a complete one holding error rows of those
+    reasons is read again without its other members (the old error rows go once it completes)."""
     summary.units_planned += 1
     uri, version = it["uri"], it["source_version"]
     rows = committed.unit_rows(uri)
@@ -203,14 +209,24 @@ def _plan_container(it: dict, committed: Committed, complete: dict[str, set[tupl
     summary.images_ok += int(committed.ok[fresh].sum()) if len(fresh) else 0
     summary.images_error += len(fresh) - (int(committed.ok[fresh].sum()) if len(fresh) else 0)
     if (version, summary.run_fingerprint) in complete.get(uri, ()):
-        summary.units_skipped_done += 1
-        if len(fresh) < len(rows):
-            complete_now[uri] = version
-        return False
-    if len(rows) and not len(fresh):
+        redo = fresh[~committed.ok[fresh]] if retry is not None and len(fresh) else fresh[:0]
+        if len(redo) and ALL_ERRORS not in retry:
+            redo = redo[[committed.reasons[c] in retry for c in committed.reason_of[redo].tolist()]]
+        if not len(redo):
+            summary.units_skipped_done += 1
+            if len(fresh) < len(rows):
+                complete_now[uri] = version
+            return False
+        # The error rows go back to the plan: counted again as the shard gives them.
+        summary.images_planned -= len(redo)
+        summary.images_skipped_done -= len(redo)
+        summary.images_error -= len(redo)
+        fresh = np.setdiff1d(fresh, redo)
+        retried_rows[uri] = {key_bytes(k) for k in committed.keys[redo]}
+    elif len(rows) and not len(fresh):
         summary.units_changed += 1
     if len(fresh):
-        it["done"] = ",".join(bytes(k).hex() for k in committed.keys[fresh])
+        it["done"] = ",".join(key_bytes(k).hex() for k in committed.keys[fresh])
     units[uri] = version
     return True
 
@@ -310,9 +326,10 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         return summary
     containers = {"tar": "tar shards", "parquet_images": "Parquet files"}.get(summary.input_format)
     if summary.images_skipped_done:
-        log(f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} "
-            f"{containers or 'images'} to do ({summary.units_changed if containers else summary.images_changed} of "
-            "them changed since their rows were written)")
+        log(f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} to do "
+            f"({summary.images_changed} of them changed since their row was written)" if not containers else
+            f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} {containers} to do "
+            f"({summary.units_changed} of them changed since their rows were written)")
     log(f"planned {plan.count} {containers or 'images'} from {m.input.uri} ({summary.skipped_not_images} "
         f"{'other' if containers else 'non-image'} keys skipped"
         + (f"; {summary.duplicates_in_input} repeated image ids skipped" if summary.duplicates_in_input else "")
@@ -365,12 +382,13 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     if lease.lost is not None:
         raise JobError(f"this run's lease on {m.output.uri} was taken over by {lease.lost.describe()}: this run "
                        "stopped committing; the rows it committed before are kept, and that run finishes the output")
-    return _finish(m, storage, summary, compression, t_start, written, changed, retried, completed)
+    return _finish(m, storage, summary, compression, t_start, written, changed, retried, completed,
+                   planned.retried_rows)
 
 
 def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str | None, t_start: float,
             written: set[str], changed: dict[str, str], retried: set[str],
-            completed: dict[str, str] | None = None) -> RunSummary:
+            completed: dict[str, str] | None = None, retried_rows: dict[str, set[bytes]] | None = None) -> RunSummary:
     """End of a run (finished or interrupted): old rows of changed objects and retried images
     replaced, duplicates repaired, the checks, and the records."""
     summary.wall_s = time.perf_counter() - t_start
@@ -385,6 +403,11 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
     stale = stale_unit_rows(final, completed) if completed else {}
     if stale:  # containers read again whole (changed): rows of their old versions go
         summary.rows_superseded += drop_rows(m.output.uri, storage, stale, compression)
+        final = read_committed(m.output.uri, storage)
+    redone = set().union(*(k for uri, k in (retried_rows or {}).items() if uri in (completed or {})))
+    old_errors = rows_in_other_files(final, redone, written) if redone else {}
+    if old_errors:  # error rows of containers read again (--retry-errors): their new rows are in
+        drop_rows(m.output.uri, storage, old_errors, compression)
         final = read_committed(m.output.uri, storage)
     if completed:
         compact_units_records(m.output.uri, storage)

@@ -55,6 +55,11 @@ def _version_key(version: str) -> int:
     return int.from_bytes(hashlib.blake2b(version.encode(), digest_size=8).digest(), "little") | 1
 
 
+def key_bytes(k) -> bytes:
+    """An id key as :func:`id_key` made it: numpy's fixed-width bytes drop trailing NULs, put back."""
+    return bytes(k).ljust(16, b"\0")
+
+
 def unit_key(shard: str | None) -> int:
     """8-byte hash of a container's URI (tar shard, Parquet file); 0 for an image of its own."""
     return _version_key(shard or "")
@@ -285,7 +290,7 @@ def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozense
                       next((p for p, good in zip(group, ok) if good), group[0]))
         for p in group:
             if p != keeper:
-                out.setdefault(c.parts[p], set()).add(bytes(keys[a]))
+                out.setdefault(c.parts[p], set()).add(key_bytes(keys[a]))
     return out
 
 
@@ -399,5 +404,20 @@ def stale_unit_rows(committed: Committed, current: dict[str, str]) -> dict[str, 
         rows = committed.unit_rows(shard)
         old = rows[committed.versions[rows] != np.uint64(_version_key(version))]
         for r in old.tolist():
-            out.setdefault(committed.parts[committed.part_of[r]], set()).add(bytes(committed.keys[r]))
+            out.setdefault(committed.parts[committed.part_of[r]], set()).add(key_bytes(committed.keys[r]))
+    return out
+
+
+def rows_in_other_files(committed: Committed, keys: set[bytes], written: set[str]) -> dict[str, set[bytes]]:
+    """part -> those of the id ``keys`` with a row there, for every file not named in ``written``."""
+    out: dict[str, set[bytes]] = {}
+    if not keys or not len(committed.keys):
+        return out
+    q = np.array(sorted(keys), "S16")
+    lo, hi = np.searchsorted(committed.keys, q, "left"), np.searchsorted(committed.keys, q, "right")
+    for k, a, b in zip(q.tolist(), lo.tolist(), hi.tolist()):
+        for r in range(a, b):
+            part = committed.parts[committed.part_of[r]]
+            if part.rsplit("/", 1)[-1] not in written:
+                out.setdefault(part, set()).add(key_bytes(k))
     return out

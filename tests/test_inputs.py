@@ -137,11 +137,11 @@ def ray_session():
     ray.shutdown()
 
 
-def run(bucket, out: Path, input_cfg: dict, **output):
+def run(bucket, out: Path, input_cfg: dict, retry_errors=None, **output):
     from fastsam_batch.job import run_job
     from fastsam_batch.manifest import parse_manifest
 
-    summary = run_job(parse_manifest(manifest(bucket, out, input_cfg, **output)))
+    summary = run_job(parse_manifest(manifest(bucket, out, input_cfg, **output)), retry_errors=retry_errors)
     assert summary.failed is None, summary.failed
     return summary
 
@@ -223,6 +223,14 @@ def test_tar_shards_with_side_files_a_corrupt_member_and_a_cut_shard(bucket, loo
     assert s.units_planned == s.units_done == 3
     again = run(bucket, tmp_path / "out", {"uri": f"s3://{BUCKET}/shards/", "format": "tar"})
     assert again.noop and again.units_skipped_done == 3 and again.images_skipped_done == len(got)
+    # --retry-errors corrupt_image: s1 is read again for bad.png alone; its old row replaced.
+    retry = run(bucket, tmp_path / "out", {"uri": f"s3://{BUCKET}/shards/", "format": "tar"},
+                retry_errors=frozenset({"corrupt_image"}))
+    assert (retry.images_retried_errors, retry.units_skipped_done, retry.units_done) == (1, 2, 1)
+    now = {r["image_id"]: r for r in rows(tmp_path / "out")}
+    assert len(rows(tmp_path / "out")) == len(now) == len(got)
+    assert now["s1.tar/bad.png"]["segmented_at"] > by_id["s1.tar/bad.png"]["segmented_at"]
+    assert all(now[i] == r for i, r in by_id.items() if i != "s1.tar/bad.png")  # not read again
 
 
 def test_a_changed_shard_is_read_again_and_its_old_rows_replaced(bucket, ray_session, tmp_path):

@@ -198,3 +198,12 @@ def test_duplicates_keep_an_ok_row_and_retried_images_old_rows_are_found():
     assert c.errors_by_reason() == {"read_failed": 1, "timeout": 1}
     found = dict(zip("abc", c.lookup(["a", "b", "c"], ["v1/1"] * 3)))
     assert found["b"].reason == "timeout" and found["c"].reason is None
+
+
+def test_id_keys_ending_in_nul_survive_numpy():
+    """numpy's fixed-width bytes drop trailing NULs: the keys handed to drop_rows are put back whole."""
+    from fastsam_batch.resume import Committed, duplicate_rows, id_key
+
+    image_id = next(f"img{i}.jpg" for i in range(100_000) if id_key(f"img{i}.jpg").endswith(b"\0"))
+    c = Committed.from_rows([(image_id, "v", "error", "out/p1.parquet"), (image_id, "v", "ok", "out/p2.parquet")])
+    assert duplicate_rows(c) == {"out/p1.parquet": {id_key(image_id)}}
