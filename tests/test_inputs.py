@@ -96,6 +96,9 @@ def bucket(s3_env, s3fs_client):
         put(f"inventory/{fmt.lower()}/manifest.json", json.dumps({
             "sourceBucket": BUCKET, "destinationBucket": f"arn:aws:s3:::{BUCKET}", "version": "2016-11-30",
             "fileFormat": fmt, "fileSchema": schema, "files": [{"key": f"inventory/data/{key}", "size": 1}]}).encode())
+    put("inventory/orc/manifest.json", json.dumps({
+        "destinationBucket": f"arn:aws:s3:::{BUCKET}", "fileFormat": "ORC", "fileSchema": "struct<bucket:string>",
+        "files": [{"key": "inventory/data/part-0.orc"}]}).encode())
     put("inventory/bad/manifest.json", json.dumps({
         "destinationBucket": f"arn:aws:s3:::{BUCKET}", "fileFormat": "CSV", "fileSchema": "Bucket, Key",
         "files": [{"key": "inventory/data/part-0.csv.gz"}, {"key": "inventory/data/part-9.csv.gz"}]}).encode())
@@ -281,6 +284,8 @@ def test_parquet_with_image_bytes(bucket, loose, tmp_path, form):
     ({"uri": f"s3://{BUCKET}/lists-bad/clash.csv", "format": "list"}, ["clash.csv", "'status'", "output schema"]),
     ({"uri": f"s3://{BUCKET}/inventory/bad/manifest.json", "format": "s3_inventory"},
      ["manifest.json", "1 of the 2 data files", "part-9.csv.gz"]),
+    ({"uri": f"s3://{BUCKET}/inventory/orc/manifest.json", "format": "s3_inventory"},
+     ["manifest.json", "'ORC' is not read", "CSV or Parquet"]),
     ({"uri": f"s3://{BUCKET}/pq-bad/", "format": "parquet_images"},
      ["wrong.parquet", "'image'", "neither binary nor a Hugging Face Image struct"]),
     ({"uri": f"s3://{BUCKET}/pq/", "format": "parquet_images", "id_column": "nope"}, ["hf.parquet", "'nope'"]),
@@ -388,3 +393,36 @@ def test_a_jsonl_list_resolves_relative_uris_and_counts_what_it_skips(tmp_path):
                                                           ("/abs/b.png", "/abs/b.png")]
     assert [json.loads(u["extra"]) for u in units] == [{"meta": '{"k":1}', "n": "3"}, {"meta": None, "n": None}]
     assert form.carried == ["meta", "n"] and form.duplicates == 1 and skipped.count == 1
+
+
+STREAM_READER = r"""
+import json, os, sys, tracemalloc
+from fastsam_batch.inputs import tar_shards
+from fastsam_batch.manifest import InputConfig
+from fastsam_batch.storage import Storage
+
+unit = {"image_id": "big.tar", "uri": sys.argv[1], "etag": "", "kind": "tar"}
+cfg = InputConfig(uri="x", format="tar")
+before, _ = tracemalloc.get_traced_memory()
+tracemalloc.reset_peak()
+n = sizes = 0
+for im in tar_shards.read_images(unit, Storage(), cfg, frozenset()):
+    n, sizes = n + 1, sizes + len(im.data)
+    del im
+_, peak = tracemalloc.get_traced_memory()
+print(json.dumps({"members": n, "bytes": sizes, "peak_mb": (peak - before) / 2**20}), flush=True)
+os._exit(0)  # never tracemalloc.stop() (see test_plan.py: a CPython 3.11 race)
+"""
+
+
+def test_a_shard_is_read_streaming_one_member_at_a_time(tmp_path):
+    """A 48 MB shard read through: the reader holds one member (1 MB) and its read buffers, never
+    the shard (measured with tracemalloc in a process of its own, members consumed as they come)."""
+    member = os.urandom(1 << 20)
+    (tmp_path / "big.tar").write_bytes(_tar([(f"{i:03d}.jpg", member) for i in range(48)]))
+    r = subprocess.run([sys.executable, "-X", "tracemalloc=1", "-c", STREAM_READER, str(tmp_path / "big.tar")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (got["members"], got["bytes"]) == (48, 48 << 20)
+    assert got["peak_mb"] < 6, got
