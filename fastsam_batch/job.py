@@ -231,6 +231,18 @@ def _plan_container(it: dict, committed: Committed, complete: dict[str, set[tupl
     return True
 
 
+def check_input_form(m: Manifest, storage: Storage) -> None:
+    """The input read as its format says, as far as its first unit (a list's columns, an
+    inventory's manifest and data files, the first Parquet file's schema), before Ray starts; the
+    rest is checked as the plan streams, still before any image is read."""
+    if m.input.format == "files":
+        return  # preflight listed it
+    try:
+        next(iter(open_input(m.input, storage).units(Skipped())), None)
+    except (FileNotFoundError, InputError) as e:
+        raise JobError(str(e)) from None
+
+
 def _identify(m: Manifest, storage: Storage, summary: RunSummary) -> tuple[PromptAttacher, str | None]:
     """What a run is, checked before any work: the checkpoint (read once, loaded on this CPU to
     know it is a segmentation model), the prompt sources, the run fingerprint (into ``summary``),
@@ -263,6 +275,7 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     # Preflight: every location, the checkpoint, the cluster address and the device, before Ray
     # starts and before anything is deleted or written.
     check_locations(m, storage)
+    check_input_form(m, storage)
     prompts, address = _identify(m, storage, summary)
     if not address:  # an embedded Ray: this machine's GPUs
         check_device(m.model.device, local_machine(m.model.device).gpus, embedded=True)
@@ -448,6 +461,7 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
     summary = RunSummary(name=m.name, output_uri=m.output.uri, tool_version=__version__)
     quick = storage.for_checks()
     check_listable("input.uri", m.input.uri, quick)
+    check_input_form(m, storage)
     if protocol_of(m.output.uri) != "file":  # a local output may not exist yet
         check_listable("output.uri", m.output.uri, quick)
     prompts, address = _identify(m, storage, summary)

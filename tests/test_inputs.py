@@ -297,6 +297,7 @@ def test_bad_inputs_fail_before_any_work_naming_file_and_column(bucket, tmp_path
     assert r.returncode == 1, r.stdout + r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("fastsam-batch:") and all(w in line for w in words), line
+    assert "Ray" not in r.stdout  # found before Ray starts
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
 
 
