@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run(manifest, args, retry)
     finally:
         if noise is not None:
+            ray = sys.modules.get("ray")
+            if ray is not None and ray.is_initialized():
+                ray.shutdown()  # while the filter still holds stderr: Ray's last lines come now
             noise.close()
 
 

@@ -3,8 +3,10 @@
 A successful run used to print Ray's token-auth notice, Ray Data's INFO lines and its advice to
 enable progress bars (which a CLI user cannot follow), and an ERROR-level line from Ray's C++ core
 about actor constructor arguments (https://github.com/ray-project/ray/issues/53727: Ray Data
-always passes them through the object store; harmless here). Python loggers are set quiet; the
-C++ line is written straight to file descriptor 2, so stderr passes through a line filter.
+always passes them through the object store; harmless here), and at exit, now and then, the GCS's
+line about an actor it could not kill (its worker had already exited). Python loggers are set
+quiet; the C++ lines are written straight to file descriptor 2, so stderr passes through a line
+filter, kept until Ray has shut down.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ RAY_NOISE = re.compile(
     r"has constructor arguments in the object store and max_restarts"
     r"|Token authentication is enabled for this Ray cluster"
     r"|Progress bars (for operators )?disabled\. To enable"
+    # At shutdown the GCS may try to kill an actor whose worker has already exited.
+    r"|gcs_actor_scheduler\.cc.*Failed to kill actor .*Socket closed"
 )
 QUIET_LOGGERS = {
     "ray._private.authentication.authentication_token_setup": logging.ERROR,
