@@ -32,8 +32,6 @@ from .summary import RunSummary
 from .write import Committer, Interrupted, ParquetWriter, put_atomic
 from .pipeline import ray_address, run_segmentation, start_ray
 
-from .resume import _version_key as _vkey  # noqa: E402
-
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
 RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
 ALL_ERRORS = "all"  # --retry-errors with no reasons: every error row
@@ -125,7 +123,7 @@ class Planned:
 
 def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Committed,
              prompts: PromptAttacher, retry: frozenset[str] | None = None, plan: PlanParts | PlanCount | None = None,
-             complete_units: dict[str, set[tuple[str, str]]] | None = None) -> Planned:
+             complete_units: dict[str, dict[tuple[str, str], int]] | None = None) -> Planned:
     """Lists the input (streaming), gives items their prompts and source versions, and keeps those
     without a current committed row, in plan parts. Returns the parts, the rows of older object
     versions to drop now (left by a run cut short), the changed images (id -> version now), whose
@@ -191,7 +189,7 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     return Planned(plan, superseded, changed, retried, form.carried, units, stale, retried_rows)
 
 
-def _plan_container(it: dict, committed: Committed, complete: dict[str, set[tuple[str, str]]], summary: RunSummary,
+def _plan_container(it: dict, committed: Committed, complete: dict[str, dict[tuple[str, str], int]], summary: RunSummary,
                     units: dict[str, str], complete_now: dict[str, str], retry: frozenset[str] | None = None,
                     retried_rows: dict[str, set[bytes]] | None = None) -> bool:
     """Whether a container (tar shard, Parquet file) is read this run. One whose version now is
@@ -202,8 +200,7 @@ def _plan_container(it: dict, committed: Committed, complete: dict[str, set[tupl
     reasons is read again without its other members (the old error rows go once it completes)."""
     summary.units_planned += 1
     uri, version = it["uri"], it["source_version"]
-    rows = committed.unit_rows(uri)
-    fresh = rows[committed.versions[rows] == np.uint64(_vkey(version))] if len(rows) else rows
+    fresh, old = committed.unit_rows(uri, version)
     summary.images_planned += len(fresh)
     summary.images_skipped_done += len(fresh)
     summary.images_ok += int(committed.ok[fresh].sum()) if len(fresh) else 0
@@ -214,7 +211,7 @@ def _plan_container(it: dict, committed: Committed, complete: dict[str, set[tupl
             redo = redo[[committed.reasons[c] in retry for c in committed.reason_of[redo].tolist()]]
         if not len(redo):
             summary.units_skipped_done += 1
-            if len(fresh) < len(rows):
+            if len(old):
                 complete_now[uri] = version
             return False
         # The error rows go back to the plan: counted again as the shard gives them.
@@ -223,7 +220,7 @@ def _plan_container(it: dict, committed: Committed, complete: dict[str, set[tupl
         summary.images_error -= len(redo)
         fresh = np.setdiff1d(fresh, redo)
         retried_rows[uri] = {key_bytes(k) for k in committed.keys[redo]}
-    elif len(rows) and not len(fresh):
+    elif len(old) and not len(fresh):
         summary.units_changed += 1
     if len(fresh):
         it["done"] = ",".join(key_bytes(k).hex() for k in committed.keys[fresh])

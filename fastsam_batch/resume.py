@@ -145,16 +145,19 @@ class Committed:
             return 0
         return int(1 + np.count_nonzero(self.keys[1:] != self.keys[:-1]))
 
-    def unit_rows(self, shard: str) -> np.ndarray:
-        """Indices of the rows of images read from the container ``shard`` (any version)."""
+    def unit_rows(self, shard: str, version: str) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of the rows of images read from the container ``shard``: (those of ``version``,
+        those of other versions)."""
         if not len(self.keys):
-            return np.empty(0, np.int64)
+            return np.empty(0, np.int64), np.empty(0, np.int64)
         if self._by_unit is None:
             self._by_unit = np.argsort(self.units, kind="stable")
         want = np.uint64(unit_key(shard))
         sorted_units = self.units[self._by_unit]
         lo, hi = np.searchsorted(sorted_units, want, "left"), np.searchsorted(sorted_units, want, "right")
-        return self._by_unit[lo:hi]
+        rows = self._by_unit[lo:hi]
+        same = self.versions[rows] == np.uint64(_version_key(version))
+        return rows[same], rows[~same]
 
     def lookup(self, image_ids: list[str], versions: list[str]) -> list[Lookup]:
         """For each image (and the version of its object now): whether it has a row to keep, and
@@ -359,8 +362,8 @@ def write_units_record(output_uri: str, storage: Storage, fingerprint: str, unit
     put_atomic(storage, join_uri(output_uri, UNITS_DIR, f"{name}.json"), body.encode())
 
 
-def read_units_records(output_uri: str, storage: Storage) -> tuple[dict[str, set[tuple[str, str]]], list[str]]:
-    """(shard URI -> {(version, fingerprint)} of its complete versions, the record files)."""
+def read_units_records(output_uri: str, storage: Storage) -> tuple[dict[str, dict[tuple[str, str], int]], list[str]]:
+    """(shard URI -> {(version, fingerprint): rows} of its complete versions, the record files)."""
     from .storage import join_uri
 
     folder = join_uri(output_uri, UNITS_DIR)
@@ -370,12 +373,12 @@ def read_units_records(output_uri: str, storage: Storage) -> tuple[dict[str, set
         files = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json"))
     except FileNotFoundError:
         return {}, []
-    complete: dict[str, set[tuple[str, str]]] = {}
+    complete: dict[str, dict[tuple[str, str], int]] = {}
     for f in files:
         with fs.open(f, "rb") as fh:
             record = json.loads(fh.read())
         for u in record["units"]:
-            complete.setdefault(u["uri"], set()).add((u["source_version"], record["run_fingerprint"]))
+            complete.setdefault(u["uri"], {})[(u["source_version"], record["run_fingerprint"])] = u["rows"]
     return complete, files
 
 
@@ -386,8 +389,8 @@ def compact_units_records(output_uri: str, storage: Storage) -> None:
         return
     by_fp: dict[str, list[tuple[str, str, int]]] = {}
     for uri, versions in complete.items():
-        for version, fp in versions:
-            by_fp.setdefault(fp, []).append((uri, version, 0))
+        for (version, fp), rows in versions.items():
+            by_fp.setdefault(fp, []).append((uri, version, rows))
     for fp, units in by_fp.items():
         write_units_record(output_uri, storage, fp, units)
     _, now = read_units_records(output_uri, storage)
@@ -401,8 +404,7 @@ def stale_unit_rows(committed: Committed, current: dict[str, str]) -> dict[str, 
     its version now) whose current version is complete: members changed or gone."""
     out: dict[str, set[bytes]] = {}
     for shard, version in current.items():
-        rows = committed.unit_rows(shard)
-        old = rows[committed.versions[rows] != np.uint64(_version_key(version))]
+        _, old = committed.unit_rows(shard, version)
         for r in old.tolist():
             out.setdefault(committed.parts[committed.part_of[r]], set()).add(key_bytes(committed.keys[r]))
     return out

@@ -162,11 +162,13 @@ class Committer:
             import pyarrow.compute as pc
 
             ends = pc.greater_equal(table[UNIT_END], 0)
-            for r in table.filter(ends).select(["shard", "source_version", UNIT_END, UNIT_SKIPPED]).to_pylist():
-                self.unit_ends[r["shard"]] = (r[UNIT_END], r["source_version"] or "")
-                self.on_unit_end(r[UNIT_END], r[UNIT_SKIPPED])
-            table = table.filter(pc.invert(ends)).drop_columns(list(INTERNAL_COLUMNS))
-            self._units_complete()
+            if pc.any(ends).as_py():  # end-of-unit rows (containers only): noted, never written
+                for r in table.filter(ends).select(["shard", "source_version", UNIT_END, UNIT_SKIPPED]).to_pylist():
+                    self.unit_ends[r["shard"]] = (r[UNIT_END], r["source_version"] or "")
+                    self.on_unit_end(r[UNIT_END], r[UNIT_SKIPPED])
+                table = table.filter(pc.invert(ends))
+                self._units_complete()
+            table = table.drop_columns(list(INTERNAL_COLUMNS))
         if table.num_rows == 0:
             return
         if self.oldest is None:

@@ -72,9 +72,23 @@ class InputForm:
     duplicate_examples: list[str] = field(default_factory=list)
 
 
+def as_text(value) -> str | None:
+    """A carried value as the output holds it: text (lists and structs as JSON); null stays null."""
+    if value is None:
+        return None
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"), default=str)
+    return str(value)
+
+
+def encode_extra(extra: dict | None) -> str:
+    """Carried columns as they travel with a unit or image: a JSON object as a string ("" none)."""
+    return json.dumps(extra, separators=(",", ":"), default=str) if extra else ""
+
+
 def unit(image_id: str, uri: str, size: int = 0, etag: str = "", kind: str = OBJECT, extra: dict | None = None) -> dict:
     return {"image_id": image_id, "uri": uri, "size": int(size or 0), "etag": str(etag or "").strip('"'),
-            "kind": kind, "extra": json.dumps(extra, separators=(",", ":"), default=str) if extra else ""}
+            "kind": kind, "extra": encode_extra(extra)}
 
 
 def check_carried(columns: list[str], where: str) -> None:

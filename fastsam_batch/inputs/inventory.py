@@ -43,12 +43,27 @@ def read_manifest(uri: str, storage: Storage) -> tuple[dict, list[str]]:
     if not bucket:
         raise InputError(f"input.uri: {uri}: the manifest names no destinationBucket")
     files = [f"s3://{bucket}/{f['key']}" for f in manifest["files"]]
-    fs = storage.fs(uri)
-    missing = [f for f in files if not fs.exists(strip_protocol(f))]
+    missing = missing_files(files, storage)
     if missing:
         raise InputError(f"input.uri: {uri}: {len(missing)} of the {len(files)} data files the manifest names are "
                          f"missing: {', '.join(missing[:3])}")
     return manifest, files
+
+
+def missing_files(files: list[str], storage: Storage) -> list[str]:
+    """Those of ``files`` that are not there: one listing per folder (a report's data files share
+    one), not a request per file."""
+    import posixpath
+
+    present: set[str] = set()
+    for folder in sorted({posixpath.dirname(strip_protocol(f)) for f in files}):
+        fs = storage.fs(f"s3://{folder}")
+        fs.invalidate_cache(folder)
+        try:
+            present.update(fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            pass
+    return [f for f in files if strip_protocol(f) not in present]
 
 
 def _csv_rows(data_uri: str, storage: Storage, fields: list[str]) -> Iterator[dict]:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..storage import Storage, protocol_of, strip_protocol, to_uri
-from . import InputError, InputForm, Skipped, check_carried, unit
+from . import InputError, InputForm, Skipped, as_text, check_carried, unit
 from .files import iter_files
 
 EXTENSIONS = (".parquet", ".csv", ".jsonl", ".ndjson", ".csv.gz", ".jsonl.gz", ".ndjson.gz")
@@ -41,14 +41,6 @@ def format_of(path: str, given: str | None) -> str:
         return "jsonl"
     raise InputError(f"input.uri: {path}: not a list file by its extension (.parquet, .csv, .jsonl); set "
                      "input.list_format")
-
-
-def _text(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, separators=(",", ":"), default=str)
-    return str(value)
 
 
 def iter_rows(uri: str, storage: Storage, fmt: str) -> tuple[list[str], Iterator[dict]]:
@@ -148,20 +140,20 @@ def iter_list(cfg, storage: Storage, form: InputForm, skipped: Skipped) -> Itera
         folder = posixpath.dirname(strip_protocol(f["uri"]))
         protocol = protocol_of(f["uri"])
         for n, row in enumerate(rows):
-            uri = _text(row.get(cfg.uri_column)) or ""
+            uri = as_text(row.get(cfg.uri_column)) or ""
             if not uri.strip():
                 skipped.add(f"{f['image_id']} row {n + 1}: empty {cfg.uri_column}")
                 continue
             if "://" not in uri and not uri.startswith("/"):
                 uri = to_uri(protocol, posixpath.normpath(posixpath.join(folder, uri)))
-            image_id = _text(row.get(id_column)) if id_column else None
+            image_id = as_text(row.get(id_column)) if id_column else None
             image_id = image_id or uri.split("://", 1)[-1]
             if not seen.add(image_id):
                 form.duplicates += 1
                 if len(form.duplicate_examples) < 5:
                     form.duplicate_examples.append(image_id)
                 continue
-            yield unit(image_id, uri, extra={c: _text(row.get(c)) for c in carried})
+            yield unit(image_id, uri, extra={c: as_text(row.get(c)) for c in carried})
 
 
 def open_form(cfg, storage: Storage) -> InputForm:

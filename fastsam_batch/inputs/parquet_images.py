@@ -17,9 +17,8 @@ from collections.abc import Iterator
 
 from ..resume import id_key
 from ..storage import Storage, strip_protocol
-from . import PARQUET, Image, InputError, InputForm, Skipped, check_carried
+from . import PARQUET, Image, InputError, InputForm, Skipped, as_text, check_carried, encode_extra
 from .files import iter_files
-from .lists import _text
 
 
 def image_field(schema, column: str, where: str) -> str | None:
@@ -82,32 +81,26 @@ def read_images(u: dict, storage: Storage, cfg, done: frozenset[bytes]) -> Itera
                 extras = {c: batch.column(c).to_pylist() for c in carried}
                 for i in range(batch.num_rows):
                     n, row = row, row + 1
-                    name = _text(ids[i]) if ids is not None else str(n)
+                    name = as_text(ids[i]) if ids is not None else str(n)
                     if name in seen:
                         continue
                     seen.add(name)
                     image_id = f"{key}/{name}"
                     if id_key(image_id) in done:
                         continue
-                    extra = {c: _text(v[i]) for c, v in extras.items()}
+                    extra = {c: as_text(v[i]) for c, v in extras.items()}
                     data = images[i].as_py()
                     error = None
                     if not data:
                         error = "read_failed: no image bytes in this row" + (
                             f" (its path is {paths[i]!r}: images stored as paths are not read)" if paths and paths[i] else "")
-                    yield Image(image_id, f"{uri}#row={n}", data or None, error, _json(extra))
+                    yield Image(image_id, f"{uri}#row={n}", data or None, error, encode_extra(extra))
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - the rest of the file is one error row; the run goes on
         yield Image(f"{key}#rows={row}-", f"{uri}#row={row}", None,
                     f"read_failed: the Parquet file could not be read from row {row} on: {type(e).__name__}: {e}")
     return 0
-
-
-def _json(extra: dict) -> str:
-    import json
-
-    return json.dumps(extra, separators=(",", ":")) if extra else ""
 
 
 def open_form(cfg, storage: Storage) -> InputForm:

@@ -90,12 +90,17 @@ def iter_members(f) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
+def open_shard(uri: str, storage: Storage, etag: str = "") -> tuple[ObjectStream, object]:
+    """(the object's stream, the tar bytes: the stream itself, or gunzipped for .gz / .tgz)."""
+    stream = ObjectStream(uri, storage, etag)
+    return stream, gzip.GzipFile(fileobj=stream) if uri.lower().endswith((".gz", ".tgz")) else stream
+
+
 def read_images(u: dict, storage: Storage, cfg, done: frozenset[bytes]) -> Iterator[Image]:
     """The images of one shard, streaming; ``done``: id keys of members already committed. The
     count of non-image members skipped is the last thing returned (StopIteration.value)."""
     key, uri = u["image_id"], u["uri"]
-    stream = ObjectStream(uri, storage, u.get("etag", ""))
-    f = gzip.GzipFile(fileobj=stream) if uri.lower().endswith((".gz", ".tgz")) else stream
+    stream, f = open_shard(uri, storage, u.get("etag", ""))
     seen: set[str] = set()
     skipped = 0
     try:
@@ -131,8 +136,7 @@ def open_form(cfg, storage: Storage) -> InputForm:
 
 def read_member(shard: str, member: str, storage: Storage) -> bytes:
     """One member's bytes, reading the shard up to it."""
-    stream = ObjectStream(shard, storage)
-    f = gzip.GzipFile(fileobj=stream) if shard.lower().endswith((".gz", ".tgz")) else stream
+    stream, f = open_shard(shard, storage)
     try:
         for name, data in iter_members(f):
             if name == member:
