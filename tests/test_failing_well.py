@@ -20,7 +20,8 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from conftest import CHECKPOINT, REAL_IMAGES, free_port, run_cli, save_shapes
+from conftest import CHECKPOINT, free_port, run_cli, save_shapes
+from shapes import make_image
 
 BUCKET = "fw-data"
 
@@ -188,8 +189,7 @@ def wrong_checkpoints(tmp_path_factory):
     torch.save({"model": ClassificationModel("yolov8n-cls.yaml", nc=2, verbose=False)}, d / "classify.pt")
     data = CHECKPOINT.read_bytes()
     (d / "truncated.pt").write_bytes(data[: len(data) // 2])
-    photo = sorted(p for p in REAL_IMAGES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[0]
-    (d / "photo.pt").write_bytes(photo.read_bytes())
+    make_image(1)[0].save(d / "photo.pt", format="JPEG")  # a picture where a checkpoint should be
     return d
 
 
@@ -432,8 +432,8 @@ def test_retry_errors_replaces_only_the_error_rows_asked_for(tmp_path):
     (images / names[0]).rename(images / "slow-one.png")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     out = tmp_path / "out"
-    m = manifest(tmp_path / "m.yaml", str(images), str(CHECKPOINT), str(out), runtime={"image_timeout_s": 2})
-    r = run_cli("run", str(m), env={"FASTSAM_BATCH_TEST_SLOW": "decode:slow-one:600"})
+    m = manifest(tmp_path / "m.yaml", str(images), str(CHECKPOINT), str(out), runtime={"image_timeout_s": 10})
+    r = run_cli("run", str(m), env={"FASTSAM_BATCH_TEST_SLOW": "decode:slow-one:3600"})
     assert r.returncode == 0, r.stdout + r.stderr
 
     def by_id():

@@ -109,8 +109,11 @@ def test_a_segment_actor_killed_mid_batch_is_replaced_and_its_batch_redone(check
 
 
 def test_a_worker_node_removed_mid_run_leaves_exactly_one_row_per_image(checkpoint, tmp_path):
-    """A two-worker Ray cluster (``ray.cluster_utils.Cluster``); one worker node is removed once the
-    first Parquet file is committed, and a replacement joins, as an autoscaler would do."""
+    """A two-worker Ray cluster (``ray.cluster_utils.Cluster``); one worker node is removed while its
+    segmentation actor holds a batch, and a replacement joins, as an autoscaler would do. The doomed
+    node alone runs with the test-only slow hook (its raylet, and so its workers, get the variable):
+    its actor holds its first batch until the node goes, so the node is removed with work on it,
+    and the run can only finish by redoing that work elsewhere."""
     import os
     import subprocess
     import sys
@@ -125,17 +128,25 @@ def test_a_worker_node_removed_mid_run_leaves_exactly_one_row_per_image(checkpoi
     # One segment actor per worker node (2 of its 3 CPUs), so losing a node loses an actor.
     m = write_job(tmp_path / "job.yaml", "node-loss", str(images), str(checkpoint), str(out), 2,
                   num_actors=2, cpus_per_actor=2, decode_cpus=0.5)
+    busy = tmp_path / "doomed-node-holds-a-batch"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    doomed = cluster.add_node(num_cpus=3)
+    slow = {"FASTSAM_BATCH_TEST_SLOW": "segment::3600", "FASTSAM_BATCH_TEST_SLOW_MARK": str(busy)}
+    os.environ.update(slow)
+    try:
+        doomed = cluster.add_node(num_cpus=3)
+    finally:
+        for k in slow:
+            del os.environ[k]
     cluster.add_node(num_cpus=3)
     try:
         exe = Path(sys.executable).with_name("fastsam-batch")
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "RAY_ADDRESS": cluster.address}
         proc = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
-        while time.time() < deadline and not list(out.glob("part-*.parquet")) and proc.poll() is None:
+        while not busy.exists():
+            assert proc.poll() is None, "the run ended before the doomed node held any work: " + proc.communicate()[0]
+            assert time.time() < deadline, "the doomed node's actor took no batch in 5 minutes"
             time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before the node could be removed"
         cluster.remove_node(doomed)
         cluster.add_node(num_cpus=3)
         output, _ = proc.communicate(timeout=600)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import random
-from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -15,16 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import run_cli, write_job
+from conftest import REAL_IMAGES, run_cli, write_job
+from shapes import make_image
 from fastsam_batch.decode import DecodeError, decode_for_model, decode_image
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real-images"
 REASONS = {"empty_file", "not_an_image", "corrupt_image", "truncated_image", "too_many_pixels"}
 FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "GIF")
 
 
 def _encoded() -> dict[str, bytes]:
-    photo = Image.open(sorted(REAL.glob("*.jpg"))[0]).convert("RGB").resize((96, 64))
+    """A small picture in every format: a photograph when ../shared/real-images is there (CI), else
+    a generated picture (a fresh clone): the decoder's contract is the same on either."""
+    photos = sorted(REAL_IMAGES.glob("*.jpg"))
+    photo = (Image.open(photos[0]) if photos else make_image(1)[0]).convert("RGB").resize((96, 64))
     out = {}
     for fmt in FORMATS:
         buf = io.BytesIO()
@@ -67,19 +69,19 @@ def mutated(draw):
     return bytes(data)
 
 
-@settings(max_examples=300, deadline=5000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(mutated())
 def test_mutated_real_images_decode_or_give_a_reason(data):
     check(data)
 
 
-@settings(max_examples=200, deadline=5000, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.binary(min_size=0, max_size=4096))
 def test_random_bytes_decode_or_give_a_reason(data):
     check(data)
 
 
-@settings(max_examples=100, deadline=5000, derandomize=True)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(st.sampled_from(FORMATS), st.binary(min_size=1, max_size=512))
 def test_a_valid_header_with_random_bytes_after_it(fmt, tail):
     check(ENCODED[fmt][:32] + tail)

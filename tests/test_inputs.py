@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import CHECKPOINT, FAKE_KEY, FAKE_SECRET, REAL_IMAGES, make_bucket, run_cli
+from conftest import CHECKPOINT, FAKE_KEY, FAKE_SECRET, REAL_IMAGES, make_bucket, run_cli, shared
 from fastsam_batch.inputs import read_image_at
 from fastsam_batch.storage import Storage
 from shapes import make_image
@@ -49,6 +49,17 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def _photo() -> bytes:
+    """A photograph (../shared/real-images/cat.jpg) where the test data is there, as in CI; on a
+    fresh clone without it, a generated picture saved as JPEG: every input form reads either."""
+    cat = REAL_IMAGES / "cat.jpg"
+    if cat.is_file():
+        return cat.read_bytes()
+    buf = io.BytesIO()
+    make_image(99)[0].save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def _parquet(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -61,7 +72,7 @@ def bucket(s3_env, s3fs_client):
     Parquet files; plus the broken things each kind must survive."""
     fs = s3fs_client
     make_bucket(s3_env, BUCKET)
-    images = {f"{i}.png": _png(i) for i in range(6)} | {"cat.jpg": (REAL_IMAGES / "cat.jpg").read_bytes()}
+    images = {f"{i}.png": _png(i) for i in range(6)} | {"cat.jpg": _photo()}
     put = lambda key, data: fs.pipe(f"{BUCKET}/{key}", data)  # noqa: E731
     for name, data in images.items():
         put(f"loose/{name}", data)
@@ -321,7 +332,7 @@ def test_resume_after_a_driver_kill_inside_a_shard(bucket, tmp_path):
     killed once some of its members are committed; the next run reads it again without those and
     completes it, each member once. (Photos: each is a Ray Data block of its own once decoded, so
     rows flow one by one; small images would travel several to a block.)"""
-    photos = sorted(REAL_IMAGES.glob("sa_*.jpg"))[:6]
+    photos = sorted(shared(REAL_IMAGES).glob("sa_*.jpg"))[:6]
     names = [p.name for p in photos]
     members = [m for p in photos for m in ((p.name, p.read_bytes()), (p.stem + ".json", b"{}"))]
     bucket["fs"].pipe(f"{BUCKET}/kill/s1.tar", _tar(members))

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REAL_IMAGES, shared
 from fastsam_batch.decode import decode_image
 from fastsam_batch.nms import batched_nms
 from fastsam_batch.segment import FastSAMSegmenter, SegmentSettings
 from fastsam_batch.storage import Storage
 from shapes import make_image
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real-images"
 
 
 def raw_outputs(seg: FastSAMSegmenter, images: list[np.ndarray]) -> torch.Tensor:
@@ -50,7 +50,7 @@ def photo_outputs(tmp_path_factory):
 
     ckpt = bench.random_fastsam(tmp_path_factory.mktemp("ck") / "s.pt", "s")
     seg = FastSAMSegmenter(SegmentSettings(str(ckpt), "unused", imgsz=640, device="cpu"), Storage())
-    photos = sorted(REAL.glob("*.jpg"))[:4]
+    photos = sorted(shared(REAL_IMAGES).glob("*.jpg"))[:4]
     assert len(photos) == 4
     images = [np.asarray(Image.open(p).convert("RGB").resize((640, 480))) for p in photos]  # one letterbox shape
     return raw_outputs(seg, images)

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from conftest import REAL_IMAGES as REAL_PHOTOS
+from conftest import shared
 from fastsam_batch.decode import decode_image
 from fastsam_batch.rle import runs_from_intervals, runs_to_rle
 from fastsam_batch.segment import FastSAMSegmenter, SegmentSettings
@@ -22,7 +24,6 @@ from fastsam_batch.select import PromptError, Selection, merged_intervals, selec
 from fastsam_batch.storage import Storage
 from shapes import make_image
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real-images"
 REAL_IMAGES = ["dogs.jpg", "cat.jpg", "sa_414.jpg"]
 
 
@@ -94,10 +95,9 @@ def generated_cases(checkpoint, ref_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_cases(checkpoint, ref_model):
-    if not REAL.is_dir():
-        pytest.fail(f"{REAL} is missing: the real photographs are part of the test data")
+    real = shared(REAL_PHOTOS)
     seg = FastSAMSegmenter(_settings(checkpoint, 640, 0.01), Storage())
-    return [Case(seg, ref_model, REAL / name, 640, 0.01) for name in REAL_IMAGES]
+    return [Case(seg, ref_model, real / name, 640, 0.01) for name in REAL_IMAGES]
 
 
 def _random_boxes(rng: random.Random, h: int, w: int, n: int) -> list[list[float]]:

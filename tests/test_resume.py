@@ -70,11 +70,15 @@ def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job, tmp_path):
     m = job["manifest"]()
     exe = Path(sys.executable).with_name("fastsam-batch")
     marker = f"FASTSAM_TEST_RUN={tmp_path.name}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | dict([marker.split("=")])
+    # The last image takes an hour in this run (the test-only slow hook), so the run cannot finish
+    # before the kill, whatever the machine's load: the kill lands mid-run by construction.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | dict([marker.split("=")]) | {
+        "FASTSAM_BATCH_TEST_SLOW": f"segment:{N_IMAGES - 1:03d}.png:3600"}
     proc = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(job["out"].glob("part-*.parquet"))) < 2:
+    while len(list(job["out"].glob("part-*.parquet"))) < 2:
         assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "nothing was committed in 5 minutes"
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
