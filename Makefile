@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/fastsam-batch run jobs/demo.yaml --overwrite
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: install
 	$(BIN)/python benchmarks/bench.py
