@@ -173,7 +173,7 @@ def test_superseded_rows_are_found_only_where_a_current_row_exists():
         ("d", "", "error", "p1"),  # written before versions were recorded: counts as current
     ])
     current = {"a": "new/2", "b": "new/5", "c": "x/1", "d": "any/1", "e": "new/1"}
-    assert superseded_parts(c, current) == {"p1": {"a"}}
+    assert superseded_parts(c, current) == {"p1": {"a": "new/2"}}
     found = dict(zip(current, c.lookup(list(current), list(current.values()))))
     assert [found[i].state for i in "abcde"] == ["fresh", "changed", "fresh", "fresh", "new"]
     assert found["a"].ok and not found["d"].ok
@@ -184,7 +184,7 @@ def test_duplicates_keep_an_ok_row_and_retried_images_old_rows_are_found():
     """Pure: of an image's rows of one version in two files (a --retry-errors run cut short), the
     ok one is kept; rows_outside finds the old rows of retried images that have a new one; rows
     by error reason are counted."""
-    from fastsam_batch.resume import Committed, id_key, duplicate_rows, rows_outside
+    from fastsam_batch.resume import Committed, id_key, duplicate_rows, rows_outside, version_key
 
     c = Committed.from_rows([
         ("a", "v1/1", "error", "out/p1.parquet", "read_failed: 503"),
@@ -192,8 +192,8 @@ def test_duplicates_keep_an_ok_row_and_retried_images_old_rows_are_found():
         ("b", "v1/1", "error", "out/p1.parquet", "timeout: took long"),
         ("c", "v1/1", "ok", "out/p1.parquet", None),
     ])
-    assert duplicate_rows(c) == {"out/p1.parquet": {id_key("a")}}  # the error row goes, the ok one stays
-    assert duplicate_rows(c, prefer={"p1.parquet"}) == {"out/p2.parquet": {id_key("a")}}  # this run's file wins
+    assert duplicate_rows(c).drop == {"out/p1.parquet": {(id_key("a"), version_key("v1/1"))}}  # the error row goes, the ok one stays
+    assert duplicate_rows(c, prefer={"p1.parquet"}).drop == {"out/p2.parquet": {(id_key("a"), version_key("v1/1"))}}  # this run's file wins
     assert rows_outside(c, {"a", "b"}, keep={"p2.parquet"}) == {"out/p1.parquet": {"a"}}  # b has no new row yet
     assert c.errors_by_reason() == {"read_failed": 1, "timeout": 1}
     found = dict(zip("abc", c.lookup(["a", "b", "c"], ["v1/1"] * 3)))
@@ -202,8 +202,8 @@ def test_duplicates_keep_an_ok_row_and_retried_images_old_rows_are_found():
 
 def test_id_keys_ending_in_nul_survive_numpy():
     """numpy's fixed-width bytes drop trailing NULs: the keys handed to drop_rows are put back whole."""
-    from fastsam_batch.resume import Committed, duplicate_rows, id_key
+    from fastsam_batch.resume import Committed, duplicate_rows, id_key, version_key
 
     image_id = next(f"img{i}.jpg" for i in range(100_000) if id_key(f"img{i}.jpg").endswith(b"\0"))
     c = Committed.from_rows([(image_id, "v", "error", "out/p1.parquet"), (image_id, "v", "ok", "out/p2.parquet")])
-    assert duplicate_rows(c) == {"out/p1.parquet": {id_key(image_id)}}
+    assert duplicate_rows(c).drop == {"out/p1.parquet": {(id_key(image_id), version_key("v"))}}
