@@ -207,3 +207,37 @@ def test_id_keys_ending_in_nul_survive_numpy():
     image_id = next(f"img{i}.jpg" for i in range(100_000) if id_key(f"img{i}.jpg").endswith(b"\0"))
     c = Committed.from_rows([(image_id, "v", "error", "out/p1.parquet"), (image_id, "v", "ok", "out/p2.parquet")])
     assert duplicate_rows(c).drop == {"out/p1.parquet": {(id_key(image_id), version_key("v"))}}
+
+
+def test_a_container_is_recorded_complete_only_when_each_of_its_images_has_a_row(tmp_path):
+    """A member given twice (a read task Ray retried) must not stand in for a member without a row:
+    the writer counts a container's distinct images, not its rows (write.Committer)."""
+    import pyarrow as pa
+
+    from fastsam_batch.lease import Lease
+    from fastsam_batch.schema import UNIT_END, UNIT_SKIPPED
+    from fastsam_batch.storage import Storage
+    from fastsam_batch.write import Committer, ParquetWriter
+
+    out = str(tmp_path / "out")
+    lease = Lease(Storage(), out, "run-units")
+    lease.acquire()
+
+    def rows(ids: list[str], end: int = -1) -> pa.Table:
+        n = len(ids)
+        return pa.table({"image_id": ids, "shard": ["s.tar"] * n, "source_version": ["v1"] * n, "status": ["ok"] * n,
+                         "error": pa.array([None] * n, pa.string()), "num_masks": [0] * n,
+                         "prompts": pa.array([[]] * n, pa.list_(pa.int32())), "read_retries": [0] * n,
+                         UNIT_END: [end] * n, UNIT_SKIPPED: [0] * n})
+
+    complete: list = []
+    c = Committer(ParquetWriter(out, Storage(), "zstd", lease.fence()), rows_per_file=1, interval_s=3600,
+                  on_commit=lambda row: None, on_units_complete=complete.extend)
+    c.add(rows(["s.tar/a.jpg", "s.tar/a.jpg"]))  # member a twice; member b not (yet) given
+    c.add(rows(["s.tar"], end=2))  # the shard's end: it gave 2 images
+    c.flush()
+    assert complete == []  # b has no row: the shard is not complete
+    c.add(rows(["s.tar/b.jpg"]))
+    c.flush()
+    assert complete == [("s.tar", "v1", 2)]
+    lease.release()
