@@ -26,7 +26,7 @@ from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
 from .repair import drop_rows, drop_superseded_rows, remove_files, repair_at_end, repair_at_start
 from .resume import (Committed, key_bytes, read_committed, read_units_records, run_fingerprint, source_version,
-                     write_units_record)
+                     stale_unit_rows, write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Committer, Interrupted, ParquetWriter, put_atomic

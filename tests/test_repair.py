@@ -6,7 +6,6 @@ again to completion leave exactly one row per image, and no image ever has fewer
 from __future__ import annotations
 
 import builtins
-import json
 import os
 import random
 import shutil
