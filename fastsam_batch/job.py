@@ -19,14 +19,14 @@ from .sizing import local_machine, plan_actors
 from .offline import configure_ultralytics
 from .progress import Progress
 from .inputs import CONTAINERS, InputError, Skipped, open_input
-from .plan import PlanCount, PlanParts, chunked, remove_plan_files
+from .plan import PlanCount, PlanParts, chunked
 from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
-from .resume import (Committed, compact_units_records, key_bytes, drop_rows, drop_superseded_rows, duplicate_rows,
-                     read_committed, read_units_records, remove_stale_temporaries, rows_in_other_files, rows_outside,
-                     run_fingerprint, source_version, stale_unit_rows, superseded_parts, write_units_record)
+from .repair import drop_rows, drop_superseded_rows, remove_files, repair_at_end, repair_at_start
+from .resume import (Committed, key_bytes, read_committed, read_units_records, run_fingerprint, source_version,
+                     stale_unit_rows, write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Committer, Interrupted, ParquetWriter, put_atomic
@@ -112,7 +112,7 @@ class Planned:
     """What planning found: the plan parts, and what the end of the run must tidy."""
 
     plan: PlanParts | PlanCount
-    superseded: dict[str, set[str]]  # part -> rows of older object versions to drop now (a run cut short)
+    superseded: dict[str, dict[str, str]]  # part -> {image id: version now}: older rows to drop now (a run cut short)
     changed: dict[str, str]  # image id -> version now: old rows dropped once the new one is committed
     retried: set[str]  # images whose error rows are processed again
     carried: list[str] = field(default_factory=list)  # input columns carried into the output
@@ -132,7 +132,7 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     ``plan``: where the items go (default: plan parts under the output; PlanCount: counted only)."""
     plan = plan if plan is not None else PlanParts(m.output.uri, storage, m.runtime.plan_part_rows)
     skipped = Skipped()
-    superseded: dict[str, set[str]] = {}
+    superseded: dict[str, dict[str, str]] = {}
     changed: dict[str, str] = {}
     retried: set[str] = set()
     units: dict[str, str] = {}
@@ -161,7 +161,7 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
                     summary.images_ok += found.ok
                     summary.images_error += not found.ok
                     for part in found.superseded:
-                        superseded.setdefault(part, set()).add(it["image_id"])
+                        superseded.setdefault(part, {})[it["image_id"]] = it["source_version"]
                     continue
                 if found.state == "changed":
                     changed[it["image_id"]] = it["source_version"]
@@ -292,6 +292,8 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     try:
         return _run_holding_lease(m, overwrite, retry_errors, log, t_start, env, storage, summary, prompts, lease,
                                   debug)
+    except LeaseLost:  # a repair or record refused by the fence: the lease was taken over
+        raise JobError(_lease_lost(m, lease)) from None
     finally:
         lease.release()
 
@@ -314,19 +316,16 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     old_parts = committed.parts if overwrite else []
     if overwrite:
         committed = Committed()  # every image is planned; the old files go just before the new ones are written
-    twice = duplicate_rows(committed)
-    if twice:  # left by two runs writing at once (a commit in flight when a lease changed hands)
-        summary.rows_deduplicated += drop_rows(m.output.uri, storage, twice, compression)
-        committed = read_committed(m.output.uri, storage)
-    remove_stale_temporaries(m.output.uri, storage)
-    remove_plan_files(m.output.uri, storage)  # left by runs cut short
+    fence = lease.fence()  # checked before every write and delete of the run (see repair.py)
+    committed, twice = repair_at_start(m.output.uri, storage, committed, compression, fence=fence)
+    summary.rows_deduplicated += twice
     complete_units = {} if overwrite else read_units_records(m.output.uri, storage)[0]
     planned = plan_job(m, storage, summary, committed, prompts, retry, complete_units=complete_units)
     plan, superseded, changed, retried = planned.plan, planned.superseded, planned.changed, planned.retried
     if superseded:  # rows of replaced objects, left by a run cut short after their new rows committed
-        drop_superseded_rows(m.output.uri, storage, superseded, compression)
+        drop_superseded_rows(m.output.uri, storage, superseded, compression, fence=fence)
     if planned.stale_units:  # rows of changed containers, left by a run cut short after the new ones completed
-        drop_rows(m.output.uri, storage, planned.stale_units, compression)
+        drop_rows(m.output.uri, storage, planned.stale_units, compression, fence=fence)
     if not plan.count and not old_parts and not twice and not superseded and not planned.stale_units:
         summary.noop = True
         log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
@@ -349,12 +348,10 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     if cpu_note:
         log(cpu_note)
     if old_parts:  # preflight passed and Ray is up: only now is the old output removed
-        storage.fs(m.output.uri).rm(old_parts)
+        remove_files(storage, old_parts, fence=fence)
         log(f"--overwrite: removed {len(old_parts)} Parquet files from {m.output.uri}")
     if overwrite:
-        _, records = read_units_records(m.output.uri, storage)
-        if records:
-            storage.fs(m.output.uri).rm(records)
+        remove_files(storage, read_units_records(m.output.uri, storage)[1], fence=fence)
 
     written: set[str] = set()
 
@@ -362,7 +359,7 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         summary.add_file_stats([stats])
         written.add(stats["file"])
 
-    writer = ParquetWriter(m.output.uri, storage, m.output.compression, lease.fence(), CommitMetrics(m.name))
+    writer = ParquetWriter(m.output.uri, storage, m.output.compression, fence, CommitMetrics(m.name))
     progress = Progress(summary, m.runtime.progress_interval_s, log=log)
     completed: dict[str, str] = {}
 
@@ -371,18 +368,18 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         summary.members_skipped += skipped
 
     def on_units_complete(units: list[tuple[str, str, int]]) -> None:
-        write_units_record(m.output.uri, storage, summary.run_fingerprint, units, lease.fence())
+        write_units_record(m.output.uri, storage, summary.run_fingerprint, units, fence)
         summary.units_done += len(units)
         completed.update((uri, version) for uri, version, _ in units)
 
     committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit, progress.tick,
-                          on_unit_end, on_units_complete)
+                          on_unit_end, on_units_complete, watch=lease.check_held)
     try:
         if plan.count:
             settings = replace(settings_for(m, summary, prompts.sources), carried=tuple(planned.carried))
             run_segmentation(m, storage, settings, summary, plan, sizing, committer, log)
     except LeaseLost:
-        lease.renew()  # records who holds it now
+        raise JobError(_lease_lost(m, lease)) from None
     except Interrupted:
         summary.interrupted = True
         silence_ray(debug)
@@ -390,44 +387,36 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         progress.close()
         plan.remove()
     if lease.lost is not None:
-        raise JobError(f"this run's lease on {m.output.uri} was taken over by {lease.lost.describe()}: this run "
-                       "stopped committing; the rows it committed before are kept, and that run finishes the output")
-    return _finish(m, storage, summary, compression, t_start, written, changed, retried, completed,
+        raise JobError(_lease_lost(m, lease))
+    return _finish(m, storage, summary, compression, t_start, written, changed, retried, fence, completed,
                    planned.retried_rows)
 
 
+def _lease_lost(m: Manifest, lease: Lease) -> str:
+    """The one line a run whose lease was taken over ends with (the new holder read back)."""
+    if lease.lost is None:
+        try:
+            lease.renew()  # finds and records who holds it now
+        except Exception:  # noqa: BLE001 - the storage unreachable: the message names no holder
+            pass
+    holder = lease.lost.describe() if lease.lost is not None else "another run"
+    return (f"this run's lease on {m.output.uri} was taken over by {holder}: this run stopped committing; "
+            "the rows it committed before are kept, and that run finishes the output")
+
+
 def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str | None, t_start: float,
-            written: set[str], changed: dict[str, str], retried: set[str],
+            written: set[str], changed: dict[str, str], retried: set[str], fence,
             completed: dict[str, str] | None = None, retried_rows: dict[str, set[bytes]] | None = None) -> RunSummary:
     """End of a run (finished or interrupted): old rows of changed objects and retried images
     replaced, duplicates repaired, the checks, and the records."""
     summary.wall_s = time.perf_counter() - t_start
     done = summary.images_ok + summary.images_error
     summary.images_per_s = (done - summary.images_skipped_done) / summary.wall_s if summary.wall_s > 0 else 0.0
-    final = read_committed(m.output.uri, storage)
-    if changed:  # rows of objects that changed, replaced by this run's
-        summary.rows_superseded = drop_superseded_rows(m.output.uri, storage, superseded_parts(final, changed),
-                                                       compression)
-        if summary.rows_superseded:
-            final = read_committed(m.output.uri, storage)
-    stale = stale_unit_rows(final, completed) if completed else {}
-    if stale:  # containers read again whole (changed): rows of their old versions go
-        summary.rows_superseded += drop_rows(m.output.uri, storage, stale, compression)
-        final = read_committed(m.output.uri, storage)
-    redone = set().union(*(k for uri, k in (retried_rows or {}).items() if uri in (completed or {})))
-    old_errors = rows_in_other_files(final, redone, written) if redone else {}
-    if old_errors:  # error rows of containers read again (--retry-errors): their new rows are in
-        drop_rows(m.output.uri, storage, old_errors, compression)
-        final = read_committed(m.output.uri, storage)
-    if completed:
-        compact_units_records(m.output.uri, storage)
-    if retried:  # error rows processed again: the old rows go where a new one is committed
-        if drop_superseded_rows(m.output.uri, storage, rows_outside(final, retried, written), compression):
-            final = read_committed(m.output.uri, storage)
-    twice = duplicate_rows(final, prefer=written)
-    if twice:  # another run's commit that landed while this run wrote the same images: this run's rows stay
-        summary.rows_deduplicated += drop_rows(m.output.uri, storage, twice, compression)
-        final = read_committed(m.output.uri, storage)
+    final, superseded, twice = repair_at_end(m.output.uri, storage, compression, fence=fence, written=written,
+                                             changed=changed, retried=retried, completed=completed,
+                                             retried_rows=retried_rows)
+    summary.rows_superseded += superseded
+    summary.rows_deduplicated += twice
     if summary.interrupted:
         pass
     elif final.rows != final.images:
@@ -440,6 +429,7 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
             f"error budget exceeded: {summary.images_error}/{done} images failed "
             f"({summary.images_error / done:.1%} > runtime.max_error_fraction {frac:.1%})"
         )
+    fence.check(storage)  # the records too are written only while this run holds the lease
     put_atomic(storage, join_uri(m.output.uri, RUNS_DIR, f"{summary.run_id}.json"), summary.to_json().encode())
     put_atomic(storage, join_uri(m.output.uri, "_run.json"), summary.output_record(
         final.images, final.rows, int(final.ok.sum()), final.errors_by_reason(), len(final.parts),

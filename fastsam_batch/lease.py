@@ -1,17 +1,22 @@
 """One writer per output: a run holds a lease on ``output.uri`` while it works.
 
-The lease is a small object, ``<output.uri>/_lease.json``: the run's id, host, pid (and the pid's
-start time), when the run started and its last heartbeat. A run creates it atomically before any
+The lease is a small object, ``<output.uri>/_lease.json``: the run's id, host, pid (with the pid's
+start time, the kernel's boot id and the pid namespace), when the run started and its last heartbeat. A run creates it atomically before any
 work (a local exclusive create; on S3 a conditional PUT with ``If-None-Match: *``), renews it every
 ``runtime.lease_heartbeat_s`` (on S3 a PUT with ``If-Match`` on the ETag it last wrote, so a lease
 taken over is never overwritten by its old holder), and deletes it at the end, also on errors and
 Ctrl-C. A second run on the same output is refused at once with who holds it and since when,
 unless the lease is stale: no heartbeat for ``runtime.lease_stale_s`` by the second run's clock, or
-a holder on this same host whose process is gone; or unless ``--break-lease`` is given. Taking over
+a holder whose process is gone, judged only where its pid means the same as here (same host name,
+boot id and pid namespace: containers sharing a host name are not confused); or unless
+``--break-lease`` is given. A renewal retried by the S3 client after its first attempt landed finds
+its own record and keeps the lease. Taking over
 is a compare-and-swap on what was read (S3: ``If-Match``; locally under an exclusive ``flock``).
 
-Fencing: before each Parquet file it commits, the run's writer reads the lease and commits only
-while it names its run (:class:`LeaseFence`), so a run whose lease was taken over stops committing.
+Fencing: before each Parquet file it commits, and before every rewrite or delete of committed
+files (repair.py) and every record, the run reads the lease and goes on only while it names its
+run (:class:`LeaseFence`), so a run whose lease was taken over stops committing; a heartbeat that
+finds the lease taken over stops the writer at once (:meth:`Lease.check_held`).
 A commit already past that check when the lease changes hands can still land; the new run removes
 such rows where it wrote the same images (see job.py). Limits are in ARCHITECTURE.md.
 """
@@ -41,6 +46,25 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (``pid:[inode]``, Linux): pids mean the same only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+BOOT_ID = _read_text("/proc/sys/kernel/random/boot_id")  # this boot of this kernel (Linux)
+
+
 class LeaseHeld(RuntimeError):
     """Another run holds the output's lease."""
 
@@ -58,6 +82,17 @@ class LeaseRecord:
     started_at: float
     heartbeat_at: float
     tool_version: str = ""
+    boot_id: str | None = None  # the kernel boot it ran in, and its pid namespace: a pid is looked up on
+    pid_ns: str | None = None  # this machine only when both are this process's own (see stale_reason)
+
+    @classmethod
+    def parse(cls, data: bytes) -> "LeaseRecord":
+        """A record as read back; fields this version does not know are ignored (a newer writer's)."""
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise TypeError("a lease record is a JSON object")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -264,7 +299,8 @@ class Lease:
         self.run_id, self.stale_s, self.heartbeat_s = run_id, stale_s, heartbeat_s
         pid = os.getpid()
         now = time.time()
-        self.record = LeaseRecord(run_id, socket.gethostname(), pid, _process_start(pid), now, now, tool_version)
+        self.record = LeaseRecord(run_id, socket.gethostname(), pid, _process_start(pid), now, now, tool_version,
+                                  BOOT_ID, _pid_namespace())
         self.token: str | None = None
         self.taken_over: LeaseRecord | None = None  # the stale or broken lease this run replaced
         self.lost: LeaseRecord | None = None  # set when another run took this lease over
@@ -288,7 +324,7 @@ class Lease:
                 continue  # released in between: create again
             data, token = got
             try:
-                held = LeaseRecord(**json.loads(data))
+                held = LeaseRecord.parse(data)
             except (ValueError, TypeError):  # unreadable: a broken write; treat as stale
                 held = LeaseRecord("unknown", "unknown", 0, None, 0.0, 0.0)
             if held.run_id == self.run_id:  # our own create, answered with an error and retried
@@ -312,9 +348,16 @@ class Lease:
         now = time.time() if now is None else now
         if now - held.heartbeat_at > self.stale_s:
             return f"no heartbeat for {now - held.heartbeat_at:.0f} s"
-        if held.host == socket.gethostname() and held.pid and _process_start(held.pid) != held.pid_start:
+        if self.same_pid_space(held) and _process_start(held.pid) != held.pid_start:
             return f"its process {held.pid} on this host is gone"
         return None
+
+    def same_pid_space(self, held: LeaseRecord) -> bool:
+        """Whether the holder's pid can be looked up here: the same host name is not enough (containers
+        with host networking share it), so the same kernel boot and the same pid namespace too."""
+        mine = self.record
+        return bool(held.pid and held.host == mine.host and held.boot_id and held.pid_ns
+                    and held.boot_id == mine.boot_id and held.pid_ns == mine.pid_ns)
 
     def renew(self) -> bool:
         """One heartbeat; False (and ``lost`` set) when another run has taken the lease over."""
@@ -328,10 +371,23 @@ class Lease:
             except _Conflict:
                 got = self.backend.read()
                 try:
-                    self.lost = LeaseRecord(**json.loads(got[0])) if got else LeaseRecord("none", "", 0, None, 0, 0)
+                    held = LeaseRecord.parse(got[0]) if got else LeaseRecord("none", "", 0, None, 0, 0)
                 except (ValueError, TypeError):
-                    self.lost = LeaseRecord("unknown", "", 0, None, 0, 0)
+                    held = LeaseRecord("unknown", "", 0, None, 0, 0)
+                if held.run_id == self.run_id:
+                    # Our own write: a conditional PUT that landed, its answer lost, and retried by the
+                    # client (the retry found the ETag changed, by us). Still ours: go on from it.
+                    self.token = got[1]
+                    return True
+                self.lost = held
                 return False
+
+    def check_held(self) -> None:
+        """Raises :class:`LeaseLost` once a heartbeat has found the lease taken over (the writer
+        calls it while it waits, so a run stops at once, not at its next commit)."""
+        if self.lost is not None:
+            raise LeaseLost(f"the lease on this output now names {self.lost.run_id}, not this run ({self.run_id}): "
+                            "nothing more is committed")
 
     def start_heartbeat(self) -> None:
         def beat():

@@ -28,7 +28,7 @@ from .sizing import ActorPlan, embedded_ray_cpus, joined_cluster, local_machine,
 from .storage import Storage
 from .summary import RunSummary
 from .watchdog import Watchdog, maybe_slow_for_test
-from .write import Committer, Interrupted
+from .write import Committer
 
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 BLOCK_BYTES = 2 << 20  # Ray Data block size (decoded images in flight); see run_segmentation
@@ -194,7 +194,7 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
     # Only RLE strings and small columns come to the driver, whose one writer commits them.
     try:
         committer.consume(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-    except Interrupted:
+    except Exception:  # Interrupted (Ctrl-C), LeaseLost (the lease taken over), a failed commit
         # Stop Ray Data's executor thread now, not while Ray shuts down at exit (where it would go on
         # calling Ray, and Ray would start a new local instance for it). Ray Data's own blocking
         # APIs end their executors this way; the attribute is internal, hence the getattr.

@@ -48,7 +48,7 @@ def id_key(image_id: str) -> bytes:
     return hashlib.blake2b(image_id.encode(), digest_size=16).digest()
 
 
-def _version_key(version: str) -> int:
+def version_key(version: str | None) -> int:
     """8-byte hash of a source version; 0 for rows written before versions were recorded."""
     if not version:
         return 0
@@ -62,13 +62,13 @@ def key_bytes(k) -> bytes:
 
 def unit_key(shard: str | None) -> int:
     """8-byte hash of a container's URI (tar shard, Parquet file); 0 for an image of its own."""
-    return _version_key(shard or "")
+    return version_key(shard or "")
 
 
 def _row_arrays(ids, versions, statuses, part_index, reasons, shards=None) -> tuple[np.ndarray, ...]:
     """Hashed columns of committed rows: id keys, version keys, status ok, file index, error reason
     code, container key."""
-    return (np.array([id_key(i) for i in ids], "S16"), np.array([_version_key(v or "") for v in versions], np.uint64),
+    return (np.array([id_key(i) for i in ids], "S16"), np.array([version_key(v or "") for v in versions], np.uint64),
             np.array([s == "ok" for s in statuses], bool), np.broadcast_to(np.asarray(part_index, np.int32), (len(ids),)),
             np.asarray(reasons, np.int16).reshape(len(ids)),
             np.array([unit_key(x) for x in shards] if shards is not None else np.zeros(len(ids)), np.uint64))
@@ -156,7 +156,7 @@ class Committed:
         sorted_units = self.units[self._by_unit]
         lo, hi = np.searchsorted(sorted_units, want, "left"), np.searchsorted(sorted_units, want, "right")
         rows = self._by_unit[lo:hi]
-        same = self.versions[rows] == np.uint64(_version_key(version))
+        same = self.versions[rows] == np.uint64(version_key(version))
         return rows[same], rows[~same]
 
     def lookup(self, image_ids: list[str], versions: list[str]) -> list[Lookup]:
@@ -172,7 +172,7 @@ class Committed:
             if lo[j] == hi[j]:
                 out.append(Lookup("new"))
                 continue
-            want = _version_key(v)
+            want = version_key(v)
             rows = range(lo[j], hi[j])
             fresh = [r for r in rows if self.versions[r] in (want, 0)]
             if not fresh:
@@ -206,14 +206,15 @@ def rows_outside(committed: Committed, image_ids: set[str], keep: set[str]) -> d
     return out
 
 
-def superseded_parts(committed: Committed, current: dict[str, str]) -> dict[str, set[str]]:
-    """part -> image ids whose rows there were made from an older version of the object while a row
-    from the current version (``current``: image id -> version) is committed too."""
-    out: dict[str, set[str]] = {}
+def superseded_parts(committed: Committed, current: dict[str, str]) -> dict[str, dict[str, str]]:
+    """part -> {image id: its version now} of the images with rows there made from an older version
+    of the object while a row from the current version (``current``: image id -> version) is
+    committed too."""
+    out: dict[str, dict[str, str]] = {}
     ids = list(current)
     for image_id, found in zip(ids, committed.lookup(ids, [current[i] for i in ids])):
         for part in found.superseded:
-            out.setdefault(part, set()).add(image_id)
+            out.setdefault(part, {})[image_id] = current[image_id]
     return out
 
 
@@ -268,87 +269,60 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     return c
 
 
-def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozenset()) -> dict[str, set[bytes]]:
-    """part -> id keys of rows to drop so that each image has one row per source version: of rows of
-    the same image and version in several files, the one in a file named in ``prefer`` (the files
-    this run wrote) is kept, else an ok one (a retried error row's replacement), else the first. Such duplicates come only from two runs
-    writing at once (a run whose lease was taken over, its last commit in flight; see lease.py)."""
+@dataclass
+class Duplicates:
+    """Rows to drop so that each image has one row per source version (see :func:`duplicate_rows`),
+    as (id key, version key) pairs: ``drop``: part -> the pairs whose every row in that file goes;
+    ``keep_one``: part -> pairs with several rows in that one file (the kept file), of which one
+    stays (an ok one, else the first)."""
+
+    drop: dict[str, set[tuple[bytes, int]]] = field(default_factory=dict)
+    keep_one: dict[str, set[tuple[bytes, int]]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.drop or self.keep_one)
+
+
+def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozenset()) -> Duplicates:
+    """Of rows of the same image and version (in several files, or twice in one file), which to drop
+    so that one stays: the row in a file named in ``prefer`` (the files this run wrote) is kept, else
+    an ok one (a retried error row's replacement), else the first. Such duplicates come from two runs
+    writing at once (a run whose lease was taken over, its last commit in flight; see lease.py), a
+    rewrite cut short between its put and its delete, or a member a container's reader gave twice."""
     c = committed
+    out = Duplicates()
     if c.rows < 2:
-        return {}
+        return out
     order = np.lexsort((c.part_of, c.versions, c.keys))
-    keys, versions, parts = c.keys[order], c.versions[order], c.part_of[order]
+    keys, versions, parts, ok = c.keys[order], c.versions[order], c.part_of[order], c.ok[order]
     same = (keys[1:] == keys[:-1]) & (versions[1:] == versions[:-1])
     if not same.any():
-        return {}
-    out: dict[str, set[bytes]] = {}
+        return out
     starts = np.flatnonzero(np.concatenate(([True], ~same)))
     ends = np.concatenate((starts[1:], [len(keys)]))
     for a, b in zip(starts.tolist(), ends.tolist()):
         if b - a < 2:
             continue
-        group = parts[a:b].tolist()
-        ok = c.ok[order][a:b].tolist()
+        group, good = parts[a:b].tolist(), ok[a:b].tolist()
         keeper = next((p for p in group if c.parts[p].rsplit("/", 1)[-1] in prefer),
-                      next((p for p, good in zip(group, ok) if good), group[0]))
-        for p in group:
+                      next((p for p, g in zip(group, good) if g), group[0]))
+        key = (key_bytes(keys[a]), int(versions[a]))
+        for p in set(group):
             if p != keeper:
-                out.setdefault(c.parts[p], set()).add(key_bytes(keys[a]))
+                out.drop.setdefault(c.parts[p], set()).add(key)
+        if group.count(keeper) > 1:
+            out.keep_one.setdefault(c.parts[keeper], set()).add(key)
     return out
-
-
-def drop_superseded_rows(output_uri: str, storage: Storage, superseded: dict[str, set[str]],
-                         compression: str | None = "zstd") -> int:
-    """:func:`drop_rows` of the given image ids."""
-    return drop_rows(output_uri, storage, {part: {id_key(i) for i in ids} for part, ids in superseded.items()},
-                     compression)
-
-
-def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set[bytes]], compression: str | None = "zstd") -> int:
-    """Rewrites each Parquet file without the rows of the given id keys (new content-addressed file
-    first, then the old one deleted: a crash in between leaves the old file to be rewritten again,
-    to the same name, on the next run). Returns the number of rows dropped."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .write import part_name, put_atomic
-
-    fs = storage.fs(output_uri)
-    dropped = 0
-    for part, keys in sorted(rows.items()):
-        with fs.open(part, "rb") as f:
-            table = pq.read_table(f)
-        drop = np.array([id_key(i) in keys for i in table.column("image_id").to_pylist()], bool)
-        keep = table.filter(pa.array(~drop))
-        dropped += table.num_rows - keep.num_rows
-        if keep.num_rows:
-            import io
-
-            buf = io.BytesIO()
-            pq.write_table(keep, buf, compression=compression)
-            base = output_uri.rstrip("/")
-            put_atomic(storage, f"{base}/{part_name(keep.column('image_id').to_pylist())}", buf.getvalue())
-        fs.rm(part)
-    return dropped
-
-
-def remove_stale_temporaries(output_uri: str, storage: Storage) -> int:
-    """Local temporary files left by a killed writer (S3 puts are never partial)."""
-    if protocol_of(output_uri) != "file":
-        return 0
-    stale = _names_starting(output_uri, storage, "_tmp-")
-    if stale:
-        storage.fs(output_uri).rm(stale)
-    return len(stale)
 
 
 UNITS_DIR = "_units"  # records of completed containers: _units/<hash>.json
 
 
 def write_units_record(output_uri: str, storage: Storage, fingerprint: str, units: list[tuple[str, str, int]],
-                       fence=None) -> None:
+                       fence) -> str:
     """Records containers (shard URI, version, rows given) whose every row is committed: a resumed
-    run skips them without reading them again. Written after the commit that completed them."""
+    run skips them without reading them again. Written after the commit that completed them, only
+    while ``fence`` (lease.LeaseFence) passes; its name is a hash of its content. Returns its URI."""
     import json as _json
 
     from .storage import join_uri
@@ -357,9 +331,10 @@ def write_units_record(output_uri: str, storage: Storage, fingerprint: str, unit
     body = _json.dumps({"run_fingerprint": fingerprint,
                         "units": [{"uri": u, "source_version": v, "rows": n} for u, v, n in sorted(units)]})
     name = hashlib.sha256(body.encode()).hexdigest()[:20]
-    if fence is not None:
-        fence.check(storage)
-    put_atomic(storage, join_uri(output_uri, UNITS_DIR, f"{name}.json"), body.encode())
+    uri = join_uri(output_uri, UNITS_DIR, f"{name}.json")
+    fence.check(storage)
+    put_atomic(storage, uri, body.encode())
+    return uri
 
 
 def read_units_records(output_uri: str, storage: Storage) -> tuple[dict[str, dict[tuple[str, str], int]], list[str]]:
@@ -380,23 +355,6 @@ def read_units_records(output_uri: str, storage: Storage) -> tuple[dict[str, dic
         for u in record["units"]:
             complete.setdefault(u["uri"], {})[(u["source_version"], record["run_fingerprint"])] = u["rows"]
     return complete, files
-
-
-def compact_units_records(output_uri: str, storage: Storage) -> None:
-    """The run's unit records merged into one file per fingerprint (fewer reads on the next run)."""
-    complete, files = read_units_records(output_uri, storage)
-    if len(files) < 2:
-        return
-    by_fp: dict[str, list[tuple[str, str, int]]] = {}
-    for uri, versions in complete.items():
-        for (version, fp), rows in versions.items():
-            by_fp.setdefault(fp, []).append((uri, version, rows))
-    for fp, units in by_fp.items():
-        write_units_record(output_uri, storage, fp, units)
-    _, now = read_units_records(output_uri, storage)
-    kept = set(now) - set(files)
-    if kept:
-        storage.fs(output_uri).rm([f for f in files if f not in kept])
 
 
 def stale_unit_rows(committed: Committed, current: dict[str, str]) -> dict[str, set[bytes]]:

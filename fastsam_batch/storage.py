@@ -113,6 +113,23 @@ class Storage:
         except Exception:  # noqa: BLE001 - counting is best effort; the filesystem works without it
             pass
 
+    def read_fs(self, uri: str) -> fsspec.AbstractFileSystem:
+        """The filesystem the readers of input objects use: on S3 one attempt per request (botocore's
+        and s3fs's own retries off, unless ``storage_options.config_kwargs`` says otherwise), so
+        that a read is retried by one layer within one budget (retry.READ_ATTEMPTS, READ_BUDGET_S)."""
+        protocol = protocol_of(uri)
+        if protocol not in ("s3", "s3a") or "config_kwargs" in self._options:
+            return self.fs(uri)
+        key = f"{protocol}:read"
+        if key not in self._fs_cache:
+            opts = self.options_for(protocol)
+            opts["config_kwargs"] = {**opts["config_kwargs"], "retries": {"total_max_attempts": 1, "mode": "standard"}}
+            fs = fsspec.filesystem(protocol, **opts)
+            fs.retries = 1  # s3fs's own loop around each call
+            self._count_failed_attempts(fs)
+            self._fs_cache[key] = fs
+        return self._fs_cache[key]
+
     def read_bytes(self, uri: str) -> bytes:
         return self.fs(uri).cat_file(uri)
 

@@ -140,15 +140,21 @@ class Committer:
     def __init__(self, writer: ParquetWriter, rows_per_file: int, interval_s: float,
                  on_commit: Callable[[dict], None], tick: Callable[[], None] | None = None,
                  on_unit_end: Callable[[int, int], None] | None = None,
-                 on_units_complete: Callable[[list[tuple[str, str, int]]], None] | None = None):
+                 on_units_complete: Callable[[list[tuple[str, str, int]]], None] | None = None,
+                 watch: Callable[[], None] | None = None):
         self.writer = writer
+        # Called while blocks are awaited: raises to stop the run (lease.Lease.check_held: the lease
+        # was taken over), with nothing more committed.
+        self.watch = watch or (lambda: None)
         # Containers (tar shards, Parquet files of images): each ends with an end-of-unit row
-        # giving the rows it gave; once that many of its rows are committed, the unit is complete
-        # (on_units_complete((shard, version, rows)), called after the commit that completes it).
+        # giving the images it gave; once that many of its distinct images have a committed row, the
+        # unit is complete (on_units_complete((shard, version, rows)), called after the commit that
+        # completes it). Distinct images, not rows: a member given twice (a read task Ray retried)
+        # must not stand in for a member without a row.
         self.on_unit_end = on_unit_end or (lambda rows, skipped: None)
         self.on_units_complete = on_units_complete or (lambda units: None)
         self.unit_ends: dict[str, tuple[int, str]] = {}  # shard -> (rows it gave, version)
-        self.unit_committed: Counter = Counter()  # shard -> its rows committed
+        self.unit_committed: dict[str, set[str]] = {}  # shard -> its image ids with a committed row
         self.tick = tick or (lambda: None)  # called about twice a second while blocks come (progress)
         self.rows_per_file = rows_per_file
         self.interval_s = interval_s
@@ -197,12 +203,14 @@ class Committer:
         for row in self.writer(table.combine_chunks()).to_pylist():
             self.on_commit(row)
         if "shard" in table.column_names:
-            self.unit_committed.update(s for s in table.column("shard").to_pylist() if s)
+            for shard, image_id in zip(table.column("shard").to_pylist(), table.column("image_id").to_pylist()):
+                if shard:
+                    self.unit_committed.setdefault(shard, set()).add(image_id)
             self._units_complete()
 
     def _units_complete(self) -> None:
         done = [(shard, version, rows) for shard, (rows, version) in self.unit_ends.items()
-                if self.unit_committed[shard] >= rows]
+                if len(self.unit_committed.get(shard, ())) >= rows]
         if done:
             self.on_units_complete(done)
             for shard, _, _ in done:
@@ -244,6 +252,7 @@ class Committer:
                     raise item
                 if item is not None:
                     self.add(item)
+                self.watch()
                 if self.pending_rows and self.seconds_to_due() <= 0:
                     self.flush()
                 self.tick()

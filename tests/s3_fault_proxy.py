@@ -3,8 +3,11 @@
 Deterministic: requests are numbered as they arrive; request n is answered with
 ``faults[n % period]`` when that entry is not None: ``"503"`` (SlowDown, as S3 throttles),
 ``"500"`` (InternalError), ``"reset"`` (the connection is closed without an answer) or ``"cut"``
-(the answer's headers and the first half of its body, then the connection closed). Every
-other request is forwarded to the upstream server unchanged. Counts what it did.
+(the answer's headers and the first half of its body, then the connection closed). ``rule``
+(method, path, headers) -> fault or None, when given, decides first, by request; it may also answer
+``"applied-500"``: the request is forwarded and applied upstream, then answered 500 InternalError (a
+PUT that landed but whose answer was lost: the client retries it). Every other request is forwarded
+to the upstream server unchanged. Counts what it did.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ ERROR_BODY = {
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, faults: list[str | None]):
+    def __init__(self, upstream: str, faults: list[str | None], rule=None):
         self.upstream = urlsplit(upstream)
         self.faults = faults
+        self.rule = rule
         self.lock = threading.Lock()
         self.n = 0
-        self.injected: dict[str, int] = {"503": 0, "500": 0, "reset": 0, "cut": 0}
+        self.injected: dict[str, int] = {"503": 0, "500": 0, "reset": 0, "cut": 0, "applied-500": 0}
         self.ranges: list[str | None] = []  # each request's Range header
         self.forwarded = 0
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, fault)
@@ -45,7 +49,8 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 with proxy.lock:
-                    fault = proxy.faults[proxy.n % len(proxy.faults)]
+                    fault = proxy.rule(self.command, self.path, self.headers) if proxy.rule else None
+                    fault = fault or proxy.faults[proxy.n % len(proxy.faults)]
                     proxy.n += 1
                     proxy.log.append((self.command, self.path, fault))
                     proxy.ranges.append(self.headers.get("Range"))
@@ -58,8 +63,14 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.close()
                     return
+                if fault == "applied-500":  # applied upstream, then the answer lost
+                    conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "proxy-connection")}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    conn.getresponse().read()
+                    conn.close()
                 if fault and fault != "cut":
-                    status, payload = ERROR_BODY[fault]
+                    status, payload = ERROR_BODY["500" if fault == "applied-500" else fault]
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))

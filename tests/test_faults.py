@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_bucket, run_cli, save_shapes, write_job
 from fastsam_batch.read import read_item
-from fastsam_batch.retry import is_transient, with_retries
+from fastsam_batch.retry import READ_ATTEMPTS, READ_BUDGET_S, is_transient, with_retries
 from fastsam_batch.storage import Storage
 from s3_fault_proxy import FaultProxy
 
@@ -55,7 +55,10 @@ def test_read_retries_a_500_itself_and_fails_a_missing_object_fast(s3fs_client, 
         data, err, retries = read_item("s3://flaky-read/a.bin", storage)
         assert (data, err) == (b"payload", None) and retries >= 1
         data, err, retries = read_item("s3://flaky-read/missing.bin", storage)
-    assert data is None and err.startswith("read_failed: object not found") and retries == 0
+    # The proxy's 500 on its first request is retried; the 404 that follows is not (no attempt after it).
+    faulted = [f for _, p, f in proxy.log if "missing.bin" in p]
+    assert data is None and err.startswith("read_failed: object not found") and retries == faulted.count("500")
+    assert faulted[-1] is None and faulted.count(None) <= 2  # one attempt answered: its HEAD (+ s3fs's listing)
     assert proxy.injected["500"] >= 1
 
 
@@ -92,6 +95,64 @@ def test_s3_faults_during_a_run_leave_exactly_one_row_per_image(faulty_run):
     assert summary["images_retried"] >= 1 and summary["read_retries"] >= summary["images_retried"]  # the GETs that failed
     print(f"S3 faults injected: {proxy.injected}; forwarded: {proxy.forwarded}; summary retried: "
           f"{summary['images_retried']} images")
+
+
+@pytest.fixture(scope="module")
+def lost_answers_run(s3fs_client, s3_env, checkpoint, tmp_path_factory):
+    """A run on S3 through the fault proxy where (a) the first heartbeat's conditional PUT of the lease
+    is applied but answered 500 (so botocore retries it and the retry meets the ETag it wrote), and
+    (b) every read of one image fails with a 500."""
+    fs = s3fs_client
+    make_bucket(s3_env, "lost-answers")
+    local = tmp_path_factory.mktemp("lost-answers")
+    names = save_shapes(local, range(960, 963))
+    (local / names[-1]).rename(local / "zz-unreadable.png")
+    names[-1] = "zz-unreadable.png"
+    for name in names:
+        fs.put_file(str(local / name), f"lost-answers/images/{name}")
+    fs.put_file(str(checkpoint), "lost-answers/models/fixture.pt")
+    m = write_job(local / "job.yaml", "lost-answers", "s3://lost-answers/images/", "s3://lost-answers/models/fixture.pt",
+                  "s3://lost-answers/masks/", 2, lease_heartbeat_s=0.5, lease_stale_s=3600)
+    renewals: list[str] = []
+
+    def rule(method, path, headers):
+        path = path.split("?")[0]
+        if method == "GET" and path.endswith("/images/zz-unreadable.png"):
+            return "500"
+        if method == "PUT" and path.endswith("/masks/_lease.json") and headers.get("If-Match"):
+            renewals.append("applied-500" if not renewals else "forwarded")
+            return "applied-500" if len(renewals) == 1 else None
+        return None
+
+    with FaultProxy(s3_env["AWS_ENDPOINT_URL"], [None], rule=rule) as proxy:
+        env = {**s3_env, "AWS_ENDPOINT_URL": proxy.url, "FASTSAM_BATCH_CACHE": str(local / "cache")}
+        r = run_cli("run", str(m), env=env)
+    fs.invalidate_cache()
+    return {"proc": r, "proxy": proxy, "names": names, "fs": fs, "renewals": renewals}
+
+
+def test_a_heartbeat_whose_answer_was_lost_keeps_the_lease_and_the_run_finishes(lost_answers_run):
+    r, renewals, fs = lost_answers_run["proc"], lost_answers_run["renewals"], lost_answers_run["fs"]
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert renewals[:1] == ["applied-500"]
+    # botocore's retry of that PUT (412: the ETag is the one it wrote) and the heartbeats after it
+    assert renewals.count("forwarded") >= 3, renewals
+    assert not fs.exists("lost-answers/masks/_lease.json")
+    ids = pads.dataset("lost-answers/masks/", format="parquet", filesystem=fs).to_table().column("image_id")
+    assert sorted(ids.to_pylist()) == sorted(lost_answers_run["names"])
+
+
+def test_an_object_whose_reads_always_fail_is_an_error_row_within_the_read_budget(lost_answers_run):
+    """One budget for a read, not botocore's attempts times ours (it was 8 x 5 requests, minutes of
+    backoff): at most READ_ATTEMPTS requests, counted by the proxy."""
+    proxy, fs = lost_answers_run["proxy"], lost_answers_run["fs"]
+    gets = [p for method, p, _ in proxy.log if method == "GET" and p.split("?")[0].endswith("/zz-unreadable.png")]
+    assert 2 <= len(gets) <= READ_ATTEMPTS, len(gets)
+    table = pads.dataset("lost-answers/masks/", format="parquet", filesystem=fs).to_table().to_pylist()
+    row = next(r for r in table if r["image_id"] == "zz-unreadable.png")
+    assert row["status"] == "error" and row["error"].startswith("read_failed:"), row["error"]
+    assert f"retry budget {READ_ATTEMPTS} attempts / {READ_BUDGET_S:g} s" in row["error"]
+    assert row["read_retries"] == len(gets) - 1
 
 
 def test_a_segment_actor_killed_mid_batch_is_replaced_and_its_batch_redone(checkpoint, tmp_path):

@@ -177,7 +177,7 @@ def test_superseded_rows_are_found_only_where_a_current_row_exists():
         ("d", "", "error", "p1"),  # written before versions were recorded: counts as current
     ])
     current = {"a": "new/2", "b": "new/5", "c": "x/1", "d": "any/1", "e": "new/1"}
-    assert superseded_parts(c, current) == {"p1": {"a"}}
+    assert superseded_parts(c, current) == {"p1": {"a": "new/2"}}
     found = dict(zip(current, c.lookup(list(current), list(current.values()))))
     assert [found[i].state for i in "abcde"] == ["fresh", "changed", "fresh", "fresh", "new"]
     assert found["a"].ok and not found["d"].ok
@@ -188,7 +188,7 @@ def test_duplicates_keep_an_ok_row_and_retried_images_old_rows_are_found():
     """Pure: of an image's rows of one version in two files (a --retry-errors run cut short), the
     ok one is kept; rows_outside finds the old rows of retried images that have a new one; rows
     by error reason are counted."""
-    from fastsam_batch.resume import Committed, id_key, duplicate_rows, rows_outside
+    from fastsam_batch.resume import Committed, id_key, duplicate_rows, rows_outside, version_key
 
     c = Committed.from_rows([
         ("a", "v1/1", "error", "out/p1.parquet", "read_failed: 503"),
@@ -196,8 +196,8 @@ def test_duplicates_keep_an_ok_row_and_retried_images_old_rows_are_found():
         ("b", "v1/1", "error", "out/p1.parquet", "timeout: took long"),
         ("c", "v1/1", "ok", "out/p1.parquet", None),
     ])
-    assert duplicate_rows(c) == {"out/p1.parquet": {id_key("a")}}  # the error row goes, the ok one stays
-    assert duplicate_rows(c, prefer={"p1.parquet"}) == {"out/p2.parquet": {id_key("a")}}  # this run's file wins
+    assert duplicate_rows(c).drop == {"out/p1.parquet": {(id_key("a"), version_key("v1/1"))}}  # the error row goes, the ok one stays
+    assert duplicate_rows(c, prefer={"p1.parquet"}).drop == {"out/p2.parquet": {(id_key("a"), version_key("v1/1"))}}  # this run's file wins
     assert rows_outside(c, {"a", "b"}, keep={"p2.parquet"}) == {"out/p1.parquet": {"a"}}  # b has no new row yet
     assert c.errors_by_reason() == {"read_failed": 1, "timeout": 1}
     found = dict(zip("abc", c.lookup(["a", "b", "c"], ["v1/1"] * 3)))
@@ -206,8 +206,42 @@ def test_duplicates_keep_an_ok_row_and_retried_images_old_rows_are_found():
 
 def test_id_keys_ending_in_nul_survive_numpy():
     """numpy's fixed-width bytes drop trailing NULs: the keys handed to drop_rows are put back whole."""
-    from fastsam_batch.resume import Committed, duplicate_rows, id_key
+    from fastsam_batch.resume import Committed, duplicate_rows, id_key, version_key
 
     image_id = next(f"img{i}.jpg" for i in range(100_000) if id_key(f"img{i}.jpg").endswith(b"\0"))
     c = Committed.from_rows([(image_id, "v", "error", "out/p1.parquet"), (image_id, "v", "ok", "out/p2.parquet")])
-    assert duplicate_rows(c) == {"out/p1.parquet": {id_key(image_id)}}
+    assert duplicate_rows(c).drop == {"out/p1.parquet": {(id_key(image_id), version_key("v"))}}
+
+
+def test_a_container_is_recorded_complete_only_when_each_of_its_images_has_a_row(tmp_path):
+    """A member given twice (a read task Ray retried) must not stand in for a member without a row:
+    the writer counts a container's distinct images, not its rows (write.Committer)."""
+    import pyarrow as pa
+
+    from fastsam_batch.lease import Lease
+    from fastsam_batch.schema import UNIT_END, UNIT_SKIPPED
+    from fastsam_batch.storage import Storage
+    from fastsam_batch.write import Committer, ParquetWriter
+
+    out = str(tmp_path / "out")
+    lease = Lease(Storage(), out, "run-units")
+    lease.acquire()
+
+    def rows(ids: list[str], end: int = -1) -> pa.Table:
+        n = len(ids)
+        return pa.table({"image_id": ids, "shard": ["s.tar"] * n, "source_version": ["v1"] * n, "status": ["ok"] * n,
+                         "error": pa.array([None] * n, pa.string()), "num_masks": [0] * n,
+                         "prompts": pa.array([[]] * n, pa.list_(pa.int32())), "read_retries": [0] * n,
+                         UNIT_END: [end] * n, UNIT_SKIPPED: [0] * n})
+
+    complete: list = []
+    c = Committer(ParquetWriter(out, Storage(), "zstd", lease.fence()), rows_per_file=1, interval_s=3600,
+                  on_commit=lambda row: None, on_units_complete=complete.extend)
+    c.add(rows(["s.tar/a.jpg", "s.tar/a.jpg"]))  # member a twice; member b not (yet) given
+    c.add(rows(["s.tar"], end=2))  # the shard's end: it gave 2 images
+    c.flush()
+    assert complete == []  # b has no row: the shard is not complete
+    c.add(rows(["s.tar/b.jpg"]))
+    c.flush()
+    assert complete == [("s.tar", "v1", 2)]
+    lease.release()

@@ -1,0 +1,194 @@
+"""The few steps that rewrite or delete committed files under ``output.uri``, each behind the lease fence.
+
+Every function here takes the run's ``fence`` (:class:`.lease.LeaseFence`) and checks it before
+each put and each delete, so a run whose lease was taken over changes nothing more (it raises
+:class:`.lease.LeaseLost`). Each step is safe to cut short at any point (a killed driver) and to
+run again:
+
+- a file is rewritten without some rows by putting the kept rows to a new content-addressed name
+  first and deleting the old file after; a kill in between leaves both, i.e. rows of one image in
+  two files, which :func:`.resume.duplicate_rows` finds and the next run repairs. A file from which
+  nothing is dropped is left alone (never put and then deleted under its own name).
+- ``_units/`` records are merged by writing the merged record first and deleting the merged ones
+  after; a record is only ever deleted once every unit it names is in a record written before.
+
+What each step decides (which rows, which files) is pure logic in :mod:`.resume`; the table of
+every write and delete the job makes, with its fence and crash-safety argument, is in ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from .plan import remove_plan_files
+from .resume import (UNITS_DIR, Committed, Duplicates, _names_starting, duplicate_rows, id_key, read_committed,
+                     read_units_records, rows_in_other_files, rows_outside, stale_unit_rows, superseded_parts,
+                     version_key, write_units_record)
+from .storage import Storage, join_uri, protocol_of, strip_protocol
+from .write import part_name, put_atomic
+
+
+def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set], compression: str | None = "zstd", *,
+              fence, keep_one: dict[str, set[tuple[bytes, int]]] | None = None,
+              keep_version: dict[bytes, str] | None = None) -> int:
+    """Rewrites each named Parquet file without some of its rows. ``rows``: part -> what goes there:
+    an id key (every row of the image, except a row of the version ``keep_version`` names for it,
+    or of no recorded version) or an (id key, version key) pair (the rows of that image and version);
+    ``keep_one``: part -> (id key, version key) pairs of which one row there stays (an ok one, else
+    the first). The kept rows go to a new content-addressed file first, then the old file is
+    deleted. A file with nothing to drop is not touched. Returns the number of rows dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keep_one = keep_one or {}
+    fs = storage.fs(output_uri)
+    dropped = 0
+    for part in sorted(set(rows) | set(keep_one)):
+        with fs.open(part, "rb") as f:
+            table = pq.read_table(f)
+        keys = [id_key(i) for i in table.column("image_id").to_pylist()]
+        versions = (table.column("source_version").to_pylist() if "source_version" in table.column_names
+                    else [""] * len(keys))
+        pairs = [(k, version_key(v)) for k, v in zip(keys, versions)]
+        gone, once = rows.get(part, set()), keep_one.get(part, set())
+
+        def goes(k: bytes, v: str | None, p: tuple[bytes, int]) -> bool:
+            if p in gone:
+                return True
+            if k not in gone:
+                return False
+            return keep_version is None or (bool(v) and keep_version.get(k) != v)
+
+        drop = np.array([goes(k, v, p) for k, v, p in zip(keys, versions, pairs)], bool)
+        if once:
+            ok = [s == "ok" for s in table.column("status").to_pylist()]
+            chosen: dict[tuple[bytes, int], int] = {}
+            for i, p in enumerate(pairs):
+                if p in once and not drop[i] and (p not in chosen or (ok[i] and not ok[chosen[p]])):
+                    chosen[p] = i
+            for i, p in enumerate(pairs):
+                if p in chosen and chosen[p] != i:
+                    drop[i] = True
+        if not drop.any():
+            continue  # nothing of this file goes: it stays as it is
+        keep = table.filter(pa.array(~drop))
+        dropped += table.num_rows - keep.num_rows
+        if keep.num_rows:
+            new = join_uri(output_uri, part_name(keep.column("image_id").to_pylist()))
+            if strip_protocol(new) == strip_protocol(part):  # cannot happen (other ids), never risk it
+                raise AssertionError(f"a rewrite of {part} would replace itself")
+            buf = io.BytesIO()
+            pq.write_table(keep, buf, compression=compression)
+            fence.check(storage)
+            put_atomic(storage, new, buf.getvalue())
+        fence.check(storage)
+        fs.rm(part)
+    return dropped
+
+
+def drop_superseded_rows(output_uri: str, storage: Storage, superseded: dict[str, dict[str, str]],
+                         compression: str | None = "zstd", *, fence) -> int:
+    """Rows of older versions of objects dropped (``superseded``: part -> {image id: its version now});
+    the row of the version now stays, also when it is in the same file."""
+    keep = {id_key(i): v for ids in superseded.values() for i, v in ids.items()}
+    return drop_rows(output_uri, storage, {part: {id_key(i) for i in ids} for part, ids in superseded.items()},
+                     compression, fence=fence, keep_version=keep)
+
+
+def remove_duplicates(output_uri: str, storage: Storage, duplicates: Duplicates, compression: str | None = "zstd", *,
+                      fence) -> int:
+    """The rows :func:`.resume.duplicate_rows` chose, dropped: one row per image and version stays."""
+    return drop_rows(output_uri, storage, duplicates.drop, compression, fence=fence, keep_one=duplicates.keep_one)
+
+
+def remove_files(storage: Storage, paths: list[str], *, fence) -> None:
+    """Deletes the given files (``--overwrite``: the old output, once the new run is ready to write)."""
+    if paths:
+        fence.check(storage)
+        storage.fs(paths[0]).rm(paths)
+
+
+def remove_stale_temporaries(output_uri: str, storage: Storage, *, fence) -> int:
+    """Local temporary files (``_tmp-*``) left by a killed writer, in the output and its ``_units/``
+    and ``_runs/`` folders (S3 puts are never partial, so there are none there)."""
+    if protocol_of(output_uri) != "file":
+        return 0
+    stale = [p for folder in (output_uri, join_uri(output_uri, UNITS_DIR), join_uri(output_uri, "_runs"))
+             for p in _names_starting(folder, storage, "_tmp-")]
+    if stale:
+        fence.check(storage)
+        storage.fs(output_uri).rm(stale)
+    return len(stale)
+
+
+def compact_units_records(output_uri: str, storage: Storage, *, fence) -> None:
+    """The ``_units/`` records merged into one file per fingerprint (fewer reads on the next run):
+    every merged record is written before any record is deleted, and only records whose every
+    unit is in a merged one are deleted."""
+    complete, files = read_units_records(output_uri, storage)
+    if len(files) < 2:
+        return
+    by_fp: dict[str, list[tuple[str, str, int]]] = {}
+    for uri, versions in complete.items():
+        for (version, fp), rows in versions.items():
+            by_fp.setdefault(fp, []).append((uri, version, rows))
+    merged = {strip_protocol(write_units_record(output_uri, storage, fp, units, fence)).rsplit("/", 1)[-1]
+              for fp, units in by_fp.items()}
+    old = [f for f in files if f.rsplit("/", 1)[-1] not in merged]
+    if old:
+        fence.check(storage)
+        storage.fs(output_uri).rm(old)
+
+
+def repair_at_start(output_uri: str, storage: Storage, committed: Committed, compression: str | None, *,
+                    fence) -> tuple[Committed, int]:
+    """Before planning: rows of one image written twice (two runs at once, a rewrite cut short, a
+    member given twice) reduced to one, temporaries of killed writers and plan files of runs cut
+    short removed. Returns the committed rows as they are now, and the rows dropped."""
+    deduplicated = 0
+    twice = duplicate_rows(committed)
+    if twice:
+        deduplicated = remove_duplicates(output_uri, storage, twice, compression, fence=fence)
+        committed = read_committed(output_uri, storage)
+    remove_stale_temporaries(output_uri, storage, fence=fence)
+    fence.check(storage)
+    remove_plan_files(output_uri, storage)
+    return committed, deduplicated
+
+
+def repair_at_end(output_uri: str, storage: Storage, compression: str | None, *, fence, written: set[str],
+                  changed: dict[str, str], retried: set[str], completed: dict[str, str] | None = None,
+                  retried_rows: dict[str, set[bytes]] | None = None) -> tuple[Committed, int, int]:
+    """After the segmentation (finished or interrupted): rows of objects that changed replaced by
+    this run's, rows of old container versions and of retried error rows dropped where their new
+    rows are committed, ``_units/`` records merged, duplicates reduced to one (this run's row
+    kept). Returns the committed rows as they are now, rows superseded and rows deduplicated."""
+    final = read_committed(output_uri, storage)
+    superseded = deduplicated = 0
+    if changed:  # rows of objects that changed, replaced by this run's
+        superseded = drop_superseded_rows(output_uri, storage, superseded_parts(final, changed), compression,
+                                          fence=fence)
+        if superseded:
+            final = read_committed(output_uri, storage)
+    stale = stale_unit_rows(final, completed) if completed else {}
+    if stale:  # containers read again whole (changed): rows of their old versions go
+        superseded += drop_rows(output_uri, storage, stale, compression, fence=fence)
+        final = read_committed(output_uri, storage)
+    redone = set().union(*(k for uri, k in (retried_rows or {}).items() if uri in (completed or {})))
+    old_errors = rows_in_other_files(final, redone, written) if redone else {}
+    if old_errors:  # error rows of containers read again (--retry-errors): their new rows are in
+        drop_rows(output_uri, storage, old_errors, compression, fence=fence)
+        final = read_committed(output_uri, storage)
+    if completed:
+        compact_units_records(output_uri, storage, fence=fence)
+    if retried:  # error rows processed again: the old rows go where a new one is committed
+        old = {part: {id_key(i) for i in ids} for part, ids in rows_outside(final, retried, written).items()}
+        if drop_rows(output_uri, storage, old, compression, fence=fence):
+            final = read_committed(output_uri, storage)
+    twice = duplicate_rows(final, prefer=written)
+    if twice:  # another run's commit that landed while this run wrote the same images: this run's rows stay
+        deduplicated = remove_duplicates(output_uri, storage, twice, compression, fence=fence)
+        final = read_committed(output_uri, storage)
+    return final, superseded, deduplicated

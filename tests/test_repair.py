@@ -1,0 +1,335 @@
+"""The steps that rewrite or delete committed files (repair.py): what each keeps, that each stops at
+the lease fence, and the invariant over all of them: whatever point a driver is killed at (SIGKILL at
+the k-th storage operation of the repair and compaction steps) and however often, the repairs run
+again to completion leave exactly one row per image, and no image ever has fewer rows than it had."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import random
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_bucket
+from fastsam_batch.lease import Lease, LeaseLost
+from fastsam_batch.repair import (compact_units_records, drop_rows, drop_superseded_rows, remove_duplicates,
+                                  remove_files, remove_stale_temporaries, repair_at_end, repair_at_start)
+from fastsam_batch.resume import (UNITS_DIR, duplicate_rows, id_key, read_committed, read_units_records,
+                                  superseded_parts, write_units_record)
+from fastsam_batch.storage import Storage, join_uri
+from fastsam_batch.write import part_name
+
+FP = "fp-repair-test"
+
+
+def table(rows: list[tuple]) -> pa.Table:
+    """Output rows as the repairs read them: (image_id, source_version, status, payload)."""
+    return pa.table({
+        "image_id": [r[0] for r in rows], "uri": [r[3] for r in rows], "shard": [None] * len(rows),
+        "source_version": [r[1] for r in rows], "status": [r[2] for r in rows],
+        "error": [None if r[2] == "ok" else "read_failed: test" for r in rows],
+        "run_fingerprint": [FP] * len(rows)})
+
+
+def put(storage: Storage, uri: str, rows: list[tuple]) -> None:
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(table(rows), buf)
+    storage.fs(uri).pipe_file(uri, buf.getvalue())
+
+
+def read_rows(storage: Storage, output: str) -> list[tuple]:
+    fs = storage.fs(output)
+    fs.invalidate_cache()
+    out = []
+    for part in read_committed(output, storage).parts:
+        with fs.open(part, "rb") as f:
+            t = pq.read_table(f)
+        out += list(zip(*(t.column(c).to_pylist() for c in ("image_id", "source_version", "status", "uri"))))
+    return sorted(out)
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path, s3_env, monkeypatch):
+    """An output (a local folder, or a prefix on the moto server), its Storage, and this run's lease."""
+    if request.param == "local":
+        uri = str(tmp_path / "out")
+        os.makedirs(uri)
+    else:
+        for k, v in s3_env.items():
+            monkeypatch.setenv(k, v)
+        bucket = f"repair-{tmp_path.name.lower().replace('_', '-')[-30:]}"
+        make_bucket(s3_env, bucket)
+        uri = f"s3://{bucket}/out"
+    storage = Storage()
+    lease = Lease(storage, uri, "run-repair")
+    lease.acquire()
+    yield uri, storage, lease.fence()
+    lease.release()
+
+
+def test_drop_rows_that_drops_nothing_leaves_the_file(output):
+    uri, storage, fence = output
+    part = join_uri(uri, part_name(["a", "b"]))  # named as the writer names it: by the ids it holds
+    put(storage, part, [("a", "v/1", "ok", "a#0"), ("b", "v/1", "ok", "b#0")])
+    before = read_rows(storage, uri)
+    # Rows of an image the file does not hold: nothing to drop, so the file must stay (it used to be
+    # put under its own content-addressed name and then deleted).
+    assert drop_rows(uri, storage, {read_committed(uri, storage).parts[0]: {id_key("zzz")}}, fence=fence) == 0
+    assert read_rows(storage, uri) == before
+
+
+def test_two_rows_of_one_image_in_one_file_are_repaired_to_one(output):
+    uri, storage, fence = output
+    put(storage, join_uri(uri, "part-a.parquet"),
+        [("a", "v/1", "error", "a#error"), ("a", "v/1", "ok", "a#ok"), ("b", "v/1", "ok", "b#0")])
+    committed = read_committed(uri, storage)
+    assert (committed.rows, committed.images) == (3, 2)
+    twice = duplicate_rows(committed)
+    assert twice and not twice.drop  # nothing in another file: one of the two rows in this file stays
+    assert remove_duplicates(uri, storage, twice, fence=fence) == 1
+    assert read_rows(storage, uri) == [("a", "v/1", "ok", "a#ok"), ("b", "v/1", "ok", "b#0")]  # the ok row kept
+    again = read_committed(uri, storage)
+    assert (again.rows, again.images) == (2, 2) and not duplicate_rows(again)  # the next run's check passes
+
+
+def test_a_run_that_lost_its_lease_rewrites_and_deletes_nothing(output):
+    uri, storage, fence = output
+    put(storage, join_uri(uri, "part-a.parquet"), [("a", "v/1", "ok", "a#0"), ("a", "v/2", "ok", "a#1")])
+    put(storage, join_uri(uri, "part-b.parquet"), [("a", "v/2", "ok", "a#2")])
+    for units in ([("s1", "v", 1)], [("s2", "v", 2)]):
+        write_units_record(uri, storage, FP, units, fence)
+    Lease(storage, uri, "run-other").acquire(break_lease=True)  # another run takes the lease over
+    fs = storage.fs(uri)
+    fs.invalidate_cache()
+    listing = sorted(fs.find(uri))
+    committed = read_committed(uri, storage)
+    with pytest.raises(LeaseLost):
+        drop_superseded_rows(uri, storage, superseded_parts(committed, {"a": "v/2"}), fence=fence)
+    with pytest.raises(LeaseLost):
+        remove_duplicates(uri, storage, duplicate_rows(committed), fence=fence)
+    with pytest.raises(LeaseLost):
+        compact_units_records(uri, storage, fence=fence)
+    with pytest.raises(LeaseLost):
+        remove_files(storage, committed.parts, fence=fence)
+    with pytest.raises(LeaseLost):
+        repair_at_start(uri, storage, committed, "zstd", fence=fence)
+    if not uri.startswith("s3://"):
+        (Path(uri) / "_tmp-left-by-a-kill").write_bytes(b"")
+        with pytest.raises(LeaseLost):
+            remove_stale_temporaries(uri, storage, fence=fence)
+        (Path(uri) / "_tmp-left-by-a-kill").unlink()
+    fs.invalidate_cache()
+    assert sorted(fs.find(uri)) == listing
+
+
+# The invariant under kills ------------------------------------------------------------------------
+
+class _Kill:
+    """Counts storage operations (a file opened for writing, each write to it, rename, delete) and
+    SIGKILLs this process at the ``at``-th (a write is cut after half its bytes). ``at`` 0: count only."""
+
+    def __init__(self, at: int = 0):
+        self.at, self.n = at, 0
+
+    def step(self) -> bool:
+        self.n += 1
+        return self.n == self.at
+
+    def die(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Writer:
+    def __init__(self, f, kill: _Kill):
+        self._f, self._kill = f, kill
+
+    def write(self, data):
+        if self._kill.step():
+            self._f.write(data[: len(data) // 2])
+            self._f.flush()
+            self._kill.die()
+        return self._f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@contextmanager
+def storage_operations(kill: _Kill):
+    """The local filesystem's mutating calls wrapped by ``kill`` (test code only: production is not
+    touched). fsspec's LocalFileSystem and write.put_atomic go through these."""
+    real_open, real = builtins.open, {n: getattr(os, n) for n in ("replace", "rename", "remove", "unlink", "rmdir")}
+    real_rmtree = shutil.rmtree
+
+    def wrapped(fn):
+        def call(*a, **k):
+            if kill.step():
+                kill.die()
+            return fn(*a, **k)
+        return call
+
+    def open_(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax+"):
+            if kill.step():
+                kill.die()
+            return _Writer(real_open(file, mode, *a, **k), kill)
+        return real_open(file, mode, *a, **k)
+
+    builtins.open = open_
+    for n, fn in real.items():
+        setattr(os, n, wrapped(fn))
+    shutil.rmtree = wrapped(real_rmtree)
+    try:
+        yield kill
+    finally:
+        builtins.open = real_open
+        for n, fn in real.items():
+            setattr(os, n, fn)
+        shutil.rmtree = real_rmtree
+
+
+def repair_everything(out: str, current: dict[str, str]) -> None:
+    """The start-of-run and end-of-run repairs a run makes, in its order, and the compaction."""
+    storage = Storage()
+    fence = _fence(out)
+    committed, _ = repair_at_start(out, storage, read_committed(out, storage), "zstd", fence=fence)
+    drop_superseded_rows(out, storage, superseded_parts(committed, current), "zstd", fence=fence)
+    compact_units_records(out, storage, fence=fence)
+    repair_at_end(out, storage, "zstd", fence=fence, written=set(), changed=current, retried=set())
+
+
+def _fence(out: str):
+    return Lease(Storage(), out, "run-invariant").fence()
+
+
+def killed_repair(out: str, current: dict[str, str], at: int) -> bool:
+    """The repairs in a forked child SIGKILLed at its ``at``-th storage operation; True if it was."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            with storage_operations(_Kill(at)):
+                repair_everything(out, current)
+        except BaseException:  # noqa: BLE001 - reported to the parent by the exit code
+            import traceback
+
+            traceback.print_exc()
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return True
+    assert os.WEXITSTATUS(status) == 0, "the repair raised (see stderr)"
+    return False
+
+
+@st.composite
+def outputs(draw):
+    """An output as runs cut short, two runs at once and changed objects leave it: rows of one image
+    in several files or twice in one file, rows of older versions of an object, ``_units/`` records
+    of completed containers in several files, a temporary file of a killed writer."""
+    files = draw(st.integers(1, 4))
+    rows: dict[int, list[tuple]] = {}
+    current = {}
+    for i in range(draw(st.integers(1, 7))):
+        image = f"img{i}.png"
+        current[image] = draw(st.sampled_from(["e1/10", "e2/20"]))
+        versions = [current[image]] if draw(st.integers(0, 4)) else []  # else changed, not yet redone
+        versions += ["e0/5"] * draw(st.integers(0 if versions else 1, 1))
+        for v in versions:
+            for n in range(draw(st.integers(1, 3))):
+                ok = draw(st.booleans())
+                rows.setdefault(draw(st.integers(0, files - 1)), []).append(
+                    (image, v, "ok" if ok else "error", f"{image}@{v}#{n}{'ok' if ok else 'err'}"))
+    records = draw(st.lists(st.lists(st.tuples(st.sampled_from(["s1.tar", "s2.tar", "s3.tar"]),
+                                               st.sampled_from(["v1", "v2"]), st.integers(1, 3)),
+                                     min_size=1, max_size=3), max_size=3))
+    kills = draw(st.lists(st.integers(0, 2**32), min_size=1, max_size=2))  # seeds of the kill points
+    return rows, current, records, draw(st.booleans()), kills
+
+
+def make_output(out: Path, rows: dict[int, list[tuple]], records: list, tmp_file: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    storage = Storage()
+    for f, rs in rows.items():
+        put(storage, str(out / f"part-init{f}.parquet"), rs)
+    lease_fence = _fence(str(out))
+    for units in records:
+        write_units_record(str(out), storage, FP, units, lease_fence)
+    if tmp_file:
+        (out / "_tmp-killed-writer").write_bytes(b"PAR1 half a file")
+
+
+def units_of(out: str) -> set:
+    complete, _ = read_units_records(out, Storage())
+    return {(u, v, fp, n) for u, by in complete.items() for (v, fp), n in by.items()}
+
+
+def test_any_kill_during_the_repairs_then_a_rerun_leaves_exactly_one_row_per_image(tmp_path):
+    kill_points = []
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(outputs())
+    def check(case):
+        rows, current, records, tmp_file, kills = case
+        base = Path(os.path.realpath(tmp_path)) / f"case{len(kill_points)}-{os.urandom(4).hex()}"
+        out = base / "out"
+        lease = Lease(Storage(), str(out), "run-invariant")
+        lease.acquire()
+        try:
+            make_output(out, rows, records, tmp_file)
+            images_before = {r[0] for r in read_rows(Storage(), str(out))}
+            current_before = {r[0]: r for r in read_rows(Storage(), str(out)) if r[1] == current[r[0]]}
+            units_before = units_of(str(out))
+            # The operations a whole repair makes, counted on a copy: the kill points are spread over them.
+            shutil.copytree(out, base / "count")
+            with storage_operations(_Kill()) as counted:
+                repair_everything(str(base / "count"), current)
+            for seed in kills:
+                at = random.Random(seed).randint(1, max(1, counted.n))
+                if killed_repair(str(out), current, at):
+                    kill_points.append(at)
+                now = read_rows(Storage(), str(out))
+                # Never fewer: every image that had a row still has one, of the version it had now.
+                assert {r[0] for r in now} == images_before
+                assert {r[0] for r in now if r[1] == current[r[0]]} == set(current_before)
+                assert units_of(str(out)) >= units_before
+            repair_everything(str(out), current)  # the next run, not killed
+            final = read_rows(Storage(), str(out))
+            assert sorted(r[0] for r in final) == sorted(images_before)  # exactly one row per image
+            for image_id, _, status, payload in final:
+                if image_id in current_before:
+                    assert payload.startswith(f"{image_id}@{current[image_id]}#")  # the current version's
+                    had_ok = any(r[0] == image_id and r[1] == current[image_id] and r[2] == "ok"
+                                 for rs in rows.values() for r in rs)
+                    assert status == ("ok" if had_ok else "error")  # an ok row kept where there was one
+            assert not duplicate_rows(read_committed(str(out), Storage()))
+            assert units_of(str(out)) == units_before
+            assert len(read_units_records(str(out), Storage())[1]) <= 1  # one record per fingerprint
+            assert not list(out.glob("_tmp-*")) and not list(out.glob(f"{UNITS_DIR}/_tmp-*"))
+        finally:
+            lease.release()
+            shutil.rmtree(base)
+
+    check()
+    assert len(kill_points) >= 20, kill_points
+    print(f"killed at {len(kill_points)} points (operation numbers): {kill_points}")
