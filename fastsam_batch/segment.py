@@ -455,9 +455,10 @@ class SegmentActor:
     def segment_batch(self, segmenter: "FastSAMSegmenter", images: list[np.ndarray], prompts: list, sizes: list,
                       small: bool = False):
         """Host work outside the actor's device lock, device work under it: with two calls running
-        in the actor (on accelerators), one batch is letterboxed, stacked and pinned, and another's
-        mask rules, prompts and RLE run, while the device works on a third. CLIP (text prompts)
-        takes the same lock for each of its device batches (clip_text.ClipScorer.device_lock)."""
+        in the actor (on accelerators), the host work of one batch (letterbox, stacking and pinning
+        before; mask rules, prompts and RLE after) runs while the device works on the other's. CLIP
+        (text prompts) takes the same lock for each of its device batches
+        (clip_text.ClipScorer.device_lock)."""
         prepared = segmenter.prepare(images, sizes)
         with self.device_lock:
             done = segmenter.segment_on_device(prepared, small, sizes)

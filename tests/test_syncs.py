@@ -97,3 +97,14 @@ def test_the_sync_counter_counts_what_would_wait():
         torch.where(x > 1, x, 0)  # no wait
     assert c.syncs == 8 and c.uploads == 1, c.where
     assert decode_image is not None
+
+
+def test_resize_operators_are_built_once_per_size_not_per_image(monkeypatch):
+    built = []
+    real = masks_module.native_mask_operators
+    monkeypatch.setattr(masks_module, "native_mask_operators", lambda *a, **k: built.append(a) or real(*a, **k))
+    monkeypatch.setattr(masks_module, "_OPERATORS", {})
+    gen = torch.Generator().manual_seed(4)
+    batched_box_mask_intervals([smooth_job(5, 300, 400, gen) for _ in range(32)] + [smooth_job(5, 200, 100, gen)])
+    batched_box_mask_intervals([smooth_job(5, 300, 400, gen) for _ in range(4)])
+    assert built == [(80, 80, 300, 400), (80, 80, 200, 100)]
