@@ -408,10 +408,11 @@ class SegmentActor:
                     alone = True
         if alone:
             for i in todo:
-                if masks[i] or timings[i] or errors[i] is not None or not self.decode_on_device([i], jpegs, images,
-                                                                                               errors, batch):
+                if masks[i] or timings[i] or errors[i] is not None:
                     continue
                 try:
+                    if not self.decode_on_device([i], jpegs, images, errors, batch):
+                        continue  # a file neither the device nor Pillow decodes: its error row
                     with self.watchdog.watch("segment-alone", [ids[i]], self.timeout_s):
                         maybe_slow_for_test("segment", ids[i])
                         masks[i], records[i], timings[i] = self.segment_one(images[i], given[i], sizes[i])
