@@ -9,7 +9,10 @@ best class, at most ``max_nms`` candidates per image by score, greedy NMS at ``i
 in one ``torchvision.ops.nms`` call: each image's boxes are moved to their own region of the
 plane, so boxes of different images never overlap. The moved boxes are held in float64, in which
 the move is exact, so the IoUs are those of each image's own boxes (to float rounding); the keeps
-equal per-image NMS (tests).
+equal per-image NMS (tests). The host waits for the device three times per batch, whatever its
+images: for the candidates above ``conf`` (``nonzero``), in torchvision's NMS (its CUDA kernel
+copies its overlap mask to the host) and for the counts kept per image; no boolean indexing
+(tests/test_syncs.py).
 """
 
 from __future__ import annotations
