@@ -557,7 +557,7 @@ def main() -> None:
     ap.add_argument("--load", choices=("realistic", "legacy"), default="realistic",
                     help="realistic: random-weight checkpoints calibrated to about 100 non-empty masks per photo at "
                          "conf 0.4 (realistic_fastsam); legacy: the earlier seeded random weights at conf 0.01")
-    ap.add_argument("--decode", choices=("auto", "reduced", "exact"), default="auto", help="input.decode of the runs")
+    ap.add_argument("--decode", choices=("auto", "reduced", "exact", "device"), default="auto", help="input.decode of the runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "results.json"))
     args = ap.parse_args()
     if args.quick:

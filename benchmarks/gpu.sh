@@ -10,11 +10,20 @@
 # loop, `fastsam-batch run` end to end (GPU utilisation, ms per stage, agreement with the loop),
 # then host and GPU memory at 160 and 1,600 images. Writes results under $OUT (the device tool's
 # output folder) or benchmarks/out/.
+#
+# First (about a minute) the CUDA-only tests, tests/test_cuda.py (benchmarks/cuda_checks.py: pytest
+# when installed, else each test called directly): the GPU path's no-sync steps under
+# torch.cuda.set_sync_debug_mode("error"), its mask intervals against the CPU path's, nvJPEG against
+# Pillow. Their failures are reported (cuda-checks.json) and the benchmark still runs; the script's
+# exit status is theirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+checks=0
+python3 benchmarks/cuda_checks.py "$out" 2>&1 | tee "$out/cuda-checks.log" || checks=$?
 python3 benchmarks/bench.py --gpu-report --device cuda --half --photos "${PHOTOS:-160}" --batch-size "${BATCH:-16}" \
   --baseline-photos "${BASELINE_PHOTOS:-40}" --photo-dir "${DEVICE_PHOTOS:-../shared/real-images}" \
   --out "$out/gpu-report.json" 2>&1 | tee "$out/gpu-report.log"
+exit $checks

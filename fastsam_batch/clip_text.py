@@ -19,6 +19,7 @@ mask's detection box (int-truncated), with pixels outside the mask set to black.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -110,11 +111,15 @@ class ClipScorer:
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         self._text: dict[str, np.ndarray] = {}
+        # Held around every use of the device: an actor sets it to its device lock, so CLIP and the
+        # model never run on the accelerator at once (see segment.SegmentActor). Host work (crops,
+        # preprocessing) stays outside it; CLIP's device memory is one batch of crops.
+        self.device_lock = contextlib.nullcontext()
 
     def text_embedding(self, text: str) -> np.ndarray:
         if text not in self._text:
             torch = self.torch
-            with torch.inference_mode():
+            with torch.inference_mode(), self.device_lock:
                 f = self.model.encode_text(self.tokenizer([text]).to(self.device)).float()
                 self._text[text] = torch.nn.functional.normalize(f, dim=-1)[0].cpu().numpy()
         return self._text[text]
@@ -141,8 +146,10 @@ class ClipScorer:
         out = np.full((len(masks), 0), np.nan, np.float32)
         with torch.inference_mode():
             for a in range(0, len(crops), self.batch_size):
-                f = self.model.encode_image(torch.stack(crops[a:a + self.batch_size]).to(self.device)).float()
-                f = torch.nn.functional.normalize(f, dim=-1).cpu().numpy()
+                batch = torch.stack(crops[a:a + self.batch_size])
+                with self.device_lock:  # one batch of crops at a time on the device
+                    f = self.model.encode_image(batch.to(self.device)).float()
+                    f = torch.nn.functional.normalize(f, dim=-1).cpu().numpy()
                 if out.shape[1] == 0:
                     out = np.full((len(masks), f.shape[1]), np.nan, np.float32)
                 out[scored[a:a + len(f)]] = f

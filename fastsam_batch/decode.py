@@ -12,6 +12,7 @@ import io
 import math
 import sys
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -75,7 +76,8 @@ def _decode(data: bytes, max_pixels: int, imgsz: int | None) -> tuple[np.ndarray
         return _decode_quietly(data, max_pixels, imgsz)
 
 
-def _decode_quietly(data: bytes, max_pixels: int, imgsz: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header read (no pixels yet), or the DecodeError its file deserves."""
     if not data:
         raise DecodeError("empty_file", "the file has zero bytes")
     try:
@@ -94,6 +96,12 @@ def _decode_quietly(data: bytes, max_pixels: int, imgsz: int | None) -> tuple[np
         raise DecodeError("corrupt_image", f"invalid size {w}x{h}")
     if w * h > max_pixels:
         raise DecodeError("too_many_pixels", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    return img
+
+
+def _decode_quietly(data: bytes, max_pixels: int, imgsz: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    img = _open(data, max_pixels)
+    w, h = img.size
     try:
         img.seek(0)  # first frame of a GIF / multi-page TIFF
         reduced = None
@@ -111,6 +119,93 @@ def _decode_quietly(data: bytes, max_pixels: int, imgsz: int | None) -> tuple[np
         msg = str(e) or type(e).__name__
         reason = "truncated_image" if "truncat" in msg.lower() else "corrupt_image"
         raise DecodeError(reason, msg) from None
+
+
+# ------------------------------------------------------------------------ decoding on the device
+@dataclass(frozen=True)
+class DeviceJpeg:
+    """A JPEG left for the model's device to decode (``input.decode: device``): its bytes, its size
+    as shown and its EXIF orientation (applied after decoding: nvJPEG does not)."""
+
+    data: bytes
+    shown: tuple[int, int]
+    orientation: int
+
+
+def probe_for_device(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DeviceJpeg | None:
+    """A :class:`DeviceJpeg` for a JPEG the device decodes as Pillow would (a baseline or progressive
+    RGB or grayscale JPEG with its end marker), from its header only; None for any other file, which
+    is then decoded by Pillow as always (CMYK JPEGs, other formats). A file whose header Pillow
+    refuses raises the :class:`DecodeError` :func:`decode_for_model` would raise, so error rows are
+    the same in every mode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        img = _open(data, max_pixels)
+        if img.format != "JPEG" or img.mode not in ("RGB", "L") or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+            return None
+        orientation = _exif_orientation(img)
+    w, h = img.size
+    return DeviceJpeg(data, (w, h) if orientation in (5, 6, 7, 8) else (h, w), orientation)
+
+
+def device_decode_supported() -> bool:
+    """Whether torchvision here decodes batches of JPEGs on a CUDA device (``decode_jpeg`` of a list,
+    torchvision 0.19 and later, built with nvJPEG)."""
+    try:
+        import torch
+        import torchvision  # noqa: F401
+        from torchvision.io import decode_jpeg  # noqa: F401
+
+        return hasattr(torch.ops.image, "decode_jpegs_cuda")
+    except Exception:  # noqa: BLE001 - no torchvision, or one without its image extension
+        return False
+
+
+def orient(image, orientation: int):
+    """EXIF ``orientation`` applied to a (channels, height, width) tensor, as Pillow's
+    ``ImageOps.exif_transpose`` does it (device operations; no copy to the host)."""
+    import torch
+
+    ops = {2: lambda x: x.flip(-1), 3: lambda x: x.flip(-1, -2), 4: lambda x: x.flip(-2),
+           5: lambda x: x.transpose(-2, -1), 6: lambda x: torch.rot90(x, -1, (-2, -1)),
+           7: lambda x: x.transpose(-2, -1).flip(-1, -2), 8: lambda x: torch.rot90(x, 1, (-2, -1))}
+    return ops[orientation](image) if orientation in ops else image
+
+
+def decode_on_device(jpegs: list[DeviceJpeg], device) -> list:
+    """Each JPEG decoded on ``device`` in one batched ``torchvision.io.decode_jpeg`` call (nvJPEG on
+    CUDA; libjpeg-turbo on the CPU, as the tests run it), oriented, as an (height, width, 3) uint8
+    tensor on the device. A JPEG the device refuses (the batch failing, then that file alone) is
+    decoded by Pillow instead (a host array), and a file Pillow refuses too is its DecodeError."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not jpegs:
+        return []
+    raw = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image decoders for TorchCodec's
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+        except Exception:  # noqa: BLE001 - some file of the batch refused: each alone
+            decoded = []
+            for r in raw:
+                try:
+                    decoded.append(decode_jpeg([r], mode=ImageReadMode.RGB, device=device)[0])
+                except Exception:  # noqa: BLE001
+                    decoded.append(None)
+    out = []
+    for j, d in zip(jpegs, decoded):
+        if d is not None:
+            d = orient(d, j.orientation).permute(1, 2, 0)
+            if tuple(d.shape[:2]) == j.shown:
+                out.append(d)
+                continue
+        try:  # refused by the device (or decoded at another size): Pillow, as every other file
+            out.append(decode_for_model(j.data, max_pixels=1 << 62)[0])
+        except DecodeError as e:
+            out.append(e)
+    return out
 
 
 def _exif_orientation(img: Image.Image) -> int:

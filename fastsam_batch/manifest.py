@@ -27,10 +27,12 @@ class InputConfig(_Strict):
     uri: str = Field(min_length=1, description="folder, prefix (recursive), glob or single file; local or s3://")
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, description="images with more pixels are refused before decode")
     skip_non_images: bool = Field(default=True, description="skip keys whose extension is not an image format (counted)")
-    decode: Literal["auto", "reduced", "exact"] = Field(
+    decode: Literal["auto", "reduced", "exact", "device"] = Field(
         default="auto", description="reduced: JPEGs much larger than the model input decoded at 1/2-1/8 size by "
-        "DCT scaling (masks still at full size); exact: always full size, as ultralytics; auto: reduced when the "
-        "model runs on GPUs, exact on the CPU")
+        "DCT scaling (masks still at full size); exact: always full size, as ultralytics; device: JPEGs decoded "
+        "in batches on the model's device (torchvision decode_jpeg: nvJPEG on GPUs), letterboxed there, other "
+        "files as exact; auto: device when the model runs on GPUs and torchvision can (else reduced), exact on "
+        "the CPU")
     format: Literal["files", "list", "s3_inventory", "tar", "parquet_images"] = Field(
         default="files", description="what input.uri holds: files (images as objects: folder, prefix, glob or one "
         "file); list (Parquet/CSV/JSONL files of image URIs); s3_inventory (an S3 Inventory manifest.json); tar "
@@ -176,7 +178,8 @@ class OutputConfig(_Strict):
 
 
 class RuntimeConfig(_Strict):
-    batch_size: int = Field(default=4, ge=1, description="images per model forward")
+    batch_size: int | None = Field(default=None, ge=1, description="images per model forward; default: 16 with the "
+                                   "model on GPUs, 4 on the CPU (sizing.py)")
     num_actors: int | None = Field(default=None, ge=1, description="segmentation actors (model replicas); default: one per GPU, on CPU one per core within memory (sizing.py)")
     gpus_per_actor: float | None = Field(default=None, ge=0, description="default: 1 when CUDA is used, else 0")
     cpus_per_actor: float = Field(default=1.0, gt=0)
@@ -214,12 +217,17 @@ class Manifest(_Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec/s3fs options, e.g. endpoint_url, anon")
 
-    def reduced_decode(self, clip_texts: bool, accelerators: bool) -> bool:
-        """Whether images are decoded at a reduced size (``input.decode``; ``auto``: when the model runs
-        on accelerators, where decoding must keep up with it): never with CLIP text prompts, whose
-        crops need the full image."""
+    def decode_mode(self, clip_texts: bool, accelerators: bool, device_decode: bool) -> str:
+        """How images are decoded: ``exact``, ``reduced`` or ``device`` (``input.decode``; ``auto``: on
+        accelerators, where decoding must keep up with them, ``device`` when torchvision decodes JPEGs
+        on CUDA (``device_decode``), else ``reduced``; ``exact`` on the CPU). Always ``exact`` with CLIP
+        text prompts, whose crops need the full image on the host."""
         mode = self.input.decode
-        return (mode == "reduced" or (mode == "auto" and accelerators)) and not clip_texts
+        if clip_texts:
+            return "exact"
+        if mode == "auto":
+            return ("device" if device_decode else "reduced") if accelerators else "exact"
+        return mode
 
     @model_validator(mode="after")
     def _distinct_io(self) -> "Manifest":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -103,23 +104,22 @@ def iter_box_mask_intervals(
 
 def adjust_full_image_boxes(boxes: torch.Tensor, h: int, w: int, threshold: int = 20, iou_thresh: float = 0.9) -> torch.Tensor:
     """FastSAM's rule: a box that, snapped to the border within ``threshold`` px, covers the image
-    with IoU > 0.9 becomes exactly the full-image box. Returns a new tensor."""
+    with IoU > 0.9 becomes exactly the full-image box. Returns a new tensor. Element-wise selects
+    only (no boolean-mask assignment, which would synchronise an accelerator with the host)."""
     if boxes.numel() == 0:
         return boxes.clone()
-    snapped = boxes.clone()
-    snapped[snapped[:, 0] < threshold, 0] = 0
-    snapped[snapped[:, 1] < threshold, 1] = 0
-    snapped[snapped[:, 2] > w - threshold, 2] = w
-    snapped[snapped[:, 3] > h - threshold, 3] = h
-    full = torch.tensor([0.0, 0.0, float(w), float(h)], device=boxes.device, dtype=boxes.dtype)
-    inter_w = (torch.minimum(snapped[:, 2], full[2]) - torch.maximum(snapped[:, 0], full[0])).clamp(min=0)
-    inter_h = (torch.minimum(snapped[:, 3], full[3]) - torch.maximum(snapped[:, 1], full[1])).clamp(min=0)
+    zero = boxes.new_zeros(())
+    x1 = torch.where(boxes[:, 0] < threshold, zero, boxes[:, 0])
+    y1 = torch.where(boxes[:, 1] < threshold, zero, boxes[:, 1])
+    x2 = torch.where(boxes[:, 2] > w - threshold, zero + w, boxes[:, 2])
+    y2 = torch.where(boxes[:, 3] > h - threshold, zero + h, boxes[:, 3])
+    inter_w = (torch.minimum(x2, zero + w) - torch.maximum(x1, zero)).clamp(min=0)
+    inter_h = (torch.minimum(y2, zero + h) - torch.maximum(y1, zero)).clamp(min=0)
     inter = inter_w * inter_h
-    area = (snapped[:, 2] - snapped[:, 0]) * (snapped[:, 3] - snapped[:, 1])
+    area = (x2 - x1) * (y2 - y1)
     iou = inter / (area + w * h - inter + 1e-7)
-    out = boxes.clone()
-    out[iou > iou_thresh] = full
-    return out
+    full = torch.stack([zero, zero, zero + w, zero + h])  # made on the device: no copy from the host
+    return torch.where((iou > iou_thresh)[:, None], full, boxes)
 
 
 def box_pixel_spans(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -132,8 +132,38 @@ def box_pixel_spans(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.stack([r0, r1, c0, c1], 1).astype(np.int64)
 
 
-# Device memory per crop pixel in a chunk: float32 crop, bool mask and int8 transitions, with room.
-BYTES_PER_CROP_PIXEL = 12
+# Device memory per crop pixel in a chunk: float32 crop, bool masks, int8 transitions, int32 running
+# count of transitions, with room.
+BYTES_PER_CROP_PIXEL = 16
+# First guess of a chunk's transitions per mask column (two per run: blob-shaped masks have one or
+# two runs a column); a chunk with more is computed again with its exact count (see below).
+GUESS_PER_COLUMN = 8
+
+
+def to_device(a: np.ndarray, device) -> torch.Tensor:
+    """A host array on ``device`` without synchronising: on CUDA copied from pinned memory,
+    asynchronously (a copy from pageable memory, or a blocking one, waits for the stream)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+_OPERATORS: dict = {}
+_OPERATORS_KEPT = 16
+
+
+def cached_mask_operators(mh: int, mw: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`native_mask_operators`, kept for the last few (prototype size, image size, device):
+    photos of a collection share a few sizes, so a batch rarely rebuilds them."""
+    key = (mh, mw, h, w, str(device))
+    ops = _OPERATORS.pop(key, None)
+    if ops is None:
+        ops = native_mask_operators(mh, mw, h, w, device=device)
+    _OPERATORS[key] = ops  # most recently used last
+    while len(_OPERATORS) > _OPERATORS_KEPT:
+        _OPERATORS.pop(next(iter(_OPERATORS)))
+    return ops
 
 
 def batched_box_mask_intervals(
@@ -147,59 +177,125 @@ def batched_box_mask_intervals(
     in a few large operations: its prototype logits (one matrix product), the rows and columns of
     the retina operators inside each box (gathers, every crop padded to the chunk's largest), two
     batched matrix products, the threshold with the box's own extent, and the column-major
-    transitions of every crop (one ``nonzero``). A chunk holds at most ``budget_pixels`` crop
-    pixels, so memory stays bounded whatever the number of masks. The transition positions of the
-    whole batch come to the host in one copy; no step synchronises per mask or per image.
+    transitions of every crop. A chunk holds at most ``budget_pixels`` crop pixels, so memory stays
+    bounded whatever the number of masks.
+
+    Host synchronisations: one per batch, two when a chunk has more transitions than guessed. The
+    chunk plan (from the boxes, already on the host) goes to the device in one asynchronous copy;
+    each chunk's transitions are gathered into a slot of a guessed size without asking the device
+    how many there are (a running count and ``searchsorted``: no ``nonzero``); the counts and
+    positions of the whole batch come to the host in one copy. A chunk whose count exceeded its
+    slot is computed again with a slot of its exact count, and those come back in one more copy.
     """
-    out: list[list[tuple[np.ndarray, np.ndarray]]] = []
-    keys, positions = [], []
+    return collect_box_masks(launch_box_masks(jobs, budget_pixels))
+
+
+@dataclass
+class LaunchedMasks:
+    """The device work of :func:`batched_box_mask_intervals`, queued and not waited for."""
+
+    jobs: list
+    offsets: list  # per image: (first key, masks)
+    keys: int
+    plan: torch.Tensor | None = None
+    plans: list = field(default_factory=list)
+    slots: list = field(default_factory=list)
+    found: torch.Tensor | None = None  # counts of every chunk, then each chunk's (2, slot) keys and positions
+
+
+def launch_box_masks(jobs: list, budget_pixels: int = 1 << 26) -> LaunchedMasks:
+    """Everything of :func:`batched_box_mask_intervals` up to the copy back to the host: the plan
+    from the host's boxes, its asynchronous copy to the device, every chunk's operations. Never
+    waits for the device (tests/test_cuda.py runs it under ``torch.cuda.set_sync_debug_mode("error")``)."""
     offsets = []
-    key0 = 0
-    for coeffs, protos, boxes, h, w in jobs:
+    plans = []  # per chunk: (job index, first row of the plan table, count, crop height, crop width)
+    table = []  # per mask of a chunk: r0, r1, c0, c1, index in its image, key in the batch
+    key0 = rows = 0
+    device = None
+    for j, (coeffs, protos, boxes, h, w) in enumerate(jobs):
         n = coeffs.shape[0]
         offsets.append((key0, n))
+        if n:
+            device = protos.device
+            spans = box_pixel_spans(boxes, h, w)
+            hc, wc = spans[:, 1] - spans[:, 0], spans[:, 3] - spans[:, 2]
+            for idx in _chunks_by_size(hc, wc, budget_pixels):
+                idx = np.asarray(idx, np.int64)
+                table.append(np.concatenate([spans[idx], idx[:, None], (idx + key0)[:, None]], 1))
+                plans.append((j, rows, len(idx), int(hc[idx].max()), int(wc[idx].max())))
+                rows += len(idx)
         key0 += n
-        if n == 0:
-            continue
-        device = protos.device
-        c, mh, mw = protos.shape
-        ry, rx = native_mask_operators(mh, mw, h, w, device=device)
-        spans = box_pixel_spans(boxes, h, w)
-        hc, wc = spans[:, 1] - spans[:, 0], spans[:, 3] - spans[:, 2]
-        flat = protos.float().view(c, -1)
-        for idx in _chunks_by_size(hc, wc, budget_pixels):
-            k = len(idx)
-            Hc, Wc = int(hc[idx].max()), int(wc[idx].max())
-            sp = torch.from_numpy(spans[idx]).to(device, non_blocking=True)
-            r0, c0 = sp[:, 0], sp[:, 2]
-            ar_h, ar_w = torch.arange(Hc, device=device), torch.arange(Wc, device=device)
-            ry_sel = ry[(r0[:, None] + ar_h).clamp_(max=h - 1)]  # (k, Hc, mh)
-            rx_sel = rx[(c0[:, None] + ar_w).clamp_(max=w - 1)]  # (k, Wc, mw)
-            sel = torch.from_numpy(np.asarray(idx)).to(device, non_blocking=True)
-            logits = (coeffs[sel].float() @ flat).view(k, mh, mw)
-            crop = torch.bmm(torch.bmm(ry_sel, logits), rx_sel.transpose(1, 2))  # (k, Hc, Wc)
-            inside = (ar_h[None, :] < (sp[:, 1] - r0)[:, None])[:, :, None] & \
-                     (ar_w[None, :] < (sp[:, 3] - c0)[:, None])[:, None, :]
-            on = ((crop > 0) & inside).transpose(1, 2).to(torch.int8)  # (k, Wc, Hc): column-major
-            d = torch.nn.functional.pad(on, (1, 1)).diff(dim=2)  # +1 where a run starts, -1 past its end
-            j, col, row = d.nonzero(as_tuple=True)  # mask by mask, column by column, row by row
-            positions.append((c0[j] + col) * h + r0[j] + row)
-            keys.append(sel[j] + offsets[-1][0])
-    if positions:
-        both = torch.stack([torch.cat(keys), torch.cat(positions)]).cpu().numpy()  # the one copy to the host
-        key, pos = both[0], both[1]
-        order = np.argsort(key, kind="stable")  # within a mask, positions stay in column-major order
-        key, pos = key[order], pos[order]
-        bounds = np.searchsorted(key, np.arange(key0 + 1))
-    else:
-        pos, bounds = np.empty(0, np.int64), np.zeros(key0 + 1, np.int64)
-    for first, n in offsets:
+    out = LaunchedMasks(jobs, offsets, key0)
+    if plans:
+        out.plan = to_device(np.concatenate(table), device)  # the one copy of the plan to the device
+        out.plans = plans
+        out.slots = [min(k * wc * (hc + 1), k * wc * GUESS_PER_COLUMN + 64) for _, _, k, hc, wc in plans]
+        found = [_chunk_transitions(jobs, out.plan, p, s) for p, s in zip(plans, out.slots)]
+        out.found = torch.cat([torch.stack([c for c, _ in found]), torch.cat([kp.flatten() for _, kp in found])])
+    return out
+
+
+def collect_box_masks(launched: LaunchedMasks) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """The intervals of :func:`launch_box_masks`' work: one copy to the host (two when a chunk had
+    more transitions than its slot, computed again with its exact count)."""
+    jobs, plans, slots = launched.jobs, launched.plans, launched.slots
+    key_pos = np.empty((2, 0), np.int64)
+    if plans:
+        both = launched.found.cpu().numpy()  # the one copy back
+        counts, rest = both[:len(plans)], both[len(plans):]
+        bounds = np.concatenate([[0], np.cumsum(2 * np.asarray(slots))])
+        parts = [rest[bounds[i]:bounds[i + 1]].reshape(2, -1)[:, :counts[i]] for i in range(len(plans))]
+        over = [i for i in range(len(plans)) if counts[i] > slots[i]]
+        if over:  # a second pass, only for chunks with more transitions than guessed: exact slots
+            again = [_chunk_transitions(jobs, launched.plan, plans[i], int(counts[i]))[1] for i in over]
+            back = torch.cat([kp.flatten() for kp in again]).cpu().numpy()
+            at = 0
+            for i in over:
+                parts[i] = back[at:at + 2 * counts[i]].reshape(2, -1)
+                at += 2 * counts[i]
+        key_pos = np.concatenate(parts, 1)
+    key, pos = key_pos[0], key_pos[1]
+    order = np.argsort(key, kind="stable")  # within a mask, positions stay in column-major order
+    key, pos = key[order], pos[order]
+    bounds = np.searchsorted(key, np.arange(launched.keys + 1))
+    out = []
+    for first, n in launched.offsets:
         masks = []
         for i in range(first, first + n):
             p = pos[bounds[i]:bounds[i + 1]]
             masks.append((p[0::2], p[1::2]))
         out.append(masks)
     return out
+
+
+def _chunk_transitions(jobs, plan: torch.Tensor, chunk: tuple, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of :func:`batched_box_mask_intervals`, all on the device: (how many transitions it
+    has, a 0-d tensor; ``(2, slot)``: the batch key and pixel position of its first ``slot``
+    transitions, mask by mask, column by column, row by row)."""
+    j, first, k, Hc, Wc = chunk
+    coeffs, protos, _, h, w = jobs[j]
+    device = protos.device
+    c, mh, mw = protos.shape
+    ry, rx = cached_mask_operators(mh, mw, h, w, device)
+    sp = plan[first:first + k]
+    r0, c0 = sp[:, 0], sp[:, 2]
+    ar_h, ar_w = torch.arange(Hc, device=device), torch.arange(Wc, device=device)
+    ry_sel = ry[(r0[:, None] + ar_h).clamp_(max=h - 1)]  # (k, Hc, mh)
+    rx_sel = rx[(c0[:, None] + ar_w).clamp_(max=w - 1)]  # (k, Wc, mw)
+    logits = (coeffs[sp[:, 4]].float() @ protos.float().view(c, -1)).view(k, mh, mw)
+    crop = torch.bmm(torch.bmm(ry_sel, logits), rx_sel.transpose(1, 2))  # (k, Hc, Wc)
+    inside = (ar_h[None, :] < (sp[:, 1] - r0)[:, None])[:, :, None] & \
+             (ar_w[None, :] < (sp[:, 3] - c0)[:, None])[:, None, :]
+    on = ((crop > 0) & inside).transpose(1, 2).to(torch.int8)  # (k, Wc, Hc): column-major
+    del crop, inside
+    d = torch.nn.functional.pad(on, (1, 1)).diff(dim=2).ne_(0).flatten()  # where a run starts or ends
+    seen = d.cumsum(0, dtype=torch.int32)  # transitions up to each element
+    count = seen[-1].to(torch.int64)
+    # The i-th transition is the first element whose running count reaches i + 1 (past the end: none).
+    f = torch.searchsorted(seen, torch.arange(1, slot + 1, device=device, dtype=torch.int32)).clamp_(max=d.numel() - 1)
+    per_mask, per_col = Wc * (Hc + 1), Hc + 1
+    m, col, row = f // per_mask, (f % per_mask) // per_col, f % per_col
+    return count, torch.stack([sp[m, 5], (c0[m] + col) * h + r0[m] + row])
 
 
 def _chunks_by_size(hc: np.ndarray, wc: np.ndarray, budget_pixels: int) -> list[list[int]]:

@@ -9,7 +9,10 @@ best class, at most ``max_nms`` candidates per image by score, greedy NMS at ``i
 in one ``torchvision.ops.nms`` call: each image's boxes are moved to their own region of the
 plane, so boxes of different images never overlap. The moved boxes are held in float64, in which
 the move is exact, so the IoUs are those of each image's own boxes (to float rounding); the keeps
-equal per-image NMS (tests).
+equal per-image NMS (tests). The host waits for the device three times per batch, whatever its
+images: for the candidates above ``conf`` (``nonzero``), in torchvision's NMS (its CUDA kernel
+copies its overlap mask to the host) and for the counts kept per image; no boolean indexing
+(tests/test_syncs.py).
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ def batched_nms(prediction: torch.Tensor, conf: float, iou: float, max_det: int,
         by_score = x[:, 4].argsort(descending=True, stable=True)
         by_image = by_score[b[by_score].argsort(stable=True)]
         x, b = x[by_image], b[by_image]
-        keep = _rank_within(b, bs) < max_nms
-        x, b = x[keep], b[keep]
+        # The others go to a group of their own past the last image (their own region of the plane,
+        # so they suppress nothing), dropped after NMS: no boolean indexing, which would wait for
+        # the device.
+        b = torch.where(_rank_within(b, bs) < max_nms, b, bs)
     if x.shape[0] == 0:
         return [x.new_zeros((0, x.shape[1])) for _ in range(bs)]
     boxes = x[:, :4].double()
@@ -47,11 +52,8 @@ def batched_nms(prediction: torch.Tensor, conf: float, iou: float, max_det: int,
     moved = boxes + (b.double() * span)[:, None]
     keep = torchvision.ops.nms(moved, x[:, 4].double(), iou)  # best score first, all images
     keep = keep[b[keep].argsort(stable=True)]  # image by image, each best score first
-    kb = b[keep]
-    first = _rank_within(kb, bs) < max_det
-    keep, kb = keep[first], kb[first]
-    counts = torch.bincount(kb, minlength=bs).tolist()  # the one host synchronisation
-    return list(torch.split(x[keep], counts))
+    counts = torch.bincount(b[keep], minlength=bs + 1).tolist()  # the host's one look at the result
+    return [kept[:max_det] for kept in torch.split(x[keep], counts)[:bs]]
 
 
 def _rank_within(groups: torch.Tensor, n: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from .console import quiet_ray_loggers
-from .decode import DecodeError, decode_for_model
+from .decode import DecodeError, decode_for_model, device_decode_supported, probe_for_device
 from .manifest import Manifest
 from .metrics import ReadMetrics
 from .inputs import OBJECT, read_images
@@ -41,10 +41,13 @@ class ReadDecode:
     an end-of-unit row (``_unit_end`` = the rows it gave) that tells the writer when every row of
     the unit is committed (see write.Committer). ``imgsz``: decode JPEGs much larger than the model
     input at a reduced size (see decode.decode_for_model); a row's width and height are always the
-    image's as shown."""
+    image's as shown. ``device_decode`` (``input.decode: device``): a JPEG the model's device can
+    decode is not decoded here; its header is read (size, orientation, the same refusals) and its
+    bytes travel in a ``jpeg`` column to the segmentation actor, which decodes them on the device
+    (decode.probe_for_device / decode_on_device); other files are decoded here as always."""
 
     def __init__(self, storage: Storage, max_pixels: int, imgsz: int | None = None, run_id: str = "",
-                 timeout_s: float | None = None, job: str = "", input_cfg=None):
+                 timeout_s: float | None = None, job: str = "", input_cfg=None, device_decode: bool = False):
         self.storage = storage
         self.metrics = ReadMetrics(job)
         self.max_pixels = max_pixels
@@ -52,6 +55,7 @@ class ReadDecode:
         self.timeout_s = timeout_s
         self.watchdog = Watchdog(run_id)
         self.input_cfg = input_cfg
+        self.device_decode = device_decode
 
     def __call__(self, row: dict):
         if row.get("kind", OBJECT) == OBJECT:
@@ -87,6 +91,8 @@ class ReadDecode:
         if err != "unit_end":
             self.metrics.read(len(data) if data is not None else 0)
         image = _NO_IMAGE
+        if self.device_decode:
+            out["jpeg"], out["orientation"] = b"", 1
         if err is None and image_id in self.watchdog.poisoned("decode"):  # outlasted the limit before
             err = f"timeout: decoding took longer than runtime.image_timeout_s = {self.timeout_s:g} s"
         elif err is None:
@@ -94,7 +100,12 @@ class ReadDecode:
             try:
                 with self.watchdog.watch("decode", [image_id], self.timeout_s):
                     maybe_slow_for_test("decode", image_id)
-                    image, (out["height"], out["width"]) = decode_for_model(data, self.max_pixels, self.imgsz)
+                    jpeg = probe_for_device(data, self.max_pixels) if self.device_decode else None
+                    if jpeg is not None:  # decoded by the segmentation actor, on its device
+                        out["jpeg"], out["orientation"] = jpeg.data, jpeg.orientation
+                        out["height"], out["width"] = jpeg.shown
+                    else:
+                        image, (out["height"], out["width"]) = decode_for_model(data, self.max_pixels, self.imgsz)
             except DecodeError as e:
                 err = str(e)
             out["decode_ms"] = (time.perf_counter() - t0) * 1000
@@ -143,11 +154,13 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
     from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
 
     actors, gpus = sizing.actors, sizing.gpus_per_actor
-    settings = replace(settings, actors=actors)
+    settings = replace(settings, actors=actors, batch_size=sizing.batch_size)
     threads = resolve_threads(settings, "cpu")
     log(f"segmentation: {actors} actor{'s' if actors > 1 else ''} ({sizing.why})"
         + (f", {gpus:g} GPU each" if gpus else "")
         + (f", {threads} torch thread{'s' if threads > 1 else ''} each" if sizing.embedded and not gpus else "")
+        + f"; batches of {sizing.batch_size}" + (f" (rows grouped by letterboxed shape, {sizing.rows_per_call} at a time)"
+                                                  if sizing.rows_per_call > sizing.batch_size else "")
         + f"; up to {sizing.decode_workers} read/decode workers")
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -173,17 +186,21 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
         ds = ds.flat_map(lambda row: read_plan_part(row["part"], storage), num_cpus=m.runtime.decode_cpus)
     else:
         ds = ray.data.from_items(plan.in_memory, override_num_blocks=max(1, min(plan.count, 200)))
-    reduced = m.reduced_decode(bool(settings.clip_uri), accelerators=gpus > 0)
+    mode = m.decode_mode(bool(settings.clip_uri), accelerators=gpus > 0, device_decode=device_decode_supported())
+    reduced = mode == "reduced"
     if reduced:
         log(f"decode: JPEGs much larger than the model input at a reduced size (input.decode: {m.input.decode})")
+    elif mode == "device":
+        log(f"decode: JPEGs on the model's device, in batches (torchvision decode_jpeg; input.decode: {m.input.decode})")
     ds = ds.flat_map(ReadDecode, fn_constructor_args=(storage, m.input.max_pixels, m.model.imgsz if reduced else None,
-                                                      summary.run_id, m.runtime.image_timeout_s, m.name, m.input),
+                                                      summary.run_id, m.runtime.image_timeout_s, m.name, m.input,
+                                                      mode == "device"),
                 num_cpus=m.runtime.decode_cpus,
                 compute=ActorPoolStrategy(min_size=1, max_size=sizing.decode_workers))
     ds = ds.map_batches(
         SegmentActor,
         fn_constructor_args=(settings, storage, summary.run_fingerprint, summary.run_id, m.runtime.image_timeout_s),
-        batch_size=m.runtime.batch_size,
+        batch_size=sizing.rows_per_call,  # cut into forward passes by letterboxed shape (bucketing)
         batch_format="numpy",
         # Two calls at once on GPUs (host work of one batch overlaps the device work of the next).
         compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=sizing.calls_per_actor,

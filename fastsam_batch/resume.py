@@ -36,9 +36,10 @@ def run_fingerprint(m: Manifest, checkpoint_sha256: str, prompt_sources: dict | 
         "decode": {"max_pixels": m.input.max_pixels},
     }
     # Like the device, `auto` decoding is left out (a CPU and a GPU run may finish each other's work);
-    # a reduced decode asked for explicitly is in. Exact decoding keeps the fingerprints it always had.
-    if m.input.decode == "reduced" and not (prompt_sources or {}).get("clip_sha256"):
-        material["decode"]["reduced"] = True
+    # a reduced or device decode asked for explicitly is in. Exact decoding keeps the fingerprints it
+    # always had.
+    if m.input.decode in ("reduced", "device") and not (prompt_sources or {}).get("clip_sha256"):
+        material["decode"][m.input.decode] = True
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
     return digest, material
 

@@ -58,6 +58,7 @@ class SegmentSettings:
     actors: int = 1  # segmentation actors in the run (for the default thread count)
     cpus_per_actor: float = 1.0
     mask_path: str = "auto"  # "per_mask" (CPU's fastest), "batched" (accelerators'), or "auto": by device
+    batch_size: int = 0  # most images per forward pass in an actor call (grouped by letterboxed shape); 0: all
 
 
 def resolve_threads(s: SegmentSettings, device_type: str) -> int:
@@ -73,6 +74,21 @@ def resolve_threads(s: SegmentSettings, device_type: str) -> int:
     if device_type == "cpu":
         return max(1, (os.cpu_count() or 1) // max(1, s.actors))
     return max(1, math.ceil(s.cpus_per_actor))
+
+
+@dataclass(frozen=True)
+class _Shaped:
+    shape: tuple
+
+
+@dataclass
+class Prepared:
+    """A batch made ready for the device on the host (see :meth:`FastSAMSegmenter.prepare`):
+    ``stacks``: per letterboxed shape, (shape, the images' positions in the batch, uint8 NHWC)."""
+
+    count: int
+    stacks: list
+    on_device: list = ()  # (position, image already on the device (decoded there), its size as shown)
 
 
 class FastSAMSegmenter:
@@ -108,47 +124,100 @@ class FastSAMSegmenter:
             clip_dir = local_clip_dir(settings.clip_uri, storage, settings.clip_sha256 or "")
             self.clip = ClipScorer(clip_dir, self.device, min_area=settings.text_min_area)
 
+    def letterbox_params(self, size: tuple[int, int]) -> dict:
+        """ultralytics' ``LetterBox.get_params`` for an image shown at ``size`` (it reads only the shape)."""
+        return self.letterbox.get_params({"img": _Shaped((*size, 3))})
+
+    def letterbox_shape(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The letterboxed (height, width) of an image shown at ``size``, without its pixels."""
+        p = self.letterbox_params(size)
+        return p["new_unpad"][1] + p["top"] + p["bottom"], p["new_unpad"][0] + p["left"] + p["right"]
+
     def letterboxed(self, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """ultralytics' letterbox of an image shown at ``size`` (height, width): its geometry is
         that of the full image, and the pixels are resized from ``image``, which may be a reduced
         decode of it (see decode.decode_for_model); for a full-size image exactly ``LetterBox``."""
         if tuple(image.shape[:2]) == tuple(size):
             return self.letterbox(image=image)
-        shape_only = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (*size, 3))
-        params = self.letterbox.get_params({"img": shape_only})
-        return self.letterbox.apply_image({"img": image}, params)["img"]
+        return self.letterbox.apply_image({"img": image}, self.letterbox_params(size))["img"]
 
-    def forward(self, images: list[np.ndarray], sizes: list[tuple[int, int]] | None = None):
-        """Letterbox + model + NMS for a batch of RGB images.
+    def prepare(self, images: list[np.ndarray], sizes: list[tuple[int, int]] | None = None) -> "Prepared":
+        """The host's part of the forward pass, which needs no device (so an actor runs it outside
+        its device lock, while the device works on another batch): each image letterboxed like
+        ultralytics' predictor (``rect=True``: the smallest stride-aligned rectangle that holds it at
+        ``imgsz``), images of equal letterboxed shapes stacked into one array (equal shapes share a
+        forward pass; others get their own, so batching never changes a result), in pinned memory on
+        CUDA so that the copy to the device is asynchronous."""
+        torch = self.torch
+        sizes = sizes or [im.shape[:2] for im in images]
+        groups: dict[tuple, list[int]] = {}
+        boxed, on_device = {}, []
+        for i, (im, hw) in enumerate(zip(images, sizes)):
+            if isinstance(im, torch.Tensor):  # decoded on the device: letterboxed there (forward)
+                on_device.append((i, im, tuple(hw)))
+                continue
+            boxed[i] = self.letterboxed(im, hw)
+            groups.setdefault(boxed[i].shape, []).append(i)
+        stacks = []
+        for shape, idx in groups.items():
+            x = torch.from_numpy(np.stack([boxed[i] for i in idx]))
+            stacks.append((shape[:2], idx, x.pin_memory() if self.device.type == "cuda" else x))
+        return Prepared(len(images), stacks, on_device)
 
-        Like ultralytics' predictor (``rect=True``), each image is letterboxed to the smallest
-        stride-aligned rectangle that holds it at ``imgsz``. Images whose letterboxed shapes are
-        equal share one forward pass; others get their own, so batching never changes a result.
-        Returns, per image, (input shape, detections after NMS, mask prototypes).
-        """
+    def letterboxed_on_device(self, image, size: tuple[int, int]):
+        """:meth:`letterboxed` of an (height, width, 3) uint8 tensor, on its device: the same geometry;
+        pixels resampled by torch's bilinear interpolation (OpenCV's INTER_LINEAR sampling, in floats
+        rather than OpenCV's fixed point: a grey level apart at most, tests/test_device_decode.py)."""
+        torch = self.torch
+        p = self.letterbox_params(size)
+        w, h = p["new_unpad"]
+        x = image.permute(2, 0, 1)[None]
+        if (h, w) != tuple(image.shape[:2]):
+            x = torch.nn.functional.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False)
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+        x = torch.nn.functional.pad(x, (p["left"], p["right"], p["top"], p["bottom"]),
+                                    value=getattr(self.letterbox, "padding_value", 114))
+        return x[0].permute(1, 2, 0)
+
+    def forward(self, images, sizes: list[tuple[int, int]] | None = None):
+        """Letterbox + model + NMS for a batch of RGB images (or a :class:`Prepared` batch).
+        Returns, per image, (input shape, detections after NMS, mask prototypes). One forward pass
+        per letterboxed shape, then one NMS for the whole batch (:mod:`.nms`)."""
         torch = self.torch
         from .nms import batched_nms
 
-        sizes = sizes or [im.shape[:2] for im in images]
-        boxed = [self.letterboxed(im, hw) for im, hw in zip(images, sizes)]
-        groups: dict[tuple, list[int]] = {}
-        for i, b in enumerate(boxed):
-            groups.setdefault(b.shape, []).append(i)
-        out: list = [None] * len(images)
-        for shape, idx in groups.items():
-            x = torch.from_numpy(np.stack([boxed[i] for i in idx]))
-            if self.device.type == "cuda":  # pinned: the copy runs asynchronously
-                x = x.pin_memory().to(self.device, non_blocking=True)
-            else:
-                x = x.to(self.device)
-            x = x.permute(0, 3, 1, 2).contiguous()
-            x = (x.half() if self.fp16 else x.float()).div_(255)
-            with torch.inference_mode():
+        prepared = images if isinstance(images, Prepared) else self.prepare(images, sizes)
+        out: list = [None] * prepared.count
+        preds, order = [], []
+        with torch.inference_mode():
+            groups: dict[tuple, tuple[list, list]] = {}
+            for shape, idx, x in prepared.stacks:
+                x = x.to(self.device, non_blocking=True)  # from pinned memory on CUDA: asynchronous
+                groups.setdefault(tuple(shape), ([], []))[0].extend(idx)
+                groups[tuple(shape)][1].append(x)
+            for i, image, size in prepared.on_device:
+                x = self.letterboxed_on_device(image, size)
+                groups.setdefault(tuple(x.shape[:2]), ([], []))[0].append(i)
+                groups[tuple(x.shape[:2])][1].append(x[None])
+            for shape, (idx, xs) in groups.items():
+                x = torch.cat(xs) if len(xs) > 1 else xs[0]
+                x = x.permute(0, 3, 1, 2).contiguous()
+                x = (x.half() if self.fp16 else x.float()).div_(255)
                 y = self.model(x)
                 y = y[0] if isinstance(y[0], tuple) else y
-                preds = batched_nms(y[0], self.settings.conf, self.settings.iou, self.settings.max_det, self.nc)
-            for j, i in enumerate(idx):
-                out[i] = (shape[:2], preds[j], y[1][j])
+                preds.append(y[0])
+                for j, i in enumerate(idx):
+                    out[i] = (shape, None, y[1][j])
+                    order.append(i)
+            if not preds:
+                return out
+            # Groups have different anchor counts: padded with anchors of score 0, which never pass
+            # conf, so one NMS serves the batch (its host synchronisations once per batch).
+            anchors = max(p.shape[2] for p in preds)
+            joined = torch.cat([torch.nn.functional.pad(p, (0, anchors - p.shape[2])) for p in preds])
+            kept = batched_nms(joined, self.settings.conf, self.settings.iou, self.settings.max_det, self.nc)
+        for i, det in zip(order, kept):
+            out[i] = (out[i][0], det, out[i][2])
         return out
 
     def candidates(self, sizes: list[tuple[int, int]], forwards, small: bool = False) -> list[list[IntervalMask]]:
@@ -220,18 +289,26 @@ class FastSAMSegmenter:
         image's (height, width) as shown, where an image is a reduced decode; else the arrays' own."""
         return self.finish(self.segment_on_device(images, small, sizes), images, prompts)
 
-    def segment_on_device(self, images: list[np.ndarray], small: bool = False,
+    def segment_on_device(self, images, small: bool = False,
                           sizes: list[tuple[int, int]] | None = None) -> tuple[list, list, dict]:
-        """The model's part of :meth:`segment`: letterbox, forward, NMS and mask intervals of a batch
-        (on the accelerator, when there is one). Returns what :meth:`finish` needs, all on the host."""
+        """The model's part of :meth:`segment`: letterbox (unless ``images`` is already a
+        :class:`Prepared` batch), forward, NMS and mask intervals of a batch (on the accelerator,
+        when there is one). Returns what :meth:`finish` needs, all on the host. On an accelerator
+        the host waits for the device a fixed few times per batch, whatever its images and masks
+        (tests/test_syncs.py counts them)."""
         t0 = time.perf_counter()
-        sizes = [tuple(hw) for hw in sizes] if sizes else [im.shape[:2] for im in images]
-        forwards = self.forward(images, sizes)
+        if isinstance(images, Prepared):
+            prepared = images
+            sizes = [tuple(hw) for hw in sizes]
+        else:
+            sizes = [tuple(hw) for hw in sizes] if sizes else [im.shape[:2] for im in images]
+            prepared = self.prepare(images, sizes)
+        forwards = self.forward(prepared)
         t1 = time.perf_counter()
         with self.torch.inference_mode():
             masks = self.candidates(sizes, forwards, small)
         t2 = time.perf_counter()
-        n = max(len(images), 1)
+        n = max(prepared.count, 1)
         return sizes, masks, {"model": (t1 - t0) * 1000 / n, "masks": (t2 - t1) * 1000 / n}
 
     def finish(self, done: tuple[list, list, dict], images: list[np.ndarray],
@@ -270,6 +347,8 @@ class SegmentActor:
         self.timeout_s = timeout_s
         self.segmenter = FastSAMSegmenter(settings, storage)
         self.device_lock = threading.Lock()  # one batch on the device at a time (see segment_batch)
+        if self.segmenter.clip is not None:
+            self.segmenter.clip.device_lock = self.device_lock
         self._cpu_segmenter: FastSAMSegmenter | None = None
         self.storage = storage
         self.run_fingerprint = run_fingerprint
@@ -297,44 +376,93 @@ class SegmentActor:
         # Time limits (watchdog.py): an image that outlasted its limit alone is an error row; a batch
         # that outlasted its limit is redone one image at a time, each with its own limit.
         ids = [batch["image_id"][i] for i in range(n)]
+        # input.decode: device: JPEGs arrive as bytes, decoded on the device part by part (below).
+        jpegs = [None] * n
+        if "jpeg" in batch:
+            from .decode import DeviceJpeg
+
+            batch = {**batch, "width": np.array(batch["width"]), "height": np.array(batch["height"]),
+                     "decode_ms": np.array(batch["decode_ms"], dtype=np.float64)}
+            jpegs = [DeviceJpeg(bytes(batch["jpeg"][i]), sizes[i], int(batch["orientation"][i]))
+                     if errors[i] is None and len(batch["jpeg"][i]) else None for i in range(n)]
+        images = {i: batch["image"][i] for i in range(n) if jpegs[i] is None}
         too_slow = self.watchdog.poisoned("segment-alone")
         for i in [i for i in todo if ids[i] in too_slow]:
             errors[i] = f"timeout: segmenting took longer than runtime.image_timeout_s = {self.timeout_s:g} s"
         todo = [i for i in todo if errors[i] is None]
         alone = any(ids[i] in self.watchdog.poisoned("segment-batch") for i in todo)
         if todo and not alone:
-            images = [batch["image"][i] for i in todo]
             limit = self.timeout_s * len(todo) if self.timeout_s else None
             with self.watchdog.watch("segment-batch", [ids[i] for i in todo], limit):
                 try:
                     for i in todo:
                         maybe_slow_for_test("segment", ids[i])
-                    done = self.segment_batch(self.segmenter, images, [given[i] for i in todo], [sizes[i] for i in todo])
-                    for i, (recs, prs, t) in zip(todo, done):
-                        masks[i], records[i], timings[i] = recs, prs, t
+                    for part in self.buckets(todo, sizes):
+                        part = self.decode_on_device(part, jpegs, images, errors, batch)
+                        done = self.segment_batch(self.segmenter, [images[i] for i in part],
+                                                  [given[i] for i in part], [sizes[i] for i in part])
+                        for i, (recs, prs, t) in zip(part, done):
+                            masks[i], records[i], timings[i] = recs, prs, t
                 except Exception:  # noqa: BLE001 - isolate the image that fails; the others still get rows
                     self.free_memory()
                     alone = True
         if alone:
             for i in todo:
-                if masks[i] or timings[i]:
+                if masks[i] or timings[i] or errors[i] is not None:
                     continue
                 try:
+                    if not self.decode_on_device([i], jpegs, images, errors, batch):
+                        continue  # a file neither the device nor Pillow decodes: its error row
                     with self.watchdog.watch("segment-alone", [ids[i]], self.timeout_s):
                         maybe_slow_for_test("segment", ids[i])
-                        masks[i], records[i], timings[i] = self.segment_one(batch["image"][i], given[i], sizes[i])
+                        masks[i], records[i], timings[i] = self.segment_one(images[i], given[i], sizes[i])
                 except Exception as e:  # noqa: BLE001
                     errors[i] = f"segment_failed: {type(e).__name__}: {e}"
         return output_table(batch, masks, errors, timings, model=self.model_name, sha256=s.checkpoint_sha256,
                             fingerprint=self.run_fingerprint, prompts=records, carried=s.carried)
 
+    def decode_on_device(self, part: list[int], jpegs: list, images: dict, errors: list, batch: dict) -> list[int]:
+        """``input.decode: device``: the JPEGs of ``part`` not decoded yet, decoded on the model's device
+        in one batch under the device lock (decode.decode_on_device; Pillow for those it refuses) into
+        ``images``; a file neither can decode gets the error row Pillow's decode gives it in every mode
+        (no size). Returns the positions of ``part`` that have an image."""
+        from .decode import DecodeError, decode_on_device
+
+        todo = [i for i in part if i not in images and jpegs[i] is not None]
+        if todo:
+            t0 = time.perf_counter()
+            with self.device_lock:
+                got = decode_on_device([jpegs[i] for i in todo], self.segmenter.device)
+            share = (time.perf_counter() - t0) * 1000 / len(todo)
+            for i, image in zip(todo, got):
+                batch["decode_ms"][i] += share
+                if isinstance(image, DecodeError):
+                    errors[i] = str(image)
+                    batch["width"][i] = batch["height"][i] = -1
+                else:
+                    images[i] = image
+        return [i for i in part if i in images]
+
+    def buckets(self, todo: list[int], sizes: list[tuple[int, int]]) -> list[list[int]]:
+        """``todo`` (row positions) grouped by letterboxed shape, each group cut into forward passes of
+        at most ``settings.batch_size`` images: a pass has one shape, so it is full whatever the mix
+        of aspects in the call (which takes a few batches' worth of rows on GPUs, sizing.py)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in todo:
+            groups.setdefault(self.segmenter.letterbox_shape(sizes[i]), []).append(i)
+        n = self.settings.batch_size or len(todo) or 1
+        return [g[a:a + n] for g in groups.values() for a in range(0, len(g), n)]
+
     def segment_batch(self, segmenter: "FastSAMSegmenter", images: list[np.ndarray], prompts: list, sizes: list,
                       small: bool = False):
-        """The device part under the actor's lock, the host part outside it: with two calls running
-        in the actor (on accelerators), the mask rules, prompts and RLE of one batch run while the
-        device works on the next."""
+        """Host work outside the actor's device lock, device work under it: with two calls running
+        in the actor (on accelerators), the host work of one batch (letterbox, stacking and pinning
+        before; mask rules, prompts and RLE after) runs while the device works on the other's. CLIP
+        (text prompts) takes the same lock for each of its device batches
+        (clip_text.ClipScorer.device_lock)."""
+        prepared = segmenter.prepare(images, sizes)
         with self.device_lock:
-            done = segmenter.segment_on_device(images, small, sizes)
+            done = segmenter.segment_on_device(prepared, small, sizes)
         return segmenter.finish(done, images, prompts)
 
     def segment_one(self, image: np.ndarray, prompts: list[dict], size: tuple[int, int]):
@@ -344,7 +472,8 @@ class SegmentActor:
         ways = [("as usual", lambda: self.segment_batch(self.segmenter, [image], [prompts], [size])),
                 ("with smaller mask chunks", lambda: self.segment_batch(self.segmenter, [image], [prompts], [size], True))]
         if self.segmenter.device.type != "cpu":
-            ways.append(("on the CPU", lambda: self.cpu_segmenter().segment([image], [prompts], True, [size])))
+            host = image.cpu().numpy() if isinstance(image, self.segmenter.torch.Tensor) else image  # decoded on the device
+            ways.append(("on the CPU", lambda: self.cpu_segmenter().segment([host], [prompts], True, [size])))
         tried = []
         for way, run in ways:
             try:

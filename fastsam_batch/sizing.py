@@ -14,6 +14,14 @@ CPU_ACTOR_BYTES = 2 * 2**30
 # Object store a CPU actor's run may fill with decoded images queued ahead of it: six of the
 # 2250x1500 photographs, more than a batch of 4 waiting (benchmarks/RESULTS.md: memory).
 CPU_IN_FLIGHT_MB = 64
+# Images per forward pass (runtime.batch_size) by default: on the CPU 4 (benchmarks/RESULTS.md: 1-8 are
+# within noise there); on GPUs 16, the usual choice for FastSAM-s/-x at imgsz 1024 in fp16 (not yet
+# measured here: no GPU was lent; benchmarks/gpu.sh sweeps it on the first one).
+CPU_BATCH = 4
+GPU_BATCH = 16
+# On GPUs an actor takes this many batches' worth of rows at a time and groups them by letterboxed
+# shape (bucketing), so that a forward pass is full whatever the photos' aspects.
+GPU_BUCKET_WINDOW = 2
 # Logical CPUs a run needs besides the actors and read/decode: Ray Data's own, the driver's writer.
 OTHER_CPUS = 1.0
 
@@ -36,6 +44,8 @@ class ActorPlan:
     embedded: bool  # sized from this machine (an embedded local Ray)
     calls_per_actor: int = 1  # batches an actor works on at once (see plan_actors)
     cluster_gpus: float = 0.0  # GPUs of the machine / cluster it was sized for
+    batch_size: int = CPU_BATCH  # images per forward pass
+    rows_per_call: int = CPU_BATCH  # rows an actor call takes, grouped by letterboxed shape into forward passes
 
 
 def uses_cuda(device: str, cluster_gpus: float) -> bool:
@@ -58,6 +68,10 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
     2% of an image's time there); on GPUs every CPU the actors leave, at least two per actor: a
     2250x1500 JPEG takes about 75 ms to decode on one core, so one decoder feeds about 13 images/s,
     far below what a GPU segments.
+
+    Batch size (``runtime.batch_size``, else): 16 on GPUs, 4 on the CPU. On GPUs an actor call takes
+    ``GPU_BUCKET_WINDOW`` batches' worth of rows and cuts them, by letterboxed shape, into forward
+    passes of at most the batch size (segment.SegmentActor), so mixed aspects still fill them.
 
     Batches in an actor at once: on GPUs two, so that the host part of one batch (mask rules,
     prompts, RLE) runs while the device works on the next (the device part holds a lock; see
@@ -89,8 +103,10 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
         decoders = max(2 * actors, int(free // runtime.decode_cpus))
     else:
         decoders = 2 * actors
+    batch = runtime.batch_size or (GPU_BATCH if gpus > 0 else CPU_BATCH)
     return ActorPlan(actors=actors, gpus_per_actor=gpus, in_flight_mb=in_flight, decode_workers=decoders, why=why,
-                     embedded=cluster.embedded, calls_per_actor=2 if gpus > 0 else 1, cluster_gpus=cluster.gpus)
+                     embedded=cluster.embedded, calls_per_actor=2 if gpus > 0 else 1, cluster_gpus=cluster.gpus,
+                     batch_size=batch, rows_per_call=batch * (GPU_BUCKET_WINDOW if gpus > 0 else 1))
 
 
 def embedded_ray_cpus(runtime, actors: int, machine_cpus: int) -> int:

@@ -140,3 +140,26 @@ def test_reduced_decode_masks_agree_with_the_reference(segmenter, tmp_path, chec
             matched += int((mask_utils.iou(refs, ours, [0] * len(ours)).max(1) >= 0.95).sum())
     assert total >= 8
     assert matched >= 0.95 * total, (matched, total)
+
+
+def test_an_actor_call_groups_rows_by_letterboxed_shape_into_forward_passes(checkpoint, images):
+    """Bucketing: a call's rows are grouped by letterboxed shape (computed from the size alone) and
+    cut into forward passes of at most settings.batch_size; rows are those of one image at a time."""
+    from fastsam_batch.segment import SegmentActor
+
+    actor = SegmentActor(SegmentSettings(str(checkpoint), "unused", imgsz=320, conf=0.25, iou=0.9, device="cpu",
+                                         mask_path="batched", batch_size=2), Storage(), "fp")
+    arrays = [decode_image(p.read_bytes()) for p in images] * 2
+    sizes = [a.shape[:2] for a in arrays]
+    seg = actor.segmenter
+    for (h, w) in [*sizes, (1500, 2250), (17, 5), (3000, 100)]:
+        assert seg.letterbox_shape((h, w)) == seg.letterbox(image=np.zeros((h, w, 3), np.uint8)).shape[:2]
+    parts = actor.buckets(list(range(len(arrays))), sizes)
+    assert sorted(i for p in parts for i in p) == list(range(len(arrays)))
+    assert all(len(p) <= 2 and len({seg.letterbox_shape(sizes[i]) for i in p}) == 1 for p in parts)
+    assert len(parts) == 5  # 10 images of 3 letterboxed shapes (4, 4, 2) in passes of 2
+    assert any(p[-1] - p[0] >= len(p) for p in parts)  # equal shapes share a pass, wherever they are in the call
+    rows = actor(_actor_batch(arrays)).to_pylist()
+    alone = [actor(_actor_batch([a])).to_pylist()[0] for a in arrays]
+    assert [[m["counts"] for m in r["masks"]] for r in rows] == [[m["counts"] for m in r["masks"]] for r in alone]
+    assert sum(r["num_masks"] for r in rows) > 0

@@ -63,3 +63,15 @@ def test_two_batches_at_once_per_gpu_actor_one_on_cpu():
     assert plan_actors(RuntimeConfig(), "auto", machine(16, gpus=2)).calls_per_actor == 2
     assert plan_actors(RuntimeConfig(), "auto", machine(16)).calls_per_actor == 1
     assert plan_actors(RuntimeConfig(), "cpu", machine(16, gpus=2)).calls_per_actor == 1
+
+
+def test_batch_size_16_on_gpus_4_on_the_cpu_and_rows_bucketed_on_gpus():
+    """runtime.batch_size by default: 16 images per forward on GPUs, where an actor call takes two
+    batches' worth of rows and groups them by letterboxed shape; 4 on the CPU, one batch per call."""
+    gpus = Cluster(cpus=16, gpus=2, memory_bytes=64 * 2**30, embedded=False)
+    gpu = plan_actors(RuntimeConfig(), "auto", gpus)
+    assert (gpu.batch_size, gpu.rows_per_call) == (16, 32)
+    cpu = plan_actors(RuntimeConfig(), "cpu", Cluster(cpus=4, gpus=0, memory_bytes=16 * 2**30, embedded=True))
+    assert (cpu.batch_size, cpu.rows_per_call) == (4, 4)
+    set_ = plan_actors(RuntimeConfig(batch_size=8), "auto", gpus)
+    assert (set_.batch_size, set_.rows_per_call) == (8, 16)

@@ -92,3 +92,33 @@ def test_clip_folder_checks(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(ClipError, match="no open_clip_config.json"):
         clip_sha256(str(tmp_path), storage)
+
+
+def test_clip_uses_the_device_only_under_the_actors_lock(checkpoint):
+    """CLIP's device work (text and crop embeddings) runs under the segmentation actor's device lock,
+    as the model's does: never two threads on an accelerator at once."""
+    import threading
+
+    from fastsam_batch.segment import SegmentActor
+
+    actor = SegmentActor(SegmentSettings(str(checkpoint), "unused", imgsz=320, conf=0.25, iou=0.9, device="cpu",
+                                         prompted=True, clip_uri=str(CLIP_DIR), clip_sha256=clip_sha256(str(CLIP_DIR), Storage())),
+                         Storage(), "fp")
+    clip = actor.segmenter.clip
+    assert clip.device_lock is actor.device_lock
+    held = []
+    for name in ("encode_text", "encode_image"):
+        real = getattr(clip.model, name)
+
+        def watched(*a, _real=real, _name=name, **k):
+            held.append((_name, actor.device_lock.locked()))
+            return _real(*a, **k)
+
+        setattr(clip.model, name, watched)
+    img, _ = make_image(600_100)
+    arr = np.array(img)
+    masks = actor.segmenter.segment_on_device([arr])[1][0]
+    sim = clip.similarity_fn(arr, masks)
+    sim("red circle")
+    assert {n for n, _ in held} == {"encode_text", "encode_image"} and all(locked for _, locked in held)
+    assert not actor.device_lock.locked() and isinstance(actor.device_lock, type(threading.Lock()))
