@@ -5,7 +5,6 @@ rows unchanged), and the masks agree with ultralytics' FastSAM as the reduced de
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
