@@ -347,11 +347,13 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         log(ray_line)
     if cpu_note:
         log(cpu_note)
-    if old_parts:  # preflight passed and Ray is up: only now is the old output removed
+    if overwrite:  # preflight passed and Ray is up: only now is the old output removed
+        # The containers' completion records go first: a kill before the parts are gone leaves old
+        # rows (found and replaced by the next run), never a record of a container without its rows.
+        remove_files(storage, read_units_records(m.output.uri, storage)[1], fence=fence)
+    if old_parts:
         remove_files(storage, old_parts, fence=fence)
         log(f"--overwrite: removed {len(old_parts)} Parquet files from {m.output.uri}")
-    if overwrite:
-        remove_files(storage, read_units_records(m.output.uri, storage)[1], fence=fence)
 
     written: set[str] = set()
 

@@ -76,9 +76,7 @@ def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set], compressi
         keep = table.filter(pa.array(~drop))
         dropped += table.num_rows - keep.num_rows
         if keep.num_rows:
-            new = join_uri(output_uri, part_name(keep.column("image_id").to_pylist()))
-            if strip_protocol(new) == strip_protocol(part):  # cannot happen (other ids), never risk it
-                raise AssertionError(f"a rewrite of {part} would replace itself")
+            new = _free_rewrite_name(output_uri, fs, part, keep.column("image_id").to_pylist())
             buf = io.BytesIO()
             pq.write_table(keep, buf, compression=compression)
             fence.check(storage)
@@ -86,6 +84,20 @@ def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set], compressi
         fence.check(storage)
         fs.rm(part)
     return dropped
+
+
+def _free_rewrite_name(output_uri: str, fs, part: str, kept_ids: list[str]) -> str:
+    """A name for the rewrite of ``part`` that no file has: never ``part`` itself, nor another
+    committed file (one holding exactly the kept ids, or an earlier, cut-short rewrite of ``part``,
+    which this repair may be about to drop from or delete: putting over it would lose its rows)."""
+    for attempt in range(1000):
+        new = join_uri(output_uri, part_name(kept_ids, rewrite_of=part if not attempt else f"{part}#{attempt}"))
+        if strip_protocol(new) == strip_protocol(part):
+            continue
+        fs.invalidate_cache(strip_protocol(new))
+        if not fs.exists(new):
+            return new
+    raise RuntimeError(f"no free name for a rewrite of {part}")
 
 
 def drop_superseded_rows(output_uri: str, storage: Storage, superseded: dict[str, dict[str, str]],

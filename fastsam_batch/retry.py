@@ -49,7 +49,8 @@ def is_transient(e: BaseException) -> bool:
 # progress): at most READ_ATTEMPTS requests, none started after READ_BUDGET_S seconds. Reads are
 # retried here only: the S3 client of the readers makes one attempt per call (Storage.read_fs), so
 # the budget is not multiplied by botocore's and s3fs's own retries. A request in flight is bounded
-# by the client's connect and read timeouts (botocore: 60 s each).
+# by the readers' connect and read timeouts (10 s and 30 s; Storage.read_fs): the worst case of an
+# object that never answers is the budget plus one request's timeouts.
 READ_ATTEMPTS = 8
 READ_BUDGET_S = 60.0
 

@@ -115,15 +115,18 @@ class Storage:
 
     def read_fs(self, uri: str) -> fsspec.AbstractFileSystem:
         """The filesystem the readers of input objects use: on S3 one attempt per request (botocore's
-        and s3fs's own retries off, unless ``storage_options.config_kwargs`` says otherwise), so
-        that a read is retried by one layer within one budget (retry.READ_ATTEMPTS, READ_BUDGET_S)."""
+        and s3fs's own retries off, unless ``storage_options.config_kwargs`` sets ``retries``), with
+        a 10 s connect and a 30 s read timeout (unless config_kwargs sets them), so that a read is
+        retried by one layer within one budget (retry.READ_ATTEMPTS, READ_BUDGET_S) and no attempt
+        waits on a silent server for longer than those timeouts."""
         protocol = protocol_of(uri)
-        if protocol not in ("s3", "s3a") or "config_kwargs" in self._options:
+        if protocol not in ("s3", "s3a") or "retries" in (self._options.get("config_kwargs") or {}):
             return self.fs(uri)
         key = f"{protocol}:read"
         if key not in self._fs_cache:
             opts = self.options_for(protocol)
-            opts["config_kwargs"] = {**opts["config_kwargs"], "retries": {"total_max_attempts": 1, "mode": "standard"}}
+            opts["config_kwargs"] = {"connect_timeout": 10, "read_timeout": 30, **opts["config_kwargs"],
+                                     "retries": {"total_max_attempts": 1, "mode": "standard"}}
             fs = fsspec.filesystem(protocol, **opts)
             fs.retries = 1  # s3fs's own loop around each call
             self._count_failed_attempts(fs)

@@ -36,8 +36,14 @@ from .storage import Storage, join_uri, protocol_of, strip_protocol
 PART_PREFIX = "part-"
 
 
-def part_name(image_ids: list[str]) -> str:
-    h = hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:20]
+def part_name(image_ids: list[str], rewrite_of: str | None = None) -> str:
+    """A committed file's name: a hash of the image ids it holds, so a retried write of the same
+    rows replaces the same file. A rewrite (repair.drop_rows) also hashes the name of the file it
+    rewrites: its kept rows may be exactly the ids of another file, which it must never replace."""
+    text = "\n".join(sorted(image_ids))
+    if rewrite_of is not None:
+        text += "\n\0rewrite of " + rewrite_of.rstrip("/").rsplit("/", 1)[-1]
+    h = hashlib.sha256(text.encode()).hexdigest()[:20]
     return f"{PART_PREFIX}{h}.parquet"
 
 

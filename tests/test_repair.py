@@ -103,6 +103,21 @@ def test_two_rows_of_one_image_in_one_file_are_repaired_to_one(output):
     assert (again.rows, again.images) == (2, 2) and not duplicate_rows(again)  # the next run's check passes
 
 
+def test_a_rewrite_never_replaces_another_file_holding_exactly_its_kept_ids(output):
+    """Files named by their ids as the writer names them: {x}, {x, y} and {y} (two runs' commits of
+    the same images). Whatever the names' order, dropping the duplicates of {x, y} must not put its
+    kept row onto the file {x} or {y} and then delete that file with the rows it held."""
+    uri, storage, fence = output
+    for x, y in (("x1", "y1"), ("x2", "y2"), ("x3", "y3"), ("x4", "y4")):  # several name orders
+        files = {(x,): [(x, "v", "ok", f"{x}-a")], (x, y): [(x, "v", "ok", f"{x}-b"), (y, "v", "ok", f"{y}-b")],
+                 (y,): [(y, "v", "ok", f"{y}-c")]}
+        for ids, rows in files.items():
+            put(storage, join_uri(uri, part_name(list(ids))), rows)
+    repair_at_start(uri, storage, read_committed(uri, storage), None, fence=fence)
+    got = [r[0] for r in read_rows(storage, uri)]
+    assert sorted(got) == sorted(f"{c}{n}" for c in "xy" for n in range(1, 5))  # one row each, none lost
+
+
 def test_a_run_that_lost_its_lease_rewrites_and_deletes_nothing(output):
     uri, storage, fence = output
     put(storage, join_uri(uri, "part-a.parquet"), [("a", "v/1", "ok", "a#0"), ("a", "v/2", "ok", "a#1")])
@@ -269,8 +284,8 @@ def outputs(draw):
 def make_output(out: Path, rows: dict[int, list[tuple]], records: list, tmp_file: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     storage = Storage()
-    for f, rs in rows.items():
-        put(storage, str(out / f"part-init{f}.parquet"), rs)
+    for f, rs in rows.items():  # named as the writer names its files: by the ids they hold
+        put(storage, str(out / part_name([r[0] for r in rs])), rs)
     lease_fence = _fence(str(out))
     for units in records:
         write_units_record(str(out), storage, FP, units, lease_fence)
