@@ -30,7 +30,7 @@ from .resume import (Committed, compact_units_records, key_bytes, drop_rows, dro
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Committer, Interrupted, ParquetWriter, put_atomic
-from .pipeline import ray_address, run_segmentation, start_ray
+from .pipeline import embedded_ray_line, ray_address, run_segmentation, start_ray
 
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
 RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
@@ -492,7 +492,7 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
                     "without --overwrite") if others and not overwrite else None,
         "actors": sizing.actors, "actors_why": sizing.why, "gpus_per_actor": sizing.gpus_per_actor,
         "decode_workers": sizing.decode_workers, "device": device_note or m.model.device,
-        "cluster": address or "an embedded local Ray (this machine)",
+        "cluster": address or embedded_ray_line(),
     }
 
 
