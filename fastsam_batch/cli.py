@@ -144,10 +144,9 @@ def _tool(args) -> int:
             st = output_stats(args.output, storage)
             print(stats_json(st) if args.json else render_stats(st))
         elif args.command == "export-coco":
-            from .export_coco import export_coco
+            from .export_coco import export_coco_file
 
-            with open(args.out, "w") as f:
-                counts = export_coco(args.output, storage, f, args.annotations, args.coco)
+            counts = export_coco_file(args.output, storage, args.out, args.annotations, args.coco)
             print(f"wrote {args.out}: {counts['masks']:,} masks of {counts['images']:,} images"
                   + (f" ({counts['error_rows']:,} error rows left out)" if counts["error_rows"] else "")
                   + (f" ({counts['not_in_coco']:,} images not in {args.coco} left out)" if counts["not_in_coco"] else ""))

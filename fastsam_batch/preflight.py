@@ -110,8 +110,9 @@ def check_writable(field: str, uri: str, storage: Storage) -> None:
         raise _fail(field, uri, e) from None
 
 
-def check_locations(m: Manifest, storage: Storage) -> None:
-    """Every storage location of the run, in the order a user would fix them."""
+def check_locations(m: Manifest, storage: Storage, probe_output: bool = True) -> None:
+    """Every storage location of the run, in the order a user would fix them (``probe_output``: with
+    the probe put under the output, the one check that writes)."""
     quick = storage.for_checks()
     check_listable("input.uri", m.input.uri, quick)
     check_readable("model.checkpoint", m.model.checkpoint, quick,
@@ -120,7 +121,8 @@ def check_locations(m: Manifest, storage: Storage) -> None:
     for field, uri in (("prompts.table", p.table), ("prompts.coco", p.coco), ("prompts.clip", p.clip)):
         if uri:
             check_readable(field, uri, quick)
-    check_writable("output.uri", m.output.uri, quick)
+    if probe_output:
+        check_writable("output.uri", m.output.uri, quick)
 
 
 def check_ray_address(address: str | None) -> None:

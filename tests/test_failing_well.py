@@ -309,6 +309,36 @@ def test_an_input_of_only_non_images_is_an_error(tmp_path):
                                   "image extension")
 
 
+def test_nothing_to_read_or_a_held_output_is_found_before_the_checkpoint_and_writes_nothing(tmp_path):
+    """The quick checks come first: an empty folder (said as such), a folder without images, and an
+    output another run holds are each refused before the checkpoint is even loaded (here a file that
+    is no model, whose error would otherwise come first), and leave no output folder or lock."""
+    from fastsam_batch.lease import Lease
+    from fastsam_batch.storage import Storage
+
+    bad_checkpoint = tmp_path / "not-a-model.pt"
+    bad_checkpoint.write_text("not a checkpoint")
+    empty, docs = tmp_path / "empty", tmp_path / "docs"
+    empty.mkdir()
+    docs.mkdir()
+    (docs / "a.txt").write_text("not an image")
+    for folder, words in ((empty, "an empty folder"), (docs, "no images there: 1 files")):
+        out = tmp_path / f"out-{folder.name}"
+        r = run_cli("run", str(manifest(tmp_path / "m.yaml", str(folder), str(bad_checkpoint), str(out))))
+        assert r.returncode == 1 and one_line(r).startswith(f"fastsam-batch: input.uri '{folder}': {words}"), r.stderr
+        assert not out.exists()
+    images, held = tmp_path / "imgs", tmp_path / "held"
+    save_shapes(images, [8240])
+    lease = Lease(Storage(), str(held), "another-run")
+    lease.acquire()
+    try:
+        r = run_cli("run", str(manifest(tmp_path / "m.yaml", str(images), str(bad_checkpoint), str(held))))
+        assert r.returncode == 1 and "output.uri is being written by" in one_line(r), r.stderr
+    finally:
+        lease.release()
+    assert not list(held.glob("*.parquet"))
+
+
 def test_an_output_inside_the_input_is_refused(tmp_path):
     images = tmp_path / "imgs"
     save_shapes(images, [8230])
