@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a COCO dataset (images, annotations, categories) instead of a results list")
     export.add_argument("--coco", metavar="GT.json",
                         help="take image ids (and categories) from this COCO file, matched by file_name")
+    export.add_argument("--category-id", type=int, metavar="N",
+                        help="category of the masks without one (everything mode); default 1 'object', or with "
+                             "--coco an id that file does not use")
     sub.add_parser("schema", help="the manifest's JSON Schema, for editors")
     overlay = sub.add_parser("overlay", help="PNG pictures of sampled images with their masks, and a contact sheet")
     overlay.add_argument("output", help="output.uri of a run (local folder or s3://)")
@@ -146,7 +149,7 @@ def _tool(args) -> int:
         elif args.command == "export-coco":
             from .export_coco import export_coco_file
 
-            counts = export_coco_file(args.output, storage, args.out, args.annotations, args.coco)
+            counts = export_coco_file(args.output, storage, args.out, args.annotations, args.coco, args.category_id)
             print(f"wrote {args.out}: {counts['masks']:,} masks of {counts['images']:,} images"
                   + (f" ({counts['error_rows']:,} error rows left out)" if counts["error_rows"] else "")
                   + (f" ({counts['not_in_coco']:,} images not in {args.coco} left out)" if counts["not_in_coco"] else ""))

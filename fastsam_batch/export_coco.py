@@ -12,8 +12,9 @@ they are read, a file at a time: only the image list is held (annotations form).
 
 Categories: a prompted mask keeps its prompt's ``category_id``. An everything-mode mask has none: it
 gets the category "object", id 1, or with ``--coco`` an id that file does not use (one above its
-highest), so that it is never labelled as one of the file's categories (evaluate such masks
-class-agnostic: ``COCOeval.params.useCats = 0``).
+highest), so that it is never labelled as one of the file's categories; ``--category-id N`` gives
+such masks category N instead (to evaluate them against a file whose objects are all of one
+category, say).
 
 The JSON is written to a temporary file beside ``--out`` and renamed over it only when complete:
 a failed export (a missing output, an unreadable ``--coco``) leaves the old file as it was.
@@ -46,7 +47,7 @@ def uncategorised(categories: list[dict]) -> dict:
 
 
 def export_coco_file(output_uri: str, storage: Storage, out_path: str, annotations: bool = False,
-                     coco_uri: str | None = None) -> dict:
+                     coco_uri: str | None = None, category_id: int | None = None) -> dict:
     """:func:`export_coco` into the local file ``out_path``, replaced only once the export is complete
     (its folder must exist). Returns the counts."""
     import os
@@ -58,7 +59,7 @@ def export_coco_file(output_uri: str, storage: Storage, out_path: str, annotatio
     fd, tmp = tempfile.mkstemp(prefix=".export-coco-", suffix=".json.tmp", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
-            counts = export_coco(output_uri, storage, f, annotations, coco_uri)
+            counts = export_coco(output_uri, storage, f, annotations, coco_uri, category_id)
         os.replace(tmp, out_path)
     except BaseException:
         os.unlink(tmp)
@@ -67,10 +68,13 @@ def export_coco_file(output_uri: str, storage: Storage, out_path: str, annotatio
 
 
 def export_coco(output_uri: str, storage: Storage, out: TextIO, annotations: bool = False,
-                coco_uri: str | None = None) -> dict:
-    """Writes the COCO JSON to ``out``; returns counts (images, masks, images without a COCO id)."""
+                coco_uri: str | None = None, category_id: int | None = None) -> dict:
+    """Writes the COCO JSON to ``out``; returns counts (images, masks, images without a COCO id).
+    ``category_id``: the category of masks without one (default: see :func:`uncategorised`)."""
     ids, categories = coco_image_ids(coco_uri, storage) if coco_uri else ({}, [])
     other = uncategorised(categories)
+    if category_id is not None:
+        other = next((c for c in categories if c.get("id") == category_id), {"id": category_id, "name": "object"})
     ds = output_dataset(output_uri, storage)
     images: list[dict] = []
     counts = {"images": 0, "masks": 0, "error_rows": 0, "not_in_coco": 0}

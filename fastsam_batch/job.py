@@ -373,7 +373,6 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         written.add(stats["file"])
 
     writer = ParquetWriter(m.output.uri, storage, m.output.compression, lease.fence(), CommitMetrics(m.name))
-    progress = Progress(summary, m.runtime.progress_interval_s, log=log)
     completed: dict[str, str] = {}
 
     def on_unit_end(rows: int, skipped: int) -> None:
@@ -385,8 +384,10 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         summary.units_done += len(units)
         completed.update((uri, version) for uri, version, _ in units)
 
-    committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit, progress.tick,
-                          on_unit_end, on_units_complete)
+    committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit,
+                          lambda: progress.tick(), on_unit_end, on_units_complete)
+    # Segmented images are counted as their rows reach the writer; committed ones as files land.
+    progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=lambda: committer.pending_rows)
     try:
         if plan.count:
             settings = replace(settings_for(m, summary, prompts.sources), carried=tuple(planned.carried))
@@ -413,7 +414,7 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
     replaced, duplicates repaired, the checks, and the records."""
     summary.wall_s = time.perf_counter() - t_start
     done = summary.images_ok + summary.images_error
-    summary.images_per_s = (done - summary.images_skipped_done) / summary.wall_s if summary.wall_s > 0 else 0.0
+    summary.images_per_s = (summary.run_ok + summary.run_error) / summary.wall_s if summary.wall_s > 0 else 0.0
     final = read_committed(m.output.uri, storage)
     if changed:  # rows of objects that changed, replaced by this run's
         summary.rows_superseded = drop_superseded_rows(m.output.uri, storage, superseded_parts(final, changed),

@@ -72,11 +72,43 @@ def test_plan_says_what_run_would_do_and_writes_nothing(s3_output):
     assert (retry["images_to_do"], retry["images_retried_errors"]) == (1, 1)
 
 
-def test_progress_lines_count_committed_images(s3_output):
-    lines = [line for line in s3_output["run"].stdout.splitlines() if line.startswith("progress: ")]
-    assert lines, s3_output["run"].stdout
-    done = [int(re.match(r"progress: (\d+) / 13 images", line).group(1)) for line in lines]
-    assert done == sorted(done) and all(0 <= n <= 13 for n in done)
+def test_progress_lines_without_a_terminal_come_at_the_start_the_first_image_and_the_end(s3_output):
+    """Without a terminal: a line at the start (nothing segmented yet), one as soon as images are
+    segmented (before the run ends), counts that only grow, committed beside segmented, and a last
+    line with every image segmented and committed."""
+    out = s3_output["run"].stdout.splitlines()
+    lines = [line for line in out if line.startswith("progress: ")]
+    assert len(lines) >= 3, out
+    counts = [tuple(int(v) for v in re.match(r"progress: (\d+) / 13 images segmented \(.*\), (\d+) committed",
+                                              line).groups()) for line in lines]
+    assert counts[0] == (0, 0) and counts[-1] == (13, 13), lines
+    assert [s for s, _ in counts] == sorted(s for s, _ in counts) and all(c <= s for s, c in counts)
+    assert any(s > 0 for s, _ in counts[:-1]), lines  # a line while the run was going, not only the last
+    assert out.index(lines[-1]) < next(i for i, line in enumerate(out) if line.startswith("fastsam-batch run "))
+
+
+def test_progress_says_the_first_segmented_image_at_once():
+    """The first image segmented (rows waiting in the writer, none committed) is said at the next
+    tick, whatever the interval; then lines come at the interval; close says where the run ended."""
+    from fastsam_batch.progress import Progress
+    from fastsam_batch.summary import RunSummary
+
+    said: list[str] = []
+    waiting = [0]
+    summary = RunSummary(name="t", images_planned=10)
+    p = Progress(summary, interval_s=3600, live=False, log=said.append, waiting=lambda: waiting[0])
+    assert said == ["progress: 0 / 10 images segmented (0.0%), 0 committed  0.00 images/s  ETA -  errors 0  masks 0"]
+    p.tick()
+    assert len(said) == 1  # nothing segmented yet, interval not due
+    waiting[0] = 2
+    p.tick()
+    assert len(said) == 2 and said[1].startswith("progress: 2 / 10 images segmented (20.0%), 0 committed")
+    waiting[0] = 3
+    p.tick()
+    assert len(said) == 2  # the next line at the interval
+    summary.images_ok, waiting[0] = 10, 0
+    p.close()
+    assert said[-1].startswith("progress: 10 / 10 images segmented (100.0%), 10 committed")
 
 
 def test_a_live_progress_line_on_a_terminal():
@@ -93,7 +125,7 @@ def test_a_live_progress_line_on_a_terminal():
     p.last -= 1  # as if half a second had passed
     summary.images_ok, summary.images_error, summary.masks_written = 7, 1, 120
     p.tick()
-    assert term.getvalue().startswith("\r8 / 10 images (80.0%)") and "errors 1" in term.getvalue()
+    assert term.getvalue().startswith("\r8 / 10 images segmented (80.0%), 8 committed") and "errors 1" in term.getvalue()
     assert "masks 120" in term.getvalue() and "\n" not in term.getvalue()
     p.close()
     assert term.getvalue().endswith("\r")
@@ -141,7 +173,9 @@ def test_export_coco_results_evaluate_against_ground_truth(s3_output, tmp_path):
 
     gt_path = _ground_truth(s3_output["truth"], tmp_path / "gt.json")
     out = tmp_path / "results.json"
-    r = run_cli("export-coco", "s3://cmds/masks/", "--out", str(out), "--coco", str(gt_path), env=s3_output["env"])
+    # Everything mode: the masks have no category; the ground truth's objects are all of category 1.
+    r = run_cli("export-coco", "s3://cmds/masks/", "--out", str(out), "--coco", str(gt_path), "--category-id", "1",
+                env=s3_output["env"])
     assert r.returncode == 0, r.stderr
     assert "1 error rows left out" in r.stdout
     gt = COCO(str(gt_path))
@@ -149,7 +183,6 @@ def test_export_coco_results_evaluate_against_ground_truth(s3_output, tmp_path):
     assert {res["image_id"] for res in results} <= set(gt.getImgIds())
     dt = gt.loadRes(str(out))
     ev = COCOeval(gt, dt, "segm")
-    ev.params.useCats = 0  # everything mode: masks without a category (README, export-coco)
     ev.evaluate()
     ev.accumulate()
     ev.summarize()

@@ -383,6 +383,7 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     r = run_cli("run", str(m), "--debug")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resuming: {len(committed)} images already have rows" in r.stdout
+    assert f"run 'failing-well': {len(names) - len(committed)} images in" in r.stdout, r.stdout  # this run's
     assert "constructor arguments in the object store" in r.stdout + r.stderr  # Ray's noise, shown with --debug
     ids = pads.dataset(str(out), format="parquet").to_table().column("image_id").to_pylist()
     assert sorted(ids) == sorted(names[:-1] + ["zz-slow.png"])
@@ -479,6 +480,9 @@ def test_retry_errors_replaces_only_the_error_rows_asked_for(tmp_path):
     r = run_cli("run", str(m), "--retry-errors", "timeout")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "error rows processed again (--retry-errors, old rows replaced): 1" in r.stdout
+    # This run's count and rate, apart from the job's totals (it processed one image, not six).
+    assert "run 'failing-well': 1 images in" in r.stdout and "this run: ok: 1   error: 0" in r.stdout, r.stdout
+    assert "the job's images now: 6 of 6 have rows (ok 5, error 1), 5 of them from earlier runs" in r.stdout
     second = by_id()
     assert len(second) == 6 and second["slow-one.png"]["status"] == "ok"  # one row each: the old one replaced
     assert second["broken.png"] == first["broken.png"]
