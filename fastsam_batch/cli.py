@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest, retry = loaded
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .console import StderrFilter, quiet_ray_loggers
+    from .console import StderrFilter, quiet_ray_loggers, shutdown_ray
 
     noise = None
     if not args.debug:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if noise is not None:
             ray = sys.modules.get("ray")
             if ray is not None and ray.is_initialized():
-                ray.shutdown()  # while the filter still holds stderr: Ray's last lines come now
+                shutdown_ray(ray)  # while the filter still holds stderr: Ray's last lines come now
             noise.close()
 
 

@@ -29,7 +29,11 @@ RAY_NOISE = re.compile(
     r"|Progress bars (for operators )?disabled\. To enable"
     # At shutdown the GCS may try to kill an actor whose worker has already exited.
     r"|gcs_actor_scheduler\.cc.*Failed to kill actor .*Socket closed"
+    # The raylet's own lines relayed to the driver (colour-coded), e.g. about workers ended by a Ctrl-C.
+    r"|^(\x1b\[[0-9;]*m)*\(raylet(, ip=[^)]*)?\)"
 )
+# Ray Data's advice for a plan with fewer blocks than the actor pool's minimum (a small job): nothing to act on.
+RAY_WARNINGS = ("The minimum number of concurrent actors for",)
 QUIET_LOGGERS = {
     "ray._private.authentication.authentication_token_setup": logging.ERROR,
     "ray.data": logging.WARNING,
@@ -38,8 +42,21 @@ QUIET_LOGGERS = {
 
 
 def quiet_ray_loggers() -> None:
+    import warnings
+
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    for text in RAY_WARNINGS:
+        warnings.filterwarnings("ignore", message=text)
+
+
+def shutdown_ray(ray) -> None:
+    """``ray.shutdown()`` at exit; a Ctrl-C (or Ray's own error) while it runs ends it quietly: the
+    run has already said how it ended, and what it did is committed."""
+    try:
+        ray.shutdown()
+    except (KeyboardInterrupt, Exception):  # noqa: BLE001
+        pass
 
 
 def silence_ray(debug: bool = False) -> None:

@@ -377,6 +377,7 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     assert f"fastsam-batch: interrupted: {len(committed)} of {len(names)} images committed; run the same command " \
            "to resume" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "(raylet" not in stderr, stderr  # Ray's relayed lines about the workers it ended
     record = json.loads((out / "_run.json").read_text())
     assert record["images"] == len(committed) and record["last_run"]["status"] == "interrupted"
 
@@ -434,6 +435,23 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
         release.set()
 
 
+def test_a_ctrl_c_while_ray_shuts_down_ends_quietly():
+    """A Ctrl-C that lands while Ray shuts down at exit (after the run said how it ended) is no
+    traceback. The stand-in raises as ray.shutdown() does when interrupted."""
+    from fastsam_batch.console import shutdown_ray
+
+    class Interrupted:
+        calls = 0
+
+        def shutdown(self):
+            self.calls += 1
+            raise KeyboardInterrupt
+
+    ray = Interrupted()
+    shutdown_ray(ray)
+    assert ray.calls == 1
+
+
 def test_the_writer_commits_every_n_rows_or_when_rows_have_waited(tmp_path):
     import pyarrow as pa
 
@@ -482,6 +500,7 @@ def test_retry_errors_replaces_only_the_error_rows_asked_for(tmp_path):
     assert "error rows processed again (--retry-errors, old rows replaced): 1" in r.stdout
     # This run's count and rate, apart from the job's totals (it processed one image, not six).
     assert "run 'failing-well': 1 images in" in r.stdout and "this run: ok: 1   error: 0" in r.stdout, r.stdout
+    assert "UserWarning" not in r.stderr, r.stderr  # Ray Data's advice for a plan of one image, kept out
     assert "the job's images now: 6 of 6 have rows (ok 5, error 1), 5 of them from earlier runs" in r.stdout
     second = by_id()
     assert len(second) == 6 and second["slow-one.png"]["status"] == "ok"  # one row each: the old one replaced
