@@ -182,6 +182,15 @@ def test_a_run_beside_a_running_head_starts_its_own_ray_and_says_so(ray_head, tm
         == sorted(names)
     for noise in ("Found multiple active Ray instances", "UserWarning", "Traceback"):
         assert noise not in r.stdout + r.stderr, r.stdout + r.stderr
+    # The guide's run on the head: RAY_ADDRESS=auto (and the cluster's token) joins it.
+    joined = write_job(tmp_path / "joined.yaml", "on-the-head", str(tmp_path / "imgs"), str(CHECKPOINT),
+                       str(tmp_path / "out-joined"), 10, num_actors=1)
+    r = run_cli("run", str(joined), env={**{k: ray_head["env"][k] for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
+                                         "RAY_ADDRESS": "auto"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "joined the Ray cluster at auto (4 CPUs" in r.stdout, r.stdout
+    assert sorted(pads.dataset(str(tmp_path / "out-joined"), format="parquet").to_table().column("image_id")
+                  .to_pylist()) == sorted(names)
 
 
 def test_joining_a_token_cluster_without_the_token_says_what_to_set(ray_head, tmp_path):
@@ -240,6 +249,7 @@ def test_kuberay_manifests_validate_against_kuberays_crds(name, kind, crd):
     spec = resource["spec"]["jobTemplate"] if kind == "RayCronJob" else resource["spec"]
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == _pinned("ray")
+    assert cluster["authOptions"]["mode"] == "token"  # Ray 2.60's default, with the token KubeRay makes
     workers = cluster["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
     assert spec["entrypoint"].startswith("fastsam-batch run ")
