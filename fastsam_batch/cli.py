@@ -180,6 +180,9 @@ def _run(manifest, args, retry) -> int:
         say(str(e))
         return 1
     except KeyboardInterrupt:
+        from .console import silence_ray
+
+        silence_ray(args.debug)
         say("interrupted: stopped at once; the files committed so far are kept, run the same command to resume")
         return 130
     except Exception as e:  # noqa: BLE001 - one line, not a traceback (unless --debug)

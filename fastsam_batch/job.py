@@ -276,9 +276,8 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     summary.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     # Preflight: every location, the checkpoint, the cluster address and the device, before Ray
-    # starts and before anything is deleted or written.
-    # The quick checks first, in the order a user would fix them, and the input's first image before
-    # the output is written to: a run with nothing to read creates nothing.
+    # starts and before anything is deleted. The quick checks first, in the order a user would fix
+    # them, and the input's first image before the output is written to: nothing to read, nothing made.
     check_locations(m, storage, probe_output=False)
     check_input_form(m, storage)
     check_writable("output.uri", m.output.uri, storage.for_checks())
