@@ -23,10 +23,13 @@ BIN = Path(sys.executable).parent
 
 
 def start_head(temp: Path, env: dict, *args: str) -> dict:
-    """`ray start --head` on free ports with its own temp folder (`--temp-dir`, RAY_TMPDIR)."""
-    port, client = free_port(), free_port()
+    """`ray start --head` on free ports with its own temp folder (`--temp-dir`, RAY_TMPDIR). Every port
+    with a fixed default is given: the dashboard agent's (52365) too, which another Ray on the machine
+    may hold; its agent then never starts, and the Jobs API answers "No available agent" for good."""
+    port, client, agent = free_port(), free_port(), free_port()
     r = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--ray-client-server-port={client}",
-                        "--disable-usage-stats", f"--temp-dir={temp / 'ray'}", *args], env=env, capture_output=True, text=True,
+                        f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats", f"--temp-dir={temp / 'ray'}",
+                        *args], env=env, capture_output=True, text=True,
                        timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     return {"gcs": f"127.0.0.1:{port}", "port": port, "temp": temp, "env": env}
@@ -99,7 +102,7 @@ import json, sys, time
 from ray.job_submission import JobStatus, JobSubmissionClient
 client = JobSubmissionClient(sys.argv[1])
 runtime_env = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
-deadline = time.time() + 600
+deadline = time.time() + 300
 while True:  # a head just started may not have its Jobs agent yet: asked again until it answers
     try:
         job_id = client.submit_job(entrypoint=sys.argv[2], runtime_env=runtime_env)
@@ -107,6 +110,7 @@ while True:  # a head just started may not have its Jobs agent yet: asked again 
     except RuntimeError as e:
         assert "No available agent" in str(e) and time.time() < deadline, e
         time.sleep(1)
+deadline = time.time() + 600
 while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
     assert time.time() < deadline, "the job did not end"
     time.sleep(1)
