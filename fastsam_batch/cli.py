@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a COCO dataset (images, annotations, categories) instead of a results list")
     export.add_argument("--coco", metavar="GT.json",
                         help="take image ids (and categories) from this COCO file, matched by file_name")
+    export.add_argument("--category-id", type=int, metavar="N",
+                        help="category of the masks without one (everything mode); default 1 'object', or with "
+                             "--coco an id that file does not use")
     sub.add_parser("schema", help="the manifest's JSON Schema, for editors")
     overlay = sub.add_parser("overlay", help="PNG pictures of sampled images with their masks, and a contact sheet")
     overlay.add_argument("output", help="output.uri of a run (local folder or s3://)")
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest, retry = loaded
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .console import StderrFilter, quiet_ray_loggers
+    from .console import StderrFilter, quiet_ray_loggers, shutdown_ray
 
     noise = None
     if not args.debug:
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if noise is not None:
             ray = sys.modules.get("ray")
             if ray is not None and ray.is_initialized():
-                ray.shutdown()  # while the filter still holds stderr: Ray's last lines come now
+                shutdown_ray(ray)  # while the filter still holds stderr: Ray's last lines come now
             noise.close()
 
 
@@ -144,10 +147,9 @@ def _tool(args) -> int:
             st = output_stats(args.output, storage)
             print(stats_json(st) if args.json else render_stats(st))
         elif args.command == "export-coco":
-            from .export_coco import export_coco
+            from .export_coco import export_coco_file
 
-            with open(args.out, "w") as f:
-                counts = export_coco(args.output, storage, f, args.annotations, args.coco)
+            counts = export_coco_file(args.output, storage, args.out, args.annotations, args.coco, args.category_id)
             print(f"wrote {args.out}: {counts['masks']:,} masks of {counts['images']:,} images"
                   + (f" ({counts['error_rows']:,} error rows left out)" if counts["error_rows"] else "")
                   + (f" ({counts['not_in_coco']:,} images not in {args.coco} left out)" if counts["not_in_coco"] else ""))
@@ -178,6 +180,9 @@ def _run(manifest, args, retry) -> int:
         say(str(e))
         return 1
     except KeyboardInterrupt:
+        from .console import silence_ray
+
+        silence_ray(args.debug)
         say("interrupted: stopped at once; the files committed so far are kept, run the same command to resume")
         return 130
     except Exception as e:  # noqa: BLE001 - one line, not a traceback (unless --debug)

@@ -30,6 +30,13 @@ RAY_NOISE = re.compile(
     # At shutdown the GCS may try to kill an actor whose worker has already exited.
     r"|gcs_actor_scheduler\.cc.*Failed to kill actor .*Socket closed"
 )
+# The raylet's own lines relayed to the driver (colour-coded): after a Ctrl-C they are about the
+# workers the stop ended, so they are kept out then; before it they may matter (a worker killed for
+# memory) and pass.
+RAYLET_LINE = re.compile(r"^(\x1b\[[0-9;]*m)*\(raylet(, ip=[^)]*)?\)")
+_interrupted = threading.Event()
+# Ray Data's advice for a plan with fewer blocks than the actor pool's minimum (a small job): nothing to act on.
+RAY_WARNINGS = ("The minimum number of concurrent actors for",)
 QUIET_LOGGERS = {
     "ray._private.authentication.authentication_token_setup": logging.ERROR,
     "ray.data": logging.WARNING,
@@ -38,14 +45,28 @@ QUIET_LOGGERS = {
 
 
 def quiet_ray_loggers() -> None:
+    import warnings
+
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    for text in RAY_WARNINGS:
+        warnings.filterwarnings("ignore", message=text)
+
+
+def shutdown_ray(ray) -> None:
+    """``ray.shutdown()`` at exit; a Ctrl-C (or Ray's own error) while it runs ends it quietly: the
+    run has already said how it ended, and what it did is committed."""
+    try:
+        ray.shutdown()
+    except (KeyboardInterrupt, Exception):  # noqa: BLE001
+        pass
 
 
 def silence_ray(debug: bool = False) -> None:
     """After a Ctrl-C: the stream cut off mid-way, Ray's workers and Ray Data log warnings (with
     tracebacks) while Ray shuts down; nothing in them is the user's (shown with ``debug``)."""
     if not debug:
+        _interrupted.set()
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
@@ -78,12 +99,14 @@ class StderrFilter:
                     return
                 lines = (rest + data).split(b"\n")
                 rest = lines.pop()
-                out = b"".join(line + b"\n" for line in lines
-                               if not self.pattern.search(line.decode("utf-8", "replace")))
+                out = b"".join(line + b"\n" for line in lines if not self.noise(line.decode("utf-8", "replace")))
                 if out:
                     os.write(self.real, out)
         if rest:
             os.write(self.real, rest)
+
+    def noise(self, line: str) -> bool:
+        return bool(self.pattern.search(line) or (_interrupted.is_set() and RAYLET_LINE.search(line)))
 
     def _unread(self) -> int:
         buf = fcntl.ioctl(self.read_end, termios.FIONREAD, struct.pack("i", 0))

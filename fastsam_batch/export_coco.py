@@ -9,6 +9,15 @@ annotation id when the prompts came from one) and the mask's category. Annotatio
 Image ids: with ``--coco GT.json`` those of the images of that file (matched by ``file_name``, as
 ``prompts.coco`` matches them); otherwise 1, 2, ... in the output's order. Masks are written as
 they are read, a file at a time: only the image list is held (annotations form).
+
+Categories: a prompted mask keeps its prompt's ``category_id``. An everything-mode mask has none: it
+gets the category "object", id 1, or with ``--coco`` an id that file does not use (one above its
+highest), so that it is never labelled as one of the file's categories; ``--category-id N`` gives
+such masks category N instead (to evaluate them against a file whose objects are all of one
+category, say).
+
+The JSON is written to a temporary file beside ``--out`` and renamed over it only when complete:
+a failed export (a missing output, an unreadable ``--coco``) leaves the old file as it was.
 """
 
 from __future__ import annotations
@@ -31,10 +40,41 @@ def coco_image_ids(coco_uri: str, storage: Storage) -> tuple[dict[str, int], lis
         raise OutputError(f"--coco {coco_uri!r}: not a readable COCO annotations file ({type(e).__name__}: {e})") from None
 
 
+def uncategorised(categories: list[dict]) -> dict:
+    """The category of masks without one (everything mode): "object", with an id ``categories`` do not use."""
+    used = [int(c["id"]) for c in categories if isinstance(c, dict) and isinstance(c.get("id"), int)]
+    return {**DEFAULT_CATEGORY, "id": max(used) + 1} if used else dict(DEFAULT_CATEGORY)
+
+
+def export_coco_file(output_uri: str, storage: Storage, out_path: str, annotations: bool = False,
+                     coco_uri: str | None = None, category_id: int | None = None) -> dict:
+    """:func:`export_coco` into the local file ``out_path``, replaced only once the export is complete
+    (its folder must exist). Returns the counts."""
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"--out {out_path!r}: no such folder {folder}")
+    fd, tmp = tempfile.mkstemp(prefix=".export-coco-", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            counts = export_coco(output_uri, storage, f, annotations, coco_uri, category_id)
+        os.replace(tmp, out_path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return counts
+
+
 def export_coco(output_uri: str, storage: Storage, out: TextIO, annotations: bool = False,
-                coco_uri: str | None = None) -> dict:
-    """Writes the COCO JSON to ``out``; returns counts (images, masks, images without a COCO id)."""
+                coco_uri: str | None = None, category_id: int | None = None) -> dict:
+    """Writes the COCO JSON to ``out``; returns counts (images, masks, images without a COCO id).
+    ``category_id``: the category of masks without one (default: see :func:`uncategorised`)."""
     ids, categories = coco_image_ids(coco_uri, storage) if coco_uri else ({}, [])
+    other = uncategorised(categories)
+    if category_id is not None:
+        other = next((c for c in categories if c.get("id") == category_id), {"id": category_id, "name": "object"})
     ds = output_dataset(output_uri, storage)
     images: list[dict] = []
     counts = {"images": 0, "masks": 0, "error_rows": 0, "not_in_coco": 0}
@@ -56,7 +96,7 @@ def export_coco(output_uri: str, storage: Storage, out: TextIO, annotations: boo
             counts["images"] += 1
             images.append({"id": image_id, "file_name": row["image_id"], "width": row["width"], "height": row["height"]})
             for m in row["masks"]:
-                category = m["category_id"] if m["category_id"] is not None else DEFAULT_CATEGORY["id"]
+                category = m["category_id"] if m["category_id"] is not None else other["id"]
                 seen_categories.add(category)
                 entry = {"image_id": image_id, "category_id": category,
                          "segmentation": {"size": [row["height"], row["width"]], "counts": m["counts"]},
@@ -72,7 +112,7 @@ def export_coco(output_uri: str, storage: Storage, out: TextIO, annotations: boo
                 counts["masks"] += 1
     if annotations:
         known = {c["id"] for c in categories}
-        categories = categories + [DEFAULT_CATEGORY if c == DEFAULT_CATEGORY["id"] else {"id": c, "name": f"category {c}"}
+        categories = categories + [other if c == other["id"] else {"id": c, "name": f"category {c}"}
                                    for c in sorted(seen_categories - known)]
         out.write('\n],\n"images": ' + json.dumps(images) + ',\n"categories": ' + json.dumps(categories) + "}\n")
     else:

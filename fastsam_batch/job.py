@@ -14,7 +14,7 @@ from .manifest import Manifest
 from .metrics import CommitMetrics
 from .console import silence_ray
 from .model import check_checkpoint, fetch_checkpoint
-from .preflight import check_device, check_listable, check_locations, check_ray_address
+from .preflight import check_device, check_listable, check_locations, check_ray_address, check_writable
 from .sizing import local_machine, plan_actors
 from .offline import configure_ultralytics
 from .progress import Progress
@@ -30,7 +30,7 @@ from .resume import (Committed, key_bytes, read_committed, read_units_records, r
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Committer, Interrupted, ParquetWriter, put_atomic
-from .pipeline import ray_address, run_segmentation, start_ray
+from .pipeline import embedded_ray_line, ray_address, run_segmentation, start_ray
 
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
 RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
@@ -178,12 +178,7 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     summary.duplicates_in_input = form.duplicates
     summary.duplicate_examples = form.duplicate_examples
     if not summary.images_planned and not summary.units_planned and skipped.count:
-        what = {"tar": "tar shards (.tar, .tar.gz, .tgz)", "parquet_images": "Parquet files (.parquet)",
-                "list": "list files (.parquet, .csv, .jsonl)"}.get(form.name)
-        raise JobError(f"input.uri {m.input.uri!r}: no {what or 'images'} there: {skipped.count} files, none "
-                       + (f"of them {what}" if what else "with an image extension")
-                       + f" (e.g. {', '.join(skipped.examples[:3])})"
-                       + ("" if what else "; set input.skip_non_images: false to try every file"))
+        raise JobError(_nothing_to_read(m, form.name, skipped))
     stale = stale_unit_rows(committed, complete_now) if complete_now else {}
     summary.images_retried_errors += sum(len(k) for k in retried_rows.values())
     return Planned(plan, superseded, changed, retried, form.carried, units, stale, retried_rows)
@@ -232,12 +227,23 @@ def check_input_form(m: Manifest, storage: Storage) -> None:
     """The input read as its format says, as far as its first unit (a list's columns, an
     inventory's manifest and data files, the first Parquet file's schema), before Ray starts; the
     rest is checked as the plan streams, still before any image is read."""
-    if m.input.format == "files":
-        return  # preflight listed it
+    skipped = Skipped()
+    form = open_input(m.input, storage)
     try:
-        next(iter(open_input(m.input, storage).units(Skipped())), None)
+        first = next(iter(form.units(skipped)), None)
     except (FileNotFoundError, InputError) as e:
         raise JobError(str(e)) from None
+    if first is None and skipped.count:
+        raise JobError(_nothing_to_read(m, form.name, skipped))
+
+
+def _nothing_to_read(m: Manifest, form: str, skipped: Skipped) -> str:
+    what = {"tar": "tar shards (.tar, .tar.gz, .tgz)", "parquet_images": "Parquet files (.parquet)",
+            "list": "list files (.parquet, .csv, .jsonl)"}.get(form)
+    return (f"input.uri {m.input.uri!r}: no {what or 'images'} there: {skipped.count} files, none "
+            + (f"of them {what}" if what else "with an image extension")
+            + f" (e.g. {', '.join(skipped.examples[:3])})"
+            + ("" if what else "; set input.skip_non_images: false to try every file"))
 
 
 def _identify(m: Manifest, storage: Storage, summary: RunSummary) -> tuple[PromptAttacher, str | None]:
@@ -270,14 +276,14 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     summary.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     # Preflight: every location, the checkpoint, the cluster address and the device, before Ray
-    # starts and before anything is deleted or written.
-    check_locations(m, storage)
+    # starts and before anything is deleted. The quick checks first, in the order a user would fix
+    # them, and the input's first image before the output is written to: nothing to read, nothing made.
+    check_locations(m, storage, probe_output=False)
     check_input_form(m, storage)
-    prompts, address = _identify(m, storage, summary)
-    if not address:  # an embedded Ray: this machine's GPUs
-        check_device(m.model.device, local_machine(m.model.device).gpus, embedded=True)
+    check_writable("output.uri", m.output.uri, storage.for_checks())
 
-    # One writer per output: the lease is held from here to the end (see lease.py).
+    # One writer per output: the lease is held from here to the end (see lease.py); taken before the
+    # checkpoint is loaded, so that an output another run holds is refused at once.
     lease = Lease(storage, m.output.uri, summary.run_id, m.runtime.lease_stale_s, m.runtime.lease_heartbeat_s,
                   __version__)
     try:
@@ -290,6 +296,9 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
         log(f"took over the lease on {m.output.uri} from {summary.lease_taken_over}")
     lease.start_heartbeat()
     try:
+        prompts, address = _identify(m, storage, summary)
+        if not address:  # an embedded Ray: this machine's GPUs
+            check_device(m.model.device, local_machine(m.model.device).gpus, embedded=True)
         return _run_holding_lease(m, overwrite, retry_errors, log, t_start, env, storage, summary, prompts, lease,
                                   debug)
     except LeaseLost:  # a repair or record refused by the fence: the lease was taken over
@@ -362,7 +371,6 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         written.add(stats["file"])
 
     writer = ParquetWriter(m.output.uri, storage, m.output.compression, fence, CommitMetrics(m.name))
-    progress = Progress(summary, m.runtime.progress_interval_s, log=log)
     completed: dict[str, str] = {}
 
     def on_unit_end(rows: int, skipped: int) -> None:
@@ -374,8 +382,10 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         summary.units_done += len(units)
         completed.update((uri, version) for uri, version, _ in units)
 
-    committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit, progress.tick,
-                          on_unit_end, on_units_complete, watch=lease.check_held)
+    committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit,
+                          lambda: progress.tick(), on_unit_end, on_units_complete, watch=lease.check_held)
+    # Segmented images are counted as their rows reach the writer; committed ones as files land.
+    progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=lambda: committer.pending_rows)
     try:
         if plan.count:
             settings = replace(settings_for(m, summary, prompts.sources), carried=tuple(planned.carried))
@@ -413,7 +423,7 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
     replaced, duplicates repaired, the checks, and the records."""
     summary.wall_s = time.perf_counter() - t_start
     done = summary.images_ok + summary.images_error
-    summary.images_per_s = (done - summary.images_skipped_done) / summary.wall_s if summary.wall_s > 0 else 0.0
+    summary.images_per_s = (summary.run_ok + summary.run_error) / summary.wall_s if summary.wall_s > 0 else 0.0
     final, superseded, twice = repair_at_end(m.output.uri, storage, compression, fence=fence, written=written,
                                              changed=changed, retried=retried, completed=completed,
                                              retried_rows=retried_rows)
@@ -484,14 +494,18 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
                     "without --overwrite") if others and not overwrite else None,
         "actors": sizing.actors, "actors_why": sizing.why, "gpus_per_actor": sizing.gpus_per_actor,
         "decode_workers": sizing.decode_workers, "device": device_note or m.model.device,
-        "cluster": address or "an embedded local Ray (this machine)",
+        "cluster": address or embedded_ray_line(),
     }
 
 
 def render_dry_run(d: dict) -> str:
     lines = [f"plan for '{d['name']}' (run fingerprint {d['run_fingerprint']}); nothing was written",
-             f"  input: {d['input_uri']}: {d['images_listed']:,} images listed, {d['skipped_not_images']:,} non-image keys "
-             "skipped" + (f" (e.g. {', '.join(d['skipped_examples'][:3])})" if d["skipped_not_images"] else ""),
+             (f"  input: {d['input_uri']}: {d['images_listed']:,} images listed, {d['skipped_not_images']:,} non-image keys "
+              "skipped" if not d["containers_listed"] else
+              f"  input: {d['input_uri']}: {d['containers_listed']:,} {d['input_format']} containers listed "
+              f"({d['images_done']:,} images in them already done; the rest are counted as they are read), "
+              f"{d['skipped_not_images']:,} other keys skipped")
+             + (f" (e.g. {', '.join(d['skipped_examples'][:3])})" if d["skipped_not_images"] else ""),
              f"  output: {d['output_uri']}: {d['images_done']:,} already done under this fingerprint, "
              f"{d['images_changed']:,} changed since, {d['images_retried_errors']:,} error rows to retry",
              f"  to do: {d['images_to_do']:,} images" if d["images_to_do"] is not None else

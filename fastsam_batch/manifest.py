@@ -251,6 +251,7 @@ _OUTPUT_SAMPLES = ("part-0.parquet", "_run.json", "_runs/0.json", "_manifest.jso
 def output_inside_input(input_uri: str, output_uri: str) -> bool:
     """Whether listing ``input_uri`` could list files the run writes under ``output_uri`` (a folder or
     prefix containing it; a glob only when its pattern matches such files)."""
+    input_uri, output_uri = _real_local(input_uri), _real_local(output_uri)
     out = output_uri.rstrip("/")
     if any(c in input_uri for c in "*?["):
         import re
@@ -261,6 +262,22 @@ def output_inside_input(input_uri: str, output_uri: str) -> bool:
         return any(pattern.match(f"{out.split('://', 1)[-1]}/{name}") for name in _OUTPUT_SAMPLES)
     base = input_uri.rstrip("/")
     return out.startswith(base + "/")
+
+
+def _real_local(uri: str) -> str:
+    """A local path as the filesystem sees it (``..``, ``.`` and symlinks resolved, as far as they
+    exist; a glob up to its first wildcard); other URIs as they are."""
+    import os
+
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    path = uri.split("://", 1)[-1]
+    parts = path.split("/")
+    wild = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))
+    base = "/".join(parts[:wild]) or ("/" if path.startswith("/") else ".")
+    real = os.path.realpath(base)
+    rest = "/".join(parts[wild:])
+    return real + ("/" + rest if rest else "/" if path.endswith("/") else "")
 
 
 def manifest_json_schema() -> dict:
@@ -304,11 +321,31 @@ def load_manifest(path: str | Path) -> Manifest:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ManifestError(f"manifest {p} is not valid YAML: {e}") from None
-    m = _resolve_relative_paths(parse_manifest(data), p.parent)
+    m = parse_manifest(data)
+    _refuse_output_in_a_copy(m.output.uri, p.parent)
+    m = _resolve_relative_paths(m, p.parent)
     if output_inside_input(m.input.uri, m.output.uri):  # relative paths, resolved
         raise ManifestError(f"invalid manifest:\n  output.uri: {m.output.uri!r} is inside input.uri {m.input.uri!r}: "
                             "the next run would list its own output as input; choose an output outside the input")
     return m
+
+
+# Where Ray unpacks a job's --working-dir (a runtime env): a temporary copy, removed with the session.
+RAY_WORKING_DIR_COPY = "/runtime_resources/working_dir_files/"
+
+
+def _refuse_output_in_a_copy(output_uri: str, base: Path) -> None:
+    """A relative output.uri in a manifest that Ray runs from its temporary copy of ``ray job submit
+    --working-dir``: the output would be written into that copy and lost with it."""
+    if "://" in output_uri or output_uri.startswith("/"):
+        return
+    folder = str(base.resolve()) + "/"
+    if RAY_WORKING_DIR_COPY in folder:
+        raise ManifestError(
+            f"output.uri {output_uri!r} is relative to the manifest, which this job reads from Ray's temporary copy "
+            f"of --working-dir ({folder.rstrip('/')}): the output would be written into that copy and lost with it; "
+            "give output.uri as an absolute path or s3:// URI, or submit without --working-dir, naming the manifest "
+            "by its path on the head (cluster/README.md, step 5)")
 
 
 def _resolve_relative_paths(m: Manifest, base: Path) -> Manifest:

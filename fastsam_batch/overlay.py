@@ -93,10 +93,13 @@ def write_overlays(output_uri: str, storage: Storage, n: int, out_dir: str, seed
     """Draws the sample into ``out_dir``; returns the pictures written (the contact sheet last)."""
     from PIL import Image
 
+    if n < 1:
+        raise OutputError(f"--sample {n}: give how many images to draw (1 or more)")
+    rows = sample_rows(output_uri, storage, n, seed)  # the output read before anything is written
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written, thumbs = [], []
-    for row in sample_rows(output_uri, storage, n, seed):
+    for row in rows:
         try:
             image, _ = decode_for_model(read_image_at(row["uri"], storage), max_pixels=1 << 40)
         except (OSError, ValueError, DecodeError) as e:

@@ -141,9 +141,43 @@ def start_ray(m: Manifest, env: dict[str, str], debug: bool = False) -> tuple[Ac
     actors = plan_actors(m.runtime, m.model.device, machine)
     if m.runtime.metrics_export_port:
         quiet["_metrics_export_port"] = m.runtime.metrics_export_port
-    ray.init(num_cpus=embedded_ray_cpus(m.runtime, actors.actors, int(machine.cpus)), runtime_env=runtime_env,
-             include_dashboard=False, **quiet)
-    return actors, "started an embedded local Ray (no RAY_ADDRESS or runtime.ray_address given)"
+    # address="local": always a new Ray of this run's own. Without it ray.init() joins the cluster
+    # that `ray start` recorded on this machine (a dev cluster, a head node), where num_cpus is refused.
+    ray.init(address="local", num_cpus=embedded_ray_cpus(m.runtime, actors.actors, int(machine.cpus)),
+             runtime_env=runtime_env, include_dashboard=False, **quiet)
+    return actors, "started " + embedded_ray_line()
+
+
+def recorded_local_cluster() -> str | None:
+    """The address of a Ray cluster that `ray start` recorded on this machine (in Ray's temp folder:
+    RAY_TMPDIR, else /tmp/ray) and that still answers, else None. A run never joins it unless asked."""
+    import socket
+
+    from ray._private.services import find_bootstrap_address
+
+    try:
+        address = find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - no record, or an unreadable one
+        return None
+    if not address:
+        return None
+    host, _, port = address.strip().rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        return None  # a record left by a cluster that has stopped
+    return address.strip()
+
+
+def embedded_ray_line() -> str:
+    """Says that a run starts its own Ray (the decision for a machine where a cluster runs: it is not
+    joined unless RAY_ADDRESS or runtime.ray_address names it)."""
+    line = "an embedded local Ray of this run's own (no RAY_ADDRESS or runtime.ray_address given)"
+    recorded = recorded_local_cluster()
+    if recorded:
+        line += (f"; the Ray cluster running on this machine at {recorded} is not joined "
+                 "(RAY_ADDRESS=auto joins it)")
+    return line
 
 
 def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, summary: RunSummary,

@@ -110,8 +110,9 @@ def check_writable(field: str, uri: str, storage: Storage) -> None:
         raise _fail(field, uri, e) from None
 
 
-def check_locations(m: Manifest, storage: Storage) -> None:
-    """Every storage location of the run, in the order a user would fix them."""
+def check_locations(m: Manifest, storage: Storage, probe_output: bool = True) -> None:
+    """Every storage location of the run, in the order a user would fix them (``probe_output``: with
+    the probe put under the output, the one check that writes)."""
     quick = storage.for_checks()
     check_listable("input.uri", m.input.uri, quick)
     check_readable("model.checkpoint", m.model.checkpoint, quick,
@@ -120,7 +121,8 @@ def check_locations(m: Manifest, storage: Storage) -> None:
     for field, uri in (("prompts.table", p.table), ("prompts.coco", p.coco), ("prompts.clip", p.clip)):
         if uri:
             check_readable(field, uri, quick)
-    check_writable("output.uri", m.output.uri, quick)
+    if probe_output:
+        check_writable("output.uri", m.output.uri, quick)
 
 
 def check_ray_address(address: str | None) -> None:
@@ -140,6 +142,37 @@ def check_ray_address(address: str | None) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
         raise PreflightError(f"{field} {address!r}: cannot reach {host}:{port} ({e.strerror or e})") from None
+    if "://" not in address and auth_refused(hostport):
+        raise PreflightError(
+            f"{field} {address!r}: the cluster refused this machine's token (InvalidAuthToken): it uses token "
+            f"authentication; export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, a file named by "
+            f"RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token), as on its nodes (cluster/README.md, step 2)")
+
+
+# Asks the cluster's GCS for its id, as joining it does first, in a process of its own: a token the
+# cluster refuses is answered at once; anything else (no answer within the limit) is left to Ray.
+_AUTH_PROBE = """
+import sys
+from ray._raylet import GcsClient
+try:
+    GcsClient(address=sys.argv[1])
+except Exception as e:
+    sys.exit(3 if "InvalidAuthToken" in str(e) or type(e).__name__ == "AuthenticationError" else 0)
+"""
+
+
+def auth_refused(hostport: str, timeout_s: float = 20.0) -> bool:
+    """Whether the GCS at ``hostport`` refuses this process's Ray token (or its lack of one): Ray's own
+    join would retry for about half a minute printing a line a second, then fail in general words."""
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _AUTH_PROBE, hostport], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return r.returncode == 3
 
 
 def check_device(device: str, cluster_gpus: float, embedded: bool) -> str | None:

@@ -34,6 +34,12 @@ def output_dataset(output_uri: str, storage: Storage):
 
         raise OutputError(f"{output_uri!r}: cannot list it: {storage_error_cause(e)}") from None
     if not parts:
+        from .preflight import PreflightError, check_listable
+
+        try:  # a missing bucket or folder said as such, as a run says it
+            check_listable("output", output_uri, storage.for_checks())
+        except PreflightError as e:
+            raise OutputError(str(e)) from None
         raise OutputError(f"{output_uri!r}: no Parquet files (part-*.parquet) there")
     return pads.dataset(local_paths(output_uri, parts), format="parquet", filesystem=storage.fs(output_uri))
 

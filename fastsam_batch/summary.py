@@ -42,10 +42,12 @@ class RunSummary:
     prompt_bad_rows: int = 0  # rows kept as prompts with a bad_prompt error
     prompt_images_not_in_input: int = 0  # images named by the prompt source that the input does not hold
     prompt_images_not_in_input_examples: list[str] = field(default_factory=list)
+    run_ok: int = 0  # ok rows committed by this run (images_ok also counts the rows of earlier runs)
+    run_error: int = 0  # error rows committed by this run
     files_written: int = 0
     write_s: float = 0.0  # time spent building and putting Parquet files, summed over writers
     wall_s: float = 0.0
-    images_per_s: float = 0.0
+    images_per_s: float = 0.0  # this run's images (run_ok + run_error) per second of its wall time
     checkpoint_sha256: str = ""
     model: str = ""
     output_uri: str = ""
@@ -65,6 +67,8 @@ class RunSummary:
         for r in rows:
             self.images_ok += int(r["ok"])
             self.images_error += int(r["rows"] - r["ok"])
+            self.run_ok += int(r["ok"])
+            self.run_error += int(r["rows"] - r["ok"])
             self.masks_written += int(r["masks"])
             self.files_written += 1
             self.write_s += float(r["write_s"])
@@ -101,12 +105,16 @@ class RunSummary:
         }, indent=2, sort_keys=True)
 
     def render(self) -> str:
+        total = self.images_ok + self.images_error
         lines = [
-            f"fastsam-batch run '{self.name}': {self.images_ok + self.images_error} images in {self.wall_s:.1f}s "
+            f"fastsam-batch run '{self.name}': {self.run_ok + self.run_error} images in {self.wall_s:.1f}s "
             f"({self.images_per_s:.2f} images/s)",
-            f"  ok: {self.images_ok}   error: {self.images_error}   masks written: {self.masks_written}"
+            f"  this run: ok: {self.run_ok}   error: {self.run_error}   masks written: {self.masks_written}"
             f"   files: {self.files_written}",
         ]
+        if total != self.run_ok + self.run_error:
+            lines.append(f"  the job's images now: {total} of {self.images_planned} have rows (ok {self.images_ok}, "
+                         f"error {self.images_error}), {self.images_skipped_done} of them from earlier runs")
         if self.images_retried:
             lines.append(f"  retried after transient storage errors: {self.images_retried} images ({self.read_retries} retries)")
         if self.images_skipped_done:

@@ -72,11 +72,43 @@ def test_plan_says_what_run_would_do_and_writes_nothing(s3_output):
     assert (retry["images_to_do"], retry["images_retried_errors"]) == (1, 1)
 
 
-def test_progress_lines_count_committed_images(s3_output):
-    lines = [line for line in s3_output["run"].stdout.splitlines() if line.startswith("progress: ")]
-    assert lines, s3_output["run"].stdout
-    done = [int(re.match(r"progress: (\d+) / 13 images", line).group(1)) for line in lines]
-    assert done == sorted(done) and all(0 <= n <= 13 for n in done)
+def test_progress_lines_without_a_terminal_come_at_the_start_the_first_image_and_the_end(s3_output):
+    """Without a terminal: a line at the start (nothing segmented yet), one as soon as images are
+    segmented (before the run ends), counts that only grow, committed beside segmented, and a last
+    line with every image segmented and committed."""
+    out = s3_output["run"].stdout.splitlines()
+    lines = [line for line in out if line.startswith("progress: ")]
+    assert len(lines) >= 3, out
+    counts = [tuple(int(v) for v in re.match(r"progress: (\d+) / 13 images segmented \(.*\), (\d+) committed",
+                                              line).groups()) for line in lines]
+    assert counts[0] == (0, 0) and counts[-1] == (13, 13), lines
+    assert [s for s, _ in counts] == sorted(s for s, _ in counts) and all(c <= s for s, c in counts)
+    assert any(s > 0 for s, _ in counts[:-1]), lines  # a line while the run was going, not only the last
+    assert out.index(lines[-1]) < next(i for i, line in enumerate(out) if line.startswith("fastsam-batch run "))
+
+
+def test_progress_says_the_first_segmented_image_at_once():
+    """The first image segmented (rows waiting in the writer, none committed) is said at the next
+    tick, whatever the interval; then lines come at the interval; close says where the run ended."""
+    from fastsam_batch.progress import Progress
+    from fastsam_batch.summary import RunSummary
+
+    said: list[str] = []
+    waiting = [0]
+    summary = RunSummary(name="t", images_planned=10)
+    p = Progress(summary, interval_s=3600, live=False, log=said.append, waiting=lambda: waiting[0])
+    assert said == ["progress: 0 / 10 images segmented (0.0%), 0 committed  0.00 images/s  ETA -  errors 0  masks 0"]
+    p.tick()
+    assert len(said) == 1  # nothing segmented yet, interval not due
+    waiting[0] = 2
+    p.tick()
+    assert len(said) == 2 and said[1].startswith("progress: 2 / 10 images segmented (20.0%), 0 committed")
+    waiting[0] = 3
+    p.tick()
+    assert len(said) == 2  # the next line at the interval
+    summary.images_ok, waiting[0] = 10, 0
+    p.close()
+    assert said[-1].startswith("progress: 10 / 10 images segmented (100.0%), 10 committed")
 
 
 def test_a_live_progress_line_on_a_terminal():
@@ -93,7 +125,7 @@ def test_a_live_progress_line_on_a_terminal():
     p.last -= 1  # as if half a second had passed
     summary.images_ok, summary.images_error, summary.masks_written = 7, 1, 120
     p.tick()
-    assert term.getvalue().startswith("\r8 / 10 images (80.0%)") and "errors 1" in term.getvalue()
+    assert term.getvalue().startswith("\r8 / 10 images segmented (80.0%), 8 committed") and "errors 1" in term.getvalue()
     assert "masks 120" in term.getvalue() and "\n" not in term.getvalue()
     p.close()
     assert term.getvalue().endswith("\r")
@@ -141,7 +173,9 @@ def test_export_coco_results_evaluate_against_ground_truth(s3_output, tmp_path):
 
     gt_path = _ground_truth(s3_output["truth"], tmp_path / "gt.json")
     out = tmp_path / "results.json"
-    r = run_cli("export-coco", "s3://cmds/masks/", "--out", str(out), "--coco", str(gt_path), env=s3_output["env"])
+    # Everything mode: the masks have no category; the ground truth's objects are all of category 1.
+    r = run_cli("export-coco", "s3://cmds/masks/", "--out", str(out), "--coco", str(gt_path), "--category-id", "1",
+                env=s3_output["env"])
     assert r.returncode == 0, r.stderr
     assert "1 error rows left out" in r.stdout
     gt = COCO(str(gt_path))
@@ -215,3 +249,74 @@ def test_overlay_tints_masks_and_nothing_else(s3_output, tmp_path):
         assert (drawn[~covered] == original[~covered]).all()  # outside every mask: the image's own pixels
         changed = (np.abs(drawn - original).sum(axis=2) > 0)[covered]
         assert changed.mean() > 0.99  # under the masks: tinted
+
+
+def test_everything_mode_masks_never_take_a_category_of_the_coco_file(s3_output, tmp_path):
+    """--coco with categories 1 'circle' and 3 'square': everything-mode masks have no category, so
+    they get an id the file does not use (4, 'object'), in both forms, never 'circle'."""
+    gt = json.loads(_ground_truth(s3_output["truth"], tmp_path / "gt.json").read_text())
+    gt["categories"] = [{"id": 1, "name": "circle"}, {"id": 3, "name": "square"}]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    out = tmp_path / "dataset.json"
+    r = run_cli("export-coco", "s3://cmds/masks/", "--out", str(out), "--annotations", "--coco", str(tmp_path / "gt.json"),
+                env=s3_output["env"])
+    assert r.returncode == 0, r.stderr
+    ds = json.loads(out.read_text())
+    masks = sum(row["num_masks"] for row in s3_output["table"].to_pylist() if row["status"] == "ok")
+    assert len(ds["annotations"]) == masks and {a["category_id"] for a in ds["annotations"]} == {4}
+    assert ds["categories"] == gt["categories"] + [{"id": 4, "name": "object"}]
+    results = tmp_path / "results.json"
+    r = run_cli("export-coco", "s3://cmds/masks/", "--out", str(results), "--coco", str(tmp_path / "gt.json"),
+                env=s3_output["env"])
+    assert r.returncode == 0 and {e["category_id"] for e in json.loads(results.read_text())} == {4}
+
+
+def test_helper_commands_fail_in_one_line_and_leave_files_as_they_were(s3_output, tmp_path):
+    env = s3_output["env"]
+    out = tmp_path / "yesterday.json"
+    out.write_text('{"yesterday": true}')
+
+    def one_line(r, *words):
+        said = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 1 and len(said) == 1 and said[0].startswith("fastsam-batch: "), r.stderr
+        assert all(w in said[0] for w in words), said
+        assert "Traceback" not in r.stderr and "ArrowTypeError" not in r.stderr, r.stderr
+
+    # export-coco: its checks come before the old file is replaced.
+    one_line(run_cli("export-coco", "s3://cmds/masx/", "--out", str(out), env=env), "s3://cmds/masx/", "no Parquet files")
+    one_line(run_cli("export-coco", "s3://cmds/masks/", "--out", str(out), "--coco", str(tmp_path / "gt.json"),
+                     env=env), "gt.json")
+    assert out.read_text() == '{"yesterday": true}'
+    one_line(run_cli("export-coco", "s3://cmds/masks/", "--out", "/missing/dir/x.json", env=env),
+             "/missing/dir/x.json", "no such folder /missing/dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["yesterday.json"]  # no temporary left
+    # stats names a missing bucket as a run does.
+    one_line(run_cli("stats", "s3://nobucket-fastsam/masks/", env=env), "s3://nobucket-fastsam/masks/", "no such bucket")
+    # overlay: a bad --sample in words; a missing output creates nothing.
+    one_line(run_cli("overlay", "s3://cmds/masks/", "--sample", "0", "--out", str(tmp_path / "o1"), env=env), "--sample 0")
+    one_line(run_cli("overlay", "s3://cmds/masx/", "--out", str(tmp_path / "o2"), env=env), "no Parquet files")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_plan_of_tar_input_counts_containers_not_zero_images(tmp_path):
+    import tarfile
+
+    from shapes import make_image as shape
+
+    (tmp_path / "shards").mkdir()
+    for k in range(2):
+        with tarfile.open(tmp_path / "shards" / f"s{k}.tar", "w") as tar:
+            for seed in (9100 + 2 * k, 9101 + 2 * k):
+                buf = io.BytesIO()
+                shape(seed)[0].save(buf, format="PNG")
+                info = tarfile.TarInfo(f"{seed}.png")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "tars", "input": {"uri": str(tmp_path / "shards"), "format": "tar"},
+                                   "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "device": "cpu"},
+                                   "output": {"uri": str(tmp_path / "out")}}))
+    r = run_cli("plan", str(job))
+    assert r.returncode == 0, r.stderr
+    assert "0 images listed" not in r.stdout and "2 tar containers listed" in r.stdout, r.stdout
+    assert "to do: 2 of 2 tar containers" in r.stdout

@@ -309,6 +309,36 @@ def test_an_input_of_only_non_images_is_an_error(tmp_path):
                                   "image extension")
 
 
+def test_nothing_to_read_or_a_held_output_is_found_before_the_checkpoint_and_writes_nothing(tmp_path):
+    """The quick checks come first: an empty folder (said as such), a folder without images, and an
+    output another run holds are each refused before the checkpoint is even loaded (here a file that
+    is no model, whose error would otherwise come first), and leave no output folder or lock."""
+    from fastsam_batch.lease import Lease
+    from fastsam_batch.storage import Storage
+
+    bad_checkpoint = tmp_path / "not-a-model.pt"
+    bad_checkpoint.write_text("not a checkpoint")
+    empty, docs = tmp_path / "empty", tmp_path / "docs"
+    empty.mkdir()
+    docs.mkdir()
+    (docs / "a.txt").write_text("not an image")
+    for folder, words in ((empty, "an empty folder"), (docs, "no images there: 1 files")):
+        out = tmp_path / f"out-{folder.name}"
+        r = run_cli("run", str(manifest(tmp_path / "m.yaml", str(folder), str(bad_checkpoint), str(out))))
+        assert r.returncode == 1 and one_line(r).startswith(f"fastsam-batch: input.uri '{folder}': {words}"), r.stderr
+        assert not out.exists()
+    images, held = tmp_path / "imgs", tmp_path / "held"
+    save_shapes(images, [8240])
+    lease = Lease(Storage(), str(held), "another-run")
+    lease.acquire()
+    try:
+        r = run_cli("run", str(manifest(tmp_path / "m.yaml", str(images), str(bad_checkpoint), str(held))))
+        assert r.returncode == 1 and "output.uri is being written by" in one_line(r), r.stderr
+    finally:
+        lease.release()
+    assert not list(held.glob("*.parquet"))
+
+
 def test_an_output_inside_the_input_is_refused(tmp_path):
     images = tmp_path / "imgs"
     save_shapes(images, [8230])
@@ -347,12 +377,14 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     assert f"fastsam-batch: interrupted: {len(committed)} of {len(names)} images committed; run the same command " \
            "to resume" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "(raylet" not in stderr, stderr  # Ray's relayed lines about the workers it ended
     record = json.loads((out / "_run.json").read_text())
     assert record["images"] == len(committed) and record["last_run"]["status"] == "interrupted"
 
     r = run_cli("run", str(m), "--debug")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resuming: {len(committed)} images already have rows" in r.stdout
+    assert f"run 'failing-well': {len(names) - len(committed)} images in" in r.stdout, r.stdout  # this run's
     assert "constructor arguments in the object store" in r.stdout + r.stderr  # Ray's noise, shown with --debug
     ids = pads.dataset(str(out), format="parquet").to_table().column("image_id").to_pylist()
     assert sorted(ids) == sorted(names[:-1] + ["zz-slow.png"])
@@ -403,6 +435,23 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
         release.set()
 
 
+def test_a_ctrl_c_while_ray_shuts_down_ends_quietly():
+    """A Ctrl-C that lands while Ray shuts down at exit (after the run said how it ended) is no
+    traceback. The stand-in raises as ray.shutdown() does when interrupted."""
+    from fastsam_batch.console import shutdown_ray
+
+    class Interrupted:
+        calls = 0
+
+        def shutdown(self):
+            self.calls += 1
+            raise KeyboardInterrupt
+
+    ray = Interrupted()
+    shutdown_ray(ray)
+    assert ray.calls == 1
+
+
 def test_the_writer_commits_every_n_rows_or_when_rows_have_waited(tmp_path):
     import pyarrow as pa
 
@@ -449,6 +498,10 @@ def test_retry_errors_replaces_only_the_error_rows_asked_for(tmp_path):
     r = run_cli("run", str(m), "--retry-errors", "timeout")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "error rows processed again (--retry-errors, old rows replaced): 1" in r.stdout
+    # This run's count and rate, apart from the job's totals (it processed one image, not six).
+    assert "run 'failing-well': 1 images in" in r.stdout and "this run: ok: 1   error: 0" in r.stdout, r.stdout
+    assert "UserWarning" not in r.stderr, r.stderr  # Ray Data's advice for a plan of one image, kept out
+    assert "the job's images now: 6 of 6 have rows (ok 5, error 1), 5 of them from earlier runs" in r.stdout
     second = by_id()
     assert len(second) == 6 and second["slow-one.png"]["status"] == "ok"  # one row each: the old one replaced
     assert second["broken.png"] == first["broken.png"]

@@ -146,7 +146,8 @@ def manifest(bucket, out: Path, input_cfg: dict, **output) -> dict:
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # address="local": a Ray of the test's own, never a cluster `ray start` runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

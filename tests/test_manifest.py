@@ -128,3 +128,33 @@ def test_example_jobs_are_valid_and_their_local_files_exist(job):
     for uri in filter(None, local):
         if "://" not in uri:
             assert Path(uri).exists(), f"{job.name}: {uri} is missing"
+
+
+@pytest.mark.parametrize("spelling", ["{d}/imgs/../imgs/out", "{d}/./imgs/out", "{d}/link/out", "link/out/"])
+def test_output_inside_input_is_caught_however_the_path_is_spelled(tmp_path, spelling):
+    """`..`, `./` and a symlink to the input folder all name a folder inside the input: refused before
+    any work (the run would list its own _lease.json and Parquet files as input)."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "imgs")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**copy.deepcopy(GOOD), "input": {"uri": str(tmp_path / "imgs")},
+                                   "output": {"uri": spelling.format(d=tmp_path)}}))
+    with pytest.raises(ManifestError, match="is inside input.uri"):
+        load_manifest(job)
+    outside = tmp_path / "imgs-out"
+    job.write_text(yaml.safe_dump({**copy.deepcopy(GOOD), "input": {"uri": str(tmp_path / "link")},
+                                   "output": {"uri": str(outside)}}))
+    assert load_manifest(job).output.uri == str(outside)
+
+
+def test_a_relative_output_in_rays_copy_of_a_working_dir_is_refused(tmp_path):
+    """`ray job submit --working-dir` runs the job in a temporary copy: a relative output.uri would be
+    written there and lost, so it is refused; an absolute one in the same copy is fine."""
+    copy_dir = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy_dir.mkdir(parents=True)
+    job = copy_dir / "job.yaml"
+    job.write_text(yaml.safe_dump({**copy.deepcopy(GOOD), "input": {"uri": "imgs/"}, "output": {"uri": "out/"}}))
+    with pytest.raises(ManifestError, match=r"output.uri 'out/' is relative .* --working-dir"):
+        load_manifest(job)
+    job.write_text(yaml.safe_dump({**copy.deepcopy(GOOD), "input": {"uri": "imgs/"}, "output": {"uri": str(tmp_path / "o")}}))
+    assert load_manifest(job).input.uri == str(copy_dir / "imgs") + "/"

@@ -53,7 +53,7 @@ def test_missing_input_names_the_uri(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-folder"):
         list(iter_inputs(str(tmp_path / "no-such-folder"), Storage(), Skipped()))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="nothing is listed there"):
+    with pytest.raises(FileNotFoundError, match="empty.: an empty folder"):  # there, but nothing in it
         list(iter_inputs(str(tmp_path / "empty"), Storage(), Skipped()))
 
 

@@ -21,7 +21,7 @@ from s3_fault_proxy import FaultProxy
 from test_resume import processes_with_env
 
 OPTIONS_SECRET = "0pt10ns-s3cr3t-never-written-4c3b2a"
-RAY_TMP = Path("/tmp/ray")
+RAY_TMP = Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray"  # where Ray puts its sessions (RAY_TMPDIR, else /tmp)
 
 
 def ray_sessions() -> set[Path]:

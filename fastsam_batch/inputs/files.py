@@ -239,13 +239,16 @@ def iter_objects(uri: str, storage: Storage, workers: int = 1) -> tuple[str, Ite
         if protocol == "file" and not os.path.isdir(base):
             raise FileNotFoundError(f"input.uri {uri!r}: no such file, folder or prefix")
         found = _iter_tree(fs, protocol, base, workers)
+        if protocol == "file":
+            return base, _nonempty(found, uri, "an empty folder (no files in it or its subfolders)")
     return base, _nonempty(found, uri)
 
 
-def _nonempty(found: Iterator, uri: str) -> Iterator:
+def _nonempty(found: Iterator, uri: str,
+              empty: str = "no such file, folder or prefix (nothing is listed there)") -> Iterator:
     first = next(found, None)
     if first is None:
-        raise FileNotFoundError(f"input.uri {uri!r}: no such file, folder or prefix (nothing is listed there)")
+        raise FileNotFoundError(f"input.uri {uri!r}: {empty}")
     yield first
     yield from found
 
