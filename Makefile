@@ -12,7 +12,8 @@ BIN := $(VENV)/bin
 # of the default install's 6.8 GB) are not installed on a machine without a GPU:
 #   make demo TORCH_INDEX=cpu
 # Not exercised on the machines this project is built on (their package index serves only the CUDA
-# build); the default, without TORCH_INDEX, is unchanged.
+# build); the default, without TORCH_INDEX, is unchanged. --no-deps: torch's own dependencies come
+# from the ordinary index in the second step (the CPU index need not hold their pinned versions).
 TORCH_INDEX ?=
 TORCH_INDEX_URL := $(if $(filter cpu,$(TORCH_INDEX)),https://download.pytorch.org/whl/cpu,$(TORCH_INDEX))
 
@@ -22,7 +23,7 @@ $(BIN)/fastsam-batch: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 ifneq ($(TORCH_INDEX_URL),)
-	$(BIN)/python -m pip install -q -c constraints.txt --index-url $(TORCH_INDEX_URL) torch torchvision
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt --index-url $(TORCH_INDEX_URL) torch torchvision
 endif
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@

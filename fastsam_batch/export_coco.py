@@ -53,14 +53,18 @@ def export_coco_file(output_uri: str, storage: Storage, out_path: str, annotatio
     import os
     import tempfile
 
-    folder = os.path.dirname(os.path.abspath(out_path))
+    target = os.path.realpath(out_path)  # a symlink is written through, as an ordinary open would
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
-        raise OutputError(f"--out {out_path!r}: no such folder {folder}")
+        raise OutputError(f"--out {out_path!r}: no such folder {os.path.dirname(os.path.abspath(out_path))}")
     fd, tmp = tempfile.mkstemp(prefix=".export-coco-", suffix=".json.tmp", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
             counts = export_coco(output_uri, storage, f, annotations, coco_uri, category_id)
-        os.replace(tmp, out_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from everyone else
+        os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
         raise

@@ -282,12 +282,17 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     check_input_form(m, storage)
     check_writable("output.uri", m.output.uri, storage.for_checks())
 
-    # One writer per output: the lease is held from here to the end (see lease.py); taken before the
-    # checkpoint is loaded, so that an output another run holds is refused at once.
+    # One writer per output (see lease.py): an output another run holds is refused at once, by
+    # reading its lease, before the checkpoint loads; the lease is taken only once every check has
+    # passed, so a run that fails one has written nothing to the output.
     lease = Lease(storage, m.output.uri, summary.run_id, m.runtime.lease_stale_s, m.runtime.lease_heartbeat_s,
                   __version__)
     try:
-        lease.acquire(break_lease)
+        lease.check_free(break_lease)
+        prompts, address = _identify(m, storage, summary)
+        if not address:  # an embedded Ray: this machine's GPUs
+            check_device(m.model.device, local_machine(m.model.device).gpus, embedded=True)
+        lease.acquire(break_lease)  # held from here to the end
     except LeaseHeld as e:
         raise JobError(str(e)) from None
     if lease.taken_over is not None:
@@ -296,9 +301,6 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
         log(f"took over the lease on {m.output.uri} from {summary.lease_taken_over}")
     lease.start_heartbeat()
     try:
-        prompts, address = _identify(m, storage, summary)
-        if not address:  # an embedded Ray: this machine's GPUs
-            check_device(m.model.device, local_machine(m.model.device).gpus, embedded=True)
         return _run_holding_lease(m, overwrite, retry_errors, log, t_start, env, storage, summary, prompts, lease,
                                   debug)
     except LeaseLost:  # a repair or record refused by the fence: the lease was taken over

@@ -332,10 +332,7 @@ class Lease:
                 return
             why = self.stale_reason(held)
             if not why and not break_lease:
-                raise LeaseHeld(
-                    f"output.uri is being written by {held.describe()} (lease {self.uri}). Wait for it to end, or, "
-                    f"if that run is gone, run again with --break-lease (a lease without a heartbeat for "
-                    f"runtime.lease_stale_s = {self.stale_s:g} s is taken over by itself)")
+                raise LeaseHeld(self._held_by(held))
             try:
                 self.token = _retried(lambda: self.backend.replace(self._data(), token))
                 self.taken_over = held
@@ -343,6 +340,27 @@ class Lease:
             except _Conflict:
                 continue  # someone else changed it meanwhile: look again
         raise LeaseHeld(f"output.uri: could not take the lease {self.uri}: it keeps changing hands")
+
+    def _held_by(self, held: LeaseRecord) -> str:
+        return (f"output.uri is being written by {held.describe()} (lease {self.uri}). Wait for it to end, or, "
+                f"if that run is gone, run again with --break-lease (a lease without a heartbeat for "
+                f"runtime.lease_stale_s = {self.stale_s:g} s is taken over by itself)")
+
+    def check_free(self, break_lease: bool = False) -> None:
+        """Raises :class:`LeaseHeld` where :meth:`acquire` would refuse (a live run holds the lease),
+        reading only: the quick check a run makes before its slow ones (the checkpoint), so that a
+        held output is refused at once and a run that fails those checks has written nothing."""
+        if break_lease:
+            return
+        got = _retried(self.backend.read)
+        if got is None:
+            return
+        try:
+            held = LeaseRecord.parse(got[0])
+        except (ValueError, TypeError):
+            return  # unreadable: acquire treats it as stale
+        if held.run_id != self.run_id and not self.stale_reason(held):
+            raise LeaseHeld(self._held_by(held))
 
     def stale_reason(self, held: LeaseRecord, now: float | None = None) -> str | None:
         now = time.time() if now is None else now

@@ -47,6 +47,17 @@ def shared(path: Path) -> Path:
                 allow_module_level=True)
 
 
+def shared_or_none(path: Path) -> Path | None:
+    """``path`` (under ../shared) when it is there, else None for a test that can use a stand-in
+    (a generated picture for "a JPEG"); with FASTSAM_BATCH_REQUIRE_SHARED (CI) it must be there."""
+    if path.exists():
+        return path
+    if os.environ.get("FASTSAM_BATCH_REQUIRE_SHARED"):
+        pytest.fail(f"../{path.relative_to(ROOT.parent)} is missing and FASTSAM_BATCH_REQUIRE_SHARED is set",
+                    pytrace=False)
+    return None
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server in its own process on 127.0.0.1; yields the endpoint URL."""
@@ -56,7 +67,7 @@ def s3_server():
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
+    deadline = time.time() + 120  # a busy machine: starting moto's server can take a while
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()

@@ -39,8 +39,10 @@ def head_processes(head: dict) -> list:
     import psutil
 
     found = {}
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "uids"]):
         cmd = " ".join(p.info["cmdline"] or ())
+        if p.info["uids"] is None or p.info["uids"].real != os.getuid():
+            continue  # only this user's processes: the test started the head as this user
         if (str(head["temp"]) in cmd or re.search(rf":{head['port']}\b", cmd)) and p.pid != os.getpid():
             found[p.pid] = p
             try:

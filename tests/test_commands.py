@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -178,6 +179,9 @@ def test_export_coco_results_evaluate_against_ground_truth(s3_output, tmp_path):
                 env=s3_output["env"])
     assert r.returncode == 0, r.stderr
     assert "1 error rows left out" in r.stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as a file written by open(), not 0600
     gt = COCO(str(gt_path))
     results = json.loads(out.read_text())
     assert {res["image_id"] for res in results} <= set(gt.getImgIds())

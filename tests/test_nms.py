@@ -45,12 +45,12 @@ def fixture_outputs(checkpoint):
 def photo_outputs(tmp_path_factory):
     """A FastSAM-s-architecture model with seeded random weights on four photographs: thousands of
     candidates per image at conf 0.01, as in the benchmark."""
+    photos = sorted(shared(REAL_IMAGES).glob("*.jpg"))[:4]  # first: skip before building anything
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench
 
     ckpt = bench.random_fastsam(tmp_path_factory.mktemp("ck") / "s.pt", "s")
     seg = FastSAMSegmenter(SegmentSettings(str(ckpt), "unused", imgsz=640, device="cpu"), Storage())
-    photos = sorted(shared(REAL_IMAGES).glob("*.jpg"))[:4]
     assert len(photos) == 4
     images = [np.asarray(Image.open(p).convert("RGB").resize((640, 480))) for p in photos]  # one letterbox shape
     return raw_outputs(seg, images)

@@ -35,7 +35,9 @@ def job(tmp_path, checkpoint):
             "input": {"uri": str(images)},
             "model": {"checkpoint": str(checkpoint), "imgsz": 320, "conf": conf, "device": "cpu"},
             "output": {"uri": str(out), "rows_per_file": 2},
-            "runtime": {"batch_size": 2, "plan_part_rows": 5},  # the plan in files under out/_plan/
+            # the plan in files under out/_plan/; two actors, so that one held by the test-only slow
+            # hook (the driver-kill test) leaves the other committing
+            "runtime": {"batch_size": 2, "plan_part_rows": 5, "num_actors": 2},
         }))
         return p
 

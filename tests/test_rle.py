@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
@@ -50,7 +50,7 @@ def masks(draw):
     return m
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(masks())
 def test_crop_rle_matches_pycocotools(full):
     ours = encode_via_crop(full)
@@ -91,7 +91,7 @@ def test_full_height_crop_merges_runs_across_columns():
     assert encode_via_crop(full)["counts"] == encode_mask(full)["counts"].encode()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(masks(), st.integers(0, 30), st.integers(0, 30))
 def test_accelerator_path_finds_the_same_intervals(crop, x0, y0):
     # The branch used for crops on a GPU (torch ops there, positions to the host) must agree with
