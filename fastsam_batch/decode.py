@@ -183,6 +183,11 @@ def decode_on_device(jpegs: list[DeviceJpeg], device) -> list:
     if not jpegs:
         return []
     raw = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
+    if torch.device(device).type == "cuda":
+        # nvJPEG decodes on a stream of its own, not ordered after this one: memory this stream has
+        # freed but still uses (a forward pass that raised, say) could be reused under it
+        # (pytorch/vision#9606). One wait per batch; after a normal batch there is nothing left to wait for.
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its image decoders for TorchCodec's
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
