@@ -153,6 +153,10 @@ def _tool(args) -> int:
             print(f"wrote {args.out}: {counts['masks']:,} masks of {counts['images']:,} images"
                   + (f" ({counts['error_rows']:,} error rows left out)" if counts["error_rows"] else "")
                   + (f" ({counts['not_in_coco']:,} images not in {args.coco} left out)" if counts["not_in_coco"] else ""))
+            if counts["outside_coco_categories"]:
+                print(f"note: {counts['outside_coco_categories']:,} masks are of a category {args.coco} does not have "
+                      "(everything-mode masks have none of their own): COCOeval against it scores none of them; "
+                      "--category-id N puts the masks without a category in its category N")
         elif args.command == "overlay":
             from .overlay import write_overlays
 

@@ -81,7 +81,8 @@ def export_coco(output_uri: str, storage: Storage, out: TextIO, annotations: boo
         other = next((c for c in categories if c.get("id") == category_id), {"id": category_id, "name": "object"})
     ds = output_dataset(output_uri, storage)
     images: list[dict] = []
-    counts = {"images": 0, "masks": 0, "error_rows": 0, "not_in_coco": 0}
+    counts = {"images": 0, "masks": 0, "error_rows": 0, "not_in_coco": 0, "outside_coco_categories": 0}
+    coco_categories = {c.get("id") for c in categories}
     seen_categories: set[int] = set()
     out.write('{"annotations": [\n' if annotations else "[\n")
     first = True
@@ -102,6 +103,8 @@ def export_coco(output_uri: str, storage: Storage, out: TextIO, annotations: boo
             for m in row["masks"]:
                 category = m["category_id"] if m["category_id"] is not None else other["id"]
                 seen_categories.add(category)
+                if coco_uri and category not in coco_categories:
+                    counts["outside_coco_categories"] += 1
                 entry = {"image_id": image_id, "category_id": category,
                          "segmentation": {"size": [row["height"], row["width"]], "counts": m["counts"]},
                          "bbox": [round(v, 2) for v in m["bbox"]], "score": round(float(m["score"]), 5)}
