@@ -166,6 +166,32 @@ def test_ray_job_submit_runs_a_manifest_and_a_bad_one_fails_with_its_error(ray_h
     assert not (tmp_path / "bad-out").exists()
 
 
+def test_a_submitted_job_gets_its_s3_credentials_from_runtime_env_json(ray_head, s3_env, s3fs_client, tmp_path):
+    """The guide's `--runtime-env-json '{"env_vars": {"AWS_...": ...}}'`: the head has no credentials
+    of its own; the submission's runtime environment gives them to the job's driver and workers,
+    which read the images from and write the masks to the S3 server, and no secret reaches the logs."""
+    from conftest import FAKE_SECRET, make_bucket
+
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} & set(ray_head["env"])  # the head has none
+    make_bucket(s3_env, "submitted")
+    names = save_shapes(tmp_path / "imgs", range(9530, 9533))
+    for n in names:
+        s3fs_client.put_file(str(tmp_path / "imgs" / n), f"submitted/imgs/{n}")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "submitted-s3", "input": {"uri": "s3://submitted/imgs/"},
+        "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.4, "device": "auto"},
+        "output": {"uri": "s3://submitted/out/"}, "runtime": {"batch_size": 2, "decode_cpus": 0.5, "cpus_per_actor": 1},
+    }))
+    done = submit(ray_head, f"fastsam-batch run {job}", runtime_env={"env_vars": s3_env})
+    assert done["status"] == "SUCCEEDED", done["logs"]
+    s3fs_client.invalidate_cache()
+    table = pads.dataset("submitted/out/", format="parquet", filesystem=s3fs_client).to_table()
+    assert sorted(table.column("image_id").to_pylist()) == sorted(names)
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert FAKE_SECRET not in done["logs"]
+
+
 def test_a_run_beside_a_running_head_starts_its_own_ray_and_says_so(ray_head, tmp_path):
     """A `ray start --head` on the machine (recorded where ray.init() looks for one) and no
     RAY_ADDRESS: the run starts an embedded Ray of its own, as `plan` says it will, naming the cluster
