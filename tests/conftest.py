@@ -34,6 +34,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pinned(package: str) -> str:
+    """The version constraints.txt pins ``package`` to."""
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.lower().startswith(package + "=="):
+            return line.split("==")[1]
+    raise AssertionError(f"{package} not pinned")
+
+
+def png_bytes(seed: int) -> bytes:
+    """The generated picture of ``seed`` (tests/fixtures/shapes.py), as PNG bytes."""
+    import io
+
+    from shapes import make_image
+
+    buf = io.BytesIO()
+    make_image(seed)[0].save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def parquet_bytes(table) -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
 def shared(path: Path) -> Path:
     """``path`` (under ../shared) when it is there; else the calling test (or module) skips, naming
     what is missing, as on a fresh clone of the repository alone. CI sets

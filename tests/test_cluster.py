@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from conftest import CHECKPOINT, KUBERAY, ROOT, free_port, run_cli, save_shapes, shared, write_job
+from conftest import CHECKPOINT, KUBERAY, ROOT, free_port, pinned, run_cli, save_shapes, shared, write_job
 BIN = Path(sys.executable).parent
 
 
@@ -278,7 +278,7 @@ def test_kuberay_manifests_validate_against_kuberays_crds(name, kind, crd):
     jsonschema.validate(resource, _crd_schema(crd))
     spec = resource["spec"]["jobTemplate"] if kind == "RayCronJob" else resource["spec"]
     cluster = spec["rayClusterSpec"]
-    assert cluster["rayVersion"] == _pinned("ray")
+    assert cluster["rayVersion"] == pinned("ray")
     assert cluster["authOptions"]["mode"] == "token"  # Ray 2.60's default, with the token KubeRay makes
     workers = cluster["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
@@ -308,10 +308,3 @@ def test_a_manifest_missing_what_kuberay_requires_is_rejected_by_the_schema():
     broken = {**resource, "spec": {k: v for k, v in resource["spec"].items() if k != "schedule"}}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, _crd_schema("ray.io_raycronjobs.yaml"))
-
-
-def _pinned(package: str) -> str:
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
-        if line.lower().startswith(package + "=="):
-            return line.split("==")[1]
-    raise AssertionError(f"{package} not pinned")

@@ -24,19 +24,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import CHECKPOINT, FAKE_KEY, FAKE_SECRET, REAL_IMAGES, make_bucket, run_cli, shared, shared_or_none
+from conftest import (CHECKPOINT, FAKE_KEY, FAKE_SECRET, REAL_IMAGES, make_bucket, parquet_bytes, png_bytes, run_cli,
+                      shared, shared_or_none)
 from fastsam_batch.inputs import read_image_at
 from fastsam_batch.storage import Storage
 from shapes import make_image
 
 BUCKET = "inputs"
 NAMES = [f"{i}.png" for i in range(6)] + ["cat.jpg"]
-
-
-def _png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    make_image(seed)[0].save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _tar(members: list[tuple[str, bytes]]) -> bytes:
@@ -60,24 +55,18 @@ def _photo() -> bytes:
     return buf.getvalue()
 
 
-def _parquet(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def bucket(s3_env, s3fs_client):
     """The same seven images as loose objects, in lists, in inventory reports, in tar shards and in
     Parquet files; plus the broken things each kind must survive."""
     fs = s3fs_client
     make_bucket(s3_env, BUCKET)
-    images = {f"{i}.png": _png(i) for i in range(6)} | {"cat.jpg": _photo()}
+    images = {f"{i}.png": png_bytes(i) for i in range(6)} | {"cat.jpg": _photo()}
     put = lambda key, data: fs.pipe(f"{BUCKET}/{key}", data)  # noqa: E731
     for name, data in images.items():
         put(f"loose/{name}", data)
     # A list in Parquet: its own ids, carried columns, a missing object, an id that comes twice.
-    put("lists/images.parquet", _parquet(pa.table({
+    put("lists/images.parquet", parquet_bytes(pa.table({
         "uri": [f"s3://{BUCKET}/loose/{n}" for n in NAMES] + [f"s3://{BUCKET}/loose/missing.png",
                                                               f"s3://{BUCKET}/loose/1.png"],
         "image_id": NAMES + ["missing.png", "0.png"],
@@ -99,7 +88,7 @@ def bucket(s3_env, s3fs_client):
     with gzip.GzipFile(fileobj=gz, mode="wb") as g:
         g.write("".join(",".join(f'"{v}"' for v in r) + "\n" for r in rows).encode())
     put("inventory/data/part-0.csv.gz", gz.getvalue())
-    put("inventory/data/part-0.parquet", _parquet(pa.table({
+    put("inventory/data/part-0.parquet", parquet_bytes(pa.table({
         "bucket": [BUCKET] * len(NAMES), "key": [f"loose/{n}" for n in NAMES],
         "size": [len(images[n]) for n in NAMES], "e_tag": [etags[n] for n in NAMES]})))
     for fmt, key, schema in (("CSV", "part-0.csv.gz", "Bucket, Key, Size, ETag, IsLatest, IsDeleteMarker"),
@@ -123,13 +112,13 @@ def bucket(s3_env, s3fs_client):
     put("shards/s2-cut.tar", cut[: 512 + len(images["0.png"]) + 512 + 512 + 1000])  # inside b.png
     # Parquet with image bytes: a Hugging Face Image struct, and a binary column (img2dataset).
     hf_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    put("pq/hf.parquet", _parquet(pa.table({
+    put("pq/hf.parquet", parquet_bytes(pa.table({
         "image": pa.array([{"bytes": images[n], "path": n} for n in NAMES] + [{"bytes": None, "path": "x.png"}],
                           hf_type),
         "id": [f"id-{n}" for n in NAMES] + ["id-none"], "label": list(range(len(NAMES) + 1))})))
-    put("pq-bin/bin.parquet", _parquet(pa.table({"key": [f"k{i:03d}" for i in range(len(NAMES))],
+    put("pq-bin/bin.parquet", parquet_bytes(pa.table({"key": [f"k{i:03d}" for i in range(len(NAMES))],
                                                  "jpg": [images[n] for n in NAMES], "caption": NAMES})))
-    put("pq-bad/wrong.parquet", _parquet(pa.table({"image": [1, 2], "id": ["a", "b"]})))
+    put("pq-bad/wrong.parquet", parquet_bytes(pa.table({"image": [1, 2], "id": ["a", "b"]})))
     put("lists-bad/no-uri.csv", b"path,label\ns3://inputs/loose/0.png,1\n")
     put("lists-bad/clash.csv", b"uri,status\ns3://inputs/loose/0.png,x\n")
     return {"endpoint": s3_env["AWS_ENDPOINT_URL"], "images": images, "fs": fs}

@@ -23,23 +23,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import CHECKPOINT, FAKE_KEY, FAKE_SECRET, ROOT, make_bucket
+from conftest import CHECKPOINT, FAKE_KEY, FAKE_SECRET, ROOT, make_bucket, parquet_bytes, pinned, png_bytes
 from fastsam_batch.manifest import InputConfig
-from shapes import make_image
 
 DOCKERFILE = ROOT / "cluster" / "Dockerfile"
 IMAGE_SRC = "/opt/fastsam-batch"  # where the Dockerfile puts the sources it installs
-
-
-def _pinned(package: str) -> str:
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
-        if line.lower().startswith(package + "=="):
-            return line.split("==")[1]
-    raise AssertionError(f"{package} not pinned")
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -78,7 +69,7 @@ def test_the_dockerfile_is_the_pinned_ray_image_and_installs_by_install_sh_alone
     a non-root user, and one Python install step, cluster/install.sh (which the fixture below runs)."""
     steps = _instructions()
     base = next(args for keyword, args in steps if keyword == "FROM")
-    assert base.startswith(f"rayproject/ray:{_pinned('ray')}-py311") and base.endswith("-gpu")
+    assert base.startswith(f"rayproject/ray:{pinned('ray')}-py311") and base.endswith("-gpu")
     users = [args for keyword, args in steps if keyword == "USER"]
     assert users and users[-1] not in ("root", "0")
     runs = [args for keyword, args in steps if keyword == "RUN"]
@@ -109,7 +100,7 @@ def installed(tmp_path_factory):
     r = subprocess.run(["bash", str(src / "cluster" / "install.sh"), str(src)], env=env, cwd=base,
                        capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert re.search(rf"\| ray {re.escape(_pinned('ray'))} \|", r.stdout), r.stdout[-2000:]
+    assert re.search(rf"\| ray {re.escape(pinned('ray'))} \|", r.stdout), r.stdout[-2000:]
     work = base / "work"
     work.mkdir()
     yield venv / "bin", env, work
@@ -186,25 +177,13 @@ def test_the_demo_job_and_the_helper_commands_run_from_outside_the_source_tree(i
     assert r.returncode == 0 and "input" in json.loads(r.stdout)["properties"]
 
 
-def _png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    make_image(seed)[0].save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _parquet(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
 def test_plan_reads_every_input_kind(installed, s3_env, s3fs_client, tmp_path):
     """One small collection in each input form the manifest knows (on the moto S3 server): the
     installed command plans each, listing its images or containers (nothing is written)."""
     fs, bucket = s3fs_client, "install-kinds"
     make_bucket(s3_env, bucket)
     names = [f"{i}.png" for i in range(3)]
-    images = {n: _png(40 + i) for i, n in enumerate(names)}
+    images = {n: png_bytes(40 + i) for i, n in enumerate(names)}
     for n, data in images.items():
         fs.pipe(f"{bucket}/loose/{n}", data)
     text = io.StringIO()
@@ -225,7 +204,7 @@ def test_plan_reads_every_input_kind(installed, s3_env, s3fs_client, tmp_path):
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     fs.pipe(f"{bucket}/shards/s0.tar", tar.getvalue())
-    fs.pipe(f"{bucket}/pq/images.parquet", _parquet(pa.table({"image": [images[n] for n in names], "id": names})))
+    fs.pipe(f"{bucket}/pq/images.parquet", parquet_bytes(pa.table({"image": [images[n] for n in names], "id": names})))
     kinds = {
         "files": ({"uri": f"s3://{bucket}/loose/"}, "images_listed", 3),
         "list": ({"uri": f"s3://{bucket}/lists/images.csv", "format": "list"}, "images_listed", 3),
