@@ -67,13 +67,11 @@ def shared(path: Path) -> Path:
     """``path`` (under ../shared) when it is there; else the calling test (or module) skips, naming
     what is missing, as on a fresh clone of the repository alone. CI sets
     FASTSAM_BATCH_REQUIRE_SHARED=1: there a missing ../shared fails instead of skipping."""
-    if path.exists():
-        return path
-    what = f"../{path.relative_to(ROOT.parent)}"
-    if os.environ.get("FASTSAM_BATCH_REQUIRE_SHARED"):
-        pytest.fail(f"{what} is missing and FASTSAM_BATCH_REQUIRE_SHARED is set (CI runs every test)", pytrace=False)
-    pytest.skip(f"needs {what} (test data beside the clone), which this checkout does not have",
-                allow_module_level=True)
+    found = shared_or_none(path)  # fails there under FASTSAM_BATCH_REQUIRE_SHARED
+    if found is None:
+        pytest.skip(f"needs ../{path.relative_to(ROOT.parent)} (test data beside the clone), which this checkout "
+                    "does not have", allow_module_level=True)
+    return found
 
 
 def shared_or_none(path: Path) -> Path | None:
@@ -82,8 +80,8 @@ def shared_or_none(path: Path) -> Path | None:
     if path.exists():
         return path
     if os.environ.get("FASTSAM_BATCH_REQUIRE_SHARED"):
-        pytest.fail(f"../{path.relative_to(ROOT.parent)} is missing and FASTSAM_BATCH_REQUIRE_SHARED is set",
-                    pytrace=False)
+        pytest.fail(f"../{path.relative_to(ROOT.parent)} is missing and FASTSAM_BATCH_REQUIRE_SHARED is set "
+                    "(CI runs every test)", pytrace=False)
     return None
 
 
