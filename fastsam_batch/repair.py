@@ -18,7 +18,6 @@ every write and delete the job makes, with its fence and crash-safety argument, 
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 
@@ -27,7 +26,7 @@ from .resume import (UNITS_DIR, Committed, Duplicates, _names_starting, duplicat
                      read_units_records, rows_in_other_files, rows_outside, stale_unit_rows, superseded_parts,
                      version_key, write_units_record)
 from .storage import Storage, join_uri, protocol_of, strip_protocol
-from .write import part_name, put_atomic
+from .write import parquet_file_bytes, part_name, put_atomic
 
 
 def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set], compression: str | None = "zstd", *,
@@ -77,10 +76,9 @@ def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set], compressi
         dropped += table.num_rows - keep.num_rows
         if keep.num_rows:
             new = _free_rewrite_name(output_uri, fs, part, keep.column("image_id").to_pylist())
-            buf = io.BytesIO()
-            pq.write_table(keep, buf, compression=compression)
+            data = parquet_file_bytes(keep, compression)
             fence.check(storage)
-            put_atomic(storage, new, buf.getvalue())
+            put_atomic(storage, new, data)
         fence.check(storage)
         fs.rm(part)
     return dropped

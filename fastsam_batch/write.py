@@ -34,6 +34,21 @@ from .schema import INTERNAL_COLUMNS, UNIT_END, UNIT_SKIPPED, error_reason
 from .storage import Storage, join_uri, protocol_of, strip_protocol
 
 PART_PREFIX = "part-"
+# Row groups of at most this many bytes in memory (Arrow): readers that load a row group at a time
+# (the Hugging Face Hub's dataset viewer refuses groups above 286 MiB and recommends 100-300 MB;
+# pyarrow's default is a million rows, one group per file) stay within it. A photo's row is tens of
+# KB, so a file of the default 1,000 rows is one group; only files of many or huge rows are split.
+ROW_GROUP_BYTES = 128 << 20
+
+
+def parquet_file_bytes(table: pa.Table, compression: str | None, row_group_bytes: int = ROW_GROUP_BYTES) -> bytes:
+    """``table`` as Parquet bytes, in row groups of at most ``row_group_bytes`` (by the mean row's
+    in-memory size), with a page index (random access without reading whole groups)."""
+    per_row = -(-table.nbytes // max(table.num_rows, 1))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression, row_group_size=max(1, row_group_bytes // max(per_row, 1)),
+                   write_page_index=True)
+    return buf.getvalue()
 
 
 def part_name(image_ids: list[str], rewrite_of: str | None = None) -> str:
@@ -80,11 +95,10 @@ class ParquetWriter:
         t0 = time.perf_counter()
         ids = table.column("image_id").to_pylist()
         name = part_name(ids)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression=self.compression)
+        data = parquet_file_bytes(table, self.compression)
         if self.fence is not None:
             self.fence.check(self.storage)
-        put_atomic(self.storage, join_uri(self.output_uri, name), buf.getvalue())
+        put_atomic(self.storage, join_uri(self.output_uri, name), data)
         write_s = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.committed(table)
