@@ -1,6 +1,6 @@
 """Command line: ``fastsam-batch run MANIFEST.yaml [--overwrite] [--retry-errors [REASONS]] [--break-lease] [--debug]``,
-and around a run: ``plan MANIFEST``, ``stats OUTPUT``, ``export-coco OUTPUT --out F``, ``schema``,
-``overlay OUTPUT --out DIR``.
+and around a run: ``plan MANIFEST``, ``stats OUTPUT``, ``export-coco OUTPUT --out F``,
+``export-sa1b OUTPUT --out DIR``, ``export-webdataset OUTPUT --out DIR``, ``schema``, ``overlay OUTPUT --out DIR``.
 
 Exit status: 0 the run finished (error rows included); 1 the run failed (a preflight check, error
 budget exceeded, rows missing, or a job-level error: one ``fastsam-batch:`` line says which);
@@ -50,6 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--category-id", type=int, metavar="N",
                         help="category of the masks without one (everything mode); default 1 'object', or with "
                              "--coco an id that file does not use")
+    sa1b = sub.add_parser("export-sa1b", help="the masks as SA-1B per-image records (JSON files or tar shards)")
+    sa1b.add_argument("output", help="output.uri of a run (local folder or s3://)")
+    sa1b.add_argument("--out", required=True, help="folder or s3:// prefix to write into (made when missing)")
+    sa1b.add_argument("--tar", action="store_true", help="tar shards sa_000000.tar, ... instead of loose files")
+    sa1b.add_argument("--shard-size", type=_positive, default=1000, metavar="N",
+                      help="images per tar shard (default 1000; one shard per input shard when the input was tar)")
+    sa1b.add_argument("--with-images", action="store_true",
+                      help="the images too, beside their records (read from each row's uri)")
+    sa1b.add_argument("--manifest", metavar="JOB.yaml",
+                      help="read the images with this job's storage_options (default: those the run recorded in "
+                           "the output, credentials from the environment)")
+    wds = sub.add_parser("export-webdataset", help="the images and masks as WebDataset tar shards")
+    wds.add_argument("output", help="output.uri of a run (local folder or s3://)")
+    wds.add_argument("--out", required=True, help="folder or s3:// prefix to write into (made when missing)")
+    wds.add_argument("--shard-size", type=_positive, default=1000, metavar="N",
+                     help="images per shard (default 1000); when the input was tar shards, one shard per input "
+                          "shard instead")
+    wds.add_argument("--manifest", metavar="JOB.yaml", help="as for export-sa1b")
     sub.add_parser("schema", help="the manifest's JSON Schema, for editors")
     overlay = sub.add_parser("overlay", help="PNG pictures of sampled images with their masks, and a contact sheet")
     overlay.add_argument("output", help="output.uri of a run (local folder or s3://)")
@@ -82,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             noise.close()
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give 1 or more")
+    return n
+
+
 def say(msg: str) -> int:
     """The one line a failure prints; returns exit status 1."""
     print(f"fastsam-batch: {msg}", file=sys.stderr, flush=True)
@@ -111,7 +136,7 @@ def _manifest_and_retry(args):
 
 
 def _tool(args) -> int:
-    """The commands around a run: plan, stats, export-coco, schema, overlay."""
+    """The commands around a run: plan, stats, export-coco, export-sa1b, export-webdataset, schema, overlay."""
     import json
     import signal
 
@@ -147,7 +172,7 @@ def _tool(args) -> int:
             st = output_stats(args.output, storage)
             print(stats_json(st) if args.json else render_stats(st))
         elif args.command == "export-coco":
-            from .export_coco import export_coco_file
+            from .exports.coco import export_coco_file
 
             counts = export_coco_file(args.output, storage, args.out, args.annotations, args.coco, args.category_id)
             print(f"wrote {args.out}: {counts['masks']:,} masks of {counts['images']:,} images"
@@ -157,6 +182,32 @@ def _tool(args) -> int:
                 print(f"note: {counts['outside_coco_categories']:,} masks are of a category {args.coco} does not have "
                       "(everything-mode masks have none of their own): COCOeval against it scores none of them; "
                       "--category-id N puts the masks without a category in its category N")
+        elif args.command in ("export-sa1b", "export-webdataset"):
+            from .exports import job_storage
+            from .manifest import ManifestError
+
+            try:
+                images = job_storage(args.output, storage, args.manifest)
+            except ManifestError as e:
+                say(f"--manifest: {e}")
+                return 2
+            if args.command == "export-sa1b":
+                from .exports.sa1b import export_sa1b
+
+                counts = export_sa1b(args.output, storage, args.out, args.tar, args.shard_size, args.with_images, images)
+                what = f"{counts['images']:,} records ({counts['masks']:,} masks)" + (
+                    f" in {counts['files']:,} shards" if args.tar else f", {counts['files']:,} files")
+            else:
+                from .exports.webdataset import export_webdataset
+
+                counts = export_webdataset(args.output, storage, args.out, args.shard_size, images)
+                what = (f"{counts['images']:,} samples ({counts['masks']:,} masks) in {counts['files']:,} shards"
+                        + (" (one per input tar shard)" if counts["aligned"] else ""))
+            print(f"wrote {args.out}: {what}"
+                  + (f" ({counts['error_rows']:,} error rows left out)" if counts["error_rows"] else ""))
+            if counts["unavailable"]:  # the rest is written, but the dataset lacks them: not a success
+                return say(f"{counts['unavailable']:,} images could not be read and were left out (the rest was "
+                           f"written), e.g. " + "; ".join(counts["examples"]))
         elif args.command == "overlay":
             from .overlay import write_overlays
 

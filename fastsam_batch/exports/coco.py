@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 from typing import TextIO
 
-from .stats import OutputError, output_dataset
-from .storage import Storage
+from ..stats import OutputError
+from ..storage import Storage
+from . import OutputRows
 
 DEFAULT_CATEGORY = {"id": 1, "name": "object"}
 
@@ -79,14 +80,14 @@ def export_coco(output_uri: str, storage: Storage, out: TextIO, annotations: boo
     other = uncategorised(categories)
     if category_id is not None:
         other = next((c for c in categories if c.get("id") == category_id), {"id": category_id, "name": "object"})
-    ds = output_dataset(output_uri, storage)
+    rows = OutputRows(output_uri, storage)
     images: list[dict] = []
     counts = {"images": 0, "masks": 0, "error_rows": 0, "not_in_coco": 0, "outside_coco_categories": 0}
     coco_categories = {c.get("id") for c in categories}
     seen_categories: set[int] = set()
     out.write('{"annotations": [\n' if annotations else "[\n")
     first = True
-    for batch in ds.to_batches(columns=["image_id", "width", "height", "status", "masks"]):
+    for batch in rows.batches(["image_id", "width", "height", "status", "masks"]):
         for row in batch.to_pylist():
             if row["status"] != "ok":
                 counts["error_rows"] += 1
