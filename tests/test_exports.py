@@ -333,3 +333,23 @@ def test_an_image_gone_since_the_run_is_left_out_and_said(files_output, tmp_path
     _one_line(r, "1 images could not be read", "9100.png")
     assert "wrote" in r.stdout and "export-webdataset: 6 / 6 images (100.0%)" in r.stderr
     assert len(_read_webdataset([str(tmp_path / "wds" / "000000.tar")])) == len(_ok(files_output["rows"])) - 1
+
+
+def test_sa1b_record_fields():
+    """A record's fields from a row, without a model: stability_score where the output has one
+    (absent otherwise: Datumaro's importer refuses null there), the points of a point prompt."""
+    from fastsam_batch.exports.sa1b import record
+
+    mask = {"counts": "PP0", "bbox": [1.0, 2.0, 3.0, 4.0], "area": 12, "score": 0.75, "prompt_index": None,
+            "prompt_kind": None}
+    row = {"width": 8, "height": 6, "masks": [mask, {**mask, "prompt_index": 1, "prompt_kind": "points"}],
+           "prompts": [{"points": None}, {"points": [[2.5, 3.5]]}]}
+    rec = record(row, 7, "a-0123abcd.png", 10)
+    assert rec["image"] == {"image_id": 7, "file_name": "a-0123abcd.png", "width": 8, "height": 6}
+    first, second = rec["annotations"]
+    assert first == {"id": 10, "segmentation": {"size": [6, 8], "counts": "PP0"}, "bbox": [1.0, 2.0, 3.0, 4.0],
+                     "area": 12, "predicted_iou": 0.75, "crop_box": [0, 0, 8, 6], "point_coords": []}
+    assert second["id"] == 11 and second["point_coords"] == [[2.5, 3.5]]
+    row["masks"] = [{**mask, "stability_score": 0.96}, {**mask, "stability_score": None}]
+    with_scores = record(row, 7, "a.png", 1)["annotations"]
+    assert with_scores[0]["stability_score"] == 0.96 and "stability_score" not in with_scores[1]
