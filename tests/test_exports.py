@@ -353,3 +353,24 @@ def test_sa1b_record_fields():
     row["masks"] = [{**mask, "stability_score": 0.96}, {**mask, "stability_score": None}]
     with_scores = record(row, 7, "a.png", 1)["annotations"]
     assert with_scores[0]["stability_score"] == 0.96 and "stability_score" not in with_scores[1]
+
+
+def test_export_to_s3(files_output, s3_env, s3fs_client, tmp_path):
+    """``--out s3://...``: each shard one upload, read back from the bucket."""
+    from conftest import make_bucket
+
+    make_bucket(s3_env, "exports24")
+    r = run_cli("export-webdataset", str(files_output["out"]), "--out", "s3://exports24/wds/", "--shard-size", "4",
+                env=s3_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s3fs_client.invalidate_cache()
+    assert sorted(s3fs_client.ls("exports24/wds/")) == ["exports24/wds/000000.tar", "exports24/wds/000001.tar"]
+    local = []
+    for key in sorted(s3fs_client.ls("exports24/wds/")):
+        local.append(str(tmp_path / os.path.basename(key)))
+        s3fs_client.get_file(key, local[-1])
+    ok = _ok(files_output["rows"])
+    samples = _read_webdataset(local)
+    assert len(samples) == len(ok)
+    for s in samples:
+        _check_sample(s, ok[json.loads(s["json"])["image_id"]])

@@ -316,18 +316,20 @@ def _aligned(rows: OutputRows, plan: Plan, storage: Storage, with_images: bool) 
             if shard not in order:  # a row the first pass did not see (a run wrote since): flushed at the end
                 order[shard], left[shard] = len(order), -1
             if shard not in spools:
-                spools[shard] = (open(os.path.join(folder, f"{order[shard]}.jsonl"), "w+b"), [])
-            f, members = spools[shard]
+                spools[shard] = (open(os.path.join(folder, f"{order[shard]}.jsonl"), "w+b"), [],
+                                 shard_key(row, member))
+            f, members, key = spools[shard]
             members.append((member, f.tell()))
             f.write(json.dumps(row, default=str).encode() + b"\n")
             left[shard] -= 1
             if not left[shard]:
-                f, members = spools.pop(shard)
-                yield Group(order[shard], _shard_samples(shard, f, members, storage, with_images),
-                            shard=shard_key(row, member), size=len(members))
+                del spools[shard]
+                yield Group(order[shard], _shard_samples(shard, f, members, storage, with_images), shard=key,
+                            size=len(members))
                 f.close()
-        for shard, (f, members) in spools.items():  # rows the first pass did not count (a run wrote since)
-            yield Group(order[shard], _shard_samples(shard, f, members, storage, with_images), size=len(members))
+        for shard, (f, members, key) in spools.items():  # counts the first pass did not see (a run wrote since)
+            yield Group(order[shard], _shard_samples(shard, f, members, storage, with_images), shard=key,
+                        size=len(members))
             f.close()
 
 
