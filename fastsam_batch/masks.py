@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .quality import stability_counts, stability_score
+from .quality import stability_counts, stability_counts_host, stability_score
 from .rle import crop_intervals
 
 
@@ -101,8 +101,8 @@ def iter_box_mask_intervals(
             b = min(a + step, c1)
             crop = rows @ rx[a:b, j0:j1].T  # BLAS: dense over the band, cheap per pixel
             if stability:
-                hi, lo = stability_counts(crop)
-                inter, union = inter + int(hi), union + int(lo)
+                hi, lo = stability_counts_host(crop.numpy()) if crop.device.type == "cpu" else map(int, stability_counts(crop))
+                inter, union = inter + hi, union + lo
             s, e = crop_intervals(crop > 0, a, r0, h)
             starts.append(s)
             ends.append(e)

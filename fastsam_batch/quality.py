@@ -56,6 +56,13 @@ def stability_counts(logits, inside=None):
     return hi.sum((-2, -1)), lo.sum((-2, -1))
 
 
+def stability_counts_host(logits: np.ndarray) -> tuple[int, int]:
+    """:func:`stability_counts` of one host array of logits, as ints: numpy's ``count_nonzero`` is
+    about ten times faster than torch's reductions of a bool tensor on the CPU (the per-mask path)."""
+    return (int(np.count_nonzero(logits > MASK_THRESHOLD + STABILITY_OFFSET)),
+            int(np.count_nonzero(logits > MASK_THRESHOLD - STABILITY_OFFSET)))
+
+
 def stability_score(intersection, union) -> np.ndarray:
     """float32 ``intersection / union`` (``calculate_stability_score``'s int32 / int32 division in
     float32), 0 where the union is empty."""
