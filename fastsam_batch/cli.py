@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = sub.add_parser("stats", help="summarise an output: rows by status, errors, masks, stage times")
     stats.add_argument("output", help="output.uri of a run (local folder or s3://)")
     stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.add_argument("--histogram-png", metavar="PATH",
+                       help="also write the histograms of stability_score and masks per image as a PNG here")
     export = sub.add_parser("export-coco", help="the masks as COCO JSON (results for COCOeval, or a dataset)")
     export.add_argument("output", help="output.uri of a run (local folder or s3://)")
     export.add_argument("--out", required=True, help="the JSON file to write")
@@ -74,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     overlay.add_argument("--sample", type=int, default=12, help="how many images (default 12)")
     overlay.add_argument("--seed", type=int, default=0, help="which sample (default 0)")
     overlay.add_argument("--out", required=True, help="folder for the pictures")
+    overlay.add_argument("--color-by", choices=["mask", "stability", "score"], default="mask",
+                         help="a colour per mask (default), or each mask coloured by its stability_score or detection "
+                              "score: red 0, yellow 0.5, green 1")
     args = ap.parse_args(argv)
     if args.command != "run":
         return _tool(args)
@@ -167,10 +172,18 @@ def _tool(args) -> int:
             return 0
         storage = Storage()
         if args.command == "stats":
-            from .stats import output_stats, render_stats, stats_json
+            from .stats import check_writable_file, output_stats, render_stats, stats_json
 
+            if args.histogram_png:  # a path that cannot be written is said before the output is read
+                check_writable_file(args.histogram_png, "--histogram-png")
             st = output_stats(args.output, storage)
             print(stats_json(st) if args.json else render_stats(st))
+            if args.histogram_png:
+                from .stats import write_histogram_png
+
+                write_histogram_png(st, args.histogram_png)
+                if not args.json:
+                    print(f"wrote {args.histogram_png}")
         elif args.command == "export-coco":
             from .exports.coco import export_coco_file
 
@@ -211,7 +224,7 @@ def _tool(args) -> int:
         elif args.command == "overlay":
             from .overlay import write_overlays
 
-            paths = write_overlays(args.output, storage, args.sample, args.out, args.seed)
+            paths = write_overlays(args.output, storage, args.sample, args.out, args.seed, args.color_by)
             print(f"wrote {len(paths) - 1} pictures and {paths[-1]}")
         return 0
     except (JobError, CheckpointError, PreflightError, OutputError) as e:

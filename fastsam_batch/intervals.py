@@ -22,6 +22,7 @@ class IntervalMask:
     ends: np.ndarray
     score: float
     box: tuple[float, float, float, float]  # detection box xyxy (FastSAM's full-image rule applied)
+    stability: float = 0.0  # SAM's stability score of the model's logits in the box (quality.py)
     area: int = field(init=False)
 
     def __post_init__(self) -> None:

@@ -148,11 +148,15 @@ class MaskRulesConfig(_Strict):
     """Global mask rules; see fastsam_batch/mask_rules.py and the README for their exact semantics."""
 
     min_score: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_stability: float | None = Field(default=None, ge=0.0, le=1.0, description="drop masks whose stability "
+                                        "score (SAM's, logits > +1 over > -1 in the box) is below it (SAM: 0.95)")
     min_area: int | None = Field(default=None, ge=0, description="pixels")
     max_area: int | None = Field(default=None, ge=0, description="pixels")
     min_area_fraction: float | None = Field(default=None, ge=0.0, le=1.0, description="of the image's pixels")
     max_area_fraction: float | None = Field(default=None, ge=0.0, le=1.0, description="of the image's pixels")
     drop_full_image: bool = Field(default=False, description="drop the masks FastSAM treats as the whole image")
+    max_overlap: float | None = Field(default=None, ge=0.0, lt=1.0, description="drop a mask whose IoU with a "
+                                      "higher-scored kept mask is above it (duplicates; e.g. 0.9)")
     containment: float | None = Field(default=None, gt=0.0, le=1.0, description="drop masks this much inside a larger one (FastSAM: 0.8)")
     top_k: int | None = Field(default=None, ge=1)
     top_k_by: Literal["score", "area"] = "score"

@@ -3,15 +3,20 @@
 Applied to every image's masks after segmentation and before prompts select among them and
 before encoding, in this order (each rule sees what the previous ones left):
 
-1. ``min_score``: drop masks whose detection score is below it.
+1. ``min_score``: drop masks whose detection score is below it; ``min_stability``: drop masks whose
+   stability score (SAM's, see :mod:`.quality`) is below it (SAM's generator uses 0.95).
 2. ``min_area`` / ``max_area`` (pixels) and ``min_area_fraction`` / ``max_area_fraction`` (of the
    image's pixels): drop masks with area < min or > max; bounds are inclusive.
 3. ``drop_full_image``: drop the masks whose box FastSAM itself treats as the whole image (its box,
    snapped to the border within 20 px, has IoU > 0.9 with the image: the background mask).
-4. ``containment``: FastSAM's overlap filter (``filter_masks`` in the original repository): masks
+4. ``max_overlap``: duplicate masks: in score order (highest first; ties: the earlier), drop each
+   mask whose IoU with a mask kept before it is above max_overlap (NMS on the masks' pixels,
+   computed on intervals: :func:`.quality.duplicate_masks`). The count dropped is recorded per
+   image (``num_duplicates``).
+5. ``containment``: FastSAM's overlap filter (``filter_masks`` in the original repository): masks
    sorted by area, largest first (stable); for each mask A, every later, strictly smaller mask B not
    yet dropped is dropped when |A and B| / |B| > containment (FastSAM uses 0.8).
-5. ``top_k`` by ``top_k_by`` (``score`` or ``area``): keep the k largest, ties broken by the
+6. ``top_k`` by ``top_k_by`` (``score`` or ``area``): keep the k largest, ties broken by the
    original order.
 
 Kept masks stay in their original (score) order. ``clean_up`` (a morphological opening then
@@ -27,16 +32,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from .intervals import IntervalMask, intersection_area, intervals_bbox, to_crop
+from .quality import duplicate_masks
 
 
 @dataclass(frozen=True)
 class MaskRules:
     min_score: float | None = None
+    min_stability: float | None = None
     min_area: int | None = None
     max_area: int | None = None
     min_area_fraction: float | None = None
     max_area_fraction: float | None = None
     drop_full_image: bool = False
+    max_overlap: float | None = None
     containment: float | None = None
     top_k: int | None = None
     top_k_by: str = "score"
@@ -44,8 +52,9 @@ class MaskRules:
 
     @property
     def filters(self) -> bool:
-        return any(v is not None for v in (self.min_score, self.min_area, self.max_area, self.min_area_fraction,
-                                            self.max_area_fraction, self.containment, self.top_k)) or self.drop_full_image
+        return any(v is not None for v in (self.min_score, self.min_stability, self.min_area, self.max_area,
+                                            self.min_area_fraction, self.max_area_fraction, self.max_overlap,
+                                            self.containment, self.top_k)) or self.drop_full_image
 
 
 def full_image_boxes(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -84,14 +93,19 @@ def _boxes_touch(a: IntervalMask, b: IntervalMask) -> bool:
     return ax1 <= bx2 and bx1 <= ax2 and ay1 <= by2 and by1 <= ay2
 
 
-def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules) -> list[int]:
-    """Indices of the masks the rules keep, in their original order."""
+def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules, dropped: dict | None = None) -> list[int]:
+    """Indices of the masks the rules keep, in their original order. ``dropped``: when given, gets
+    ``duplicates``, how many ``max_overlap`` dropped (None when the rule is off)."""
     keep = list(range(len(masks)))
+    if dropped is not None:
+        dropped["duplicates"] = None
     if not rules.filters:
         return keep
     total = h * w
     if rules.min_score is not None:
         keep = [i for i in keep if masks[i].score >= rules.min_score]
+    if rules.min_stability is not None:
+        keep = [i for i in keep if masks[i].stability >= rules.min_stability]
     lo = max(rules.min_area or 0, (rules.min_area_fraction or 0.0) * total)
     hi = min(rules.max_area if rules.max_area is not None else total,
              (rules.max_area_fraction if rules.max_area_fraction is not None else 1.0) * total)
@@ -99,6 +113,12 @@ def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules
     if rules.drop_full_image and keep:
         full = full_image_boxes(np.array([masks[i].box for i in keep], np.float32), h, w)
         keep = [i for i, f in zip(keep, full) if not f]
+    if rules.max_overlap is not None:
+        dup = duplicate_masks([(masks[i].starts, masks[i].ends) for i in keep], [masks[i].score for i in keep],
+                              rules.max_overlap)
+        keep = [i for k, i in enumerate(keep) if k not in dup]
+        if dropped is not None:
+            dropped["duplicates"] = len(dup)
     if rules.containment is not None and keep:
         sub = [masks[i] for i in keep]
         dropped = contained_masks(sub, rules.containment)

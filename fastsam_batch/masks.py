@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .quality import stability_counts, stability_counts_host, stability_score
 from .rle import crop_intervals
 
 
@@ -58,9 +59,11 @@ def box_pixel_span(lo: float, hi: float, size: int) -> tuple[int, int]:
 
 def iter_box_mask_intervals(
     coeffs: torch.Tensor, protos: torch.Tensor, boxes: torch.Tensor, h: int, w: int, chunk_pixels: int = 1 << 21,
-    masks_at_once: int = 1024,
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """For each mask, ``(index, starts, ends)``: its pixels as column-major [start, end) intervals.
+    masks_at_once: int = 1024, stability: bool = False,
+) -> Iterator[tuple]:
+    """For each mask, ``(index, starts, ends)``: its pixels as column-major [start, end) intervals;
+    with ``stability``, ``(index, starts, ends, stability score)`` (:mod:`.quality`: on the logits
+    of the box crop).
 
     The masks are ultralytics' retina masks (``process_mask_native``: prototype logits resized to
     the original image, cropped to the box, > 0) for ``coeffs`` (n x c) over ``protos``
@@ -86,20 +89,27 @@ def iter_box_mask_intervals(
         c0, c1 = box_pixel_span(x1, x2, w)
         r0, r1 = box_pixel_span(y1, y2, h)
         if r1 <= r0 or c1 <= c0:
-            yield i, np.empty(0, np.int64), np.empty(0, np.int64)
+            yield (i, np.empty(0, np.int64), np.empty(0, np.int64)) + ((np.float32(0),) if stability else ())
             continue
         k0, k1 = int(y_lo[r0:r1].min()), int(y_hi[r0:r1].max())
         j0, j1 = int(x_lo[c0:c1].min()), int(x_hi[c0:c1].max())
         rows = ry[r0:r1, k0:k1] @ m[k0:k1, j0:j1]  # box rows at prototype column resolution
         step = max(1, chunk_pixels // (r1 - r0))
         starts, ends = [], []
+        inter = union = 0
         for a in range(c0, c1, step):
             b = min(a + step, c1)
-            crop = (rows @ rx[a:b, j0:j1].T) > 0  # BLAS: dense over the band, cheap per pixel
-            s, e = crop_intervals(crop, a, r0, h)
+            crop = rows @ rx[a:b, j0:j1].T  # BLAS: dense over the band, cheap per pixel
+            if stability:
+                hi, lo = stability_counts_host(crop.numpy()) if crop.device.type == "cpu" else map(int, stability_counts(crop))
+                inter, union = inter + hi, union + lo
+            s, e = crop_intervals(crop > 0, a, r0, h)
             starts.append(s)
             ends.append(e)
-        yield i, np.concatenate(starts), np.concatenate(ends)
+        if stability:
+            yield i, np.concatenate(starts), np.concatenate(ends), stability_score(inter, union)[()]
+        else:
+            yield i, np.concatenate(starts), np.concatenate(ends)
 
 
 def adjust_full_image_boxes(boxes: torch.Tensor, h: int, w: int, threshold: int = 20, iou_thresh: float = 0.9) -> torch.Tensor:
@@ -200,13 +210,18 @@ class LaunchedMasks:
     plan: torch.Tensor | None = None
     plans: list = field(default_factory=list)
     slots: list = field(default_factory=list)
-    found: torch.Tensor | None = None  # counts of every chunk, then each chunk's (2, slot) keys and positions
+    found: torch.Tensor | None = None  # counts of every chunk, [stability counts,] then each chunk's (2, slot) keys and positions
+    stability: bool = True  # stability counts made on the device and copied back with the transitions
+    chunk_keys: np.ndarray | None = None  # the batch key of each row of the plan (chunk by chunk), on the host
+    scores: list = field(default_factory=list)  # after collect: per image, each mask's stability score (float32)
 
 
-def launch_box_masks(jobs: list, budget_pixels: int = 1 << 26) -> LaunchedMasks:
+def launch_box_masks(jobs: list, budget_pixels: int = 1 << 26, stability: bool = True) -> LaunchedMasks:
     """Everything of :func:`batched_box_mask_intervals` up to the copy back to the host: the plan
     from the host's boxes, its asynchronous copy to the device, every chunk's operations. Never
-    waits for the device (tests/test_cuda.py runs it under ``torch.cuda.set_sync_debug_mode("error")``)."""
+    waits for the device (tests/test_cuda.py runs it under ``torch.cuda.set_sync_debug_mode("error")``).
+    ``stability``: each mask's stability counts (:mod:`.quality`) are made too, and travel in the
+    same copy back (no wait more); :func:`collect_box_masks` leaves the scores in ``scores``."""
     offsets = []
     plans = []  # per chunk: (job index, first row of the plan table, count, crop height, crop width)
     table = []  # per mask of a chunk: r0, r1, c0, c1, index in its image, key in the batch
@@ -225,13 +240,17 @@ def launch_box_masks(jobs: list, budget_pixels: int = 1 << 26) -> LaunchedMasks:
                 plans.append((j, rows, len(idx), int(hc[idx].max()), int(wc[idx].max())))
                 rows += len(idx)
         key0 += n
-    out = LaunchedMasks(jobs, offsets, key0)
+    out = LaunchedMasks(jobs, offsets, key0, stability=stability)
     if plans:
-        out.plan = to_device(np.concatenate(table), device)  # the one copy of the plan to the device
+        host_plan = np.concatenate(table)
+        out.plan = to_device(host_plan, device)  # the one copy of the plan to the device
+        out.chunk_keys = host_plan[:, 5]
         out.plans = plans
         out.slots = [min(k * wc * (hc + 1), k * wc * GUESS_PER_COLUMN + 64) for _, _, k, hc, wc in plans]
-        found = [_chunk_transitions(jobs, out.plan, p, s) for p, s in zip(plans, out.slots)]
-        out.found = torch.cat([torch.stack([c for c, _ in found]), torch.cat([kp.flatten() for _, kp in found])])
+        found = [_chunk_transitions(jobs, out.plan, p, s, stability) for p, s in zip(plans, out.slots)]
+        counts = [torch.stack([c for c, _, _ in found])]
+        stab = [torch.cat([st.flatten() for _, _, st in found])] if stability else []
+        out.found = torch.cat(counts + stab + [torch.cat([kp.flatten() for _, kp, _ in found])])
     return out
 
 
@@ -240,14 +259,24 @@ def collect_box_masks(launched: LaunchedMasks) -> list[list[tuple[np.ndarray, np
     more transitions than its slot, computed again with its exact count)."""
     jobs, plans, slots = launched.jobs, launched.plans, launched.slots
     key_pos = np.empty((2, 0), np.int64)
+    inter = np.zeros(launched.keys, np.int64)
+    union = np.zeros(launched.keys, np.int64)
     if plans:
         both = launched.found.cpu().numpy()  # the one copy back
         counts, rest = both[:len(plans)], both[len(plans):]
+        if launched.stability:  # per chunk: its k intersections, then its k unions
+            rows = len(launched.chunk_keys)
+            stab, rest = rest[:2 * rows], rest[2 * rows:]
+            at = 0
+            for _, first, k, _, _ in plans:
+                keys = launched.chunk_keys[first:first + k]
+                inter[keys], union[keys] = stab[at:at + k], stab[at + k:at + 2 * k]
+                at += 2 * k
         bounds = np.concatenate([[0], np.cumsum(2 * np.asarray(slots))])
         parts = [rest[bounds[i]:bounds[i + 1]].reshape(2, -1)[:, :counts[i]] for i in range(len(plans))]
         over = [i for i in range(len(plans)) if counts[i] > slots[i]]
         if over:  # a second pass, only for chunks with more transitions than guessed: exact slots
-            again = [_chunk_transitions(jobs, launched.plan, plans[i], int(counts[i]))[1] for i in over]
+            again = [_chunk_transitions(jobs, launched.plan, plans[i], int(counts[i]), False)[1] for i in over]
             back = torch.cat([kp.flatten() for kp in again]).cpu().numpy()
             at = 0
             for i in over:
@@ -259,6 +288,8 @@ def collect_box_masks(launched: LaunchedMasks) -> list[list[tuple[np.ndarray, np
     key, pos = key[order], pos[order]
     bounds = np.searchsorted(key, np.arange(launched.keys + 1))
     out = []
+    scores = stability_score(inter, union)
+    launched.scores = [scores[first:first + n] for first, n in launched.offsets]
     for first, n in launched.offsets:
         masks = []
         for i in range(first, first + n):
@@ -268,10 +299,12 @@ def collect_box_masks(launched: LaunchedMasks) -> list[list[tuple[np.ndarray, np
     return out
 
 
-def _chunk_transitions(jobs, plan: torch.Tensor, chunk: tuple, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_transitions(jobs, plan: torch.Tensor, chunk: tuple, slot: int,
+                       stability: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk of :func:`batched_box_mask_intervals`, all on the device: (how many transitions it
     has, a 0-d tensor; ``(2, slot)``: the batch key and pixel position of its first ``slot``
-    transitions, mask by mask, column by column, row by row)."""
+    transitions, mask by mask, column by column, row by row; with ``stability``, ``(2, k)``: each
+    mask's stability intersection and union counts inside its box, else None)."""
     j, first, k, Hc, Wc = chunk
     coeffs, protos, _, h, w = jobs[j]
     device = protos.device
@@ -286,6 +319,7 @@ def _chunk_transitions(jobs, plan: torch.Tensor, chunk: tuple, slot: int) -> tup
     crop = torch.bmm(torch.bmm(ry_sel, logits), rx_sel.transpose(1, 2))  # (k, Hc, Wc)
     inside = (ar_h[None, :] < (sp[:, 1] - r0)[:, None])[:, :, None] & \
              (ar_w[None, :] < (sp[:, 3] - c0)[:, None])[:, None, :]
+    stab = torch.stack(stability_counts(crop, inside)) if stability else None  # (2, k), on the device
     on = ((crop > 0) & inside).transpose(1, 2).to(torch.int8)  # (k, Wc, Hc): column-major
     del crop, inside
     d = torch.nn.functional.pad(on, (1, 1)).diff(dim=2).ne_(0).flatten()  # where a run starts or ends
@@ -295,7 +329,7 @@ def _chunk_transitions(jobs, plan: torch.Tensor, chunk: tuple, slot: int) -> tup
     f = torch.searchsorted(seen, torch.arange(1, slot + 1, device=device, dtype=torch.int32)).clamp_(max=d.numel() - 1)
     per_mask, per_col = Wc * (Hc + 1), Hc + 1
     m, col, row = f // per_mask, (f % per_mask) // per_col, f % per_col
-    return count, torch.stack([sp[m, 5], (c0[m] + col) * h + r0[m] + row])
+    return count, torch.stack([sp[m, 5], (c0[m] + col) * h + r0[m] + row]), stab
 
 
 def _chunks_by_size(hc: np.ndarray, wc: np.ndarray, budget_pixels: int) -> list[list[int]]:

@@ -4,7 +4,9 @@ For a sample of images (the same sample for the same seed): the image with each 
 colour of its own (half opacity) and outlined, box prompts drawn as white rectangles and point
 prompts as crosses (green foreground, red background), as ``DIR/<image id>.png``; and a contact
 sheet of the sample, ``DIR/contact-sheet.png``. Pixels outside every mask and prompt mark are the
-image's own.
+image's own. ``--color-by stability`` or ``score`` colours each mask by its ``stability_score`` or
+detection ``score`` instead, on a red (0) - yellow (0.5) - green (1) scale (:func:`value_colour`),
+to see at a glance which masks a quality threshold would drop.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ def mask_colour(k: int) -> np.ndarray:
     return np.array([r, g, b]) * 255
 
 
+COLOR_BY = {"mask": None, "stability": "stability_score", "score": "score"}  # --color-by: the mask field
+
+
+def value_colour(v: float) -> np.ndarray:
+    """A value in [0, 1] as a colour: hue from red (0) through yellow (0.5) to green (1)."""
+    r, g, b = colorsys.hsv_to_rgb(min(max(float(v), 0.0), 1.0) / 3, 0.85, 0.95)
+    return np.array([r, g, b]) * 255
+
+
 def outline(mask: np.ndarray) -> np.ndarray:
     """The mask's pixels with a 4-neighbour outside it."""
     inner = mask.copy()
@@ -41,8 +52,9 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def draw(image: np.ndarray, row: dict) -> np.ndarray:
-    """The picture of one output row over its RGB image."""
+def draw(image: np.ndarray, row: dict, color_by: str = "mask") -> np.ndarray:
+    """The picture of one output row over its RGB image; ``color_by``: a colour per mask, or by its
+    stability or detection score (see the module doc)."""
     from pycocotools import mask as mask_utils
 
     h, w = image.shape[:2]
@@ -50,7 +62,8 @@ def draw(image: np.ndarray, row: dict) -> np.ndarray:
     edges = []
     for k, m in enumerate(row["masks"]):
         binary = mask_utils.decode({"size": [h, w], "counts": m["counts"].encode()}).astype(bool)
-        colour = mask_colour(k)
+        field = COLOR_BY[color_by]
+        colour = mask_colour(k) if field is None else value_colour(m[field])
         out[binary] = out[binary] * (1 - ALPHA) + colour * ALPHA
         edges.append((outline(binary), colour))
     for edge, colour in edges:
@@ -75,11 +88,15 @@ def safe_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
 
 
-def sample_rows(output_uri: str, storage: Storage, n: int, seed: int = 0) -> list[dict]:
+def sample_rows(output_uri: str, storage: Storage, n: int, seed: int = 0, color_by: str = "mask") -> list[dict]:
     """``n`` ok rows chosen at random (``seed``), in image id order."""
     import pyarrow.compute as pc
 
     ds = output_dataset(output_uri, storage)
+    field = COLOR_BY[color_by]
+    if field is not None and ds.schema.field("masks").type.value_type.get_field_index(field) < 0:
+        raise OutputError(f"--color-by {color_by}: {output_uri!r} has no {field} in its masks "
+                          "(written by an older version; run it again to get the column)")
     ids = sorted(ds.to_table(columns=["image_id"], filter=pc.field("status") == "ok").column("image_id").to_pylist())
     if not ids:
         raise OutputError(f"{output_uri!r}: no ok rows to draw")
@@ -89,13 +106,14 @@ def sample_rows(output_uri: str, storage: Storage, n: int, seed: int = 0) -> lis
     return sorted(table.to_pylist(), key=lambda r: r["image_id"])
 
 
-def write_overlays(output_uri: str, storage: Storage, n: int, out_dir: str, seed: int = 0) -> list[Path]:
+def write_overlays(output_uri: str, storage: Storage, n: int, out_dir: str, seed: int = 0,
+                   color_by: str = "mask") -> list[Path]:
     """Draws the sample into ``out_dir``; returns the pictures written (the contact sheet last)."""
     from PIL import Image
 
     if n < 1:
         raise OutputError(f"--sample {n}: give how many images to draw (1 or more)")
-    rows = sample_rows(output_uri, storage, n, seed)  # the output read before anything is written
+    rows = sample_rows(output_uri, storage, n, seed, color_by)  # the output read before anything is written
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written, thumbs = [], []
@@ -107,7 +125,7 @@ def write_overlays(output_uri: str, storage: Storage, n: int, out_dir: str, seed
         if image.shape[:2] != (row["height"], row["width"]):
             raise OutputError(f"{row['uri']!r}: the image is {image.shape[1]}x{image.shape[0]} now, its row says "
                               f"{row['width']}x{row['height']} (changed since it was segmented?)")
-        picture = Image.fromarray(draw(image, row))
+        picture = Image.fromarray(draw(image, row, color_by))
         path = folder / f"{safe_name(row['image_id'])}.png"
         picture.save(path)
         written.append(path)

@@ -34,6 +34,7 @@ def output_table(batch: dict, masks: list[list[dict]], errors: list, timings: li
         "error": [None if k else str(e) for k, e in zip(ok, errors)],
         "masks": [m if k else [] for k, m in zip(ok, masks)],
         "num_masks": [len(m) if k else 0 for k, m in zip(ok, masks)],
+        "num_duplicates": [t.get("duplicates") if k else None for k, t in zip(ok, timings)],
         "prompts": prompts,
         "num_prompt_errors": [sum(p["error"] is not None for p in ps) for ps in prompts],
         "model": [model] * n,

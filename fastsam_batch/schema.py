@@ -10,6 +10,8 @@ MASK_TYPE = pa.struct(
         pa.field("bbox", pa.list_(pa.float64(), 4), nullable=False),  # [x, y, w, h], COCO convention
         pa.field("area", pa.int64(), nullable=False),  # pixels in the mask
         pa.field("score", pa.float32(), nullable=False),  # detection confidence (the largest, for merged masks)
+        # SAM's stability score: #(logit > 1) / #(logit > -1) inside the box (the lowest, for merged masks)
+        pa.field("stability_score", pa.float32(), nullable=False),
         # The prompt that selected the mask; all null for everything-mode masks.
         pa.field("prompt_index", pa.int32()),  # position in the image's `prompts` list
         pa.field("prompt_kind", pa.string()),  # "box" | "points" | "text"
@@ -46,6 +48,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("error", pa.string()),  # "<reason>: <detail>", null when ok
         pa.field("masks", pa.list_(MASK_TYPE), nullable=False),
         pa.field("num_masks", pa.int32(), nullable=False),
+        pa.field("num_duplicates", pa.int32()),  # masks dropped by mask_rules.max_overlap; null when off or error
         pa.field("prompts", pa.list_(PROMPT_TYPE), nullable=False),  # every prompt of the image, with its outcome
         pa.field("num_prompt_errors", pa.int32(), nullable=False),
         pa.field("model", pa.string(), nullable=False),  # checkpoint file name

@@ -24,7 +24,7 @@ import numpy as np
 
 from .intervals import IntervalMask
 from .mask_rules import MaskRules, apply_mask_rules, clean_up
-from .masks import adjust_full_image_boxes, batched_box_mask_intervals, iter_box_mask_intervals
+from .masks import adjust_full_image_boxes, collect_box_masks, iter_box_mask_intervals, launch_box_masks
 from .rle import rle_fields, runs_from_intervals, runs_to_rle
 from .select import apply_prompts, merged_intervals
 from .watchdog import maybe_slow_for_test
@@ -113,6 +113,7 @@ class FastSAMSegmenter:
         # The one place the mask path is chosen: mask by mask with BLAS on the box band is fastest on
         # a CPU; on an accelerator, a few large operations per batch (see candidates()).
         self.batched_masks = settings.mask_path == "batched" or (settings.mask_path == "auto" and self.device.type != "cpu")
+        self.stability = True  # each mask's stability score (quality.py); off only to measure its cost (benchmarks)
         self.stride = max(int(self.model.stride.max()), 32)
         self.nc = len(self.model.names)
         self.imgsz = check_imgsz(settings.imgsz, stride=self.stride, min_dim=2)
@@ -227,7 +228,8 @@ class FastSAMSegmenter:
         of memory); the masks are the same. The boxes and scores of the whole batch come to the host
         in one copy. Mask pixels: on the CPU mask by mask inside its box (:func:`iter_box_mask_intervals`,
         BLAS on the box band: fastest there); on an accelerator in a few large operations for the
-        whole batch (:func:`batched_box_mask_intervals`): the same intervals (tests)."""
+        whole batch (:func:`batched_box_mask_intervals`): the same intervals (tests). Each mask carries its
+        stability score (:mod:`.quality`), made with its pixels on either path."""
         torch = self.torch
         from ultralytics.utils import ops
 
@@ -239,28 +241,34 @@ class FastSAMSegmenter:
         host = torch.cat(host).cpu().numpy() if host else np.empty((0, 9), np.float32)  # one copy for the batch
         host = np.split(host, np.cumsum([len(b) for b in boxes])[:-1])
         if not self.batched_masks:
-            pixels = [list((s, e) for _, s, e in iter_box_mask_intervals(pred[:, 6:], proto, b, h, w, chunk_pixels,
-                                                                         masks_at_once))
-                      for b, (h, w), (_, pred, proto) in zip(boxes, sizes, forwards)]
+            found = [list(iter_box_mask_intervals(pred[:, 6:], proto, b, h, w, chunk_pixels, masks_at_once,
+                                                  stability=self.stability))
+                     for b, (h, w), (_, pred, proto) in zip(boxes, sizes, forwards)]
+            pixels = [[(x[1], x[2]) for x in f] for f in found]
+            stability = [[x[3] if self.stability else 0.0 for x in f] for f in found]
         else:
-            pixels = batched_box_mask_intervals([(pred[:, 6:], proto, hb[:, :4], h, w)
-                                                 for hb, (h, w), (_, pred, proto) in zip(host, sizes, forwards)],
-                                                device_pixels)
+            launched = launch_box_masks([(pred[:, 6:], proto, hb[:, :4], h, w)
+                                         for hb, (h, w), (_, pred, proto) in zip(host, sizes, forwards)],
+                                        device_pixels, stability=self.stability)
+            pixels = collect_box_masks(launched)
+            stability = launched.scores
         out = []
-        for hb, masks in zip(host, pixels):
+        for hb, masks, stab in zip(host, pixels, stability):
             adjusted, scores = hb[:, 4:8].tolist(), hb[:, 8].tolist()
             # empty masks are dropped, as ultralytics does
-            out.append([IntervalMask(st, en, scores[i], tuple(adjusted[i])) for i, (st, en) in enumerate(masks) if st.size])
+            out.append([IntervalMask(st, en, scores[i], tuple(adjusted[i]), float(stab[i]))
+                        for i, (st, en) in enumerate(masks) if st.size])
         return out
 
     def select(self, image: np.ndarray, masks: list[IntervalMask], prompts: list[dict] | None,
-               size: tuple[int, int] | None = None):
+               size: tuple[int, int] | None = None, counts: dict | None = None):
         """Mask rules, then prompts: the output masks as (intervals, record fields), and the prompt
         records. ``size``: the image's (height, width) when ``image`` is a reduced decode (CLIP text
-        prompts need the full image, see pipeline)."""
+        prompts need the full image, see pipeline). ``counts``: gets what the rules dropped, by kind
+        (mask_rules.apply_mask_rules)."""
         s = self.settings
         h, w = size or image.shape[:2]
-        keep = apply_mask_rules(masks, h, w, s.rules)
+        keep = apply_mask_rules(masks, h, w, s.rules, counts)
         masks = [masks[i] for i in keep]
         out: list[tuple[tuple[np.ndarray, np.ndarray], dict]] = []
         records: list[dict] = []
@@ -271,11 +279,11 @@ class FastSAMSegmenter:
             for k, sel in selected:
                 p = prompts[k]
                 out.append((merged_intervals(masks, sel), {
-                    "score": sel.score, "prompt_index": k, "prompt_kind": p["kind"], "prompt_id": p.get("id"),
+                    "score": sel.score, "stability_score": min(masks[i].stability for i in sel.masks), "prompt_index": k, "prompt_kind": p["kind"], "prompt_id": p.get("id"),
                     "category_id": p.get("category_id"), "prompt_score": sel.prompt_score}))
             records = [prompt_record(k, p, counts[k], errors[k]) for k, p in enumerate(prompts)]
         if not s.prompted or s.keep_everything:
-            out += [((m.starts, m.ends), {"score": m.score, **NO_PROMPT}) for m in masks]
+            out += [((m.starts, m.ends), {"score": m.score, "stability_score": m.stability, **NO_PROMPT}) for m in masks]
         if s.rules.clean_up_kernel:
             out = [(clean_up(st, en, h, w, s.rules.clean_up_kernel), f) for (st, en), f in out]
         return out, records
@@ -285,7 +293,8 @@ class FastSAMSegmenter:
         """The output masks of each image (everything mode: best score first; with prompts: in prompt
         order), its prompt records, and its stage timings in ms: ``model`` (its share of letterbox +
         forward + NMS), ``masks`` (its share of mask pixels and intervals), ``select`` (mask rules,
-        prompts, CLIP, clean-up) and ``encode`` (RLE compression, area, bbox). ``sizes``: each
+        prompts, CLIP, clean-up) and ``encode`` (RLE compression, area, bbox), and with them
+        ``duplicates`` (masks dropped by ``mask_rules.max_overlap``; None when off). ``sizes``: each
         image's (height, width) as shown, where an image is a reduced decode; else the arrays' own."""
         return self.finish(self.segment_on_device(images, small, sizes), images, prompts)
 
@@ -320,7 +329,8 @@ class FastSAMSegmenter:
         with self.torch.inference_mode():
             for im, (h, w), masks, image_prompts in zip(images, sizes, candidates, prompts):
                 t2 = time.perf_counter()
-                selected, prompt_records = self.select(im, masks, image_prompts, (h, w))
+                dropped: dict = {}
+                selected, prompt_records = self.select(im, masks, image_prompts, (h, w), dropped)
                 t3 = time.perf_counter()
                 records = []
                 for (starts, ends), fields in selected:
@@ -329,7 +339,9 @@ class FastSAMSegmenter:
                     counts, area, bbox = rle_fields(runs_to_rle(runs_from_intervals(starts, ends, h * w), h, w))
                     records.append({"counts": counts, "bbox": bbox, "area": area, **fields})
                 t4 = time.perf_counter()
-                timings = {**shared, "select": (t3 - t2) * 1000, "encode": (t4 - t3) * 1000}
+                # with the timings: the masks dropped as duplicates (mask_rules.max_overlap; None when off)
+                timings = {**shared, "select": (t3 - t2) * 1000, "encode": (t4 - t3) * 1000,
+                           "duplicates": dropped.get("duplicates")}
                 results.append((records, prompt_records, timings))
         return results
 

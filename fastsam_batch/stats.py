@@ -1,8 +1,12 @@
 """``fastsam-batch stats OUTPUT``: what an output holds, read from its Parquet files (local or S3).
 
 Rows by status, errors by reason, masks per image (mean and percentiles), per-stage milliseconds
-(percentiles), the run fingerprints present. Only the few columns needed are read, a file at a
-time, so a million-image output is summarised in little memory (a number per image and stage).
+(percentiles), the run fingerprints present, duplicate masks dropped (``mask_rules.max_overlap``),
+and histograms of the masks' ``stability_score`` (20 bins of 0.05) and of masks per ok image (at
+most 20 bins of equal integer width), as text, and as a PNG with ``--histogram-png``. Only the few
+columns needed are read, a file at a time (of ``masks`` only its ``stability_score`` leaf), so a
+million-image output is summarised in little memory (a number per image and stage; the stability
+histogram is counted on fixed bins as the files pass).
 """
 
 from __future__ import annotations
@@ -11,12 +15,16 @@ import json
 from collections import Counter
 
 import numpy as np
+import pyarrow.compute as pc
 
 from .resume import list_parts, local_paths
 from .schema import STAGE_COLUMNS as STAGES, error_reason
 from .storage import Storage
 
 PERCENTILES = (50, 90, 99)
+STABILITY_EDGES = np.linspace(0.0, 1.0, 21)  # 20 bins of 0.05; the last one holds 1.0
+SAM_STABILITY = 0.95  # SAM's stability_score_thresh: the share of masks at or above it is reported
+HISTOGRAM_BINS = 20
 
 
 class OutputError(RuntimeError):
@@ -52,6 +60,32 @@ def _summary(values: np.ndarray) -> dict:
             "max": round(float(values.max()), 3)}
 
 
+def masks_per_image_histogram(per_image: np.ndarray) -> dict:
+    """Counts of ok images by masks per image, in at most HISTOGRAM_BINS bins of equal integer width
+    ([lo, hi) each, the last holding the largest count)."""
+    top = int(per_image.max()) if len(per_image) else 0
+    width = max(1, -(-(top + 1) // HISTOGRAM_BINS))
+    edges = np.arange(0, top + width + 1, width)
+    counts, _ = np.histogram(per_image, bins=edges)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def stability_scores(ds, files=None):
+    """Each file's masks' ``stability_score`` (float32 array), reading only that leaf of ``masks``;
+    files written before the column existed give none."""
+    import pyarrow.parquet as pq
+
+    for path in files if files is not None else ds.files:
+        with ds.filesystem.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            masks = pf.schema_arrow.field("masks").type.value_type
+            if masks.get_field_index("stability_score") < 0:
+                continue
+            t = pf.read(columns=["masks.list.element.stability_score"])
+            values = t.column("masks").combine_chunks().flatten().field("stability_score")
+            yield values.to_numpy(zero_copy_only=False).astype(np.float32)
+
+
 def output_stats(output_uri: str, storage: Storage) -> dict:
     ds = output_dataset(output_uri, storage)
     statuses: Counter = Counter()
@@ -59,7 +93,10 @@ def output_stats(output_uri: str, storage: Storage) -> dict:
     fingerprints: Counter = Counter()
     masks: list[np.ndarray] = []
     stages: dict[str, list[np.ndarray]] = {s: [] for s in STAGES}
-    columns = ["status", "error", "num_masks", "run_fingerprint", *[s for s in STAGES if s in ds.schema.names]]
+    duplicates = duplicate_rows = 0
+    has_dups = "num_duplicates" in ds.schema.names
+    columns = ["status", "error", "num_masks", "run_fingerprint", *[s for s in STAGES if s in ds.schema.names],
+               *(["num_duplicates"] if has_dups else [])]
     for batch in ds.to_batches(columns=columns):
         status = batch.column("status").to_numpy(zero_copy_only=False)
         statuses.update(status.tolist())
@@ -67,11 +104,22 @@ def output_stats(output_uri: str, storage: Storage) -> dict:
         fingerprints.update(batch.column("run_fingerprint").to_pylist())
         ok = status == "ok"
         masks.append(batch.column("num_masks").to_numpy(zero_copy_only=False)[ok])
+        if has_dups:
+            d = batch.column("num_duplicates")
+            duplicates += int(pc.sum(d).as_py() or 0)
+            duplicate_rows += len(d) - d.null_count
         for s in STAGES:
             if s in batch.schema.names:
                 v = batch.column(s).to_numpy(zero_copy_only=False).astype(np.float64)
                 stages[s].append(v[np.isfinite(v) & (v >= 0)])
     per_image = np.concatenate(masks) if masks else np.empty(0)
+    stab_counts = np.zeros(len(STABILITY_EDGES) - 1, np.int64)
+    stab_sum, stab_n, stab_sam = 0.0, 0, 0
+    for v in stability_scores(ds):
+        stab_counts += np.histogram(v, bins=STABILITY_EDGES)[0]
+        stab_sum += float(v.astype(np.float64).sum())
+        stab_n += len(v)
+        stab_sam += int((v >= np.float32(SAM_STABILITY)).sum())
     return {
         "output_uri": output_uri,
         "files": len(ds.files),
@@ -80,6 +128,14 @@ def output_stats(output_uri: str, storage: Storage) -> dict:
         "errors_by_reason": dict(sorted(reasons.items())),
         "masks": int(per_image.sum()),
         "masks_per_ok_image": _summary(per_image),
+        # rows checked for duplicates (mask_rules.max_overlap set) and the masks it dropped in them
+        "duplicates": {"rows_checked": duplicate_rows, "masks_dropped": duplicates},
+        "stability_score": {"count": stab_n, "mean": round(stab_sum / stab_n, 4) if stab_n else None,
+                            f"at_least_{SAM_STABILITY}": stab_sam},
+        "histograms": {
+            "stability_score": {"edges": [round(float(e), 2) for e in STABILITY_EDGES], "counts": stab_counts.tolist()},
+            "masks_per_ok_image": masks_per_image_histogram(per_image),
+        },
         "stage_ms": {s: _summary(np.concatenate(v) if v else np.empty(0)) for s, v in stages.items()},
         "run_fingerprints": dict(sorted(fingerprints.items())),
     }
@@ -94,12 +150,98 @@ def render_stats(st: dict) -> str:
     if m["count"]:
         lines.append(f"  masks: {st['masks']:,}; per ok image mean {m['mean']:.1f}, p50 {m['p50']:g}, p90 {m['p90']:g}, "
                      f"p99 {m['p99']:g}, max {m['max']:g}")
+    d = st.get("duplicates") or {}
+    if d.get("rows_checked"):
+        lines.append(f"  duplicate masks dropped (mask_rules.max_overlap): {d['masks_dropped']:,} "
+                     f"in {d['rows_checked']:,} rows checked")
+    q = st.get("stability_score") or {}
+    hist = st.get("histograms") or {}
+    if q.get("count"):
+        at = q[f"at_least_{SAM_STABILITY}"]
+        lines.append(f"  stability_score: mean {q['mean']:.3f}; >= {SAM_STABILITY} (SAM's threshold): {at:,} of "
+                     f"{q['count']:,} masks ({100 * at / q['count']:.1f}%)")
+        lines += render_histogram(hist["stability_score"], "{lo:.2f}-{hi:.2f}")
+    if m["count"]:
+        lines.append("  masks per ok image:")
+        lines += render_histogram(hist["masks_per_ok_image"], "{lo:g}-{hi_incl:g}")
     lines.append("  stage ms        p50       p90       p99")
     for s, v in st["stage_ms"].items():
         if v["count"]:
             lines.append(f"    {s[:-3]:<10}{v['p50']:>9.1f} {v['p90']:>9.1f} {v['p99']:>9.1f}")
     lines.append("  run fingerprints: " + ", ".join(f"{k} ({v:,} rows)" for k, v in st["run_fingerprints"].items()))
     return "\n".join(lines)
+
+
+BAR = 40
+
+
+def render_histogram(h: dict, label: str) -> list[str]:
+    """Text bars, one line a bin, from the first bin with a count to the last."""
+    counts, edges = h["counts"], h["edges"]
+    full = [i for i, c in enumerate(counts) if c]
+    if not full:
+        return []
+    top = max(counts)
+    lines = []
+    for i in range(full[0], full[-1] + 1):
+        name = label.format(lo=edges[i], hi=edges[i + 1], hi_incl=edges[i + 1] - 1)
+        bar = "#" * round(BAR * counts[i] / top)
+        lines.append(f"    {name:>11} |{bar:<{BAR}} {counts[i]:,}")
+    return lines
+
+
+def check_writable_file(path: str, option: str) -> None:
+    """A local file ``path`` can be written: its folder exists and is writable, and it is no folder."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise OutputError(f"{option} {path!r}: is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise OutputError(f"{option} {path!r}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{option} {path!r}: cannot write in {folder}")
+
+
+def write_histogram_png(st: dict, path: str) -> None:
+    """The two histograms (stability_score, masks per ok image) side by side, as a PNG at ``path``
+    (replaced only once complete)."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = st["histograms"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    try:
+        for ax, h, title, xlabel in [
+            (a, hist["stability_score"], f"stability_score ({st['stability_score']['count']:,} masks)", "stability score"),
+            (b, hist["masks_per_ok_image"], f"masks per ok image ({st['masks_per_ok_image']['count']:,} images)",
+             "masks"),
+        ]:
+            edges = np.asarray(h["edges"], np.float64)
+            ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", color="#4477aa", edgecolor="white")
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("count")
+        a.axvline(SAM_STABILITY, color="#cc3311", linestyle="--", label=f"SAM's threshold {SAM_STABILITY}")
+        a.legend(loc="upper left")
+        fig.suptitle(st["output_uri"], fontsize=9)
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".png.tmp", dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fig.savefig(f, format="png")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    finally:
+        plt.close(fig)
 
 
 def stats_json(st: dict) -> str:

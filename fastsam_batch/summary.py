@@ -30,6 +30,7 @@ class RunSummary:
     duplicate_examples: list[str] = field(default_factory=list)
     skipped_examples: list[str] = field(default_factory=list)
     masks_written: int = 0
+    masks_dropped_duplicates: int = 0  # masks dropped by mask_rules.max_overlap in the rows this run wrote
     images_retried: int = 0  # images whose read was retried after a transient storage error
     read_retries: int = 0  # retries of reads in all
     # Prompts (null/zero in everything mode).
@@ -70,6 +71,7 @@ class RunSummary:
             self.run_ok += int(r["ok"])
             self.run_error += int(r["rows"] - r["ok"])
             self.masks_written += int(r["masks"])
+            self.masks_dropped_duplicates += int(r.get("duplicates") or 0)
             self.files_written += 1
             self.write_s += float(r["write_s"])
             reasons.update(json.loads(r["errors"]))
@@ -115,6 +117,8 @@ class RunSummary:
         if total != self.run_ok + self.run_error:
             lines.append(f"  the job's images now: {total} of {self.images_planned} have rows (ok {self.images_ok}, "
                          f"error {self.images_error}), {self.images_skipped_done} of them from earlier runs")
+        if self.masks_dropped_duplicates:
+            lines.append(f"  duplicate masks dropped (mask_rules.max_overlap): {self.masks_dropped_duplicates}")
         if self.images_retried:
             lines.append(f"  retried after transient storage errors: {self.images_retried} images ({self.read_retries} retries)")
         if self.images_skipped_done:

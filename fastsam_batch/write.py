@@ -114,6 +114,8 @@ class ParquetWriter:
                     "ok": sum(s == "ok" for s in statuses),
                     "errors": json.dumps(dict(reasons)),
                     "masks": int(sum(table.column("num_masks").to_pylist())),
+                    "duplicates": int(sum(d or 0 for d in table.column("num_duplicates").to_pylist()))
+                    if "num_duplicates" in table.column_names else 0,
                     "retried": sum(1 for r in retries if r),
                     "retries": sum(retries),
                     "prompts": sum(len(ps) for ps in prompts),
@@ -132,6 +134,7 @@ STATS_SCHEMA = pa.schema(
         ("ok", pa.int64()),
         ("errors", pa.string()),
         ("masks", pa.int64()),
+        ("duplicates", pa.int64()),  # masks dropped as duplicates (mask_rules.max_overlap)
         ("retried", pa.int64()),
         ("retries", pa.int64()),
         ("prompts", pa.int64()),

@@ -52,14 +52,16 @@ def test_batched_masks_on_cuda_equal_the_cpu_path_and_launch_without_syncing():
     on_cuda = [(c.to(CUDA), p.to(CUDA), b, h, w) for c, p, b, h, w in jobs]
     torch.cuda.synchronize()
     with no_sync():
-        launched = launch_box_masks(on_cuda, 1 << 20)  # many chunks
+        launched = launch_box_masks(on_cuda, 1 << 20)  # many chunks (stability counts included)
     gpu = collect_box_masks(launched)
     assert sum(len(m) for m in gpu) == 347
-    for a, b, (c, p, bx, h, w) in zip(cpu, gpu, jobs):
-        per_mask = [(s, e) for _, s, e in iter_box_mask_intervals(c, p, torch.from_numpy(bx), h, w)]
-        for (s1, e1), (s2, e2), (s3, e3) in zip(a, b, per_mask):
+    for a, b, q, (c, p, bx, h, w) in zip(cpu, gpu, launched.scores, jobs):
+        per_mask = list(iter_box_mask_intervals(c, p, torch.from_numpy(bx), h, w, stability=True))
+        for (s1, e1), (s2, e2), (_, s3, e3, _) in zip(a, b, per_mask):
             assert np.array_equal(s1, s2) and np.array_equal(e1, e2)
             assert np.array_equal(s1, s3) and np.array_equal(e1, e3)
+        # exact arithmetic: the device's stability scores are the CPU's, bit for bit
+        assert np.array_equal(q, np.array([x[3] for x in per_mask], np.float32).reshape(-1))
     assert sum(s.size for m in gpu for s, _ in m) > 0
 
 

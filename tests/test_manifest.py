@@ -61,6 +61,11 @@ def test_good_manifest_gets_fastsam_defaults():
         ("input", "s3://x", "input", "dictionary"),
         ("name", "bad name!", "name", "pattern"),
         ("output.uri", "s3://bucket/images/", "output.uri must differ", "input.uri"),
+        ("mask_rules.min_stability", 1.2, "mask_rules.min_stability", "less than or equal to 1"),
+        ("mask_rules.min_stability", "high", "mask_rules.min_stability", "number"),
+        ("mask_rules.max_overlap", 1.0, "mask_rules.max_overlap", "less than 1"),
+        ("mask_rules.max_overlap", -0.5, "mask_rules.max_overlap", "greater than or equal to 0"),
+        ("mask_rules.max_iou", 0.9, "mask_rules.max_iou", "unknown key"),
     ],
 )
 def test_bad_manifest_names_the_field(path, value, field, words):
@@ -68,6 +73,32 @@ def test_bad_manifest_names_the_field(path, value, field, words):
         parse_manifest(with_change(path, value))
     msg = str(e.value)
     assert field in msg and words in msg, msg
+
+
+def test_quality_rules_reach_the_mask_rules_and_the_fingerprint():
+    from fastsam_batch.mask_rules import MaskRules
+
+    m = parse_manifest(with_change("mask_rules", {"min_stability": 0.95, "max_overlap": 0.9}))
+    rules = MaskRules(**m.mask_rules.model_dump())
+    assert (rules.min_stability, rules.max_overlap) == (0.95, 0.9) and rules.filters
+    from fastsam_batch.resume import run_fingerprint
+
+    fingerprints = {run_fingerprint(parse_manifest(with_change("mask_rules", r)), "0" * 64)[0]
+                    for r in ({}, {"min_stability": 0.95}, {"max_overlap": 0.9})}
+    assert len(fingerprints) == 3  # another rule, another run: its rows are not mixed with the old ones
+
+
+def test_cli_rejects_a_bad_quality_rule_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    bad = with_change("mask_rules.max_overlap", 1.5)
+    bad["input"]["uri"] = str(ROOT / "jobs" / "demo-images")
+    bad["output"]["uri"] = str(out)
+    bad["model"]["checkpoint"] = str(ROOT / "tests" / "fixtures" / "fastsam-fixture.pt")
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(bad))
+    r = run_cli("run", str(p))
+    assert r.returncode == 2 and "mask_rules.max_overlap" in r.stderr
+    assert not out.exists()
 
 
 def test_not_a_mapping_and_bad_yaml(tmp_path):

@@ -42,7 +42,9 @@ def test_mixed_sizes_in_one_batch_equal_single_image_calls(segmenter, images):
         assert prompts == []
         assert [r["counts"] for r in recs] == [r["counts"] for r in single]
         assert [r["score"] for r in recs] == pytest.approx([r["score"] for r in single], abs=1e-6)
-        assert set(timings) == {"model", "masks", "select", "encode"}
+        assert [r["stability_score"] for r in recs] == pytest.approx([r["stability_score"] for r in single], abs=1e-6)
+        assert set(timings) == {"model", "masks", "select", "encode", "duplicates"}
+        assert timings["duplicates"] is None  # mask_rules.max_overlap is off
 
 
 def test_batched_masks_are_the_reference_predictions(segmenter, images, checkpoint):
