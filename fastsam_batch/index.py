@@ -457,23 +457,25 @@ class Committed:
         if not self.rows:
             return [Lookup("new") for _ in image_ids]
         start, end = self.ranges(image_ids)
+        at = np.minimum(start, self.rows - 1)  # each image's first row, read for all at once
+        first_v, first_ok = self.versions[at].tolist(), self.ok[at].tolist()
+        first_code, first_part = self.reason_of[at].tolist(), self.part_of[at].tolist()
         cache: dict[str, int] = {}
         out = []
-        for a, b, v in zip(start.tolist(), end.tolist(), versions):
+        for j, (a, b, v) in enumerate(zip(start.tolist(), end.tolist(), versions)):
             if a == b:
                 out.append(Lookup("new"))
                 continue
             want = cache.get(v)
             if want is None:
                 want = cache[v] = version_key(v)
-            if b - a == 1:
-                have = int(self.versions[a])
-                if have not in (want, 0):
+            if b - a == 1:  # one row: the common case
+                if first_v[j] != want and first_v[j] != 0:
                     out.append(Lookup("changed"))
                     continue
-                code = int(self.reason_of[a])
-                out.append(Lookup("fresh", bool(self.ok[a]), [], self.reasons[code] if code >= 0 else None,
-                                  [self.parts[self.part_of[a]]]))
+                code = first_code[j]
+                out.append(Lookup("fresh", first_ok[j], [], self.reasons[code] if code >= 0 else None,
+                                  [self.parts[first_part[j]]]))
                 continue
             vs, ps = self.versions[a:b].tolist(), self.part_of[a:b].tolist()
             fresh = [i for i, x in enumerate(vs) if x in (want, 0)]
