@@ -87,11 +87,15 @@ def plan(code: Path, manifest_path: Path, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
     prog = "import sys; from fastsam_batch.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = ["/usr/bin/time", "-v", sys.executable, "-c", prog, "plan", "--json", str(manifest_path)]
+    # `python -c` puts the working directory first on sys.path: run in ``code`` so that its package is the one imported
+    where = subprocess.run([sys.executable, "-c", "import fastsam_batch; print(fastsam_batch.__file__)"], env=env,
+                           cwd=code, capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(code)), (where, code)
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"wall_s": None, "timed_out_after_s": timeout}
+        return {"wall_s": None, "timed_out_after_s": timeout, "package": where}
     wall = time.perf_counter() - t0
     def field(name: str) -> float:
         return next((float(line.split(":")[1]) for line in p.stderr.splitlines() if name in line), 0.0)
@@ -102,7 +106,7 @@ def plan(code: Path, manifest_path: Path, timeout: float) -> dict:
         raise RuntimeError(f"plan failed ({p.returncode}): {p.stderr[-2000:]}")
     d = json.loads(p.stdout[p.stdout.index("{"):])
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss / 1024, 1), "images_to_do": d["images_to_do"],
-            "images_done": d["images_done"], "duplicates_in_input": d["duplicates_in_input"]}
+            "images_done": d["images_done"], "duplicates_in_input": d["duplicates_in_input"], "package": where}
 
 
 def main() -> None:
@@ -143,10 +147,10 @@ def main() -> None:
             assert (r["images_to_do"], r["images_done"]) == (NEW, n), r
             print(f"{n:15,d} {label:>7s} {r['wall_s']:12.1f} {r['cpu_s']:8.1f} {r['peak_rss_mb']:12.0f} {r['images_to_do']:7,d} "
                   f"{r['images_done']:10,d}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"written: {out}")
+        out = Path(args.out)  # written after each N: a long one cut short keeps the others
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+    print(f"written: {args.out}")
 
 
 if __name__ == "__main__":
