@@ -25,8 +25,9 @@ from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_t
 from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
 from .repair import drop_rows, drop_superseded_rows, remove_files, repair_at_end, repair_at_start
-from .resume import (Committed, key_bytes, read_committed, read_units_records, run_fingerprint, source_version,
-                     stale_unit_rows, write_units_record)
+from .index import Committed, stale_unit_rows
+from .resume import (apply_rewrites, read_committed, read_units_records, run_fingerprint, source_version,
+                     write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Committer, Interrupted, ParquetWriter, put_atomic
@@ -214,11 +215,11 @@ def _plan_container(it: dict, committed: Committed, complete: dict[str, dict[tup
         summary.images_skipped_done -= len(redo)
         summary.images_error -= len(redo)
         fresh = np.setdiff1d(fresh, redo)
-        retried_rows[uri] = {key_bytes(k) for k in committed.keys[redo]}
+        retried_rows[uri] = set(committed.key_list(redo))
     elif len(old) and not len(fresh):
         summary.units_changed += 1
     if len(fresh):
-        it["done"] = ",".join(key_bytes(k).hex() for k in committed.keys[fresh])
+        it["done"] = ",".join(k.hex() for k in committed.key_list(fresh))
     units[uri] = version
     return True
 
@@ -333,10 +334,14 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     complete_units = {} if overwrite else read_units_records(m.output.uri, storage)[0]
     planned = plan_job(m, storage, summary, committed, prompts, retry, complete_units=complete_units)
     plan, superseded, changed, retried = planned.plan, planned.superseded, planned.changed, planned.retried
+    rewrites: dict[str, str | None] = {}  # the index read at the start is kept current, never read whole again
     if superseded:  # rows of replaced objects, left by a run cut short after their new rows committed
-        drop_superseded_rows(m.output.uri, storage, superseded, compression, fence=fence)
+        drop_superseded_rows(m.output.uri, storage, superseded, compression, fence=fence, rewrites=rewrites)
     if planned.stale_units:  # rows of changed containers, left by a run cut short after the new ones completed
-        drop_rows(m.output.uri, storage, planned.stale_units, compression, fence=fence)
+        committed = apply_rewrites(committed, m.output.uri, storage, rewrites)
+        rewrites = {}
+        drop_rows(m.output.uri, storage, planned.stale_units, compression, fence=fence, rewrites=rewrites)
+    committed = apply_rewrites(committed, m.output.uri, storage, rewrites)
     if not plan.count and not old_parts and not twice and not superseded and not planned.stale_units:
         summary.noop = True
         log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
@@ -403,7 +408,7 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     if lease.lost is not None:
         raise JobError(_lease_lost(m, lease))
     return _finish(m, storage, summary, compression, t_start, written, changed, retried, fence, completed,
-                   planned.retried_rows)
+                   planned.retried_rows, committed)
 
 
 def _lease_lost(m: Manifest, lease: Lease) -> str:
@@ -420,15 +425,17 @@ def _lease_lost(m: Manifest, lease: Lease) -> str:
 
 def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str | None, t_start: float,
             written: set[str], changed: dict[str, str], retried: set[str], fence,
-            completed: dict[str, str] | None = None, retried_rows: dict[str, set[bytes]] | None = None) -> RunSummary:
+            completed: dict[str, str] | None = None, retried_rows: dict[str, set[bytes]] | None = None,
+            committed: Committed | None = None) -> RunSummary:
     """End of a run (finished or interrupted): old rows of changed objects and retried images
-    replaced, duplicates repaired, the checks, and the records."""
+    replaced, duplicates repaired, the checks, and the records. ``committed``: the index the start
+    read (kept current there): brought up to date from what this run wrote, not read again."""
     summary.wall_s = time.perf_counter() - t_start
     done = summary.images_ok + summary.images_error
     summary.images_per_s = (summary.run_ok + summary.run_error) / summary.wall_s if summary.wall_s > 0 else 0.0
     final, superseded, twice = repair_at_end(m.output.uri, storage, compression, fence=fence, written=written,
                                              changed=changed, retried=retried, completed=completed,
-                                             retried_rows=retried_rows)
+                                             retried_rows=retried_rows, committed=committed)
     summary.rows_superseded += superseded
     summary.rows_deduplicated += twice
     if summary.interrupted:

@@ -12,7 +12,9 @@ run again:
 - ``_units/`` records are merged by writing the merged record first and deleting the merged ones
   after; a record is only ever deleted once every unit it names is in a record written before.
 
-What each step decides (which rows, which files) is pure logic in :mod:`.resume`; the table of
+What each step decides (which rows, which files) is pure logic in :mod:`.index`; the index read
+at the start of the run is kept current through these steps (each reports the files it rewrote,
+:func:`.resume.apply_rewrites` reads only those), never read whole again; the table of
 every write and delete the job makes, with its fence and crash-safety argument, is in ARCHITECTURE.md.
 """
 
@@ -22,22 +24,25 @@ from __future__ import annotations
 import numpy as np
 
 from .plan import remove_plan_files
-from .resume import (UNITS_DIR, Committed, Duplicates, _names_starting, duplicate_rows, id_key, read_committed,
-                     read_units_records, rows_in_other_files, rows_outside, stale_unit_rows, superseded_parts,
-                     version_key, write_units_record)
+from .index import (Committed, Duplicates, duplicate_rows, id_key, rows_in_other_files, rows_outside,
+                    stale_unit_rows, superseded_parts, version_key)
+from .resume import (UNITS_DIR, _names_starting, apply_rewrites, read_committed, read_units_records, refresh_committed,
+                     write_units_record)
 from .storage import Storage, join_uri, protocol_of, strip_protocol
 from .write import parquet_file_bytes, part_name, put_atomic
 
 
 def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set], compression: str | None = "zstd", *,
               fence, keep_one: dict[str, set[tuple[bytes, int]]] | None = None,
-              keep_version: dict[bytes, str] | None = None) -> int:
+              keep_version: dict[bytes, str] | None = None, rewrites: dict[str, str | None] | None = None) -> int:
     """Rewrites each named Parquet file without some of its rows. ``rows``: part -> what goes there:
     an id key (every row of the image, except a row of the version ``keep_version`` names for it,
     or of no recorded version) or an (id key, version key) pair (the rows of that image and version);
     ``keep_one``: part -> (id key, version key) pairs of which one row there stays (an ok one, else
     the first). The kept rows go to a new content-addressed file first, then the old file is
-    deleted. A file with nothing to drop is not touched. Returns the number of rows dropped."""
+    deleted. A file with nothing to drop is not touched. Returns the number of rows dropped;
+    ``rewrites`` (when given) gets old file -> the file of its kept rows (None: nothing kept), in
+    the form the committed index names files."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -74,6 +79,7 @@ def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set], compressi
             continue  # nothing of this file goes: it stays as it is
         keep = table.filter(pa.array(~drop))
         dropped += table.num_rows - keep.num_rows
+        new = None
         if keep.num_rows:
             new = _free_rewrite_name(output_uri, fs, part, keep.column("image_id").to_pylist())
             data = parquet_file_bytes(keep, compression)
@@ -81,6 +87,9 @@ def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set], compressi
             put_atomic(storage, new, data)
         fence.check(storage)
         fs.rm(part)
+        if rewrites is not None:
+            # named as the listing names the file it replaces (same folder)
+            rewrites[part] = f"{part.rsplit('/', 1)[0]}/{new.rsplit('/', 1)[-1]}" if new else None
     return dropped
 
 
@@ -99,18 +108,19 @@ def _free_rewrite_name(output_uri: str, fs, part: str, kept_ids: list[str]) -> s
 
 
 def drop_superseded_rows(output_uri: str, storage: Storage, superseded: dict[str, dict[str, str]],
-                         compression: str | None = "zstd", *, fence) -> int:
+                         compression: str | None = "zstd", *, fence, rewrites: dict | None = None) -> int:
     """Rows of older versions of objects dropped (``superseded``: part -> {image id: its version now});
     the row of the version now stays, also when it is in the same file."""
     keep = {id_key(i): v for ids in superseded.values() for i, v in ids.items()}
     return drop_rows(output_uri, storage, {part: {id_key(i) for i in ids} for part, ids in superseded.items()},
-                     compression, fence=fence, keep_version=keep)
+                     compression, fence=fence, keep_version=keep, rewrites=rewrites)
 
 
 def remove_duplicates(output_uri: str, storage: Storage, duplicates: Duplicates, compression: str | None = "zstd", *,
-                      fence) -> int:
+                      fence, rewrites: dict | None = None) -> int:
     """The rows :func:`.resume.duplicate_rows` chose, dropped: one row per image and version stays."""
-    return drop_rows(output_uri, storage, duplicates.drop, compression, fence=fence, keep_one=duplicates.keep_one)
+    return drop_rows(output_uri, storage, duplicates.drop, compression, fence=fence, keep_one=duplicates.keep_one,
+                     rewrites=rewrites)
 
 
 def remove_files(storage: Storage, paths: list[str], *, fence) -> None:
@@ -156,12 +166,14 @@ def repair_at_start(output_uri: str, storage: Storage, committed: Committed, com
                     fence) -> tuple[Committed, int]:
     """Before planning: rows of one image written twice (two runs at once, a rewrite cut short, a
     member given twice) reduced to one, temporaries of killed writers and plan files of runs cut
-    short removed. Returns the committed rows as they are now, and the rows dropped."""
+    short removed. Returns the committed rows as they are now (``committed`` updated by the files
+    rewritten, not read again), and the rows dropped."""
     deduplicated = 0
     twice = duplicate_rows(committed)
     if twice:
-        deduplicated = remove_duplicates(output_uri, storage, twice, compression, fence=fence)
-        committed = read_committed(output_uri, storage)
+        rewrites: dict[str, str | None] = {}
+        deduplicated = remove_duplicates(output_uri, storage, twice, compression, fence=fence, rewrites=rewrites)
+        committed = apply_rewrites(committed, output_uri, storage, rewrites)
     remove_stale_temporaries(output_uri, storage, fence=fence)
     fence.check(storage)
     remove_plan_files(output_uri, storage)
@@ -170,35 +182,44 @@ def repair_at_start(output_uri: str, storage: Storage, committed: Committed, com
 
 def repair_at_end(output_uri: str, storage: Storage, compression: str | None, *, fence, written: set[str],
                   changed: dict[str, str], retried: set[str], completed: dict[str, str] | None = None,
-                  retried_rows: dict[str, set[bytes]] | None = None) -> tuple[Committed, int, int]:
+                  retried_rows: dict[str, set[bytes]] | None = None,
+                  committed: Committed | None = None) -> tuple[Committed, int, int]:
     """After the segmentation (finished or interrupted): rows of objects that changed replaced by
     this run's, rows of old container versions and of retried error rows dropped where their new
     rows are committed, ``_units/`` records merged, duplicates reduced to one (this run's row
-    kept). Returns the committed rows as they are now, rows superseded and rows deduplicated."""
-    final = read_committed(output_uri, storage)
+    kept). ``committed``: the index as the start of the run left it, brought up to date by one
+    listing (the files this run wrote, and any other run's that landed, read; nothing else is read
+    again); without it the output is read whole. Returns the committed rows as they are now, rows
+    superseded and rows deduplicated."""
+    if committed is None:
+        final = read_committed(output_uri, storage)
+    else:
+        final = refresh_committed(committed, output_uri, storage)
     superseded = deduplicated = 0
+
+    def drop(rows: dict, **kw) -> int:
+        nonlocal final
+        rewrites: dict[str, str | None] = {}
+        n = drop_rows(output_uri, storage, rows, compression, fence=fence, rewrites=rewrites, **kw)
+        final = apply_rewrites(final, output_uri, storage, rewrites)
+        return n
+
     if changed:  # rows of objects that changed, replaced by this run's
-        superseded = drop_superseded_rows(output_uri, storage, superseded_parts(final, changed), compression,
-                                          fence=fence)
-        if superseded:
-            final = read_committed(output_uri, storage)
+        found = superseded_parts(final, changed)
+        keep = {id_key(i): v for ids in found.values() for i, v in ids.items()}
+        superseded = drop({part: {id_key(i) for i in ids} for part, ids in found.items()}, keep_version=keep)
     stale = stale_unit_rows(final, completed) if completed else {}
     if stale:  # containers read again whole (changed): rows of their old versions go
-        superseded += drop_rows(output_uri, storage, stale, compression, fence=fence)
-        final = read_committed(output_uri, storage)
+        superseded += drop(stale)
     redone = set().union(*(k for uri, k in (retried_rows or {}).items() if uri in (completed or {})))
     old_errors = rows_in_other_files(final, redone, written) if redone else {}
     if old_errors:  # error rows of containers read again (--retry-errors): their new rows are in
-        drop_rows(output_uri, storage, old_errors, compression, fence=fence)
-        final = read_committed(output_uri, storage)
+        drop(old_errors)
     if completed:
         compact_units_records(output_uri, storage, fence=fence)
     if retried:  # error rows processed again: the old rows go where a new one is committed
-        old = {part: {id_key(i) for i in ids} for part, ids in rows_outside(final, retried, written).items()}
-        if drop_rows(output_uri, storage, old, compression, fence=fence):
-            final = read_committed(output_uri, storage)
+        drop({part: {id_key(i) for i in ids} for part, ids in rows_outside(final, retried, written).items()})
     twice = duplicate_rows(final, prefer=written)
     if twice:  # another run's commit that landed while this run wrote the same images: this run's rows stay
-        deduplicated = remove_duplicates(output_uri, storage, twice, compression, fence=fence)
-        final = read_committed(output_uri, storage)
+        deduplicated = drop(twice.drop, keep_one=twice.keep_one)
     return final, superseded, deduplicated

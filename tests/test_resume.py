@@ -247,3 +247,52 @@ def test_a_container_is_recorded_complete_only_when_each_of_its_images_has_a_row
     c.flush()
     assert complete == [("s.tar", "v1", 2)]
     lease.release()
+
+
+def test_the_committed_index_is_read_once_and_kept_current_from_new_and_rewritten_files(tmp_path, monkeypatch):
+    """Issue 23: the start reads every committed file (in parallel); later steps read only the
+    files added or rewritten since, and end with the index a full read gives."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastsam_batch import resume
+    from fastsam_batch.lease import Lease
+    from fastsam_batch.repair import drop_rows
+    from fastsam_batch.resume import apply_rewrites, id_key, read_committed, refresh_committed
+    from fastsam_batch.storage import Storage
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def part(name: str, ids: list[str], status: str = "ok") -> None:
+        pq.write_table(pa.table({"image_id": ids, "run_fingerprint": ["fp"] * len(ids), "status": [status] * len(ids),
+                                 "error": [None if status == "ok" else "read_failed: x"] * len(ids),
+                                 "source_version": ["v/1"] * len(ids), "shard": [None] * len(ids)}),
+                       out / f"part-{name}.parquet")
+
+    for k in range(5):
+        part(f"{k:02d}", [f"{k}-{i}" for i in range(20)])
+    read: list[str] = []
+    real = resume.read_file_rows
+    monkeypatch.setattr(resume, "read_file_rows", lambda p, fs: read.append(p.rsplit("/", 1)[-1]) or real(p, fs))
+    storage = Storage()
+    c = read_committed(str(out), storage)
+    assert (c.rows, c.images, len(read)) == (100, 100, 5)
+    read.clear()
+    part("05", ["0-1", "new"], "error")  # this run's commit (one image again, one new)
+    (out / "part-01.parquet").unlink()  # a file gone
+    c = refresh_committed(c, str(out), storage)
+    assert read == ["part-05.parquet"] and (c.rows, c.images) == (82, 81)
+    read.clear()
+    lease = Lease(storage, str(out), "run-index")
+    lease.acquire()
+    rewrites: dict = {}
+    assert drop_rows(str(out), storage, {str(out / "part-00.parquet"): {id_key("0-1")}}, fence=lease.fence(),
+                     rewrites=rewrites) == 1
+    c = apply_rewrites(c, str(out), storage, rewrites)
+    assert len(read) == 1 and read[0] != "part-00.parquet"
+    lease.release()
+    again = read_committed(str(out), storage)
+    assert (c.parts, c.rows, c.images, c.fingerprints, c.errors_by_reason()) == \
+        (again.parts, again.rows, again.images, again.fingerprints, again.errors_by_reason())
+    assert c.lookup(["0-1", "new", "2-3"], ["v/1"] * 3) == again.lookup(["0-1", "new", "2-3"], ["v/1"] * 3)

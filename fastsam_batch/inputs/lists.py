@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import json
 import posixpath
@@ -22,6 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..index import KeyRuns, id_keys
 from ..storage import Storage, protocol_of, strip_protocol, to_uri
 from . import InputError, InputForm, Skipped, as_text, check_carried, unit
 from .files import iter_files
@@ -94,30 +94,55 @@ def iter_rows(uri: str, storage: Storage, fmt: str) -> tuple[list[str], Iterator
     return list(head), json_rows()
 
 
-class SeenIds:
-    """Image ids seen so far, as 8-byte hashes (about 8 bytes an id), to find ids that come again."""
+SEEN_BATCH = 4096  # rows read before their ids are checked for repeats, together
+SEEN_MEMORY_KEYS = 1 << 23  # ids held in memory (16 bytes each) before sorted runs spill to local disk
 
-    def __init__(self):
-        self.sorted = np.empty(0, np.uint64)
-        self.recent: set[int] = set()
+
+class SeenIds:
+    """Image ids seen so far, as 128-bit keys (:class:`.index.KeyRuns`: sorted runs merged
+    geometrically, spilled to a local scratch folder past ``memory_keys``), to find ids that come
+    again. Checked a batch at a time: a batch is hashed, then one ``searchsorted`` per run."""
+
+    def __init__(self, memory_keys: int = SEEN_MEMORY_KEYS, spill_dir: str | None = None):
+        self.keys = KeyRuns(memory_keys, spill_dir)
+
+    def add_batch(self, image_ids: list[str]) -> np.ndarray:
+        """For each id, True when new: not seen before, and the first of its repeats in the batch."""
+        return self.keys.add(*id_keys(image_ids))
 
     def add(self, image_id: str) -> bool:
-        """True when new."""
-        h = int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little")
-        if h in self.recent:
-            return False
-        i = np.searchsorted(self.sorted, h)
-        if i < len(self.sorted) and self.sorted[i] == h:
-            return False
-        self.recent.add(h)
-        if len(self.recent) >= 1 << 18:
-            self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, np.uint64, len(self.recent)))
-            self.recent.clear()
-        return True
+        """True when new (one id: :meth:`add_batch` is the fast way)."""
+        return bool(self.add_batch([image_id])[0])
+
+    def close(self) -> None:
+        self.keys.close()
 
 
 def iter_list(cfg, storage: Storage, form: InputForm, skipped: Skipped) -> Iterator[dict]:
+    """The list's units, in order; repeated ids skipped and counted (checked :data:`SEEN_BATCH` rows
+    at a time, so a unit is yielded once its batch is checked)."""
     seen = SeenIds()
+    batch: list[tuple[str, str, dict]] = []
+
+    def flush() -> Iterator[dict]:
+        new = seen.add_batch([image_id for image_id, _, _ in batch])
+        for (image_id, uri, extra), fresh in zip(batch, new.tolist()):
+            if not fresh:
+                form.duplicates += 1
+                if len(form.duplicate_examples) < 5:
+                    form.duplicate_examples.append(image_id)
+                continue
+            yield unit(image_id, uri, extra=extra)
+        batch.clear()
+
+    try:
+        yield from _list_rows(cfg, storage, form, skipped, batch, flush)
+        yield from flush()
+    finally:
+        seen.close()
+
+
+def _list_rows(cfg, storage: Storage, form: InputForm, skipped: Skipped, batch: list, flush) -> Iterator[dict]:
     files = iter_files(cfg.uri, storage, skipped, lambda k: k.lower().endswith(EXTENSIONS))
     carried: list[str] | None = None
     for f in files:
@@ -148,12 +173,9 @@ def iter_list(cfg, storage: Storage, form: InputForm, skipped: Skipped) -> Itera
                 uri = to_uri(protocol, posixpath.normpath(posixpath.join(folder, uri)))
             image_id = as_text(row.get(id_column)) if id_column else None
             image_id = image_id or uri.split("://", 1)[-1]
-            if not seen.add(image_id):
-                form.duplicates += 1
-                if len(form.duplicate_examples) < 5:
-                    form.duplicate_examples.append(image_id)
-                continue
-            yield unit(image_id, uri, extra={c: as_text(row.get(c)) for c in carried})
+            batch.append((image_id, uri, {c: as_text(row.get(c)) for c in carried}))
+            if len(batch) >= SEEN_BATCH:
+                yield from flush()
 
 
 def open_form(cfg, storage: Storage) -> InputForm:

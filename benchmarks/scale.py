@@ -1,0 +1,157 @@
+"""`fastsam-batch plan` against an output already holding N committed rows (issue 23).
+
+For each N: N synthetic committed rows (the output schema, 1,000 rows a file, as the writer makes
+them, of this run's fingerprint) and a Parquet list of N + 1,000 images (the N done, 1,000 new)
+-> `fastsam-batch plan --json` in a process of its own, its wall time, CPU time (user + system) and
+peak RSS (GNU time's maximum resident set size; the machine is shared, so CPU time is the steadier
+number), for the code before (``--before``: a commit, exported with
+``git archive``) and this tree's, in the same run. Prints a table and writes JSON.
+
+    .venv/bin/python benchmarks/scale.py [--rows 200000 2000000] [--before 3388a75] [--before-timeout 300]
+                                         [--out benchmarks/out/scale.json] [--work DIR]
+
+Nothing is downloaded; the fixture checkpoint stands in for the model (planning never runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CHECKPOINT = ROOT / "tests" / "fixtures" / "fastsam-fixture.pt"
+NEW = 1000  # images in the list without a row
+
+
+def manifest(work: Path, n: int) -> dict:
+    return {"name": f"scale-{n}", "input": {"uri": str(work / f"list-{n}.parquet"), "format": "list"},
+            "output": {"uri": str(work / f"out-{n}")}, "model": {"checkpoint": str(CHECKPOINT), "device": "cpu"}}
+
+
+def fingerprint(m: dict) -> str:
+    from fastsam_batch.manifest import parse_manifest
+    from fastsam_batch.resume import run_fingerprint
+
+    sha = hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest()
+    return run_fingerprint(parse_manifest(m), sha)[0]
+
+
+def make(work: Path, n: int, rows_per_file: int = 1000) -> tuple[Path, float]:
+    """The list and the committed output of ``n`` rows (made once, kept in ``work``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastsam_batch.schema import OUTPUT_SCHEMA
+
+    m = manifest(work, n)
+    path = work / f"manifest-{n}.json"
+    out = Path(m["output"]["uri"])
+    done = out / ".complete"
+    t0 = time.perf_counter()
+    if not done.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        fp = fingerprint(m)
+        ids = [f"img/{i:010d}.jpg" for i in range(n + NEW)]
+        pq.write_table(pa.table({"uri": [f"/data/{i}" for i in ids], "image_id": ids}), m["input"]["uri"])
+        k = rows_per_file
+        base = {f.name: pa.nulls(k, f.type) for f in OUTPUT_SCHEMA}
+        fill = {"status": pa.array(["ok"] * k), "masks": pa.array([[]] * k, OUTPUT_SCHEMA.field("masks").type),
+                "num_masks": pa.array([0] * k, pa.int32()), "num_prompt_errors": pa.array([0] * k, pa.int32()),
+                "prompts": pa.array([[]] * k, OUTPUT_SCHEMA.field("prompts").type),
+                "model": pa.array(["fastsam-fixture.pt"] * k), "checkpoint_sha256": pa.array(["0" * 64] * k),
+                "run_fingerprint": pa.array([fp] * k), "source_version": pa.array(["/0"] * k),
+                "width": pa.array([640] * k, pa.int32()), "height": pa.array([480] * k, pa.int32())}
+        base.update(fill)
+        for s in range(0, n, k):
+            chunk = ids[s:min(s + k, n)]
+            cols = {name: (col if len(chunk) == k else col.slice(0, len(chunk))) for name, col in base.items()}
+            cols["image_id"] = pa.array(chunk)
+            cols["uri"] = pa.array([f"/data/{i}" for i in chunk])
+            name = hashlib.sha256("\n".join(chunk).encode()).hexdigest()[:20]
+            pq.write_table(pa.table(cols, schema=OUTPUT_SCHEMA), out / f"part-{name}.parquet", compression="zstd")
+        done.write_text("")
+    path.write_text(json.dumps(m))
+    return path, time.perf_counter() - t0
+
+
+def plan(code: Path, manifest_path: Path, timeout: float) -> dict:
+    """``fastsam-batch plan --json`` with the package from ``code``, under GNU time."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    prog = "import sys; from fastsam_batch.cli import main; sys.exit(main(sys.argv[1:]))"
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-c", prog, "plan", "--json", str(manifest_path)]
+    # `python -c` puts the working directory first on sys.path: run in ``code`` so that its package is the one imported
+    where = subprocess.run([sys.executable, "-c", "import fastsam_batch; print(fastsam_batch.__file__)"], env=env,
+                           cwd=code, capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(code)), (where, code)
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"wall_s": None, "timed_out_after_s": timeout, "package": where}
+    wall = time.perf_counter() - t0
+    def field(name: str) -> float:
+        return next((float(line.split(":")[1]) for line in p.stderr.splitlines() if name in line), 0.0)
+
+    rss = field("Maximum resident set size")
+    cpu = field("User time (seconds)") + field("System time (seconds)")
+    if p.returncode:
+        raise RuntimeError(f"plan failed ({p.returncode}): {p.stderr[-2000:]}")
+    d = json.loads(p.stdout[p.stdout.index("{"):])
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss / 1024, 1), "images_to_do": d["images_to_do"],
+            "images_done": d["images_done"], "duplicates_in_input": d["duplicates_in_input"], "package": where}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[200_000, 2_000_000])
+    ap.add_argument("--before", default="3388a75", help="the commit to compare with ('' to skip)")
+    ap.add_argument("--before-timeout", type=float, default=300, help="seconds before a `before` plan is stopped")
+    ap.add_argument("--before-rows-max", type=int, default=2_000_000, help="larger N: `before` not run")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "scale.json"))
+    ap.add_argument("--work", default=None, help="where the synthetic outputs go (kept; default: a temp folder)")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="fastsam-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    codes = {"after": ROOT}
+    if args.before:
+        before = work / f"code-{args.before}"
+        if not before.exists():
+            before.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "fastsam_batch"],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+        codes = {"before": before, "after": ROOT}
+    results = {"cpus": os.cpu_count(), "before_commit": args.before,
+               "after_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                              capture_output=True, text=True).stdout.strip(), "rows": {}}
+    print(f"{'committed rows':>15s} {'code':>7s} {'plan wall s':>12s} {'CPU s':>8s} {'peak RSS MB':>12s} {'to do':>7s} "
+          f"{'done':>10s}")
+    for n in args.rows:
+        mpath, made_s = make(work, n)
+        row = results["rows"][str(n)] = {"made_s": round(made_s, 1)}
+        for label, code in codes.items():
+            if label == "before" and n > args.before_rows_max:
+                continue
+            r = row[label] = plan(code, mpath, args.before_timeout if label == "before" else 3600)
+            if r.get("wall_s") is None:
+                print(f"{n:15,d} {label:>7s} {'> %d' % r['timed_out_after_s']:>12s} {'':>12s} (stopped)", flush=True)
+                continue
+            assert (r["images_to_do"], r["images_done"]) == (NEW, n), r
+            print(f"{n:15,d} {label:>7s} {r['wall_s']:12.1f} {r['cpu_s']:8.1f} {r['peak_rss_mb']:12.0f} {r['images_to_do']:7,d} "
+                  f"{r['images_done']:10,d}", flush=True)
+        out = Path(args.out)  # written after each N: a long one cut short keeps the others
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The committed-row index and the listing's repeat detection (issue 23), against plain Python
+sets and dicts (hypothesis). Pure: no Ray, no storage but a scratch folder for spilled runs."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastsam_batch.index import (Committed, FileRows, KeyRuns, duplicate_rows, id_key, id_keys, key_ranges,
+                                 keys_to_bytes, rows_in_other_files, rows_outside, sort_keys, stale_unit_rows,
+                                 superseded_parts, unit_key, version_key)
+from fastsam_batch.inputs.lists import SeenIds
+
+IDS = st.text(alphabet="abcdef/.0123", min_size=0, max_size=4)
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(st.lists(st.lists(IDS, max_size=40), max_size=12), st.integers(1, 40))
+def test_seen_ids_agree_with_a_set_in_memory_and_spilled(batches, memory_keys):
+    seen, spilled, ref = SeenIds(), SeenIds(memory_keys=memory_keys), set()
+    spilled.keys.block = 3  # spilled runs merged a few keys at a time: every block boundary taken
+    for batch in batches:
+        want = []
+        for i in batch:
+            want.append(i not in ref)
+            ref.add(i)
+        assert seen.add_batch(batch).tolist() == want
+        assert spilled.add_batch(batch).tolist() == want
+    assert len(seen.keys) == len(spilled.keys) == len(ref)
+    spilled.close()
+
+
+def test_seen_ids_spill_to_disk_and_stay_exact_over_many_batches(tmp_path):
+    seen = SeenIds(memory_keys=1000, spill_dir=str(tmp_path))
+    seen.keys.block = 257
+    rng = np.random.default_rng(3)
+    ref: set[str] = set()
+    for _ in range(60):
+        batch = [f"img/{x}.jpg" for x in rng.integers(0, 20_000, 500).tolist()]
+        want = []
+        for i in batch:
+            want.append(i not in ref)
+            ref.add(i)
+        assert seen.add_batch(batch).tolist() == want
+    assert seen.keys.disk and len(seen.keys) == len(ref)
+    assert len(seen.keys.disk) + len(seen.keys.mem) <= 2 * int(np.log2(len(ref))) + 2  # geometric runs
+    folder = seen.keys._dir
+    seen.close()
+    assert not (tmp_path / folder).exists()
+
+
+def test_keys_sharing_their_high_64_bits_stay_apart():
+    """Two distinct keys with the same hi (about one pair in 6*10^9 ids) are told apart by lo, in
+    the sort, the range search and the runs."""
+    hi = np.array([5, 5, 5, 7, 5, 2], np.uint64)
+    lo = np.array([9, 1, 9, 0, 4, 3], np.uint64)
+    order = sort_keys(hi, lo)
+    h, l = hi[order], lo[order]
+    assert h.tolist() == sorted(hi.tolist())
+    a, b = key_ranges(h, l, np.array([5, 5, 5, 5, 7, 8], np.uint64), np.array([9, 1, 4, 2, 0, 0], np.uint64))
+    assert (b - a).tolist() == [2, 1, 1, 0, 1, 0]
+    assert all((h[x:y] == qh).all() and (l[x:y] == ql).all()
+               for x, y, qh, ql in zip(a.tolist(), b.tolist(), [5, 5, 5], [9, 1, 4]))
+    runs = KeyRuns(memory_keys=2)
+    runs.block = 1
+    assert runs.add(hi, lo).tolist() == [True, True, False, True, True, True]
+    assert runs.add(np.array([5, 5], np.uint64), np.array([4, 8], np.uint64)).tolist() == [False, True]
+    runs.close()
+
+
+def test_id_keys_are_the_16_byte_digests_also_with_trailing_nuls():
+    image_id = next(f"img{i}.jpg" for i in range(100_000) if id_key(f"img{i}.jpg").endswith(b"\0"))
+    ids = ["a", image_id, ""]
+    hi, lo = id_keys(ids)
+    assert keys_to_bytes(hi, lo) == [id_key(i) for i in ids]
+
+
+ROW = st.tuples(st.sampled_from("abcdefg"), st.sampled_from(["", "v1/1", "v2/1"]), st.sampled_from(["ok", "error"]),
+                st.sampled_from(["out/p1.parquet", "out/p2.parquet", "out/p3.parquet"]),
+                st.sampled_from([None, "read_failed: x", "timeout: y"]), st.sampled_from([None, "s1", "s2"]))
+
+
+def _reference_lookup(rows, image_id, version):
+    mine = [(n, r) for n, r in enumerate(rows) if r[0] == image_id]
+    if not mine:
+        return ("new",)
+    fresh = [(n, r) for n, r in mine if version_key(r[1]) in (version_key(version), 0)]
+    if not fresh:
+        return ("changed",)
+    _, last = max(fresh, key=lambda x: (x[1][3], x[0]))  # the last current row, by file then position
+    reason = None if last[2] == "ok" else (last[4] or "error").split(":")[0]
+    return ("fresh", last[2] == "ok", sorted({r[3] for n, r in mine if (n, r) not in fresh}), reason,
+            sorted({r[3] for _, r in mine}))
+
+
+@FAST
+@given(st.lists(ROW, max_size=30), st.sampled_from(["v1/1", "v2/1", "v3/1"]))
+def test_committed_index_agrees_with_a_dict(rows, version):
+    c = Committed.from_rows(rows)
+    assert c.rows == len(rows)
+    assert c.images == len({r[0] for r in rows})
+    ids = list("abcdefgh")
+    for i, found in zip(ids, c.lookup(ids, [version] * len(ids))):
+        want = _reference_lookup(rows, i, version)
+        got = (found.state,) if found.state != "fresh" else (found.state, found.ok, found.superseded, found.reason,
+                                                             found.parts)
+        assert got == want, (i, rows)
+    errors: dict[str, int] = {}
+    for r in rows:
+        if r[2] != "ok":
+            reason = (r[4] or "error").split(":")[0]
+            errors[reason] = errors.get(reason, 0) + 1
+    assert c.errors_by_reason() == errors
+    # duplicates: one row per (image, version) stays, preferring this run's file, then an ok row
+    twice = duplicate_rows(c, prefer={"p3.parquet"})
+    kept: dict[tuple, list] = {}
+    for r in rows:
+        k = (id_key(r[0]), version_key(r[1]))
+        gone = r[3] in twice.drop and k in twice.drop[r[3]]
+        if not gone:
+            kept.setdefault(k, []).append(r)
+    for k, rs in kept.items():
+        if len({r[3] for r in rs}) > 1:
+            raise AssertionError(f"rows of one image and version kept in two files: {rs}")
+        if len(rs) > 1:
+            assert k in twice.keep_one.get(rs[0][3], set())
+        group = [r for r in rows if (id_key(r[0]), version_key(r[1])) == k]
+        files = {r[3] for r in group}
+        if len(files) > 1:
+            if "out/p3.parquet" in files:
+                assert rs[0][3] == "out/p3.parquet"
+            elif any(r[2] == "ok" for r in group):
+                assert any(r[2] == "ok" for r in rs)
+    # every image and version keeps a row
+    assert set(kept) == {(id_key(r[0]), version_key(r[1])) for r in rows}
+    # rows_outside, rows_in_other_files, superseded_parts, stale_unit_rows against the rows
+    retried = {"a", "b", "c"}
+    want_out: dict[str, set] = {}
+    for i in retried:
+        parts = {r[3] for r in rows if r[0] == i}
+        if "out/p2.parquet" in parts:
+            for p in parts - {"out/p2.parquet"}:
+                want_out.setdefault(p, set()).add(i)
+    assert rows_outside(c, retried, {"p2.parquet"}) == want_out
+    keys = {id_key(i) for i in "abz"}
+    want_other: dict[str, set] = {}
+    for r in rows:
+        if id_key(r[0]) in keys and r[3] != "out/p1.parquet":
+            want_other.setdefault(r[3], set()).add(id_key(r[0]))
+    assert rows_in_other_files(c, keys, {"p1.parquet"}) == want_other
+    current = {i: version for i in "abcdh"}
+    want_sup: dict[str, dict] = {}
+    for i, v in current.items():
+        look = _reference_lookup(rows, i, v)
+        for p in (look[2] if look[0] == "fresh" else []):
+            want_sup.setdefault(p, {})[i] = v
+    assert superseded_parts(c, current) == want_sup
+    shards = {"s1": version, "s2": "v1/1"}
+    want_stale: dict[str, set] = {}
+    for r in rows:
+        if r[5] in shards and version_key(r[1]) != version_key(shards[r[5]]):
+            want_stale.setdefault(r[3], set()).add(id_key(r[0]))
+    assert stale_unit_rows(c, shards) == want_stale
+    fresh_s1, old_s1 = c.unit_rows("s1", version)
+    assert len(fresh_s1) == sum(r[5] == "s1" and version_key(r[1]) == version_key(version) for r in rows)
+    assert len(old_s1) == sum(r[5] == "s1" and version_key(r[1]) != version_key(version) for r in rows)
+    assert unit_key(None) == 0
+
+
+@FAST
+@given(st.lists(ROW, max_size=30), st.lists(ROW, max_size=10), st.sets(st.sampled_from(
+    ["out/p1.parquet", "out/p2.parquet", "out/p3.parquet"])))
+def test_an_index_kept_current_equals_one_built_again(rows, new_rows, removed):
+    """Committed.replaced (files gone, rewritten or added) gives the index a fresh read would."""
+    start = Committed.from_files([FileRows.from_rows(p, [(r[0], r[1], r[2], r[4], r[5]) for r in rows if r[3] == p],
+                                                     {"fp": sum(r[3] == p for r in rows)})
+                                  for p in sorted({r[3] for r in rows})])
+    added = [FileRows.from_rows("out/q" + p[-9:], [(r[0], r[1], r[2], r[4], r[5]) for r in new_rows if r[3] == p],
+                                {"fp2": sum(r[3] == p for r in new_rows)})
+             for p in sorted({r[3] for r in new_rows})]
+    updated = start.replaced(removed, added)
+    after = [r for r in rows if r[3] not in removed] + [(r[0], r[1], r[2], "out/q" + r[3][-9:], r[4], r[5])
+                                                        for r in new_rows]
+    again = Committed.from_rows(after)
+    assert (updated.rows, updated.images, updated.parts) == (again.rows, again.images, again.parts)
+    assert updated.errors_by_reason() == again.errors_by_reason()
+    ids = list("abcdefgh")
+    assert updated.lookup(ids, ["v1/1"] * 8) == again.lookup(ids, ["v1/1"] * 8)
+    assert duplicate_rows(updated) == duplicate_rows(again)
+    want_fp = {}
+    for r in after:
+        fp = "fp2" if r[3].startswith("out/q") else "fp"
+        want_fp[fp] = want_fp.get(fp, 0) + 1
+    assert updated.fingerprints == want_fp
+
+
+def test_unit_rows_sorts_the_containers_once():
+    c = Committed.from_rows([(f"m{i}", "v/1", "ok", "out/p1.parquet", None, f"s{i % 3}") for i in range(30)])
+    c.unit_rows("s0", "v/1")
+    cached = c._by_unit
+    for s in ("s0", "s1", "s2", "s9"):
+        fresh, old = c.unit_rows(s, "v/1")
+        assert len(fresh) == (10 if s != "s9" else 0) and not len(old)
+    assert c._by_unit is cached
