@@ -104,21 +104,30 @@ def iter_box_mask_intervals(
 
 def adjust_full_image_boxes(boxes: torch.Tensor, h: int, w: int, threshold: int = 20, iou_thresh: float = 0.9) -> torch.Tensor:
     """FastSAM's rule: a box that, snapped to the border within ``threshold`` px, covers the image
-    with IoU > 0.9 becomes exactly the full-image box. Returns a new tensor. Element-wise selects
-    only (no boolean-mask assignment, which would synchronise an accelerator with the host)."""
+    with IoU > 0.9 becomes exactly the full-image box. Returns a new tensor of ``boxes``' dtype.
+    Element-wise selects only (no boolean-mask assignment, which would synchronise an accelerator
+    with the host).
+
+    As ``FastSAMPredictor.postprocess`` does it in any dtype (fp16 under ``model.half()``): the
+    snapping in the boxes' own dtype (``adjust_bboxes_to_image_border`` assigns in place, so the
+    border values are ``w`` and ``h`` rounded to it), the IoU in float32 (``box_iou`` calls
+    ``.float()``: in fp16 a box's area overflows past 65504, about 256 x 256 pixels), the full-image
+    box written back in the boxes' dtype."""
     if boxes.numel() == 0:
         return boxes.clone()
     zero = boxes.new_zeros(())
-    x1 = torch.where(boxes[:, 0] < threshold, zero, boxes[:, 0])
-    y1 = torch.where(boxes[:, 1] < threshold, zero, boxes[:, 1])
-    x2 = torch.where(boxes[:, 2] > w - threshold, zero + w, boxes[:, 2])
-    y2 = torch.where(boxes[:, 3] > h - threshold, zero + h, boxes[:, 3])
-    inter_w = (torch.minimum(x2, zero + w) - torch.maximum(x1, zero)).clamp(min=0)
-    inter_h = (torch.minimum(y2, zero + h) - torch.maximum(y1, zero)).clamp(min=0)
-    inter = inter_w * inter_h
+    bw, bh = boxes.new_full((), w), boxes.new_full((), h)  # w, h rounded to the boxes' dtype, as assigned
+    x1 = torch.where(boxes[:, 0] < threshold, zero, boxes[:, 0]).float()
+    y1 = torch.where(boxes[:, 1] < threshold, zero, boxes[:, 1]).float()
+    x2 = torch.where(boxes[:, 2] > w - threshold, bw, boxes[:, 2]).float()
+    y2 = torch.where(boxes[:, 3] > h - threshold, bh, boxes[:, 3]).float()
+    zf = x1.new_zeros(())
+    # box_iou(full[None], adjusted): full = [0, 0, w, h] in float32
+    inter = (torch.minimum(x2, zf + w) - torch.maximum(x1, zf)).clamp(min=0) * \
+        (torch.minimum(y2, zf + h) - torch.maximum(y1, zf)).clamp(min=0)
     area = (x2 - x1) * (y2 - y1)
-    iou = inter / (area + w * h - inter + 1e-7)
-    full = torch.stack([zero, zero, zero + w, zero + h])  # made on the device: no copy from the host
+    iou = inter / ((zf + w) * (zf + h) + area - inter + 1e-7)
+    full = torch.stack([zero, zero, bw, bh])  # made on the device: no copy from the host
     return torch.where((iou > iou_thresh)[:, None], full, boxes)
 
 

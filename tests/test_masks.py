@@ -101,3 +101,49 @@ def test_full_image_box_adjustment_matches_fastsam_predictor():
     ours = adjust_full_image_boxes(boxes, h, w)
     assert idx.numel() >= 2
     assert torch.equal(ours, ref)
+
+
+def fastsam_reference_adjustment(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """FastSAMPredictor.postprocess's full-image rule on ``boxes`` in their own dtype (fp16 under
+    model.half()): the border snapping in place in that dtype, box_iou in float32, the full-image box
+    written back in that dtype (the other boxes as given: segment.py carries the adjusted box only).
+    ultralytics writes its float32 ``full_box`` into fp16 boxes, which torch refuses (the test below
+    shows it); here it is cast to the boxes' dtype first, as an assignment of a scalar would be."""
+    ref = boxes.clone()
+    full = torch.tensor([0, 0, w, h], dtype=torch.float32)
+    idx = torch.nonzero(box_iou(full[None], adjust_bboxes_to_image_border(boxes.clone(), (h, w)))[0] > 0.9).flatten()
+    ref[idx] = full.to(ref.dtype)
+    return ref
+
+
+@pytest.mark.parametrize("h, w", [(480, 640), (3001, 4001), (2049, 6007)])
+def test_full_image_box_adjustment_in_fp16_matches_fastsam_predictor_without_overflow(h, w):
+    """In fp16 (model.half()): a box's area is past fp16's 65504 from about 256 x 256 pixels, so an IoU
+    in fp16 is inf / inf; ultralytics' box_iou works in float32, and so do we. Sizes past 2048 are not
+    exact in fp16 (4001 is 4000 there): the border values are rounded as ultralytics' assignment
+    rounds them. Runs on CPU tensors (torch's CPU kernels take fp16 for every step here)."""
+    gen = torch.Generator().manual_seed(5)
+    boxes = torch.cat([random_boxes(60, h, w, gen),
+                       torch.tensor([[5.0, 8.0, w - 10.0, h - 10.0], [15.0, 0.0, w, h * 0.85], [0.0, 0.0, w - 20.0, h - 1.0],
+                                     [w * 0.2, h * 0.2, w * 0.8, h * 0.8], [1.0, 2.0, w - 3.0, h * 0.95]])]).half()
+    ref = fastsam_reference_adjustment(boxes, h, w)
+    ours = adjust_full_image_boxes(boxes, h, w)
+    assert ours.dtype == torch.float16
+    with pytest.raises(RuntimeError, match="dtypes match"):  # ultralytics' own line, in fp16
+        boxes.clone()[torch.tensor([0])] = torch.tensor([0, 0, w, h], dtype=torch.float32)
+    full = (ref == torch.tensor([0, 0, w, h], dtype=torch.float32).half()).all(1)
+    assert full.sum() >= 3 and not full[-2]  # the rule fired, and not for the box in the middle
+    assert torch.equal(ours, ref)
+    if h * w > 65504:  # computed in fp16, these boxes' areas overflow: the rule would find nothing
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        assert not torch.isfinite(area[-5:-2]).any()
+
+
+def test_full_image_box_adjustment_picks_the_same_boxes_in_fp16_and_float32_at_sizes_exact_in_fp16():
+    gen = torch.Generator().manual_seed(6)
+    h, w = 1536, 2048
+    boxes = torch.cat([random_boxes(50, h, w, gen), torch.tensor([[4.0, 4.0, 2040.0, 1530.0]])]).half()
+    full = torch.tensor([0, 0, w, h], dtype=torch.float16)
+    a = (adjust_full_image_boxes(boxes, h, w) == full).all(1)
+    b = (adjust_full_image_boxes(boxes.float(), h, w) == full.float()).all(1)
+    assert a[-1] and torch.equal(a, b)
