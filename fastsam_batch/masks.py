@@ -114,21 +114,30 @@ def iter_box_mask_intervals(
 
 def adjust_full_image_boxes(boxes: torch.Tensor, h: int, w: int, threshold: int = 20, iou_thresh: float = 0.9) -> torch.Tensor:
     """FastSAM's rule: a box that, snapped to the border within ``threshold`` px, covers the image
-    with IoU > 0.9 becomes exactly the full-image box. Returns a new tensor. Element-wise selects
-    only (no boolean-mask assignment, which would synchronise an accelerator with the host)."""
+    with IoU > 0.9 becomes exactly the full-image box. Returns a new tensor of ``boxes``' dtype.
+    Element-wise selects only (no boolean-mask assignment, which would synchronise an accelerator
+    with the host).
+
+    As ``FastSAMPredictor.postprocess`` does it in any dtype (fp16 under ``model.half()``): the
+    snapping in the boxes' own dtype (``adjust_bboxes_to_image_border`` assigns in place, so the
+    border values are ``w`` and ``h`` rounded to it), the IoU in float32 (``box_iou`` calls
+    ``.float()``: in fp16 a box's area overflows past 65504, about 256 x 256 pixels), the full-image
+    box written back in the boxes' dtype."""
     if boxes.numel() == 0:
         return boxes.clone()
     zero = boxes.new_zeros(())
-    x1 = torch.where(boxes[:, 0] < threshold, zero, boxes[:, 0])
-    y1 = torch.where(boxes[:, 1] < threshold, zero, boxes[:, 1])
-    x2 = torch.where(boxes[:, 2] > w - threshold, zero + w, boxes[:, 2])
-    y2 = torch.where(boxes[:, 3] > h - threshold, zero + h, boxes[:, 3])
-    inter_w = (torch.minimum(x2, zero + w) - torch.maximum(x1, zero)).clamp(min=0)
-    inter_h = (torch.minimum(y2, zero + h) - torch.maximum(y1, zero)).clamp(min=0)
-    inter = inter_w * inter_h
+    bw, bh = boxes.new_full((), w), boxes.new_full((), h)  # w, h rounded to the boxes' dtype, as assigned
+    x1 = torch.where(boxes[:, 0] < threshold, zero, boxes[:, 0]).float()
+    y1 = torch.where(boxes[:, 1] < threshold, zero, boxes[:, 1]).float()
+    x2 = torch.where(boxes[:, 2] > w - threshold, bw, boxes[:, 2]).float()
+    y2 = torch.where(boxes[:, 3] > h - threshold, bh, boxes[:, 3]).float()
+    zf = x1.new_zeros(())
+    # box_iou(full[None], adjusted): full = [0, 0, w, h] in float32
+    inter = (torch.minimum(x2, zf + w) - torch.maximum(x1, zf)).clamp(min=0) * \
+        (torch.minimum(y2, zf + h) - torch.maximum(y1, zf)).clamp(min=0)
     area = (x2 - x1) * (y2 - y1)
-    iou = inter / (area + w * h - inter + 1e-7)
-    full = torch.stack([zero, zero, zero + w, zero + h])  # made on the device: no copy from the host
+    iou = inter / ((zf + w) * (zf + h) + area - inter + 1e-7)
+    full = torch.stack([zero, zero, bw, bh])  # made on the device: no copy from the host
     return torch.where((iou > iou_thresh)[:, None], full, boxes)
 
 
@@ -142,9 +151,13 @@ def box_pixel_spans(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.stack([r0, r1, c0, c1], 1).astype(np.int64)
 
 
-# Device memory per crop pixel in a chunk: float32 crop, bool masks, int8 transitions, int32 running
-# count of transitions, with room.
+# ``budget_pixels`` of the batched path, in device bytes: a chunk's intermediates (all of them, see
+# _chunk_bytes) stay within budget_pixels * BYTES_PER_CROP_PIXEL bytes (tests/test_masks.py measures).
 BYTES_PER_CROP_PIXEL = 16
+# Device bytes per crop pixel (a float32 crop, three bool masks and the int8 columns at once; later
+# the int8 transitions and their int32 running count) and per transition slot (its int64 position,
+# mask, column, row and key, with the temporaries that compute them, and the (2, slot) result).
+_PIXEL_BYTES, _SLOT_BYTES = 8, 96
 # First guess of a chunk's transitions per mask column (two per run: blob-shaped masks have one or
 # two runs a column); a chunk with more is computed again with its exact count (see below).
 GUESS_PER_COLUMN = 8
@@ -187,15 +200,18 @@ def batched_box_mask_intervals(
     in a few large operations: its prototype logits (one matrix product), the rows and columns of
     the retina operators inside each box (gathers, every crop padded to the chunk's largest), two
     batched matrix products, the threshold with the box's own extent, and the column-major
-    transitions of every crop. A chunk holds at most ``budget_pixels`` crop pixels, so memory stays
-    bounded whatever the number of masks.
+    transitions of every crop. A chunk's intermediates (crops, operator rows, prototype logits,
+    transition slots) stay within ``budget_pixels * BYTES_PER_CROP_PIXEL`` bytes of device memory,
+    whatever the number and size of the masks: a box too large for the budget is cut into column
+    ranges (a mask's intervals are column by column, so its pieces' intervals follow each other). The
+    batch's results come on top: 16 bytes per guessed transition (about 8 per mask column).
 
     Host synchronisations: one per batch, two when a chunk has more transitions than guessed. The
     chunk plan (from the boxes, already on the host) goes to the device in one asynchronous copy;
     each chunk's transitions are gathered into a slot of a guessed size without asking the device
     how many there are (a running count and ``searchsorted``: no ``nonzero``); the counts and
     positions of the whole batch come to the host in one copy. A chunk whose count exceeded its
-    slot is computed again with a slot of its exact count, and those come back in one more copy.
+    slot is computed again with a slot of its exact count, and those come back in one more copy (computed in ranges of transitions within the budget).
     """
     return collect_box_masks(launch_box_masks(jobs, budget_pixels))
 
@@ -210,6 +226,8 @@ class LaunchedMasks:
     plan: torch.Tensor | None = None
     plans: list = field(default_factory=list)
     slots: list = field(default_factory=list)
+    budget: int = 0  # device bytes per chunk
+    flats: list = field(default_factory=list)  # per job, its prototypes in float32 (a view when they are)
     found: torch.Tensor | None = None  # counts of every chunk, [stability counts,] then each chunk's (2, slot) keys and positions
     stability: bool = True  # stability counts made on the device and copied back with the transitions
     chunk_keys: np.ndarray | None = None  # the batch key of each row of the plan (chunk by chunk), on the host
@@ -224,30 +242,34 @@ def launch_box_masks(jobs: list, budget_pixels: int = 1 << 26, stability: bool =
     same copy back (no wait more); :func:`collect_box_masks` leaves the scores in ``scores``."""
     offsets = []
     plans = []  # per chunk: (job index, first row of the plan table, count, crop height, crop width)
-    table = []  # per mask of a chunk: r0, r1, c0, c1, index in its image, key in the batch
+    table = []  # per mask (or column range of one) of a chunk: r0, r1, c0, c1, index in its image, key in the batch
     key0 = rows = 0
     device = None
+    budget = max(1, budget_pixels) * BYTES_PER_CROP_PIXEL
     for j, (coeffs, protos, boxes, h, w) in enumerate(jobs):
         n = coeffs.shape[0]
         offsets.append((key0, n))
         if n:
             device = protos.device
-            spans = box_pixel_spans(boxes, h, w)
+            c, mh, mw = protos.shape
+            spans = _pieces(box_pixel_spans(boxes, h, w), budget, c, mh, mw)  # r0, r1, c0, c1, mask
             hc, wc = spans[:, 1] - spans[:, 0], spans[:, 3] - spans[:, 2]
-            for idx in _chunks_by_size(hc, wc, budget_pixels):
+            for idx in _chunks_by_size(hc, wc, budget, c, mh, mw):
                 idx = np.asarray(idx, np.int64)
-                table.append(np.concatenate([spans[idx], idx[:, None], (idx + key0)[:, None]], 1))
+                table.append(np.concatenate([spans[idx], (spans[idx, 4] + key0)[:, None]], 1))
                 plans.append((j, rows, len(idx), int(hc[idx].max()), int(wc[idx].max())))
                 rows += len(idx)
         key0 += n
-    out = LaunchedMasks(jobs, offsets, key0, stability=stability)
+    out = LaunchedMasks(jobs, offsets, key0, budget=budget, stability=stability,
+                        flats=[p.float().view(p.shape[0], -1) if c.shape[0] else None for c, p, *_ in jobs])
     if plans:
         host_plan = np.concatenate(table)
         out.plan = to_device(host_plan, device)  # the one copy of the plan to the device
         out.chunk_keys = host_plan[:, 5]
         out.plans = plans
-        out.slots = [min(k * wc * (hc + 1), k * wc * GUESS_PER_COLUMN + 64) for _, _, k, hc, wc in plans]
-        found = [_chunk_transitions(jobs, out.plan, p, s, stability) for p, s in zip(plans, out.slots)]
+        out.slots = [_guessed_slot(k, hc, wc) for _, _, k, hc, wc in plans]
+        found = [_chunk_transitions(jobs, out.plan, p, s, flats=out.flats, stability=stability)
+                 for p, s in zip(plans, out.slots)]
         counts = [torch.stack([c for c, _, _ in found])]
         stab = [torch.cat([st.flatten() for _, _, st in found])] if stability else []
         out.found = torch.cat(counts + stab + [torch.cat([kp.flatten() for _, kp, _ in found])])
@@ -270,13 +292,21 @@ def collect_box_masks(launched: LaunchedMasks) -> list[list[tuple[np.ndarray, np
             at = 0
             for _, first, k, _, _ in plans:
                 keys = launched.chunk_keys[first:first + k]
-                inter[keys], union[keys] = stab[at:at + k], stab[at + k:at + 2 * k]
+                np.add.at(inter, keys, stab[at:at + k])  # a mask cut into column ranges: its pieces summed
+                np.add.at(union, keys, stab[at + k:at + 2 * k])
                 at += 2 * k
         bounds = np.concatenate([[0], np.cumsum(2 * np.asarray(slots))])
         parts = [rest[bounds[i]:bounds[i + 1]].reshape(2, -1)[:, :counts[i]] for i in range(len(plans))]
         over = [i for i in range(len(plans)) if counts[i] > slots[i]]
         if over:  # a second pass, only for chunks with more transitions than guessed: exact slots
-            again = [_chunk_transitions(jobs, launched.plan, plans[i], int(counts[i]), False)[1] for i in over]
+            again = []
+            for i in over:  # in ranges of transitions whose slots keep the chunk within the budget
+                j, _, k, hc, wc = plans[i]
+                c, mh, mw = jobs[j][1].shape
+                step = max(1, (launched.budget - _chunk_bytes(k, hc, wc, c, mh, mw, 0)) // _SLOT_BYTES)
+                again.append(torch.cat([_chunk_transitions(jobs, launched.plan, plans[i], min(step, int(counts[i]) - a), a,
+                                                           launched.flats)[1]
+                                        for a in range(0, int(counts[i]), step)], 1))
             back = torch.cat([kp.flatten() for kp in again]).cpu().numpy()
             at = 0
             for i in over:
@@ -299,14 +329,19 @@ def collect_box_masks(launched: LaunchedMasks) -> list[list[tuple[np.ndarray, np
     return out
 
 
-def _chunk_transitions(jobs, plan: torch.Tensor, chunk: tuple, slot: int,
+def _chunk_transitions(jobs, plan: torch.Tensor, chunk: tuple, slot: int, skip: int = 0,
+                       flats: list | None = None,
                        stability: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk of :func:`batched_box_mask_intervals`, all on the device: (how many transitions it
     has, a 0-d tensor; ``(2, slot)``: the batch key and pixel position of its first ``slot``
-    transitions, mask by mask, column by column, row by row; with ``stability``, ``(2, k)``: each
-    mask's stability intersection and union counts inside its box, else None)."""
+    transitions after the first ``skip``, mask by mask, column by column, row by row; with
+    ``stability``, ``(2, k)``: each row's stability intersection and union counts inside its crop
+    (a mask cut into column ranges has a row per range: the caller sums them), else None).
+    ``flats``: each job's prototypes in float32, (c, mh * mw). Its memory is :func:`_chunk_bytes` at
+    most: each intermediate is let go once used."""
     j, first, k, Hc, Wc = chunk
     coeffs, protos, _, h, w = jobs[j]
+    flat = protos.view(protos.shape[0], -1) if flats is None else flats[j]
     device = protos.device
     c, mh, mw = protos.shape
     ry, rx = cached_mask_operators(mh, mw, h, w, device)
@@ -315,37 +350,85 @@ def _chunk_transitions(jobs, plan: torch.Tensor, chunk: tuple, slot: int,
     ar_h, ar_w = torch.arange(Hc, device=device), torch.arange(Wc, device=device)
     ry_sel = ry[(r0[:, None] + ar_h).clamp_(max=h - 1)]  # (k, Hc, mh)
     rx_sel = rx[(c0[:, None] + ar_w).clamp_(max=w - 1)]  # (k, Wc, mw)
-    logits = (coeffs[sp[:, 4]].float() @ protos.float().view(c, -1)).view(k, mh, mw)
+    logits = (coeffs[sp[:, 4]].float() @ flat).view(k, mh, mw)
     crop = torch.bmm(torch.bmm(ry_sel, logits), rx_sel.transpose(1, 2))  # (k, Hc, Wc)
+    del ry_sel, rx_sel, logits
     inside = (ar_h[None, :] < (sp[:, 1] - r0)[:, None])[:, :, None] & \
              (ar_w[None, :] < (sp[:, 3] - c0)[:, None])[:, None, :]
     stab = torch.stack(stability_counts(crop, inside)) if stability else None  # (2, k), on the device
     on = ((crop > 0) & inside).transpose(1, 2).to(torch.int8)  # (k, Wc, Hc): column-major
     del crop, inside
-    d = torch.nn.functional.pad(on, (1, 1)).diff(dim=2).ne_(0).flatten()  # where a run starts or ends
+    on = torch.nn.functional.pad(on, (1, 1))
+    d = on.diff(dim=2).ne_(0).flatten()  # where a run starts or ends
+    del on
     seen = d.cumsum(0, dtype=torch.int32)  # transitions up to each element
     count = seen[-1].to(torch.int64)
     # The i-th transition is the first element whose running count reaches i + 1 (past the end: none).
-    f = torch.searchsorted(seen, torch.arange(1, slot + 1, device=device, dtype=torch.int32)).clamp_(max=d.numel() - 1)
+    f = torch.searchsorted(seen, torch.arange(skip + 1, skip + slot + 1, device=device, dtype=torch.int32))
+    f.clamp_(max=d.numel() - 1)
+    del seen, d
     per_mask, per_col = Wc * (Hc + 1), Hc + 1
-    m, col, row = f // per_mask, (f % per_mask) // per_col, f % per_col
-    return count, torch.stack([sp[m, 5], (c0[m] + col) * h + r0[m] + row]), stab
+    m = f // per_mask
+    f -= m * per_mask
+    col = f // per_col
+    f -= col * per_col  # the row
+    pos = c0[m].add_(col).mul_(h).add_(r0[m]).add_(f)
+    del col, f
+    return count, torch.stack([sp[:, 5][m], pos]), stab
 
 
-def _chunks_by_size(hc: np.ndarray, wc: np.ndarray, budget_pixels: int) -> list[list[int]]:
-    """Indices of the non-empty boxes in chunks of similar crop sizes, each chunk's padded crops
-    (count x largest height x largest width) within ``budget_pixels`` (a box larger than the budget
-    is a chunk of its own)."""
+def _guessed_slot(k: int, hc: int, wc: int) -> int:
+    """A chunk's first guess of its transitions (at most one per element of its padded columns)."""
+    return min(k * wc * (hc + 1), k * wc * GUESS_PER_COLUMN + 64)
+
+
+def _chunk_bytes(k: int, hc: int, wc: int, c: int, mh: int, mw: int, slot: int | None = None) -> int:
+    """Device bytes a chunk of ``k`` crops of ``hc`` x ``wc`` (padded) needs at most in
+    :func:`_chunk_transitions`: the prototype logits, operator rows and first product (with the
+    coefficients and the gather indices), then the crop pixels, then the
+    transition slots (``slot``; its first guess when None). A bound, measured in tests/test_masks.py."""
+    slot = _guessed_slot(k, hc, wc) if slot is None else slot
+    rows = 4 * k * (mh * mw + hc * mh + wc * mw + hc * mw) + 8 * k * (hc + wc + c)
+    return rows + _PIXEL_BYTES * k * wc * (hc + 2) + 4 * k * hc * wc + _SLOT_BYTES * slot
+
+
+def _pieces(spans: np.ndarray, budget: int, c: int, mh: int, mw: int) -> np.ndarray:
+    """``spans`` (r0, r1, c0, c1 per mask) with the mask's index appended, a box too large for the
+    budget on its own cut into column ranges that fit (at least a column each), in column order."""
+    idx = np.arange(len(spans))
+    hc, wc = spans[:, 1] - spans[:, 0], spans[:, 3] - spans[:, 2]
+    big = [i for i in range(len(spans)) if hc[i] > 0 and wc[i] > 0 and _chunk_bytes(1, hc[i], wc[i], c, mh, mw) > budget]
+    if not big:
+        return np.concatenate([spans, idx[:, None]], 1)
+    rows = []
+    for i in range(len(spans)):
+        r0, r1, c0, c1 = spans[i].tolist()
+        if i not in big:
+            rows.append([r0, r1, c0, c1, i])
+            continue
+        lo, hi = 1, c1 - c0  # the widest range that fits: bisection on the width
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if _chunk_bytes(1, r1 - r0, mid, c, mh, mw) <= budget else (lo, mid - 1)
+        rows += [[r0, r1, a, min(a + lo, c1), i] for a in range(c0, c1, lo)]
+    return np.asarray(rows, np.int64)
+
+
+def _chunks_by_size(hc: np.ndarray, wc: np.ndarray, budget: int, c: int, mh: int, mw: int) -> list[list[int]]:
+    """Indices of the non-empty boxes (or pieces) in chunks of similar crop sizes, each chunk's
+    :func:`_chunk_bytes` (padded to its largest height and width) within ``budget`` bytes (a piece
+    that alone is over it, only when a single column is, is a chunk of its own). Pieces of one mask
+    are of one size but the last, so they keep their column order."""
     nonempty = np.flatnonzero((hc > 0) & (wc > 0))
     order = nonempty[np.argsort(-(hc[nonempty] * wc[nonempty]), kind="stable")]
-    chunks, cur, mh, mw = [], [], 0, 0
+    chunks, cur, ch, cw = [], [], 0, 0
     for i in order.tolist():
-        nh, nw = max(mh, int(hc[i])), max(mw, int(wc[i]))
-        if cur and (len(cur) + 1) * nh * nw > budget_pixels:
+        nh, nw = max(ch, int(hc[i])), max(cw, int(wc[i]))
+        if cur and _chunk_bytes(len(cur) + 1, nh, nw, c, mh, mw) > budget:
             chunks.append(cur)
             cur, nh, nw = [], int(hc[i]), int(wc[i])
         cur.append(i)
-        mh, mw = nh, nw
+        ch, cw = nh, nw
     if cur:
         chunks.append(cur)
     return chunks

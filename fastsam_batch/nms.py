@@ -11,7 +11,8 @@ plane, so boxes of different images never overlap. The moved boxes are held in f
 the move is exact, so the IoUs are those of each image's own boxes (to float rounding); the keeps
 equal per-image NMS (tests). The host waits for the device three times per batch, whatever its
 images: for the candidates above ``conf`` (``nonzero``), in torchvision's NMS (its CUDA kernel
-copies its overlap mask to the host) and for the counts kept per image; no boolean indexing
+copies its overlap mask to the host) and for the counts kept per image; no boolean indexing, and
+the counts by ``index_add_`` into known bins, not ``torch.bincount`` (two more waits on CUDA)
 (tests/test_syncs.py).
 """
 
@@ -52,12 +53,20 @@ def batched_nms(prediction: torch.Tensor, conf: float, iou: float, max_det: int,
     moved = boxes + (b.double() * span)[:, None]
     keep = torchvision.ops.nms(moved, x[:, 4].double(), iou)  # best score first, all images
     keep = keep[b[keep].argsort(stable=True)]  # image by image, each best score first
-    counts = torch.bincount(b[keep], minlength=bs + 1).tolist()  # the host's one look at the result
+    counts = _count_groups(b[keep], bs + 1).tolist()  # the host's one look at the result
     return [kept[:max_det] for kept in torch.split(x[keep], counts)[:bs]]
 
 
 def _rank_within(groups: torch.Tensor, n: int) -> torch.Tensor:
     """Position of each element within its group, for ``groups`` sorted (0..n-1)."""
-    counts = torch.bincount(groups, minlength=n)
+    counts = _count_groups(groups, n)
     first = torch.cumsum(counts, 0) - counts
     return torch.arange(groups.numel(), device=groups.device) - first[groups]
+
+
+def _count_groups(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.bincount(groups, minlength=n)`` for ``groups`` in 0..n-1, without waiting for the
+    device: CUDA's bincount reads its input's min and max on the host (two waits); an ``index_add_``
+    into ``n`` known bins does not."""
+    return torch.zeros(n, dtype=torch.int64, device=groups.device).index_add_(
+        0, groups, torch.ones_like(groups, dtype=torch.int64))

@@ -110,11 +110,16 @@ def test_per_mask_path_stability_equals_segment_anything(mh, mw, h, w):
     assert all(np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2]) for a, b in zip(found, plain))
 
 
-@pytest.mark.parametrize("budget", [1 << 26, 5000, 1])
-def test_batched_path_stability_equals_segment_anything(budget):
+@pytest.mark.parametrize("budget,cut", [(1 << 26, False), (1 << 18, True)])
+def test_batched_path_stability_equals_segment_anything(budget, cut):
+    """Whatever the budget: one chunk, many, or (``cut``) masks too large for it alone cut into
+    column ranges whose counts are summed per mask."""
     gen = torch.Generator().manual_seed(11)
     jobs = [job(*case, n, gen) for case, n in zip(CASES, [25, 40, 0, 25, 9])]
     launched = launch_box_masks([(c, p, b.numpy(), h, w) for c, p, b, h, w in jobs], budget)
+    assert len(launched.plans) > 1 or budget == 1 << 26
+    keys = launched.chunk_keys
+    assert (len(np.unique(keys)) < len(keys)) == cut  # a mask of several pieces, or none
     masks = collect_box_masks(launched)
     assert len(launched.scores) == len(jobs)
     for (coeffs, protos, boxes, h, w), scores, found in zip(jobs, launched.scores, masks):

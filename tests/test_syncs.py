@@ -15,9 +15,10 @@ from fastsam_batch.storage import Storage
 from shapes import make_image
 from sync_counter import SyncCounter
 
-# Per batch: NMS 3 (candidates above conf, torchvision's NMS, kept per image), the boxes and scores
-# 1, the mask transitions 1 (2 when a chunk has more than guessed).
-MOST_SYNCS_PER_BATCH = 6
+# Per batch: NMS 3 (candidates above conf, torchvision's NMS, the counts kept per image: by
+# index_add_, since torch.bincount would add two), the boxes and scores 1, the mask transitions 1
+# (2 when a chunk has more than guessed, a case of its own below).
+SYNCS_PER_BATCH = 5
 
 
 def smooth_job(n: int, h: int, w: int, gen: torch.Generator, box: int = 40):
@@ -76,7 +77,7 @@ def test_a_batch_through_the_device_path_syncs_a_fixed_number_of_times(segmenter
     many, (_, m32, _) = counted(lambda: segmenter.segment_on_device(same))
     shapes, _ = counted(lambda: segmenter.segment_on_device(mixed))
     assert len(m1[0]) > 0 and sum(len(m) for m in m32) > 32  # masks were found
-    assert one.syncs == many.syncs == shapes.syncs <= MOST_SYNCS_PER_BATCH, (one.where, many.where, shapes.where)
+    assert one.syncs == many.syncs == shapes.syncs == SYNCS_PER_BATCH, (one.where, many.where, shapes.where)
     assert (one.uploads, many.uploads, shapes.uploads) == (2, 2, 4)  # the images (per shape), the mask plan
 
 
@@ -91,12 +92,53 @@ def test_the_sync_counter_counts_what_would_wait():
         y = x.clone()
         y[y > 2] = 0
         x[x > 1]
-        torch.from_numpy(np.zeros(3)).to("cpu")  # a blocking upload
+        torch.from_numpy(np.zeros(3)).to(DEVICE)  # a blocking upload
         h = x.cpu()
         h.numpy()  # already on the host
         torch.where(x > 1, x, 0)  # no wait
     assert c.syncs == 8 and c.uploads == 1, c.where
     assert decode_image is not None
+
+
+DEVICE = torch.device("cpu")  # on CPU tensors, the device object stands for the accelerator (sync_counter.py)
+
+
+@pytest.mark.parametrize("name, op, waits, uploads", [
+    ("bincount", lambda x, i: torch.bincount(i, minlength=8), 2, 0),  # CUDA reads min and max on the host
+    ("Tensor.bincount", lambda x, i: i.bincount(), 2, 0),
+    ("to('cpu')", lambda x, i: x.to("cpu"), 1, 0),
+    ("to(device='cpu')", lambda x, i: x.to(device="cpu"), 1, 0),
+    ("to('cpu', non_blocking=True)", lambda x, i: x.to("cpu", non_blocking=True), 1, 0),  # read next
+    ("to('cpu', torch.float16)", lambda x, i: x.to("cpu", torch.float16), 1, 0),
+    ("equal", lambda x, i: torch.equal(x, x + 0), 1, 0),
+    ("Tensor.equal", lambda x, i: x.equal(x), 1, 0),
+    ("tensor(...).to(device)", lambda x, i: torch.tensor([1.0, 2.0]).to(DEVICE), 1, 1),
+    ("zeros(...).to(device, non_blocking)", lambda x, i: torch.zeros(3).to(DEVICE, non_blocking=True), 0, 1),
+    ("arange(...).to(device=)", lambda x, i: torch.arange(3).to(device=DEVICE), 1, 1),
+    ("as_tensor(list).cuda-like .to(device)", lambda x, i: torch.as_tensor([1, 2]).to(DEVICE), 1, 1),
+    ("tensor(..., device=)", lambda x, i: torch.tensor([1.0], device=DEVICE), 1, 1),
+])
+def test_each_kind_of_host_wait_is_counted(name, op, waits, uploads):
+    x, i = torch.arange(6.0), torch.tensor([0, 3, 3, 1])
+    with SyncCounter() as c:
+        op(x, i)
+    assert (c.syncs, c.uploads) == (waits, uploads), (name, c.where)
+
+
+@pytest.mark.parametrize("name, op", [
+    ("a host tensor copied to the host", lambda: torch.from_numpy(np.zeros(3)).to("cpu")),
+    ("a host tensor compared on the host", lambda: torch.equal(torch.zeros(2), torch.ones(2))),
+    ("bincount of a host tensor", lambda: torch.bincount(torch.tensor([1, 2]))),
+    ("a read of what came back", lambda: torch.zeros(2).to("cpu").tolist()),
+    ("a device tensor made on the device", lambda: torch.zeros(3, device=DEVICE) + 1),
+    ("a count without bincount", lambda: torch.zeros(5, dtype=torch.int64, device=DEVICE).index_add_(
+        0, torch.arange(4, device=DEVICE) % 5, torch.ones(4, dtype=torch.int64, device=DEVICE))),
+    ("a dtype change", lambda: torch.arange(3, device=DEVICE).to(torch.float32)),
+])
+def test_what_never_waits_is_not_counted(name, op):
+    with SyncCounter() as c:
+        op()
+    assert (c.syncs, c.uploads) == (0, 0), (name, c.where)
 
 
 def test_resize_operators_are_built_once_per_size_not_per_image(monkeypatch):
