@@ -211,9 +211,9 @@ def test_batched_masks_keep_each_chunk_within_the_memory_budget():
     peaks = []
     real = masks_module._chunk_transitions
 
-    def measured(jobs_, plan, chunk, slot, skip=0, flats=None):
+    def measured(jobs_, plan, chunk, slot, skip=0, flats=None, stability=False):
         with LiveBytes([plan, *ops, *(t for j in jobs_ for t in j[:2])]) as live:
-            out = real(jobs_, plan, chunk, slot, skip, flats)
+            out = real(jobs_, plan, chunk, slot, skip, flats, stability)
         j, _, k, hc, wc = chunk
         peaks.append((live.peak, masks_module._chunk_bytes(k, hc, wc, 32, 80, 80, slot), chunk))
         return out
