@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -725,19 +726,26 @@ def test_ctrl_c_is_one_line_and_exit_130(tar_output, tmp_path):
     p = subprocess.Popen([str(exe), "export-webdataset", str(out), "--out", str(tmp_path / "wds")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        lines = []
-        for line in p.stderr:  # blocks until the progress line is there
-            lines.append(line)
-            if "reading the output" in line:
-                break
-        assert any("reading the output" in x for x in lines), "".join(lines)
+        import selectors
+
+        seen = ""
+        sel = selectors.DefaultSelector()
+        sel.register(p.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + 150  # a bound on a failure only (no progress line at all)
+        while "reading the output" not in seen and time.monotonic() < deadline:
+            if sel.select(timeout=1):
+                chunk = os.read(p.stderr.fileno(), 65536)  # unbuffered: select sees every byte
+                if not chunk:
+                    break
+                seen += chunk.decode()
+        assert "reading the output" in seen, seen
         p.send_signal(signal.SIGINT)
         stdout, rest = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    stderr = "".join(lines) + rest
+    stderr = seen + rest
     assert p.returncode == 130, stdout + stderr
     assert "Traceback" not in stderr
     said = [x for x in stderr.splitlines() if x.startswith("fastsam-batch:")]

@@ -53,7 +53,7 @@ class OutputRows:
     an ok row over an error row, else the first); rows of several versions of one image (an object
     that changed, the run cut short before it dropped the old rows) stop the export with one line,
     since only a run that lists the input knows which version is current. The check holds about
-    30 bytes per row (:class:`.resume.Committed`) while it runs."""
+    40 bytes per row (:class:`.resume.Committed`; twice that while sorting) while it runs."""
 
     def __init__(self, output_uri: str, storage: Storage):
         self.output_uri = output_uri
@@ -362,11 +362,15 @@ def changed_since(row: dict, uri: str, storage: Storage) -> str | None:
 
 
 def _read_object(row: dict, storage: Storage) -> tuple[str, bytes]:
+    """An image read on its own: an object, or (an output mixing tar rows with others, not aligned)
+    a tar member, found by reading its shard up to it."""
+    from ..inputs import read_image_at
     from ..storage import storage_error_cause
 
     try:
-        why = changed_since(row, row["uri"], storage)
-        data = None if why else storage.read_bytes(row["uri"])
+        at = _tar_member(row)
+        why = changed_since(row, at[0] if at else row["uri"], storage)
+        data = None if why else read_image_at(row["uri"], storage)
     except Exception as e:  # noqa: BLE001
         raise ImageUnavailable(f"cannot read it ({storage_error_cause(e)})") from None
     if why:
