@@ -68,14 +68,19 @@ class OutputRows:
         from ..resume import duplicate_rows, read_committed
 
         c = read_committed(output_uri, storage)
-        if c.rows > 1:
-            order = np.lexsort((c.versions, c.keys))
-            keys, versions = c.keys[order], c.versions[order]
-            # another version of the same image (rows of no recorded version, 0, match any)
-            other = (keys[1:] == keys[:-1]) & (versions[1:] != versions[:-1]) & (versions[:-1] != 0)
-            if other.any():
+        if c.rows > 1:  # another version of the same image (rows of no recorded version, 0, match any)
+            cols = [c.hi, c.lo] if hasattr(c, "hi") else [c.keys]  # the index's 128-bit key columns, or S16 keys
+            order = np.lexsort((c.versions, *cols[::-1]))
+            same = np.ones(len(order) - 1, bool)
+            for col in cols:
+                sorted_col = col[order]
+                same &= sorted_col[1:] == sorted_col[:-1]
+            versions = c.versions[order]
+            other = np.flatnonzero(same & (versions[1:] != versions[:-1]) & (versions[:-1] != 0))
+            if len(other):
+                images = len({tuple(col[order[i]].tolist() for col in cols) for i in other.tolist()})
                 raise OutputError(
-                    f"{output_uri!r}: {len(np.unique(keys[1:][other])):,} images have rows of two versions of their "
+                    f"{output_uri!r}: {images:,} images have rows of two versions of their "
                     "object (a run stopped before it replaced the old rows); run the job again (it keeps "
                     "the current version's rows), then export")
         twice = duplicate_rows(c)
