@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="images per shard (default 1000); when the input was tar shards, one shard per input "
                           "shard instead")
     wds.add_argument("--manifest", metavar="JOB.yaml", help="as for export-sa1b")
+    for p, what in ((sa1b, "its .json, images and sa_*.tar"), (wds, "its .tar files")):
+        p.add_argument("--overwrite", action="store_true",
+                       help=f"write into a --out that holds files: an earlier export's files there ({what}) are "
+                            "removed first, nothing else (without it, a --out with files is refused)")
     sub.add_parser("schema", help="the manifest's JSON Schema, for editors")
     overlay = sub.add_parser("overlay", help="PNG pictures of sampled images with their masks, and a contact sheet")
     overlay.add_argument("output", help="output.uri of a run (local folder or s3://)")
@@ -207,17 +211,20 @@ def _tool(args) -> int:
             if args.command == "export-sa1b":
                 from .exports.sa1b import export_sa1b
 
-                counts = export_sa1b(args.output, storage, args.out, args.tar, args.shard_size, args.with_images, images)
+                counts = export_sa1b(args.output, storage, args.out, args.tar, args.shard_size, args.with_images, images,
+                                     overwrite=args.overwrite)
                 what = f"{counts['images']:,} records ({counts['masks']:,} masks)" + (
                     f" in {counts['files']:,} shards" if args.tar else f", {counts['files']:,} files")
             else:
                 from .exports.webdataset import export_webdataset
 
-                counts = export_webdataset(args.output, storage, args.out, args.shard_size, images)
+                counts = export_webdataset(args.output, storage, args.out, args.shard_size, images,
+                                           overwrite=args.overwrite)
                 what = (f"{counts['images']:,} samples ({counts['masks']:,} masks) in {counts['files']:,} shards"
                         + (" (one per input tar shard)" if counts["aligned"] else ""))
             print(f"wrote {args.out}: {what}"
-                  + (f" ({counts['error_rows']:,} error rows left out)" if counts["error_rows"] else ""))
+                  + (f" ({counts['error_rows']:,} error rows left out)" if counts["error_rows"] else "")
+                  + (f" ({counts['duplicates']:,} rows written twice exported once)" if counts["duplicates"] else ""))
             if counts["unavailable"]:  # the rest is written, but the dataset lacks them: not a success
                 return say(f"{counts['unavailable']:,} images could not be read and were left out (the rest was "
                            f"written), e.g. " + "; ".join(counts["examples"]))
@@ -229,6 +236,10 @@ def _tool(args) -> int:
         return 0
     except (JobError, CheckpointError, PreflightError, OutputError) as e:
         return say(str(e))
+    except KeyboardInterrupt:
+        say(f"{args.command}: interrupted" + ("; the files it wrote are complete (none is left half-written), run "
+                                              "it again to write them all" if args.command.startswith("export-") else ""))
+        return 130
     except Exception as e:  # noqa: BLE001 - one line, not a traceback
         return say(f"{args.command}: {storage_error_cause(e)}")
 

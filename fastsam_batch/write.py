@@ -41,13 +41,40 @@ PART_PREFIX = "part-"
 ROW_GROUP_BYTES = 128 << 20
 
 
-def parquet_file_bytes(table: pa.Table, compression: str | None, row_group_bytes: int = ROW_GROUP_BYTES) -> bytes:
-    """``table`` as Parquet bytes, in row groups of at most ``row_group_bytes`` (by the mean row's
-    in-memory size), with a page index (random access without reading whole groups)."""
-    per_row = -(-table.nbytes // max(table.num_rows, 1))
+def row_group_slices(table: pa.Table, row_group_bytes: int) -> list[tuple[int, int]]:
+    """(offset, rows) of consecutive slices of ``table``, each as many rows as fit in
+    ``row_group_bytes`` of Arrow memory, measured on the rows themselves (so large rows clustered
+    together make smaller groups, not one above the cap); a single row larger than the cap is a
+    group of its own."""
+    out, start, n = [], 0, table.num_rows
+    while start < n:
+        fits, step = 1, 1  # 1 row always goes; grow while the slice fits, then bisect
+        while start + fits < n and table.slice(start, min(fits + step, n - start)).nbytes <= row_group_bytes:
+            fits = min(fits + step, n - start)
+            step *= 2
+        lo, hi = fits, min(fits + step, n - start)  # fits rows fit; hi rows do not (or hi is the end)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if table.slice(start, mid).nbytes <= row_group_bytes:
+                lo = mid
+            else:
+                hi = mid
+        if hi == n - start and table.slice(start, hi).nbytes <= row_group_bytes:
+            lo = hi
+        out.append((start, lo))
+        start += lo
+    return out
+
+
+def parquet_file_bytes(table: pa.Table, compression: str | None, row_group_bytes: int | None = None) -> bytes:
+    """``table`` as Parquet bytes, in row groups of at most ``row_group_bytes`` (default
+    :data:`ROW_GROUP_BYTES`) of Arrow memory each (:func:`row_group_slices`), with a page index
+    (random access without reading whole groups)."""
+    cap = ROW_GROUP_BYTES if row_group_bytes is None else row_group_bytes
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression=compression, row_group_size=max(1, row_group_bytes // max(per_row, 1)),
-                   write_page_index=True)
+    with pq.ParquetWriter(buf, table.schema, compression=compression, write_page_index=True) as w:
+        for start, rows in row_group_slices(table, cap):
+            w.write_table(table.slice(start, rows), row_group_size=rows)
     return buf.getvalue()
 
 

@@ -87,37 +87,36 @@ def export_coco(output_uri: str, storage: Storage, out: TextIO, annotations: boo
     seen_categories: set[int] = set()
     out.write('{"annotations": [\n' if annotations else "[\n")
     first = True
-    for batch in rows.batches(["image_id", "width", "height", "status", "masks"]):
-        for row in batch.to_pylist():
-            if row["status"] != "ok":
-                counts["error_rows"] += 1
+    for row in rows.rows(["image_id", "width", "height", "status", "masks"]):
+        if row["status"] != "ok":
+            counts["error_rows"] += 1
+            continue
+        if ids:
+            image_id = ids.get(row["image_id"])
+            if image_id is None:
+                counts["not_in_coco"] += 1
                 continue
-            if ids:
-                image_id = ids.get(row["image_id"])
-                if image_id is None:
-                    counts["not_in_coco"] += 1
-                    continue
+        else:
+            image_id = counts["images"] + 1
+        counts["images"] += 1
+        images.append({"id": image_id, "file_name": row["image_id"], "width": row["width"], "height": row["height"]})
+        for m in row["masks"]:
+            category = m["category_id"] if m["category_id"] is not None else other["id"]
+            seen_categories.add(category)
+            if coco_uri and category not in coco_categories:
+                counts["outside_coco_categories"] += 1
+            entry = {"image_id": image_id, "category_id": category,
+                     "segmentation": {"size": [row["height"], row["width"]], "counts": m["counts"]},
+                     "bbox": [round(v, 2) for v in m["bbox"]], "score": round(float(m["score"]), 5)}
+            if annotations:
+                entry.update(id=counts["masks"] + 1, area=int(m["area"]), iscrowd=0)
             else:
-                image_id = counts["images"] + 1
-            counts["images"] += 1
-            images.append({"id": image_id, "file_name": row["image_id"], "width": row["width"], "height": row["height"]})
-            for m in row["masks"]:
-                category = m["category_id"] if m["category_id"] is not None else other["id"]
-                seen_categories.add(category)
-                if coco_uri and category not in coco_categories:
-                    counts["outside_coco_categories"] += 1
-                entry = {"image_id": image_id, "category_id": category,
-                         "segmentation": {"size": [row["height"], row["width"]], "counts": m["counts"]},
-                         "bbox": [round(v, 2) for v in m["bbox"]], "score": round(float(m["score"]), 5)}
-                if annotations:
-                    entry.update(id=counts["masks"] + 1, area=int(m["area"]), iscrowd=0)
-                else:
-                    entry["file_name"] = row["image_id"]
-                if m["prompt_id"] is not None:
-                    entry["prompt_id"] = m["prompt_id"]
-                out.write(("" if first else ",\n") + json.dumps(entry, separators=(",", ":")))
-                first = False
-                counts["masks"] += 1
+                entry["file_name"] = row["image_id"]
+            if m["prompt_id"] is not None:
+                entry["prompt_id"] = m["prompt_id"]
+            out.write(("" if first else ",\n") + json.dumps(entry, separators=(",", ":")))
+            first = False
+            counts["masks"] += 1
     if annotations:
         known = {c["id"] for c in categories}
         categories = categories + [other if c == other["id"] else {"id": c, "name": f"category {c}"}
