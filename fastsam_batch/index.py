@@ -293,6 +293,7 @@ class FileRows:
     reasons: list[str]
     units: np.ndarray  # unit_key per row
     fingerprints: dict[str, int]
+    stamp: str = ""  # the file's listing entry when read (size and ETag, or mtime): "" unknown (read again)
 
     @classmethod
     def from_rows(cls, part: str, rows: Sequence[tuple], fingerprints: dict[str, int] | None = None) -> "FileRows":
@@ -348,6 +349,9 @@ class Committed:
     reasons: list[str] = field(default_factory=list)  # the error reasons present
     units: np.ndarray = field(default_factory=lambda: _empty(U64))  # container key (unit_key); 0: none
     part_fingerprints: dict[str, dict[str, int]] = field(default_factory=dict)  # part -> fingerprint -> rows
+    # part -> its listing entry when it was read (size and ETag, or size, mtime and inode): a file
+    # rewritten under its own name (names are hashes of the ids a file holds) is told by this
+    stamps: dict[str, str] = field(default_factory=dict)
     _by_unit: tuple[np.ndarray, np.ndarray] | None = None  # (row indices by container key, their keys), cached
 
     def reason_code(self, error: str | None, ok: bool) -> int:
@@ -391,11 +395,13 @@ class Committed:
         kept_parts = [p for p in self.parts if p not in gone]
         parts = sorted(set(kept_parts) | {f.part for f in added})
         index = {p: i for i, p in enumerate(parts)}
-        remap = np.array([index.get(p, -1) for p in self.parts] + [-1], np.int32)
+        # the old rows of a file read again (a rewrite under its own name) go, like those of a file gone
+        remap = np.array([-1 if p in gone else index[p] for p in self.parts] + [-1], np.int32)
         new_of = remap[self.part_of] if self.rows else _empty(np.int32)
         keep = new_of >= 0
         c = Committed(parts=parts, reasons=list(self.reasons),
-                      part_fingerprints={p: self.part_fingerprints.get(p, {}) for p in kept_parts})
+                      part_fingerprints={p: self.part_fingerprints.get(p, {}) for p in kept_parts},
+                      stamps={p: self.stamps[p] for p in kept_parts if p in self.stamps})
         cols = {"hi": [self.hi[keep]], "lo": [self.lo[keep]], "versions": [self.versions[keep]],
                 "ok": [self.ok[keep]], "part_of": [new_of[keep]], "reason_of": [self.reason_of[keep]],
                 "units": [self.units[keep]]}
@@ -408,6 +414,7 @@ class Committed:
             cols["part_of"].append(np.full(n, index[f.part], np.int32))
             cols["reason_of"].append(codes[np.asarray(f.reason_of, np.int64).reshape(n)])  # -1 -> the last: -1
             c.part_fingerprints[f.part] = dict(f.fingerprints)
+            c.stamps[f.part] = f.stamp
         arrays = {k: np.concatenate(v) for k, v in cols.items()}
         if added:
             order = sort_keys(arrays["hi"], arrays["lo"])
@@ -531,10 +538,12 @@ class Duplicates:
     """Rows to drop so that each image has one row per source version (see :func:`duplicate_rows`),
     as (id key, version key) pairs: ``drop``: part -> the pairs whose every row in that file goes;
     ``keep_one``: part -> pairs with several rows in that one file (the kept file), of which one
-    stays (an ok one, else the first)."""
+    stays (an ok one, else the first); ``kept``: part -> the pairs whose kept copy is there (the
+    repair checks that file still exists before it deletes the other copies)."""
 
     drop: dict[str, set[tuple[bytes, int]]] = field(default_factory=dict)
     keep_one: dict[str, set[tuple[bytes, int]]] = field(default_factory=dict)
+    kept: dict[str, set[tuple[bytes, int]]] = field(default_factory=dict, compare=False)
 
     def __bool__(self) -> bool:
         return bool(self.drop or self.keep_one)
@@ -574,6 +583,7 @@ def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozense
         keeper = next((p for p in group_parts if names is not None and names[p]),
                       next((p for p, x in zip(group_parts, good) if x), group_parts[0]))
         key = (key_bytes((c.hi[order[a]], c.lo[order[a]])), int(versions[a]))
+        out.kept.setdefault(c.parts[keeper], set()).add(key)
         for p in set(group_parts):
             if p != keeper:
                 out.drop.setdefault(c.parts[p], set()).add(key)

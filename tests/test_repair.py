@@ -118,6 +118,27 @@ def test_a_rewrite_never_replaces_another_file_holding_exactly_its_kept_ids(outp
     assert sorted(got) == sorted(f"{c}{n}" for c in "xy" for n in range(1, 5))  # one row each, none lost
 
 
+def test_the_end_of_a_run_reads_again_a_file_rewritten_under_its_own_name(output):
+    """Reproduced from review: the start index holds part_name(["slow"]) with an error row; this
+    run (--retry-errors) commits exactly that file's ids, ok, under the same name. The counts the
+    end of the run gives (for _run.json) are those of a plain read of every row."""
+    uri, storage, fence = output
+    slow = join_uri(uri, part_name(["slow"]))
+    put(storage, slow, [("slow", "v/1", "error", "slow#0")])
+    put(storage, join_uri(uri, part_name(["a", "b"])), [("a", "v/1", "ok", "a#0"), ("b", "v/1", "ok", "b#0")])
+    start = read_committed(uri, storage)
+    put(storage, slow, [("slow", "v/1", "ok", "slow#1")])
+    final, _, _ = repair_at_end(uri, storage, None, fence=fence, written=set(), changed={}, retried=set(),
+                                committed=start)
+    plain = read_rows(storage, uri)  # (image_id, version, status, uri) of every row, read plainly
+    errors: dict[str, int] = {}
+    for r in plain:
+        if r[2] != "ok":
+            errors["read_failed"] = errors.get("read_failed", 0) + 1
+    assert (final.rows, final.images, int(final.ok.sum()), final.errors_by_reason()) == \
+        (len(plain), len({r[0] for r in plain}), sum(r[2] == "ok" for r in plain), errors) == (3, 3, 3, {})
+
+
 def test_a_run_that_lost_its_lease_rewrites_and_deletes_nothing(output):
     uri, storage, fence = output
     put(storage, join_uri(uri, "part-a.parquet"), [("a", "v/1", "ok", "a#0"), ("a", "v/2", "ok", "a#1")])
