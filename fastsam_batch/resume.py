@@ -115,15 +115,18 @@ def read_file_rows(path: str, fs, stamp: str | None = None) -> FileRows:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if stamp is None:
-        fs.invalidate_cache(path)
-        stamp = listing_stamp(fs.info(path))
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        cols = ["image_id", "run_fingerprint", "status", "error"] + [x for x in ("source_version", "shard")
-                                                                      if x in names]
-        t = pf.read(columns=cols)
+    try:
+        if stamp is None:
+            fs.invalidate_cache(path)
+            stamp = listing_stamp(fs.info(path))
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            cols = ["image_id", "run_fingerprint", "status", "error"] + [x for x in ("source_version", "shard")
+                                                                          if x in names]
+            t = pf.read(columns=cols)
+    except Exception as e:  # noqa: BLE001 - named with the file, the cause kept (storage_error_cause reads it)
+        raise CommittedFileError(f"committed file {path} could not be read: {type(e).__name__}: {e}") from e
     n = t.num_rows
     hi, lo = id_keys(t.column("image_id").to_pylist())
     versions = (_hashed(t.column("source_version"), version_key, np.uint64) if "source_version" in cols
@@ -148,8 +151,10 @@ def read_file_rows(path: str, fs, stamp: str | None = None) -> FileRows:
 def read_files(output_uri: str, storage: Storage, paths: list[str], threads: int = READ_THREADS,
                stamps: dict[str, str] | None = None) -> list[FileRows]:
     """:func:`read_file_rows` of each of ``paths`` (as :func:`local_paths` gives them), in parallel;
-    ``stamps``: their listing entries where the listing gave them."""
-    from concurrent.futures import ThreadPoolExecutor
+    ``stamps``: their listing entries where the listing gave them. At most ``4 x threads`` reads are
+    queued at a time, and on an error (or Ctrl-C) those queued are cancelled: only the reads
+    under way are waited for."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     if not paths:
         return []
@@ -157,8 +162,31 @@ def read_files(output_uri: str, storage: Storage, paths: list[str], threads: int
     stamps = stamps or {}
     if len(paths) == 1 or threads <= 1:
         return [read_file_rows(p, fs, stamps.get(p)) for p in paths]
-    with ThreadPoolExecutor(min(threads, len(paths)), thread_name_prefix="read-committed") as pool:
-        return list(pool.map(lambda p: read_file_rows(p, fs, stamps.get(p)), paths))
+    out: list[FileRows | None] = [None] * len(paths)
+    pool = ThreadPoolExecutor(min(threads, len(paths)), thread_name_prefix="read-committed")
+    pending: dict = {}
+    try:
+        todo = iter(enumerate(paths))
+        window = 4 * threads
+        while True:
+            for i, p in todo:
+                pending[pool.submit(read_file_rows, p, fs, stamps.get(p))] = i
+                if len(pending) >= window:
+                    break
+            if not pending:
+                break
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                out[pending.pop(f)] = f.result()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return out  # type: ignore[return-value]
+
+
+class CommittedFileError(OSError):
+    """A committed file that could not be read (corrupt, unreadable, gone since it was listed)."""
 
 
 def read_committed(output_uri: str, storage: Storage) -> Committed:

@@ -365,3 +365,39 @@ def test_a_committed_file_rewritten_under_its_own_name_is_read_again(tmp_path, m
     start = read_committed(str(out), storage)
     commit(["slow"], "error")
     assert _indexed(refresh_committed(start, str(out), storage, reread={slow}), ids) == _plain(out)
+
+
+def test_a_corrupt_committed_file_is_named_and_an_error_stops_the_queued_reads(tmp_path, monkeypatch):
+    """A committed file that cannot be read stops the run with its path in the message; the other
+    reads queued behind it are cancelled, not all waited for (reads go in bounded windows)."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastsam_batch import resume
+    from fastsam_batch.resume import CommittedFileError, read_committed, read_files
+    from fastsam_batch.storage import Storage
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"image_id": ["a"], "run_fingerprint": ["fp"], "status": ["ok"],
+                             "error": pa.array([None], pa.string())}), out / "part-good.parquet")
+    (out / "part-bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(CommittedFileError, match="part-bad.parquet"):
+        read_committed(str(out), Storage())
+
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def failing(p, fs, stamp=None):
+        with lock:
+            calls.append(p)
+        if p.endswith("000"):
+            raise CommittedFileError(f"committed file {p} could not be read")
+        time.sleep(0.01)  # the other reads: not done before the error is seen (what is counted is calls)
+
+    monkeypatch.setattr(resume, "read_file_rows", failing)
+    with pytest.raises(CommittedFileError, match="000"):
+        read_files(str(out), Storage(), [f"p{i:03d}" for i in range(400)], threads=2)
+    assert len(calls) <= 4 * 2 + 2  # the window and the reads under way; before: all 400
