@@ -3,6 +3,9 @@ sets and dicts (hypothesis). Pure: no Ray, no storage but a scratch folder for s
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -204,3 +207,60 @@ def test_unit_rows_sorts_the_containers_once():
         fresh, old = c.unit_rows(s, "v/1")
         assert len(fresh) == (10 if s != "s9" else 0) and not len(old)
     assert c._by_unit is cached
+
+
+def test_spilled_runs_are_written_with_buffered_writes_and_mapped_read_only(tmp_path, monkeypatch):
+    """No run is a writable memory map (a full disk would be a SIGBUS on a mapped page, not an
+    OSError); the scratch folder comes from FASTSAM_BATCH_SCRATCH."""
+    import fastsam_batch.index as index
+
+    real = np.lib.format.open_memmap
+
+    def read_only(filename, mode="r+", *a, **k):
+        assert mode == "r", f"a run written through a writable memory map (mode {mode!r})"
+        return real(filename, mode, *a, **k)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", read_only)
+    monkeypatch.setenv("FASTSAM_BATCH_SCRATCH", str(tmp_path / "scratch"))
+    seen, ref = SeenIds(memory_keys=50), set()
+    seen.keys.block = 7
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        batch = [f"k{x}" for x in rng.integers(0, 2000, 60).tolist()]
+        want = []
+        for i in batch:
+            want.append(i not in ref)
+            ref.add(i)
+        assert seen.add_batch(batch).tolist() == want
+    assert len(seen.keys.disk) >= 1
+    for run in seen.keys.disk:
+        assert isinstance(run.hi, np.memmap) and not run.hi.flags.writeable and not run.lo.flags.writeable
+    folder = seen.keys._dir
+    assert os.path.dirname(folder) == str(tmp_path / "scratch")
+    assert os.path.basename(folder).startswith(f"{index.SCRATCH_PREFIX}{os.getpid()}-")
+    seen.close()
+    assert not os.path.exists(folder)
+
+
+def test_scratch_folders_of_killed_processes_a_day_old_are_removed_when_a_run_spills(tmp_path):
+    import fastsam_batch.index as index
+
+    gone_pid = 99_999_999  # above any pid_max: no such process
+    old = 2 * 86400
+    made = {}
+    for name, age in ((f"fastsam-keys-{gone_pid}-abc", old), (f"fastsam-keys-{os.getpid()}-def", old),
+                      (f"fastsam-keys-{gone_pid}-new", 0), ("fastsam-keys-legacy1", old), ("other-folder", old)):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "run-000001.hi.npy").write_bytes(b"x")
+        t = time.time() - age
+        for p in (path / "run-000001.hi.npy", path):
+            os.utime(p, (t, t))
+        made[name] = path
+    runs = KeyRuns(memory_keys=2, spill_dir=str(tmp_path))
+    runs.add(*id_keys(["a", "b", "c", "d"]))
+    assert runs.disk
+    left = {p.name for p in tmp_path.iterdir()} - {os.path.basename(runs._dir)}
+    assert left == {f"fastsam-keys-{os.getpid()}-def", f"fastsam-keys-{gone_pid}-new", "other-folder"}
+    runs.close()
+    assert index.remove_stale_scratch(str(tmp_path)) == []  # nothing more to remove
