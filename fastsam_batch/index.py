@@ -24,6 +24,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -148,6 +149,56 @@ class _Run:
         return b > a
 
 
+SCRATCH_ENV = "FASTSAM_BATCH_SCRATCH"  # where sorted runs spill (default: tempfile.gettempdir())
+SCRATCH_PREFIX = "fastsam-keys-"  # fastsam-keys-<pid>-<random>: one folder per KeyRuns that spilled
+STALE_SCRATCH_S = 86400.0
+
+
+def scratch_dir() -> str:
+    """The folder spilled runs go under: ``$FASTSAM_BATCH_SCRATCH``, else the temporary folder (which
+    may be a tmpfs, i.e. memory: point the variable at a local disk for lists of billions)."""
+    return os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's, or cannot tell: kept
+    return True
+
+
+def remove_stale_scratch(parent: str, max_age_s: float = STALE_SCRATCH_S, now: float | None = None) -> list[str]:
+    """Removes the ``fastsam-keys-*`` folders under ``parent`` left by a killed process: none of its
+    files changed for ``max_age_s`` (a day), and the pid in its name not running here (a name
+    without a pid: the age alone). Returns the folders removed."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(SCRATCH_PREFIX):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            newest = max([os.stat(path).st_mtime] + [os.stat(os.path.join(path, f)).st_mtime
+                                                     for f in os.listdir(path)])
+        except OSError:
+            continue  # gone meanwhile, or not a folder of ours
+        if now - newest < max_age_s:
+            continue
+        pid = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and "-" in name[len(SCRATCH_PREFIX):] and _pid_running(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 class KeyRuns:
     """A set of 128-bit keys built a batch at a time, LSM-style: each batch's new keys are a sorted
     run; the two newest runs are merged while the older is at most twice the newer, so runs grow
@@ -156,10 +207,14 @@ class KeyRuns:
     timsort merge: linear).
 
     Memory is bounded: past ``memory_keys`` keys held (16 bytes each), the largest run in memory
-    is written to ``spill_dir`` (a private scratch folder, removed with the object) and
-    memory-mapped; spilled runs are merged the same way, a block of ``block`` keys at a time, so
-    the resident memory stays about ``memory_keys`` x 16 bytes x 2 plus the page cache the
-    kernel may reclaim."""
+    is written (buffered writes, :func:`numpy.save`) to a private folder under ``spill_dir``
+    (default :func:`scratch_dir`: ``$FASTSAM_BATCH_SCRATCH``, else the temporary folder; removed
+    with the object, and folders of killed processes a day old removed when the next one is made)
+    and memory-mapped read-only; spilled runs are merged the same way, a block of ``block`` keys
+    at a time, written with buffered writes. The keys held in memory stay under ``memory_keys`` x
+    16 bytes; while two runs merge in memory the peak is about 3.5 times that (the two runs, their
+    concatenation, the sort order, the merged run), plus the page cache of the mapped runs, which
+    the kernel may reclaim."""
 
     def __init__(self, memory_keys: int = 1 << 23, spill_dir: str | None = None, block: int = 1 << 20):
         self.memory_keys = memory_keys
@@ -212,47 +267,51 @@ class KeyRuns:
     # spilling
     def _folder(self) -> str:
         if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="fastsam-keys-", dir=self._spill_parent)
+            parent = self._spill_parent or scratch_dir()
+            os.makedirs(parent, exist_ok=True)
+            remove_stale_scratch(parent)
+            self._dir = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent)
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         return self._dir
 
-    def _new_arrays(self, n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    def _new_path(self) -> str:
         self._files += 1
-        path = os.path.join(self._folder(), f"run-{self._files:06d}")
-        hi = np.lib.format.open_memmap(path + ".hi.npy", "w+", U64, (n,))
-        lo = np.lib.format.open_memmap(path + ".lo.npy", "w+", U64, (n,))
-        return hi, lo, path
+        return os.path.join(self._folder(), f"run-{self._files:06d}")
 
     def _write(self, run: _Run) -> _Run:
-        hi, lo, path = self._new_arrays(len(run))
-        for s in range(0, len(run), self.block):
-            hi[s:s + self.block] = run.hi[s:s + self.block]
-            lo[s:s + self.block] = run.lo[s:s + self.block]
-        return self._reopen(hi, lo, path)
+        """A run written with ordinary (buffered) writes, then memory-mapped read-only: a full disk
+        is an OSError here, never a SIGBUS on a later write to a mapped page."""
+        path = self._new_path()
+        np.save(path + ".hi.npy", np.asarray(run.hi, U64))
+        np.save(path + ".lo.npy", np.asarray(run.lo, U64))
+        return self._open(path)
 
     @staticmethod
-    def _reopen(hi, lo, path: str) -> _Run:
-        hi.flush()
-        lo.flush()
-        del hi, lo
+    def _open(path: str) -> _Run:
         return _Run(np.load(path + ".hi.npy", mmap_mode="r"), np.load(path + ".lo.npy", mmap_mode="r"), path)
 
     def _merge_on_disk(self, a: _Run, b: _Run) -> _Run:
         """Two spilled runs merged into a new file, a block at a time (each step takes every key up
-        to a bound from both: at most about ``block`` keys from each)."""
-        hi, lo, path = self._new_arrays(len(a) + len(b))
-        i = j = k = 0
-        while i < len(a) or j < len(b):
-            bounds = [x.hi[min(s + self.block, len(x)) - 1] for x, s in ((a, i), (b, j)) if s < len(x)]
-            bound = min(bounds)
-            ie = int(np.searchsorted(a.hi, bound, "right")) if i < len(a) else i
-            je = int(np.searchsorted(b.hi, bound, "right")) if j < len(b) else j
-            h = np.concatenate((a.hi[i:ie], b.hi[j:je]))
-            l = np.concatenate((a.lo[i:ie], b.lo[j:je]))
-            order = np.argsort(h, kind="stable")
-            hi[k:k + len(h)], lo[k:k + len(h)] = h[order], l[order]
-            i, j, k = ie, je, k + len(h)
-        merged = self._reopen(hi, lo, path)
+        to a bound from both: at most about ``block`` keys from each), written with buffered writes."""
+        path = self._new_path()
+        n = len(a) + len(b)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(U64)), "fortran_order": False, "shape": (n,)}
+        with open(path + ".hi.npy", "wb") as fh, open(path + ".lo.npy", "wb") as fl:
+            np.lib.format.write_array_header_1_0(fh, header)
+            np.lib.format.write_array_header_1_0(fl, header)
+            i = j = 0
+            while i < len(a) or j < len(b):
+                bounds = [x.hi[min(s + self.block, len(x)) - 1] for x, s in ((a, i), (b, j)) if s < len(x)]
+                bound = min(bounds)
+                ie = int(np.searchsorted(a.hi, bound, "right")) if i < len(a) else i
+                je = int(np.searchsorted(b.hi, bound, "right")) if j < len(b) else j
+                h = np.concatenate((a.hi[i:ie], b.hi[j:je]))
+                l = np.concatenate((a.lo[i:ie], b.lo[j:je]))
+                order = np.argsort(h, kind="stable")
+                fh.write(np.ascontiguousarray(h[order], U64).tobytes())
+                fl.write(np.ascontiguousarray(l[order], U64).tobytes())
+                i, j = ie, je
+        merged = self._open(path)
         for old in (a, b):
             p = old.path
             del old
@@ -293,6 +352,7 @@ class FileRows:
     reasons: list[str]
     units: np.ndarray  # unit_key per row
     fingerprints: dict[str, int]
+    stamp: str = ""  # the file's listing entry when read (size and ETag, or mtime): "" unknown (read again)
 
     @classmethod
     def from_rows(cls, part: str, rows: Sequence[tuple], fingerprints: dict[str, int] | None = None) -> "FileRows":
@@ -348,6 +408,9 @@ class Committed:
     reasons: list[str] = field(default_factory=list)  # the error reasons present
     units: np.ndarray = field(default_factory=lambda: _empty(U64))  # container key (unit_key); 0: none
     part_fingerprints: dict[str, dict[str, int]] = field(default_factory=dict)  # part -> fingerprint -> rows
+    # part -> its listing entry when it was read (size and ETag, or size, mtime and inode): a file
+    # rewritten under its own name (names are hashes of the ids a file holds) is told by this
+    stamps: dict[str, str] = field(default_factory=dict)
     _by_unit: tuple[np.ndarray, np.ndarray] | None = None  # (row indices by container key, their keys), cached
 
     def reason_code(self, error: str | None, ok: bool) -> int:
@@ -391,11 +454,13 @@ class Committed:
         kept_parts = [p for p in self.parts if p not in gone]
         parts = sorted(set(kept_parts) | {f.part for f in added})
         index = {p: i for i, p in enumerate(parts)}
-        remap = np.array([index.get(p, -1) for p in self.parts] + [-1], np.int32)
+        # the old rows of a file read again (a rewrite under its own name) go, like those of a file gone
+        remap = np.array([-1 if p in gone else index[p] for p in self.parts] + [-1], np.int32)
         new_of = remap[self.part_of] if self.rows else _empty(np.int32)
         keep = new_of >= 0
         c = Committed(parts=parts, reasons=list(self.reasons),
-                      part_fingerprints={p: self.part_fingerprints.get(p, {}) for p in kept_parts})
+                      part_fingerprints={p: self.part_fingerprints.get(p, {}) for p in kept_parts},
+                      stamps={p: self.stamps[p] for p in kept_parts if p in self.stamps})
         cols = {"hi": [self.hi[keep]], "lo": [self.lo[keep]], "versions": [self.versions[keep]],
                 "ok": [self.ok[keep]], "part_of": [new_of[keep]], "reason_of": [self.reason_of[keep]],
                 "units": [self.units[keep]]}
@@ -408,6 +473,7 @@ class Committed:
             cols["part_of"].append(np.full(n, index[f.part], np.int32))
             cols["reason_of"].append(codes[np.asarray(f.reason_of, np.int64).reshape(n)])  # -1 -> the last: -1
             c.part_fingerprints[f.part] = dict(f.fingerprints)
+            c.stamps[f.part] = f.stamp
         arrays = {k: np.concatenate(v) for k, v in cols.items()}
         if added:
             order = sort_keys(arrays["hi"], arrays["lo"])
@@ -531,10 +597,12 @@ class Duplicates:
     """Rows to drop so that each image has one row per source version (see :func:`duplicate_rows`),
     as (id key, version key) pairs: ``drop``: part -> the pairs whose every row in that file goes;
     ``keep_one``: part -> pairs with several rows in that one file (the kept file), of which one
-    stays (an ok one, else the first)."""
+    stays (an ok one, else the first); ``kept``: part -> the pairs whose kept copy is there (the
+    repair checks that file still exists before it deletes the other copies)."""
 
     drop: dict[str, set[tuple[bytes, int]]] = field(default_factory=dict)
     keep_one: dict[str, set[tuple[bytes, int]]] = field(default_factory=dict)
+    kept: dict[str, set[tuple[bytes, int]]] = field(default_factory=dict, compare=False)
 
     def __bool__(self) -> bool:
         return bool(self.drop or self.keep_one)
@@ -574,6 +642,7 @@ def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozense
         keeper = next((p for p in group_parts if names is not None and names[p]),
                       next((p for p, x in zip(group_parts, good) if x), group_parts[0]))
         key = (key_bytes((c.hi[order[a]], c.lo[order[a]])), int(versions[a]))
+        out.kept.setdefault(c.parts[keeper], set()).add(key)
         for p in set(group_parts):
             if p != keeper:
                 out.drop.setdefault(c.parts[p], set()).add(key)

@@ -24,9 +24,9 @@ from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
-from .repair import drop_rows, drop_superseded_rows, remove_files, repair_at_end, repair_at_start
+from .repair import drop_left_over_rows, remove_files, repair_at_end, repair_at_start
 from .index import Committed, stale_unit_rows
-from .resume import (apply_rewrites, read_committed, read_units_records, run_fingerprint, source_version,
+from .resume import (read_committed, read_units_records, run_fingerprint, source_version,
                      write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
@@ -329,19 +329,15 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     if overwrite:
         committed = Committed()  # every image is planned; the old files go just before the new ones are written
     fence = lease.fence()  # checked before every write and delete of the run (see repair.py)
-    committed, twice = repair_at_start(m.output.uri, storage, committed, compression, fence=fence)
+    committed, twice = repair_at_start(m.output.uri, storage, committed, compression, fence=fence, log=log)
     summary.rows_deduplicated += twice
     complete_units = {} if overwrite else read_units_records(m.output.uri, storage)[0]
     planned = plan_job(m, storage, summary, committed, prompts, retry, complete_units=complete_units)
     plan, superseded, changed, retried = planned.plan, planned.superseded, planned.changed, planned.retried
-    rewrites: dict[str, str | None] = {}  # the index read at the start is kept current, never read whole again
-    if superseded:  # rows of replaced objects, left by a run cut short after their new rows committed
-        drop_superseded_rows(m.output.uri, storage, superseded, compression, fence=fence, rewrites=rewrites)
-    if planned.stale_units:  # rows of changed containers, left by a run cut short after the new ones completed
-        committed = apply_rewrites(committed, m.output.uri, storage, rewrites)
-        rewrites = {}
-        drop_rows(m.output.uri, storage, planned.stale_units, compression, fence=fence, rewrites=rewrites)
-    committed = apply_rewrites(committed, m.output.uri, storage, rewrites)
+    # rows of replaced objects and of changed containers, left by a run cut short after the new ones
+    # committed (the index read at the start is kept current, never read whole again)
+    committed = drop_left_over_rows(m.output.uri, storage, committed, superseded, planned.stale_units, compression,
+                                    fence=fence)
     if not plan.count and not old_parts and not twice and not superseded and not planned.stale_units:
         summary.noop = True
         log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "

@@ -20,6 +20,7 @@ every write and delete the job makes, with its fence and crash-safety argument, 
 
 from __future__ import annotations
 
+import logging
 
 import numpy as np
 
@@ -116,11 +117,70 @@ def drop_superseded_rows(output_uri: str, storage: Storage, superseded: dict[str
                      compression, fence=fence, keep_version=keep, rewrites=rewrites)
 
 
+def _warn(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
+
+
+def with_kept_copies_present(output_uri: str, storage: Storage, duplicates: Duplicates, log=None) -> Duplicates:
+    """``duplicates`` without the repairs whose chosen copy is gone although the index still lists
+    it (a listing that lags a delete; a paused earlier lease holder's repair): deleting the other
+    copies would lose the image. Each file chosen to keep is asked for once; those skipped are
+    said in one line (``log``), and the next run repairs them."""
+    if not duplicates.kept:
+        return duplicates
+    fs = storage.fs(output_uri)
+    missing = set()
+    for part in sorted(duplicates.kept):
+        fs.invalidate_cache(part)
+        if not fs.exists(part):
+            missing.add(part)
+    if not missing:
+        return duplicates
+    skipped = set().union(*(duplicates.kept[p] for p in missing))
+    (log or _warn)(f"warning: duplicate rows of {len(skipped)} images left for the next run: the file chosen to "
+                   f"keep ({', '.join(sorted(missing)[:3])}{', ...' if len(missing) > 3 else ''}) is listed but gone")
+    return Duplicates({p: ks - skipped for p, ks in duplicates.drop.items() if ks - skipped},
+                      {p: ks for p, ks in duplicates.keep_one.items() if p not in missing},
+                      {p: ks for p, ks in duplicates.kept.items() if p not in missing})
+
+
 def remove_duplicates(output_uri: str, storage: Storage, duplicates: Duplicates, compression: str | None = "zstd", *,
-                      fence, rewrites: dict | None = None) -> int:
-    """The rows :func:`.resume.duplicate_rows` chose, dropped: one row per image and version stays."""
+                      fence, rewrites: dict | None = None, log=None) -> int:
+    """The rows :func:`.resume.duplicate_rows` chose, dropped: one row per image and version stays
+    (only where the copy chosen to keep still exists: :func:`with_kept_copies_present`)."""
+    duplicates = with_kept_copies_present(output_uri, storage, duplicates, log)
     return drop_rows(output_uri, storage, duplicates.drop, compression, fence=fence, keep_one=duplicates.keep_one,
                      rewrites=rewrites)
+
+
+def rename_parts(rows: dict[str, set], rewrites: dict[str, str | None]) -> dict[str, set]:
+    """``rows`` (part -> what to drop there) with the files :func:`drop_rows` rewrote named as they are
+    now (``rewrites``: old -> new, None where nothing was kept: nothing left to drop there)."""
+    out: dict[str, set] = {}
+    for part, what in rows.items():
+        now = rewrites.get(part, part)
+        if now is not None:
+            out.setdefault(now, set()).update(what)
+    return out
+
+
+def drop_left_over_rows(output_uri: str, storage: Storage, committed: Committed,
+                        superseded: dict[str, dict[str, str]], stale_units: dict[str, set[bytes]],
+                        compression: str | None = "zstd", *, fence) -> Committed:
+    """Before the segmentation: rows a run cut short left behind dropped: rows of replaced objects
+    whose new rows are committed (``superseded``), then rows of old versions of containers whose
+    new version is complete (``stale_units``, part -> id keys; where the first drop rewrote a file
+    holding both, the keys follow it to its new name). Returns ``committed`` kept current."""
+    rewrites: dict[str, str | None] = {}
+    if superseded:
+        drop_superseded_rows(output_uri, storage, superseded, compression, fence=fence, rewrites=rewrites)
+        committed = apply_rewrites(committed, output_uri, storage, rewrites)
+    if stale_units:
+        stale_units = rename_parts(stale_units, rewrites)
+        rewrites = {}
+        drop_rows(output_uri, storage, stale_units, compression, fence=fence, rewrites=rewrites)
+        committed = apply_rewrites(committed, output_uri, storage, rewrites)
+    return committed
 
 
 def remove_files(storage: Storage, paths: list[str], *, fence) -> None:
@@ -163,7 +223,7 @@ def compact_units_records(output_uri: str, storage: Storage, *, fence) -> None:
 
 
 def repair_at_start(output_uri: str, storage: Storage, committed: Committed, compression: str | None, *,
-                    fence) -> tuple[Committed, int]:
+                    fence, log=None) -> tuple[Committed, int]:
     """Before planning: rows of one image written twice (two runs at once, a rewrite cut short, a
     member given twice) reduced to one, temporaries of killed writers and plan files of runs cut
     short removed. Returns the committed rows as they are now (``committed`` updated by the files
@@ -172,7 +232,8 @@ def repair_at_start(output_uri: str, storage: Storage, committed: Committed, com
     twice = duplicate_rows(committed)
     if twice:
         rewrites: dict[str, str | None] = {}
-        deduplicated = remove_duplicates(output_uri, storage, twice, compression, fence=fence, rewrites=rewrites)
+        deduplicated = remove_duplicates(output_uri, storage, twice, compression, fence=fence, rewrites=rewrites,
+                                         log=log)
         committed = apply_rewrites(committed, output_uri, storage, rewrites)
     remove_stale_temporaries(output_uri, storage, fence=fence)
     fence.check(storage)
@@ -183,18 +244,19 @@ def repair_at_start(output_uri: str, storage: Storage, committed: Committed, com
 def repair_at_end(output_uri: str, storage: Storage, compression: str | None, *, fence, written: set[str],
                   changed: dict[str, str], retried: set[str], completed: dict[str, str] | None = None,
                   retried_rows: dict[str, set[bytes]] | None = None,
-                  committed: Committed | None = None) -> tuple[Committed, int, int]:
+                  committed: Committed | None = None, log=None) -> tuple[Committed, int, int]:
     """After the segmentation (finished or interrupted): rows of objects that changed replaced by
     this run's, rows of old container versions and of retried error rows dropped where their new
     rows are committed, ``_units/`` records merged, duplicates reduced to one (this run's row
     kept). ``committed``: the index as the start of the run left it, brought up to date by one
-    listing (the files this run wrote, and any other run's that landed, read; nothing else is read
-    again); without it the output is read whole. Returns the committed rows as they are now, rows
-    superseded and rows deduplicated."""
+    listing (the files this run wrote, any other run's that landed, and any whose listing entry
+    changed, read; nothing else is read again); without it the output is read whole. Listed once
+    more before the duplicates are chosen (a file deleted meanwhile must not be the copy kept).
+    Returns the committed rows as they are now, rows superseded and rows deduplicated."""
     if committed is None:
         final = read_committed(output_uri, storage)
     else:
-        final = refresh_committed(committed, output_uri, storage)
+        final = refresh_committed(committed, output_uri, storage, reread=written)
     superseded = deduplicated = 0
 
     def drop(rows: dict, **kw) -> int:
@@ -219,7 +281,9 @@ def repair_at_end(output_uri: str, storage: Storage, compression: str | None, *,
         compact_units_records(output_uri, storage, fence=fence)
     if retried:  # error rows processed again: the old rows go where a new one is committed
         drop({part: {id_key(i) for i in ids} for part, ids in rows_outside(final, retried, written).items()})
+    final = refresh_committed(final, output_uri, storage)  # files gone (or changed) since: not chosen to keep
     twice = duplicate_rows(final, prefer=written)
     if twice:  # another run's commit that landed while this run wrote the same images: this run's rows stay
+        twice = with_kept_copies_present(output_uri, storage, twice, log)
         deduplicated = drop(twice.drop, keep_one=twice.keep_one)
     return final, superseded, deduplicated

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -66,6 +67,28 @@ def list_parts(output_uri: str, storage: Storage) -> list[str]:
     return _names_starting(output_uri, storage, PART_PREFIX)
 
 
+def listing_stamp(entry: dict) -> str:
+    """What tells a listed file's content apart from an earlier one under the same name: its size and
+    ETag (S3), or its size, modification time and inode (local: a rewrite is a rename onto it)."""
+    tag = entry.get("ETag") or entry.get("etag")
+    if tag:
+        return f"{entry.get('size')}/{str(tag).strip(chr(34))}"
+    return f"{entry.get('size')}/{entry.get('mtime') or entry.get('LastModified') or ''}/{entry.get('ino') or ''}"
+
+
+def list_parts_stamped(output_uri: str, storage: Storage) -> dict[str, str]:
+    """The committed files as :func:`local_paths` names them -> their :func:`listing_stamp` (one listing)."""
+    fs = storage.fs(output_uri)
+    fs.invalidate_cache(output_uri)  # s3fs caches listings: the writers have added files since
+    try:
+        entries = fs.ls(output_uri, detail=True)
+    except FileNotFoundError:
+        return {}
+    found = {e["name"]: listing_stamp(e) for e in entries if e["name"].rsplit("/", 1)[-1].startswith(PART_PREFIX)}
+    names = sorted(found)
+    return dict(zip(local_paths(output_uri, names), (found[n] for n in names)))
+
+
 def local_paths(output_uri: str, paths: list[str]) -> list[str]:
     """Paths as the filesystem of ``output_uri`` takes them (local: without ``file://``)."""
     return paths if protocol_of(output_uri) != "file" else [p.split("://", 1)[-1] for p in paths]
@@ -84,19 +107,26 @@ def _hashed(column, fn, dtype) -> np.ndarray:
     return values[d.indices.fill_null(len(d.dictionary)).to_numpy(zero_copy_only=False)]
 
 
-def read_file_rows(path: str, fs) -> FileRows:
+def read_file_rows(path: str, fs, stamp: str | None = None) -> FileRows:
     """The hashed columns of one committed file: only ``image_id``, ``run_fingerprint``, ``status``,
     ``error``, ``source_version`` and ``shard`` are read; every column but the id is hashed once per
-    distinct value."""
+    distinct value. ``stamp``: its listing entry (:func:`listing_stamp`); without it, asked for
+    before the read (a change in between is then seen as a change by the next refresh)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        cols = ["image_id", "run_fingerprint", "status", "error"] + [x for x in ("source_version", "shard")
-                                                                      if x in names]
-        t = pf.read(columns=cols)
+    try:
+        if stamp is None:
+            fs.invalidate_cache(path)
+            stamp = listing_stamp(fs.info(path))
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            cols = ["image_id", "run_fingerprint", "status", "error"] + [x for x in ("source_version", "shard")
+                                                                          if x in names]
+            t = pf.read(columns=cols)
+    except Exception as e:  # noqa: BLE001 - named with the file, the cause kept (storage_error_cause reads it)
+        raise CommittedFileError(f"committed file {path} could not be read: {type(e).__name__}: {e}") from e
     n = t.num_rows
     hi, lo = id_keys(t.column("image_id").to_pylist())
     versions = (_hashed(t.column("source_version"), version_key, np.uint64) if "source_version" in cols
@@ -115,20 +145,48 @@ def read_file_rows(path: str, fs) -> FileRows:
     reason_of = np.where(ok, -1, _hashed(t.column("error"), code, np.int16)).astype(np.int16)
     counts = pc.value_counts(t.column("run_fingerprint").combine_chunks()).to_pylist()
     return FileRows(path, hi, lo, versions, ok, reason_of, reasons, units,
-                    {v["values"]: v["counts"] for v in counts})
+                    {v["values"]: v["counts"] for v in counts}, stamp)
 
 
-def read_files(output_uri: str, storage: Storage, paths: list[str], threads: int = READ_THREADS) -> list[FileRows]:
-    """:func:`read_file_rows` of each of ``paths`` (as :func:`local_paths` gives them), in parallel."""
-    from concurrent.futures import ThreadPoolExecutor
+def read_files(output_uri: str, storage: Storage, paths: list[str], threads: int = READ_THREADS,
+               stamps: dict[str, str] | None = None) -> list[FileRows]:
+    """:func:`read_file_rows` of each of ``paths`` (as :func:`local_paths` gives them), in parallel;
+    ``stamps``: their listing entries where the listing gave them. At most ``4 x threads`` reads are
+    queued at a time, and on an error (or Ctrl-C) those queued are cancelled: only the reads
+    under way are waited for."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     if not paths:
         return []
     fs = storage.fs(output_uri)
+    stamps = stamps or {}
     if len(paths) == 1 or threads <= 1:
-        return [read_file_rows(p, fs) for p in paths]
-    with ThreadPoolExecutor(min(threads, len(paths)), thread_name_prefix="read-committed") as pool:
-        return list(pool.map(lambda p: read_file_rows(p, fs), paths))
+        return [read_file_rows(p, fs, stamps.get(p)) for p in paths]
+    out: list[FileRows | None] = [None] * len(paths)
+    pool = ThreadPoolExecutor(min(threads, len(paths)), thread_name_prefix="read-committed")
+    pending: dict = {}
+    try:
+        todo = iter(enumerate(paths))
+        window = 4 * threads
+        while True:
+            for i, p in todo:
+                pending[pool.submit(read_file_rows, p, fs, stamps.get(p))] = i
+                if len(pending) >= window:
+                    break
+            if not pending:
+                break
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                out[pending.pop(f)] = f.result()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return out  # type: ignore[return-value]
+
+
+class CommittedFileError(OSError):
+    """A committed file that could not be read (corrupt, unreadable, gone since it was listed)."""
 
 
 def read_committed(output_uri: str, storage: Storage) -> Committed:
@@ -136,21 +194,29 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     read, files in parallel, kept as hashes: see :class:`.index.Committed`). A run reads this once,
     at its start; later steps keep it current with :func:`refresh_committed` and
     :func:`apply_rewrites`, which read only the files added since."""
-    paths = local_paths(output_uri, list_parts(output_uri, storage))
-    return Committed.from_files(read_files(output_uri, storage, paths))
+    listed = list_parts_stamped(output_uri, storage)
+    return Committed.from_files(read_files(output_uri, storage, list(listed), stamps=listed))
 
 
-def refresh_committed(committed: Committed, output_uri: str, storage: Storage) -> Committed:
+def refresh_committed(committed: Committed, output_uri: str, storage: Storage,
+                      reread: Iterable[str] = ()) -> Committed:
     """``committed`` brought up to date with the output as listed now: the files it does not know
     (this run's commits; another run's last commit that landed after a takeover) read, those gone
-    dropped. One listing, and reads of the new files only."""
-    now = local_paths(output_uri, list_parts(output_uri, storage))
-    known, listed = set(committed.parts), set(now)
-    new = [p for p in now if p not in known]
-    gone = [p for p in committed.parts if p not in listed]
-    if not new and not gone:
+    dropped, and those it knows read again where their listing entry (size, ETag or mtime) changed:
+    a file's name is a hash of the ids it holds, so a commit of exactly an earlier file's ids (a
+    ``--retry-errors`` run; a previous lease holder's commit in flight at a takeover) rewrites it
+    under its own name. ``reread``: names of files read again whatever their entry (the files
+    this run wrote: a storage whose entry did not change, e.g. an mtime of coarse resolution).
+    One listing, and reads of those files only."""
+    now = list_parts_stamped(output_uri, storage)
+    again = set(reread)
+    known = set(committed.parts)
+    read = [p for p, stamp in now.items()
+            if p not in known or committed.stamps.get(p) != stamp or p.rsplit("/", 1)[-1] in again]
+    gone = [p for p in committed.parts if p not in now]
+    if not read and not gone:
         return committed
-    return committed.replaced(gone, read_files(output_uri, storage, new))
+    return committed.replaced(gone, read_files(output_uri, storage, read, stamps=now))
 
 
 def apply_rewrites(committed: Committed, output_uri: str, storage: Storage,

@@ -3,13 +3,16 @@ sets and dicts (hypothesis). Pure: no Ray, no storage but a scratch folder for s
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastsam_batch.index import (Committed, FileRows, KeyRuns, duplicate_rows, id_key, id_keys, key_ranges,
-                                 keys_to_bytes, rows_in_other_files, rows_outside, sort_keys, stale_unit_rows,
-                                 superseded_parts, unit_key, version_key)
+from fastsam_batch.index import (Committed, FileRows, KeyRuns, duplicate_rows, id_key, id_keys, key_bytes,
+                                 key_ranges, keys_to_bytes, rows_in_other_files, rows_outside, sort_keys,
+                                 stale_unit_rows, superseded_parts, unit_key, version_key)
 from fastsam_batch.inputs.lists import SeenIds
 
 IDS = st.text(alphabet="abcdef/.0123", min_size=0, max_size=4)
@@ -169,31 +172,112 @@ def test_committed_index_agrees_with_a_dict(rows, version):
     assert unit_key(None) == 0
 
 
+PARTS = ["out/p1.parquet", "out/p2.parquet", "out/p3.parquet"]
+
+
 @FAST
-@given(st.lists(ROW, max_size=30), st.lists(ROW, max_size=10), st.sets(st.sampled_from(
-    ["out/p1.parquet", "out/p2.parquet", "out/p3.parquet"])))
-def test_an_index_kept_current_equals_one_built_again(rows, new_rows, removed):
-    """Committed.replaced (files gone, rewritten or added) gives the index a fresh read would."""
+@given(st.lists(ROW, max_size=30), st.lists(ROW, max_size=10), st.sets(st.sampled_from(PARTS)),
+       st.sets(st.sampled_from(PARTS)))
+def test_an_index_kept_current_equals_one_built_again(rows, new_rows, removed, renamed):
+    """Committed.replaced (files gone, rewritten or added) gives the index a fresh read would; an
+    added file may carry a name the index already holds (a file rewritten under its own name, read
+    again: its old rows go), or a new one (``renamed``)."""
     start = Committed.from_files([FileRows.from_rows(p, [(r[0], r[1], r[2], r[4], r[5]) for r in rows if r[3] == p],
                                                      {"fp": sum(r[3] == p for r in rows)})
                                   for p in sorted({r[3] for r in rows})])
-    added = [FileRows.from_rows("out/q" + p[-9:], [(r[0], r[1], r[2], r[4], r[5]) for r in new_rows if r[3] == p],
+
+    def name(p: str) -> str:
+        return "out/q" + p[-9:] if p in renamed else p
+
+    added = [FileRows.from_rows(name(p), [(r[0], r[1], r[2], r[4], r[5]) for r in new_rows if r[3] == p],
                                 {"fp2": sum(r[3] == p for r in new_rows)})
              for p in sorted({r[3] for r in new_rows})]
+    added_names = {f.part for f in added}
     updated = start.replaced(removed, added)
-    after = [r for r in rows if r[3] not in removed] + [(r[0], r[1], r[2], "out/q" + r[3][-9:], r[4], r[5])
-                                                        for r in new_rows]
+    after = [r for r in rows if r[3] not in removed and r[3] not in added_names] + \
+        [(r[0], r[1], r[2], name(r[3]), r[4], r[5]) for r in new_rows]
     again = Committed.from_rows(after)
     assert (updated.rows, updated.images, updated.parts) == (again.rows, again.images, again.parts)
+    assert (updated.rows, updated.images) == (len(after), len({r[0] for r in after}))  # plain Python
     assert updated.errors_by_reason() == again.errors_by_reason()
     ids = list("abcdefgh")
     assert updated.lookup(ids, ["v1/1"] * 8) == again.lookup(ids, ["v1/1"] * 8)
+    for i in ids:
+        want = _reference_lookup(after, i, "v1/1")
+        found = updated.lookup([i], ["v1/1"])[0]
+        assert (found.state,) + ((found.ok, found.superseded, found.reason, found.parts)
+                                 if found.state == "fresh" else ()) == want
     assert duplicate_rows(updated) == duplicate_rows(again)
     want_fp = {}
     for r in after:
-        fp = "fp2" if r[3].startswith("out/q") else "fp"
+        fp = "fp2" if any(r[3] == f.part for f in added) else "fp"
         want_fp[fp] = want_fp.get(fp, 0) + 1
     assert updated.fingerprints == want_fp
+
+
+KEY_ROW = st.tuples(st.integers(0, 5), st.sampled_from(["", "v1/1", "v2/1"]), st.sampled_from(["ok", "error"]),
+                    st.sampled_from(PARTS), st.sampled_from([None, "read_failed: x", "timeout: y"]))
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3)), min_size=6, max_size=6, unique=True),
+       st.lists(KEY_ROW, max_size=30), st.sampled_from(["v1/1", "v2/1"]))
+def test_committed_index_with_keys_sharing_their_high_half_agrees_with_a_dict(keys, rows, version):
+    """Keys injected directly (hi from 3 values, lo from 4: most keys share their hi with another),
+    so that every range holding two distinct keys is taken: lookups, images, duplicates and
+    rows in other files against a plain dict of the rows."""
+    from unittest import mock
+
+    import fastsam_batch.index as index
+
+    ids = [f"k{j}" for j in range(6)] + ["absent"]
+    table = dict(zip(ids, keys + [(keys[0][0], 99)]))  # "absent" shares its hi with k0
+
+    def injected(image_ids):
+        pairs = [table[i] for i in image_ids]
+        return np.array([h for h, _ in pairs], np.uint64), np.array([lo for _, lo in pairs], np.uint64)
+
+    named = [(f"k{r[0]}", r[1], r[2], r[3], r[4], None) for r in rows]
+    files = []
+    for p in sorted({r[3] for r in named}):
+        mine = [r for r in named if r[3] == p]
+        f = FileRows.from_rows(p, [(r[0], r[1], r[2], r[4]) for r in mine])
+        f.hi, f.lo = injected([r[0] for r in mine])
+        files.append(f)
+    c = Committed.from_files(files)
+    assert (c.rows, c.images) == (len(named), len({r[0] for r in named}))
+    with mock.patch.object(index, "id_keys", injected):
+        for i, found in zip(ids, c.lookup(ids, [version] * len(ids))):
+            got = (found.state,) + ((found.ok, found.superseded, found.reason, found.parts)
+                                    if found.state == "fresh" else ())
+            assert got == _reference_lookup(named, i, version), (i, keys, rows)
+        retried = {"k0", "k1", "absent"}
+        want_out: dict[str, set] = {}
+        for i in retried:
+            parts = {r[3] for r in named if r[0] == i}
+            if "out/p2.parquet" in parts:
+                for p in parts - {"out/p2.parquet"}:
+                    want_out.setdefault(p, set()).add(i)
+        assert rows_outside(c, retried, {"p2.parquet"}) == want_out
+    as_bytes = {i: key_bytes(table[i]) for i in ids}
+    query = {as_bytes[i] for i in ("k0", "k3", "absent")}
+    want_other: dict[str, set] = {}
+    for r in named:
+        if as_bytes[r[0]] in query and r[3] != "out/p1.parquet":
+            want_other.setdefault(r[3], set()).add(as_bytes[r[0]])
+    assert rows_in_other_files(c, query, {"p1.parquet"}) == want_other
+    # duplicates: each (key, version) with rows in several files keeps them in one file only
+    twice = duplicate_rows(c)
+    kept: dict[tuple, set] = {}
+    for r in named:
+        k = (as_bytes[r[0]], version_key(r[1]))
+        if not (r[3] in twice.drop and k in twice.drop[r[3]]):
+            kept.setdefault(k, set()).add(r[3])
+    assert set(kept) == {(as_bytes[r[0]], version_key(r[1])) for r in named}
+    assert all(len(files) == 1 for files in kept.values())
+    for k, files in kept.items():
+        n = sum((as_bytes[r[0]], version_key(r[1])) == k and r[3] in files for r in named)
+        assert (k in twice.keep_one.get(next(iter(files)), set())) == (n > 1)
 
 
 def test_unit_rows_sorts_the_containers_once():
@@ -204,3 +288,60 @@ def test_unit_rows_sorts_the_containers_once():
         fresh, old = c.unit_rows(s, "v/1")
         assert len(fresh) == (10 if s != "s9" else 0) and not len(old)
     assert c._by_unit is cached
+
+
+def test_spilled_runs_are_written_with_buffered_writes_and_mapped_read_only(tmp_path, monkeypatch):
+    """No run is a writable memory map (a full disk would be a SIGBUS on a mapped page, not an
+    OSError); the scratch folder comes from FASTSAM_BATCH_SCRATCH."""
+    import fastsam_batch.index as index
+
+    real = np.lib.format.open_memmap
+
+    def read_only(filename, mode="r+", *a, **k):
+        assert mode == "r", f"a run written through a writable memory map (mode {mode!r})"
+        return real(filename, mode, *a, **k)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", read_only)
+    monkeypatch.setenv("FASTSAM_BATCH_SCRATCH", str(tmp_path / "scratch"))
+    seen, ref = SeenIds(memory_keys=50), set()
+    seen.keys.block = 7
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        batch = [f"k{x}" for x in rng.integers(0, 2000, 60).tolist()]
+        want = []
+        for i in batch:
+            want.append(i not in ref)
+            ref.add(i)
+        assert seen.add_batch(batch).tolist() == want
+    assert len(seen.keys.disk) >= 1
+    for run in seen.keys.disk:
+        assert isinstance(run.hi, np.memmap) and not run.hi.flags.writeable and not run.lo.flags.writeable
+    folder = seen.keys._dir
+    assert os.path.dirname(folder) == str(tmp_path / "scratch")
+    assert os.path.basename(folder).startswith(f"{index.SCRATCH_PREFIX}{os.getpid()}-")
+    seen.close()
+    assert not os.path.exists(folder)
+
+
+def test_scratch_folders_of_killed_processes_a_day_old_are_removed_when_a_run_spills(tmp_path):
+    import fastsam_batch.index as index
+
+    gone_pid = 99_999_999  # above any pid_max: no such process
+    old = 2 * 86400
+    made = {}
+    for name, age in ((f"fastsam-keys-{gone_pid}-abc", old), (f"fastsam-keys-{os.getpid()}-def", old),
+                      (f"fastsam-keys-{gone_pid}-new", 0), ("fastsam-keys-legacy1", old), ("other-folder", old)):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "run-000001.hi.npy").write_bytes(b"x")
+        t = time.time() - age
+        for p in (path / "run-000001.hi.npy", path):
+            os.utime(p, (t, t))
+        made[name] = path
+    runs = KeyRuns(memory_keys=2, spill_dir=str(tmp_path))
+    runs.add(*id_keys(["a", "b", "c", "d"]))
+    assert runs.disk
+    left = {p.name for p in tmp_path.iterdir()} - {os.path.basename(runs._dir)}
+    assert left == {f"fastsam-keys-{os.getpid()}-def", f"fastsam-keys-{gone_pid}-new", "other-folder"}
+    runs.close()
+    assert index.remove_stale_scratch(str(tmp_path)) == []  # nothing more to remove

@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 
 from conftest import make_bucket
 from fastsam_batch.lease import Lease, LeaseLost
-from fastsam_batch.repair import (compact_units_records, drop_rows, drop_superseded_rows, remove_duplicates,
-                                  remove_files, remove_stale_temporaries, repair_at_end, repair_at_start)
+from fastsam_batch.repair import (compact_units_records, drop_left_over_rows, drop_rows, drop_superseded_rows,
+                                  remove_duplicates, remove_files, remove_stale_temporaries, repair_at_end,
+                                  repair_at_start)
 from fastsam_batch.resume import (UNITS_DIR, duplicate_rows, id_key, read_committed, read_units_records,
-                                  superseded_parts, write_units_record)
+                                  stale_unit_rows, superseded_parts, write_units_record)
 from fastsam_batch.storage import Storage, join_uri
 from fastsam_batch.write import part_name
 
@@ -116,6 +117,114 @@ def test_a_rewrite_never_replaces_another_file_holding_exactly_its_kept_ids(outp
     repair_at_start(uri, storage, read_committed(uri, storage), None, fence=fence)
     got = [r[0] for r in read_rows(storage, uri)]
     assert sorted(got) == sorted(f"{c}{n}" for c in "xy" for n in range(1, 5))  # one row each, none lost
+
+
+def test_the_end_of_a_run_reads_again_a_file_rewritten_under_its_own_name(output):
+    """Reproduced from review: the start index holds part_name(["slow"]) with an error row; this
+    run (--retry-errors) commits exactly that file's ids, ok, under the same name. The counts the
+    end of the run gives (for _run.json) are those of a plain read of every row."""
+    uri, storage, fence = output
+    slow = join_uri(uri, part_name(["slow"]))
+    put(storage, slow, [("slow", "v/1", "error", "slow#0")])
+    put(storage, join_uri(uri, part_name(["a", "b"])), [("a", "v/1", "ok", "a#0"), ("b", "v/1", "ok", "b#0")])
+    start = read_committed(uri, storage)
+    put(storage, slow, [("slow", "v/1", "ok", "slow#1")])
+    final, _, _ = repair_at_end(uri, storage, None, fence=fence, written=set(), changed={}, retried=set(),
+                                committed=start)
+    plain = read_rows(storage, uri)  # (image_id, version, status, uri) of every row, read plainly
+    errors: dict[str, int] = {}
+    for r in plain:
+        if r[2] != "ok":
+            errors["read_failed"] = errors.get("read_failed", 0) + 1
+    assert (final.rows, final.images, int(final.ok.sum()), final.errors_by_reason()) == \
+        (len(plain), len({r[0] for r in plain}), sum(r[2] == "ok" for r in plain), errors) == (3, 3, 3, {})
+
+
+def _local_output(tmp_path):
+    uri = str(tmp_path / "out")
+    os.makedirs(uri)
+    storage = Storage()
+    lease = Lease(storage, uri, "run-repair")
+    lease.acquire()
+    return uri, storage, lease
+
+
+def test_a_duplicate_is_not_repaired_onto_a_copy_that_is_listed_but_gone(tmp_path, monkeypatch):
+    """The copy chosen to keep (the ok row, in A) was deleted, but the listing still shows A (a
+    listing that lags a delete; a paused earlier lease holder): deleting the other copy would
+    lose the image. The repair is skipped, with a warning, and the image keeps its row."""
+    from fastsam_batch import resume
+
+    uri, storage, lease = _local_output(tmp_path)
+    a, b = join_uri(uri, "part-a.parquet"), join_uri(uri, "part-b.parquet")
+    put(storage, a, [("x", "v/1", "ok", "x#a")])
+    put(storage, b, [("x", "v/1", "error", "x#b"), ("y", "v/1", "ok", "y#b")])
+    start = read_committed(uri, storage)
+    lagging = resume.list_parts_stamped(uri, storage)
+    os.remove(a)
+    monkeypatch.setattr(resume, "list_parts_stamped", lambda *_: dict(lagging))
+    said: list[str] = []
+    repair_at_end(uri, storage, None, fence=lease.fence(), written=set(), changed={}, retried=set(),
+                  committed=start, log=said.append)
+    monkeypatch.undo()
+    assert [r[0] for r in read_rows(storage, uri)] == ["x", "y"]  # x kept (its one copy, in B)
+    assert len(said) == 1 and "part-a.parquet" in said[0] and "1 images" in said[0]
+    lease.release()
+
+
+def test_the_end_of_a_run_lists_again_before_it_chooses_the_copy_to_keep(tmp_path, monkeypatch):
+    """A copy deleted during the end of the run (after the first listing) is not chosen to keep: the
+    output is listed again just before the duplicates are chosen."""
+    from fastsam_batch import repair
+
+    uri, storage, lease = _local_output(tmp_path)
+    a, b = join_uri(uri, "part-a.parquet"), join_uri(uri, "part-b.parquet")
+    put(storage, a, [("x", "v/1", "ok", "x#a")])
+    put(storage, b, [("x", "v/1", "error", "x#b"), ("y", "v/1", "ok", "y#b")])
+    start = read_committed(uri, storage)
+    monkeypatch.setattr(repair, "compact_units_records", lambda *_, **__: os.remove(a))  # meanwhile, A goes
+    said: list[str] = []
+    final, _, twice = repair_at_end(uri, storage, None, fence=lease.fence(), written=set(), changed={},
+                                    retried=set(), completed={"s.tar": "v"}, committed=start, log=said.append)
+    assert [r[0] for r in read_rows(storage, uri)] == ["x", "y"] and twice == 0 and not said
+    assert (final.rows, final.images, final.parts) == (2, 2, [b])
+    lease.release()
+
+
+def test_left_over_rows_of_both_kinds_in_one_file_are_dropped(tmp_path):
+    """One file holds a superseded row (image a: its object changed, the new row is committed) and a
+    row of an old version of a container now complete: the first drop rewrites the file under a new
+    name, and the second must drop from that file (it used to open the deleted one and abort the
+    run with FileNotFoundError)."""
+    uri, storage, lease = _local_output(tmp_path)
+
+    def put_rows(name: str, rows: list[tuple]) -> str:
+        """(image_id, source_version, status, shard) rows."""
+        import io
+
+        buf = io.BytesIO()
+        pq.write_table(pa.table({
+            "image_id": [r[0] for r in rows], "shard": [r[3] for r in rows], "uri": [r[0] for r in rows],
+            "source_version": [r[1] for r in rows], "status": [r[2] for r in rows],
+            "error": pa.array([None] * len(rows), pa.string()), "run_fingerprint": [FP] * len(rows)}), buf)
+        path = join_uri(uri, name)
+        storage.fs(path).pipe_file(path, buf.getvalue())
+        return path
+
+    both = put_rows("part-p.parquet", [("a", "v/1", "ok", None), ("s.tar/m", "old", "ok", "s.tar"),
+                                       ("z", "v/1", "ok", None)])
+    put_rows("part-q.parquet", [("a", "v/2", "ok", None), ("s.tar/m", "new", "ok", "s.tar")])
+    committed = read_committed(uri, storage)
+    superseded = superseded_parts(committed, {"a": "v/2"})
+    stale = stale_unit_rows(committed, {"s.tar": "new"})
+    assert set(superseded) == set(stale) == {both}
+    after = drop_left_over_rows(uri, storage, committed, superseded, stale, fence=lease.fence())
+    plain = read_rows(storage, uri)
+    assert [(r[0], r[1]) for r in plain] == [("a", "v/2"), ("s.tar/m", "new"), ("z", "v/1")]
+    again = read_committed(uri, storage)
+    assert (after.parts, after.rows, after.images) == (again.parts, again.rows, again.images) == \
+        (again.parts, 3, 3)
+    lease.release()
 
 
 def test_a_run_that_lost_its_lease_rewrites_and_deletes_nothing(output):

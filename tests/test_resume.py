@@ -274,7 +274,8 @@ def test_the_committed_index_is_read_once_and_kept_current_from_new_and_rewritte
         part(f"{k:02d}", [f"{k}-{i}" for i in range(20)])
     read: list[str] = []
     real = resume.read_file_rows
-    monkeypatch.setattr(resume, "read_file_rows", lambda p, fs: read.append(p.rsplit("/", 1)[-1]) or real(p, fs))
+    monkeypatch.setattr(resume, "read_file_rows",
+                        lambda p, fs, stamp=None: read.append(p.rsplit("/", 1)[-1]) or real(p, fs, stamp))
     storage = Storage()
     c = read_committed(str(out), storage)
     assert (c.rows, c.images, len(read)) == (100, 100, 5)
@@ -296,3 +297,107 @@ def test_the_committed_index_is_read_once_and_kept_current_from_new_and_rewritte
     assert (c.parts, c.rows, c.images, c.fingerprints, c.errors_by_reason()) == \
         (again.parts, again.rows, again.images, again.fingerprints, again.errors_by_reason())
     assert c.lookup(["0-1", "new", "2-3"], ["v/1"] * 3) == again.lookup(["0-1", "new", "2-3"], ["v/1"] * 3)
+
+
+def _plain(out: Path) -> tuple:
+    """The reference a refreshed index must equal, from every committed row read plainly (pyarrow,
+    a list of rows, none of the index's code): rows, distinct images, ok rows, error rows by reason,
+    and each image's statuses."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for f in sorted(out.glob("part-*.parquet")):
+        t = pq.read_table(f, columns=["image_id", "status", "error"])
+        rows += list(zip(*(t.column(c).to_pylist() for c in ("image_id", "status", "error"))))
+    errors: dict[str, int] = {}
+    for _, status, error in rows:
+        if status != "ok":
+            reason = (error or "error").split(":")[0]
+            errors[reason] = errors.get(reason, 0) + 1
+    statuses: dict[str, list] = {}
+    for image_id, status, _ in rows:
+        statuses.setdefault(image_id, []).append(status == "ok")
+    return len(rows), len(statuses), sum(s == "ok" for _, s, _ in rows), errors, statuses
+
+
+def _indexed(c, ids) -> tuple:
+    found = c.lookup(ids, ["v/1"] * len(ids))
+    statuses = {i: [f.ok] for i, f in zip(ids, found) if f.state != "new"}
+    return c.rows, c.images, int(c.ok.sum()), c.errors_by_reason(), statuses
+
+
+def test_a_committed_file_rewritten_under_its_own_name_is_read_again(tmp_path, monkeypatch):
+    """A file's name is a hash of the ids it holds: a --retry-errors commit of exactly an earlier
+    file's ids (or a previous lease holder's commit in flight at a takeover) rewrites it under its
+    own name. The refresh reads it again (its listing entry changed; and always, for the names
+    this run wrote), and equals a plain read of every row."""
+    import pyarrow as pa
+
+    from fastsam_batch import resume
+    from fastsam_batch.resume import read_committed, refresh_committed
+    from fastsam_batch.storage import Storage
+    from fastsam_batch.write import parquet_file_bytes, part_name, put_atomic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    storage = Storage()
+
+    def commit(ids: list[str], status: str) -> str:
+        n = len(ids)
+        name = part_name(ids)
+        put_atomic(storage, str(out / name), parquet_file_bytes(pa.table({
+            "image_id": ids, "run_fingerprint": ["fp"] * n, "status": [status] * n,
+            "error": [None if status == "ok" else "timeout: slow"] * n, "source_version": ["v/1"] * n,
+            "shard": pa.array([None] * n, pa.string())}), None))
+        return name
+
+    ids = ["slow", "a", "b"]
+    commit(["slow"], "error")
+    commit(["a", "b"], "ok")
+    start = read_committed(str(out), storage)
+    assert _indexed(start, ids) == _plain(out) and start.errors_by_reason() == {"timeout": 1}
+    slow = commit(["slow"], "ok")  # the retried image's new row, under the same name
+    assert _indexed(refresh_committed(start, str(out), storage), ids) == _plain(out)
+    assert _plain(out)[2:4] == (3, {})
+    # a storage whose listing entry did not change (coarse mtime, a lagging listing): the names this
+    # run wrote are read again whatever their entry
+    monkeypatch.setattr(resume, "listing_stamp", lambda entry: "unchanged")
+    start = read_committed(str(out), storage)
+    commit(["slow"], "error")
+    assert _indexed(refresh_committed(start, str(out), storage, reread={slow}), ids) == _plain(out)
+
+
+def test_a_corrupt_committed_file_is_named_and_an_error_stops_the_queued_reads(tmp_path, monkeypatch):
+    """A committed file that cannot be read stops the run with its path in the message; the other
+    reads queued behind it are cancelled, not all waited for (reads go in bounded windows)."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastsam_batch import resume
+    from fastsam_batch.resume import CommittedFileError, read_committed, read_files
+    from fastsam_batch.storage import Storage
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"image_id": ["a"], "run_fingerprint": ["fp"], "status": ["ok"],
+                             "error": pa.array([None], pa.string())}), out / "part-good.parquet")
+    (out / "part-bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(CommittedFileError, match="part-bad.parquet"):
+        read_committed(str(out), Storage())
+
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def failing(p, fs, stamp=None):
+        with lock:
+            calls.append(p)
+        if p.endswith("000"):
+            raise CommittedFileError(f"committed file {p} could not be read")
+        time.sleep(0.01)  # the other reads: not done before the error is seen (what is counted is calls)
+
+    monkeypatch.setattr(resume, "read_file_rows", failing)
+    with pytest.raises(CommittedFileError, match="000"):
+        read_files(str(out), Storage(), [f"p{i:03d}" for i in range(400)], threads=2)
+    assert len(calls) <= 4 * 2 + 2  # the window and the reads under way; before: all 400
