@@ -480,16 +480,17 @@ class SegmentActor:
 
     def decode_on_device(self, part: list[int], jpegs: list, images: dict, errors: list, batch: dict) -> list[int]:
         """``input.decode: device``: the JPEGs of ``part`` not decoded yet, decoded on the model's device
-        in one batch under the device lock (decode.decode_on_device; Pillow for those it refuses) into
+        in one batch under the device lock (decode.decode_jpegs_on_device; Pillow, outside it, for those it refuses) into
         ``images``; a file neither can decode gets the error row Pillow's decode gives it in every mode
         (no size). Returns the positions of ``part`` that have an image."""
-        from .decode import DecodeError, decode_on_device
+        from .decode import DecodeError, decode_jpegs_on_device, decode_refused_on_host
 
         todo = [i for i in part if i not in images and jpegs[i] is not None]
         if todo:
             t0 = time.perf_counter()
             with self.device_lock:
-                got = decode_on_device([jpegs[i] for i in todo], self.segmenter.device)
+                got = decode_jpegs_on_device([jpegs[i] for i in todo], self.segmenter.device)
+            got = decode_refused_on_host([jpegs[i] for i in todo], got)  # Pillow's, for those refused: the lock free
             share = (time.perf_counter() - t0) * 1000 / len(todo)
             for i, image in zip(todo, got):
                 batch["decode_ms"][i] += share
