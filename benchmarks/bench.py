@@ -255,15 +255,18 @@ def rle_micro(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: float
             "ours_cpu_ms_per_mask": 1000 * ours_cpu / n_masks, "speedup": base_cpu / ours_cpu, "identical_strings": True}
 
 
-def reduced_decode_agreement(work: Path, n: int = 30, device: str = "cpu") -> dict:
-    """How close `input.decode: reduced` stays to the reference, with a trained model: the fixture
-    checkpoint on n generated 1400x1100 JPEGs (imgsz 320, so they are decoded at 1/2 size), our masks
-    from the reduced decode against ultralytics' FastSAM on the same files; and the exact decode."""
+def reduced_decode_agreement(work: Path, n: int = 30, device: str = "cpu", files: list[Path] | None = None) -> dict:
+    """How close `input.decode: reduced` and `input.decode: device` stay to the reference, with a
+    trained model: the fixture checkpoint on n generated 1400x1100 JPEGs (imgsz 320, so they are
+    decoded at 1/2 size), or on ``files`` (JPEGs: the GPU report passes the carried photos), our masks
+    from the reduced decode, from the device decode (decode.decode_on_device on ``device``: nvJPEG on
+    CUDA, letterboxed there) and from the exact decode, each against ultralytics' FastSAM on the same
+    files (Pillow's decode)."""
     from pycocotools import mask as mask_utils
     from shapes import make_image
     from ultralytics import FastSAM
 
-    from fastsam_batch.decode import decode_for_model, decode_image
+    from fastsam_batch.decode import decode_for_model, decode_image, decode_on_device, probe_for_device
     from fastsam_batch.segment import FastSAMSegmenter, SegmentSettings
     from fastsam_batch.storage import Storage
 
@@ -271,20 +274,29 @@ def reduced_decode_agreement(work: Path, n: int = 30, device: str = "cpu") -> di
     ref_model = FastSAM(str(FIXTURE))
     d = work / "reduced"
     d.mkdir(exist_ok=True)
-    out = {"images": n, "reference_masks": 0, "reduced": {"masks": 0, "iou_0_95": 0, "iou_0_99": 0},
-           "exact": {"masks": 0, "iou_0_95": 0, "iou_0_99": 0}}
-    for i in range(n):
-        p = d / f"{i}.jpg"
-        make_image(20_000 + i, size=(1400, 1100))[0].save(p, quality=90)
+    labels = ("reduced", "device", "exact")
+    out = {"images": len(files) if files else n, "files": "given JPEGs" if files else "generated 1400x1100",
+           "reference_masks": 0, **{label: {"masks": 0, "iou_0_95": 0, "iou_0_99": 0} for label in labels}}
+    out["device"]["refused"] = 0  # files the device decode left to Pillow (then the exact decode's masks)
+    for i in range(len(files) if files else n):
+        if files:
+            p = files[i]
+        else:
+            p = d / f"{i}.jpg"
+            make_image(20_000 + i, size=(1400, 1100))[0].save(p, quality=90)
         data = p.read_bytes()
         small, shown = decode_for_model(data, imgsz=320)
-        assert small.shape[:2] != shown
+        assert files or small.shape[:2] != shown
+        jpeg = probe_for_device(data)
+        on_device = decode_on_device([jpeg], device)[0] if jpeg is not None else decode_image(data)
+        out["device"]["refused"] += int(isinstance(on_device, np.ndarray))
         ref = ref_model.predict(str(p), imgsz=320, conf=0.4, iou=0.9, retina_masks=True, device=device, verbose=False)[0]
         refs = [] if ref.masks is None else [mask_utils.encode(np.asfortranarray(m.cpu().numpy().astype(np.uint8)))
                                              for m in ref.masks.data]
         out["reference_masks"] += len(refs)
         h, w = shown
-        for label, (image, size) in (("reduced", (small, shown)), ("exact", (decode_image(data), shown))):
+        for label, (image, size) in (("reduced", (small, shown)), ("device", (on_device, shown)),
+                                     ("exact", (decode_image(data), shown))):
             (recs, _, _), = seg.segment([image], sizes=[size])
             ours = [{"size": [h, w], "counts": r["counts"].encode()} for r in recs]
             out[label]["masks"] += len(ours)
@@ -292,7 +304,7 @@ def reduced_decode_agreement(work: Path, n: int = 30, device: str = "cpu") -> di
                 best = mask_utils.iou(refs, ours, [0] * len(ours)).max(1)
                 out[label]["iou_0_95"] += int((best >= 0.95).sum())
                 out[label]["iou_0_99"] += int((best >= 0.99).sum())
-    for label in ("reduced", "exact"):
+    for label in labels:
         for k in ("iou_0_95", "iou_0_99"):
             out[label][f"fraction_{k}"] = out[label][k] / max(out["reference_masks"], 1)
     return out
@@ -338,9 +350,12 @@ def nms_micro(paths: list[Path], ckpt: Path, imgsz: int, conf: float, iou: float
                                                                   "candidates_per_photo": candidates / len(preds)}
 
 
-def model_only(paths: list[Path], ckpt: Path, imgsz: int, device: str, half: bool, batch_size: int) -> dict:
+def model_only(paths: list[Path], ckpt: Path, imgsz: int, device: str, half: bool, batch_size: int,
+               sweep: tuple[int, ...] = ()) -> dict:
     """Images/s of the model alone: batched forward passes (letterboxed uint8 batches moved to the
-    device, normalised, forward, synchronised), no decode, NMS, masks or writing."""
+    device, normalised, forward, synchronised), no decode, NMS, masks or writing. ``sweep``: other
+    batch sizes timed the same way on the same letterboxed images (decoded once), in
+    ``by_batch_size`` (images/s per batch size; a few seconds of device time)."""
     import torch
 
     from fastsam_batch.decode import decode_image
@@ -353,22 +368,28 @@ def model_only(paths: list[Path], ckpt: Path, imgsz: int, device: str, half: boo
     for p in paths:
         b = seg.letterbox(image=decode_image(p.read_bytes()))
         by_shape.setdefault(b.shape, []).append(b)
-    batches = [np.stack(v[i:i + batch_size]) for v in by_shape.values() for i in range(0, len(v), batch_size)]
 
-    def run_all():
-        for b in batches:
-            x = torch.from_numpy(b).to(seg.device).permute(0, 3, 1, 2)
-            x = (x.half() if seg.fp16 else x.float()).div_(255)
-            with torch.inference_mode():
-                seg.model(x)
-        if seg.device.type == "cuda":
-            torch.cuda.synchronize()
+    def timed(n: int) -> float:
+        batches = [np.stack(v[i:i + n]) for v in by_shape.values() for i in range(0, len(v), n)]
 
-    run_all()  # warm-up (cuDNN autotuning, allocator)
-    t0 = time.perf_counter()
-    run_all()
-    wall = time.perf_counter() - t0
-    return {"images": len(paths), "batch_size": batch_size, "images_per_s": len(paths) / wall, "threads": seg.threads}
+        def run_all():
+            for b in batches:
+                x = torch.from_numpy(b).to(seg.device).permute(0, 3, 1, 2)
+                x = (x.half() if seg.fp16 else x.float()).div_(255)
+                with torch.inference_mode():
+                    seg.model(x)
+            if seg.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        run_all()  # warm-up (cuDNN autotuning, allocator)
+        t0 = time.perf_counter()
+        run_all()
+        return len(paths) / (time.perf_counter() - t0)
+
+    out = {"images": len(paths), "batch_size": batch_size, "images_per_s": timed(batch_size), "threads": seg.threads}
+    if sweep:
+        out["by_batch_size"] = {n: (out["images_per_s"] if n == batch_size else timed(n)) for n in sweep}
+    return out
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -661,9 +682,11 @@ def main() -> None:
     finish(args, results)
 
 
-def finish(args, results: dict) -> None:
+def finish(args, results: dict, quiet: bool = False) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
+    if quiet:
+        return
     if "claims" in results:
         print_table(results)
     print(f"\nwrote {args.out}")
@@ -721,7 +744,11 @@ def gpu_report(args, work: Path, photos: Path, paths: list[Path], results: dict)
 
     for arch in args.archs.split(","):
         ckpt, conf = load_checkpoint(args, work, src, arch, results)
-        alone = model_only(paths, ckpt, 1024, args.device, args.half, args.batch_size)
+        # the model alone at --batch-size, and a short sweep of batch sizes (a few seconds of device time)
+        alone = model_only(paths, ckpt, 1024, args.device, args.half, args.batch_size,
+                           sweep=tuple(sorted({8, 16, 32, args.batch_size})))
+        print(f"FastSAM-{arch}: model alone by batch size (images/s): "
+              f"{json.dumps({k: round(v, 1) for k, v in alone['by_batch_size'].items()})}", flush=True)
         free()
         base, base_rles = baseline_loop(paths[:args.baseline_photos], ckpt, 1024, conf, 0.9, work / f"base-{arch}",
                                         device=args.device, half=args.half)
@@ -739,9 +766,14 @@ def gpu_report(args, work: Path, photos: Path, paths: list[Path], results: dict)
               f"matched IoU>=0.95 {r['agreement_with_baseline']['fraction_0_95']:.3f}, >=0.99 "
               f"{r['agreement_with_baseline']['fraction']:.3f}; stages ms/img "
               f"{json.dumps({k: round(v, 1) for k, v in e2e['stage_ms'].items()})}", flush=True)
+        finish(args, results, quiet=True)  # after each architecture: a later failure keeps these
     results["reduced_decode_agreement"] = reduced_decode_agreement(work, device=args.device)
-    print(f"reduced decode vs reference (trained fixture model): {json.dumps(results['reduced_decode_agreement'])}",
-          flush=True)
+    print(f"reduced and device decode vs reference (trained fixture model): "
+          f"{json.dumps(results['reduced_decode_agreement'])}", flush=True)
+    results["decode_agreement_photos"] = reduced_decode_agreement(work, device=args.device, files=src[:10])
+    print(f"reduced and device decode vs reference on the carried photos (trained fixture model): "
+          f"{json.dumps(results['decode_agreement_photos'])}", flush=True)
+    finish(args, results, quiet=True)
     # Flat memory: the same job over len(paths) and 10x as many images (the last architecture).
     big = work / "photos-10x"
     big.mkdir()
@@ -768,15 +800,15 @@ SWEEP = [  # (label, runtime settings); the first is the default
     ("decode_cpus 0.5", {"decode_cpus": 0.5}),
 ]
 GPU_SWEEP = [  # with --device cuda: fp16, batch size, actors per GPU, read/decode workers per GPU
-    ("defaults: batch 4, one actor per GPU, decoders on every free CPU", {}),
-    ("fp32 (model.half off)", {"half": False}),
+    ("defaults: batch 16, one actor per GPU, decoders on every free CPU", {"batch_size": 16}),  # sizing.GPU_BATCH
+    ("fp32 (model.half off)", {"half": False, "batch_size": 16}),
+    ("batch 4", {"batch_size": 4}),
     ("batch 8", {"batch_size": 8}),
-    ("batch 16", {"batch_size": 16}),
     ("batch 32", {"batch_size": 32}),
     ("2 actors per GPU, batch 8", {"gpus_per_actor": 0.5, "batch_size": 8}),
-    ("2 decode workers", {"decode_workers": 2}),
-    ("4 decode workers", {"decode_workers": 4}),
-    ("8 decode workers", {"decode_workers": 8}),
+    ("2 decode workers", {"decode_workers": 2, "batch_size": 16}),
+    ("4 decode workers", {"decode_workers": 4, "batch_size": 16}),
+    ("8 decode workers", {"decode_workers": 8, "batch_size": 16}),
 ]
 
 

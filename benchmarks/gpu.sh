@@ -6,16 +6,19 @@
 #     source .device/setup.sh && bash benchmarks/gpu.sh
 #
 # FastSAM-s and FastSAM-x architectures (realistic random-weight load, conf 0.4, imgsz 1024, fp16,
-# batch 16) on the carried photos repeated to 160 images: the model alone, the plain ultralytics
-# loop, `fastsam-batch run` end to end (GPU utilisation, ms per stage, agreement with the loop),
-# then host and GPU memory at 160 and 1,600 images. Writes results under $OUT (the device tool's
-# output folder) or benchmarks/out/.
+# batch 16) on the carried photos repeated to 160 images: the model alone (and alone at batch 8, 16
+# and 32: a short sweep), the plain ultralytics loop, `fastsam-batch run` end to end (GPU
+# utilisation, ms per stage, agreement with the loop); the decode agreement (reduced, device and
+# exact decodes against the reference, trained fixture model: generated JPEGs and the carried
+# photos); then host and GPU memory at 160 and 1,600 images. Writes results under $OUT (the device
+# tool's output folder) or benchmarks/out/; gpu-report.json after each architecture.
 #
 # First (about a minute) the CUDA-only tests, tests/test_cuda.py (benchmarks/cuda_checks.py: pytest
 # when installed, else each test called directly): the GPU path's no-sync steps under
-# torch.cuda.set_sync_debug_mode("error"), its mask intervals against the CPU path's, nvJPEG against
-# Pillow. Their failures are reported (cuda-checks.json) and the benchmark still runs; the script's
-# exit status is theirs.
+# torch.cuda.set_sync_debug_mode("error"), its mask intervals against the CPU path's, pinned
+# uploads, the device decode's waits, nvJPEG's differences from Pillow (recorded) and its masks
+# against the reference. Their outcomes and measurements are in cuda-checks.json either way, the
+# benchmark still runs after a failure, and the script's exit status is theirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/out}

@@ -8,6 +8,7 @@ displayed. Decompression bombs are refused from the header, before any pixel is 
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import sys
@@ -148,17 +149,52 @@ def probe_for_device(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Devic
     return DeviceJpeg(data, (w, h) if orientation in (5, 6, 7, 8) else (h, w), orientation)
 
 
+@functools.lru_cache(maxsize=1)
 def device_decode_supported() -> bool:
     """Whether torchvision here decodes batches of JPEGs on a CUDA device (``decode_jpeg`` of a list,
-    torchvision 0.19 and later, built with nvJPEG)."""
+    torchvision 0.19 and later, built with nvJPEG): probed once per process by decoding a tiny JPEG
+    on the GPU (a build can register ``decode_jpegs_cuda`` and raise when called, without nvJPEG).
+    In a process that has not touched CUDA yet (a run's driver) the probe runs in a child process,
+    so that this one does not keep a CUDA context (hundreds of MB of the GPU) for nothing."""
     try:
         import torch
         import torchvision  # noqa: F401
         from torchvision.io import decode_jpeg  # noqa: F401
 
-        return hasattr(torch.ops.image, "decode_jpegs_cuda")
-    except Exception:  # noqa: BLE001 - no torchvision, or one without its image extension
+        if not hasattr(torch.ops.image, "decode_jpegs_cuda") or not torch.cuda.is_available():
+            return False
+        if torch.cuda.is_initialized():
+            return decodes_on_cuda()
+        import os
+        import subprocess
+        from pathlib import Path
+
+        root = str(Path(__file__).resolve().parents[1])  # where this package is imported from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        probe = "import sys; from fastsam_batch.decode import decodes_on_cuda; sys.exit(0 if decodes_on_cuda() else 3)"
+        return subprocess.run([sys.executable, "-c", probe], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env, timeout=300).returncode == 0
+    except Exception:  # noqa: BLE001 - no torchvision, one without its image extension, no nvJPEG, no GPU
         return False
+
+
+def decodes_on_cuda() -> bool:
+    """A tiny JPEG (16 x 8, one colour) decoded by ``decode_jpeg`` on the GPU, in this process: true
+    when it comes back of its size and colour (nvJPEG works), false when the call raises."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    b = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 100, 50)).save(b, format="JPEG")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = decode_jpeg([torch.frombuffer(bytearray(b.getvalue()), dtype=torch.uint8)], mode=ImageReadMode.RGB,
+                              device="cuda")[0]
+        mean = out.float().mean(dim=(1, 2)).cpu()
+    except Exception:  # noqa: BLE001 - registered but not built with nvJPEG, or no usable GPU
+        return False
+    return tuple(out.shape) == (3, 8, 16) and float((mean - torch.tensor([200.0, 100.0, 50.0])).abs().max()) < 16
 
 
 def orient(image, orientation: int):
@@ -176,7 +212,17 @@ def decode_on_device(jpegs: list[DeviceJpeg], device) -> list:
     """Each JPEG decoded on ``device`` in one batched ``torchvision.io.decode_jpeg`` call (nvJPEG on
     CUDA; libjpeg-turbo on the CPU, as the tests run it), oriented, as an (height, width, 3) uint8
     tensor on the device. A JPEG the device refuses (the batch failing, then that file alone) is
-    decoded by Pillow instead (a host array), and a file Pillow refuses too is its DecodeError."""
+    decoded by Pillow instead (a host array), and a file Pillow refuses too is its DecodeError.
+    :func:`decode_jpegs_on_device` (the device's part: an actor holds its device lock for it) then
+    :func:`decode_refused_on_host` (Pillow's, outside the lock)."""
+    return decode_refused_on_host(jpegs, decode_jpegs_on_device(jpegs, device))
+
+
+def decode_jpegs_on_device(jpegs: list[DeviceJpeg], device) -> list:
+    """The device's part of :func:`decode_on_device`: each JPEG as an oriented (height, width, 3)
+    uint8 tensor on ``device``, or None where the device refused it (or decoded it at another size
+    than Pillow shows). On CUDA the host waits for the device once per call (below), and nvJPEG's
+    batched decode waits for its own stream before it returns."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -203,10 +249,21 @@ def decode_on_device(jpegs: list[DeviceJpeg], device) -> list:
     for j, d in zip(jpegs, decoded):
         if d is not None:
             d = orient(d, j.orientation).permute(1, 2, 0)
-            if tuple(d.shape[:2]) == j.shown:
-                out.append(d)
-                continue
-        try:  # refused by the device (or decoded at another size): Pillow, as every other file
+            if tuple(d.shape[:2]) != j.shown:
+                d = None
+        out.append(d)
+    return out
+
+
+def decode_refused_on_host(jpegs: list[DeviceJpeg], decoded: list) -> list:
+    """The host's part of :func:`decode_on_device`: where the device gave None, Pillow's decode (a
+    host array), as for every other file, or the :class:`DecodeError` Pillow raises."""
+    out = []
+    for j, d in zip(jpegs, decoded):
+        if d is not None:
+            out.append(d)
+            continue
+        try:
             out.append(decode_for_model(j.data, max_pixels=1 << 62)[0])
         except DecodeError as e:
             out.append(e)

@@ -11,6 +11,7 @@ very same ``torch.nn.functional.interpolate`` calls ultralytics runs, on identit
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -232,6 +233,7 @@ class LaunchedMasks:
     stability: bool = True  # stability counts made on the device and copied back with the transitions
     chunk_keys: np.ndarray | None = None  # the batch key of each row of the plan (chunk by chunk), on the host
     scores: list = field(default_factory=list)  # after collect: per image, each mask's stability score (float32)
+    host: np.ndarray | None = None  # after fetch_box_masks: ``found`` copied to the host (``found`` let go)
 
 
 def launch_box_masks(jobs: list, budget_pixels: int = 1 << 26, stability: bool = True) -> LaunchedMasks:
@@ -276,15 +278,32 @@ def launch_box_masks(jobs: list, budget_pixels: int = 1 << 26, stability: bool =
     return out
 
 
-def collect_box_masks(launched: LaunchedMasks) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    """The intervals of :func:`launch_box_masks`' work: one copy to the host (two when a chunk had
-    more transitions than its slot, computed again with its exact count)."""
+def fetch_box_masks(launched: LaunchedMasks) -> LaunchedMasks:
+    """The end of the device's part of :func:`launch_box_masks`' work: its results copied to the host
+    in one copy (the one wait for the device), the device's copy let go. An actor runs this under its
+    device lock and :func:`collect_box_masks` (host work: sorting and splitting) outside it."""
+    if launched.plans and launched.host is None:
+        launched.host = launched.found.cpu().numpy()  # the one copy back
+        launched.found = None
+    return launched
+
+
+def collect_box_masks(launched: LaunchedMasks, lock=None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """The intervals of :func:`launch_box_masks`' work: one copy to the host (:func:`fetch_box_masks`,
+    done here unless done already; two when a chunk had more transitions than its slot, computed again
+    with its exact count). The rest is host work (numpy). ``lock``: held (a context manager) around
+    the device work this does (the copy back when not fetched yet, and the rare second pass), not
+    around the host work, so that a device lock is free while the host sorts."""
+    hold = lock if lock is not None else contextlib.nullcontext()
     jobs, plans, slots = launched.jobs, launched.plans, launched.slots
     key_pos = np.empty((2, 0), np.int64)
     inter = np.zeros(launched.keys, np.int64)
     union = np.zeros(launched.keys, np.int64)
     if plans:
-        both = launched.found.cpu().numpy()  # the one copy back
+        if launched.host is None:
+            with hold:
+                fetch_box_masks(launched)
+        both = launched.host
         counts, rest = both[:len(plans)], both[len(plans):]
         if launched.stability:  # per chunk: its k intersections, then its k unions
             rows = len(launched.chunk_keys)
@@ -299,15 +318,17 @@ def collect_box_masks(launched: LaunchedMasks) -> list[list[tuple[np.ndarray, np
         parts = [rest[bounds[i]:bounds[i + 1]].reshape(2, -1)[:, :counts[i]] for i in range(len(plans))]
         over = [i for i in range(len(plans)) if counts[i] > slots[i]]
         if over:  # a second pass, only for chunks with more transitions than guessed: exact slots
-            again = []
-            for i in over:  # in ranges of transitions whose slots keep the chunk within the budget
-                j, _, k, hc, wc = plans[i]
-                c, mh, mw = jobs[j][1].shape
-                step = max(1, (launched.budget - _chunk_bytes(k, hc, wc, c, mh, mw, 0)) // _SLOT_BYTES)
-                again.append(torch.cat([_chunk_transitions(jobs, launched.plan, plans[i], min(step, int(counts[i]) - a), a,
-                                                           launched.flats)[1]
-                                        for a in range(0, int(counts[i]), step)], 1))
-            back = torch.cat([kp.flatten() for kp in again]).cpu().numpy()
+            with hold:  # device work again: under the lock
+                again = []
+                for i in over:  # in ranges of transitions whose slots keep the chunk within the budget
+                    j, _, k, hc, wc = plans[i]
+                    c, mh, mw = jobs[j][1].shape
+                    step = max(1, (launched.budget - _chunk_bytes(k, hc, wc, c, mh, mw, 0)) // _SLOT_BYTES)
+                    again.append(torch.cat([_chunk_transitions(jobs, launched.plan, plans[i], min(step, int(counts[i]) - a),
+                                                               a, launched.flats)[1]
+                                            for a in range(0, int(counts[i]), step)], 1))
+                back = torch.cat([kp.flatten() for kp in again]).cpu().numpy()
+                del again
             at = 0
             for i in over:
                 parts[i] = back[at:at + 2 * counts[i]].reshape(2, -1)

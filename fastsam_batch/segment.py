@@ -24,7 +24,8 @@ import numpy as np
 
 from .intervals import IntervalMask
 from .mask_rules import MaskRules, apply_mask_rules, clean_up
-from .masks import adjust_full_image_boxes, collect_box_masks, iter_box_mask_intervals, launch_box_masks
+from .masks import (adjust_full_image_boxes, collect_box_masks, fetch_box_masks, iter_box_mask_intervals,
+                    launch_box_masks)
 from .rle import rle_fields, runs_from_intervals, runs_to_rle
 from .select import apply_prompts, merged_intervals
 from .watchdog import maybe_slow_for_test
@@ -89,6 +90,18 @@ class Prepared:
     count: int
     stacks: list
     on_device: list = ()  # (position, image already on the device (decoded there), its size as shown)
+
+
+@dataclass
+class _Pending:
+    """:meth:`FastSAMSegmenter.candidates_on_device`'s result, on the host: per image its boxes table
+    (scaled xyxy, adjusted xyxy, score); then either the batched path's launched and fetched masks, or
+    the CPU path's intervals and stability scores."""
+
+    host: list
+    launched: object = None
+    pixels: list | None = None
+    stability: list | None = None
 
 
 class FastSAMSegmenter:
@@ -229,7 +242,14 @@ class FastSAMSegmenter:
         in one copy. Mask pixels: on the CPU mask by mask inside its box (:func:`iter_box_mask_intervals`,
         BLAS on the box band: fastest there); on an accelerator in a few large operations for the
         whole batch (:func:`batched_box_mask_intervals`): the same intervals (tests). Each mask carries its
-        stability score (:mod:`.quality`), made with its pixels on either path."""
+        stability score (:mod:`.quality`), made with its pixels on either path.
+        :meth:`candidates_on_device` then :meth:`candidates_on_host`."""
+        return self.candidates_on_host(self.candidates_on_device(sizes, forwards, small))
+
+    def candidates_on_device(self, sizes: list[tuple[int, int]], forwards, small: bool = False) -> "_Pending":
+        """The device's part of :meth:`candidates` (an actor holds its device lock for it): box
+        scaling, the full-image rule, the boxes' copy to the host, the mask launches and the copy of
+        their results to the host (:func:`fetch_box_masks`); on the CPU path every mask's intervals."""
         torch = self.torch
         from ultralytics.utils import ops
 
@@ -246,14 +266,22 @@ class FastSAMSegmenter:
                      for b, (h, w), (_, pred, proto) in zip(boxes, sizes, forwards)]
             pixels = [[(x[1], x[2]) for x in f] for f in found]
             stability = [[x[3] if self.stability else 0.0 for x in f] for f in found]
-        else:
-            launched = launch_box_masks([(pred[:, 6:], proto, hb[:, :4], h, w)
-                                         for hb, (h, w), (_, pred, proto) in zip(host, sizes, forwards)],
-                                        device_pixels, stability=self.stability)
-            pixels = collect_box_masks(launched)
-            stability = launched.scores
+            return _Pending(host, pixels=pixels, stability=stability)
+        launched = launch_box_masks([(pred[:, 6:], proto, hb[:, :4], h, w)
+                                     for hb, (h, w), (_, pred, proto) in zip(host, sizes, forwards)],
+                                    device_pixels, stability=self.stability)
+        return _Pending(host, launched=fetch_box_masks(launched))
+
+    def candidates_on_host(self, pending: "_Pending", lock=None) -> list[list[IntervalMask]]:
+        """The host's part of :meth:`candidates` (outside an actor's device lock): the mask transitions
+        sorted and split into intervals (:func:`collect_box_masks`; ``lock`` is taken again only for
+        its rare second pass on the device), then each image's :class:`IntervalMask` list."""
+        pixels, stability = pending.pixels, pending.stability
+        if pending.launched is not None:
+            pixels = collect_box_masks(pending.launched, lock)
+            stability = pending.launched.scores
         out = []
-        for hb, masks, stab in zip(host, pixels, stability):
+        for hb, masks, stab in zip(pending.host, pixels, stability):
             adjusted, scores = hb[:, 4:8].tolist(), hb[:, 8].tolist()
             # empty masks are dropped, as ultralytics does
             out.append([IntervalMask(st, en, scores[i], tuple(adjusted[i]), float(stab[i]))
@@ -304,7 +332,13 @@ class FastSAMSegmenter:
         :class:`Prepared` batch), forward, NMS and mask intervals of a batch (on the accelerator,
         when there is one). Returns what :meth:`finish` needs, all on the host. On an accelerator
         the host waits for the device a fixed few times per batch, whatever its images and masks
-        (tests/test_syncs.py counts them)."""
+        (tests/test_syncs.py counts them). :meth:`launch_on_device` then :meth:`complete_on_host`."""
+        return self.complete_on_host(self.launch_on_device(images, small, sizes))
+
+    def launch_on_device(self, images, small: bool = False, sizes: list[tuple[int, int]] | None = None) -> tuple:
+        """What of :meth:`segment_on_device` uses the device (an actor holds its device lock for this
+        only): the forward pass, NMS, the boxes and mask launches, and the copies of their results to
+        the host. Returns what :meth:`complete_on_host` needs (on the host)."""
         t0 = time.perf_counter()
         if isinstance(images, Prepared):
             prepared = images
@@ -315,10 +349,21 @@ class FastSAMSegmenter:
         forwards = self.forward(prepared)
         t1 = time.perf_counter()
         with self.torch.inference_mode():
-            masks = self.candidates(sizes, forwards, small)
-        t2 = time.perf_counter()
-        n = max(prepared.count, 1)
-        return sizes, masks, {"model": (t1 - t0) * 1000 / n, "masks": (t2 - t1) * 1000 / n}
+            pending = self.candidates_on_device(sizes, forwards, small)
+        del forwards  # the prototypes and detections on the device: let go before the host's part
+        return sizes, pending, prepared.count, t1 - t0, time.perf_counter() - t1
+
+    def complete_on_host(self, launched: tuple, lock=None) -> tuple[list, list, dict]:
+        """The host's part of :meth:`segment_on_device` (outside an actor's device lock): the mask
+        intervals from the transitions the device found (:meth:`candidates_on_host`; ``lock`` taken
+        again only for its rare second pass). Returns what :meth:`finish` needs."""
+        sizes, pending, count, model_s, device_masks_s = launched
+        t0 = time.perf_counter()
+        with self.torch.inference_mode():
+            masks = self.candidates_on_host(pending, lock)
+        n = max(count, 1)
+        masks_s = device_masks_s + time.perf_counter() - t0
+        return sizes, masks, {"model": model_s * 1000 / n, "masks": masks_s * 1000 / n}
 
     def finish(self, done: tuple[list, list, dict], images: list[np.ndarray],
                prompts: list[list[dict] | None] | None = None) -> list[tuple[list[dict], list[dict], dict]]:
@@ -435,16 +480,17 @@ class SegmentActor:
 
     def decode_on_device(self, part: list[int], jpegs: list, images: dict, errors: list, batch: dict) -> list[int]:
         """``input.decode: device``: the JPEGs of ``part`` not decoded yet, decoded on the model's device
-        in one batch under the device lock (decode.decode_on_device; Pillow for those it refuses) into
+        in one batch under the device lock (decode.decode_jpegs_on_device; Pillow, outside it, for those it refuses) into
         ``images``; a file neither can decode gets the error row Pillow's decode gives it in every mode
         (no size). Returns the positions of ``part`` that have an image."""
-        from .decode import DecodeError, decode_on_device
+        from .decode import DecodeError, decode_jpegs_on_device, decode_refused_on_host
 
         todo = [i for i in part if i not in images and jpegs[i] is not None]
         if todo:
             t0 = time.perf_counter()
             with self.device_lock:
-                got = decode_on_device([jpegs[i] for i in todo], self.segmenter.device)
+                got = decode_jpegs_on_device([jpegs[i] for i in todo], self.segmenter.device)
+            got = decode_refused_on_host([jpegs[i] for i in todo], got)  # Pillow's, for those refused: the lock free
             share = (time.perf_counter() - t0) * 1000 / len(todo)
             for i, image in zip(todo, got):
                 batch["decode_ms"][i] += share
@@ -469,12 +515,14 @@ class SegmentActor:
                       small: bool = False):
         """Host work outside the actor's device lock, device work under it: with two calls running
         in the actor (on accelerators), the host work of one batch (letterbox, stacking and pinning
-        before; mask rules, prompts and RLE after) runs while the device works on the other's. CLIP
+        before; sorting the mask transitions into intervals, mask rules, prompts and RLE after) runs
+        while the device works on the other's. CLIP
         (text prompts) takes the same lock for each of its device batches
         (clip_text.ClipScorer.device_lock)."""
         prepared = segmenter.prepare(images, sizes)
-        with self.device_lock:
-            done = segmenter.segment_on_device(prepared, small, sizes)
+        with self.device_lock:  # the launches and the copies back only
+            launched = segmenter.launch_on_device(prepared, small, sizes)
+        done = segmenter.complete_on_host(launched, self.device_lock)  # host work: the lock is free
         return segmenter.finish(done, images, prompts)
 
     def segment_one(self, image: np.ndarray, prompts: list[dict], size: tuple[int, int]):

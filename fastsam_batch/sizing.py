@@ -16,7 +16,8 @@ CPU_ACTOR_BYTES = 2 * 2**30
 CPU_IN_FLIGHT_MB = 64
 # Images per forward pass (runtime.batch_size) by default: on the CPU 4 (benchmarks/RESULTS.md: 1-8 are
 # within noise there); on GPUs 16, the usual choice for FastSAM-s/-x at imgsz 1024 in fp16 (not yet
-# measured here: no GPU was lent; benchmarks/gpu.sh sweeps it on the first one).
+# measured here: no GPU was lent; benchmarks/gpu.sh times the model alone at batch 8, 16 and 32 on the
+# first one, and `bench.py --sweep --device cuda` runs end to end over batch sizes).
 CPU_BATCH = 4
 GPU_BATCH = 16
 # On GPUs an actor takes this many batches' worth of rows at a time and groups them by letterboxed

@@ -17,6 +17,16 @@ host the string ``"cpu"``. Host tensors (made by ``torch.from_numpy``, by a fact
 ``arange`` without a ``device``, or already read back by ``.cpu()`` / ``.to("cpu")``) are told
 apart so that reading them again is not counted; a copy of one to a device (``.to(device)``,
 ``.cuda()``) is counted in ``uploads`` (and as a synchronisation when it is blocking).
+
+Not modelled (not counted, whatever they would cost on a GPU): ``Tensor.copy_`` between host and
+device (either way), ``new_tensor`` from host data, ``.to(other_tensor)``, ``repr`` / ``str`` /
+``format`` of a tensor (they read its values), ``is_nonzero``, waits inside kernels whose output
+size depends on the data without an operation above (``one_hot`` without ``num_classes``, ``histc``
+and the like), whether a host source is pinned (a non_blocking copy from pageable memory waits:
+tests/test_cuda.py checks pinning on a GPU), and the caching allocator's own waits (``cudaMalloc``
+when its pool is short, ``empty_cache``). tests/test_cuda.py counts the real waits on a GPU with
+``torch.cuda.set_sync_debug_mode("error")``, which flags the synchronising calls torch itself
+marks (not those inside a library's own code, such as nvJPEG's).
 """
 
 from __future__ import annotations

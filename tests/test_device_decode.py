@@ -195,3 +195,76 @@ def test_read_decode_leaves_jpegs_to_the_device_and_decodes_the_rest(tmp_path):
     assert b["jpeg"] == b"" and np.array_equal(b["image"], rows[False]["b.png"]["image"])
     assert c["error"] and c["error"] == rows[False]["c.jpg"]["error"] and c["jpeg"] == b""
     assert "jpeg" not in rows[False]["a.jpg"]
+
+
+def test_device_decode_is_supported_only_where_a_tiny_jpeg_decodes_on_the_gpu(monkeypatch):
+    """device_decode_supported probes with a real decode_jpeg(..., device="cuda") of a tiny JPEG, once
+    per process: a build that registers decode_jpegs_cuda but raises (no nvJPEG) is not supported.
+    Here (no GPU) it is False; then the probe itself, with decode_jpeg replaced (raising; decoding)."""
+    import torchvision.io
+
+    from fastsam_batch import decode as decode_module
+
+    decode_module.device_decode_supported.cache_clear()
+    try:
+        assert decode_module.device_decode_supported() is torch.cuda.is_available() and torch.cuda.is_available() is False
+        real = torchvision.io.decode_jpeg
+
+        def refusing(data, mode=None, device="cpu"):
+            raise RuntimeError("torchvision.io.decode_jpeg: not compiled with nvJPEG support")
+
+        calls = []
+
+        def decoding(data, mode=None, device="cpu"):
+            calls.append(str(device))
+            return real(data, mode=mode, device="cpu")
+
+        monkeypatch.setattr(torchvision.io, "decode_jpeg", refusing)
+        assert decode_module.decodes_on_cuda() is False
+        monkeypatch.setattr(torchvision.io, "decode_jpeg", decoding)
+        assert decode_module.decodes_on_cuda() is True and calls == ["cuda"]
+        # In a process that holds a CUDA context already, the probe runs in it, once (cached).
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        decode_module.device_decode_supported.cache_clear()
+        assert decode_module.device_decode_supported() is True and decode_module.device_decode_supported() is True
+        assert calls == ["cuda", "cuda"]
+        monkeypatch.setattr(torchvision.io, "decode_jpeg", refusing)
+        decode_module.device_decode_supported.cache_clear()
+        assert decode_module.device_decode_supported() is False
+    finally:
+        decode_module.device_decode_supported.cache_clear()
+
+
+def test_pillows_decode_of_a_jpeg_the_device_refuses_runs_outside_the_device_lock(checkpoint, monkeypatch):
+    """In an actor the device decode holds the device lock; Pillow's decode of the files the device
+    refused (host work) runs with the lock free, and gives the same rows."""
+    from fastsam_batch import decode as decode_module
+    from test_segment import RecordingLock
+
+    actor = SegmentActor(SegmentSettings(str(checkpoint), "unused", imgsz=320, conf=0.25, iou=0.9, device="cpu"),
+                         Storage(), "fp")
+    good = big_jpeg(300, 200)
+    jpeg = probe_for_device(good)
+    batch = {"image_id": ["a.jpg"], "uri": ["/x/a.jpg"], "error": [""], "image": [np.zeros((1, 1, 3), np.uint8)],
+             "height": [jpeg.shown[0]], "width": [jpeg.shown[1]], "jpeg": [jpeg.data], "orientation": [1],
+             "read_ms": [0.0], "decode_ms": [0.0]}
+    expected = actor(dict(batch)).to_pylist()
+    lock = actor.device_lock = RecordingLock()
+    held = {"device": [], "pillow": []}
+    real_device, real_pillow = decode_module.decode_jpegs_on_device, decode_module.decode_for_model
+
+    def refused_on_device(jpegs, device):
+        held["device"].append(lock.held())
+        real_device(jpegs, device)
+        return [None] * len(jpegs)  # as a device that refuses them
+
+    def pillow(*a, **k):
+        held["pillow"].append(lock.held())
+        return real_pillow(*a, **k)
+
+    monkeypatch.setattr(decode_module, "decode_jpegs_on_device", refused_on_device)
+    monkeypatch.setattr(decode_module, "decode_for_model", pillow)
+    rows = actor(dict(batch)).to_pylist()
+    assert held == {"device": [True], "pillow": [False]}
+    assert rows[0]["status"] == "ok" and [m["counts"] for m in rows[0]["masks"]] == [m["counts"] for m in expected[0]["masks"]]

@@ -165,3 +165,75 @@ def test_an_actor_call_groups_rows_by_letterboxed_shape_into_forward_passes(chec
     alone = [actor(_actor_batch([a])).to_pylist()[0] for a in arrays]
     assert [[m["counts"] for m in r["masks"]] for r in rows] == [[m["counts"] for m in r["masks"]] for r in alone]
     assert sum(r["num_masks"] for r in rows) > 0
+
+
+class RecordingLock:
+    """A ``threading.Lock`` that says whether it is held (by anyone), for the test below."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.entered = 0
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.entered += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+    def held(self) -> bool:
+        return self.lock.locked()
+
+
+def test_the_device_lock_is_free_while_the_host_sorts_the_mask_transitions(checkpoint, images, monkeypatch):
+    """An actor holds its device lock for the launches and the copies back only: the host's part of the
+    mask intervals (collect_box_masks: sorting and splitting the transitions, after the one copy back;
+    then each image's IntervalMask list) runs with the lock free, so a second call in flight can use
+    the device meanwhile; the rare second pass takes the lock again, and the masks are unchanged."""
+    from fastsam_batch import masks as masks_module
+    from fastsam_batch import segment as segment_module
+    from fastsam_batch.segment import SegmentActor
+
+    actor = SegmentActor(SegmentSettings(str(checkpoint), "unused", imgsz=320, conf=0.25, iou=0.9, device="cpu",
+                                         mask_path="batched"), Storage(), "fp")
+    arrays = [decode_image(p.read_bytes()) for p in images]
+    expected = actor(_actor_batch(arrays)).to_pylist()
+    lock = actor.device_lock = RecordingLock()  # the real attribute, replaced by a lock that reports itself
+    seen = {"launch": [], "fetch": [], "collect": [], "sort": [], "intervals": [], "second_pass": []}
+
+    def spy(module, name, key):
+        real = getattr(module, name)
+
+        def wrapped(*a, **k):
+            seen[key].append(lock.held())
+            return real(*a, **k)
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(segment_module, "launch_box_masks", "launch")
+    spy(segment_module, "fetch_box_masks", "fetch")
+    spy(segment_module, "collect_box_masks", "collect")
+    spy(masks_module, "stability_score", "sort")  # inside collect_box_masks, after the sort: its host part
+    spy(segment_module, "IntervalMask", "intervals")  # each image's masks, made on the host
+    spy(masks_module, "_chunk_transitions", "second_pass")
+    rows = actor(_actor_batch(arrays)).to_pylist()
+    assert [[m["counts"] for m in r["masks"]] for r in rows] == [[m["counts"] for m in r["masks"]] for r in expected]
+    assert sum(r["num_masks"] for r in rows) > 0
+    assert seen["launch"] and all(seen["launch"])  # device work: under the lock
+    assert seen["collect"] and not any(seen["collect"])  # host work: the lock free
+    assert seen["sort"] and not any(seen["sort"])
+    assert seen["intervals"] and not any(seen["intervals"])
+    assert seen["fetch"] and all(seen["fetch"])  # the one copy back: under the lock
+    assert seen["second_pass"] and all(seen["second_pass"])  # launches (first pass and any second one): under the lock
+    # A chunk with more transitions than guessed: the second pass takes the lock again, the sort does not.
+    monkeypatch.setattr(masks_module, "GUESS_PER_COLUMN", 0)
+    for k in seen:
+        seen[k].clear()
+    before = lock.entered
+    again = actor(_actor_batch(arrays)).to_pylist()
+    assert [[m["counts"] for m in r["masks"]] for r in again] == [[m["counts"] for m in r["masks"]] for r in expected]
+    assert seen["second_pass"] and all(seen["second_pass"])
+    assert seen["sort"] and not any(seen["sort"]) and not any(seen["collect"])
+    assert lock.entered - before >= 2  # the launch, then the second pass
