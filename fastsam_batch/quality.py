@@ -10,11 +10,13 @@ original image's resolution, ``R_y @ M @ R_x^T`` (see :mod:`.masks`), the very v
 makes the mask.
 
 Which pixels count: **the pixels of the mask's box crop**, ``box_pixel_span`` rows x columns (the
-pixels ultralytics' ``crop_mask`` keeps), and no others. ``process_mask_native`` sets the logits
-outside the box to 0 before thresholding at 0; taken literally, those zeros are above -1, so
-every pixel of the image outside the box would enter the union and the score would mostly
-measure how small the box is against the image. We leave them out: outside the box the mask is
-off by construction (cropping, not the model), so they say nothing about the mask's stability.
+pixels ultralytics' ``crop_mask`` keeps), and no others. ``process_mask_native`` (the pinned
+ultralytics) thresholds the logits of the whole image at 0 first and then ``crop_mask`` zeroes the
+binary mask outside the box: the logits outside the box are real values the model made, and a
+score over the whole image would count every pixel there above -1 (and above +1) although the
+crop turns them off whatever their value. We leave them out: outside the box the mask is off by
+construction (cropping, not the model's logits), so those pixels say nothing about the mask's
+stability; the score is SAM's of the logits that decide the mask's pixels.
 Inside the box the counts are exactly ``calculate_stability_score`` of the box crop of the
 logits (tests/test_quality.py checks both mask paths against it). A mask whose union is empty has
 no pixel on (its mask is a subset of the union) and is dropped before it reaches the output; its

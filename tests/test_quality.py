@@ -116,7 +116,7 @@ def test_batched_path_stability_equals_segment_anything(budget, cut):
     column ranges whose counts are summed per mask."""
     gen = torch.Generator().manual_seed(11)
     jobs = [job(*case, n, gen) for case, n in zip(CASES, [25, 40, 0, 25, 9])]
-    launched = launch_box_masks([(c, p, b.numpy(), h, w) for c, p, b, h, w in jobs], budget)
+    launched = launch_box_masks([(c, p, b.numpy(), h, w) for c, p, b, h, w in jobs], budget, stability=True)
     assert len(launched.plans) > 1 or budget == 1 << 26
     keys = launched.chunk_keys
     assert (len(np.unique(keys)) < len(keys)) == cut  # a mask of several pieces, or none
@@ -186,6 +186,40 @@ def test_min_stability_drops_the_unstable():
     cols = np.arange(10, 20, dtype=np.int64) * 40
     masks = [IntervalMask(cols + 5, cols + 15, 0.9, (10, 5, 20, 15), stability=q) for q in (0.99, 0.5, 0.95, 0.949)]
     assert apply_mask_rules(masks, 40, 60, MaskRules(min_stability=0.95)) == [0, 2]
+
+
+def test_min_stability_keeps_scores_exactly_on_the_threshold():
+    """Known answers: 190 of 200 and 19 of 20 pixels stable score float32(0.95) = 0.94999999, which is
+    *at* 0.95 in float32 (SAM compares its float32 scores so): kept; 189 / 200 is below: dropped."""
+    cols = np.arange(10, 20, dtype=np.int64) * 40
+    scores = [stability_score(190, 200)[()], stability_score(19, 20)[()], stability_score(189, 200)[()]]
+    assert float(scores[0]) < 0.95  # the trap: as a Python float it is below the threshold
+    masks = [IntervalMask(cols + 5, cols + 15, 0.9, (10, 5, 20, 15), stability=q) for q in scores]
+    assert apply_mask_rules(masks, 40, 60, MaskRules(min_stability=0.95)) == [0, 1]
+    # the score stored as a Python float (as records carry it) is judged the same
+    masks = [IntervalMask(cols + 5, cols + 15, 0.9, (10, 5, 20, 15), stability=float(q)) for q in scores]
+    assert apply_mask_rules(masks, 40, 60, MaskRules(min_stability=0.95)) == [0, 1]
+
+
+def test_a_mask_without_a_stability_score_is_never_dropped_silently():
+    """IntervalMask's stability defaults to NaN (not computed); min_stability then raises, and the
+    other rules do not look at it."""
+    cols = np.arange(10, 20, dtype=np.int64) * 40
+    masks = [IntervalMask(cols + 5, cols + 15, 0.9, (10, 5, 20, 15))]
+    assert math.isnan(masks[0].stability)
+    with pytest.raises(ValueError, match="no stability score"):
+        apply_mask_rules(masks, 40, 60, MaskRules(min_stability=0.5))
+    assert apply_mask_rules(masks, 40, 60, MaskRules(min_score=0.5)) == [0]
+
+
+def test_both_mask_paths_make_stability_scores_only_when_asked():
+    """iter_box_mask_intervals and launch_box_masks agree on the default (off): 3-tuples and NaN scores."""
+    gen = torch.Generator().manual_seed(5)
+    coeffs, protos, boxes, h, w = job(*CASES[0], 6, gen)
+    assert all(len(x) == 3 for x in iter_box_mask_intervals(coeffs, protos, boxes, h, w))
+    launched = launch_box_masks([(coeffs, protos, boxes.numpy(), h, w)])
+    collect_box_masks(launched)
+    assert launched.scores[0].dtype == np.float32 and np.isnan(launched.scores[0]).all()
 
 
 # Duplicate masks -------------------------------------------------------------------------------

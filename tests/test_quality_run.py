@@ -133,3 +133,16 @@ def test_overlay_colours_each_mask_by_its_score(runs, tmp_path, color_by, field)
 def test_a_bad_colour_choice_is_refused():
     r = run_cli("overlay", "/nowhere", "--color-by", "area", "--out", "/tmp/x")
     assert r.returncode == 2 and "--color-by" in r.stderr
+
+
+def test_the_version_changed_with_the_schema_and_the_fingerprint():
+    """0.1.0 outputs have neither masks[].stability_score nor num_duplicates, and their fingerprints
+    lack min_stability / max_overlap: the version is past 0.1.0 (resume refuses them by version, and
+    the README says --overwrite), and pyproject's version is the package's."""
+    import tomllib
+    from pathlib import Path
+
+    import fastsam_batch
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == fastsam_batch.__version__ != "0.1.0"
