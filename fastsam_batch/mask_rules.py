@@ -127,7 +127,7 @@ def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules
         keep = [i for i, f in zip(keep, full) if not f]
     if rules.max_overlap is not None:
         dup = duplicate_masks([(masks[i].starts, masks[i].ends) for i in keep], [masks[i].score for i in keep],
-                              rules.max_overlap)
+                              rules.max_overlap, height=h)
         keep = [i for k, i in enumerate(keep) if k not in dup]
         if dropped is not None:
             dropped["duplicates"] = len(dup)

@@ -16,7 +16,7 @@ from ultralytics.utils.ops import scale_masks
 
 from fastsam_batch.intervals import IntervalMask
 from fastsam_batch.mask_rules import MaskRules, apply_mask_rules
-from fastsam_batch.masks import box_pixel_span, collect_box_masks, iter_box_mask_intervals, launch_box_masks
+from fastsam_batch.masks import adjust_full_image_boxes, box_pixel_span, collect_box_masks, iter_box_mask_intervals, launch_box_masks
 from fastsam_batch.quality import duplicate_masks, stability_counts, stability_score
 from fastsam_batch.rle import crop_intervals
 from sync_counter import SyncCounter
@@ -168,10 +168,15 @@ def test_the_segmenters_masks_carry_segment_anythings_score_of_the_models_logits
         boxes = ops.scale_boxes(in_shape, pred[:, :4].clone(), (h, w))
         ref, near = reference_scores(pred[:, 6:], proto, boxes, h, w)
         area = dense([(m.starts, m.ends) for m in masks], h, w).sum((1, 2))
-        # candidates keep the non-empty masks in detection order: match them by score
-        by_score = {round(float(s), 6): i for i, s in enumerate(pred[:, 4].tolist())}
-        for m, a in zip(masks, area.tolist()):
-            i = by_score[round(m.score, 6)]
+        # candidates keep the non-empty masks in detection order: walk both, a detection matching the
+        # next mask by its adjusted box and score (NMS leaves no two detections with one box)
+        adjusted, scores = adjust_full_image_boxes(boxes, h, w).tolist(), pred[:, 4].tolist()
+        index = []
+        for i in range(len(scores)):
+            if len(index) < len(masks) and (tuple(adjusted[i]), scores[i]) == (masks[len(index)].box, masks[len(index)].score):
+                index.append(i)
+        assert len(index) == len(masks)
+        for i, m, a in zip(index, masks, area.tolist()):
             lo, hi = near[i]
             assert np.float32(m.stability) == ref[i] if np.isnan(lo) else lo - 1e-7 <= m.stability <= hi + 1e-7
             assert a == m.area
@@ -270,7 +275,27 @@ def test_duplicates_on_intervals_equal_the_dense_reference(case):
     masks, scores, t = case
     n, h, _ = masks.shape
     intervals = [crop_intervals(torch.from_numpy(m), 0, 0, h) for m in masks]
-    assert duplicate_masks(intervals, scores, t) == dense_duplicates(masks, scores, t)
+    want = dense_duplicates(masks, scores, t)
+    assert duplicate_masks(intervals, scores, t) == want  # bounds from flat ranges and areas only
+    assert duplicate_masks(intervals, scores, t, height=h) == want  # and from the boxes
+
+
+def test_masks_whose_boxes_do_not_meet_are_never_intersected(monkeypatch):
+    """200 equal squares stacked in the same columns: their flat pixel ranges overlap and their areas
+    are equal (neither bounds the IoU), but their boxes are apart: with the image's height no pair is
+    intersected; and where the boxes do meet (a copy of each) exactly the true duplicates drop."""
+    import fastsam_batch.quality as quality
+
+    h, side, gap = 200 * 12, 10, 2
+    cols = np.arange(side, dtype=np.int64) * h
+    masks = [(cols + k * (side + gap), cols + k * (side + gap) + side) for k in range(200)]
+    calls = []
+    real = quality.mask_iou
+    monkeypatch.setattr(quality, "mask_iou", lambda *a: calls.append(1) or real(*a))
+    assert duplicate_masks(masks, [1.0] * 200, 0.5, height=h) == set() and calls == []
+    twice = masks + masks  # each square's copy (later, same score) is its duplicate, nothing else
+    assert duplicate_masks(twice, [1.0] * 400, 0.5, height=h) == set(range(200, 400))
+    assert len(calls) == 200
 
 
 def test_max_overlap_in_the_rules_counts_what_it_drops():
