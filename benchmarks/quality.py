@@ -3,7 +3,8 @@ stability score, on both mask paths, and the duplicate-mask rule, at a photo's l
 
 A photo: 2250 x 1500 (the benchmarks' usual size), imgsz 1024 (prototypes 32 x 176 x 256, as the
 letterbox gives), 100 masks in boxes of log-uniform sizes from 24 to 900 px over blob-like
-prototypes (a few runs a column, like real masks). Each path runs with and without the score,
+prototypes (a few runs a column, like real masks); the duplicate-mask rule also on 1,000 masks of
+one such photo (``max_det`` allows 10,000). Each path runs with and without the score,
 alternately, in the same process (``--repeats`` times each; the median is reported), one torch
 thread (an actor's on the CPU). The batched path runs on CPU tensors here (no GPU lent): its cost
 on an accelerator is not measured. Prints a table and writes JSON.
@@ -62,7 +63,11 @@ def main() -> None:
 
     torch.set_num_threads(1)
     photos = [photo(1000 + i) for i in range(args.images)]
-    runs = {k: [] for k in ("per_mask_off", "per_mask_on", "batched_off", "batched_on", "duplicates")}
+    runs = {k: [] for k in ("per_mask_off", "per_mask_on", "batched_off", "batched_on", "duplicates",
+                            "duplicates_1000")}
+    coeffs, protos, boxes, h, w = photo(2000, n=1000)
+    many = [(s, e) for _, s, e in iter_box_mask_intervals(coeffs, protos, boxes, h, w) if s.size]
+    many_score = [float(i) for i in range(len(many), 0, -1)]
     masks_per_photo, scores = [], []
     for rep in range(args.repeats):
         for coeffs, protos, boxes, h, w in photos:
@@ -79,12 +84,14 @@ def main() -> None:
                 masks_per_photo.append(len(kept))
                 scores += [float(q) for s, _, q in found if s.size]
             score = [float(i) for i in range(len(kept), 0, -1)]
-            runs["duplicates"].append(timed(lambda: duplicate_masks(kept, score, 0.9)))
+            runs["duplicates"].append(timed(lambda: duplicate_masks(kept, score, 0.9, height=h)))
+        runs["duplicates_1000"].append(timed(lambda: duplicate_masks(many, many_score, 0.9, height=h)))
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
         "what": "ms per photo (2250x1500, 100 boxes), median of repeats; one torch thread; batched path on CPU tensors",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
         "non_empty_masks_per_photo": masks_per_photo,
+        "duplicates_1000_masks": len(many),
         "stability_score": {"mean": round(float(np.mean(scores)), 3), "p10": round(float(np.percentile(scores, 10)), 3),
                             "p90": round(float(np.percentile(scores, 90)), 3)},
         "repeats": args.repeats, "photos": args.images,
@@ -100,7 +107,8 @@ def main() -> None:
     for path in ("per_mask", "batched"):
         print(f"  {path + ' mask path':<26}{med[path + '_off']:>10.1f}{med[path + '_on']:>10.1f}"
               f"{result['stability_cost_percent'][path]:>9.1f}%")
-    print(f"  duplicate_masks (max_overlap 0.9): {med['duplicates']:.1f} ms")
+    print(f"  duplicate_masks (max_overlap 0.9): {med['duplicates']:.1f} ms; on {len(many)} masks: "
+          f"{med['duplicates_1000']:.1f} ms")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -1,3 +1,3 @@
 """fastsam-batch: offline FastSAM segmentation of image collections on Ray, to COCO RLE in Parquet."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

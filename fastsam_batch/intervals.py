@@ -22,7 +22,9 @@ class IntervalMask:
     ends: np.ndarray
     score: float
     box: tuple[float, float, float, float]  # detection box xyxy (FastSAM's full-image rule applied)
-    stability: float = 0.0  # SAM's stability score of the model's logits in the box (quality.py)
+    # SAM's stability score of the model's logits in the box (quality.py), float32; NaN: not computed
+    # (min_stability then raises rather than drop the mask)
+    stability: float = float("nan")
     area: int = field(init=False)
 
     def __post_init__(self) -> None:

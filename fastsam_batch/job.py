@@ -322,7 +322,7 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         raise JobError(
             f"output.uri {m.output.uri!r} holds {sum(others.values())} rows written by another configuration "
             f"(run fingerprint {', '.join(sorted(others))}; this run's is {summary.run_fingerprint}: checkpoint, "
-            "model settings, prompt rules, decode limits or tool version differ). Pass --overwrite to replace them, "
+            "model settings, prompt rules, mask rules, decode limits or tool version differ). Pass --overwrite to replace them, "
             "or choose a new output.uri"
         )
     old_parts = committed.parts if overwrite else []

@@ -4,7 +4,8 @@ Applied to every image's masks after segmentation and before prompts select amon
 before encoding, in this order (each rule sees what the previous ones left):
 
 1. ``min_score``: drop masks whose detection score is below it; ``min_stability``: drop masks whose
-   stability score (SAM's, see :mod:`.quality`) is below it (SAM's generator uses 0.95).
+   stability score (SAM's, see :mod:`.quality`) is below it (SAM's generator uses 0.95), compared in
+   float32 as SAM does (a score of 190 / 200 passes 0.95); a mask without a score (NaN) raises.
 2. ``min_area`` / ``max_area`` (pixels) and ``min_area_fraction`` / ``max_area_fraction`` (of the
    image's pixels): drop masks with area < min or > max; bounds are inclusive.
 3. ``drop_full_image``: drop the masks whose box FastSAM itself treats as the whole image (its box,
@@ -93,6 +94,17 @@ def _boxes_touch(a: IntervalMask, b: IntervalMask) -> bool:
     return ax1 <= bx2 and bx1 <= ax2 and ay1 <= by2 and by1 <= ay2
 
 
+def _stable_enough(stability, threshold: float) -> bool:
+    """``stability >= threshold`` compared in float32, as SAM (torch) compares its float32 scores and
+    as :mod:`.stats` counts them: float32(190 / 200) = 0.94999999 is *at* a threshold of 0.95 (both
+    round to the same float32), not below it. A mask without a score (NaN) is an error, never
+    dropped silently."""
+    q = np.float32(stability)
+    if np.isnan(q):
+        raise ValueError("min_stability: a mask has no stability score (NaN): stability scores were not computed")
+    return bool(q >= np.float32(threshold))
+
+
 def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules, dropped: dict | None = None) -> list[int]:
     """Indices of the masks the rules keep, in their original order. ``dropped``: when given, gets
     ``duplicates``, how many ``max_overlap`` dropped (None when the rule is off)."""
@@ -105,7 +117,7 @@ def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules
     if rules.min_score is not None:
         keep = [i for i in keep if masks[i].score >= rules.min_score]
     if rules.min_stability is not None:
-        keep = [i for i in keep if masks[i].stability >= rules.min_stability]
+        keep = [i for i in keep if _stable_enough(masks[i].stability, rules.min_stability)]
     lo = max(rules.min_area or 0, (rules.min_area_fraction or 0.0) * total)
     hi = min(rules.max_area if rules.max_area is not None else total,
              (rules.max_area_fraction if rules.max_area_fraction is not None else 1.0) * total)
@@ -115,14 +127,14 @@ def apply_mask_rules(masks: list[IntervalMask], h: int, w: int, rules: MaskRules
         keep = [i for i, f in zip(keep, full) if not f]
     if rules.max_overlap is not None:
         dup = duplicate_masks([(masks[i].starts, masks[i].ends) for i in keep], [masks[i].score for i in keep],
-                              rules.max_overlap)
+                              rules.max_overlap, height=h)
         keep = [i for k, i in enumerate(keep) if k not in dup]
         if dropped is not None:
             dropped["duplicates"] = len(dup)
     if rules.containment is not None and keep:
         sub = [masks[i] for i in keep]
-        dropped = contained_masks(sub, rules.containment)
-        keep = [i for k, i in enumerate(keep) if k not in dropped]
+        contained = contained_masks(sub, rules.containment)
+        keep = [i for k, i in enumerate(keep) if k not in contained]
     if rules.top_k is not None and len(keep) > rules.top_k:
         key = (lambda i: masks[i].score) if rules.top_k_by == "score" else (lambda i: masks[i].area)
         best = sorted(keep, key=lambda i: (-key(i), i))[: rules.top_k]

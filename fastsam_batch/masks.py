@@ -230,18 +230,19 @@ class LaunchedMasks:
     budget: int = 0  # device bytes per chunk
     flats: list = field(default_factory=list)  # per job, its prototypes in float32 (a view when they are)
     found: torch.Tensor | None = None  # counts of every chunk, [stability counts,] then each chunk's (2, slot) keys and positions
-    stability: bool = True  # stability counts made on the device and copied back with the transitions
+    stability: bool = False  # stability counts made on the device and copied back with the transitions
     chunk_keys: np.ndarray | None = None  # the batch key of each row of the plan (chunk by chunk), on the host
     scores: list = field(default_factory=list)  # after collect: per image, each mask's stability score (float32)
     host: np.ndarray | None = None  # after fetch_box_masks: ``found`` copied to the host (``found`` let go)
 
 
-def launch_box_masks(jobs: list, budget_pixels: int = 1 << 26, stability: bool = True) -> LaunchedMasks:
+def launch_box_masks(jobs: list, budget_pixels: int = 1 << 26, stability: bool = False) -> LaunchedMasks:
     """Everything of :func:`batched_box_mask_intervals` up to the copy back to the host: the plan
     from the host's boxes, its asynchronous copy to the device, every chunk's operations. Never
     waits for the device (tests/test_cuda.py runs it under ``torch.cuda.set_sync_debug_mode("error")``).
-    ``stability``: each mask's stability counts (:mod:`.quality`) are made too, and travel in the
-    same copy back (no wait more); :func:`collect_box_masks` leaves the scores in ``scores``."""
+    ``stability`` (off by default, as in :func:`iter_box_mask_intervals`): each mask's stability
+    counts (:mod:`.quality`) are made too, and travel in the same copy back (no wait more);
+    :func:`collect_box_masks` leaves the scores in ``scores`` (NaN without ``stability``)."""
     offsets = []
     plans = []  # per chunk: (job index, first row of the plan table, count, crop height, crop width)
     table = []  # per mask (or column range of one) of a chunk: r0, r1, c0, c1, index in its image, key in the batch
@@ -339,7 +340,7 @@ def collect_box_masks(launched: LaunchedMasks, lock=None) -> list[list[tuple[np.
     key, pos = key[order], pos[order]
     bounds = np.searchsorted(key, np.arange(launched.keys + 1))
     out = []
-    scores = stability_score(inter, union)
+    scores = stability_score(inter, union) if launched.stability else np.full(launched.keys, np.nan, np.float32)
     launched.scores = [scores[first:first + n] for first, n in launched.offsets]
     for first, n in launched.offsets:
         masks = []

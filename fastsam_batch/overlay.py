@@ -6,7 +6,9 @@ prompts as crosses (green foreground, red background), as ``DIR/<image id>.png``
 sheet of the sample, ``DIR/contact-sheet.png``. Pixels outside every mask and prompt mark are the
 image's own. ``--color-by stability`` or ``score`` colours each mask by its ``stability_score`` or
 detection ``score`` instead, on a red (0) - yellow (0.5) - green (1) scale (:func:`value_colour`),
-to see at a glance which masks a quality threshold would drop.
+to see at a glance which masks a quality threshold would drop; a mask without the value (a file
+written before the column existed, next to newer ones) is grey. With a value scale the contact
+sheet gets a legend: the scale as a bar, marked 0, 0.5 and 1.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def mask_colour(k: int) -> np.ndarray:
 COLOR_BY = {"mask": None, "stability": "stability_score", "score": "score"}  # --color-by: the mask field
 
 
+NO_VALUE = np.array([128.0, 128.0, 128.0])  # --color-by: a mask without the value (a file of an older version)
+
+
 def value_colour(v: float) -> np.ndarray:
     """A value in [0, 1] as a colour: hue from red (0) through yellow (0.5) to green (1)."""
     r, g, b = colorsys.hsv_to_rgb(min(max(float(v), 0.0), 1.0) / 3, 0.85, 0.95)
@@ -63,7 +68,8 @@ def draw(image: np.ndarray, row: dict, color_by: str = "mask") -> np.ndarray:
     for k, m in enumerate(row["masks"]):
         binary = mask_utils.decode({"size": [h, w], "counts": m["counts"].encode()}).astype(bool)
         field = COLOR_BY[color_by]
-        colour = mask_colour(k) if field is None else value_colour(m[field])
+        value = None if field is None else m.get(field)
+        colour = mask_colour(k) if field is None else NO_VALUE if value is None else value_colour(value)
         out[binary] = out[binary] * (1 - ALPHA) + colour * ALPHA
         edges.append((outline(binary), colour))
     for edge, colour in edges:
@@ -84,6 +90,26 @@ def draw(image: np.ndarray, row: dict, color_by: str = "mask") -> np.ndarray:
     return out
 
 
+LEGEND_H = 40  # the contact sheet's legend strip (--color-by stability / score)
+LEGEND_BAR = (8, 8, 209, 20)  # the gradient bar: x1, y1, x2, y2; x1 is 0, x1 + 100 is 0.5, x2 - 1 is 1
+
+
+def draw_legend(sheet, top: int, field: str) -> None:
+    """The value scale under the contact sheet: a bar from 0 (left, red) through 0.5 (yellow) to 1
+    (right, green), marked 0 / 0.5 / 1, and the field's name."""
+    from PIL import Image, ImageDraw
+
+    x1, y1, x2, y2 = LEGEND_BAR
+    bar = np.array([value_colour(i / (x2 - x1 - 1)) for i in range(x2 - x1)]).round().astype(np.uint8)
+    sheet.paste(Image.fromarray(np.repeat(bar[None], y2 - y1, 0)), (x1, top + y1))
+    pen = ImageDraw.Draw(sheet)
+    for v in (0.0, 0.5, 1.0):
+        x = x1 + round(v * (x2 - x1 - 1))
+        pen.line([(x, top + y2), (x, top + y2 + 3)], fill=(255, 255, 255))
+        pen.text((max(x - 6, 0), top + y2 + 4), f"{v:g}", fill=(255, 255, 255))
+    pen.text((x2 + 10, top + y1), f"{field} (grey: none)", fill=(255, 255, 255))
+
+
 def safe_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
 
@@ -92,11 +118,11 @@ def sample_rows(output_uri: str, storage: Storage, n: int, seed: int = 0, color_
     """``n`` ok rows chosen at random (``seed``), in image id order."""
     import pyarrow.compute as pc
 
-    ds = output_dataset(output_uri, storage)
+    ds = output_dataset(output_uri, storage, unified=True)  # a mask field of some files only: null in the others
     field = COLOR_BY[color_by]
     if field is not None and ds.schema.field("masks").type.value_type.get_field_index(field) < 0:
         raise OutputError(f"--color-by {color_by}: {output_uri!r} has no {field} in its masks "
-                          "(written by an older version; run it again to get the column)")
+                          "(written by an older version; run it again with --overwrite to get the column)")
     ids = sorted(ds.to_table(columns=["image_id"], filter=pc.field("status") == "ok").column("image_id").to_pylist())
     if not ids:
         raise OutputError(f"{output_uri!r}: no ok rows to draw")
@@ -134,9 +160,12 @@ def write_overlays(output_uri: str, storage: Storage, n: int, out_dir: str, seed
         thumbs.append(thumb)
     cols = min(len(thumbs), 6)
     rows = -(-len(thumbs) // cols)
-    sheet = Image.new("RGB", (cols * THUMB, rows * THUMB), (32, 32, 32))
+    legend = COLOR_BY[color_by] is not None
+    sheet = Image.new("RGB", (cols * THUMB, rows * THUMB + (LEGEND_H if legend else 0)), (32, 32, 32))
     for i, t in enumerate(thumbs):
         sheet.paste(t, ((i % cols) * THUMB + (THUMB - t.width) // 2, (i // cols) * THUMB + (THUMB - t.height) // 2))
+    if legend:
+        draw_legend(sheet, rows * THUMB, COLOR_BY[color_by])
     sheet_path = folder / "contact-sheet.png"
     sheet.save(sheet_path)
     written.append(sheet_path)

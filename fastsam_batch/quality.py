@@ -10,11 +10,13 @@ original image's resolution, ``R_y @ M @ R_x^T`` (see :mod:`.masks`), the very v
 makes the mask.
 
 Which pixels count: **the pixels of the mask's box crop**, ``box_pixel_span`` rows x columns (the
-pixels ultralytics' ``crop_mask`` keeps), and no others. ``process_mask_native`` sets the logits
-outside the box to 0 before thresholding at 0; taken literally, those zeros are above -1, so
-every pixel of the image outside the box would enter the union and the score would mostly
-measure how small the box is against the image. We leave them out: outside the box the mask is
-off by construction (cropping, not the model), so they say nothing about the mask's stability.
+pixels ultralytics' ``crop_mask`` keeps), and no others. ``process_mask_native`` (the pinned
+ultralytics) thresholds the logits of the whole image at 0 first and then ``crop_mask`` zeroes the
+binary mask outside the box: the logits outside the box are real values the model made, and a
+score over the whole image would count every pixel there above -1 (and above +1) although the
+crop turns them off whatever their value. We leave them out: outside the box the mask is off by
+construction (cropping, not the model's logits), so those pixels say nothing about the mask's
+stability; the score is SAM's of the logits that decide the mask's pixels.
 Inside the box the counts are exactly ``calculate_stability_score`` of the box crop of the
 logits (tests/test_quality.py checks both mask paths against it). A mask whose union is empty has
 no pixel on (its mask is a subset of the union) and is dropped before it reaches the output; its
@@ -27,7 +29,8 @@ made, as the mask rules see that mask too.
 **Duplicate masks** (``mask_rules.max_overlap``): box NMS leaves masks that cover the same pixels
 under boxes that differ. :func:`duplicate_masks` drops, greedily in score order (NMS on masks),
 each mask whose IoU with a mask already kept is above the threshold, computed on the masks'
-pixel intervals (:mod:`.intervals`), never on dense masks.
+pixel intervals (:mod:`.intervals`), never on dense masks; pairs whose boxes bound the IoU to at
+most the threshold are never intersected (a vectorised bound against all kept masks at once).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .intervals import intersection_area
+from .intervals import intersection_area, intervals_bbox
 
 MASK_THRESHOLD = 0.0  # a pixel is on when its logit is above this (ultralytics: gt_(0.0))
 STABILITY_OFFSET = 1.0  # SAM's stability_score_offset
@@ -80,32 +83,48 @@ def mask_iou(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
     return inter / union if union else 0.0
 
 
-def duplicate_masks(masks: Sequence[tuple[np.ndarray, np.ndarray]], scores: Sequence[float], max_overlap: float) -> set[int]:
+def duplicate_masks(masks: Sequence[tuple[np.ndarray, np.ndarray]], scores: Sequence[float], max_overlap: float,
+                    height: int | None = None) -> set[int]:
     """Indices of the masks dropped as duplicates: masks are taken in score order, highest first
     (ties: the earlier one first), and one is dropped when its IoU with a mask taken before it and
     kept is above ``max_overlap``. ``masks``: each a ``(starts, ends)`` pair of column-major
-    intervals (:mod:`.intervals`). Pairs whose flat pixel ranges do not meet, or whose areas alone
-    bound the IoU to at most ``max_overlap`` (IoU <= smaller / larger area), are not intersected."""
-    areas = [int((e - s).sum()) for s, e in masks]
-    spans = [(int(s[0]), int(e[-1])) if s.size else (0, 0) for s, e in masks]
-    order = sorted(range(len(masks)), key=lambda i: (-scores[i], i))
-    kept: list[int] = []
+    intervals (:mod:`.intervals`); ``height``: the image's, which gives each mask's tight box.
+
+    Each mask is checked against every kept mask at once (numpy): an upper bound of their
+    intersection, the least of the two areas, the overlap of their flat pixel ranges and (with
+    ``height``) of their boxes, bounds their IoU by ``ub / (a_i + a_j - ub)``; only the kept masks
+    whose bound is above ``max_overlap`` are intersected. The bound is the IoU's own expression at a
+    larger intersection, so the pruning never changes the result (tests: against dense masks)."""
+    n = len(masks)
+    areas = np.array([int((e - s).sum()) for s, e in masks], np.int64)
+    first = np.array([int(s[0]) if s.size else 0 for s, _ in masks], np.int64)
+    last = np.array([int(e[-1]) if s.size else 0 for s, e in masks], np.int64)
+    boxes = (np.array([intervals_bbox(s, e, height) for s, e in masks], np.int64).reshape(n, 4)
+             if height is not None else None)
+    order = sorted(range(n), key=lambda i: (-scores[i], i))
+    kept = np.empty(n, np.int64)
+    k = 0
     dropped: set[int] = set()
     for i in order:
-        ai = areas[i]
+        ai = int(areas[i])
         duplicate = False
-        if ai:
-            for j in kept:
-                aj = areas[j]
-                if spans[i][1] <= spans[j][0] or spans[j][1] <= spans[i][0]:
-                    continue
-                if min(ai, aj) / max(ai, aj) <= max_overlap:  # the IoU of one inside the other
-                    continue
-                if mask_iou(masks[i], masks[j], ai, aj) > max_overlap:
+        if ai and k:
+            js = kept[:k]
+            ub = np.minimum(np.minimum(last[js], last[i]) - np.maximum(first[js], first[i]), np.minimum(areas[js], ai))
+            if boxes is not None:
+                bj, bi = boxes[js], boxes[i]
+                bw = np.minimum(bj[:, 2], bi[2]) - np.maximum(bj[:, 0], bi[0])
+                bh = np.minimum(bj[:, 3], bi[3]) - np.maximum(bj[:, 1], bi[1])
+                ub = np.minimum(ub, np.clip(bw, 0, None) * np.clip(bh, 0, None))
+            ub = np.clip(ub, 0, None)
+            cand = js[ub / (ai + areas[js] - ub) > max_overlap]  # the denominator >= a_i > 0
+            for j in cand.tolist():
+                if mask_iou(masks[i], masks[j], ai, int(areas[j])) > max_overlap:
                     duplicate = True
                     break
         if duplicate:
             dropped.add(i)
         else:
-            kept.append(i)
+            kept[k] = i
+            k += 1
     return dropped

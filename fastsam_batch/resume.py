@@ -1,7 +1,7 @@
 """Run fingerprints and resuming: what is already committed under ``output.uri``.
 
 Every row carries the fingerprint of the run that wrote it: a hash of everything that decides
-its masks (checkpoint SHA-256, model settings, prompt rules, decode limits, tool version).
+its masks (checkpoint SHA-256, model settings, prompt rules, mask rules, decode limits, tool version).
 Re-running a job reads only the ``image_id``, ``status`` and ``run_fingerprint`` columns of the
 committed Parquet files; images that already have a row are skipped. Rows of another fingerprint mean
 another configuration wrote there: that run is refused unless ``--overwrite``.

@@ -48,7 +48,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("error", pa.string()),  # "<reason>: <detail>", null when ok
         pa.field("masks", pa.list_(MASK_TYPE), nullable=False),
         pa.field("num_masks", pa.int32(), nullable=False),
-        pa.field("num_duplicates", pa.int32()),  # masks dropped by mask_rules.max_overlap; null when off or error
+        pa.field("num_duplicates", pa.int32()),  # masks dropped by mask_rules.max_overlap; null when off, error, or never segmented (prompted, no prompt)
         pa.field("prompts", pa.list_(PROMPT_TYPE), nullable=False),  # every prompt of the image, with its outcome
         pa.field("num_prompt_errors", pa.int32(), nullable=False),
         pa.field("model", pa.string(), nullable=False),  # checkpoint file name

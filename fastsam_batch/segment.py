@@ -265,7 +265,7 @@ class FastSAMSegmenter:
                                                   stability=self.stability))
                      for b, (h, w), (_, pred, proto) in zip(boxes, sizes, forwards)]
             pixels = [[(x[1], x[2]) for x in f] for f in found]
-            stability = [[x[3] if self.stability else 0.0 for x in f] for f in found]
+            stability = [[x[3] if self.stability else np.float32(np.nan) for x in f] for f in found]
             return _Pending(host, pixels=pixels, stability=stability)
         launched = launch_box_masks([(pred[:, 6:], proto, hb[:, :4], h, w)
                                      for hb, (h, w), (_, pred, proto) in zip(host, sizes, forwards)],
@@ -284,7 +284,7 @@ class FastSAMSegmenter:
         for hb, masks, stab in zip(pending.host, pixels, stability):
             adjusted, scores = hb[:, 4:8].tolist(), hb[:, 8].tolist()
             # empty masks are dropped, as ultralytics does
-            out.append([IntervalMask(st, en, scores[i], tuple(adjusted[i]), float(stab[i]))
+            out.append([IntervalMask(st, en, scores[i], tuple(adjusted[i]), np.float32(stab[i]))
                         for i, (st, en) in enumerate(masks) if st.size])
         return out
 
@@ -303,15 +303,15 @@ class FastSAMSegmenter:
         if s.prompted:
             prompts = prompts or []
             similarity = self.clip.similarity_fn(image, masks) if self.clip is not None else None
-            selected, errors, counts = apply_prompts(masks, prompts, h, w, merge_points=s.merge_points, similarity=similarity)
+            selected, errors, per_prompt = apply_prompts(masks, prompts, h, w, merge_points=s.merge_points, similarity=similarity)
             for k, sel in selected:
                 p = prompts[k]
                 out.append((merged_intervals(masks, sel), {
-                    "score": sel.score, "stability_score": min(masks[i].stability for i in sel.masks), "prompt_index": k, "prompt_kind": p["kind"], "prompt_id": p.get("id"),
+                    "score": sel.score, "stability_score": float(min(masks[i].stability for i in sel.masks)), "prompt_index": k, "prompt_kind": p["kind"], "prompt_id": p.get("id"),
                     "category_id": p.get("category_id"), "prompt_score": sel.prompt_score}))
-            records = [prompt_record(k, p, counts[k], errors[k]) for k, p in enumerate(prompts)]
+            records = [prompt_record(k, p, per_prompt[k], errors[k]) for k, p in enumerate(prompts)]
         if not s.prompted or s.keep_everything:
-            out += [((m.starts, m.ends), {"score": m.score, "stability_score": m.stability, **NO_PROMPT}) for m in masks]
+            out += [((m.starts, m.ends), {"score": m.score, "stability_score": float(m.stability), **NO_PROMPT}) for m in masks]
         if s.rules.clean_up_kernel:
             out = [(clean_up(st, en, h, w, s.rules.clean_up_kernel), f) for (st, en), f in out]
         return out, records

@@ -31,8 +31,11 @@ class OutputError(RuntimeError):
     """The output cannot be read (no Parquet files there, unreadable files)."""
 
 
-def output_dataset(output_uri: str, storage: Storage):
-    """The output's part files as one pyarrow dataset (metadata files and folders left out)."""
+def output_dataset(output_uri: str, storage: Storage, unified: bool = False):
+    """The output's part files as one pyarrow dataset (metadata files and folders left out).
+    ``unified``: its schema is the union of every file's (each file's footer read), so a column or
+    mask field that only some files have (files of an earlier version) is read as null in the others;
+    without it pyarrow takes the first file's schema and drops what the others have more."""
     import pyarrow.dataset as pads
 
     try:
@@ -49,7 +52,31 @@ def output_dataset(output_uri: str, storage: Storage):
         except PreflightError as e:
             raise OutputError(str(e)) from None
         raise OutputError(f"{output_uri!r}: no Parquet files (part-*.parquet) there")
-    return pads.dataset(local_paths(output_uri, parts), format="parquet", filesystem=storage.fs(output_uri))
+    ds = pads.dataset(local_paths(output_uri, parts), format="parquet", filesystem=storage.fs(output_uri))
+    if unified:
+        import pyarrow as pa
+
+        schemas = [f.physical_schema for f in ds.get_fragments()]
+        if any(not s.equals(schemas[0]) for s in schemas[1:]):  # fields a file lacks are read as nulls
+            schema = pa.unify_schemas(schemas, promote_options="permissive")
+            schema = pa.schema([pa.field(f.name, _nullable(f.type), nullable=True, metadata=f.metadata) for f in schema],
+                               metadata=schema.metadata)
+            ds = pads.dataset(ds.files, format="parquet", filesystem=ds.filesystem, schema=schema)
+    return ds
+
+
+def _nullable(t):
+    """``t`` with every nested field nullable (a field some files lack is null in their rows)."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _nullable(f.type), nullable=True, metadata=f.metadata) for f in t])
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        value = pa.field(t.value_field.name, _nullable(t.value_type), nullable=True)
+        if pa.types.is_fixed_size_list(t):
+            return pa.list_(value, t.list_size)
+        return pa.large_list(value) if pa.types.is_large_list(t) else pa.list_(value)
+    return t
 
 
 def _summary(values: np.ndarray) -> dict:
@@ -87,7 +114,7 @@ def stability_scores(ds, files=None):
 
 
 def output_stats(output_uri: str, storage: Storage) -> dict:
-    ds = output_dataset(output_uri, storage)
+    ds = output_dataset(output_uri, storage, unified=True)  # columns of some files only: null in the others
     statuses: Counter = Counter()
     reasons: Counter = Counter()
     fingerprints: Counter = Counter()

@@ -30,7 +30,9 @@ class RunSummary:
     duplicate_examples: list[str] = field(default_factory=list)
     skipped_examples: list[str] = field(default_factory=list)
     masks_written: int = 0
-    masks_dropped_duplicates: int = 0  # masks dropped by mask_rules.max_overlap in the rows this run wrote
+    # masks dropped by mask_rules.max_overlap in the rows THIS RUN wrote (not the output's whole: rows of
+    # earlier runs are not read again at the end); the output's total: `fastsam-batch stats`' duplicates
+    masks_dropped_duplicates: int = 0
     images_retried: int = 0  # images whose read was retried after a transient storage error
     read_retries: int = 0  # retries of reads in all
     # Prompts (null/zero in everything mode).
@@ -118,7 +120,8 @@ class RunSummary:
             lines.append(f"  the job's images now: {total} of {self.images_planned} have rows (ok {self.images_ok}, "
                          f"error {self.images_error}), {self.images_skipped_done} of them from earlier runs")
         if self.masks_dropped_duplicates:
-            lines.append(f"  duplicate masks dropped (mask_rules.max_overlap): {self.masks_dropped_duplicates}")
+            lines.append(f"  duplicate masks dropped in this run's rows (mask_rules.max_overlap): "
+                         f"{self.masks_dropped_duplicates} (the output's total: fastsam-batch stats)")
         if self.images_retried:
             lines.append(f"  retried after transient storage errors: {self.images_retried} images ({self.read_retries} retries)")
         if self.images_skipped_done:

@@ -57,7 +57,7 @@ def test_batched_masks_on_cuda_equal_the_cpu_path_and_launch_without_syncing():
     on_cuda = [(c.to(CUDA), p.to(CUDA), b, h, w) for c, p, b, h, w in jobs]
     torch.cuda.synchronize()
     with no_sync():
-        launched = launch_box_masks(on_cuda, 1 << 20)  # many chunks (stability counts included)
+        launched = launch_box_masks(on_cuda, 1 << 20, stability=True)  # many chunks (stability counts included)
     gpu = collect_box_masks(launched)
     assert sum(len(m) for m in gpu) == 347
     for a, b, q, (c, p, bx, h, w) in zip(cpu, gpu, launched.scores, jobs):

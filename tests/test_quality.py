@@ -16,7 +16,7 @@ from ultralytics.utils.ops import scale_masks
 
 from fastsam_batch.intervals import IntervalMask
 from fastsam_batch.mask_rules import MaskRules, apply_mask_rules
-from fastsam_batch.masks import box_pixel_span, collect_box_masks, iter_box_mask_intervals, launch_box_masks
+from fastsam_batch.masks import adjust_full_image_boxes, box_pixel_span, collect_box_masks, iter_box_mask_intervals, launch_box_masks
 from fastsam_batch.quality import duplicate_masks, stability_counts, stability_score
 from fastsam_batch.rle import crop_intervals
 from sync_counter import SyncCounter
@@ -116,7 +116,7 @@ def test_batched_path_stability_equals_segment_anything(budget, cut):
     column ranges whose counts are summed per mask."""
     gen = torch.Generator().manual_seed(11)
     jobs = [job(*case, n, gen) for case, n in zip(CASES, [25, 40, 0, 25, 9])]
-    launched = launch_box_masks([(c, p, b.numpy(), h, w) for c, p, b, h, w in jobs], budget)
+    launched = launch_box_masks([(c, p, b.numpy(), h, w) for c, p, b, h, w in jobs], budget, stability=True)
     assert len(launched.plans) > 1 or budget == 1 << 26
     keys = launched.chunk_keys
     assert (len(np.unique(keys)) < len(keys)) == cut  # a mask of several pieces, or none
@@ -168,10 +168,15 @@ def test_the_segmenters_masks_carry_segment_anythings_score_of_the_models_logits
         boxes = ops.scale_boxes(in_shape, pred[:, :4].clone(), (h, w))
         ref, near = reference_scores(pred[:, 6:], proto, boxes, h, w)
         area = dense([(m.starts, m.ends) for m in masks], h, w).sum((1, 2))
-        # candidates keep the non-empty masks in detection order: match them by score
-        by_score = {round(float(s), 6): i for i, s in enumerate(pred[:, 4].tolist())}
-        for m, a in zip(masks, area.tolist()):
-            i = by_score[round(m.score, 6)]
+        # candidates keep the non-empty masks in detection order: walk both, a detection matching the
+        # next mask by its adjusted box and score (NMS leaves no two detections with one box)
+        adjusted, scores = adjust_full_image_boxes(boxes, h, w).tolist(), pred[:, 4].tolist()
+        index = []
+        for i in range(len(scores)):
+            if len(index) < len(masks) and (tuple(adjusted[i]), scores[i]) == (masks[len(index)].box, masks[len(index)].score):
+                index.append(i)
+        assert len(index) == len(masks)
+        for i, m, a in zip(index, masks, area.tolist()):
             lo, hi = near[i]
             assert np.float32(m.stability) == ref[i] if np.isnan(lo) else lo - 1e-7 <= m.stability <= hi + 1e-7
             assert a == m.area
@@ -186,6 +191,40 @@ def test_min_stability_drops_the_unstable():
     cols = np.arange(10, 20, dtype=np.int64) * 40
     masks = [IntervalMask(cols + 5, cols + 15, 0.9, (10, 5, 20, 15), stability=q) for q in (0.99, 0.5, 0.95, 0.949)]
     assert apply_mask_rules(masks, 40, 60, MaskRules(min_stability=0.95)) == [0, 2]
+
+
+def test_min_stability_keeps_scores_exactly_on_the_threshold():
+    """Known answers: 190 of 200 and 19 of 20 pixels stable score float32(0.95) = 0.94999999, which is
+    *at* 0.95 in float32 (SAM compares its float32 scores so): kept; 189 / 200 is below: dropped."""
+    cols = np.arange(10, 20, dtype=np.int64) * 40
+    scores = [stability_score(190, 200)[()], stability_score(19, 20)[()], stability_score(189, 200)[()]]
+    assert float(scores[0]) < 0.95  # the trap: as a Python float it is below the threshold
+    masks = [IntervalMask(cols + 5, cols + 15, 0.9, (10, 5, 20, 15), stability=q) for q in scores]
+    assert apply_mask_rules(masks, 40, 60, MaskRules(min_stability=0.95)) == [0, 1]
+    # the score stored as a Python float (as records carry it) is judged the same
+    masks = [IntervalMask(cols + 5, cols + 15, 0.9, (10, 5, 20, 15), stability=float(q)) for q in scores]
+    assert apply_mask_rules(masks, 40, 60, MaskRules(min_stability=0.95)) == [0, 1]
+
+
+def test_a_mask_without_a_stability_score_is_never_dropped_silently():
+    """IntervalMask's stability defaults to NaN (not computed); min_stability then raises, and the
+    other rules do not look at it."""
+    cols = np.arange(10, 20, dtype=np.int64) * 40
+    masks = [IntervalMask(cols + 5, cols + 15, 0.9, (10, 5, 20, 15))]
+    assert math.isnan(masks[0].stability)
+    with pytest.raises(ValueError, match="no stability score"):
+        apply_mask_rules(masks, 40, 60, MaskRules(min_stability=0.5))
+    assert apply_mask_rules(masks, 40, 60, MaskRules(min_score=0.5)) == [0]
+
+
+def test_both_mask_paths_make_stability_scores_only_when_asked():
+    """iter_box_mask_intervals and launch_box_masks agree on the default (off): 3-tuples and NaN scores."""
+    gen = torch.Generator().manual_seed(5)
+    coeffs, protos, boxes, h, w = job(*CASES[0], 6, gen)
+    assert all(len(x) == 3 for x in iter_box_mask_intervals(coeffs, protos, boxes, h, w))
+    launched = launch_box_masks([(coeffs, protos, boxes.numpy(), h, w)])
+    collect_box_masks(launched)
+    assert launched.scores[0].dtype == np.float32 and np.isnan(launched.scores[0]).all()
 
 
 # Duplicate masks -------------------------------------------------------------------------------
@@ -236,7 +275,27 @@ def test_duplicates_on_intervals_equal_the_dense_reference(case):
     masks, scores, t = case
     n, h, _ = masks.shape
     intervals = [crop_intervals(torch.from_numpy(m), 0, 0, h) for m in masks]
-    assert duplicate_masks(intervals, scores, t) == dense_duplicates(masks, scores, t)
+    want = dense_duplicates(masks, scores, t)
+    assert duplicate_masks(intervals, scores, t) == want  # bounds from flat ranges and areas only
+    assert duplicate_masks(intervals, scores, t, height=h) == want  # and from the boxes
+
+
+def test_masks_whose_boxes_do_not_meet_are_never_intersected(monkeypatch):
+    """200 equal squares stacked in the same columns: their flat pixel ranges overlap and their areas
+    are equal (neither bounds the IoU), but their boxes are apart: with the image's height no pair is
+    intersected; and where the boxes do meet (a copy of each) exactly the true duplicates drop."""
+    import fastsam_batch.quality as quality
+
+    h, side, gap = 200 * 12, 10, 2
+    cols = np.arange(side, dtype=np.int64) * h
+    masks = [(cols + k * (side + gap), cols + k * (side + gap) + side) for k in range(200)]
+    calls = []
+    real = quality.mask_iou
+    monkeypatch.setattr(quality, "mask_iou", lambda *a: calls.append(1) or real(*a))
+    assert duplicate_masks(masks, [1.0] * 200, 0.5, height=h) == set() and calls == []
+    twice = masks + masks  # each square's copy (later, same score) is its duplicate, nothing else
+    assert duplicate_masks(twice, [1.0] * 400, 0.5, height=h) == set(range(200, 400))
+    assert len(calls) == 200
 
 
 def test_max_overlap_in_the_rules_counts_what_it_drops():

@@ -118,6 +118,7 @@ def test_resume_with_a_changed_setting_is_refused_unless_overwrite(job):
     r = run_cli("run", str(changed))
     assert r.returncode == 1
     assert "another configuration" in r.stderr and first.pop() in r.stderr and "--overwrite" in r.stderr
+    assert "mask rules" in r.stderr  # they are in the fingerprint too
     assert_exactly_once(job["out"])
     assert not (job["out"] / "_lease.json").exists()  # released by the run that failed
 
