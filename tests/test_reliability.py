@@ -24,8 +24,20 @@ OPTIONS_SECRET = "0pt10ns-s3cr3t-never-written-4c3b2a"
 RAY_TMP = Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray"  # where Ray puts its sessions (RAY_TMPDIR, else /tmp)
 
 
-def ray_sessions() -> set[Path]:
-    return {p for p in RAY_TMP.glob("session_*") if not p.is_symlink()} if RAY_TMP.exists() else set()
+def ray_sessions(ray_tmp: Path = RAY_TMP) -> set[Path]:
+    return {p for p in ray_tmp.glob("session_*") if not p.is_symlink()} if ray_tmp.exists() else set()
+
+
+@pytest.fixture
+def own_ray_tmpdir():
+    """A RAY_TMPDIR of the test's own (short: Ray's socket paths must fit in 107 characters), so that
+    the sessions found there are its run's only, whatever else runs on the machine; removed after."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="fsb-ray-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def everything_under(path: Path) -> list[Path]:
@@ -33,7 +45,7 @@ def everything_under(path: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("how", ["environment", "storage_options"])
-def test_secrets_appear_nowhere_a_run_leaves_anything(how, s3fs_client, s3_env, checkpoint, tmp_path):
+def test_secrets_appear_nowhere_a_run_leaves_anything(how, s3fs_client, s3_env, checkpoint, tmp_path, own_ray_tmpdir):
     """An S3 job with recognisable secrets (in the standard AWS environment, or in the manifest's
     storage_options): stdout, stderr, every object the run wrote (_run.json, _manifest.json, the
     Parquet files) and Ray's session logs of the run hold neither the secret nor the key id."""
@@ -54,10 +66,10 @@ def test_secrets_appear_nowhere_a_run_leaves_anything(how, s3fs_client, s3_env, 
         m.write_text(yaml.safe_dump(doc))
         env = {"AWS_REGION": "us-east-1", "FASTSAM_BATCH_CACHE": str(tmp_path / "cache")}
         secrets = [OPTIONS_SECRET]
-    before = ray_sessions()
+    env["RAY_TMPDIR"] = str(own_ray_tmpdir)
     r = run_cli("run", str(m), env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    sessions = ray_sessions() - before
+    sessions = ray_sessions(own_ray_tmpdir / "ray")  # this run's only (its own RAY_TMPDIR)
     assert sessions, "the run's Ray session folder was not found"
     fs.invalidate_cache()
     written = fs.find(f"{bucket}/masks/")
