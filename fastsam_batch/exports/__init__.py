@@ -391,6 +391,19 @@ class Sample:
     member: str | None = None  # the tar member it came from (aligned shards)
 
 
+def left_out(counts: dict, sample: Sample, shown) -> bool:
+    """Whether ``sample`` is left out (its image could not be had): then counted as unavailable, one
+    of the first three named in ``counts["examples"]``, and the progress stepped past it."""
+    if sample.missing is None:
+        return False
+    counts["unavailable"] += 1
+    if len(counts["examples"]) < 3:
+        counts["examples"].append(f"{sample.row['image_id']}: {sample.missing}")
+    if shown:
+        shown.step()
+    return True
+
+
 @dataclass
 class Group:
     """Rows exported together (one shard): ``index`` counts groups from 0; ``shard`` is the input

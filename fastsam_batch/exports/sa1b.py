@@ -40,7 +40,7 @@ import posixpath
 import re
 
 from ..storage import Storage
-from . import Destination, ExportProgress, OutputRows, Plan, TarShard, groups, rle, sample_name
+from . import Destination, ExportProgress, OutputRows, Plan, TarShard, groups, left_out, rle, sample_name
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe")
 
@@ -103,12 +103,7 @@ def export_sa1b(output_uri: str, storage: Storage, out: str, tar: bool = False, 
         shard = TarShard(dest, f"sa_{group.index:06d}.tar") if tar else None
         with shard or _NoShard():
             for s in group.samples:
-                if s.missing is not None:
-                    counts["unavailable"] += 1
-                    if len(counts["examples"]) < 3:
-                        counts["examples"].append(f"{s.row['image_id']}: {s.missing}")
-                    if shown:
-                        shown.step()
+                if left_out(counts, s, shown):
                     continue
                 name = sample_name(s.row["image_id"])
                 ext = s.image[0] if s.image else (

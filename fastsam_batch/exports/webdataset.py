@@ -28,7 +28,7 @@ import re
 
 from ..storage import Storage
 from ..stats import OutputError
-from . import Destination, ExportProgress, OutputRows, Plan, TarShard, groups, public_uri, rle, sample_name
+from . import Destination, ExportProgress, OutputRows, Plan, TarShard, groups, left_out, public_uri, rle, sample_name
 
 _KEY = re.compile(r"^[^.]+$")  # WebDataset splits a member's name at the first dot of its base name
 
@@ -79,12 +79,7 @@ def export_webdataset(output_uri: str, storage: Storage, out: str, shard_size: i
         keys: set[str] = set()
         with TarShard(dest, shard_name(group.index, group.shard)) as shard:
             for s in group.samples:
-                if s.missing is not None:
-                    counts["unavailable"] += 1
-                    if len(counts["examples"]) < 3:
-                        counts["examples"].append(f"{s.row['image_id']}: {s.missing}")
-                    if shown:
-                        shown.step()
+                if left_out(counts, s, shown):
                     continue
                 key = posixpath.splitext(s.member)[0] if s.member else ""
                 if not _KEY.match(posixpath.basename(key) or ".") or key in keys:
