@@ -88,15 +88,20 @@ def test_quality_rules_reach_the_mask_rules_and_the_fingerprint():
     assert len(fingerprints) == 3  # another rule, another run: its rows are not mixed with the old ones
 
 
-def test_cli_rejects_a_bad_quality_rule_before_any_work(tmp_path):
-    out = tmp_path / "out"
-    bad = with_change("mask_rules.max_overlap", 1.5)
+def bad_demo_manifest(tmp_path, out, field: str, value):
+    """The demo job on the fixture model with ``field`` set to ``value``, written to bad.yaml."""
+    bad = with_change(field, value)
     bad["input"]["uri"] = str(ROOT / "jobs" / "demo-images")
     bad["output"]["uri"] = str(out)
     bad["model"]["checkpoint"] = str(ROOT / "tests" / "fixtures" / "fastsam-fixture.pt")
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump(bad))
-    r = run_cli("run", str(p))
+    return p
+
+
+def test_cli_rejects_a_bad_quality_rule_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("run", str(bad_demo_manifest(tmp_path, out, "mask_rules.max_overlap", 1.5)))
     assert r.returncode == 2 and "mask_rules.max_overlap" in r.stderr
     assert not out.exists()
 
@@ -124,13 +129,7 @@ def test_relative_paths_resolve_against_manifest_folder(tmp_path):
 
 def test_cli_rejects_bad_manifest_before_any_work(tmp_path):
     out = tmp_path / "out"
-    bad = with_change("model.conf", "high")
-    bad["input"]["uri"] = str(ROOT / "jobs" / "demo-images")
-    bad["output"]["uri"] = str(out)
-    bad["model"]["checkpoint"] = str(ROOT / "tests" / "fixtures" / "fastsam-fixture.pt")
-    p = tmp_path / "bad.yaml"
-    p.write_text(yaml.safe_dump(bad))
-    r = run_cli("run", str(p))
+    r = run_cli("run", str(bad_demo_manifest(tmp_path, out, "model.conf", "high")))
     assert r.returncode == 2
     assert "model.conf" in r.stderr
     assert not out.exists()
