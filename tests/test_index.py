@@ -19,6 +19,18 @@ IDS = st.text(alphabet="abcdef/.0123", min_size=0, max_size=4)
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def _reference_rows_outside(rows, retried) -> dict[str, set]:
+    """What rows_outside should give when out/p2.parquet holds this run's rows: for each retried id
+    with a row there, its other files (rows: (image_id, version, status, part) tuples)."""
+    want: dict[str, set] = {}
+    for i in retried:
+        parts = {r[3] for r in rows if r[0] == i}
+        if "out/p2.parquet" in parts:
+            for p in parts - {"out/p2.parquet"}:
+                want.setdefault(p, set()).add(i)
+    return want
+
+
 @FAST
 @given(st.lists(st.lists(IDS, max_size=40), max_size=12), st.integers(1, 40))
 def test_seen_ids_agree_with_a_set_in_memory_and_spilled(batches, memory_keys):
@@ -140,13 +152,7 @@ def test_committed_index_agrees_with_a_dict(rows, version):
     assert set(kept) == {(id_key(r[0]), version_key(r[1])) for r in rows}
     # rows_outside, rows_in_other_files, superseded_parts, stale_unit_rows against the rows
     retried = {"a", "b", "c"}
-    want_out: dict[str, set] = {}
-    for i in retried:
-        parts = {r[3] for r in rows if r[0] == i}
-        if "out/p2.parquet" in parts:
-            for p in parts - {"out/p2.parquet"}:
-                want_out.setdefault(p, set()).add(i)
-    assert rows_outside(c, retried, {"p2.parquet"}) == want_out
+    assert rows_outside(c, retried, {"p2.parquet"}) == _reference_rows_outside(rows, retried)
     keys = {id_key(i) for i in "abz"}
     want_other: dict[str, set] = {}
     for r in rows:
@@ -252,13 +258,7 @@ def test_committed_index_with_keys_sharing_their_high_half_agrees_with_a_dict(ke
                                     if found.state == "fresh" else ())
             assert got == _reference_lookup(named, i, version), (i, keys, rows)
         retried = {"k0", "k1", "absent"}
-        want_out: dict[str, set] = {}
-        for i in retried:
-            parts = {r[3] for r in named if r[0] == i}
-            if "out/p2.parquet" in parts:
-                for p in parts - {"out/p2.parquet"}:
-                    want_out.setdefault(p, set()).add(i)
-        assert rows_outside(c, retried, {"p2.parquet"}) == want_out
+        assert rows_outside(c, retried, {"p2.parquet"}) == _reference_rows_outside(named, retried)
     as_bytes = {i: key_bytes(table[i]) for i in ids}
     query = {as_bytes[i] for i in ("k0", "k3", "absent")}
     want_other: dict[str, set] = {}
