@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,12 +24,18 @@ from .metrics import ReadMetrics
 from .inputs import OBJECT, read_images
 from .plan import PlanParts, read_plan_part
 from .read import read_item
-from .segment import SegmentActor, SegmentSettings, resolve_threads
 from .sizing import ActorPlan, embedded_ray_cpus, joined_cluster, local_machine, plan_actors
 from .storage import Storage
 from .summary import RunSummary
 from .watchdog import Watchdog, maybe_slow_for_test
 from .write import Committer
+
+if TYPE_CHECKING:
+    from .segment import SegmentSettings
+
+# No torch here at import: the read/decode workers import this module (ReadDecode is pickled by
+# reference), and torch would cost each of them about 1.5 s of CPU and a few hundred MB at start.
+# The segmentation stage (segment.py, which needs torch) is imported where the actors are made.
 
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 BLOCK_BYTES = 2 << 20  # Ray Data block size (decoded images in flight); see run_segmentation
@@ -186,6 +193,8 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
     writer, on the driver). Raises write.Interrupted after a Ctrl-C (what had arrived committed)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
+
+    from .segment import SegmentActor, resolve_threads  # not at the top: see the note there
 
     actors, gpus = sizing.actors, sizing.gpus_per_actor
     settings = replace(settings, actors=actors, batch_size=sizing.batch_size)

@@ -183,3 +183,16 @@ def test_reduced_decode_leaves_other_formats_whole():
     with pytest.raises(DecodeError) as e:
         decode_for_model(big_jpeg()[:5000], imgsz=320)
     assert e.value.reason == "truncated_image"
+
+
+def test_the_read_decode_stage_imports_no_torch():
+    """The read/decode workers import fastsam_batch.pipeline (ReadDecode is pickled by reference):
+    torch there would cost each of them seconds of CPU and hundreds of MB at start."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import sys, fastsam_batch.pipeline, fastsam_batch.read, "
+                        "fastsam_batch.decode; print(sorted(m for m in ('torch', 'ultralytics') if m in sys.modules))"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
