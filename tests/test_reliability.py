@@ -148,7 +148,7 @@ class ActorKiller:
 
 
 def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, tmp_path):
-    """160 generated images on S3, with at once: a segmentation actor killed every second committed
+    """96 generated images on S3, with at once: a segmentation actor killed every second committed
     file, 10% of S3 requests failing (a 503, a dropped connection, a 500 in every 30), and the driver
     killed mid-run, then the same command again. One row per image, the error budget kept, and the
     summary's retry counts are those of the rows the second run wrote."""
@@ -161,7 +161,7 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
     from shapes import make_image
 
     names = []
-    for i in range(160):
+    for i in range(96):
         make_image(8000 + i, size=(160, 128))[0].save(local / f"{i:03d}.png")
         fs.put_file(str(local / f"{i:03d}.png"), f"chaos/images/{i:03d}.png")
         names.append(f"{i:03d}.png")
