@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from fastsam_batch.manifest import RuntimeConfig
-from fastsam_batch.sizing import CPU_ACTOR_BYTES, Cluster, embedded_ray_cpus, plan_actors
+from fastsam_batch.sizing import CPU_ACTOR_BYTES, Cluster, embedded_ray_cpus, joined_cluster, plan_actors
 
 GIB = 2**30
+# total_memory as torch reports it (bytes) for GPUs of these sizes
+H100_80GB = 85_029_158_912  # 79.2 GiB
+A100_40GB = 42_505_273_344  # 39.6 GiB
+L4_24GB = 23_580_639_232  # 22.0 GiB
+T4_16GB = 15_835_660_288  # 14.7 GiB
 
 
-def machine(cpus, gpus=0, memory=64 * GIB, embedded=True):
-    return Cluster(cpus=cpus, gpus=gpus, memory_bytes=memory, embedded=embedded)
+def machine(cpus, gpus=0, memory=64 * GIB, embedded=True, gpu_memory=0):
+    return Cluster(cpus=cpus, gpus=gpus, memory_bytes=memory, embedded=embedded, gpu_memory_bytes=gpu_memory)
 
 
 def test_on_cpu_one_actor_per_core_with_room_for_decode_on_the_embedded_ray():
@@ -33,12 +38,94 @@ def test_on_a_joined_cpu_cluster_the_actors_leave_cpus_for_the_other_stages():
     assert plan_actors(RuntimeConfig(cpus_per_actor=2), "cpu", machine(10, embedded=False)).actors == 4
 
 
-def test_on_gpus_one_actor_per_gpu_or_per_share():
-    got = plan_actors(RuntimeConfig(), "auto", machine(64, gpus=8, embedded=False))
-    assert (got.actors, got.gpus_per_actor, got.in_flight_mb) == (8, 1.0, 8 * 1024)
-    assert plan_actors(RuntimeConfig(gpus_per_actor=0.5), "cuda", machine(16, gpus=1)).actors == 2
+def test_on_gpus_by_default_several_actors_per_gpu_as_its_memory_holds():
+    """runtime.gpus_per_actor unset: at most 4 per GPU, one per 10 GiB of the GPU's memory."""
+    # 80 GB: 79.2 GiB holds 7, capped at 4; 64 CPUs: (64 - 1 - 2 x 8) / 8 = 5.9 per GPU, not the limit
+    got = plan_actors(RuntimeConfig(), "auto", machine(64, gpus=8, embedded=False, gpu_memory=H100_80GB))
+    assert (got.actors, got.gpus_per_actor) == (32, 0.25)
+    assert got.why.startswith("4 per GPU of the cluster's 8") and "79.2 GiB per GPU holds 7 at 10 GiB each" in got.why
+    assert "64 CPUs allow 5 per GPU" in got.why and "runtime.gpus_per_actor: 1" in got.why
+    # a 40 GB A100 (39.6 GiB): 3 per GPU, a third of it each
+    a100 = plan_actors(RuntimeConfig(), "cuda", machine(64, gpus=8, embedded=False, gpu_memory=A100_40GB))
+    assert (a100.actors, a100.gpus_per_actor) == (24, 1 / 3)
+    # 24 GB (22 GiB): 2; 16 GB and less: 1, the old default
+    assert (plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1, gpu_memory=L4_24GB)).actors,
+            plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1, gpu_memory=L4_24GB)).gpus_per_actor) == (2, 0.5)
+    t4 = plan_actors(RuntimeConfig(), "auto", machine(16, gpus=2, gpu_memory=T4_16GB))
+    assert (t4.actors, t4.gpus_per_actor) == (2, 1.0) and t4.why.startswith("one per GPU of the cluster's 2")
+    assert plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1, gpu_memory=8 * GIB)).actors == 1
     # device cpu on a GPU machine: the CPU rule
-    assert plan_actors(RuntimeConfig(), "cpu", machine(16, gpus=1)).gpus_per_actor == 0.0
+    assert plan_actors(RuntimeConfig(), "cpu", machine(16, gpus=1, gpu_memory=H100_80GB)).gpus_per_actor == 0.0
+
+
+def test_on_gpus_of_unknown_memory_two_actors_per_gpu():
+    got = plan_actors(RuntimeConfig(), "auto", machine(64, gpus=8, embedded=False))
+    assert (got.actors, got.gpus_per_actor) == (16, 0.5)
+    assert "GPU memory unknown (not reported): 2 assumed" in got.why
+
+
+def test_the_cpus_limit_the_actors_per_gpu():
+    # 8 GPUs of 80 GB, 32 CPUs: (32 - 1 - 2 x 8 read/decode) / 8 = 1.9: one per GPU
+    got = plan_actors(RuntimeConfig(), "auto", machine(32, gpus=8, embedded=False, gpu_memory=H100_80GB))
+    assert (got.actors, got.gpus_per_actor) == (8, 1.0)
+    assert "32 CPUs allow 1 per GPU" in got.why
+    # 40 CPUs: (40 - 1 - 16) / 8 = 2.9: two per GPU
+    assert plan_actors(RuntimeConfig(), "auto", machine(40, gpus=8, embedded=False, gpu_memory=H100_80GB)).actors == 16
+    # 2 CPUs per actor, one GPU, 8 CPUs: (8 - 1 - 2) / 2 = 2.5: two
+    got = plan_actors(RuntimeConfig(cpus_per_actor=2), "auto", machine(8, gpus=1, gpu_memory=H100_80GB))
+    assert (got.actors, got.gpus_per_actor) == (2, 0.5)
+    # half a CPU per read/decode worker: (8 - 1 - 1) / 2 = 3
+    assert plan_actors(RuntimeConfig(cpus_per_actor=2, decode_cpus=0.5), "auto",
+                       machine(8, gpus=1, gpu_memory=H100_80GB)).actors == 3
+    # fewer CPUs than the GPUs need: still one per GPU
+    got = plan_actors(RuntimeConfig(), "auto", machine(4, gpus=4, embedded=False, gpu_memory=H100_80GB))
+    assert (got.actors, got.gpus_per_actor) == (4, 1.0) and "at least one" in got.why
+
+
+def test_gpus_per_actor_set_in_the_manifest_is_kept():
+    got = plan_actors(RuntimeConfig(gpus_per_actor=1), "auto", machine(64, gpus=8, embedded=False, gpu_memory=H100_80GB))
+    assert (got.actors, got.gpus_per_actor, got.in_flight_mb, got.why) == (8, 1.0, 8 * 1024, "one per 1 GPU of the cluster's 8")
+    assert plan_actors(RuntimeConfig(gpus_per_actor=0.5), "cuda", machine(16, gpus=1, gpu_memory=H100_80GB)).actors == 2
+    # on a 16 GB GPU too: what is set wins over what its memory would give
+    assert plan_actors(RuntimeConfig(gpus_per_actor=0.25), "cuda", machine(16, gpus=1, gpu_memory=T4_16GB)).actors == 4
+
+
+def test_num_actors_on_gpus_one_gpu_each_or_equal_shares():
+    cluster = machine(64, gpus=8, embedded=False, gpu_memory=H100_80GB)
+    got = plan_actors(RuntimeConfig(num_actors=8), "auto", cluster)
+    assert (got.actors, got.gpus_per_actor, got.why) == (8, 1.0, "runtime.num_actors")
+    assert plan_actors(RuntimeConfig(num_actors=2), "auto", cluster).gpus_per_actor == 1.0
+    # more actors than GPUs: shares that add up to whole GPUs (12 on 8: half a GPU each)
+    assert plan_actors(RuntimeConfig(num_actors=12), "auto", cluster).gpus_per_actor == 0.5
+    assert plan_actors(RuntimeConfig(num_actors=3), "auto", machine(16, gpus=1)).gpus_per_actor == 1 / 3
+    assert plan_actors(RuntimeConfig(num_actors=3, gpus_per_actor=1), "auto", machine(16, gpus=1)).gpus_per_actor == 1.0
+
+
+def test_in_flight_per_gpu_not_per_actor_on_gpus():
+    # 4 actors on each of 8 GPUs: 1 GiB per GPU, as with one actor per GPU
+    assert plan_actors(RuntimeConfig(), "auto", machine(64, gpus=8, embedded=False, gpu_memory=H100_80GB)).in_flight_mb == 8192
+    assert plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1, gpu_memory=H100_80GB)).in_flight_mb == 1024
+    assert plan_actors(RuntimeConfig(gpus_per_actor=0.5), "auto", machine(16, gpus=2)).in_flight_mb == 2048
+    # 3 actors at half a GPU use 2 GPUs
+    assert plan_actors(RuntimeConfig(num_actors=3, gpus_per_actor=0.5), "auto", machine(16, gpus=2)).in_flight_mb == 2048
+    assert plan_actors(RuntimeConfig(in_flight_mb=300), "auto", machine(16, gpus=1, gpu_memory=H100_80GB)).in_flight_mb == 300
+
+
+def test_joined_cluster_gpu_memory_from_the_accelerator_type():
+    h100 = joined_cluster({"CPU": 64.0, "GPU": 8.0, "memory": 500 * GIB, "accelerator_type:H100": 1.0})
+    assert h100.gpu_memory_bytes == 79 * GIB and h100.gpu_memory_from == "accelerator type H100"
+    assert plan_actors(RuntimeConfig(), "auto", h100).actors == 32
+    a10g = joined_cluster({"CPU": 48.0, "GPU": 4.0, "accelerator_type:A10G": 1.0})
+    assert plan_actors(RuntimeConfig(), "auto", a10g).actors == 8  # 22 GiB: 2 per GPU
+    # the smallest of the cluster's types: T4 (14.5 GiB), one per GPU
+    mixed = joined_cluster({"CPU": 64.0, "GPU": 8.0, "accelerator_type:H100": 1.0, "accelerator_type:T4": 1.0})
+    assert mixed.gpu_memory_bytes == int(14.5 * GIB) and plan_actors(RuntimeConfig(), "auto", mixed).actors == 8
+    # a type not in the table, or none: unknown (two per GPU)
+    other = joined_cluster({"CPU": 64.0, "GPU": 8.0, "accelerator_type:GeForce-RTX-4090": 1.0})
+    assert other.gpu_memory_bytes == 0 and "GeForce-RTX-4090 not in" in other.gpu_memory_from
+    assert plan_actors(RuntimeConfig(), "auto", other).actors == 16
+    assert joined_cluster({"CPU": 8.0, "GPU": 1.0}).gpu_memory_bytes == 0
+    assert joined_cluster({"CPU": 8.0}).gpus == 0.0
 
 
 def test_what_the_manifest_sets_wins():
@@ -49,11 +136,18 @@ def test_what_the_manifest_sets_wins():
 
 def test_read_decode_workers_two_per_actor_on_cpu_and_every_free_cpu_on_gpus():
     assert plan_actors(RuntimeConfig(), "cpu", machine(2)).decode_workers == 4
-    # one GPU and 16 cores: the actor holds one CPU, the writer and plan readers one more
-    assert plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1)).decode_workers == 14
-    assert plan_actors(RuntimeConfig(decode_cpus=0.5), "auto", machine(16, gpus=1)).decode_workers == 28
-    # few CPUs per GPU: still two per actor
+    # one GPU of 80 GB and 16 cores: 4 actors hold one CPU each, the writer and plan readers one more
+    assert plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1, gpu_memory=H100_80GB)).decode_workers == 11
+    assert plan_actors(RuntimeConfig(decode_cpus=0.5), "auto", machine(16, gpus=1, gpu_memory=H100_80GB)).decode_workers == 22
+    # one actor per GPU (set, or a 16 GB GPU): as before, 16 - 1 - 1
+    assert plan_actors(RuntimeConfig(gpus_per_actor=1), "auto", machine(16, gpus=1)).decode_workers == 14
+    assert plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1, gpu_memory=T4_16GB)).decode_workers == 14
+    # 8 GPUs of 80 GB, 64 CPUs: 32 actors, 64 - 32 - 1 = 31
+    assert plan_actors(RuntimeConfig(), "auto", machine(64, gpus=8, embedded=False, gpu_memory=H100_80GB)).decode_workers == 31
+    # few CPUs per GPU: still two per GPU (one actor on each here)
     assert plan_actors(RuntimeConfig(), "auto", machine(4, gpus=4, embedded=False)).decode_workers == 8
+    # four actors on one GPU and 5 CPUs: 5 - 4 - 1 = 0 free, still two for the GPU
+    assert plan_actors(RuntimeConfig(gpus_per_actor=0.25), "auto", machine(5, gpus=1)).decode_workers == 2
     assert plan_actors(RuntimeConfig(decode_workers=3), "auto", machine(16, gpus=1)).decode_workers == 3
 
 
