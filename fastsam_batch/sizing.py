@@ -107,13 +107,13 @@ def actors_per_gpu(runtime, cluster: Cluster) -> tuple[int, str]:
     read/decode workers per GPU and ``OTHER_CPUS`` free; at least one."""
     if cluster.gpu_memory_bytes > 0:
         by_memory = int(cluster.gpu_memory_bytes // GPU_ACTOR_BYTES)
-        memory = (f"{cluster.gpu_memory_bytes / 2**30:.1f} GiB per GPU"
-                  + (f" ({cluster.gpu_memory_from})" if cluster.gpu_memory_from else "")
-                  + f" holds {by_memory} at {GPU_ACTOR_BYTES / 2**30:g} GiB each")
+        memory = (f"{cluster.gpu_memory_bytes / 2**30:.1f} GiB per GPU, {by_memory} at "
+                  f"{GPU_ACTOR_BYTES / 2**30:g} GiB each")
     else:
         by_memory = GPU_ACTORS_UNKNOWN_MEMORY
-        memory = (f"GPU memory unknown ({cluster.gpu_memory_from or 'not reported'}): "
-                  f"{GPU_ACTORS_UNKNOWN_MEMORY} assumed")
+        memory = f"GPU memory unknown, {GPU_ACTORS_UNKNOWN_MEMORY} assumed"
+    if cluster.gpu_memory_from:
+        memory = f"{cluster.gpu_memory_from}: {memory}"
     gpus = max(cluster.gpus, 1.0)
     spare = cluster.cpus - OTHER_CPUS - DECODERS_PER_GPU * runtime.decode_cpus * gpus
     by_cpu = max(0, math.floor(spare / (gpus * runtime.cpus_per_actor) + 1e-9))
@@ -174,7 +174,8 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
         k, reasons = actors_per_gpu(runtime, cluster)
         gpus = 1.0 / k
         actors = max(1, math.floor(cluster.gpus * k + 1e-9))
-        why = (f"{'one' if k == 1 else k} per GPU of the cluster's {cluster.gpus:g}, so that several actors' "
+        where = "this machine's" if cluster.embedded else "the cluster's"
+        why = (f"{'one' if k == 1 else k} per GPU of {where} {cluster.gpus:g}, so that several actors' "
                f"host work runs in parallel ({reasons}); runtime.gpus_per_actor: 1 for one per GPU")
     elif gpus > 0:
         actors = max(1, int(cluster.gpus // gpus))

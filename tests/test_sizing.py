@@ -43,7 +43,7 @@ def test_on_gpus_by_default_several_actors_per_gpu_as_its_memory_holds():
     # 80 GB: 79.2 GiB holds 7, capped at 4; 64 CPUs: (64 - 1 - 2 x 8) / 8 = 5.9 per GPU, not the limit
     got = plan_actors(RuntimeConfig(), "auto", machine(64, gpus=8, embedded=False, gpu_memory=H100_80GB))
     assert (got.actors, got.gpus_per_actor) == (32, 0.25)
-    assert got.why.startswith("4 per GPU of the cluster's 8") and "79.2 GiB per GPU holds 7 at 10 GiB each" in got.why
+    assert got.why.startswith("4 per GPU of the cluster's 8") and "; 79.2 GiB per GPU, 7 at 10 GiB each;" in got.why
     assert "64 CPUs allow 5 per GPU" in got.why and "runtime.gpus_per_actor: 1" in got.why
     # a 40 GB A100 (39.6 GiB): 3 per GPU, a third of it each
     a100 = plan_actors(RuntimeConfig(), "cuda", machine(64, gpus=8, embedded=False, gpu_memory=A100_40GB))
@@ -52,7 +52,7 @@ def test_on_gpus_by_default_several_actors_per_gpu_as_its_memory_holds():
     assert (plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1, gpu_memory=L4_24GB)).actors,
             plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1, gpu_memory=L4_24GB)).gpus_per_actor) == (2, 0.5)
     t4 = plan_actors(RuntimeConfig(), "auto", machine(16, gpus=2, gpu_memory=T4_16GB))
-    assert (t4.actors, t4.gpus_per_actor) == (2, 1.0) and t4.why.startswith("one per GPU of the cluster's 2")
+    assert (t4.actors, t4.gpus_per_actor) == (2, 1.0) and t4.why.startswith("one per GPU of this machine's 2")
     assert plan_actors(RuntimeConfig(), "auto", machine(16, gpus=1, gpu_memory=8 * GIB)).actors == 1
     # device cpu on a GPU machine: the CPU rule
     assert plan_actors(RuntimeConfig(), "cpu", machine(16, gpus=1, gpu_memory=H100_80GB)).gpus_per_actor == 0.0
@@ -61,7 +61,7 @@ def test_on_gpus_by_default_several_actors_per_gpu_as_its_memory_holds():
 def test_on_gpus_of_unknown_memory_two_actors_per_gpu():
     got = plan_actors(RuntimeConfig(), "auto", machine(64, gpus=8, embedded=False))
     assert (got.actors, got.gpus_per_actor) == (16, 0.5)
-    assert "GPU memory unknown (not reported): 2 assumed" in got.why
+    assert "; GPU memory unknown, 2 assumed;" in got.why
 
 
 def test_the_cpus_limit_the_actors_per_gpu():
@@ -114,7 +114,8 @@ def test_in_flight_per_gpu_not_per_actor_on_gpus():
 def test_joined_cluster_gpu_memory_from_the_accelerator_type():
     h100 = joined_cluster({"CPU": 64.0, "GPU": 8.0, "memory": 500 * GIB, "accelerator_type:H100": 1.0})
     assert h100.gpu_memory_bytes == 79 * GIB and h100.gpu_memory_from == "accelerator type H100"
-    assert plan_actors(RuntimeConfig(), "auto", h100).actors == 32
+    h100_plan = plan_actors(RuntimeConfig(), "auto", h100)
+    assert h100_plan.actors == 32 and "accelerator type H100: 79.0 GiB per GPU, 7 at 10 GiB each" in h100_plan.why
     a10g = joined_cluster({"CPU": 48.0, "GPU": 4.0, "accelerator_type:A10G": 1.0})
     assert plan_actors(RuntimeConfig(), "auto", a10g).actors == 8  # 22 GiB: 2 per GPU
     # the smallest of the cluster's types: T4 (14.5 GiB), one per GPU
@@ -123,7 +124,8 @@ def test_joined_cluster_gpu_memory_from_the_accelerator_type():
     # a type not in the table, or none: unknown (two per GPU)
     other = joined_cluster({"CPU": 64.0, "GPU": 8.0, "accelerator_type:GeForce-RTX-4090": 1.0})
     assert other.gpu_memory_bytes == 0 and "GeForce-RTX-4090 not in" in other.gpu_memory_from
-    assert plan_actors(RuntimeConfig(), "auto", other).actors == 16
+    other_plan = plan_actors(RuntimeConfig(), "auto", other)
+    assert other_plan.actors == 16 and "not in sizing.GPU_MEMORY_BY_TYPE: GPU memory unknown, 2 assumed" in other_plan.why
     assert joined_cluster({"CPU": 8.0, "GPU": 1.0}).gpu_memory_bytes == 0
     assert joined_cluster({"CPU": 8.0}).gpus == 0.0
 
