@@ -224,7 +224,8 @@ def local_machine(device: str) -> Cluster:
             gpu_memory = local_gpu_memory()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return Cluster(cpus=float(os.cpu_count() or 1), gpus=float(gpus), memory_bytes=memory, embedded=True,
-                   gpu_memory_bytes=gpu_memory, gpu_memory_from="torch" if gpu_memory else "torch could not say")
+                   gpu_memory_bytes=gpu_memory,
+                   gpu_memory_from=("torch" if gpu_memory else "torch could not say") if gpus else "")
 
 
 _GPU_MEMORY_PROBE = ("import torch; n = torch.cuda.device_count(); "

@@ -130,6 +130,29 @@ def test_joined_cluster_gpu_memory_from_the_accelerator_type():
     assert joined_cluster({"CPU": 8.0}).gpus == 0.0
 
 
+def test_local_gpu_memory_is_read_in_a_child_process(monkeypatch):
+    """The driver takes no CUDA context: torch's figure comes from a child process (its last line);
+    a probe that fails is unknown (0)."""
+    import subprocess
+
+    import torch
+
+    from fastsam_batch import sizing
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    calls = []
+
+    def child(argv, **kw):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, stdout="a warning\n85029158912\n", stderr="")
+
+    monkeypatch.setattr(sizing.subprocess, "run", child)
+    assert sizing.local_gpu_memory.__wrapped__() == H100_80GB
+    assert calls and calls[0][1] == "-c" and "get_device_properties" in calls[0][2]
+    monkeypatch.setattr(sizing.subprocess, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 1, "", "boom"))
+    assert sizing.local_gpu_memory.__wrapped__() == 0
+
+
 def test_what_the_manifest_sets_wins():
     got = plan_actors(RuntimeConfig(num_actors=3, in_flight_mb=64), "auto", machine(2))
     assert (got.actors, got.in_flight_mb, got.why) == (3, 64, "runtime.num_actors")
