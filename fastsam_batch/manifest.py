@@ -174,10 +174,16 @@ class MaskRulesConfig(_Strict):
 
 class OutputConfig(_Strict):
     uri: str = Field(min_length=1, description="folder or prefix for the Parquet dataset")
-    rows_per_file: int = Field(default=1000, ge=1, description="most images per Parquet file")
+    target_file_mb: float = Field(default=128, gt=0, description="Parquet files are cut at about this size, in MiB, "
+                                  "never above it (a single larger row is a file of its own). 128: with ~100-mask "
+                                  "photos (~20-40 KB a row) ~3,000-6,000 images a file, ~170,000-350,000 files for a "
+                                  "billion images; the driver holds about one file's rows (Arrow, ~1.5-3x the file "
+                                  "with zstd)")
+    rows_per_file: int | None = Field(default=None, ge=1, description="most images per Parquet file; default: no "
+                                      "cap (files are cut by target_file_mb and commit_interval_s)")
     commit_interval_s: float = Field(default=10.0, gt=0, description="rows waiting this long are committed in a "
-                                     "file of their own, even if fewer than rows_per_file: a kill or Ctrl-C loses at "
-                                     "most this much work")
+                                     "file of their own, even if smaller than target_file_mb: a kill or Ctrl-C loses "
+                                     "at most this much work")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 

@@ -1,0 +1,142 @@
+"""Issue 23: output files sized by bytes (``output.target_file_mb``, write.Committer).
+
+Pure: the run's real ParquetWriter into a temporary folder, fed output rows built by the
+project's own row builder (rows.output_table) with COCO RLE strings of realistic length (a few
+hundred characters, random in the RLE alphabet, so they compress about as real ones do). No Ray.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fastsam_batch.rows import output_table
+from fastsam_batch.storage import Storage
+from fastsam_batch.write import Committer, ParquetWriter
+
+MIB = 1 << 20
+
+
+def photos(first: int, n: int, rng: np.random.Generator, masks: tuple[int, int] = (40, 160),
+           counts_len: float = 450.0, alphabet: int = 64) -> pa.Table:
+    """``n`` output rows of ~100-mask photos: each mask's counts a random string of the compressed
+    RLE alphabet ('0'..'o'; its first ``alphabet`` characters), its length log-normal around
+    ``counts_len`` characters."""
+    ids = [f"shard-{i // 1000:04d}/img-{i:09d}.jpg" for i in range(first, first + n)]
+    per_image = []
+    for _ in range(n):
+        k = int(rng.integers(*masks))
+        lengths = np.clip(rng.lognormal(np.log(counts_len), 0.6, k).astype(int), 4, None)
+        chars = rng.integers(48, 48 + alphabet, int(lengths.sum()), dtype=np.uint8).tobytes().decode("ascii")
+        ends = np.cumsum(lengths)
+        per_image.append([{"counts": chars[e - n_:e], "bbox": [1.0, 2.0, 30.0, 40.0], "area": 900,
+                           "score": 0.9, "stability_score": 0.97, "prompt_index": None, "prompt_kind": None,
+                           "prompt_id": None, "category_id": None, "prompt_score": None}
+                          for e, n_ in zip(ends, lengths)])
+    batch = {"image_id": ids, "uri": [f"s3://bucket/{i}" for i in ids], "width": [2250] * n, "height": [1500] * n,
+             "read_ms": [3.0] * n, "decode_ms": [20.0] * n}
+    return output_table(batch, per_image, [None] * n, [{"model": 50.0}] * n, model="FastSAM-x.pt",
+                        sha256="0" * 64, fingerprint="f" * 24)
+
+
+def run(tmp_path, blocks: list[pa.Table], compression: str = "zstd", **kw):
+    """Feeds ``blocks`` to a Committer writing Parquet under tmp_path/out; the committed files in
+    commit order, as (path, size on disk, image ids)."""
+    out = tmp_path / "out"
+    names: list[str] = []
+    c = Committer(ParquetWriter(str(out), Storage(), compression), interval_s=3600,
+                  on_commit=lambda row: names.append(row["file"]), **kw)
+    c.consume(iter(blocks))
+    files = [out / name for name in names]
+    assert len(set(names)) == len(names) and sorted(p.name for p in out.iterdir()) == sorted(names)
+    return [(p, p.stat().st_size, pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+            for p in files]
+
+
+def fed_ids(blocks: list[pa.Table]) -> list[str]:
+    return [i for b in blocks for i in b.column("image_id").to_pylist()]
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_files_are_cut_at_the_target_size_never_above_it(tmp_path, compression):
+    """~20-60 KB rows, 1 MiB target: every file at most the target on disk, every file but the
+    last at least half of it (the first included: the first guess of the Parquet/Arrow ratio is
+    measured before the first file is put), and every row fed in exactly one file, in order."""
+    rng = np.random.default_rng(23)
+    blocks, first = [], 0
+    for size in [8] * 25 + [1, 3, 16, 5] * 5:
+        blocks.append(photos(first, size, rng))
+        first += size
+    files = run(tmp_path, blocks, compression, rows_per_file=None, target_file_bytes=MIB)
+    sizes = [s for _, s, _ in files]
+    assert len(files) >= 4, sizes
+    assert all(s <= MIB for s in sizes), sizes
+    assert all(s >= MIB // 2 for s in sizes[:-1]), sizes
+    assert [i for _, _, ids in files for i in ids] == fed_ids(blocks)  # none lost, none twice, in order
+
+
+def test_files_stay_under_the_target_when_rows_stop_compressing_as_well(tmp_path, monkeypatch):
+    """The ratio measured on well-compressing rows underestimates the next, random ones: the file
+    is measured before it is put, found too big and cut shorter; still none above the target."""
+    from fastsam_batch import write
+
+    encoded: list[int] = []  # the size of each file measured
+    encode = write.ParquetWriter.encode
+
+    def measured(self, table):
+        data = encode(self, table)
+        encoded.append(len(data))
+        return data
+
+    monkeypatch.setattr(write.ParquetWriter, "encode", measured)
+    rng = np.random.default_rng(3)
+    blocks = [photos(8 * k, 8, rng, alphabet=2) for k in range(30)]
+    blocks += [photos(240 + 8 * k, 8, rng) for k in range(10)]
+    files = run(tmp_path, blocks, rows_per_file=None, target_file_bytes=MIB)
+    assert all(s <= MIB for _, s, _ in files), [s for _, s, _ in files]
+    assert max(encoded) > MIB  # some file was measured too big, and cut again
+    assert [i for _, _, ids in files for i in ids] == fed_ids(blocks)
+
+
+def test_rows_per_file_still_caps_the_rows_of_a_file(tmp_path):
+    rng = np.random.default_rng(7)
+    blocks = [photos(0, 5, rng), photos(5, 9, rng), photos(14, 4, rng)]
+    # A large target: only the row cap cuts, as before target_file_mb.
+    files = run(tmp_path / "a", blocks, rows_per_file=7, target_file_bytes=128 * MIB)
+    assert [len(ids) for _, _, ids in files] == [7, 7, 4]
+    assert [i for _, _, ids in files for i in ids] == fed_ids(blocks)
+    # Both: whichever comes first (here the bytes: ~20-60 KB rows, 256 KiB files).
+    blocks = [photos(100 + 10 * k, 10, rng) for k in range(6)]
+    files = run(tmp_path / "b", blocks, rows_per_file=40, target_file_bytes=MIB // 4)
+    assert all(s <= MIB // 4 and len(ids) <= 40 for _, s, ids in files) and len(files) >= 3
+    assert [i for _, _, ids in files for i in ids] == fed_ids(blocks)
+
+
+def test_a_row_larger_than_the_target_is_a_file_of_its_own(tmp_path):
+    rng = np.random.default_rng(11)
+    big = photos(10, 1, rng, masks=(400, 401), counts_len=6000.0)  # ~2.5 MB of counts
+    blocks = [photos(0, 10, rng), big, photos(11, 10, rng), photos(21, 30, rng)]
+    files = run(tmp_path, blocks, rows_per_file=None, target_file_bytes=MIB // 2)
+    alone = [(s, ids) for _, s, ids in files if big.column("image_id")[0].as_py() in ids]
+    assert len(alone) == 1 and len(alone[0][1]) == 1 and alone[0][0] > MIB // 2
+    assert all(s <= MIB // 2 for _, s, ids in files if len(ids) > 1)
+    assert [i for _, _, ids in files for i in ids] == fed_ids(blocks)
+
+
+def test_a_writer_that_cannot_measure_is_cut_by_the_estimate():
+    """A writer without encode() (a stand-in): files cut by Arrow bytes times the first guess."""
+    rng = np.random.default_rng(5)
+    files = []
+
+    def writer(table):
+        files.append(table)
+        return pa.table({"file": [str(len(files))]})
+
+    blocks = [photos(8 * k, 8, rng) for k in range(10)]
+    target = sum(b.nbytes for b in blocks) // 4
+    c = Committer(writer, None, 3600, on_commit=lambda row: None, target_file_bytes=target)
+    c.consume(iter(blocks))
+    assert len(files) >= 4 and all(t.nbytes <= target for t in files)
+    assert [i for t in files for i in t.column("image_id").to_pylist()] == fed_ids(blocks)
