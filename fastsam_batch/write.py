@@ -2,11 +2,14 @@
 
 The run has one writer, on the driver (:class:`Committer`): the segmentation actors' output
 blocks (RLE strings and small columns, never dense masks) come to it, and it commits a file when
-the rows waiting make about ``output.target_file_mb`` (never above it), or every
-``output.commit_interval_s`` seconds, or every ``output.rows_per_file`` rows when that is set,
-whichever comes first. So a kill or Ctrl-C loses at most ``commit_interval_s`` of work; a killed
-driver commits nothing more (no worker can write behind its back); and the lease fence is checked
-where the lease is held.
+the rows waiting make about ``output.target_file_mb`` (never above it), or when the oldest row
+waiting has waited ``output.commit_interval_s`` seconds, or every ``output.rows_per_file`` rows when
+that is set, whichever comes first. So a kill or Ctrl-C loses the rows waiting (none older than
+``commit_interval_s``: each block keeps its arrival time, also after a cut by size) plus the few
+blocks on their way to the writer and the file being built and put; a killed driver commits nothing
+more (no worker can write behind its back); and the lease fence is checked where the lease is held.
+Files reach ``target_file_mb`` only when that many bytes of output arrive within
+``commit_interval_s``; below that rate the interval cuts them.
 
 File names are content-addressed (a hash of the image ids they hold), so a retried write of the
 same rows replaces the same file instead of adding a duplicate. A file is built in memory and
@@ -40,7 +43,7 @@ PART_PREFIX = "part-"
 # (the Hugging Face Hub's dataset viewer refuses groups above 286 MiB and recommends 100-300 MB;
 # pyarrow's default is a million rows, one group per file) stay within it. A photo's row is tens of
 # KB, so a file of the default output.target_file_mb (128 MiB of Parquet, about 1.5-3x that in
-# Arrow with zstd) is a few groups; a file cut by the interval is usually one.
+# Arrow with zstd) is one to a few groups; a file cut by the interval is usually one.
 ROW_GROUP_BYTES = 128 << 20
 
 
@@ -86,6 +89,8 @@ def parquet_file_bytes(table: pa.Table, compression: str | None, row_group_bytes
     with pq.ParquetWriter(buf, table.schema, compression=compression, write_page_index=True) as w:
         for start, rows in row_group_slices(table, cap):
             w.write_table(table.slice(start, rows), row_group_size=rows)
+    # getvalue() copies (for a moment the file's bytes twice): S3's put (botocore) takes bytes or a
+    # file, not a memoryview or an Arrow buffer, so the copy stays.
     return buf.getvalue()
 
 
@@ -126,7 +131,10 @@ class ParquetWriter:
         self.compression = None if compression == "none" else compression
         self.fence = fence
         self.metrics = metrics  # metrics.CommitMetrics: counts of what is committed  # lease.LeaseFence: commit only while the run holds the output's lease
-        self.encode_s = 0.0  # time spent in encode() since the last commit (part of its write_s)
+        # Time spent in encode() since the last commit, added to that commit's write_s: it includes
+        # encodes the Committer threw away (a file measured too big or too small and built again), so
+        # write_s is the driver's time for the file, not one encode and one put.
+        self.encode_s = 0.0
 
     def encode(self, table: pa.Table) -> bytes:
         """The bytes of the file ``table`` makes (what the Committer measures to size files)."""
@@ -206,21 +214,37 @@ _END = object()
 
 # Sizing files by bytes (Committer, ``output.target_file_mb``). The Parquet size of waiting rows is
 # estimated from their Arrow size times the ratio (file bytes / Arrow bytes) measured on this run's
-# files; before any is measured the guess is FIRST_RATIO (Arrow bytes = file bytes: compressed
-# Parquet is smaller, so the first cut is at most a file). Every file is measured before it is put
-# (its bytes are built once and reused): one above the target is cut shorter, so no file exceeds
-# the target (bar a single row larger than it, which is a file of its own).
+# files. The first guess is FIRST_RATIO (Arrow bytes = file bytes: compressed Parquet is smaller, so
+# the first cut is at most a file), and it stays in the measured sums as a prior of one target's
+# weight, decaying like any measurement; files of rows below MEASURED_LOW of the target in Arrow
+# memory (cut by the interval: often one small block, compressing far better or worse than most) do
+# not move the ratio (a cut by size always does: its rows are at least target x FILE_AIM / RATIO_MAX);
+# and the ratio is kept within [RATIO_MIN, RATIO_MAX]. Every file is measured before it is put (its bytes are built once and
+# reused): one above the target is cut shorter, so no file exceeds the target (bar a single row
+# larger than it, which is a file of its own).
 FIRST_RATIO = 1.0
 FILE_AIM = 0.95  # cut files at this share of the target by the estimate: a small misestimate still fits
 FILE_LOW = 0.75  # a measured file below this share of the target is grown (once) by the new estimate
 RATIO_DECAY = 0.5  # weight of the earlier measurements at each new one (sums of bytes: big files count most)
+MEASURED_LOW = 0.25  # files of fewer Arrow bytes than this share of the target do not move the ratio
+RATIO_MIN, RATIO_MAX = 0.05, 2.0
+# Driver memory, whatever the data: a cut is forced once the waiting rows hold more than
+# MAX_PENDING_FACTOR x target_file_bytes of Arrow memory (a realistic file of masks with zstd is
+# about 1.5-3x its Parquet bytes in Arrow, so this rarely cuts; rows that compress better still get
+# files below the target). So the waiting rows are at most that plus the one block just added; while
+# a file is cut the driver also holds its encoded bytes (at most the target, twice for a moment: see
+# parquet_file_bytes). The file's rows are zero-copy slices of the waiting blocks. Peak: about
+# MAX_PENDING_FACTOR + 2 targets, plus a block (~0.8 GiB at the default 128 MiB).
+MAX_PENDING_FACTOR = 4.0
 
 
 class Committer:
     """The run's one writer: output blocks in, a Parquet file out when the waiting rows make a file
     of about ``target_file_bytes`` (measured, never above it: see :data:`FIRST_RATIO`), or
-    ``rows_per_file`` rows when that is set, or every ``interval_s`` seconds (counted from the
-    oldest row waiting), whichever comes first. ``on_commit`` gets each file's stats row."""
+    ``rows_per_file`` rows when that is set, or when the oldest row waiting has waited ``interval_s``
+    seconds, or (a bound on memory) when the waiting rows exceed :data:`MAX_PENDING_FACTOR` x
+    ``target_file_bytes`` of Arrow memory, whichever comes first. ``on_commit`` gets each file's
+    stats row."""
 
     def __init__(self, writer: ParquetWriter, rows_per_file: int | None, interval_s: float,
                  on_commit: Callable[[dict], None], tick: Callable[[], None] | None = None,
@@ -245,11 +269,13 @@ class Committer:
         self.target_file_bytes = target_file_bytes  # None: files are not sized by bytes
         self.interval_s = interval_s
         self.on_commit = on_commit
-        self.pending: list[pa.Table] = []
+        self.pending: list[tuple[float, pa.Table]] = []  # (when it arrived, rows) of each waiting block
         self.pending_rows = 0
         self.pending_nbytes = 0  # Arrow bytes of the waiting rows
         self.oldest: float | None = None  # when the oldest waiting row arrived
-        self._file_bytes = self._arrow_bytes = 0.0  # decayed sums of measured files (RATIO_DECAY)
+        # Decayed sums (RATIO_DECAY) of the measured files, seeded with FIRST_RATIO at one target's weight.
+        prior = float(target_file_bytes or 0)
+        self._arrow_bytes, self._file_bytes = prior, prior * FIRST_RATIO
 
     def add(self, table: pa.Table) -> None:
         if UNIT_END in table.column_names:
@@ -265,37 +291,64 @@ class Committer:
             table = table.drop_columns(list(INTERNAL_COLUMNS))
         if table.num_rows == 0:
             return
+        now = time.monotonic()
         if self.oldest is None:
-            self.oldest = time.monotonic()
-        self.pending.append(table)
+            self.oldest = now
+        self.pending.append((now, table))
         self.pending_rows += table.num_rows
         self.pending_nbytes += table.nbytes
         while self._due():
-            rows = pa.concat_tables(self.pending, promote_options="default")
-            cut = self._cut(rows, final=False)
+            rows = self._rows()
+            cut = self._cut(rows, final=self._over_memory())
+            del rows
             if cut is None:  # measured: the waiting rows make less than a file
                 break
             self._commit(*cut[1:])
-            self._keep(rows.slice(cut[0]))
-            self.oldest = time.monotonic() if self.pending_rows else None
+            self._drop(cut[0])
 
     @property
     def ratio(self) -> float:
-        """Parquet file bytes per Arrow byte: measured on this run's files, else :data:`FIRST_RATIO`."""
-        return self._file_bytes / self._arrow_bytes if self._arrow_bytes else FIRST_RATIO
+        """Parquet file bytes per Arrow byte: measured on this run's files (with FIRST_RATIO as a
+        prior), within [RATIO_MIN, RATIO_MAX]."""
+        r = self._file_bytes / self._arrow_bytes if self._arrow_bytes else FIRST_RATIO
+        return min(RATIO_MAX, max(RATIO_MIN, r))
+
+    def _measure(self, file_bytes: int, arrow_bytes: int) -> None:
+        if self.target_file_bytes is not None and arrow_bytes >= self.target_file_bytes * MEASURED_LOW:
+            self._file_bytes = self._file_bytes * RATIO_DECAY + file_bytes
+            self._arrow_bytes = self._arrow_bytes * RATIO_DECAY + arrow_bytes
 
     def _rows_due(self) -> bool:
         return self.rows_per_file is not None and self.pending_rows >= self.rows_per_file
 
+    def _over_memory(self) -> bool:
+        return (self.target_file_bytes is not None
+                and self.pending_nbytes > self.target_file_bytes * MAX_PENDING_FACTOR)
+
     def _due(self) -> bool:
         if not self.pending_rows:
             return False
-        return self._rows_due() or (self.target_file_bytes is not None
-                                    and self.pending_nbytes * self.ratio > self.target_file_bytes * FILE_AIM)
+        return self._rows_due() or self._over_memory() or (
+            self.target_file_bytes is not None and self.pending_nbytes * self.ratio > self.target_file_bytes * FILE_AIM)
 
-    def _keep(self, rest: pa.Table) -> None:
-        self.pending = [rest] if rest.num_rows else []
-        self.pending_rows, self.pending_nbytes = rest.num_rows, rest.nbytes if rest.num_rows else 0
+    def _rows(self) -> pa.Table:
+        """The waiting rows as one table (zero-copy: the blocks' chunks)."""
+        return pa.concat_tables([t for _, t in self.pending], promote_options="default")
+
+    def _drop(self, k: int) -> None:
+        """Drops the first ``k`` waiting rows (committed); ``oldest`` becomes the arrival time of the
+        first block still (partly) waiting, so rows left by a cut by size keep their age."""
+        kept = []
+        for arrived, t in self.pending:
+            if k >= t.num_rows:
+                k -= t.num_rows
+                continue
+            kept.append((arrived, t.slice(k) if k else t))
+            k = 0
+        self.pending = kept
+        self.pending_rows = sum(t.num_rows for _, t in kept)
+        self.pending_nbytes = sum(t.nbytes for _, t in kept)
+        self.oldest = kept[0][0] if kept else None
 
     def _fit(self, rows: pa.Table, ratio: float | None = None) -> int:
         return rows_that_fit(rows, 0, self.target_file_bytes * FILE_AIM / (ratio or self.ratio))
@@ -315,20 +368,22 @@ class Committer:
             return k, rows.slice(0, k).combine_chunks(), None
         regrown = False
         while True:
-            part = rows.slice(0, k).combine_chunks()
+            part = rows.slice(0, k)  # zero-copy: no second copy of the file's rows
             data = encode(part)
-            self._file_bytes = self._file_bytes * RATIO_DECAY + len(data)
-            self._arrow_bytes = self._arrow_bytes * RATIO_DECAY + part.nbytes
-            if len(data) > target and k > 1:  # too big: fewer rows, by the ratio of this very file
-                k, regrown = min(k - 1, self._fit(rows, len(data) / part.nbytes)), True
+            size, arrow = len(data), part.nbytes
+            self._measure(size, arrow)
+            if size > target and k > 1:  # too big: fewer rows, by the ratio of this very file
+                part = data = None  # freed before the next encode
+                k, regrown = min(k - 1, self._fit(rows, size / arrow)), True
                 continue
-            if not regrown and k < cap and len(data) < target * FILE_LOW:  # too small (the guess was off)
+            if not regrown and k < cap and size < target * FILE_LOW:  # too small (the guess was off)
                 regrown = True
                 more = min(cap, self._fit(rows))
                 if more == n and not final and not self._rows_due():
                     return None
                 if more > k:
                     k = more
+                    part = data = None
                     continue
             return k, part, data
 
@@ -340,10 +395,12 @@ class Committer:
     def flush(self) -> None:
         """Commits every waiting row (in more than one file only where they are above the target)."""
         while self.pending_rows:
-            rows = pa.concat_tables(self.pending, promote_options="default")
+            rows = self._rows()
             k, part, data = self._cut(rows, final=True)
+            del rows
             self._commit(part, data)
-            self._keep(rows.slice(k))
+            del part, data
+            self._drop(k)
         self.pending, self.pending_rows, self.pending_nbytes, self.oldest = [], 0, 0, None
 
     def _commit(self, table: pa.Table, data: bytes | None = None) -> None:
