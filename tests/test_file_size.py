@@ -246,3 +246,35 @@ def test_a_writer_that_cannot_measure_is_cut_by_the_estimate():
     c.consume(iter(blocks))
     assert len(files) >= 4 and all(t.nbytes >= target // 2 for t in files[:-1]), [t.nbytes for t in files]
     assert [i for t in files for i in t.column("image_id").to_pylist()] == fed_ids(blocks)
+
+
+def test_rows_left_by_a_cut_keep_their_age(monkeypatch):
+    """Rows left over by a cut by size (a file measured too big, cut shorter) keep the arrival
+    time of their block: they are due commit_interval_s after they arrived, not after the cut."""
+    from fastsam_batch import write
+
+    now = [100.0]
+    monkeypatch.setattr(write.time, "monotonic", lambda: now[0])
+    files: list[int] = []
+
+    class Writer:  # files 10x their rows' Arrow bytes: every first estimate is too big
+        def encode(self, table):
+            return b"x" * (10 * table.nbytes)
+
+        def __call__(self, table, data=None):
+            files.append(table.num_rows)
+            return pa.table({"rows": [table.num_rows]})
+
+    def rows(first, n):
+        return pa.table({"image_id": [f"{i:090d}" for i in range(first, first + n)]})
+
+    c = Committer(Writer(), None, 10.0, on_commit=lambda row: None, target_file_bytes=2000)
+    c.add(rows(0, 19))  # ~1,800 Arrow bytes: less than a file by the first guess
+    assert files == [] and c.oldest == 100.0
+    now[0] = 108.0
+    c.add(rows(19, 3))  # a file by the guess; measured 10x too big, cut shorter, again and again
+    assert files and sum(files) < 19  # rows of the first block still wait
+    assert c.oldest == 100.0 and c.seconds_to_due() == pytest.approx(2.0)
+    now[0] = 110.0
+    c.add(rows(22, 1))  # due: the first block's rows have waited 10 s
+    assert c.seconds_to_due() == 0.0
