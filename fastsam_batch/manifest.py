@@ -175,15 +175,21 @@ class MaskRulesConfig(_Strict):
 class OutputConfig(_Strict):
     uri: str = Field(min_length=1, description="folder or prefix for the Parquet dataset")
     target_file_mb: float = Field(default=128, gt=0, description="Parquet files are cut at about this size, in MiB, "
-                                  "never above it (a single larger row is a file of its own). 128: with ~100-mask "
-                                  "photos (~20-40 KB a row) ~3,000-6,000 images a file, ~170,000-350,000 files for a "
-                                  "billion images; the driver holds about one file's rows (Arrow, ~1.5-3x the file "
-                                  "with zstd)")
+                                  "never above it (a single larger row is a file of its own). Reached only when the "
+                                  "writer receives that much within commit_interval_s (128 MiB in 10 s: about "
+                                  "440-640 images/s in all); below that the interval cuts the files (raise "
+                                  "commit_interval_s for bigger ones, losing more to a kill). 128: with ~100-mask "
+                                  "photos (~20-40 KB a row) ~3,000-6,000 images a full file, ~170,000-350,000 files "
+                                  "for a billion images. The driver holds the rows waiting (Arrow, ~1.5-3x their "
+                                  "Parquet size with zstd; a cut is forced above 4x this) and the file's bytes: a few "
+                                  "times this at its peak (about 6x at most). A repair or retry rewrites whole files: "
+                                  "a smaller target suits outputs often repaired or retried")
     rows_per_file: int | None = Field(default=None, ge=1, description="most images per Parquet file; default: no "
                                       "cap (files are cut by target_file_mb and commit_interval_s)")
     commit_interval_s: float = Field(default=10.0, gt=0, description="rows waiting this long are committed in a "
                                      "file of their own, even if smaller than target_file_mb: a kill or Ctrl-C loses "
-                                     "at most this much work")
+                                     "about this much work (plus blocks on their way to the writer); at low "
+                                     "throughput it, not the size, cuts the files")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 
