@@ -9,7 +9,8 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 # Memory one CPU actor needs: a FastSAM-s model, its activations at imgsz 1024 and the masks of one
 # batch of photographs (benchmarks: about 1.2 GiB per actor at its peak), with room to spare.
@@ -53,9 +54,10 @@ GPU_ACTORS_MAX = 4
 # An actor that still runs out of memory redoes the image in smaller pieces, then on the CPU (README).
 GPU_ACTOR_BYTES = 10 * 2**30
 # Actors per GPU when the GPUs' memory is unknown (a joined cluster whose accelerator type is not in
-# GPU_MEMORY_BY_TYPE, or a machine where torch could not say): 2, which fits GPUs of 20 GiB and more
-# and doubles what host work allows a GPU; runtime.gpus_per_actor: 1 goes back to one per GPU.
-GPU_ACTORS_UNKNOWN_MEMORY = 2
+# GPU_MEMORY_BY_TYPE, or a machine where torch could not say): 1, the old default. Types missing from
+# the table are often consumer cards (Ray's "GeForce-RTX-..." types) of 8-16 GB, which two actors
+# at GPU_ACTOR_BYTES each would not fit; runtime.gpus_per_actor (0.5: two per GPU) sets more.
+GPU_ACTORS_UNKNOWN_MEMORY = 1
 # Read/decode workers a GPU keeps at least, when the CPUs limit the actors per GPU.
 DECODERS_PER_GPU = 2
 # Object store a GPU's actors may fill with images queued ahead of them (runtime.in_flight_mb), per GPU,
@@ -76,8 +78,11 @@ class Cluster:
     gpus: float
     memory_bytes: int
     embedded: bool  # an embedded local Ray started by this run (the machine's own resources)
-    gpu_memory_bytes: int = 0  # per GPU (the smallest GPU's); 0: unknown
+    gpu_memory_bytes: int = 0  # per GPU (the smallest GPU's); 0: unknown (or not read yet: gpu_memory_probe)
     gpu_memory_from: str = ""  # where gpu_memory_bytes came from, for the log
+    # Reads gpu_memory_bytes when it is needed (this machine's GPUs: local_gpu_memory, a child
+    # process), so that callers needing only the counts (job.py's device check) never start one.
+    gpu_memory_probe: Callable[[], int] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -105,15 +110,18 @@ def actors_per_gpu(runtime, cluster: Cluster) -> tuple[int, str]:
     ``runtime.cpus_per_actor``, and the cluster's CPUs (the machine's cores for an embedded Ray: its
     extra logical CPUs would not run the actors' host work in parallel) keep ``DECODERS_PER_GPU``
     read/decode workers per GPU and ``OTHER_CPUS`` free; at least one."""
-    if cluster.gpu_memory_bytes > 0:
-        by_memory = int(cluster.gpu_memory_bytes // GPU_ACTOR_BYTES)
-        memory = (f"{cluster.gpu_memory_bytes / 2**30:.1f} GiB per GPU, {by_memory} at "
-                  f"{GPU_ACTOR_BYTES / 2**30:g} GiB each")
+    gpu_memory, source = cluster.gpu_memory_bytes, cluster.gpu_memory_from
+    if gpu_memory <= 0 and cluster.gpu_memory_probe is not None:  # read only now, when needed
+        gpu_memory = cluster.gpu_memory_probe()
+        source = source or ("torch" if gpu_memory > 0 else "torch could not say")
+    if gpu_memory > 0:
+        by_memory = int(gpu_memory // GPU_ACTOR_BYTES)
+        memory = f"{gpu_memory / 2**30:.1f} GiB per GPU, {by_memory} at {GPU_ACTOR_BYTES / 2**30:g} GiB each"
     else:
         by_memory = GPU_ACTORS_UNKNOWN_MEMORY
         memory = f"GPU memory unknown, {GPU_ACTORS_UNKNOWN_MEMORY} assumed"
-    if cluster.gpu_memory_from:
-        memory = f"{cluster.gpu_memory_from}: {memory}"
+    if source:
+        memory = f"{source}: {memory}"
     gpus = max(cluster.gpus, 1.0)
     spare = cluster.cpus - OTHER_CPUS - DECODERS_PER_GPU * runtime.decode_cpus * gpus
     by_cpu = max(0, math.floor(spare / (gpus * runtime.cpus_per_actor) + 1e-9))
@@ -129,7 +137,9 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
 
     - Set in the manifest (``runtime.num_actors``): that many; on GPUs without ``gpus_per_actor``,
       one GPU each when they are no more than the GPUs (as before), else equal shares of a GPU
-      (1/m with m = actors / GPUs rounded up, so that they all fit).
+      (1/m with m = actors / GPUs rounded up, so that they all fit). Ray packs fractional requests
+      onto as few GPUs as it can, so when the actors are not a multiple of the GPUs some GPUs may
+      sit idle (12 actors on 8 GPUs: half a GPU each, 6 GPUs used, 2 idle): ``why`` warns.
     - With the model on GPUs and ``runtime.gpus_per_actor`` set: one actor per ``gpus_per_actor`` of
       the cluster's GPUs (``1``: one per GPU). Not set: several per GPU (``actors_per_gpu``: up to 4,
       as memory and CPUs allow), each with a 1/k share of its GPU, so that the host work of an image
@@ -169,7 +179,16 @@ def plan_actors(runtime, device: str, cluster: Cluster) -> ActorPlan:
     if runtime.num_actors:
         actors, why = runtime.num_actors, "runtime.num_actors"
         if shared and actors > cluster.gpus:  # more actors than GPUs: equal shares, 1/m of a GPU each
-            gpus = 1.0 / math.ceil(actors / max(cluster.gpus, 1.0) - 1e-9)
+            m = math.ceil(actors / max(cluster.gpus, 1.0) - 1e-9)
+            gpus = 1.0 / m
+            total = int(round(cluster.gpus))
+            if total and actors % total:
+                idle = total - math.ceil(actors / m)
+                why += (f"; warning: {actors} actors at 1/{m} GPU each on {total} GPUs: Ray packs them onto "
+                        f"{math.ceil(actors / m)} GPUs, so {idle} may sit idle" if idle > 0 else
+                        f"; warning: {actors} actors at 1/{m} GPU each do not divide evenly over {total} GPUs: "
+                        f"some GPUs run fewer")
+                why += f" (a multiple of {total}, or runtime.gpus_per_actor, shares them evenly)"
     elif shared:
         k, reasons = actors_per_gpu(runtime, cluster)
         gpus = 1.0 / k
@@ -214,18 +233,17 @@ def embedded_ray_cpus(runtime, actors: int, machine_cpus: int) -> int:
 
 
 def local_machine(device: str) -> Cluster:
-    """This machine's resources, for a run that starts its own local Ray."""
-    gpus, gpu_memory = 0, 0
+    """This machine's resources, for a run that starts its own local Ray. The GPUs' memory is not
+    read here: only when the actors per GPU need it (``Cluster.gpu_memory_probe``, see
+    :func:`actors_per_gpu`), so a device check or a run with ``gpus_per_actor`` set starts no probe."""
+    gpus = 0
     if device != "cpu":
         import torch
 
         gpus = torch.cuda.device_count()
-        if gpus:
-            gpu_memory = local_gpu_memory()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return Cluster(cpus=float(os.cpu_count() or 1), gpus=float(gpus), memory_bytes=memory, embedded=True,
-                   gpu_memory_bytes=gpu_memory,
-                   gpu_memory_from=("torch" if gpu_memory else "torch could not say") if gpus else "")
+                   gpu_memory_probe=local_gpu_memory if gpus else None)
 
 
 _GPU_MEMORY_PROBE = ("import torch; n = torch.cuda.device_count(); "
@@ -244,7 +262,7 @@ def local_gpu_memory() -> int:
 
         if torch.cuda.is_initialized():
             return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
-        r = subprocess.run([sys.executable, "-c", _GPU_MEMORY_PROBE], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([sys.executable, "-c", _GPU_MEMORY_PROBE], capture_output=True, text=True, timeout=60)
         return int(r.stdout.split()[-1]) if r.returncode == 0 and r.stdout.split() else 0
     except Exception:  # noqa: BLE001 - no torch, no CUDA, a probe that failed: unknown
         return 0

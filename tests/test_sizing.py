@@ -58,10 +58,11 @@ def test_on_gpus_by_default_several_actors_per_gpu_as_its_memory_holds():
     assert plan_actors(RuntimeConfig(), "cpu", machine(16, gpus=1, gpu_memory=H100_80GB)).gpus_per_actor == 0.0
 
 
-def test_on_gpus_of_unknown_memory_two_actors_per_gpu():
+def test_on_gpus_of_unknown_memory_one_actor_per_gpu():
+    """Unknown memory (often a consumer card of 8-16 GB): one per GPU, the old default."""
     got = plan_actors(RuntimeConfig(), "auto", machine(64, gpus=8, embedded=False))
-    assert (got.actors, got.gpus_per_actor) == (16, 0.5)
-    assert "; GPU memory unknown, 2 assumed;" in got.why
+    assert (got.actors, got.gpus_per_actor) == (8, 1.0)
+    assert "; GPU memory unknown, 1 assumed;" in got.why
 
 
 def test_the_cpus_limit_the_actors_per_gpu():
@@ -95,9 +96,17 @@ def test_num_actors_on_gpus_one_gpu_each_or_equal_shares():
     got = plan_actors(RuntimeConfig(num_actors=8), "auto", cluster)
     assert (got.actors, got.gpus_per_actor, got.why) == (8, 1.0, "runtime.num_actors")
     assert plan_actors(RuntimeConfig(num_actors=2), "auto", cluster).gpus_per_actor == 1.0
-    # more actors than GPUs: shares that add up to whole GPUs (12 on 8: half a GPU each)
-    assert plan_actors(RuntimeConfig(num_actors=12), "auto", cluster).gpus_per_actor == 0.5
+    # more actors than GPUs: equal shares of 1/m of a GPU, m = actors / GPUs rounded up, so that all
+    # fit; when the actors are not a multiple of the GPUs Ray packs the shares onto fewer GPUs than
+    # the cluster's (12 on 8: half a GPU each, 6 GPUs used, 2 idle), and the log says so
+    twelve = plan_actors(RuntimeConfig(num_actors=12), "auto", cluster)
+    assert twelve.gpus_per_actor == 0.5
+    assert "warning: 12 actors at 1/2 GPU each on 8 GPUs: Ray packs them onto 6 GPUs, so 2 may sit idle" in twelve.why
+    assert "warning" not in plan_actors(RuntimeConfig(num_actors=16), "auto", cluster).why
+    fifteen = plan_actors(RuntimeConfig(num_actors=15), "auto", cluster)  # 8 GPUs used, unevenly
+    assert fifteen.gpus_per_actor == 0.5 and "do not divide evenly over 8 GPUs" in fifteen.why
     assert plan_actors(RuntimeConfig(num_actors=3), "auto", machine(16, gpus=1)).gpus_per_actor == 1 / 3
+    assert "warning" not in plan_actors(RuntimeConfig(num_actors=3), "auto", machine(16, gpus=1)).why
     assert plan_actors(RuntimeConfig(num_actors=3, gpus_per_actor=1), "auto", machine(16, gpus=1)).gpus_per_actor == 1.0
 
 
@@ -121,11 +130,11 @@ def test_joined_cluster_gpu_memory_from_the_accelerator_type():
     # the smallest of the cluster's types: T4 (14.5 GiB), one per GPU
     mixed = joined_cluster({"CPU": 64.0, "GPU": 8.0, "accelerator_type:H100": 1.0, "accelerator_type:T4": 1.0})
     assert mixed.gpu_memory_bytes == int(14.5 * GIB) and plan_actors(RuntimeConfig(), "auto", mixed).actors == 8
-    # a type not in the table, or none: unknown (two per GPU)
+    # a type not in the table, or none: unknown (one per GPU)
     other = joined_cluster({"CPU": 64.0, "GPU": 8.0, "accelerator_type:GeForce-RTX-4090": 1.0})
     assert other.gpu_memory_bytes == 0 and "GeForce-RTX-4090 not in" in other.gpu_memory_from
     other_plan = plan_actors(RuntimeConfig(), "auto", other)
-    assert other_plan.actors == 16 and "not in sizing.GPU_MEMORY_BY_TYPE: GPU memory unknown, 2 assumed" in other_plan.why
+    assert other_plan.actors == 8 and "not in sizing.GPU_MEMORY_BY_TYPE: GPU memory unknown, 1 assumed" in other_plan.why
     assert joined_cluster({"CPU": 8.0, "GPU": 1.0}).gpu_memory_bytes == 0
     assert joined_cluster({"CPU": 8.0}).gpus == 0.0
 
@@ -151,6 +160,57 @@ def test_local_gpu_memory_is_read_in_a_child_process(monkeypatch):
     assert calls and calls[0][1] == "-c" and "get_device_properties" in calls[0][2]
     monkeypatch.setattr(sizing.subprocess, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 1, "", "boom"))
     assert sizing.local_gpu_memory.__wrapped__() == 0
+
+
+def test_local_machine_reads_gpu_memory_only_when_the_actors_per_gpu_need_it(monkeypatch):
+    """local_machine never starts the memory probe (job.py calls it for the GPU count alone, before
+    the lease and in dry runs); plan_actors does, once, only when it picks the actors per GPU."""
+    import subprocess
+
+    import torch
+
+    from fastsam_batch import sizing
+
+    probed = []
+
+    def no_probe(*a, **kw):  # local_gpu_memory would swallow the error: recorded too
+        probed.append(a)
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(sizing.subprocess, "run", no_probe)
+    cpu = sizing.local_machine("cpu")
+    assert cpu.gpus == 0 and cpu.embedded and cpu.cpus >= 1 and cpu.gpu_memory_probe is None
+    assert plan_actors(RuntimeConfig(), "cpu", cpu).gpus_per_actor == 0.0
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(sizing, "local_gpu_memory", sizing.local_gpu_memory.__wrapped__)  # no cache
+    monkeypatch.setattr(sizing.os, "cpu_count", lambda: 8)
+    gpu = sizing.local_machine("auto")  # no probe yet
+    assert gpu.gpus == 1.0 and gpu.gpu_memory_bytes == 0
+    assert plan_actors(RuntimeConfig(gpus_per_actor=1), "auto", gpu).actors == 1  # set: no probe either
+    assert plan_actors(RuntimeConfig(num_actors=2), "auto", gpu).actors == 2
+    assert probed == []
+    calls = []
+
+    def child(argv, **kw):
+        calls.append(kw.get("timeout"))
+        return subprocess.CompletedProcess(argv, 0, stdout=f"{H100_80GB}\n", stderr="")
+
+    monkeypatch.setattr(sizing.subprocess, "run", child)
+    # embedded, 8 cores, one 80 GB GPU: by memory 7, by CPUs (8 - 1 - 2) / 1 = 5, at most 4: k = 4
+    plan = plan_actors(RuntimeConfig(), "auto", gpu)
+    assert calls == [60]  # probed once, with a 60 s timeout
+    assert (plan.actors, plan.gpus_per_actor) == (4, 0.25)
+    assert "torch: 79.2 GiB per GPU, 7 at 10 GiB each" in plan.why
+    # the embedded Ray: max(8 cores, 4 actors + 1 decode + 1 other = 6) = 8 logical CPUs;
+    # read/decode: 8 - 4 actors - 1 other = 3 free, at least 2 for the GPU: 3
+    assert embedded_ray_cpus(RuntimeConfig(), plan.actors, 8) == 8
+    assert plan.decode_workers == 3
+    # a probe that fails: unknown, one per GPU
+    monkeypatch.setattr(sizing.subprocess, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 1, "", "x"))
+    failed = plan_actors(RuntimeConfig(), "auto", sizing.local_machine("auto"))
+    assert failed.actors == 1 and "torch could not say: GPU memory unknown, 1 assumed" in failed.why
 
 
 def test_what_the_manifest_sets_wins():
