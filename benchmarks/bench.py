@@ -716,10 +716,17 @@ class GpuSampler:
                 "gpu_memory_peak_mb": max((m for _, m in rows), default=0.0), "samples": len(rows)}
 
 
+def segmentation_line(log: str) -> str:
+    """The run's "segmentation: N actors (why), G GPU each; ..." line (how many actors per GPU, and why)."""
+    return next((line.strip() for line in log.splitlines() if line.strip().startswith("segmentation:")), "")
+
+
 def gpu_report(args, work: Path, photos: Path, paths: list[Path], results: dict) -> None:
     """FastSAM-s and -x architectures, realistic load: the model alone (batched forward), the plain
     ultralytics loop on the same device, and `fastsam-batch run` end to end with GPU utilisation,
-    stage times and mask agreement with the loop; then host and GPU memory at len(paths) and 10x."""
+    stage times and mask agreement with the loop; then host and GPU memory at len(paths) and 10x,
+    and (FastSAM-x) the 10x run again with one actor per GPU (`gpus_per_actor: 1`, the old default)
+    against the default of several per GPU (sizing.actors_per_gpu)."""
     import pyarrow.dataset as pads
 
     src = sorted(Path(args.photo_dir).glob("*.jpg"))
@@ -740,7 +747,7 @@ def gpu_report(args, work: Path, photos: Path, paths: list[Path], results: dict)
         run = run_tool(m)
         run["summary"] = (out / "_run.json").read_text()
         table = pads.dataset(str(out), format="parquet").to_table()
-        return tool_stats(table, run) | gpu.stop(), table
+        return tool_stats(table, run) | gpu.stop() | {"segmentation": segmentation_line(run["log"])}, table
 
     for arch in args.archs.split(","):
         ckpt, conf = load_checkpoint(args, work, src, arch, results)
@@ -765,7 +772,7 @@ def gpu_report(args, work: Path, photos: Path, paths: list[Path], results: dict)
               f"GPU busy {e2e.get('gpu_busy_pct_mean', float('nan')):.0f}%, {e2e['masks_per_image']:.1f} masks/img; "
               f"matched IoU>=0.95 {r['agreement_with_baseline']['fraction_0_95']:.3f}, >=0.99 "
               f"{r['agreement_with_baseline']['fraction']:.3f}; stages ms/img "
-              f"{json.dumps({k: round(v, 1) for k, v in e2e['stage_ms'].items()})}", flush=True)
+              f"{json.dumps({k: round(v, 1) for k, v in e2e['stage_ms'].items()})}; {e2e['segmentation']}", flush=True)
         finish(args, results, quiet=True)  # after each architecture: a later failure keeps these
     results["reduced_decode_agreement"] = reduced_decode_agreement(work, device=args.device)
     print(f"reduced and device decode vs reference (trained fixture model): "
@@ -783,10 +790,40 @@ def gpu_report(args, work: Path, photos: Path, paths: list[Path], results: dict)
     for label, folder in (("small", photos), ("large", big)):
         e2e, _ = end_to_end(ckpt, conf, folder, work / f"gpu-mem-{label}")
         results[f"memory_{label}"] = {k: e2e.get(k) for k in ("images", "images_per_s_steady", "peak_driver_mb",
-                                                              "peak_workers_mb", "gpu_memory_peak_mb")}
+                                                              "peak_workers_mb", "gpu_memory_peak_mb", "gpu_busy_pct_mean",
+                                                              "segmentation")}
         print(f"memory, {e2e['images']} images: host {e2e['peak_driver_mb'] + e2e['peak_workers_mb']:.0f} MB, "
-              f"GPU {e2e.get('gpu_memory_peak_mb', float('nan')):.0f} MB, {e2e['images_per_s_steady']:.1f} images/s",
-              flush=True)
+              f"GPU {e2e.get('gpu_memory_peak_mb', float('nan')):.0f} MB, {e2e['images_per_s_steady']:.1f} images/s "
+              f"({e2e['segmentation']})", flush=True)
+        finish(args, results, quiet=True)
+    # Several actors per GPU (the default) against one (the old default), FastSAM-x on the 10x images
+    # (enough batches for a steady state with several actors): does running finish()'s host work in
+    # several processes per GPU lift the one-actor cap (benchmarks/RESULTS.md, issue 22)? Both runs
+    # on FastSAM-x: the memory runs above used the last architecture's checkpoint, so when that is
+    # not x, the default run is made again on x's checkpoint.
+    archs = args.archs.split(",")
+    if "x" not in archs:
+        results["end_to_end_one_actor_per_gpu"] = {"skipped": "FastSAM-x not in --archs"}
+        return
+    keys = ("images", "images_per_s_steady", "startup_s", "gpu_busy_pct_mean", "gpu_memory_peak_mb", "stage_ms",
+            "segmentation")
+    if archs[-1] == "x":  # the 10x memory run was x's, with the defaults: the comparison's default run
+        x_ckpt, x_conf = ckpt, conf
+        several = results["memory_large"]
+    else:
+        x_ckpt, x_conf = load_checkpoint(args, work, src, "x", results)
+        free()
+        several_run, _ = end_to_end(x_ckpt, x_conf, big, work / "gpu-several-actors-per-gpu")
+        several = results["end_to_end_several_actors_per_gpu"] = {k: several_run.get(k) for k in keys}
+        finish(args, results, quiet=True)
+    free()
+    one, _ = end_to_end(x_ckpt, x_conf, big, work / "gpu-one-actor-per-gpu", gpus_per_actor=1.0)
+    results["end_to_end_one_actor_per_gpu"] = {k: one.get(k) for k in keys} | {
+        "default_over_one_actor_per_gpu": several["images_per_s_steady"] / one["images_per_s_steady"]}
+    print(f"FastSAM-x, {one['images']} images: one actor per GPU {one['images_per_s_steady']:.1f} images/s "
+          f"(GPU busy {one.get('gpu_busy_pct_mean', float('nan')):.0f}%), the default {several['images_per_s_steady']:.1f} "
+          f"(GPU busy {several.get('gpu_busy_pct_mean', float('nan')):.0f}%; {several['segmentation']}): "
+          f"{results['end_to_end_one_actor_per_gpu']['default_over_one_actor_per_gpu']:.2f}x", flush=True)
 
 
 SWEEP = [  # (label, runtime settings); the first is the default
@@ -800,7 +837,9 @@ SWEEP = [  # (label, runtime settings); the first is the default
     ("decode_cpus 0.5", {"decode_cpus": 0.5}),
 ]
 GPU_SWEEP = [  # with --device cuda: fp16, batch size, actors per GPU, read/decode workers per GPU
-    ("defaults: batch 16, one actor per GPU, decoders on every free CPU", {"batch_size": 16}),  # sizing.GPU_BATCH
+    # sizing.GPU_BATCH; actors per GPU by its memory and the CPUs (sizing.actors_per_gpu: 4 on an 80 GB GPU)
+    ("defaults: batch 16, up to 4 actors per GPU by its memory, decoders on every free CPU", {"batch_size": 16}),
+    ("1 actor per GPU (the old default), batch 16", {"gpus_per_actor": 1.0, "batch_size": 16}),
     ("fp32 (model.half off)", {"half": False, "batch_size": 16}),
     ("batch 4", {"batch_size": 4}),
     ("batch 8", {"batch_size": 8}),

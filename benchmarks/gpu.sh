@@ -2,7 +2,7 @@
 # The GPU measurement of issue 11, as ONE call on the lent GPU machine (see README "Benchmark"):
 #
 #   bash ../shared/device/bundle.sh 10          # here: packs ray, ultralytics, ... and 10 photos into .device/
-#   device run, carry [".device"], timeout 420:
+#   device run, carry [".device"], timeout 480:
 #     source .device/setup.sh && bash benchmarks/gpu.sh
 #
 # FastSAM-s and FastSAM-x architectures (realistic random-weight load, conf 0.4, imgsz 1024, fp16,
@@ -10,8 +10,11 @@
 # and 32: a short sweep), the plain ultralytics loop, `fastsam-batch run` end to end (GPU
 # utilisation, ms per stage, agreement with the loop); the decode agreement (reduced, device and
 # exact decodes against the reference, trained fixture model: generated JPEGs and the carried
-# photos); then host and GPU memory at 160 and 1,600 images. Writes results under $OUT (the device
-# tool's output folder) or benchmarks/out/; gpu-report.json after each architecture.
+# photos); then host and GPU memory at 160 and 1,600 images (the default: several actors per GPU,
+# sizing.actors_per_gpu), and the 1,600 images of FastSAM-x once more with one actor per GPU
+# (`gpus_per_actor: 1`, the old default; `end_to_end_one_actor_per_gpu` in gpu-report.json, about
+# 45 s more). Writes results under $OUT (the device tool's output folder) or benchmarks/out/;
+# gpu-report.json after each architecture and each memory run.
 #
 # First (about a minute) the CUDA-only tests, tests/test_cuda.py (benchmarks/cuda_checks.py: pytest
 # when installed, else each test called directly): the GPU path's no-sync steps under

@@ -386,7 +386,8 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         completed.update((uri, version) for uri, version, _ in units)
 
     committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit,
-                          lambda: progress.tick(), on_unit_end, on_units_complete, watch=lease.check_held)
+                          lambda: progress.tick(), on_unit_end, on_units_complete, watch=lease.check_held,
+                          target_file_bytes=max(1, int(m.output.target_file_mb * (1 << 20))))
     # Segmented images are counted as their rows reach the writer; committed ones as files land.
     progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=lambda: committer.pending_rows)
     try:

@@ -174,23 +174,35 @@ class MaskRulesConfig(_Strict):
 
 class OutputConfig(_Strict):
     uri: str = Field(min_length=1, description="folder or prefix for the Parquet dataset")
-    rows_per_file: int = Field(default=1000, ge=1, description="most images per Parquet file")
+    target_file_mb: float = Field(default=128, gt=0, description="Parquet files are cut at about this size, in MiB, "
+                                  "never above it (a single larger row is a file of its own). Reached only when the "
+                                  "writer receives that much within commit_interval_s (128 MiB in 10 s: about "
+                                  "440-640 images/s in all); below that the interval cuts the files (raise "
+                                  "commit_interval_s for bigger ones, losing more to a kill). 128: with ~100-mask "
+                                  "photos (~20-40 KB a row) ~3,000-6,000 images a full file, ~170,000-350,000 files "
+                                  "for a billion images. The driver holds the rows waiting (Arrow, ~1.5-3x their "
+                                  "Parquet size with zstd; a cut is forced above 4x this) and the file's bytes: a few "
+                                  "times this at its peak (about 6x at most). A repair or retry rewrites whole files: "
+                                  "a smaller target suits outputs often repaired or retried")
+    rows_per_file: int | None = Field(default=None, ge=1, description="most images per Parquet file; default: no "
+                                      "cap (files are cut by target_file_mb and commit_interval_s)")
     commit_interval_s: float = Field(default=10.0, gt=0, description="rows waiting this long are committed in a "
-                                     "file of their own, even if fewer than rows_per_file: a kill or Ctrl-C loses at "
-                                     "most this much work")
+                                     "file of their own, even if smaller than target_file_mb: a kill or Ctrl-C loses "
+                                     "about this much work (plus blocks on their way to the writer); at low "
+                                     "throughput it, not the size, cuts the files")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 
 class RuntimeConfig(_Strict):
     batch_size: int | None = Field(default=None, ge=1, description="images per model forward; default: 16 with the "
                                    "model on GPUs, 4 on the CPU (sizing.py)")
-    num_actors: int | None = Field(default=None, ge=1, description="segmentation actors (model replicas); default: one per GPU, on CPU one per core within memory (sizing.py)")
-    gpus_per_actor: float | None = Field(default=None, ge=0, description="default: 1 when CUDA is used, else 0")
+    num_actors: int | None = Field(default=None, ge=1, description="segmentation actors (model replicas); default: on GPUs up to 4 per GPU as its memory and the CPUs allow, on CPU one per core within memory (sizing.py)")
+    gpus_per_actor: float | None = Field(default=None, ge=0, description="GPUs per actor (1: one actor per GPU, 0.5: two); default: with CUDA 1/k for k actors per GPU (up to 4, one per 10 GiB of its memory, within the CPUs; sizing.py), else 0")
     cpus_per_actor: float = Field(default=1.0, gt=0)
     torch_threads: int | None = Field(default=None, ge=1, description="torch threads per actor; default: on CPU the node's cores / num_actors, on GPU cpus_per_actor")
     decode_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per read/decode worker")
-    decode_workers: int | None = Field(default=None, ge=1, description="most read/decode workers; default: on CPU 2 per actor, on GPUs every CPU the actors leave (sizing.py)")
-    in_flight_mb: int | None = Field(default=None, ge=16, description="cap on Ray's object store use by the run (decoded images queued ahead of the model), in MiB; default 64 per actor on CPU, 1024 per actor on GPU")
+    decode_workers: int | None = Field(default=None, ge=1, description="most read/decode workers; default: on CPU 2 per actor, on GPUs every CPU the actors leave, at least 2 per GPU (sizing.py)")
+    in_flight_mb: int | None = Field(default=None, ge=16, description="cap on Ray's object store use by the run (decoded images queued ahead of the model), in MiB; default 64 per actor on CPU, 1024 per GPU on GPUs")
     plan_part_rows: int = Field(default=1000, ge=1, description="planned images per plan part (above one part, parts go to files under output.uri/_plan/)")
     max_error_fraction: float | None = Field(default=None, ge=0.0, le=1.0, description="fail the run above this share of error rows")
     ray_address: str | None = Field(default=None, description="join this cluster; default RAY_ADDRESS, else an embedded local Ray")

@@ -38,6 +38,15 @@ def test_good_manifest_gets_fastsam_defaults():
     assert m.runtime.max_error_fraction is None
 
 
+def test_files_are_sized_by_bytes_unless_a_row_cap_is_set():
+    """Issue 23: files are cut at output.target_file_mb (128 MiB by default) and no row count;
+    rows_per_file, when a manifest sets it, still caps the rows of a file (and can be set with it)."""
+    m = parse_manifest(GOOD)
+    assert (m.output.target_file_mb, m.output.rows_per_file, m.output.commit_interval_s) == (128, None, 10.0)
+    m = parse_manifest(with_change("output", {**GOOD["output"], "rows_per_file": 1000, "target_file_mb": 32.5}))
+    assert (m.output.target_file_mb, m.output.rows_per_file) == (32.5, 1000)
+
+
 @pytest.mark.parametrize(
     "path,value,field,words",
     [
@@ -56,6 +65,9 @@ def test_good_manifest_gets_fastsam_defaults():
         ("model.half", "maybe", "model.half", "boolean"),
         ("prompts.mode", "telepathy", "prompts.mode", "everything"),
         ("output.rows_per_file", 0, "output.rows_per_file", "greater than or equal to 1"),
+        ("output.target_file_mb", 0, "output.target_file_mb", "greater than 0"),
+        ("output.target_file_mb", -64, "output.target_file_mb", "greater than 0"),
+        ("output.target_file_mb", "big", "output.target_file_mb", "number"),
         ("runtime.batch_size", 0, "runtime.batch_size", "greater than or equal to 1"),
         ("runtime.max_error_fraction", 2, "runtime.max_error_fraction", "less than or equal to 1"),
         ("input", "s3://x", "input", "dictionary"),
