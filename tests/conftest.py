@@ -172,3 +172,27 @@ def write_job(path: Path, name: str, input_uri: str, checkpoint: str, output_uri
         "output": {"uri": output_uri, "rows_per_file": rows_per_file}, "runtime": {"batch_size": 2, **runtime},
     }))
     return path
+
+
+def pytest_collection_finish(session):
+    """When a test of test_install.py that needs the installed image is selected, the image's install
+    (minutes of pip fetching and unpacking wheels) begins now, beside the tests before it; its
+    fixture waits for it (test_install.ImageInstall)."""
+    if session.config.option.collectonly:
+        return
+    for module in {item.module for item in session.items if "installed" in getattr(item, "fixturenames", ())}:
+        if hasattr(module, "start_install"):
+            import tempfile
+
+            module.start_install(Path(tempfile.mkdtemp(prefix="fastsam-image-")))
+
+
+def pytest_sessionfinish(session):
+    """An image install begun for tests that never ran (stopped, or failed early) is ended and removed;
+    every image folder's removal is waited for."""
+    module = sys.modules.get("test_install")
+    if module is not None and getattr(module, "_started", None) is not None:
+        module._started.remove()
+        module._started = None
+    if module is not None and hasattr(module, "wait_removed"):
+        module.wait_removed()

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -77,34 +78,95 @@ def test_the_dockerfile_is_the_pinned_ray_image_and_installs_by_install_sh_alone
     assert python_steps == [f"bash {IMAGE_SRC}/cluster/install.sh {IMAGE_SRC}"], runs
 
 
+class ImageInstall:
+    """The image's install replayed into a fresh virtual environment under ``base``: the files the
+    Dockerfile copies, a venv, then cluster/install.sh in a process of its own (no pip cache, no
+    editable install). Started when collection ends (conftest's ``pytest_collection_finish``, when
+    a test here that needs it is selected), so the couple of minutes pip spends fetching and
+    unpacking run beside the tests before this module's; the fixture waits for its end."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        root = base / "root"
+        _copy_as_the_image_does(root)
+        src = root / IMAGE_SRC.lstrip("/")
+        self.venv = base / "venv"
+        subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(self.venv)],
+                       check=True, timeout=300)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "RAY_ADDRESS") and not k.startswith("AWS_")}
+        env["PATH"] = f"{self.venv / 'bin'}:{env['PATH']}"
+        env["YOLO_CONFIG_DIR"] = str(base / "yolo")  # ultralytics writes its settings here, not in the user's home
+        for keyword, args in _instructions():  # the image's ENV lines
+            if keyword == "ENV":
+                env.update(dict(pair.split("=", 1) for pair in shlex.split(args)))
+        env["FASTSAM_BATCH_CACHE"] = str(base / "cache")
+        self.env = env
+        self.log = base / "install.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(["bash", str(src / "cluster" / "install.sh"), str(src)], env=env, cwd=base,
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float = 1500) -> str:
+        """install.sh's exit status checked; its output."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        out = self.log.read_text(errors="replace")
+        assert rc == 0, out[-6000:]
+        return out
+
+    def remove(self, wait: bool = True) -> None:
+        """The install stopped if it still runs, and its folder (6.6 GB) removed: with ``wait`` false,
+        in a thread that ``wait_removed`` (at the session's end) joins, so the tests go on meanwhile."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.remover = threading.Thread(target=shutil.rmtree, args=(self.base,), kwargs={"ignore_errors": True})
+        self.remover.start()
+        _removing.append(self.remover)
+        if wait:
+            self.remover.join()
+
+
+_removing: list[threading.Thread] = []
+
+
+def wait_removed() -> None:
+    """Every image folder's removal finished (called when the session ends)."""
+    while _removing:
+        _removing.pop().join()
+
+
+_started: ImageInstall | None = None
+
+
+def start_install(base: Path) -> None:
+    """Begin the image's install now (called once, when collection ends)."""
+    global _started
+    if _started is None:
+        _started = ImageInstall(base)
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """A fresh virtual environment with the package installed by cluster/install.sh from the files
-    the Dockerfile copies (no pip cache, no editable install); yields (bin folder, environment,
-    an empty working folder outside the source tree)."""
-    base = tmp_path_factory.mktemp("image")
-    root = base / "root"
-    _copy_as_the_image_does(root)
-    src = root / IMAGE_SRC.lstrip("/")
-    venv = base / "venv"
-    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(venv)], check=True,
-                   timeout=300)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "RAY_ADDRESS") and not k.startswith("AWS_")}
-    env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
-    env["YOLO_CONFIG_DIR"] = str(base / "yolo")  # ultralytics writes its settings here, not in the user's home
-    for keyword, args in _instructions():  # the image's ENV lines
-        if keyword == "ENV":
-            env.update(dict(pair.split("=", 1) for pair in shlex.split(args)))
-    env["FASTSAM_BATCH_CACHE"] = str(base / "cache")
-    r = subprocess.run(["bash", str(src / "cluster" / "install.sh"), str(src)], env=env, cwd=base,
-                       capture_output=True, text=True, timeout=1500)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert re.search(rf"\| ray {re.escape(pinned('ray'))} \|", r.stdout), r.stdout[-2000:]
-    work = base / "work"
-    work.mkdir()
-    yield venv / "bin", env, work
-    shutil.rmtree(venv, ignore_errors=True)  # 6.6 GB: pytest keeps its last temporary folders
+    """The image's install (begun when collection ended, or now), waited for; yields (bin folder,
+    environment, an empty working folder outside the source tree)."""
+    global _started
+    if _started is None:
+        start_install(tmp_path_factory.mktemp("image"))
+    image, _started = _started, None
+    try:
+        out = image.wait()
+        assert re.search(rf"\| ray {re.escape(pinned('ray'))} \|", out), out[-2000:]
+        work = image.base / "work"
+        work.mkdir()
+        yield image.venv / "bin", image.env, work
+    finally:
+        image.remove(wait=False)
 
 
 def _run(installed, *args, cwd=None, timeout=600, env=None):
