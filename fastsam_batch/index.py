@@ -2,8 +2,9 @@
 
 Nothing here reads or writes the output (:mod:`.resume` reads the committed files into a
 :class:`Committed`; :mod:`.repair` rewrites them): every function is a computation on arrays, tested
-against a plain ``set``/``dict`` (tests/test_index.py). The one exception is :class:`KeyRuns`'s
-optional spill of sorted runs to a local scratch folder, past a memory bound.
+against a plain ``set``/``dict`` (tests/test_index.py). The one exception is the spill to a local
+scratch folder past a memory bound: :class:`KeyRuns`'s sorted runs, and :class:`Committed`'s rows
+(an external sort: sorted runs merged in blocks, the result memory-mapped read-only).
 
 **Keys.** An image id is kept as the 16-byte BLAKE2b digest of its UTF-8 text (:func:`id_key`),
 held as two ``uint64`` columns, ``hi`` and ``lo`` (the digest's two big-endian halves, so the
