@@ -537,14 +537,16 @@ def _external_sort(blocks, dtype, limit: int, scratch, presorted=None, presorted
         buf.append(b)
         held += len(b)
         if held >= limit:
-            rec = _sorted(_concat(buf, dtype))
-            buf, held = [], 0
+            rec = _concat(buf, dtype)
+            buf, held = [], 0  # the blocks freed before the sort's copies are made
+            rec = _sorted(rec)
             path = scratch().new_path("run")
             rec.tofile(path)
             runs.append((path, len(rec)))
             del rec
-    rest = _sorted(_concat(buf, dtype)) if buf else None
+    rest = _concat(buf, dtype) if buf else None
     del buf
+    rest = _sorted(rest) if rest is not None else None
     if not runs and presorted_rows + held <= limit:  # all in memory: one stable sort
         first = list(presorted(max(presorted_rows, 1))) if presorted is not None else []
         rec = _concat(first + ([rest] if rest is not None else []), dtype)
