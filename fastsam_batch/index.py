@@ -22,6 +22,7 @@ casts or copies the array (the old ``SeenIds`` did, per id: O(n) each).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import tempfile
@@ -431,18 +432,34 @@ def _mapped(path: str, dtype, n: int) -> np.ndarray:
     return np.memmap(path, dtype, "r", shape=(n,)) if n else np.empty(0, dtype)
 
 
-def _blocks(arr: np.ndarray, block: int, path: str | None = None):
-    """Copies of ``block`` records of ``arr`` at a time; ``path``: its file, removed once read."""
+def _read(arr: np.ndarray, a: int, b: int) -> np.ndarray:
+    """A copy of records [a, b) of ``arr``; of a mapped file, read with an ordinary read (a scan's
+    pages go to the page cache, not into this process's resident memory as a mapping's would)."""
+    if isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.filename and arr.offset == 0:  # a whole file
+        return np.fromfile(arr.filename, arr.dtype, count=b - a, offset=a * arr.dtype.itemsize)
+    return np.array(arr[a:b])
+
+
+def _blocks(arr: np.ndarray, block: int):
+    """Copies of ``block`` records of ``arr`` at a time."""
+    for a in range(0, len(arr), block):
+        yield _read(arr, a, min(a + block, len(arr)))
+
+
+def _file_blocks(path: str, dtype, block: int):
+    """The records of a run file, ``block`` at a time (ordinary reads); the file removed once read."""
     try:
-        for a in range(0, len(arr), block):
-            yield np.array(arr[a:a + block])
+        with open(path, "rb") as f:
+            while True:
+                rec = np.fromfile(f, dtype, count=block)
+                if not len(rec):
+                    return
+                yield rec
     finally:
-        if path is not None:
-            del arr
-            try:
-                os.remove(path)
-            except OSError:
-                pass
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def _merge(sources: list, emit) -> None:
@@ -555,7 +572,7 @@ def _external_sort(blocks, dtype, limit: int, scratch, presorted=None, presorted
     k = min(len(runs) + (presorted is not None) + (rest is not None), fan_in)
     block = max(1, limit // (2 * k + 2))  # k blocks buffered, and as many merged: about ``limit`` rows
     sources = ([presorted(block)] if presorted is not None else []) + \
-        [_blocks(_mapped(p, dtype, n), block, p) for p, n in runs] + ([_blocks(rest, block)] if rest is not None else [])
+        [_file_blocks(p, dtype, block) for p, _ in runs] + ([_blocks(rest, block)] if rest is not None else [])
     while len(sources) > fan_in:  # merged in passes, neighbours together: the order of sources kept
         merged = []
         for g in range(0, len(sources), fan_in):
@@ -570,7 +587,7 @@ def _external_sort(blocks, dtype, limit: int, scratch, presorted=None, presorted
                     b.tofile(f)
                     count[0] += len(b)
                 _merge(group, write)
-            merged.append(_blocks(_mapped(path, dtype, count[0]), block, path))
+            merged.append(_file_blocks(path, dtype, block))
         sources = merged
     out = _Output(scratch, dtype, limit, fix)
     _merge(sources, out.emit)
@@ -583,11 +600,12 @@ def _spans(n: int, block: int = 0):
         yield a, min(a + block, n)
 
 
-def _same_as_next(hi: np.ndarray, lo: np.ndarray, block: int = 0):
+def _same_as_next(records: np.ndarray, block: int = 0):
     """(a, mask) per block of rows: mask[i]: row a+i has the key of row a+i+1 (every pair once)."""
-    n = len(hi)
+    n = len(records)
     for a, b in _spans(max(n - 1, 0), block):
-        h, l = np.asarray(hi[a:b + 1]), np.asarray(lo[a:b + 1])
+        rec = _read(records, a, b + 1)
+        h, l = rec["hi"], rec["lo"]
         yield a, (h[1:] == h[:-1]) & (l[1:] == l[:-1])
 
 
@@ -673,14 +691,14 @@ class Committed:
         """Rows by error reason (every row: several versions of an image count each)."""
         counts = np.zeros(len(self.reasons) + 1, np.int64)
         for a, b in _spans(self.rows):
-            counts += np.bincount(np.asarray(self.reason_of[a:b], np.int64) + 1, minlength=len(counts))
+            counts += np.bincount(_read(self.records, a, b)["reason_of"].astype(np.int64) + 1, minlength=len(counts))
         found = [(c, int(n)) for c, n in enumerate(counts[1:].tolist()) if n]
         return {self.reasons[c]: n for c, n in sorted(found, key=lambda x: self.reasons[x[0]])}
 
     @property
     def ok_rows(self) -> int:
         """Rows whose status is ok."""
-        return sum(int(np.count_nonzero(self.ok[a:b])) for a, b in _spans(self.rows))
+        return sum(int(np.count_nonzero(_read(self.records, a, b)["ok"])) for a, b in _spans(self.rows))
 
     @classmethod
     def from_rows(cls, rows: list[tuple], fingerprints: dict[str, int] | None = None,
@@ -737,7 +755,7 @@ class Committed:
             gone = state["gone"]
             drop = np.array([p in gone for p in self.parts] + [True], bool)
             for a, b in _spans(self.rows, block):
-                rec = np.array(self.records[a:b])
+                rec = _read(self.records, a, b)
                 rec = rec[~drop[rec["part_of"]]]
                 if len(rec):
                     yield rec
@@ -768,7 +786,7 @@ class Committed:
         """Distinct image ids with a row."""
         if not self.rows:
             return 0
-        return self.rows - sum(int(np.count_nonzero(same)) for _, same in _same_as_next(self.hi, self.lo))
+        return self.rows - sum(int(np.count_nonzero(same)) for _, same in _same_as_next(self.records))
 
     def key_list(self, rows: np.ndarray) -> list[bytes]:
         """The 16-byte id keys of these rows."""
@@ -788,7 +806,7 @@ class Committed:
                 def pairs():
                     for a, b in _spans(self.rows, min(SCAN_BLOCK, self.bound)):
                         rec = np.empty(b - a, _UNIT_ROW)
-                        rec["hi"], rec["lo"] = self.units[a:b], np.arange(a, b, dtype=U64)
+                        rec["hi"], rec["lo"] = _read(self.records, a, b)["units"], np.arange(a, b, dtype=U64)
                         yield rec
 
                 by = _external_sort(pairs(), _UNIT_ROW, self.bound, self._folder)
@@ -911,7 +929,7 @@ def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozense
     out = Duplicates()
     if c.rows < 2:
         return out
-    pairs = [np.flatnonzero(same) + a for a, same in _same_as_next(c.hi, c.lo) if same.any()]  # a block at a time
+    pairs = [np.flatnonzero(same) + a for a, same in _same_as_next(c.records) if same.any()]  # a block at a time
     if not pairs:
         return out
     first = np.concatenate(pairs)
