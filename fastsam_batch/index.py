@@ -633,9 +633,10 @@ class Committed:
     in blocks) and made again by each :meth:`replaced` (the kept rows and the new ones merged as
     streams: a pass over the rows, no sort of them all). The rows by container
     (:meth:`unit_rows`) are sorted the same way. Lookups are binary searches in the mapped file
-    (the page cache, which the kernel may reclaim, holds what they touch); the scans over every
-    row (:attr:`images`, :meth:`errors_by_reason`, :func:`duplicate_rows`) read it a block at a
-    time. What stays per file (``parts``, fingerprints, stamps) is not per row."""
+    (the pages they touch count in RSS as file pages, which the kernel may reclaim); the scans
+    over every row (:attr:`images`, :meth:`errors_by_reason`, :attr:`ok_rows`,
+    :func:`duplicate_rows`, the kept rows of :meth:`replaced`) read it a block at a time with
+    ordinary reads. What stays per file (``parts``, fingerprints, stamps) is not per row."""
 
     parts: list[str] = field(default_factory=list)  # sorted
     rows: int = 0
