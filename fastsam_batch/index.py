@@ -398,6 +398,12 @@ MERGE_FAN_IN = 64  # sorted runs merged at once (more: merged in passes)
 SCAN_BLOCK = 1 << 20  # rows read at a time by the scans over every row (images, errors, duplicates)
 
 
+def _remove_own(folder: str, pid: int) -> None:
+    """Removes ``folder``, only from the process that made it (not from a forked child's exit)."""
+    if os.getpid() == pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class _Scratch:
     """A private folder under :func:`scratch_dir` (``fastsam-keys-<pid>-*``, so that
     :func:`remove_stale_scratch` finds those of killed processes), removed with the object."""
@@ -408,7 +414,7 @@ class _Scratch:
         remove_stale_scratch(parent)
         self.dir = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent)
         self._files = 0
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)
+        self._cleanup = weakref.finalize(self, _remove_own, self.dir, os.getpid())
 
     def new_path(self, what: str) -> str:
         self._files += 1
