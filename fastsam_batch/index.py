@@ -587,12 +587,8 @@ def _external_sort(blocks, dtype, limit: int, scratch, presorted=None, presorted
                 merged.append(group[0])
                 continue
             path = scratch().new_path("run")
-            count = [0]
             with open(path, "wb") as f:
-                def write(b, f=f, count=count):
-                    b.tofile(f)
-                    count[0] += len(b)
-                _merge(group, write)
+                _merge(group, lambda b, f=f: b.tofile(f))
             merged.append(_file_blocks(path, dtype, block))
         sources = merged
     out = _Output(scratch, dtype, limit, fix)
