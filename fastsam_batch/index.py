@@ -441,7 +441,8 @@ def _mapped(path: str, dtype, n: int) -> np.ndarray:
 def _read(arr: np.ndarray, a: int, b: int) -> np.ndarray:
     """A copy of records [a, b) of ``arr``; of a mapped file, read with an ordinary read (a scan's
     pages go to the page cache, not into this process's resident memory as a mapping's would)."""
-    if isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.filename and arr.offset == 0:  # a whole file
+    whole_file = isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.offset == 0
+    if whole_file and arr.filename:
         return np.fromfile(arr.filename, arr.dtype, count=b - a, offset=a * arr.dtype.itemsize)
     return np.array(arr[a:b])
 
@@ -603,12 +604,13 @@ def _spans(n: int, block: int = 0):
 
 
 def _same_as_next(records: np.ndarray, block: int = 0):
-    """(a, mask) per block of rows: mask[i]: row a+i has the key of row a+i+1 (every pair once)."""
+    """(a, records [a, b], mask) per block of rows (ordinary reads): mask[i]: row a+i has the key of
+    row a+i+1 (every pair once)."""
     n = len(records)
     for a, b in _spans(max(n - 1, 0), block):
         rec = _read(records, a, b + 1)
         h, l = rec["hi"], rec["lo"]
-        yield a, (h[1:] == h[:-1]) & (l[1:] == l[:-1])
+        yield a, rec, (h[1:] == h[:-1]) & (l[1:] == l[:-1])
 
 
 @dataclass
@@ -789,7 +791,7 @@ class Committed:
         """Distinct image ids with a row."""
         if not self.rows:
             return 0
-        return self.rows - sum(int(np.count_nonzero(same)) for _, same in _same_as_next(self.records))
+        return self.rows - sum(int(np.count_nonzero(same)) for _, _, same in _same_as_next(self.records))
 
     def key_list(self, rows: np.ndarray) -> list[bytes]:
         """The 16-byte id keys of these rows."""
@@ -823,7 +825,8 @@ class Committed:
             return _empty(np.int64), _empty(np.int64)
         order, sorted_units = self._rows_by_unit()
         want = np.array([unit_key(shard)], U64)
-        lo, hi = int(np.searchsorted(sorted_units, want, "left")[0]), int(np.searchsorted(sorted_units, want, "right")[0])
+        lo = int(np.searchsorted(sorted_units, want, "left")[0])
+        hi = int(np.searchsorted(sorted_units, want, "right")[0])
         rows = np.asarray(order[lo:hi], np.int64)
         same = np.asarray(self.versions[rows]) == U64(version_key(version))
         return rows[same], rows[~same]
@@ -932,19 +935,25 @@ def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozense
     out = Duplicates()
     if c.rows < 2:
         return out
-    pairs = [np.flatnonzero(same) + a for a, same in _same_as_next(c.records) if same.any()]  # a block at a time
-    if not pairs:
+    found = []  # (row indices, their records) of the images with several rows, a block at a time
+    for a, rec, same in _same_as_next(c.records):
+        if same.any():
+            first = np.flatnonzero(same)
+            local = np.union1d(first, first + 1)
+            found.append((local + a, rec[local]))
+    if not found:
         return out
-    first = np.concatenate(pairs)
-    rows = np.union1d(first, first + 1)  # the rows of images with several rows (key order: an image's rows contiguous)
-    h, l = np.asarray(c.hi[rows]), np.asarray(c.lo[rows])
+    # a block's last row is the next block's first: once
+    rows, keep = np.unique(np.concatenate([r for r, _ in found]), return_index=True)
+    rec = np.concatenate([x for _, x in found])[keep]  # in key order: an image's rows contiguous
+    h, l = rec["hi"], rec["lo"]
     image = np.cumsum(np.concatenate(([True], (h[1:] != h[:-1]) | (l[1:] != l[:-1]))))
-    sub = np.lexsort((c.part_of[rows], c.versions[rows], image))
-    order, image = rows[sub], image[sub]
-    versions, parts, ok = c.versions[order], c.part_of[order], c.ok[order]
+    sub = np.lexsort((rec["part_of"], rec["versions"], image))
+    rec, image = rec[sub], image[sub]
+    versions, parts, ok = rec["versions"], rec["part_of"], rec["ok"]
     g = np.concatenate(([True], (image[1:] != image[:-1]) | (versions[1:] != versions[:-1])))
     starts = np.flatnonzero(g)
-    ends = np.concatenate((starts[1:], [len(order)]))
+    ends = np.concatenate((starts[1:], [len(rec)]))
     names = [_name(p) in prefer for p in c.parts] if prefer else None
     for a, b in zip(starts.tolist(), ends.tolist()):
         if b - a < 2:
@@ -952,7 +961,7 @@ def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozense
         group_parts, good = parts[a:b].tolist(), ok[a:b].tolist()
         keeper = next((p for p in group_parts if names is not None and names[p]),
                       next((p for p, x in zip(group_parts, good) if x), group_parts[0]))
-        key = (key_bytes((c.hi[order[a]], c.lo[order[a]])), int(versions[a]))
+        key = (key_bytes((rec['hi'][a], rec['lo'][a])), int(versions[a]))
         out.kept.setdefault(c.parts[keeper], set()).add(key)
         for p in set(group_parts):
             if p != keeper:
