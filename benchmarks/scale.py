@@ -2,13 +2,15 @@
 
 For each N: N synthetic committed rows (the output schema, 1,000 rows a file, as the writer makes
 them, of this run's fingerprint) and a Parquet list of N + 1,000 images (the N done, 1,000 new)
--> `fastsam-batch plan --json` in a process of its own, its wall time, CPU time (user + system) and
-peak RSS (GNU time's maximum resident set size; the machine is shared, so CPU time is the steadier
-number), for the code before (``--before``: a commit, exported with
+-> `fastsam-batch plan --json` in a process of its own, its wall time, CPU time (user + system),
+peak RSS (its rusage's maximum resident set size, as GNU time reports it) and the peaks of its
+anonymous and file-backed resident memory (sampled; the committed index past its bound is a mapped
+file, whose pages count in RSS but may be reclaimed) (the machine is shared, so CPU time is the
+steadier number), for the code before (``--before``: a commit, exported with
 ``git archive``) and this tree's, in the same run. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/scale.py [--rows 200000 2000000] [--before 3388a75] [--before-timeout 300]
-                                         [--out benchmarks/out/scale.json] [--work DIR]
+                                         [--out benchmarks/out/scale.json] [--work DIR] [--index-rows N]
 
 Nothing is downloaded; the fixture checkpoint stands in for the model (planning never runs it).
 """
@@ -82,30 +84,60 @@ def make(work: Path, n: int, rows_per_file: int = 1000) -> tuple[Path, float]:
     return path, time.perf_counter() - t0
 
 
-def plan(code: Path, manifest_path: Path, timeout: float) -> dict:
-    """``fastsam-batch plan --json`` with the package from ``code``, under GNU time."""
+def _status(pid: int) -> dict[str, int]:
+    """kB fields of /proc/<pid>/status (RssAnon, RssFile, RssShmem, VmHWM); {} once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
+                    if k in ("RssAnon", "RssFile", "RssShmem", "VmHWM")}
+    except (OSError, ValueError):
+        return {}
+
+
+def plan(code: Path, manifest_path: Path, timeout: float, index_rows: int | None = None) -> dict:
+    """``fastsam-batch plan --json`` with the package from ``code``, in a process of its own: wall
+    time, CPU time (user + system) and peak RSS from its rusage (``wait4``: what GNU time reports),
+    and its anonymous and file-backed resident memory (RssAnon, RssFile from /proc/<pid>/status)
+    sampled every 20 ms, their peaks kept: mapped files' pages (the committed index past its bound)
+    count in RSS, but as file pages the kernel may reclaim; anonymous memory is what must stay
+    bounded. ``index_rows``: $FASTSAM_BATCH_INDEX_ROWS for it (the index's memory bound)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
+    if index_rows:
+        env["FASTSAM_BATCH_INDEX_ROWS"] = str(index_rows)
     prog = "import sys; from fastsam_batch.cli import main; sys.exit(main(sys.argv[1:]))"
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-c", prog, "plan", "--json", str(manifest_path)]
+    cmd = [sys.executable, "-c", prog, "plan", "--json", str(manifest_path)]
     # `python -c` puts the working directory first on sys.path: run in ``code`` so that its package is the one imported
     where = subprocess.run([sys.executable, "-c", "import fastsam_batch; print(fastsam_batch.__file__)"], env=env,
                            cwd=code, capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(code)), (where, code)
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"wall_s": None, "timed_out_after_s": timeout, "package": where}
-    wall = time.perf_counter() - t0
-    def field(name: str) -> float:
-        return next((float(line.split(":")[1]) for line in p.stderr.splitlines() if name in line), 0.0)
-
-    rss = field("Maximum resident set size")
-    cpu = field("User time (seconds)") + field("System time (seconds)")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, env=env, cwd=code, stdout=out, stderr=err, text=True)
+        peak = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            for k, v in _status(p.pid).items():
+                if k in peak:
+                    peak[k] = max(peak[k], v)
+            if time.perf_counter() - t0 > timeout:
+                p.kill()
+                os.wait4(p.pid, 0)
+                return {"wall_s": None, "timed_out_after_s": timeout, "package": where}
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if p.returncode:
-        raise RuntimeError(f"plan failed ({p.returncode}): {p.stderr[-2000:]}")
-    d = json.loads(p.stdout[p.stdout.index("{"):])
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss / 1024, 1), "images_to_do": d["images_to_do"],
+        raise RuntimeError(f"plan failed ({p.returncode}): {stderr[-2000:]}")
+    d = json.loads(stdout[stdout.index("{"):])
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_rss_anon_mb": round(peak["RssAnon"] / 1024, 1),
+            "peak_rss_file_mb": round(peak["RssFile"] / 1024, 1), "peak_rss_shmem_mb": round(peak["RssShmem"] / 1024, 1),
+            "index_rows": index_rows, "images_to_do": d["images_to_do"],
             "images_done": d["images_done"], "duplicates_in_input": d["duplicates_in_input"], "package": where}
 
 
@@ -117,6 +149,8 @@ def main() -> None:
     ap.add_argument("--before-rows-max", type=int, default=2_000_000, help="larger N: `before` not run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "scale.json"))
     ap.add_argument("--work", default=None, help="where the synthetic outputs go (kept; default: a temp folder)")
+    ap.add_argument("--index-rows", type=int, default=None,
+                    help="$FASTSAM_BATCH_INDEX_ROWS for this tree's plan (the committed index's memory bound)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="fastsam-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -132,20 +166,22 @@ def main() -> None:
     results = {"cpus": os.cpu_count(), "before_commit": args.before,
                "after_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                               capture_output=True, text=True).stdout.strip(), "rows": {}}
-    print(f"{'committed rows':>15s} {'code':>7s} {'plan wall s':>12s} {'CPU s':>8s} {'peak RSS MB':>12s} {'to do':>7s} "
-          f"{'done':>10s}")
+    print(f"{'committed rows':>15s} {'code':>7s} {'plan wall s':>12s} {'CPU s':>8s} {'peak RSS MB':>12s} "
+          f"{'anon MB':>8s} {'file MB':>8s} {'to do':>7s} {'done':>10s}")
     for n in args.rows:
         mpath, made_s = make(work, n)
         row = results["rows"][str(n)] = {"made_s": round(made_s, 1)}
         for label, code in codes.items():
             if label == "before" and n > args.before_rows_max:
                 continue
-            r = row[label] = plan(code, mpath, args.before_timeout if label == "before" else 3600)
+            r = row[label] = plan(code, mpath, args.before_timeout if label == "before" else 3600,
+                                  args.index_rows if label == "after" else None)
             if r.get("wall_s") is None:
                 print(f"{n:15,d} {label:>7s} {'> %d' % r['timed_out_after_s']:>12s} {'':>12s} (stopped)", flush=True)
                 continue
             assert (r["images_to_do"], r["images_done"]) == (NEW, n), r
-            print(f"{n:15,d} {label:>7s} {r['wall_s']:12.1f} {r['cpu_s']:8.1f} {r['peak_rss_mb']:12.0f} {r['images_to_do']:7,d} "
+            print(f"{n:15,d} {label:>7s} {r['wall_s']:12.1f} {r['cpu_s']:8.1f} {r['peak_rss_mb']:12.0f} "
+                  f"{r['peak_rss_anon_mb']:8.0f} {r['peak_rss_file_mb']:8.0f} {r['images_to_do']:7,d} "
                   f"{r['images_done']:10,d}", flush=True)
         out = Path(args.out)  # written after each N: a long one cut short keeps the others
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 Nothing here reads or writes the output (:mod:`.resume` reads the committed files into a
 :class:`Committed`; :mod:`.repair` rewrites them): every function is a computation on arrays, tested
-against a plain ``set``/``dict`` (tests/test_index.py). The one exception is :class:`KeyRuns`'s
-optional spill of sorted runs to a local scratch folder, past a memory bound.
+against a plain ``set``/``dict`` (tests/test_index.py). The one exception is the spill to a local
+scratch folder past a memory bound: :class:`KeyRuns`'s sorted runs, and :class:`Committed`'s rows
+(an external sort: sorted runs merged in blocks, the result memory-mapped read-only).
 
 **Keys.** An image id is kept as the 16-byte BLAKE2b digest of its UTF-8 text (:func:`id_key`),
 held as two ``uint64`` columns, ``hi`` and ``lo`` (the digest's two big-endian halves, so the
@@ -21,6 +22,7 @@ casts or copies the array (the old ``SeenIds`` did, per id: O(n) each).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import tempfile
@@ -375,6 +377,242 @@ class FileRows:
                    np.array([unit_key(r[4] if len(r) > 4 else None) for r in rows], U64), dict(fingerprints or {}))
 
 
+def _empty(dtype) -> np.ndarray:
+    return np.empty(0, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows past a memory bound: sorted runs on local disk, merged in blocks (an external sort)
+
+# One committed row: 40 bytes (aligned). ``hi``/``lo``: the id key; ``versions``: version_key;
+# ``units``: unit_key of its container; ``part_of``: index in the parts; ``reason_of``: index in the
+# reasons (-1: ok).
+ROW = np.dtype([("hi", U64), ("lo", U64), ("versions", U64), ("units", U64), ("part_of", np.int32),
+                ("reason_of", np.int16), ("ok", bool)], align=True)
+# (container key, row index): the rows by container (:meth:`Committed.unit_rows`), sorted the same way
+_UNIT_ROW = np.dtype([("hi", U64), ("lo", U64)])
+MEMORY_ROWS_ENV = "FASTSAM_BATCH_INDEX_ROWS"
+# rows a Committed holds in memory (40 bytes each); past it, its rows are a file under scratch_dir()
+MEMORY_ROWS = int(os.environ.get(MEMORY_ROWS_ENV) or 1 << 21)
+MERGE_FAN_IN = 64  # sorted runs merged at once (more: merged in passes)
+SCAN_BLOCK = 1 << 20  # rows read at a time by the scans over every row (images, errors, duplicates)
+
+
+def _remove_own(folder: str, pid: int) -> None:
+    """Removes ``folder``, only from the process that made it (not from a forked child's exit)."""
+    if os.getpid() == pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Scratch:
+    """A private folder under :func:`scratch_dir` (``fastsam-keys-<pid>-*``, so that
+    :func:`remove_stale_scratch` finds those of killed processes), removed with the object."""
+
+    def __init__(self) -> None:
+        parent = scratch_dir()
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_scratch(parent)
+        self.dir = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent)
+        self._files = 0
+        self._cleanup = weakref.finalize(self, _remove_own, self.dir, os.getpid())
+
+    def new_path(self, what: str) -> str:
+        self._files += 1
+        return os.path.join(self.dir, f"{what}-{self._files:06d}.bin")
+
+    def close(self) -> None:
+        self._cleanup()
+
+
+def _sorted(rec: np.ndarray) -> np.ndarray:
+    """Records in key order (:func:`sort_keys`: stably by (hi, lo))."""
+    return rec if len(rec) < 2 else rec[sort_keys(rec["hi"], rec["lo"])]
+
+
+def _concat(blocks: list[np.ndarray], dtype) -> np.ndarray:
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks) if blocks else np.empty(0, dtype)
+
+
+def _mapped(path: str, dtype, n: int) -> np.ndarray:
+    """A file of ``n`` records, memory-mapped read-only (written before with buffered writes)."""
+    return np.memmap(path, dtype, "r", shape=(n,)) if n else np.empty(0, dtype)
+
+
+def _read(arr: np.ndarray, a: int, b: int) -> np.ndarray:
+    """A copy of records [a, b) of ``arr``; of a mapped file, read with an ordinary read (a scan's
+    pages go to the page cache, not into this process's resident memory as a mapping's would)."""
+    whole_file = isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.offset == 0
+    if whole_file and arr.filename:
+        return np.fromfile(arr.filename, arr.dtype, count=b - a, offset=a * arr.dtype.itemsize)
+    return np.array(arr[a:b])
+
+
+def _blocks(arr: np.ndarray, block: int):
+    """Copies of ``block`` records of ``arr`` at a time."""
+    for a in range(0, len(arr), block):
+        yield _read(arr, a, min(a + block, len(arr)))
+
+
+def _file_blocks(path: str, dtype, block: int):
+    """The records of a run file, ``block`` at a time (ordinary reads); the file removed once read."""
+    try:
+        with open(path, "rb") as f:
+            while True:
+                rec = np.fromfile(f, dtype, count=block)
+                if not len(rec):
+                    return
+                yield rec
+    finally:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def _merge(sources: list, emit) -> None:
+    """K-way merge of sorted sources (iterators of sorted record blocks) in key order, stably:
+    rows of one key in the order of their sources, then of their positions (as :func:`sort_keys`
+    orders the sources concatenated). Each step emits every buffered row up to the least of the
+    sources' last buffered rows, compared on (hi, lo, source): no row not yet read can come before
+    it, and that source's whole block goes, so the steps are at most the blocks read."""
+    heads: list = [next((b for b in it if len(b)), None) for it in sources]
+    active = [s for s, h in enumerate(heads) if h is not None]
+    while active:
+        if len(active) == 1:
+            s = active[0]
+            emit(heads[s])
+            for b in sources[s]:
+                if len(b):
+                    emit(b)
+            return
+        least = min((int(heads[s]["hi"][-1]), int(heads[s]["lo"][-1]), s) for s in active)
+        qh, ql, at = np.array([least[0]], U64), np.array([least[1]], U64), least[2]
+        pieces = []
+        for s in active:
+            b = heads[s]
+            if s == at:
+                n = len(b)
+            else:
+                h = b["hi"]
+                a0, a1 = int(np.searchsorted(h, qh, "left")[0]), int(np.searchsorted(h, qh, "right")[0])
+                n = a0
+                if a1 > a0:  # rows of the same hi: sorted by lo there; of the same key, an earlier source's first
+                    n += int(np.searchsorted(b["lo"][a0:a1], ql, "right" if s < at else "left")[0])
+            if n:
+                pieces.append(b[:n])
+                heads[s] = b[n:]
+        emit(_sorted(_concat(pieces, heads[at].dtype)))
+        still = []
+        for s in active:
+            if not len(heads[s]):
+                heads[s] = next((b for b in sources[s] if len(b)), None)
+            if heads[s] is not None:
+                still.append(s)
+        active = still
+
+
+class _Output:
+    """Merged rows: in memory up to ``limit`` rows, past it written (buffered writes) to a file,
+    memory-mapped read-only at the end. ``fix``: applied to each block on its way (part indices)."""
+
+    def __init__(self, scratch, dtype, limit: int, fix=None):
+        self.scratch, self.dtype, self.limit, self.fix = scratch, dtype, limit, fix
+        self.pieces: list[np.ndarray] = []
+        self.n = 0
+        self.file = None
+        self.path: str | None = None
+
+    def emit(self, block: np.ndarray) -> None:
+        if self.fix is not None:
+            block = self.fix(np.array(block))
+        if self.file is None and self.n + len(block) > self.limit:
+            self.path = self.scratch().new_path("rows")
+            self.file = open(self.path, "wb")
+            for p in self.pieces:
+                p.tofile(self.file)
+            self.pieces = []
+        if self.file is None:
+            self.pieces.append(block)
+        else:
+            block.tofile(self.file)
+        self.n += len(block)
+
+    def result(self) -> np.ndarray:
+        if self.file is None:
+            return _concat(self.pieces, self.dtype)
+        self.file.close()
+        return _mapped(self.path, self.dtype, self.n)
+
+
+def _external_sort(blocks, dtype, limit: int, scratch, presorted=None, presorted_rows: int = 0, fix=None,
+                   fan_in: int | None = None) -> np.ndarray:
+    """The records of ``blocks`` (an iterable of record arrays), after those of ``presorted`` (a
+    function of a block size giving sorted blocks, ``presorted_rows`` of them at most), in key
+    order, stably. Up to ``limit`` rows at a time in memory: each ``limit`` rows read are sorted
+    and written as a run to ``scratch()`` (a :class:`_Scratch`), then the runs are merged in blocks,
+    ``fan_in`` at a time (in passes), into a result in memory (``limit`` rows at most) or on disk."""
+    fan_in = max(2, fan_in or MERGE_FAN_IN)
+    buf: list[np.ndarray] = []
+    held = 0
+    runs: list[tuple[str, int]] = []
+    for b in blocks:
+        if not len(b):
+            continue
+        buf.append(b)
+        held += len(b)
+        if held >= limit:
+            rec = _concat(buf, dtype)
+            buf, held = [], 0  # the blocks freed before the sort's copies are made
+            rec = _sorted(rec)
+            path = scratch().new_path("run")
+            rec.tofile(path)
+            runs.append((path, len(rec)))
+            del rec
+    rest = _concat(buf, dtype) if buf else None
+    del buf
+    rest = _sorted(rest) if rest is not None else None
+    if not runs and presorted_rows + held <= limit:  # all in memory: one stable sort
+        first = list(presorted(max(presorted_rows, 1))) if presorted is not None else []
+        rec = _concat(first + ([rest] if rest is not None else []), dtype)
+        rec = _sorted(rec) if first and rest is not None else rec
+        return fix(np.array(rec)) if fix is not None else rec
+    k = min(len(runs) + (presorted is not None) + (rest is not None), fan_in)
+    block = max(1, limit // (2 * k + 2))  # k blocks buffered, and as many merged: about ``limit`` rows
+    sources = ([presorted(block)] if presorted is not None else []) + \
+        [_file_blocks(p, dtype, block) for p, _ in runs] + ([_blocks(rest, block)] if rest is not None else [])
+    while len(sources) > fan_in:  # merged in passes, neighbours together: the order of sources kept
+        merged = []
+        for g in range(0, len(sources), fan_in):
+            group = sources[g:g + fan_in]
+            if len(group) == 1:
+                merged.append(group[0])
+                continue
+            path = scratch().new_path("run")
+            with open(path, "wb") as f:
+                _merge(group, lambda b, f=f: b.tofile(f))
+            merged.append(_file_blocks(path, dtype, block))
+        sources = merged
+    out = _Output(scratch, dtype, limit, fix)
+    _merge(sources, out.emit)
+    return out.result()
+
+
+def _spans(n: int, block: int = 0):
+    block = max(1, block or SCAN_BLOCK)
+    for a in range(0, n, block):
+        yield a, min(a + block, n)
+
+
+def _same_as_next(records: np.ndarray, block: int = 0):
+    """(a, records [a, b], mask) per block of rows (ordinary reads): mask[i]: row a+i has the key of
+    row a+i+1 (every pair once)."""
+    n = len(records)
+    for a, b in _spans(max(n - 1, 0), block):
+        rec = _read(records, a, b + 1)
+        h, l = rec["hi"], rec["lo"]
+        yield a, rec, (h[1:] == h[:-1]) & (l[1:] == l[:-1])
+
+
 @dataclass
 class Lookup:
     state: str  # "new" (no row), "fresh" (a row of the object as it is now), "changed" (rows of older versions only)
@@ -384,34 +622,65 @@ class Lookup:
     parts: list[str] = field(default_factory=list)  # every file holding a row of the image
 
 
-def _empty(dtype) -> np.ndarray:
-    return np.empty(0, dtype)
-
-
-@dataclass
+@dataclass(eq=False)
 class Committed:
-    """The committed rows under ``output.uri``, compactly: 39 bytes a row (the 16-byte id key as
-    hi/lo, an 8-byte hash of its source version, an 8-byte container key, status, error reason,
-    file index), sorted by key (:func:`sort_keys`), so that a resume of ten million images holds
-    about 400 MB, not the ids. Built once per run from every file (:meth:`from_files`), then kept
-    current by :meth:`replaced` (files gone, files added or rewritten) instead of read again."""
+    """The committed rows under ``output.uri``, compactly: a 40-byte record a row (:data:`ROW`: the
+    16-byte id key as hi/lo, an 8-byte hash of its source version, an 8-byte container key, file
+    index, error reason, status), sorted by key (:func:`sort_keys`). Built once per run from every
+    file (:meth:`from_files`, files streamed in), then kept current by :meth:`replaced` (files gone,
+    files added or rewritten) instead of read again.
+
+    Memory is bounded: up to ``memory_rows`` rows (default :data:`MEMORY_ROWS`, 2^21, about 80 MB;
+    ``$FASTSAM_BATCH_INDEX_ROWS``) the records are an array in memory; past it they are a file in a
+    private folder under :func:`scratch_dir` (removed with the object, or by :meth:`close`),
+    memory-mapped read-only, made by an external sort (sorted runs of ``memory_rows`` rows, merged
+    in blocks) and made again by each :meth:`replaced` (the kept rows and the new ones merged as
+    streams: a pass over the rows, no sort of them all). The rows by container
+    (:meth:`unit_rows`) are sorted the same way. Lookups are binary searches in the mapped file
+    (the pages they touch count in RSS as file pages, which the kernel may reclaim); the scans
+    over every row (:attr:`images`, :meth:`errors_by_reason`, :attr:`ok_rows`,
+    :func:`duplicate_rows`, the kept rows of :meth:`replaced`) read it a block at a time with
+    ordinary reads. What stays per file (``parts``, fingerprints, stamps) is not per row."""
 
     parts: list[str] = field(default_factory=list)  # sorted
     rows: int = 0
     fingerprints: dict[str, int] = field(default_factory=dict)  # fingerprint -> rows
-    hi: np.ndarray = field(default_factory=lambda: _empty(U64))
-    lo: np.ndarray = field(default_factory=lambda: _empty(U64))
-    versions: np.ndarray = field(default_factory=lambda: _empty(U64))
-    ok: np.ndarray = field(default_factory=lambda: _empty(bool))
-    part_of: np.ndarray = field(default_factory=lambda: _empty(np.int32))
-    reason_of: np.ndarray = field(default_factory=lambda: _empty(np.int16))  # index in reasons; -1: ok
     reasons: list[str] = field(default_factory=list)  # the error reasons present
-    units: np.ndarray = field(default_factory=lambda: _empty(U64))  # container key (unit_key); 0: none
     part_fingerprints: dict[str, dict[str, int]] = field(default_factory=dict)  # part -> fingerprint -> rows
     # part -> its listing entry when it was read (size and ETag, or size, mtime and inode): a file
     # rewritten under its own name (names are hashes of the ids a file holds) is told by this
     stamps: dict[str, str] = field(default_factory=dict)
-    _by_unit: tuple[np.ndarray, np.ndarray] | None = None  # (row indices by container key, their keys), cached
+    memory_rows: int | None = None  # rows held in memory before they go to disk (None: MEMORY_ROWS)
+    records: np.ndarray = field(default_factory=lambda: _empty(ROW), repr=False)  # ROW, in key order
+    _scratch: _Scratch | None = field(default=None, repr=False)  # the folder of its files, if any
+    _by_unit: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # (rows by container, their keys)
+
+    # the columns (views of the records)
+    hi = property(lambda self: self.records["hi"])
+    lo = property(lambda self: self.records["lo"])
+    versions = property(lambda self: self.records["versions"])
+    ok = property(lambda self: self.records["ok"])
+    part_of = property(lambda self: self.records["part_of"])
+    reason_of = property(lambda self: self.records["reason_of"])  # index in reasons; -1: ok
+    units = property(lambda self: self.records["units"])  # container key (unit_key); 0: none
+
+    @property
+    def bound(self) -> int:
+        return max(1, self.memory_rows if self.memory_rows is not None else MEMORY_ROWS)
+
+    @property
+    def on_disk(self) -> bool:
+        return isinstance(self.records, np.memmap)
+
+    def _folder(self) -> _Scratch:
+        if self._scratch is None:
+            self._scratch = _Scratch()
+        return self._scratch
+
+    def close(self) -> None:
+        """Removes its scratch files now (else when it is garbage collected)."""
+        if self._scratch is not None:
+            self._scratch.close()
 
     def reason_code(self, error: str | None, ok: bool) -> int:
         from .schema import error_reason
@@ -425,62 +694,93 @@ class Committed:
 
     def errors_by_reason(self) -> dict[str, int]:
         """Rows by error reason (every row: several versions of an image count each)."""
-        codes, counts = np.unique(self.reason_of[self.reason_of >= 0], return_counts=True)
-        return {self.reasons[c]: int(n) for c, n in sorted(zip(codes.tolist(), counts.tolist()),
-                                                            key=lambda x: self.reasons[x[0]])}
+        counts = np.zeros(len(self.reasons) + 1, np.int64)
+        for a, b in _spans(self.rows):
+            counts += np.bincount(_read(self.records, a, b)["reason_of"].astype(np.int64) + 1, minlength=len(counts))
+        found = [(c, int(n)) for c, n in enumerate(counts[1:].tolist()) if n]
+        return {self.reasons[c]: n for c, n in sorted(found, key=lambda x: self.reasons[x[0]])}
+
+    @property
+    def ok_rows(self) -> int:
+        """Rows whose status is ok."""
+        return sum(int(np.count_nonzero(_read(self.records, a, b)["ok"])) for a, b in _spans(self.rows))
 
     @classmethod
-    def from_rows(cls, rows: list[tuple], fingerprints: dict[str, int] | None = None) -> "Committed":
+    def from_rows(cls, rows: list[tuple], fingerprints: dict[str, int] | None = None,
+                  memory_rows: int | None = None) -> "Committed":
         """From (image_id, source_version, status, part[, error[, shard]]) tuples."""
         by_part: dict[str, list[tuple]] = {}
         for r in rows:
             by_part.setdefault(r[3], []).append((r[0], r[1], r[2], r[4] if len(r) > 4 else None,
                                                  r[5] if len(r) > 5 else None))
-        c = cls.from_files([FileRows.from_rows(p, rs) for p, rs in by_part.items()])
+        c = cls.from_files([FileRows.from_rows(p, rs) for p, rs in by_part.items()], memory_rows)
         if fingerprints is not None:
             c.fingerprints = dict(fingerprints)
         return c
 
     @classmethod
-    def from_files(cls, files: list[FileRows]) -> "Committed":
-        """The index of these files (one sort over all of them)."""
-        return cls().replaced((), files)
+    def from_files(cls, files: Iterable[FileRows], memory_rows: int | None = None) -> "Committed":
+        """The index of these files (read as they come: an iterable holds one at a time)."""
+        return cls(memory_rows=memory_rows).replaced((), files)
 
-    def replaced(self, removed: Iterable[str], added: list[FileRows]) -> "Committed":
+    def replaced(self, removed: Iterable[str], added: Iterable[FileRows]) -> "Committed":
         """A new index: the rows of the files ``removed`` (deleted, or rewritten) gone, those of
-        ``added`` (new files, rewrites, or files read again: their old rows go) in. One pass over
-        the rows kept and a sort that merges the sorted kept rows with the new ones."""
-        gone = set(removed) | {f.part for f in added}
-        kept_parts = [p for p in self.parts if p not in gone]
-        parts = sorted(set(kept_parts) | {f.part for f in added})
-        index = {p: i for i, p in enumerate(parts)}
-        # the old rows of a file read again (a rewrite under its own name) go, like those of a file gone
-        remap = np.array([-1 if p in gone else index[p] for p in self.parts] + [-1], np.int32)
-        new_of = remap[self.part_of] if self.rows else _empty(np.int32)
-        keep = new_of >= 0
-        c = Committed(parts=parts, reasons=list(self.reasons),
-                      part_fingerprints={p: self.part_fingerprints.get(p, {}) for p in kept_parts},
-                      stamps={p: self.stamps[p] for p in kept_parts if p in self.stamps})
-        cols = {"hi": [self.hi[keep]], "lo": [self.lo[keep]], "versions": [self.versions[keep]],
-                "ok": [self.ok[keep]], "part_of": [new_of[keep]], "reason_of": [self.reason_of[keep]],
-                "units": [self.units[keep]]}
-        for f in added:
-            codes = np.array([c.reason_code(r, False) for r in f.reasons] + [-1], np.int16)
-            n = len(f.hi)
-            for name, arr in (("hi", f.hi), ("lo", f.lo), ("versions", f.versions), ("ok", f.ok),
-                              ("units", f.units)):
-                cols[name].append(np.asarray(arr).reshape(n))
-            cols["part_of"].append(np.full(n, index[f.part], np.int32))
-            cols["reason_of"].append(codes[np.asarray(f.reason_of, np.int64).reshape(n)])  # -1 -> the last: -1
-            c.part_fingerprints[f.part] = dict(f.fingerprints)
-            c.stamps[f.part] = f.stamp
-        arrays = {k: np.concatenate(v) for k, v in cols.items()}
-        if added:
-            order = sort_keys(arrays["hi"], arrays["lo"])
-            arrays = {k: v[order] for k, v in arrays.items()}
-        for k, v in arrays.items():
-            setattr(c, k, v)
-        c.rows = len(c.hi)
+        ``added`` (new files, rewrites, or files read again: their old rows go) in. The new rows
+        are sorted (externally past the bound); then one pass merges them with the sorted kept rows.
+        ``added`` is read once, a file at a time (a generator of files being read is fine)."""
+        c = Committed(reasons=list(self.reasons), memory_rows=self.memory_rows)
+        added_parts: list[str] = []  # in the order read: the rows of the j-th carry len(self.parts) + j
+        base = len(self.parts)
+        state: dict = {}  # the added files are all read (their rows sorted, spilled past the bound) first
+
+        def new_rows():
+            for f in added:
+                codes = np.array([c.reason_code(r, False) for r in f.reasons] + [-1], np.int16)
+                n = len(f.hi)
+                rec = np.empty(n, ROW)
+                rec["hi"], rec["lo"] = np.asarray(f.hi).reshape(n), np.asarray(f.lo).reshape(n)
+                rec["versions"], rec["units"] = np.asarray(f.versions).reshape(n), np.asarray(f.units).reshape(n)
+                rec["ok"] = np.asarray(f.ok).reshape(n)
+                rec["part_of"] = base + len(added_parts)
+                rec["reason_of"] = codes[np.asarray(f.reason_of, np.int64).reshape(n)]  # -1 -> the last: -1
+                c.part_fingerprints[f.part] = dict(f.fingerprints)
+                c.stamps[f.part] = f.stamp
+                added_parts.append(f.part)
+                yield rec
+            # every added file read: the files gone are known, and where each part goes
+            gone = set(removed) | set(added_parts)
+            kept_parts = [p for p in self.parts if p not in gone]
+            parts = sorted(set(kept_parts) | set(added_parts))
+            index = {p: i for i, p in enumerate(parts)}
+            state.update(gone=gone, parts=parts, kept_parts=kept_parts,
+                         final=np.array([-1 if p in gone else index[p] for p in self.parts]
+                                        + [index[p] for p in added_parts], np.int32))
+
+        def kept(block: int):
+            gone = state["gone"]
+            drop = np.array([p in gone for p in self.parts] + [True], bool)
+            for a, b in _spans(self.rows, block):
+                rec = _read(self.records, a, b)
+                rec = rec[~drop[rec["part_of"]]]
+                if len(rec):
+                    yield rec
+
+        def fix(rec: np.ndarray) -> np.ndarray:
+            rec["part_of"] = state["final"][rec["part_of"]]
+            return rec
+
+        records = _external_sort(new_rows(), ROW, c.bound, c._folder, presorted=kept if self.rows else None,
+                                 presorted_rows=self.rows, fix=fix)
+        c.parts = state["parts"]
+        for p in state["kept_parts"]:
+            c.part_fingerprints.setdefault(p, self.part_fingerprints.get(p, {}))
+            if p in self.stamps:
+                c.stamps.setdefault(p, self.stamps[p])
+        c.records = records
+        c.rows = len(records)
+        if c._scratch is not None and not c.on_disk:  # runs spilled, the result small: no file kept
+            c._scratch.close()
+            c._scratch = None
         for fps in c.part_fingerprints.values():
             for fp, n in fps.items():
                 c.fingerprints[fp] = c.fingerprints.get(fp, 0) + n
@@ -491,7 +791,7 @@ class Committed:
         """Distinct image ids with a row."""
         if not self.rows:
             return 0
-        return int(1 + np.count_nonzero((self.hi[1:] != self.hi[:-1]) | (self.lo[1:] != self.lo[:-1])))
+        return self.rows - sum(int(np.count_nonzero(same)) for _, _, same in _same_as_next(self.records))
 
     def key_list(self, rows: np.ndarray) -> list[bytes]:
         """The 16-byte id keys of these rows."""
@@ -501,19 +801,34 @@ class Committed:
         qh, ql = id_keys(image_ids)
         return key_ranges(self.hi, self.lo, qh, ql)
 
+    def _rows_by_unit(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices ordered by container key, stably; their container keys), made once."""
+        if self._by_unit is None:
+            if not self.on_disk:
+                order = np.argsort(self.units, kind="stable")
+                self._by_unit = (order, self.units[order])
+            else:  # (container key, row index) pairs sorted externally, like the rows
+                def pairs():
+                    for a, b in _spans(self.rows, min(SCAN_BLOCK, self.bound)):
+                        rec = np.empty(b - a, _UNIT_ROW)
+                        rec["hi"], rec["lo"] = _read(self.records, a, b)["units"], np.arange(a, b, dtype=U64)
+                        yield rec
+
+                by = _external_sort(pairs(), _UNIT_ROW, self.bound, self._folder)
+                self._by_unit = (by["lo"], by["hi"])
+        return self._by_unit
+
     def unit_rows(self, shard: str, version: str) -> tuple[np.ndarray, np.ndarray]:
         """Indices of the rows of images read from the container ``shard``: (those of ``version``,
         those of other versions). The rows sorted by container are made once (then cached)."""
         if not self.rows:
             return _empty(np.int64), _empty(np.int64)
-        if self._by_unit is None:
-            order = np.argsort(self.units, kind="stable")
-            self._by_unit = (order, self.units[order])
-        order, sorted_units = self._by_unit
-        want = U64(unit_key(shard))
-        lo, hi = np.searchsorted(sorted_units, want, "left"), np.searchsorted(sorted_units, want, "right")
-        rows = order[lo:hi]
-        same = self.versions[rows] == U64(version_key(version))
+        order, sorted_units = self._rows_by_unit()
+        want = np.array([unit_key(shard)], U64)
+        lo = int(np.searchsorted(sorted_units, want, "left")[0])
+        hi = int(np.searchsorted(sorted_units, want, "right")[0])
+        rows = np.asarray(order[lo:hi], np.int64)
+        same = np.asarray(self.versions[rows]) == U64(version_key(version))
         return rows[same], rows[~same]
 
     def lookup(self, image_ids: list[str], versions: list[str]) -> list[Lookup]:
@@ -614,26 +929,31 @@ def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozense
     an ok one (a retried error row's replacement), else the first (by file). Such duplicates come
     from two runs writing at once (a run whose lease was taken over, its last commit in flight; see
     lease.py), a rewrite cut short between its put and its delete, or a member a container's reader
-    gave twice. One vectorised pass finds the images with several rows; only those are sorted."""
+    gave twice. One vectorised pass (a block at a time) finds the images with several rows; only those
+    are sorted."""
     c = committed
     out = Duplicates()
     if c.rows < 2:
         return out
-    same_key = (c.hi[1:] == c.hi[:-1]) & (c.lo[1:] == c.lo[:-1])
-    if not same_key.any():
+    found = []  # (row indices, their records) of the images with several rows, a block at a time
+    for a, rec, same in _same_as_next(c.records):
+        if same.any():
+            first = np.flatnonzero(same)
+            local = np.union1d(first, first + 1)
+            found.append((local + a, rec[local]))
+    if not found:
         return out
-    multi = np.zeros(c.rows, bool)
-    multi[1:] |= same_key
-    multi[:-1] |= same_key
-    rows = np.flatnonzero(multi)  # the rows of images with several rows (key order: an image's rows contiguous)
-    h, l = c.hi[rows], c.lo[rows]
+    # a block's last row is the next block's first: once
+    rows, keep = np.unique(np.concatenate([r for r, _ in found]), return_index=True)
+    rec = np.concatenate([x for _, x in found])[keep]  # in key order: an image's rows contiguous
+    h, l = rec["hi"], rec["lo"]
     image = np.cumsum(np.concatenate(([True], (h[1:] != h[:-1]) | (l[1:] != l[:-1]))))
-    sub = np.lexsort((c.part_of[rows], c.versions[rows], image))
-    order, image = rows[sub], image[sub]
-    versions, parts, ok = c.versions[order], c.part_of[order], c.ok[order]
+    sub = np.lexsort((rec["part_of"], rec["versions"], image))
+    rec, image = rec[sub], image[sub]
+    versions, parts, ok = rec["versions"], rec["part_of"], rec["ok"]
     g = np.concatenate(([True], (image[1:] != image[:-1]) | (versions[1:] != versions[:-1])))
     starts = np.flatnonzero(g)
-    ends = np.concatenate((starts[1:], [len(order)]))
+    ends = np.concatenate((starts[1:], [len(rec)]))
     names = [_name(p) in prefer for p in c.parts] if prefer else None
     for a, b in zip(starts.tolist(), ends.tolist()):
         if b - a < 2:
@@ -641,7 +961,7 @@ def duplicate_rows(committed: Committed, prefer: set[str] | frozenset = frozense
         group_parts, good = parts[a:b].tolist(), ok[a:b].tolist()
         keeper = next((p for p in group_parts if names is not None and names[p]),
                       next((p for p, x in zip(group_parts, good) if x), group_parts[0]))
-        key = (key_bytes((c.hi[order[a]], c.lo[order[a]])), int(versions[a]))
+        key = (key_bytes((rec['hi'][a], rec['lo'][a])), int(versions[a]))
         out.kept.setdefault(c.parts[keeper], set()).add(key)
         for p in set(group_parts):
             if p != keeper:

@@ -450,7 +450,7 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
     fence.check(storage)  # the records too are written only while this run holds the lease
     put_atomic(storage, join_uri(m.output.uri, RUNS_DIR, f"{summary.run_id}.json"), summary.to_json().encode())
     put_atomic(storage, join_uri(m.output.uri, "_run.json"), summary.output_record(
-        final.images, final.rows, int(final.ok.sum()), final.errors_by_reason(), len(final.parts),
+        final.images, final.rows, final.ok_rows, final.errors_by_reason(), len(final.parts),
         final.fingerprints).encode())
     put_atomic(storage, join_uri(m.output.uri, "_manifest.json"),
                json.dumps({**m.model_dump(), "storage_options": redact(m.storage_options)}, indent=2).encode())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -148,41 +148,52 @@ def read_file_rows(path: str, fs, stamp: str | None = None) -> FileRows:
                     {v["values"]: v["counts"] for v in counts}, stamp)
 
 
-def read_files(output_uri: str, storage: Storage, paths: list[str], threads: int = READ_THREADS,
-               stamps: dict[str, str] | None = None) -> list[FileRows]:
-    """:func:`read_file_rows` of each of ``paths`` (as :func:`local_paths` gives them), in parallel;
-    ``stamps``: their listing entries where the listing gave them. At most ``4 x threads`` reads are
-    queued at a time, and on an error (or Ctrl-C) those queued are cancelled: only the reads
-    under way are waited for."""
+def iter_files(output_uri: str, storage: Storage, paths: list[str], threads: int = READ_THREADS,
+               stamps: dict[str, str] | None = None) -> Iterator[FileRows]:
+    """:func:`read_file_rows` of each of ``paths`` (as :func:`local_paths` gives them), read in
+    parallel and given in their order, one at a time (a :class:`.index.Committed` built from them
+    never holds them all); ``stamps``: their listing entries where the listing gave them. At most
+    ``4 x threads`` reads are queued or waiting to be given at a time, and on an error (or Ctrl-C,
+    or the generator closed) those queued are cancelled: only the reads under way are waited for."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     if not paths:
-        return []
+        return
     fs = storage.fs(output_uri)
     stamps = stamps or {}
     if len(paths) == 1 or threads <= 1:
-        return [read_file_rows(p, fs, stamps.get(p)) for p in paths]
-    out: list[FileRows | None] = [None] * len(paths)
+        for p in paths:
+            yield read_file_rows(p, fs, stamps.get(p))
+        return
     pool = ThreadPoolExecutor(min(threads, len(paths)), thread_name_prefix="read-committed")
-    pending: dict = {}
+    pending: dict = {}  # future -> its index
+    done: dict[int, FileRows] = {}  # read, waiting for the files before them
     try:
         todo = iter(enumerate(paths))
         window = 4 * threads
-        while True:
+        given = 0
+        while given < len(paths):
             for i, p in todo:
                 pending[pool.submit(read_file_rows, p, fs, stamps.get(p))] = i
-                if len(pending) >= window:
+                if len(pending) + len(done) >= window:
                     break
-            if not pending:
-                break
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                out[pending.pop(f)] = f.result()
+            if given not in done:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    done[pending.pop(f)] = f.result()
+            while given in done:
+                yield done.pop(given)
+                given += 1
     finally:
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-    return out  # type: ignore[return-value]
+
+
+def read_files(output_uri: str, storage: Storage, paths: list[str], threads: int = READ_THREADS,
+               stamps: dict[str, str] | None = None) -> list[FileRows]:
+    """:func:`iter_files` as a list (a few files: the index is built from the generator)."""
+    return list(iter_files(output_uri, storage, paths, threads, stamps))
 
 
 class CommittedFileError(OSError):
@@ -195,7 +206,7 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     at its start; later steps keep it current with :func:`refresh_committed` and
     :func:`apply_rewrites`, which read only the files added since."""
     listed = list_parts_stamped(output_uri, storage)
-    return Committed.from_files(read_files(output_uri, storage, list(listed), stamps=listed))
+    return Committed.from_files(iter_files(output_uri, storage, list(listed), stamps=listed))
 
 
 def refresh_committed(committed: Committed, output_uri: str, storage: Storage,
@@ -216,7 +227,7 @@ def refresh_committed(committed: Committed, output_uri: str, storage: Storage,
     gone = [p for p in committed.parts if p not in now]
     if not read and not gone:
         return committed
-    return committed.replaced(gone, read_files(output_uri, storage, read, stamps=now))
+    return committed.replaced(gone, iter_files(output_uri, storage, read, stamps=now))
 
 
 def apply_rewrites(committed: Committed, output_uri: str, storage: Storage,
@@ -226,7 +237,7 @@ def apply_rewrites(committed: Committed, output_uri: str, storage: Storage,
     if not rewrites:
         return committed
     new = sorted({p for p in rewrites.values() if p})
-    return committed.replaced(set(rewrites), read_files(output_uri, storage, new))
+    return committed.replaced(set(rewrites), iter_files(output_uri, storage, new))
 
 
 UNITS_DIR = "_units"  # records of completed containers: _units/<hash>.json

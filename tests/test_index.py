@@ -345,3 +345,240 @@ def test_scratch_folders_of_killed_processes_a_day_old_are_removed_when_a_run_sp
     assert left == {f"fastsam-keys-{os.getpid()}-def", f"fastsam-keys-{gone_pid}-new", "other-folder"}
     runs.close()
     assert index.remove_stale_scratch(str(tmp_path)) == []  # nothing more to remove
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed index past its memory bound: rows in a scratch file, built by an external sort
+
+
+def _on_disk(fan_in: int = 2):
+    """The merge's fan-in made small, so that runs are merged in passes too."""
+    from unittest import mock
+
+    import fastsam_batch.index as index
+
+    return mock.patch.object(index, "MERGE_FAN_IN", fan_in)
+
+
+def _check_against_rows(c: Committed, rows, version: str) -> None:
+    """Every query of ``c`` against plain Python over ``rows`` ((id, version, status, part, error,
+    shard) tuples): counts, lookups, errors, duplicates, rows outside, superseded, units."""
+    assert c.rows == len(rows)
+    assert c.images == len({r[0] for r in rows})
+    assert c.ok_rows == sum(r[2] == "ok" for r in rows)
+    assert c.parts == sorted({r[3] for r in rows})
+    ids = list("abcdefgh")
+    for i, found in zip(ids, c.lookup(ids, [version] * len(ids))):
+        got = (found.state,) if found.state != "fresh" else (found.state, found.ok, found.superseded, found.reason,
+                                                             found.parts)
+        assert got == _reference_lookup(rows, i, version), (i, rows)
+    errors: dict[str, int] = {}
+    for r in rows:
+        if r[2] != "ok":
+            reason = (r[4] or "error").split(":")[0]
+            errors[reason] = errors.get(reason, 0) + 1
+    assert c.errors_by_reason() == errors
+    twice = duplicate_rows(c, prefer={"p3.parquet"})
+    kept: dict[tuple, list] = {}
+    for r in rows:
+        k = (id_key(r[0]), version_key(r[1]))
+        if not (r[3] in twice.drop and k in twice.drop[r[3]]):
+            kept.setdefault(k, []).append(r)
+    assert set(kept) == {(id_key(r[0]), version_key(r[1])) for r in rows}
+    for k, rs in kept.items():
+        assert len({r[3] for r in rs}) == 1, rs
+        assert (k in twice.keep_one.get(rs[0][3], set())) == (len(rs) > 1)
+        group = [r for r in rows if (id_key(r[0]), version_key(r[1])) == k]
+        if len({r[3] for r in group}) > 1:
+            if "out/p3.parquet" in {r[3] for r in group}:
+                assert rs[0][3] == "out/p3.parquet"
+            elif any(r[2] == "ok" for r in group):
+                assert any(r[2] == "ok" for r in rs)
+    retried = {"a", "b", "c"}
+    assert rows_outside(c, retried, {"p2.parquet"}) == _reference_rows_outside(rows, retried)
+    keys = {id_key(i) for i in "abz"}
+    want_other: dict[str, set] = {}
+    for r in rows:
+        if id_key(r[0]) in keys and r[3] != "out/p1.parquet":
+            want_other.setdefault(r[3], set()).add(id_key(r[0]))
+    assert rows_in_other_files(c, keys, {"p1.parquet"}) == want_other
+    current = {i: version for i in "abcdh"}
+    want_sup: dict[str, dict] = {}
+    for i, v in current.items():
+        look = _reference_lookup(rows, i, v)
+        for p in (look[2] if look[0] == "fresh" else []):
+            want_sup.setdefault(p, {})[i] = v
+    assert superseded_parts(c, current) == want_sup
+    shards = {"s1": version, "s2": "v1/1"}
+    want_stale: dict[str, set] = {}
+    for r in rows:
+        if r[5] in shards and version_key(r[1]) != version_key(shards[r[5]]):
+            want_stale.setdefault(r[3], set()).add(id_key(r[0]))
+    assert stale_unit_rows(c, shards) == want_stale
+    for shard in ("s1", "s2", "s9"):
+        fresh, old = c.unit_rows(shard, version)
+        for got, same in ((fresh, True), (old, False)):
+            want = sorted((id_key(r[0]), version_key(r[1]), r[3]) for r in rows if r[5] == shard
+                          and (version_key(r[1]) == version_key(version)) == same)
+            assert sorted(zip(c.key_list(got), c.versions[got].tolist(), [c.parts[p] for p in c.part_of[got]])) \
+                == want
+            assert got.tolist() == sorted(got.tolist())  # by container, stably: in row order
+
+
+@FAST
+@given(st.lists(ROW, max_size=40), st.lists(st.tuples(st.lists(ROW, max_size=12), st.sets(st.sampled_from(PARTS)),
+                                                      st.sets(st.sampled_from(PARTS))), max_size=3),
+       st.integers(1, 7), st.sampled_from(["v1/1", "v2/1"]))
+def test_an_index_on_disk_agrees_with_plain_python_through_replaced_chains(rows, steps, bound, version):
+    """Past its bound (1-7 rows here) the index is a scratch file made by an external sort (runs
+    of ``bound`` rows, merged two at a time in passes, in blocks of a row or a few): every query
+    agrees with plain Python over the rows, after each of a chain of ``replaced`` (files gone,
+    rewritten under their own name, added under a new one)."""
+    with _on_disk():
+        files = [FileRows.from_rows(p, [(r[0], r[1], r[2], r[4], r[5]) for r in rows if r[3] == p],
+                                    {"fp": sum(r[3] == p for r in rows)}) for p in sorted({r[3] for r in rows})]
+        c = Committed.from_files(iter(files), memory_rows=bound)
+        assert c.on_disk == (len(rows) > bound)
+        _check_against_rows(c, rows, version)
+        now = list(rows)
+        for new_rows, removed, renamed in steps:
+            def name(p: str) -> str:
+                return "out/q" + p[-9:] if p in renamed else p
+
+            added = [FileRows.from_rows(name(p), [(r[0], r[1], r[2], r[4], r[5]) for r in new_rows if r[3] == p],
+                                        {"fp2": sum(r[3] == p for r in new_rows)})
+                     for p in sorted({r[3] for r in new_rows})]
+            names = {f.part for f in added}
+            c = c.replaced(removed, (f for f in added))
+            now = [r for r in now if r[3] not in removed and r[3] not in names] + \
+                [(r[0], r[1], r[2], name(r[3]), r[4], r[5]) for r in new_rows]
+            assert c.on_disk == (len(now) > bound)
+            _check_against_rows(c, now, version)
+            want_fp: dict[str, int] = {}
+            for f in [f for f in files if f.part not in removed and f.part not in names] + added:
+                for fp, n in f.fingerprints.items():
+                    want_fp[fp] = want_fp.get(fp, 0) + n
+            files = [f for f in files if f.part not in removed and f.part not in names] + added
+            assert c.fingerprints == {k: v for k, v in want_fp.items()}
+
+
+def _random_files(n_files: int, rows_per_file: int, seed: int, ids: int):
+    """Files of random rows, made as they are read (keys injected: no hashing), and the same rows as
+    (key, version, ok, part) tuples."""
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, 2**63, (ids, 2), dtype=np.int64).astype(np.uint64)
+    keys[1::7, 0] = keys[0::7, 0][:len(keys[1::7])]  # some distinct keys share their hi
+    plain = []
+    files = []
+    for j in range(n_files):
+        pick = rng.integers(0, ids, rows_per_file)
+        part = f"out/p{j:04d}.parquet"
+        f = FileRows.from_rows(part, [("x", "v", "ok")] * rows_per_file, {"fp": rows_per_file})
+        f.hi, f.lo = keys[pick, 0].copy(), keys[pick, 1].copy()
+        f.versions = rng.integers(1, 3, rows_per_file).astype(np.uint64)
+        f.ok = rng.random(rows_per_file) < 0.8
+        f.reason_of = np.where(f.ok, -1, 0).astype(np.int16)
+        f.reasons = ["read_failed"]
+        f.units = rng.integers(0, 5, rows_per_file).astype(np.uint64)
+        files.append(f)
+        plain += [((int(keys[p, 0]), int(keys[p, 1])), int(v), bool(o), part, int(u))
+                  for p, v, o, u in zip(pick.tolist(), f.versions.tolist(), f.ok.tolist(), f.units.tolist())]
+    return files, plain, keys
+
+
+def test_a_large_index_on_disk_is_exact_and_its_scratch_files_go(tmp_path, monkeypatch):
+    """12,000 rows, 1,000 held in memory, runs merged four at a time: the rows are those of the
+    files, in key order with the rows of one key in file order (the order lookups and duplicates
+    rely on), as a plain sort gives; each image's rows by file; units; the scratch folder holds the
+    rows file (and the rows by container) only, and goes on close() or with the object."""
+    import gc
+
+    import fastsam_batch.index as index
+
+    monkeypatch.setenv("FASTSAM_BATCH_SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.setattr(index, "MERGE_FAN_IN", 4)
+    files, plain, keys = _random_files(24, 500, 7, 5_000)
+    c = Committed.from_files(iter(files), memory_rows=1_000)
+    assert c.on_disk and isinstance(c.records, np.memmap) and not c.records.flags.writeable
+    folder = c._scratch.dir
+    assert os.path.dirname(folder) == str(tmp_path / "scratch")
+    assert len(os.listdir(folder)) == 1  # the runs merged and removed: the rows file stays
+    # ground truth: a plain sort of (key, file, position) tuples
+    want = sorted(range(len(plain)), key=lambda n: (plain[n][0], plain[n][3], n))
+    got = list(zip(c.hi.tolist(), c.lo.tolist()))
+    assert got == [plain[n][0] for n in want]
+    assert [c.parts[p] for p in c.part_of.tolist()] == [plain[n][3] for n in want]
+    assert c.versions.tolist() == [plain[n][1] for n in want] and c.ok.tolist() == [plain[n][2] for n in want]
+    assert c.units.tolist() == [plain[n][4] for n in want]
+    assert c.images == len({r[0] for r in plain}) and c.ok_rows == sum(r[2] for r in plain)
+    assert c.errors_by_reason() == {"read_failed": sum(not r[2] for r in plain)}
+    with monkeypatch.context() as m:  # the containers and versions named by the keys the files carry
+        m.setattr(index, "unit_key", lambda s: int(s))
+        m.setattr(index, "version_key", lambda v: int(v))
+        for u in range(6):
+            fresh, old = c.unit_rows(str(u), "1")
+            assert fresh.tolist() == [i for i, n in enumerate(want) if plain[n][4] == u and plain[n][1] == 1]
+            assert old.tolist() == [i for i, n in enumerate(want) if plain[n][4] == u and plain[n][1] != 1]
+    assert len(os.listdir(folder)) == 2  # and the rows by container
+    # duplicates: each (key, version) in several files keeps its rows in one file
+    twice = duplicate_rows(c)
+    groups: dict[tuple, set] = {}
+    for k, v, _, part, _ in plain:
+        groups.setdefault((key_bytes(k), v), set()).add(part)
+    assert {k for fs in twice.drop.values() for k in fs} == {k for k, ps in groups.items() if len(ps) > 1}
+    # replaced: half the files gone, one rewritten under its own name: a new folder, the old one kept
+    # until closed
+    gone = {f.part for f in files[::2]}
+    again = FileRows.from_rows(files[1].part, [("zz", "v", "ok")], {"fp": 1})
+    d = c.replaced(gone, [again])
+    left = [r for r in plain if r[3] not in gone and r[3] != files[1].part]
+    assert d.rows == len(left) + 1 and d.images == len({r[0] for r in left} | {id_keys(["zz"])[0][0]})
+    assert d.on_disk and d._scratch.dir != folder
+    c.close()
+    assert not os.path.exists(folder)
+    folder = d._scratch.dir
+    del d
+    gc.collect()
+    assert not os.path.exists(folder)
+    assert not os.listdir(tmp_path / "scratch")
+
+
+def test_the_memory_held_while_building_and_querying_does_not_grow_with_the_rows(monkeypatch, tmp_path):
+    """numpy's allocations (traced by tracemalloc) at their peak while the index is built from files
+    read one at a time, replaced, scanned (images, errors, duplicates) and looked up: about the
+    same for 20,000 and 80,000 rows (8,000 held in memory), and far below the rows' 40 bytes each."""
+    import tracemalloc
+
+    import fastsam_batch.index as index
+    import fastsam_batch.schema  # noqa: F401 - imported before: its import is not the index's memory
+
+    monkeypatch.setenv("FASTSAM_BATCH_SCRATCH", str(tmp_path))
+    monkeypatch.setattr(index, "SCAN_BLOCK", 8_000)
+    peaks = {}
+    for n_files in (12, 20, 80):  # the first: a warm-up (numpy's first calls allocate caches)
+        files, _, keys = _random_files(1, 1_000, 1, 10 ** 6)
+        template = files[0]
+
+        def made():
+            rng = np.random.default_rng(n_files)
+            for j in range(n_files):
+                f = FileRows(f"out/p{j:05d}.parquet", rng.integers(0, 2**63, 1000).astype(np.uint64),
+                             rng.integers(0, 2**63, 1000).astype(np.uint64), template.versions, template.ok,
+                             template.reason_of, template.reasons, template.units, {"fp": 1000})
+                if j % 10 == 0:  # some images in two files
+                    f.hi[:50], f.lo[:50] = keys[:50, 0], keys[:50, 1]
+                yield f
+
+        tracemalloc.start()
+        c = Committed.from_files(made(), memory_rows=8_000 if n_files > 12 else 2_000)
+        c = c.replaced(["out/p00003.parquet"], [])
+        assert c.images < c.rows and c.errors_by_reason() and duplicate_rows(c)
+        c.unit_rows("s", "v")
+        c.lookup([f"i{j}" for j in range(1000)], ["v"] * 1000)
+        peaks[n_files] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert c.on_disk and c.rows == n_files * 1000 - 1000
+        c.close()
+    assert peaks[80] < 1.3 * peaks[20], peaks
+    assert peaks[80] < 4 * 8_000 * 40, peaks  # about three times the records held (a run sorted), not the rows'
+    assert peaks[80] < 80_000 * 40 / 2, peaks  # (an index in memory: more than all the rows' records)
