@@ -153,7 +153,8 @@ def iter_files(output_uri: str, storage: Storage, paths: list[str], threads: int
     """:func:`read_file_rows` of each of ``paths`` (as :func:`local_paths` gives them), read in
     parallel and given in their order, one at a time (a :class:`.index.Committed` built from them
     never holds them all); ``stamps``: their listing entries where the listing gave them. At most
-    ``4 x threads`` reads are queued or waiting to be given at a time, and on an error (or Ctrl-C,
+    ``4 x threads`` reads are queued, under way or read and waiting to be given at a time (the
+    window is checked before each submit, so one slow read holds back at most that many), and on an error (or Ctrl-C,
     or the generator closed) those queued are cancelled: only the reads under way are waited for."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -173,10 +174,14 @@ def iter_files(output_uri: str, storage: Storage, paths: list[str], threads: int
         window = 4 * threads
         given = 0
         while given < len(paths):
-            for i, p in todo:
-                pending[pool.submit(read_file_rows, p, fs, stamps.get(p))] = i
-                if len(pending) + len(done) >= window:
+            # the window checked before each submit: reads started (queued, under way, or read and
+            # waiting) never exceed it. The file to give next is always among them: every read before
+            # ``given + window`` is started, and fewer than ``window`` are held after ``given``.
+            while len(pending) + len(done) < window:
+                nxt = next(todo, None)
+                if nxt is None:
                     break
+                pending[pool.submit(read_file_rows, nxt[1], fs, stamps.get(nxt[1]))] = nxt[0]
             if given not in done:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:

@@ -402,3 +402,43 @@ def test_a_corrupt_committed_file_is_named_and_an_error_stops_the_queued_reads(t
     with pytest.raises(CommittedFileError, match="000"):
         read_files(str(out), Storage(), [f"p{i:03d}" for i in range(400)], threads=2)
     assert len(calls) <= 4 * 2 + 2  # the window and the reads under way; before: all 400
+
+
+def test_iter_files_read_ahead_window_holds_with_a_slow_first_read(monkeypatch):
+    """One slow read (the first file) never lets more than the window of reads start (before: one
+    more a pass, hundreds held); the order kept, and closing the generator cancels the queued reads."""
+    import threading
+    import time
+
+    from fastsam_batch import resume
+    from fastsam_batch.storage import Storage
+
+    first = threading.Event()
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def reader(p, fs, stamp=None):
+        with lock:
+            started.append(p)
+        if p == "p000":
+            first.wait(5)
+        return p
+
+    monkeypatch.setattr(resume, "read_file_rows", reader)
+    paths = [f"p{i:03d}" for i in range(300)]
+    threads = 2
+    window = 4 * threads
+    gen = resume.iter_files("/nonexistent", Storage(), paths, threads=threads)
+    timer = threading.Timer(0.2, first.set)  # the others finish meanwhile
+    timer.start()
+    got = [next(gen)]
+    assert len(started) <= window  # before the first is given: the window only
+    got += [next(gen) for _ in range(99)]
+    assert got == paths[:100]
+    assert len(started) <= 100 + window
+    gen.close()  # the queued reads cancelled: only those under way finish
+    n = len(started)
+    assert n <= 100 + window
+    time.sleep(0.05)
+    assert len(started) == n  # none started after the close
+    timer.cancel()
