@@ -327,9 +327,12 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         )
     old_parts = committed.parts if overwrite else []
     if overwrite:
+        committed.close()  # not used again (old_parts is its list of names, kept as it is)
         committed = Committed()  # every image is planned; the old files go just before the new ones are written
     fence = lease.fence()  # checked before every write and delete of the run (see repair.py)
-    committed, twice = repair_at_start(m.output.uri, storage, committed, compression, fence=fence, log=log)
+    # the index read at the start is handed over: each one replaced is closed (its scratch files removed)
+    committed, twice = repair_at_start(m.output.uri, storage, committed, compression, fence=fence, log=log,
+                                       owned=True)
     summary.rows_deduplicated += twice
     complete_units = {} if overwrite else read_units_records(m.output.uri, storage)[0]
     planned = plan_job(m, storage, summary, committed, prompts, retry, complete_units=complete_units)
@@ -337,13 +340,14 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     # rows of replaced objects and of changed containers, left by a run cut short after the new ones
     # committed (the index read at the start is kept current, never read whole again)
     committed = drop_left_over_rows(m.output.uri, storage, committed, superseded, planned.stale_units, compression,
-                                    fence=fence)
+                                    fence=fence, owned=True)
     if not plan.count and not old_parts and not twice and not superseded and not planned.stale_units:
         summary.noop = True
         log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
             f"{summary.run_fingerprint} (the run is complete; --retry-errors processes error rows again)"
             if not retry else f"nothing to do: no error rows to retry among the {summary.images_planned} images")
         plan.remove()
+        committed.close()
         return summary
     containers = {"tar": "tar shards", "parquet_images": "Parquet files"}.get(summary.input_format)
     if summary.images_skipped_done:
@@ -432,7 +436,7 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
     summary.images_per_s = (summary.run_ok + summary.run_error) / summary.wall_s if summary.wall_s > 0 else 0.0
     final, superseded, twice = repair_at_end(m.output.uri, storage, compression, fence=fence, written=written,
                                              changed=changed, retried=retried, completed=completed,
-                                             retried_rows=retried_rows, committed=committed)
+                                             retried_rows=retried_rows, committed=committed, owned=True)
     summary.rows_superseded += superseded
     summary.rows_deduplicated += twice
     if summary.interrupted:
@@ -454,6 +458,7 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
         final.fingerprints).encode())
     put_atomic(storage, join_uri(m.output.uri, "_manifest.json"),
                json.dumps({**m.model_dump(), "storage_options": redact(m.storage_options)}, indent=2).encode())
+    final.close()  # its scratch files removed now (the counts above were its last use)
     return summary
 
 

@@ -164,22 +164,36 @@ def rename_parts(rows: dict[str, set], rewrites: dict[str, str | None]) -> dict[
     return out
 
 
+def _replacing(old: Committed, new: Committed, owned: bool) -> bool:
+    """``new`` replaces ``old``: ``old``'s scratch files removed now if it is ``owned`` (made here,
+    or handed over by the caller), not when it is garbage collected. Returns whether ``new`` is
+    owned (an index made here is; ``old`` itself, returned unchanged, stays as it was)."""
+    if new is old:
+        return owned
+    if owned:
+        old.close()
+    return True
+
+
 def drop_left_over_rows(output_uri: str, storage: Storage, committed: Committed,
                         superseded: dict[str, dict[str, str]], stale_units: dict[str, set[bytes]],
-                        compression: str | None = "zstd", *, fence) -> Committed:
+                        compression: str | None = "zstd", *, fence, owned: bool = False) -> Committed:
     """Before the segmentation: rows a run cut short left behind dropped: rows of replaced objects
     whose new rows are committed (``superseded``), then rows of old versions of containers whose
     new version is complete (``stale_units``, part -> id keys; where the first drop rewrote a file
-    holding both, the keys follow it to its new name). Returns ``committed`` kept current."""
+    holding both, the keys follow it to its new name). Returns ``committed`` kept current; each
+    index replaced here is closed, ``committed`` itself only if ``owned`` (the caller hands it over)."""
     rewrites: dict[str, str | None] = {}
     if superseded:
         drop_superseded_rows(output_uri, storage, superseded, compression, fence=fence, rewrites=rewrites)
-        committed = apply_rewrites(committed, output_uri, storage, rewrites)
+        new = apply_rewrites(committed, output_uri, storage, rewrites)
+        owned, committed = _replacing(committed, new, owned), new
     if stale_units:
         stale_units = rename_parts(stale_units, rewrites)
         rewrites = {}
         drop_rows(output_uri, storage, stale_units, compression, fence=fence, rewrites=rewrites)
-        committed = apply_rewrites(committed, output_uri, storage, rewrites)
+        new = apply_rewrites(committed, output_uri, storage, rewrites)
+        owned, committed = _replacing(committed, new, owned), new
     return committed
 
 
@@ -223,18 +237,21 @@ def compact_units_records(output_uri: str, storage: Storage, *, fence) -> None:
 
 
 def repair_at_start(output_uri: str, storage: Storage, committed: Committed, compression: str | None, *,
-                    fence, log=None) -> tuple[Committed, int]:
+                    fence, log=None, owned: bool = False) -> tuple[Committed, int]:
     """Before planning: rows of one image written twice (two runs at once, a rewrite cut short, a
     member given twice) reduced to one, temporaries of killed writers and plan files of runs cut
     short removed. Returns the committed rows as they are now (``committed`` updated by the files
-    rewritten, not read again), and the rows dropped."""
+    rewritten, not read again; ``owned``: the caller hands ``committed`` over, closed once
+    replaced), and the rows dropped."""
     deduplicated = 0
     twice = duplicate_rows(committed)
     if twice:
         rewrites: dict[str, str | None] = {}
         deduplicated = remove_duplicates(output_uri, storage, twice, compression, fence=fence, rewrites=rewrites,
                                          log=log)
-        committed = apply_rewrites(committed, output_uri, storage, rewrites)
+        new = apply_rewrites(committed, output_uri, storage, rewrites)
+        _replacing(committed, new, owned)
+        committed = new
     remove_stale_temporaries(output_uri, storage, fence=fence)
     fence.check(storage)
     remove_plan_files(output_uri, storage)
@@ -244,7 +261,7 @@ def repair_at_start(output_uri: str, storage: Storage, committed: Committed, com
 def repair_at_end(output_uri: str, storage: Storage, compression: str | None, *, fence, written: set[str],
                   changed: dict[str, str], retried: set[str], completed: dict[str, str] | None = None,
                   retried_rows: dict[str, set[bytes]] | None = None,
-                  committed: Committed | None = None, log=None) -> tuple[Committed, int, int]:
+                  committed: Committed | None = None, log=None, owned: bool = False) -> tuple[Committed, int, int]:
     """After the segmentation (finished or interrupted): rows of objects that changed replaced by
     this run's, rows of old container versions and of retried error rows dropped where their new
     rows are committed, ``_units/`` records merged, duplicates reduced to one (this run's row
@@ -252,18 +269,24 @@ def repair_at_end(output_uri: str, storage: Storage, compression: str | None, *,
     listing (the files this run wrote, any other run's that landed, and any whose listing entry
     changed, read; nothing else is read again); without it the output is read whole. Listed once
     more before the duplicates are chosen (a file deleted meanwhile must not be the copy kept).
+    Each index made here is closed (its scratch files removed) as soon as a newer one replaces it;
+    ``committed`` too if ``owned`` (the caller hands it over and does not use it after).
     Returns the committed rows as they are now, rows superseded and rows deduplicated."""
     if committed is None:
-        final = read_committed(output_uri, storage)
+        final, owned = read_committed(output_uri, storage), True
     else:
         final = refresh_committed(committed, output_uri, storage, reread=written)
+        owned = _replacing(committed, final, owned)
     superseded = deduplicated = 0
 
+    def replace_final(new: Committed) -> None:
+        nonlocal final, owned
+        owned, final = _replacing(final, new, owned), new
+
     def drop(rows: dict, **kw) -> int:
-        nonlocal final
         rewrites: dict[str, str | None] = {}
         n = drop_rows(output_uri, storage, rows, compression, fence=fence, rewrites=rewrites, **kw)
-        final = apply_rewrites(final, output_uri, storage, rewrites)
+        replace_final(apply_rewrites(final, output_uri, storage, rewrites))
         return n
 
     if changed:  # rows of objects that changed, replaced by this run's
@@ -281,7 +304,7 @@ def repair_at_end(output_uri: str, storage: Storage, compression: str | None, *,
         compact_units_records(output_uri, storage, fence=fence)
     if retried:  # error rows processed again: the old rows go where a new one is committed
         drop({part: {id_key(i) for i in ids} for part, ids in rows_outside(final, retried, written).items()})
-    final = refresh_committed(final, output_uri, storage)  # files gone (or changed) since: not chosen to keep
+    replace_final(refresh_committed(final, output_uri, storage))  # files gone (or changed) since: not chosen to keep
     twice = duplicate_rows(final, prefer=written)
     if twice:  # another run's commit that landed while this run wrote the same images: this run's rows stay
         twice = with_kept_copies_present(output_uri, storage, twice, log)

@@ -191,6 +191,34 @@ def test_the_end_of_a_run_lists_again_before_it_chooses_the_copy_to_keep(tmp_pat
     lease.release()
 
 
+def test_the_end_of_a_run_closes_each_index_it_replaces(tmp_path, monkeypatch):
+    """Past the bound each index is a scratch file: the start index handed over (``owned``) is closed
+    once the refresh replaces it, and so is each one a drop replaces; only the final one is left.
+    Not handed over, the caller's index is left alone."""
+    from fastsam_batch import index
+
+    monkeypatch.setenv(index.SCRATCH_ENV, str(tmp_path / "scratch"))
+    monkeypatch.setattr(index, "MEMORY_ROWS", 2)  # every index of more than 2 rows on disk
+    uri, storage, lease = _local_output(tmp_path)
+    put(storage, join_uri(uri, "part-a.parquet"), [(f"i{k}", "v/1", "ok", f"i{k}#a") for k in range(5)])
+    put(storage, join_uri(uri, "part-b.parquet"), [("i0", "v/1", "ok", "i0#b"), ("j", "v/1", "ok", "j#b")])
+    for owned in (False, True):
+        start = read_committed(uri, storage)
+        assert start.on_disk and os.path.isdir(start._scratch.dir)
+        put(storage, join_uri(uri, f"part-c{owned}.parquet"), [(f"n{owned}", "v/1", "ok", "n#c")])  # this run's
+        final, _, twice = repair_at_end(uri, storage, None, fence=lease.fence(), written=set(), changed={},
+                                        retried=set(), committed=start, owned=owned)
+        assert final is not start and os.path.isdir(final._scratch.dir)
+        assert os.path.isdir(start._scratch.dir) is not owned
+        assert (final.rows, final.images) == (final.images, 7 + owned)
+        assert twice == (1 if not owned else 0)
+        left = sorted(os.listdir(tmp_path / "scratch"))
+        assert len(left) == (1 if owned else 2), left  # the final one (and the caller's, not handed over)
+        start.close()
+        final.close()
+    lease.release()
+
+
 def test_left_over_rows_of_both_kinds_in_one_file_are_dropped(tmp_path):
     """One file holds a superseded row (image a: its object changed, the new row is committed) and a
     row of an old version of a container now complete: the first drop rewrites the file under a new
