@@ -727,7 +727,8 @@ class Committed:
         """A new index: the rows of the files ``removed`` (deleted, or rewritten) gone, those of
         ``added`` (new files, rewrites, or files read again: their old rows go) in. The new rows
         are sorted (externally past the bound); then one pass merges them with the sorted kept rows.
-        ``added`` is read once, a file at a time (a generator of files being read is fine)."""
+        ``added`` is read once, a file at a time (a generator of files being read is fine; it is
+        closed when this returns or raises, so that its queued reads are cancelled at once)."""
         c = Committed(reasons=list(self.reasons), memory_rows=self.memory_rows)
         added_parts: list[str] = []  # in the order read: the rows of the j-th carry len(self.parts) + j
         base = len(self.parts)
@@ -769,8 +770,16 @@ class Committed:
             rec["part_of"] = state["final"][rec["part_of"]]
             return rec
 
-        records = _external_sort(new_rows(), ROW, c.bound, c._folder, presorted=kept if self.rows else None,
-                                 presorted_rows=self.rows, fix=fix)
+        try:
+            records = _external_sort(new_rows(), ROW, c.bound, c._folder, presorted=kept if self.rows else None,
+                                     presorted_rows=self.rows, fix=fix)
+        except BaseException:
+            c.close()  # the runs and the partial file of the index not made
+            raise
+        finally:  # a generator of files being read (resume.iter_files): its queued reads cancelled now
+            close = getattr(added, "close", None)
+            if close is not None:
+                close()
         c.parts = state["parts"]
         for p in state["kept_parts"]:
             c.part_fingerprints.setdefault(p, self.part_fingerprints.get(p, {}))

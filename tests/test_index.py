@@ -7,6 +7,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -582,3 +583,26 @@ def test_the_memory_held_while_building_and_querying_does_not_grow_with_the_rows
     assert peaks[80] < 1.3 * peaks[20], peaks
     assert peaks[80] < 4 * 8_000 * 40, peaks  # about three times the records held (a run sorted), not the rows'
     assert peaks[80] < 80_000 * 40 / 2, peaks  # (an index in memory: more than all the rows' records)
+
+
+def test_replaced_closes_the_generator_of_added_files_when_it_raises():
+    """An error while the added files are consumed (here: a file whose arrays do not match) closes
+    the generator at once (resume.iter_files then cancels its queued reads), not at garbage collection."""
+    from fastsam_batch.index import Committed, FileRows
+
+    closed: list[bool] = []
+
+    def files():
+        try:
+            yield FileRows.from_rows("p0", [("a", "v", "ok")])
+            bad = FileRows.from_rows("p1", [("b", "v", "ok"), ("c", "v", "ok")])
+            bad.ok = np.ones(3, bool)  # a broken file: the row counts do not match
+            yield bad
+            yield FileRows.from_rows("p2", [("d", "v", "ok")])
+        finally:
+            closed.append(True)
+
+    gen = files()
+    with pytest.raises(ValueError):
+        Committed().replaced((), gen)
+    assert closed == [True]
