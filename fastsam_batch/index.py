@@ -273,7 +273,7 @@ class KeyRuns:
             os.makedirs(parent, exist_ok=True)
             remove_stale_scratch(parent)
             self._dir = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent)
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+            self._cleanup = weakref.finalize(self, _remove_own, self._dir, os.getpid())
         return self._dir
 
     def _new_path(self) -> str:
@@ -393,7 +393,27 @@ ROW = np.dtype([("hi", U64), ("lo", U64), ("versions", U64), ("units", U64), ("p
 _UNIT_ROW = np.dtype([("hi", U64), ("lo", U64)])
 MEMORY_ROWS_ENV = "FASTSAM_BATCH_INDEX_ROWS"
 # rows a Committed holds in memory (40 bytes each); past it, its rows are a file under scratch_dir()
-MEMORY_ROWS = int(os.environ.get(MEMORY_ROWS_ENV) or 1 << 21)
+MIN_MEMORY_ROWS = 1024  # a smaller bound: a run per ~1,000 rows, merges of hours at 10^9 rows
+
+
+def memory_rows_setting(text: str | None) -> int:
+    """The bound ``$FASTSAM_BATCH_INDEX_ROWS`` sets (unset or empty: 2^21): an integer of at least
+    :data:`MIN_MEMORY_ROWS`, else a ValueError naming the variable (tests force smaller bounds with
+    ``Committed(memory_rows=...)``, which is not checked)."""
+    if text is None or not text.strip():
+        return 1 << 21
+    try:
+        n = int(text.strip().replace("_", ""))
+    except ValueError:
+        raise ValueError(f"${MEMORY_ROWS_ENV}={text!r}: not an integer (rows of the committed index held "
+                         f"in memory; at least {MIN_MEMORY_ROWS}, default {1 << 21})") from None
+    if n < MIN_MEMORY_ROWS:
+        raise ValueError(f"${MEMORY_ROWS_ENV}={text!r}: at least {MIN_MEMORY_ROWS} rows (a smaller bound "
+                         f"sorts the index in runs that small: hours of merging at 10^9 rows; default {1 << 21})")
+    return n
+
+
+MEMORY_ROWS = memory_rows_setting(os.environ.get(MEMORY_ROWS_ENV))
 MERGE_FAN_IN = 64  # sorted runs merged at once (more: merged in passes)
 SCAN_BLOCK = 1 << 20  # rows read at a time by the scans over every row (images, errors, duplicates)
 

@@ -606,3 +606,33 @@ def test_replaced_closes_the_generator_of_added_files_when_it_raises():
     with pytest.raises(ValueError):
         Committed().replaced((), gen)
     assert closed == [True]
+
+
+def test_the_index_rows_setting_is_checked():
+    from fastsam_batch.index import MIN_MEMORY_ROWS, memory_rows_setting
+
+    assert memory_rows_setting(None) == memory_rows_setting("") == 1 << 21
+    assert memory_rows_setting(" 250_000 ") == 250_000
+    assert memory_rows_setting(str(MIN_MEMORY_ROWS)) == MIN_MEMORY_ROWS
+    for bad in ("lots", "1e6", "0", "1", str(MIN_MEMORY_ROWS - 1)):
+        with pytest.raises(ValueError, match="FASTSAM_BATCH_INDEX_ROWS"):
+            memory_rows_setting(bad)
+    assert Committed.from_rows([("a", "v", "ok", "p"), ("b", "v", "ok", "p")], memory_rows=1).rows == 2  # tests' tiny bounds
+
+
+def test_spilled_runs_are_removed_only_by_the_process_that_made_them(tmp_path, monkeypatch):
+    """KeyRuns' finalizer, like Committed's scratch, removes its folder only in the process that made it
+    (a forked child exiting must not remove its parent's runs)."""
+    from fastsam_batch import index
+
+    runs = KeyRuns(memory_keys=4, spill_dir=str(tmp_path))
+    runs.add(*id_keys([f"k{i}" for i in range(20)]))
+    assert runs.disk and os.path.isdir(runs._dir)
+    real = os.getpid()
+    monkeypatch.setattr(index.os, "getpid", lambda: real + 1)  # as a forked child sees it
+    runs.close()
+    assert os.path.isdir(runs._dir)
+    monkeypatch.undo()
+    runs._cleanup = index.weakref.finalize(runs, index._remove_own, runs._dir, real)
+    runs.close()
+    assert not os.path.exists(runs._dir)
