@@ -426,22 +426,58 @@ def _check_against_rows(c: Committed, rows, version: str) -> None:
             assert got.tolist() == sorted(got.tolist())  # by container, stably: in row order
 
 
+def _check_order(c: Committed, rows) -> None:
+    """The records are the rows (as read: ``rows`` in the order the index was given them) sorted by
+    key, stably: (key, version, status, file) of each, in order."""
+    want = sorted(rows, key=lambda r: id_key(r[0]))  # stable: a key's rows in the order given
+    assert [key_bytes((h, lo)) for h, lo in zip(c.hi.tolist(), c.lo.tolist())] == [id_key(r[0]) for r in want]
+    assert c.versions.tolist() == [version_key(r[1]) for r in want]
+    assert c.ok.tolist() == [r[2] == "ok" for r in want]
+    assert [c.parts[p] for p in c.part_of.tolist()] == [r[3] for r in want]
+
+
 @FAST
 @given(st.lists(ROW, max_size=40), st.lists(st.tuples(st.lists(ROW, max_size=12), st.sets(st.sampled_from(PARTS)),
                                                       st.sets(st.sampled_from(PARTS))), max_size=3),
-       st.integers(1, 7), st.sampled_from(["v1/1", "v2/1"]))
-def test_an_index_on_disk_agrees_with_plain_python_through_replaced_chains(rows, steps, bound, version):
+       st.integers(1, 7), st.sampled_from(["v1/1", "v2/1"]),
+       st.one_of(st.none(), st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3)), min_size=9, max_size=9,
+                                     unique=True)),
+       st.integers(1, 5))
+def test_an_index_on_disk_agrees_with_plain_python_through_replaced_chains(rows, steps, bound, version, keys,
+                                                                           scan_block):
     """Past its bound (1-7 rows here) the index is a scratch file made by an external sort (runs
     of ``bound`` rows, merged two at a time in passes, in blocks of a row or a few): every query
-    agrees with plain Python over the rows, after each of a chain of ``replaced`` (files gone,
-    rewritten under their own name, added under a new one)."""
-    with _on_disk():
+    agrees with plain Python over the rows, and the records are in the order a stable sort of the
+    rows (by file, then key) gives, after each of a chain of ``replaced`` (files gone, rewritten
+    under their own name, added under a new one). ``keys``: the ids' keys injected (hi from 3
+    values, lo from 4: most keys share their hi with another), else hashed; the scans over every
+    row read ``scan_block`` rows at a time, so that groups of rows cross block boundaries."""
+    import sys
+    from contextlib import ExitStack
+    from unittest import mock
+
+    import fastsam_batch.index as index
+
+    with ExitStack() as stack:
+        stack.enter_context(_on_disk())
+        stack.enter_context(mock.patch.object(index, "SCAN_BLOCK", scan_block))
+        if keys is not None:
+            table = dict(zip("abcdefghz", keys))
+
+            def injected(image_ids):
+                pairs = [table[i] for i in image_ids]
+                return np.array([h for h, _ in pairs], np.uint64), np.array([lo for _, lo in pairs], np.uint64)
+
+            stack.enter_context(mock.patch.object(index, "id_keys", injected))
+            stack.enter_context(mock.patch.object(sys.modules[__name__], "id_key",
+                                                  lambda i: key_bytes(table[i])))
         files = [FileRows.from_rows(p, [(r[0], r[1], r[2], r[4], r[5]) for r in rows if r[3] == p],
                                     {"fp": sum(r[3] == p for r in rows)}) for p in sorted({r[3] for r in rows})]
         c = Committed.from_files(iter(files), memory_rows=bound)
         assert c.on_disk == (len(rows) > bound)
-        _check_against_rows(c, rows, version)
-        now = list(rows)
+        now = sorted(rows, key=lambda r: r[3])  # as read: by file, in each file in order
+        _check_against_rows(c, now, version)
+        _check_order(c, now)
         for new_rows, removed, renamed in steps:
             def name(p: str) -> str:
                 return "out/q" + p[-9:] if p in renamed else p
@@ -452,9 +488,10 @@ def test_an_index_on_disk_agrees_with_plain_python_through_replaced_chains(rows,
             names = {f.part for f in added}
             c = c.replaced(removed, (f for f in added))
             now = [r for r in now if r[3] not in removed and r[3] not in names] + \
-                [(r[0], r[1], r[2], name(r[3]), r[4], r[5]) for r in new_rows]
+                [(r[0], r[1], r[2], name(r[3]), r[4], r[5]) for r in sorted(new_rows, key=lambda r: r[3])]
             assert c.on_disk == (len(now) > bound)
             _check_against_rows(c, now, version)
+            _check_order(c, now)  # the kept rows first, then the added files' (in the order given)
             want_fp: dict[str, int] = {}
             for f in [f for f in files if f.part not in removed and f.part not in names] + added:
                 for fp, n in f.fingerprints.items():
@@ -533,7 +570,9 @@ def test_a_large_index_on_disk_is_exact_and_its_scratch_files_go(tmp_path, monke
     again = FileRows.from_rows(files[1].part, [("zz", "v", "ok")], {"fp": 1})
     d = c.replaced(gone, [again])
     left = [r for r in plain if r[3] not in gone and r[3] != files[1].part]
-    assert d.rows == len(left) + 1 and d.images == len({r[0] for r in left} | {id_keys(["zz"])[0][0]})
+    zz = tuple(int(x[0]) for x in id_keys(["zz"]))  # (hi, lo), as the keys of plain are
+    assert zz not in {r[0] for r in plain}
+    assert d.rows == len(left) + 1 and d.images == len({r[0] for r in left} | {zz}) == len({r[0] for r in left}) + 1
     assert d.on_disk and d._scratch.dir != folder
     c.close()
     assert not os.path.exists(folder)
