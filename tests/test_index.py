@@ -656,7 +656,8 @@ def test_the_index_rows_setting_is_checked():
     for bad in ("lots", "1e6", "0", "1", str(MIN_MEMORY_ROWS - 1)):
         with pytest.raises(ValueError, match="FASTSAM_BATCH_INDEX_ROWS"):
             memory_rows_setting(bad)
-    assert Committed.from_rows([("a", "v", "ok", "p"), ("b", "v", "ok", "p")], memory_rows=1).rows == 2  # tests' tiny bounds
+    tiny = Committed.from_rows([("a", "v", "ok", "p"), ("b", "v", "ok", "p")], memory_rows=1)  # tests' bounds
+    assert tiny.on_disk and tiny.rows == 2
 
 
 def test_spilled_runs_are_removed_only_by_the_process_that_made_them(tmp_path, monkeypatch):
