@@ -114,68 +114,11 @@ def _reference_lookup(rows, image_id, version):
 @FAST
 @given(st.lists(ROW, max_size=30), st.sampled_from(["v1/1", "v2/1", "v3/1"]))
 def test_committed_index_agrees_with_a_dict(rows, version):
+    """The index in memory (its rows under the bound) against plain Python: the same checks as the
+    disk path's below (:func:`_check_against_rows`)."""
     c = Committed.from_rows(rows)
-    assert c.rows == len(rows)
-    assert c.images == len({r[0] for r in rows})
-    ids = list("abcdefgh")
-    for i, found in zip(ids, c.lookup(ids, [version] * len(ids))):
-        want = _reference_lookup(rows, i, version)
-        got = (found.state,) if found.state != "fresh" else (found.state, found.ok, found.superseded, found.reason,
-                                                             found.parts)
-        assert got == want, (i, rows)
-    errors: dict[str, int] = {}
-    for r in rows:
-        if r[2] != "ok":
-            reason = (r[4] or "error").split(":")[0]
-            errors[reason] = errors.get(reason, 0) + 1
-    assert c.errors_by_reason() == errors
-    # duplicates: one row per (image, version) stays, preferring this run's file, then an ok row
-    twice = duplicate_rows(c, prefer={"p3.parquet"})
-    kept: dict[tuple, list] = {}
-    for r in rows:
-        k = (id_key(r[0]), version_key(r[1]))
-        gone = r[3] in twice.drop and k in twice.drop[r[3]]
-        if not gone:
-            kept.setdefault(k, []).append(r)
-    for k, rs in kept.items():
-        if len({r[3] for r in rs}) > 1:
-            raise AssertionError(f"rows of one image and version kept in two files: {rs}")
-        if len(rs) > 1:
-            assert k in twice.keep_one.get(rs[0][3], set())
-        group = [r for r in rows if (id_key(r[0]), version_key(r[1])) == k]
-        files = {r[3] for r in group}
-        if len(files) > 1:
-            if "out/p3.parquet" in files:
-                assert rs[0][3] == "out/p3.parquet"
-            elif any(r[2] == "ok" for r in group):
-                assert any(r[2] == "ok" for r in rs)
-    # every image and version keeps a row
-    assert set(kept) == {(id_key(r[0]), version_key(r[1])) for r in rows}
-    # rows_outside, rows_in_other_files, superseded_parts, stale_unit_rows against the rows
-    retried = {"a", "b", "c"}
-    assert rows_outside(c, retried, {"p2.parquet"}) == _reference_rows_outside(rows, retried)
-    keys = {id_key(i) for i in "abz"}
-    want_other: dict[str, set] = {}
-    for r in rows:
-        if id_key(r[0]) in keys and r[3] != "out/p1.parquet":
-            want_other.setdefault(r[3], set()).add(id_key(r[0]))
-    assert rows_in_other_files(c, keys, {"p1.parquet"}) == want_other
-    current = {i: version for i in "abcdh"}
-    want_sup: dict[str, dict] = {}
-    for i, v in current.items():
-        look = _reference_lookup(rows, i, v)
-        for p in (look[2] if look[0] == "fresh" else []):
-            want_sup.setdefault(p, {})[i] = v
-    assert superseded_parts(c, current) == want_sup
-    shards = {"s1": version, "s2": "v1/1"}
-    want_stale: dict[str, set] = {}
-    for r in rows:
-        if r[5] in shards and version_key(r[1]) != version_key(shards[r[5]]):
-            want_stale.setdefault(r[3], set()).add(id_key(r[0]))
-    assert stale_unit_rows(c, shards) == want_stale
-    fresh_s1, old_s1 = c.unit_rows("s1", version)
-    assert len(fresh_s1) == sum(r[5] == "s1" and version_key(r[1]) == version_key(version) for r in rows)
-    assert len(old_s1) == sum(r[5] == "s1" and version_key(r[1]) != version_key(version) for r in rows)
+    assert not c.on_disk
+    _check_against_rows(c, rows, version)
     assert unit_key(None) == 0
 
 
