@@ -225,9 +225,7 @@ class KeyRuns:
         self.disk: list[_Run] = []
         self.count = 0
         self._spill_parent = spill_dir
-        self._dir: str | None = None
-        self._files = 0
-        self._cleanup = None
+        self._scratch: _Scratch | None = None  # made at the first spill
 
     def __len__(self) -> int:
         return self.count
@@ -267,18 +265,15 @@ class KeyRuns:
                 self.disk.append(self._merge_on_disk(a, b))
 
     # spilling
-    def _folder(self) -> str:
-        if self._dir is None:
-            parent = self._spill_parent or scratch_dir()
-            os.makedirs(parent, exist_ok=True)
-            remove_stale_scratch(parent)
-            self._dir = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent)
-            self._cleanup = weakref.finalize(self, _remove_own, self._dir, os.getpid())
-        return self._dir
+    @property
+    def _dir(self) -> str | None:
+        """Its scratch folder, once it has spilled."""
+        return self._scratch.dir if self._scratch is not None else None
 
     def _new_path(self) -> str:
-        self._files += 1
-        return os.path.join(self._folder(), f"run-{self._files:06d}")
+        if self._scratch is None:
+            self._scratch = _Scratch(self._spill_parent)
+        return self._scratch.new_path("run", "")
 
     def _write(self, run: _Run) -> _Run:
         """A run written with ordinary (buffered) writes, then memory-mapped read-only: a full disk
@@ -326,8 +321,8 @@ class KeyRuns:
 
     def close(self) -> None:
         self.mem, self.disk = [], []
-        if self._cleanup is not None:
-            self._cleanup()
+        if self._scratch is not None:
+            self._scratch.close()
 
 
 def _merge_in_memory(a: _Run, b: _Run) -> _Run:
@@ -426,19 +421,20 @@ def _remove_own(folder: str, pid: int) -> None:
 
 class _Scratch:
     """A private folder under :func:`scratch_dir` (``fastsam-keys-<pid>-*``, so that
-    :func:`remove_stale_scratch` finds those of killed processes), removed with the object."""
+    :func:`remove_stale_scratch` finds those of killed processes), removed with the object; under
+    ``parent`` if given, else :func:`scratch_dir`. Committed's rows and KeyRuns' spilled runs."""
 
-    def __init__(self) -> None:
-        parent = scratch_dir()
+    def __init__(self, parent: str | None = None) -> None:
+        parent = parent or scratch_dir()
         os.makedirs(parent, exist_ok=True)
         remove_stale_scratch(parent)
         self.dir = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent)
         self._files = 0
         self._cleanup = weakref.finalize(self, _remove_own, self.dir, os.getpid())
 
-    def new_path(self, what: str) -> str:
+    def new_path(self, what: str, suffix: str = ".bin") -> str:
         self._files += 1
-        return os.path.join(self.dir, f"{what}-{self._files:06d}.bin")
+        return os.path.join(self.dir, f"{what}-{self._files:06d}{suffix}")
 
     def close(self) -> None:
         self._cleanup()

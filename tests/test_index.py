@@ -616,6 +616,6 @@ def test_spilled_runs_are_removed_only_by_the_process_that_made_them(tmp_path, m
     runs.close()
     assert os.path.isdir(runs._dir)
     monkeypatch.undo()
-    runs._cleanup = index.weakref.finalize(runs, index._remove_own, runs._dir, real)
+    runs._scratch._cleanup = index.weakref.finalize(runs._scratch, index._remove_own, runs._dir, real)
     runs.close()
     assert not os.path.exists(runs._dir)
