@@ -195,12 +195,6 @@ def iter_files(output_uri: str, storage: Storage, paths: list[str], threads: int
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def read_files(output_uri: str, storage: Storage, paths: list[str], threads: int = READ_THREADS,
-               stamps: dict[str, str] | None = None) -> list[FileRows]:
-    """:func:`iter_files` as a list (a few files: the index is built from the generator)."""
-    return list(iter_files(output_uri, storage, paths, threads, stamps))
-
-
 class CommittedFileError(OSError):
     """A committed file that could not be read (corrupt, unreadable, gone since it was listed)."""
 

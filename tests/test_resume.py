@@ -377,7 +377,7 @@ def test_a_corrupt_committed_file_is_named_and_an_error_stops_the_queued_reads(t
     import pyarrow.parquet as pq
 
     from fastsam_batch import resume
-    from fastsam_batch.resume import CommittedFileError, read_committed, read_files
+    from fastsam_batch.resume import CommittedFileError, iter_files, read_committed
     from fastsam_batch.storage import Storage
 
     out = tmp_path / "out"
@@ -400,7 +400,7 @@ def test_a_corrupt_committed_file_is_named_and_an_error_stops_the_queued_reads(t
 
     monkeypatch.setattr(resume, "read_file_rows", failing)
     with pytest.raises(CommittedFileError, match="000"):
-        read_files(str(out), Storage(), [f"p{i:03d}" for i in range(400)], threads=2)
+        list(iter_files(str(out), Storage(), [f"p{i:03d}" for i in range(400)], threads=2))
     assert len(calls) <= 4 * 2 + 2  # the window and the reads under way; before: all 400
 
 
