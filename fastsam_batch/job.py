@@ -4,6 +4,7 @@ the segmentation (:mod:`.pipeline`, the Ray part), then the end-of-run checks an
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -15,7 +16,7 @@ from .metrics import CommitMetrics
 from .console import silence_ray
 from .model import check_checkpoint, fetch_checkpoint
 from .preflight import check_device, check_listable, check_locations, check_ray_address, check_writable
-from .sizing import local_machine, plan_actors
+from .sizing import local_machine, plan_actors, plan_writers
 from .offline import configure_ultralytics
 from .progress import Progress
 from .inputs import CONTAINERS, InputError, Skipped, open_input
@@ -30,8 +31,9 @@ from .resume import (read_committed, read_units_records, run_fingerprint, source
                      write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
-from .write import Committer, Interrupted, ParquetWriter, put_atomic
-from .pipeline import embedded_ray_line, ray_address, run_segmentation, start_ray
+from .write import Interrupted, put_atomic
+from .writers import Ledger, Staged, publish as publish_staged
+from .pipeline import WriterPool, embedded_ray_line, ray_address, run_segmentation, start_ray
 
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
 RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
@@ -377,8 +379,13 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         summary.add_file_stats([stats])
         written.add(stats["file"])
 
-    writer = ParquetWriter(m.output.uri, storage, m.output.compression, fence, CommitMetrics(m.name))
+    metrics = CommitMetrics(m.name)
     completed: dict[str, str] = {}
+
+    def publish(staged: Staged) -> None:  # only the driver makes a file visible, while it holds the lease
+        fence.check(storage)
+        publish_staged(storage, staged)
+        metrics.committed_stats(staged.stats)
 
     def on_unit_end(rows: int, skipped: int) -> None:
         summary.images_planned += rows
@@ -389,15 +396,18 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         summary.units_done += len(units)
         completed.update((uri, version) for uri, version, _ in units)
 
-    committer = Committer(writer, m.output.rows_per_file, m.output.commit_interval_s, on_commit,
-                          lambda: progress.tick(), on_unit_end, on_units_complete, watch=lease.check_held,
-                          target_file_bytes=max(1, int(m.output.target_file_mb * (1 << 20))))
-    # Segmented images are counted as their rows reach the writer; committed ones as files land.
-    progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=lambda: committer.pending_rows)
+    ledger = Ledger(publish, on_commit, on_unit_end, on_units_complete)
+    local = protocol_of(m.output.uri) == "file"
+    count, why = plan_writers(m.output.writers, sizing.cluster_gpus, local, os.cpu_count() or 1)
+    writers = WriterPool(m, storage, count, ledger, watch=lease.check_held, tick=lambda: progress.tick(),
+                         local_output=local)
+    # Segmented images are counted as their rows reach a writer; committed ones as files are published.
+    progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=ledger.waiting_rows)
     try:
         if plan.count:
+            log(f"writers: {count} ({why}), each staging its files for the driver to publish")
             settings = replace(settings_for(m, summary, prompts.sources), carried=tuple(planned.carried))
-            run_segmentation(m, storage, settings, summary, plan, sizing, committer, log)
+            run_segmentation(m, storage, settings, summary, plan, sizing, writers, log)
     except LeaseLost:
         raise JobError(_lease_lost(m, lease)) from None
     except Interrupted:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .decode import DEFAULT_MAX_PIXELS
+MAX_WRITERS = 256  # output.writers
 
 
 class ManifestError(ValueError):
@@ -191,6 +192,17 @@ class OutputConfig(_Strict):
                                      "about this much work (plus blocks on their way to the writer); at low "
                                      "throughput it, not the size, cuts the files")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    writers: int | Literal["auto"] = Field(default="auto", description="writer actors that encode and stage the "
+                                           "output files (the driver only publishes them): a number from 1 to 256, "
+                                           "or auto: one per 4 GPUs of the cluster plus one, at most 16; a local "
+                                           "output at most half the driver node's cores (sizing.plan_writers)")
+
+    @field_validator("writers", mode="before")
+    @classmethod
+    def _writers(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_WRITERS):
+            return v
+        raise ValueError(f"must be 'auto' or a whole number from 1 to {MAX_WRITERS}, not {v!r}")
 
 
 class RuntimeConfig(_Strict):

@@ -9,12 +9,16 @@ with Ray's own (Ray prefixes each name with ``ray_``). Tag ``job``: the manifest
   fastsam_batch_stage_ms{stage}               per-image milliseconds of read, decode, model, masks,
                                               select, encode (histogram)
 
-Committed counts are recorded by the writer (the driver) as each file is committed, so they agree
-with the output; bytes read by the workers that read them. ``cluster/grafana-dashboard.json``
+Committed counts are recorded by the driver as each file is published, from the file's stats row,
+so they agree with the output; the stage times by the writer actors as they stage each file
+(:class:`StageMetrics`: a file staged and never published, by a writer killed before its answer,
+counts there too); bytes read by the workers that read them. ``cluster/grafana-dashboard.json``
 charts them.
 """
 
 from __future__ import annotations
+
+import json
 
 import pyarrow as pa
 
@@ -52,6 +56,39 @@ class CommitMetrics:
         if prompts:
             self.prompts.inc(prompts, tags=self.tags)
         self.files.inc(1, tags=self.tags)
+        for stage in STAGES:
+            if stage in table.column_names:
+                tags = {**self.tags, "stage": stage[:-3]}
+                for v in table.column(stage).to_pylist():
+                    if v is not None and v >= 0:
+                        self.stage_ms.observe(v, tags=tags)
+
+
+    def committed_stats(self, stats: dict) -> None:
+        """A published file's counts, from its stats row (write.file_stats)."""
+        errors = json.loads(stats["errors"])
+        for status, reason, n in [("ok", "", int(stats["ok"]))] + [
+                ("error", reason if reason not in (None, "null") else "error", int(k)) for reason, k in errors.items()]:
+            if n:
+                self.images.inc(n, tags={**self.tags, "status": status, "reason": reason})
+        if stats["masks"]:
+            self.masks.inc(int(stats["masks"]), tags=self.tags)
+        if stats["prompts"]:
+            self.prompts.inc(int(stats["prompts"]), tags=self.tags)
+        self.files.inc(1, tags=self.tags)
+
+
+class StageMetrics:
+    """The per-image stage times, observed by a writer actor as it stages a file."""
+
+    def __init__(self, job: str):
+        from ray.util.metrics import Histogram
+
+        self.tags = {"job": job}
+        self.stage_ms = Histogram("fastsam_batch_stage_ms", description="milliseconds per image, by stage",
+                                  boundaries=MS_BOUNDARIES, tag_keys=("job", "stage"))
+
+    def staged(self, table: pa.Table) -> None:
         for stage in STAGES:
             if stage in table.column_names:
                 tags = {**self.tags, "stage": stage[:-3]}

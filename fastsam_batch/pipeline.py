@@ -28,7 +28,8 @@ from .sizing import ActorPlan, embedded_ray_cpus, joined_cluster, local_machine,
 from .storage import Storage
 from .summary import RunSummary
 from .watchdog import Watchdog, maybe_slow_for_test
-from .write import Committer
+from .write import Interrupted
+from .writers import BlockWriter, Ledger, Staged
 
 if TYPE_CHECKING:
     from .segment import SegmentSettings
@@ -188,9 +189,10 @@ def embedded_ray_line() -> str:
 
 
 def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, summary: RunSummary,
-                     plan: PlanParts, sizing: ActorPlan, committer: Committer, log=print) -> None:
-    """read + decode -> segment + encode, streaming through Ray Data, into ``committer`` (the one
-    writer, on the driver). Raises write.Interrupted after a Ctrl-C (what had arrived committed)."""
+                     plan: PlanParts, sizing: ActorPlan, output: "WriterPool", log=print) -> None:
+    """read + decode -> segment + encode, streaming through Ray Data, into ``output`` (the writer
+    actors; the driver publishes their files). Raises write.Interrupted after a Ctrl-C (what the
+    writers had staged and what had reached the driver, published)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
 
@@ -251,9 +253,10 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
         num_cpus=m.runtime.cpus_per_actor,
         num_gpus=gpus,
     )
-    # Only RLE strings and small columns come to the driver, whose one writer commits them.
+    # The output blocks stay in the object store: the driver routes their references to the writer
+    # actors, which encode and stage the files; the driver publishes them (writers.py).
     try:
-        committer.consume(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+        output.run(ds)
     except Exception:  # Interrupted (Ctrl-C), LeaseLost (the lease taken over), a failed commit
         # Stop Ray Data's executor thread now, not while Ray shuts down at exit (where it would go on
         # calling Ray, and Ray would start a new local instance for it). Ray Data's own blocking
@@ -262,3 +265,266 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
         if executor is not None:
             executor.shutdown(force=True)
         raise
+
+
+class WriterActor(BlockWriter):
+    """A writer actor (writers.BlockWriter on Ray): an output block, fetched from the object store
+    where the actor runs (never through the driver), is sliced as its bundle says and written."""
+
+    def __init__(self, index: int, output_uri: str, storage: Storage, compression: str, rows_per_file: int | None,
+                 interval_s: float, target_file_bytes: int | None, job: str):
+        from .metrics import StageMetrics
+
+        super().__init__(index, output_uri, storage, compression, rows_per_file, interval_s, target_file_bytes,
+                         StageMetrics(job))
+
+    def add_block(self, seq: int, block, start: int | None, end: int | None, skip: int) -> dict:
+        from ray.data.block import BlockAccessor
+
+        table = BlockAccessor.for_block(block).to_arrow()
+        if start is not None:
+            table = table.slice(start, end - start)
+        return self.add(seq, table, skip)
+
+
+WRITER_CALLS = 2  # calls queued on a writer (add, poll, flush) past which no more blocks go to it
+WRITER_REPLACEMENTS = 8  # writers started again after one died, in a run, before the run fails
+
+
+class WritersLost(RuntimeError):
+    """The writer actors kept dying: the run stops (what was published stays)."""
+
+
+_END = object()
+
+
+class WriterPool:
+    """The run's K writer actors and the driver's side of them (writers.Ledger): output blocks'
+    references routed to the writer with the fewest calls queued (ties: the lowest number, so that
+    at low throughput one writer gets most rows and makes bigger files), at most WRITER_CALLS queued
+    on each (so the driver pulls blocks from Ray Data only as fast as the writers take them: Ray
+    Data's backpressure does the rest); every answer handled in the order its writer gave them
+    (the files it staged published, in order); a writer due by ``commit_interval_s`` asked to
+    stage its rows; a writer that dies started again and its blocks sent again (writers.Ledger.resend).
+
+    ``publish``: makes a staged file visible (the fence checked first; job.py). ``watch``: raises to
+    stop (the lease taken over); ``tick``: progress. Only :meth:`run` and what it calls know Ray."""
+
+    def __init__(self, m: Manifest, storage: Storage, count: int, ledger: Ledger, watch=None, tick=None,
+                 local_output: bool = True):
+        self.m, self.storage, self.count, self.ledger = m, storage, count, ledger
+        self.watch = watch or (lambda: None)
+        self.tick = tick or (lambda: None)
+        self.local_output = local_output
+        self.handles: list = []
+        self.calls: list[list] = []  # per writer: its calls not yet answered, in order
+        self.due_at: list[float | None] = []
+        self.replaced = 0
+        self.died = 0
+
+    def _start(self, i: int):
+        import ray
+
+        opts: dict = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
+        if self.local_output:  # a local folder: the driver's disk, so the driver's node
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                         soft=False)
+        else:
+            opts["scheduling_strategy"] = "SPREAD"
+        o = self.m.output
+        return ray.remote(WriterActor).options(**opts).remote(
+            i, o.uri, self.storage, o.compression, o.rows_per_file, o.commit_interval_s,
+            max(1, int(o.target_file_mb * (1 << 20))), self.m.name)
+
+    def start(self) -> None:
+        self.handles = [self._start(i) for i in range(self.count)]
+        self.calls = [[] for _ in range(self.count)]
+        self.due_at = [None] * self.count
+
+    def stop(self) -> None:
+        import ray
+
+        for h in self.handles:
+            if h is not None:
+                try:
+                    ray.kill(h, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+
+    def _submit(self, i: int, method: str, *args) -> None:
+        self.calls[i].append(getattr(self.handles[i], method).remote(*args))
+
+    def _alive(self) -> list[int]:
+        return [i for i, h in enumerate(self.handles) if h is not None]
+
+    def _least_busy(self, room: bool = True) -> int | None:
+        best = None
+        for i in self._alive():
+            if room and len(self.calls[i]) >= WRITER_CALLS:
+                continue
+            if best is None or len(self.calls[i]) < len(self.calls[best]):
+                best = i
+        return best
+
+    def route(self, bundle) -> None:
+        slices = getattr(bundle, "slices", None) or [None] * len(bundle.blocks)
+        for entry, cut in zip(bundle.blocks, slices):
+            i = self._least_busy(room=False)
+            start, end = (cut.start_offset, cut.end_offset) if cut is not None else (None, None)
+            size = cut.num_rows if cut is not None else (entry.metadata.num_rows or 0)
+            seq = self.ledger.add(entry.ref, i, start, end, size)
+            self._submit(i, "add_block", seq, entry.ref, start, end, 0)
+
+    def collect(self, timeout: float) -> None:
+        """Handles the answers that are in (waiting up to ``timeout`` for the first), each writer's in order."""
+        import ray
+
+        heads = [c[0] for c in self.calls if c]
+        if not heads:
+            return
+        ray.wait(heads, num_returns=1, timeout=timeout)
+        progressed = True
+        while progressed:
+            progressed = False
+            heads = [c[0] for c in self.calls if c]
+            if not heads:
+                return
+            ready, _ = ray.wait(heads, num_returns=len(heads), timeout=0)
+            ready = set(ready)
+            for i in self._alive():
+                if self.calls[i] and self.calls[i][0] in ready:
+                    self._answer(i, self.calls[i].pop(0))
+                    progressed = True
+
+    def _answer(self, i: int, future) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            answer = ray.get(future)
+        except RayActorError:
+            self._died(i)
+            return
+        except RayTaskError as e:  # the writer raised (storage refused a put): the run stops with it
+            cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
+            raise cause from None
+        self.ledger.answered(answer)
+        self.due_at[i] = None if answer["due_in"] is None else time.monotonic() + answer["due_in"]
+
+    def _died(self, i: int) -> None:
+        """Writer ``i`` is gone: what it staged and had not answered is never published (the next
+        run removes it); a new writer takes its place, and every block it held that is not wholly
+        published is sent again, without the rows already published."""
+        import ray
+
+        self.died += 1
+        try:
+            ray.kill(self.handles[i], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.calls[i] = []
+        self.due_at[i] = None
+        if self.replaced < WRITER_REPLACEMENTS:
+            self.replaced += 1
+            self.handles[i] = self._start(i)
+        else:
+            self.handles[i] = None
+            if not self._alive():
+                raise WritersLost(f"the writer actors died {self.died} times: the run stops (the files published "
+                                  "are kept; run the same command to resume)")
+        for seq, ref, start, end, skip in self.ledger.resend(i, lambda seq: self._least_busy(room=False)):
+            self._submit(self.ledger.blocks[seq].writer, "add_block", seq, ref, start, end, skip)
+
+    def _polls(self) -> None:
+        now = time.monotonic()
+        for i in self._alive():
+            if self.due_at[i] is not None and now >= self.due_at[i] and not self.calls[i]:
+                self.due_at[i] = None
+                self._submit(i, "poll")
+
+    def has_room(self) -> bool:
+        return self._least_busy() is not None
+
+    def drain(self) -> None:
+        """Every writer stages what it holds and every file is published; again after a writer died
+        meanwhile (its blocks went to another), until every block sent is published."""
+        while True:
+            died = self.died
+            for i in self._alive():
+                self._submit(i, "flush")
+            while any(self.calls):
+                self.collect(0.5)
+                self.watch()
+                self.tick()
+            if not self.ledger.blocks:
+                return
+            if self.died == died:
+                raise RuntimeError(f"{len(self.ledger.blocks)} output blocks were not written after every writer "
+                                   "flushed (a bug)")
+
+    def run(self, ds) -> None:
+        """Routes the dataset's output blocks to the writers (produced in a thread of their own, so
+        that answers and due files never wait for the next block) and publishes what they stage. The
+        first Ctrl-C (SIGINT) stops taking blocks: the blocks that had reached the driver are routed,
+        every writer stages what it holds, the driver publishes it, and Interrupted is raised; a
+        second Ctrl-C stops at once (KeyboardInterrupt). A publish is never cut in half by the first."""
+        import queue
+        import signal
+        import threading
+
+        inbox: queue.Queue = queue.Queue(maxsize=4)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                bundles, _, _ = ds._execute_to_iterator()  # iter_internal_ref_bundles, the executor kept on ds
+                for bundle in bundles:
+                    inbox.put(bundle)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                inbox.put(e)
+            inbox.put(_END)
+
+        def on_sigint(signum, frame):
+            stop.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one stops at once
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+        if not self.handles:
+            self.start()
+        threading.Thread(target=produce, name="fastsam-batch-blocks", daemon=True).start()
+        try:
+            while not stop.is_set():
+                self.collect(0)
+                self._polls()
+                self.watch()
+                self.tick()
+                if not self.has_room():
+                    self.collect(0.2)
+                    continue
+                try:
+                    item = inbox.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                self.route(item)
+            if stop.is_set():
+                while True:  # the blocks that had already reached the driver are done work: keep them
+                    try:
+                        item = inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _END and not isinstance(item, BaseException):
+                        self.route(item)
+            self.drain()
+        finally:
+            if main and not stop.is_set():
+                signal.signal(signal.SIGINT, previous)
+            self.stop()
+        if stop.is_set():
+            raise Interrupted()

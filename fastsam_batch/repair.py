@@ -205,8 +205,20 @@ def remove_files(storage: Storage, paths: list[str], *, fence) -> None:
 
 
 def remove_stale_temporaries(output_uri: str, storage: Storage, *, fence) -> int:
-    """Local temporary files (``_tmp-*``) left by a killed writer, in the output and its ``_units/``
-    and ``_runs/`` folders (S3 puts are never partial, so there are none there)."""
+    """Files staged and never published (writers.py: a killed run's writers; a run whose lease was
+    taken over), removed at a run's start, before its own writers start (so none of them is this
+    run's): locally the temporary files (``_tmp-*``) in the output and its ``_units/`` and
+    ``_runs/`` folders; on S3 the open multipart uploads of part files directly under the output
+    (aborted: S3 keeps an open upload's parts, and bills them, until then; S3 puts of the
+    driver's records are single PUTs, never partial)."""
+    if protocol_of(output_uri) in ("s3", "s3a"):
+        from .writers import abort_uploads, open_uploads
+
+        uploads = open_uploads(output_uri, storage)
+        if uploads:
+            fence.check(storage)
+            abort_uploads(output_uri, storage, uploads)
+        return len(uploads)
     if protocol_of(output_uri) != "file":
         return 0
     stale = [p for folder in (output_uri, join_uri(output_uri, UNITS_DIR), join_uri(output_uri, "_runs"))

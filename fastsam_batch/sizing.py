@@ -282,3 +282,24 @@ def joined_cluster(resources: dict) -> Cluster:
     return Cluster(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)),
                    memory_bytes=int(resources.get("memory", 0)), embedded=False,
                    gpu_memory_bytes=gpu_memory, gpu_memory_from=source)
+
+
+WRITERS_PER_GPUS = 4  # output.writers auto: one writer per this many GPUs, plus one
+WRITERS_AUTO_MAX = 16
+
+
+def plan_writers(setting: int | str, cluster_gpus: float, local_output: bool, driver_cpus: int) -> tuple[int, str]:
+    """Writer actors (``output.writers``) and why, for the log. ``auto``: one, plus one per
+    WRITERS_PER_GPUS GPUs of the cluster, at most WRITERS_AUTO_MAX: a writer encodes and stages about
+    8,000 rows/s of 100-mask photos on a core (benchmarks/RESULTS.md), a GPU makes a few hundred, and
+    each writer's files are cut by commit_interval_s on its share of the rows, so fewer writers make
+    bigger files. A local output's writers run on the driver's node (they share its disk and
+    cores), so there at most half its cores."""
+    if setting != "auto":
+        return int(setting), "output.writers"
+    k = min(WRITERS_AUTO_MAX, 1 + int(cluster_gpus // WRITERS_PER_GPUS))
+    why = f"auto: 1 + 1 per {WRITERS_PER_GPUS} GPUs" if cluster_gpus else "auto: 1 without GPUs"
+    if local_output and k > max(1, driver_cpus // 2):
+        k = max(1, driver_cpus // 2)
+        why += f"; a local output: at most half the driver node's {driver_cpus} cores"
+    return k, why

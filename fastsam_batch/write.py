@@ -160,29 +160,46 @@ class ParquetWriter:
         self.encode_s = 0.0
         if self.metrics is not None:
             self.metrics.committed(table)
-        statuses = table.column("status").to_pylist()
-        prompts = table.column("prompts").to_pylist()
-        retries = [r or 0 for r in table.column("read_retries").to_pylist()]
-        reasons = Counter(error_reason(e) for e, s in zip(table.column("error").to_pylist(), statuses) if s != "ok")
-        return stats_table(
-            [
-                {
-                    "file": name,
-                    "rows": table.num_rows,
-                    "ok": sum(s == "ok" for s in statuses),
-                    "errors": json.dumps(dict(reasons)),
-                    "masks": int(sum(table.column("num_masks").to_pylist())),
-                    "duplicates": int(sum(d or 0 for d in table.column("num_duplicates").to_pylist()))
-                    if "num_duplicates" in table.column_names else 0,
-                    "retried": sum(1 for r in retries if r),
-                    "retries": sum(retries),
-                    "prompts": sum(len(ps) for ps in prompts),
-                    "prompt_errors": json.dumps(dict(Counter(
-                        error_reason(p["error"]) for ps in prompts for p in ps if p["error"] is not None))),
-                    "write_s": write_s,
-                }
-            ]
-        )
+        return stats_table([file_stats(table, name, write_s)])
+
+
+def file_stats(table: pa.Table, name: str, write_s: float) -> dict:
+    """The stats row of a file of ``table``'s rows (see :data:`STATS_SCHEMA`)."""
+    statuses = table.column("status").to_pylist()
+    prompts = table.column("prompts").to_pylist()
+    retries = [r or 0 for r in table.column("read_retries").to_pylist()]
+    reasons = Counter(error_reason(e) for e, s in zip(table.column("error").to_pylist(), statuses) if s != "ok")
+    return {
+        "file": name,
+        "rows": table.num_rows,
+        "ok": sum(s == "ok" for s in statuses),
+        "errors": json.dumps(dict(reasons)),
+        "masks": int(sum(table.column("num_masks").to_pylist())),
+        "duplicates": int(sum(d or 0 for d in table.column("num_duplicates").to_pylist()))
+        if "num_duplicates" in table.column_names else 0,
+        "retried": sum(1 for r in retries if r),
+        "retries": sum(retries),
+        "prompts": sum(len(ps) for ps in prompts),
+        "prompt_errors": json.dumps(dict(Counter(
+            error_reason(p["error"]) for ps in prompts for p in ps if p["error"] is not None))),
+        "write_s": write_s,
+    }
+
+
+def split_unit_ends(table: pa.Table) -> tuple[pa.Table, list[tuple[str, str, int, int]]]:
+    """A block's rows without its end-of-unit rows (containers: never written) and without the
+    internal columns; and those rows as (shard, version, rows it gave, members skipped)."""
+    if UNIT_END not in table.column_names:
+        return table, []
+    import pyarrow.compute as pc
+
+    ends = pc.greater_equal(table[UNIT_END], 0)
+    found = []
+    if pc.any(ends).as_py():
+        for r in table.filter(ends).select(["shard", "source_version", UNIT_END, UNIT_SKIPPED]).to_pylist():
+            found.append((r["shard"], r["source_version"] or "", int(r[UNIT_END]), int(r[UNIT_SKIPPED])))
+        table = table.filter(pc.invert(ends))
+    return table.drop_columns(list(INTERNAL_COLUMNS)), found
 
 
 STATS_SCHEMA = pa.schema(
@@ -269,7 +286,9 @@ class Committer:
         self.target_file_bytes = target_file_bytes  # None: files are not sized by bytes
         self.interval_s = interval_s
         self.on_commit = on_commit
-        self.pending: list[tuple[float, pa.Table]] = []  # (when it arrived, rows) of each waiting block
+        # (when it arrived, rows, tag) of each waiting block; the tag (writers.BlockWriter: the block's
+        # number) says which block a file's rows came from (:meth:`head_tags`)
+        self.pending: list[tuple[float, pa.Table, object]] = []
         self.pending_rows = 0
         self.pending_nbytes = 0  # Arrow bytes of the waiting rows
         self.oldest: float | None = None  # when the oldest waiting row arrived
@@ -277,24 +296,20 @@ class Committer:
         prior = float(target_file_bytes or 0)
         self._arrow_bytes, self._file_bytes = prior, prior * FIRST_RATIO
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table, tag: object = None) -> None:
         if UNIT_END in table.column_names:
-            import pyarrow.compute as pc
-
-            ends = pc.greater_equal(table[UNIT_END], 0)
-            if pc.any(ends).as_py():  # end-of-unit rows (containers only): noted, never written
-                for r in table.filter(ends).select(["shard", "source_version", UNIT_END, UNIT_SKIPPED]).to_pylist():
-                    self.unit_ends[r["shard"]] = (r[UNIT_END], r["source_version"] or "")
-                    self.on_unit_end(r[UNIT_END], r[UNIT_SKIPPED])
-                table = table.filter(pc.invert(ends))
+            table, ends = split_unit_ends(table)
+            for shard, version, rows, skipped in ends:  # end-of-unit rows (containers only): noted, never written
+                self.unit_ends[shard] = (rows, version)
+                self.on_unit_end(rows, skipped)
+            if ends:
                 self._units_complete()
-            table = table.drop_columns(list(INTERNAL_COLUMNS))
         if table.num_rows == 0:
             return
         now = time.monotonic()
         if self.oldest is None:
             self.oldest = now
-        self.pending.append((now, table))
+        self.pending.append((now, table, tag))
         self.pending_rows += table.num_rows
         self.pending_nbytes += table.nbytes
         while self._due():
@@ -333,22 +348,37 @@ class Committer:
 
     def _rows(self) -> pa.Table:
         """The waiting rows as one table (zero-copy: the blocks' chunks)."""
-        return pa.concat_tables([t for _, t in self.pending], promote_options="default")
+        return pa.concat_tables([t for _, t, _ in self.pending], promote_options="default")
 
     def _drop(self, k: int) -> None:
         """Drops the first ``k`` waiting rows (committed); ``oldest`` becomes the arrival time of the
         first block still (partly) waiting, so rows left by a cut by size keep their age."""
         kept = []
-        for arrived, t in self.pending:
+        for arrived, t, tag in self.pending:
             if k >= t.num_rows:
                 k -= t.num_rows
                 continue
-            kept.append((arrived, t.slice(k) if k else t))
+            kept.append((arrived, t.slice(k) if k else t, tag))
             k = 0
         self.pending = kept
-        self.pending_rows = sum(t.num_rows for _, t in kept)
-        self.pending_nbytes = sum(t.nbytes for _, t in kept)
+        self.pending_rows = sum(t.num_rows for _, t, _ in kept)
+        self.pending_nbytes = sum(t.nbytes for _, t, _ in kept)
         self.oldest = kept[0][0] if kept else None
+
+    def head_tags(self, k: int) -> list[tuple[object, int]]:
+        """(tag, rows) of the blocks the first ``k`` waiting rows come from, in order (the rows of a
+        file about to be committed: files are always cut from the head)."""
+        out = []
+        for _, t, tag in self.pending:
+            if k <= 0:
+                break
+            n = min(k, t.num_rows)
+            if out and out[-1][0] == tag:
+                out[-1] = (tag, out[-1][1] + n)
+            else:
+                out.append((tag, n))
+            k -= n
+        return out
 
     def _fit(self, rows: pa.Table, ratio: float | None = None) -> int:
         return rows_that_fit(rows, 0, self.target_file_bytes * FILE_AIM / (ratio or self.ratio))
