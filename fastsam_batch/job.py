@@ -400,7 +400,7 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     local = protocol_of(m.output.uri) == "file"
     count, why = plan_writers(m.output.writers, sizing.cluster_gpus, local, os.cpu_count() or 1)
     writers = WriterPool(m, storage, count, ledger, watch=lease.check_held, tick=lambda: progress.tick(),
-                         local_output=local)
+                         local_output=local, run_id=summary.run_id)
     # Segmented images are counted as their rows reach a writer; committed ones as files are published.
     progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=ledger.waiting_rows)
     try:
@@ -414,6 +414,7 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         summary.interrupted = True
         silence_ray(debug)
     finally:
+        summary.writers, summary.writers_restarted = (count, writers.died) if plan.count else (0, 0)
         progress.close()
         plan.remove()
     if lease.lost is not None:

@@ -272,11 +272,14 @@ class WriterActor(BlockWriter):
     where the actor runs (never through the driver), is sliced as its bundle says and written."""
 
     def __init__(self, index: int, output_uri: str, storage: Storage, compression: str, rows_per_file: int | None,
-                 interval_s: float, target_file_bytes: int | None, job: str):
+                 interval_s: float, target_file_bytes: int | None, job: str, run_id: str):
         from .metrics import StageMetrics
 
         super().__init__(index, output_uri, storage, compression, rows_per_file, interval_s, target_file_bytes,
-                         StageMetrics(job))
+                         StageMetrics(job), run_id)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def add_block(self, seq: int, block, start: int | None, end: int | None, skip: int) -> dict:
         from ray.data.block import BlockAccessor
@@ -311,8 +314,8 @@ class WriterPool:
     stop (the lease taken over); ``tick``: progress. Only :meth:`run` and what it calls know Ray."""
 
     def __init__(self, m: Manifest, storage: Storage, count: int, ledger: Ledger, watch=None, tick=None,
-                 local_output: bool = True):
-        self.m, self.storage, self.count, self.ledger = m, storage, count, ledger
+                 local_output: bool = True, run_id: str = ""):
+        self.m, self.storage, self.count, self.ledger, self.run_id = m, storage, count, ledger, run_id
         self.watch = watch or (lambda: None)
         self.tick = tick or (lambda: None)
         self.local_output = local_output
@@ -321,8 +324,9 @@ class WriterPool:
         self.due_at: list[float | None] = []
         self.replaced = 0
         self.died = 0
+        self.pids: list[int] = []  # every writer's process (a local output's: on this node)
 
-    def _start(self, i: int):
+    def _start(self, i: int, wait: bool = True):
         import ray
 
         opts: dict = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
@@ -334,16 +338,26 @@ class WriterPool:
         else:
             opts["scheduling_strategy"] = "SPREAD"
         o = self.m.output
-        return ray.remote(WriterActor).options(**opts).remote(
+        handle = ray.remote(WriterActor).options(**opts).remote(
             i, o.uri, self.storage, o.compression, o.rows_per_file, o.commit_interval_s,
-            max(1, int(o.target_file_mb * (1 << 20))), self.m.name)
+            max(1, int(o.target_file_mb * (1 << 20))), self.m.name, self.run_id)
+        if self.local_output and wait:  # its process, on this node: waited for before the run's temporaries go
+            self.pids.append(ray.get(handle.pid.remote()))
+        return handle
 
     def start(self) -> None:
-        self.handles = [self._start(i) for i in range(self.count)]
+        import ray
+
+        self.handles = [self._start(i, wait=False) for i in range(self.count)]
+        if self.local_output:
+            self.pids += ray.get([h.pid.remote() for h in self.handles])
         self.calls = [[] for _ in range(self.count)]
         self.due_at = [None] * self.count
 
-    def stop(self) -> None:
+    def stop(self, clean: bool = False) -> None:
+        """Every writer ended. ``clean`` (the run stops on an error, or a writer died): a local
+        output's temporary files of this run's writers are removed once their processes are gone
+        (what they staged and the driver did not publish), so such a run leaves nothing behind."""
         import ray
 
         for h in self.handles:
@@ -352,6 +366,14 @@ class WriterPool:
                     ray.kill(h, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+        if clean and self.local_output:
+            pids = self.pids
+            deadline = time.monotonic() + 30
+            while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+                time.sleep(0.05)  # a killed writer may be writing a temporary file until its process ends
+            from .writers import remove_own_temporaries
+
+            remove_own_temporaries(self.m.output.uri, self.run_id)
 
     def _submit(self, i: int, method: str, *args) -> None:
         self.calls[i].append(getattr(self.handles[i], method).remote(*args))
@@ -522,9 +544,13 @@ class WriterPool:
                     if item is not _END and not isinstance(item, BaseException):
                         self.route(item)
             self.drain()
+            failed = False
+        except BaseException:
+            failed = True
+            raise
         finally:
             if main and not stop.is_set():
                 signal.signal(signal.SIGINT, previous)
-            self.stop()
+            self.stop(clean=failed or self.died > 0)
         if stop.is_set():
             raise Interrupted()

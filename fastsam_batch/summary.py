@@ -48,6 +48,8 @@ class RunSummary:
     run_ok: int = 0  # ok rows committed by this run (images_ok also counts the rows of earlier runs)
     run_error: int = 0  # error rows committed by this run
     files_written: int = 0
+    writers: int = 0  # writer actors (output.writers) that staged this run's files
+    writers_restarted: int = 0  # writer actors that died and were started again (their blocks sent again)
     write_s: float = 0.0  # time spent building and putting Parquet files, summed over writers
     wall_s: float = 0.0
     images_per_s: float = 0.0  # this run's images (run_ok + run_error) per second of its wall time

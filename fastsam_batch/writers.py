@@ -70,14 +70,15 @@ def _bucket_key(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def stage_bytes(storage: Storage, uri: str, data: bytes) -> dict:
-    """``data`` staged for ``uri`` without making it visible: locally a fsync'd ``_tmp-`` file in the
-    same folder; on S3 a multipart upload to ``uri``'s key with every part uploaded, left open.
+def stage_bytes(storage: Storage, uri: str, data: bytes, run_id: str = "") -> dict:
+    """``data`` staged for ``uri`` without making it visible: locally a fsync'd ``_tmp-<run id>-``
+    file in the same folder (the run's own, so that a run stopping on an error removes its own and no
+    other's: :func:`remove_own_temporaries`); on S3 a multipart upload to ``uri``'s key with every part uploaded, left open.
     Returns the fields of :class:`Staged` that say where it is (tmp / upload_id and etags)."""
     if protocol_of(uri) == "file":
         path = strip_protocol(uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{run_id}-{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -134,6 +135,27 @@ def abort(storage: Storage, staged: Staged) -> None:
                                            UploadId=staged.upload_id)
     except Exception:  # noqa: BLE001 - left for the next run's clean-up
         pass
+
+
+def remove_own_temporaries(output_uri: str, run_id: str) -> int:
+    """A local output's temporary files staged by this run's writers (once they are gone): a run
+    that stops on an error (its lease taken over, a failed put) leaves none behind."""
+    if protocol_of(output_uri) != "file" or not run_id:
+        return 0
+    folder = strip_protocol(output_uri)
+    n = 0
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(f"{TMP_PREFIX}{run_id}-"):
+            try:
+                os.unlink(os.path.join(folder, name))
+                n += 1
+            except FileNotFoundError:
+                pass
+    return n
 
 
 def open_uploads(output_uri: str, storage: Storage) -> list[tuple[str, str]]:
@@ -198,8 +220,8 @@ class BlockWriter:
 
     def __init__(self, index: int, output_uri: str, storage: Storage, compression: str = "zstd",
                  rows_per_file: int | None = None, interval_s: float = 10.0, target_file_bytes: int | None = None,
-                 metrics=None):
-        self.index, self.output_uri, self.storage = index, output_uri, storage
+                 metrics=None, run_id: str = ""):
+        self.index, self.output_uri, self.storage, self.run_id = index, output_uri, storage, run_id
         self.encoder = _Encoder(compression)
         self.metrics = metrics  # metrics.StageMetrics: the stage times of the rows staged
         self.cutter = _Staging(self._stage, self.encoder, rows_per_file, interval_s, target_file_bytes)
@@ -243,7 +265,7 @@ class BlockWriter:
         if data is None:
             data = self.encoder.encode(table)
         uri = join_uri(self.output_uri, name)
-        where = stage_bytes(self.storage, uri, data)
+        where = stage_bytes(self.storage, uri, data, self.run_id)
         write_s = time.perf_counter() - t0 + self.encoder.encode_s
         self.encoder.encode_s = 0.0
         members = []
