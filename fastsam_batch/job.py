@@ -32,7 +32,7 @@ from .resume import (read_committed, read_units_records, run_fingerprint, source
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Interrupted, put_atomic
-from .writers import Ledger, Staged, publish as publish_staged
+from .writers import Ledger, Staged, abort_uploads, open_uploads, publish as publish_staged
 from .pipeline import WriterPool, embedded_ray_line, ray_address, run_segmentation, start_ray
 
 LIST_CHUNK = 1000  # listed items handled at a time on the driver
@@ -399,8 +399,17 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     ledger = Ledger(publish, on_commit, on_unit_end, on_units_complete)
     local = protocol_of(m.output.uri) == "file"
     count, why = plan_writers(m.output.writers, sizing.cluster_gpus, local, os.cpu_count() or 1)
+    started = time.time() - 300  # a store's clock a few minutes behind: still this run's uploads
+
+    def clean_s3() -> None:  # uploads staged since this run began (a dead writer's), while the lease is ours
+        uploads = open_uploads(m.output.uri, storage, since=started)
+        if uploads:
+            fence.check(storage)
+            abort_uploads(m.output.uri, storage, uploads)
+
     writers = WriterPool(m, storage, count, ledger, watch=lease.check_held, tick=lambda: progress.tick(),
-                         local_output=local, run_id=summary.run_id)
+                         local_output=local, run_id=summary.run_id,
+                         clean_s3=clean_s3 if protocol_of(m.output.uri) in ("s3", "s3a") else None)
     # Segmented images are counted as their rows reach a writer; committed ones as files are published.
     progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=ledger.waiting_rows)
     try:

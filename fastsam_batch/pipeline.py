@@ -314,8 +314,10 @@ class WriterPool:
     stop (the lease taken over); ``tick``: progress. Only :meth:`run` and what it calls know Ray."""
 
     def __init__(self, m: Manifest, storage: Storage, count: int, ledger: Ledger, watch=None, tick=None,
-                 local_output: bool = True, run_id: str = ""):
+                 local_output: bool = True, run_id: str = "", clean_s3=None):
         self.m, self.storage, self.count, self.ledger, self.run_id = m, storage, count, ledger, run_id
+        # S3: aborts the uploads this run's writers staged and did not report (job.py: behind the fence)
+        self.clean_s3 = clean_s3
         self.watch = watch or (lambda: None)
         self.tick = tick or (lambda: None)
         self.local_output = local_output
@@ -374,6 +376,11 @@ class WriterPool:
             from .writers import remove_own_temporaries
 
             remove_own_temporaries(self.m.output.uri, self.run_id)
+        elif clean and self.clean_s3 is not None:
+            try:
+                self.clean_s3()
+            except Exception:  # noqa: BLE001 - the lease lost, the store unreachable: the next run's start
+                pass
 
     def _submit(self, i: int, method: str, *args) -> None:
         self.calls[i].append(getattr(self.handles[i], method).remote(*args))

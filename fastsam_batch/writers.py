@@ -158,9 +158,10 @@ def remove_own_temporaries(output_uri: str, run_id: str) -> int:
     return n
 
 
-def open_uploads(output_uri: str, storage: Storage) -> list[tuple[str, str]]:
+def open_uploads(output_uri: str, storage: Storage, since: float | None = None) -> list[tuple[str, str]]:
     """(key, upload id) of the open multipart uploads of part files directly under an S3 output
-    (staged by writers and never published: a killed run's)."""
+    (staged by writers and never published: a killed run's); ``since`` (a time.time()): only those
+    begun since then, by the store's clock."""
     fs = storage.fs(output_uri)
     bucket, prefix = _bucket_key(output_uri.rstrip("/") + "/")
     found, marker = [], {}
@@ -168,6 +169,9 @@ def open_uploads(output_uri: str, storage: Storage) -> list[tuple[str, str]]:
         r = with_retries(lambda: fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker))[0]
         for u in r.get("Uploads", []):
             rest = u["Key"][len(prefix):]
+            begun = u.get("Initiated")
+            if since is not None and begun is not None and begun.timestamp() < since:
+                continue
             if "/" not in rest and rest.startswith(PART_PREFIX):
                 found.append((u["Key"], u["UploadId"]))
         if not r.get("IsTruncated"):

@@ -72,13 +72,14 @@ def dataset(tmp_path_factory):
             "broken": {k: v[1] for k, v in broken.items()}, "skipped": ["odd/README.txt"]}
 
 
-def manifest(path: Path, input_uri: str, output_uri: str, checkpoint: str, **runtime) -> Path:
+def manifest(path: Path, input_uri: str, output_uri: str, checkpoint: str, output: dict | None = None,
+             **runtime) -> Path:
     path.write_text(yaml.safe_dump({
         "name": "e2e",
         "input": {"uri": input_uri, "max_pixels": MAX_PIXELS},
         "model": {"checkpoint": checkpoint, "imgsz": IMGSZ, "conf": CONF, "iou": IOU, "device": "cpu"},
         "prompts": {"mode": "everything"},
-        "output": {"uri": output_uri, "rows_per_file": 8},
+        "output": {"uri": output_uri, "rows_per_file": 8, **(output or {})},
         "runtime": {"batch_size": 4, **runtime},
     }))
     return path
@@ -105,8 +106,10 @@ def s3_run(dataset, s3fs_client, s3_env, checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def local_run(dataset, checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("local-out") / "masks"
+    # 4 writer actors (output.writers; the S3 run has auto's 1): rows_per_file 4, so that most
+    # blocks cut files and the writers' queues fill
     m = manifest(tmp_path_factory.mktemp("job") / "local.yaml", str(dataset["root"]), str(out), str(checkpoint),
-                 num_actors=2, cpus_per_actor=0.5)
+                 output={"writers": 4, "rows_per_file": 4}, num_actors=2, cpus_per_actor=0.5)
     r = run_cli("run", str(m))
     assert r.returncode == 0, r.stdout + r.stderr
     return {"proc": r, "table": pads.dataset(str(out), format="parquet").to_table(), "out": out}
@@ -224,9 +227,16 @@ def test_run_summary_file(s3_run, dataset):
                                                         "half": False}
 
 
-def test_local_folder_with_two_actors_gives_the_same_rows(s3_run, local_run):
+def test_local_folder_with_two_actors_and_four_writers_gives_the_same_rows(s3_run, local_run):
+    """Exactly once with 4 writers: the same images, each one row, as the S3 run's 1 writer wrote;
+    the files staged by the writers all published (no temporary left)."""
     a, b = rows_by_id(s3_run["table"]), rows_by_id(local_run["table"])
     assert set(a) == set(b)
+    assert local_run["table"].num_rows == len(b) == s3_run["table"].num_rows == len(a)
+    assert "writers: 4 (output.writers)" in local_run["proc"].stdout
+    assert "writers: 1 (auto: 1 without GPUs)" in s3_run["proc"].stdout
+    assert not list(local_run["out"].glob("_tmp-*"))
+    assert json.loads((local_run["out"] / "_run.json").read_text())["last_run_summary"]["writers"] == 4
     for key in a:
         ra, rb = a[key], b[key]
         for col in ("status", "error", "width", "height", "num_masks", "checkpoint_sha256"):

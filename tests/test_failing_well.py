@@ -354,13 +354,15 @@ def test_an_output_inside_the_input_is_refused(tmp_path):
 def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     """One image takes 10 minutes (the test-only slow hook), so the run cannot finish by itself;
     commits come every second (output.commit_interval_s) though rows_per_file is 1,000. Once some
-    rows are committed, SIGINT: the run commits what had reached the writer, says how many, exits 130."""
+    rows are committed, SIGINT: the run commits what had reached the writer, says how many, exits 130.
+    With 4 writer actors (output.writers): each stages what it holds, the driver publishes it all,
+    nothing staged is left behind, and the same command resumes."""
     images = tmp_path / "imgs"
     names = save_shapes(images, range(8300, 8312))
     (images / names[-1]).rename(images / "zz-slow.png")
     out = tmp_path / "out"
     m = manifest(tmp_path / "m.yaml", str(images), str(CHECKPOINT), str(out),
-                 output={"rows_per_file": 1000, "commit_interval_s": 1})
+                 output={"rows_per_file": 1000, "commit_interval_s": 1, "writers": 4})
     exe = Path(sys.executable).with_name("fastsam-batch")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"FASTSAM_BATCH_TEST_SLOW": "decode:zz-slow:600"}
     proc = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -380,6 +382,8 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     assert "(raylet" not in stderr, stderr  # Ray's relayed lines about the workers it ended
     record = json.loads((out / "_run.json").read_text())
     assert record["images"] == len(committed) and record["last_run"]["status"] == "interrupted"
+    assert not list(out.glob("_tmp-*"))  # everything the writers had staged was published
+    assert json.loads(next(out.glob("_runs/*.json")).read_text())["writers"] == 4
 
     r = run_cli("run", str(m), "--debug")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -113,14 +113,16 @@ def test_an_image_over_the_time_limit_is_one_timeout_row(stage, checkpoint, tmp_
 
 
 class ActorKiller:
-    """Chaos monkey: each time two more Parquet files are committed, SIGKILL one segmentation actor
-    process of the run (found by the run's environment marker), at most ``most`` times."""
+    """Chaos monkey: each time two more Parquet files are committed, SIGKILL one actor process of the
+    run (found by the run's environment marker), at most ``most`` times: a segmentation actor, then
+    a writer actor, and so on (``kinds``, by what their process titles hold)."""
 
-    def __init__(self, count_files, marker: str, most: int):
+    def __init__(self, count_files, marker: str, most: int, kinds: tuple[bytes, ...] = (b"SegmentActor",)):
         import threading
 
-        self.count_files, self.marker, self.most = count_files, marker, most
+        self.count_files, self.marker, self.most, self.kinds = count_files, marker, most, kinds
         self.kills: list[int] = []
+        self.killed: list[bytes] = []  # the kind of each kill
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -135,9 +137,11 @@ class ActorKiller:
                         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
                     except OSError:
                         continue
-                    if b"SegmentActor" in cmd:
+                    kind = self.kinds[len(self.kills) % len(self.kinds)]
+                    if kind in cmd:
                         os.kill(pid, signal.SIGKILL)
                         self.kills.append(pid)
+                        self.killed.append(kind)
                         seen = n
                         break
             self.stop.wait(0.3)
@@ -149,10 +153,13 @@ class ActorKiller:
 
 
 def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, tmp_path):
-    """96 generated images on S3, with at once: a segmentation actor killed every second committed
-    file, 10% of S3 requests failing (a 503, a dropped connection, a 500 in every 30), and the driver
-    killed mid-run, then the same command again. One row per image, the error budget kept, and the
-    summary's retry counts are those of the rows the second run wrote."""
+    """96 generated images on S3, 4 writer actors (output.writers), with at once: a segmentation
+    actor and a writer actor killed (one each run, after two more committed files each), 10% of S3
+    requests failing (a 503, a dropped connection, a 500 in every 30: multipart uploads and their
+    completions among them), and the driver killed mid-run, then the same command again. One row
+    per image, the error budget kept, the summary's retry counts are those of the rows the second run
+    wrote, the writer killed in the second run started again and its blocks written, and no upload
+    left open (the killed run's aborted at the second run's start, the killed writer's at its end)."""
     from s3fs import S3FileSystem
 
     fs = s3fs_client
@@ -168,7 +175,7 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
         names.append(f"{i:03d}.png")
     fs.put_file(str(checkpoint), "chaos/models/fixture.pt")
     m = write_job(tmp_path / "job.yaml", "chaos", "s3://chaos/images/", "s3://chaos/models/fixture.pt",
-                  "s3://chaos/masks/", 8, max_error_fraction=0.02, plan_part_rows=40)
+                  "s3://chaos/masks/", 8, output={"writers": 4}, max_error_fraction=0.02, plan_part_rows=40)
     watcher = S3FileSystem(key=FAKE_KEY, secret=FAKE_SECRET, endpoint_url=s3_env["AWS_ENDPOINT_URL"],
                            skip_instance_cache=True)
 
@@ -188,7 +195,7 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
                "AWS_ENDPOINT_URL": proxy.url, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache"), **dict([marker.split("=")])}
         exe = Path(sys.executable).with_name("fastsam-batch")
         first = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        killer = ActorKiller(committed, marker, most=2)
+        killer = ActorKiller(committed, marker, most=2, kinds=(b"SegmentActor", b"WriterActor"))
         deadline = time.time() + 600
         while committed() < 6:
             assert first.poll() is None, "the first run ended before it could be killed"
@@ -207,9 +214,10 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
         assert 0 < len(done_before) < len(names)
         second = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True)
-        killer = ActorKiller(committed, marker, most=2)
+        killer = ActorKiller(committed, marker, most=2, kinds=(b"WriterActor", b"SegmentActor"))
         out, _ = second.communicate(timeout=900)
         kills += killer.close()
+        writers_killed = killer.killed.count(b"WriterActor")
     assert second.returncode == 0, out
     assert kills >= 2  # actors really were killed
     assert sum(proxy.injected.values()) > 0, proxy.injected
@@ -224,3 +232,10 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
     assert summary["read_retries"] == sum(row["read_retries"] for row in rows)
     assert summary["images_retried"] == sum(1 for row in rows if row["read_retries"])
     assert "took over the lease" in out
+    assert "writers: 4 (output.writers)" in out
+    assert writers_killed == 1 and summary["writers_restarted"] == writers_killed, (killer.killed, summary)
+    from fastsam_batch.storage import Storage
+    from fastsam_batch.writers import open_uploads
+
+    storage = Storage({"key": FAKE_KEY, "secret": FAKE_SECRET, "endpoint_url": s3_env["AWS_ENDPOINT_URL"]})
+    assert open_uploads("s3://chaos/masks", storage) == []
