@@ -1,10 +1,11 @@
 """The Ray wiring, and the only place that knows about Ray.
 
     planned items -> read + decode (CPU actors) -> segment + encode (actor pool, model loaded once
-    per actor, GPUs when present) -> output blocks (RLE, small columns) to the driver's one writer
+    per actor, GPUs when present) -> output blocks (RLE, small columns) -> writer actors, which
+    encode and stage the files -> the driver publishes them (WriterPool, writers.py)
 
 The job's lifecycle around it (checks, plan, resume, lease, summary) is :mod:`.job`. What travels
-to the driver is the output rows (RLE strings and small columns), never images or dense masks.
+to the driver is the output blocks' references and the writers' small records, never rows.
 """
 
 from __future__ import annotations

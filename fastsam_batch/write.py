@@ -1,20 +1,19 @@
 """Write stage: output rows -> Parquet files under ``output.uri``, each visible only when complete.
 
-The run has one writer, on the driver (:class:`Committer`): the segmentation actors' output
-blocks (RLE strings and small columns, never dense masks) come to it, and it commits a file when
-the rows waiting make about ``output.target_file_mb`` (never above it), or when the oldest row
-waiting has waited ``output.commit_interval_s`` seconds, or every ``output.rows_per_file`` rows when
-that is set, whichever comes first. So a kill or Ctrl-C loses the rows waiting (none older than
+:class:`Committer` is the cutting: it commits a file when the rows waiting make about
+``output.target_file_mb`` (never above it), or when the oldest row waiting has waited
+``output.commit_interval_s`` seconds, or every ``output.rows_per_file`` rows when that is set,
+whichever comes first. In a run it works inside each writer actor (writers.BlockWriter), where a
+"commit" stages the file (not visible) and the driver publishes it behind the lease fence
+(writers.py); :class:`ParquetWriter` (encode, fence, put) is the same cutting's writer in one
+process, for tools and tests. So a kill or Ctrl-C loses the rows waiting (none older than
 ``commit_interval_s``: each block keeps its arrival time, also after a cut by size) plus the few
-blocks on their way to the writer and the file being built and put; a killed driver commits nothing
-more (no worker can write behind its back); and the lease fence is checked where the lease is held.
-Files reach ``target_file_mb`` only when that many bytes of output arrive within
+blocks on their way to a writer and the files being staged; a killed driver publishes nothing more.
+Files reach ``target_file_mb`` only when that many bytes of output reach one writer within
 ``commit_interval_s``; below that rate the interval cuts them.
 
 File names are content-addressed (a hash of the image ids they hold), so a retried write of the
-same rows replaces the same file instead of adding a duplicate. A file is built in memory and
-then put in one operation: on S3 a single PUT / completed multipart upload (never a partial
-object), locally a temporary file renamed into place. Metadata files start with ``_``.
+same rows replaces the same file instead of adding a duplicate. Metadata files start with ``_``.
 """
 
 from __future__ import annotations

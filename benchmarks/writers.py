@@ -1,0 +1,232 @@
+"""Writer throughput with 1, 2 and 4 writer actors (issue 23: writers that scale with the cluster).
+
+Output rows of realistic photos (2250 x 1500, about 100 non-empty masks each, blob-like shapes with
+wavy edges in boxes of log-uniform sizes 24-900 px: one run a column, compressed by pycocotools, as
+the run's rows are; ``--pool`` distinct photos, cycled under new ids, so no two rows of a file share
+their masks) are put in Ray's object store as blocks of ``--block`` rows (what the segmentation
+actors hand on), then written by the run's own code: pipeline.WriterPool with K writer actors (the
+driver routes the blocks' references and publishes, writers encode and stage) into a local folder,
+or into a moto S3 server (``--s3``). Measured per K: wall time from the first block routed to the
+last file published, rows/s, MB/s of Parquet published, the driver's CPU seconds; and, as the
+before, the one writer on the driver (write.Committer + ParquetWriter, the blocks fetched to the
+driver). Prints a table and writes JSON.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/writers.py [--rows 12000] [--pool 1500] [--writers 1 2 4]
+        [--target-mb 16] [--s3] [--out benchmarks/out/writers.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+H, W = 1500, 2250
+
+
+def photo_masks(rng, n: int = 100) -> list[dict]:
+    """``n`` masks of one photo as output rows' mask structs: each a blob in a box of log-uniform size,
+    its top and bottom edges per column wavy, encoded by pycocotools from its run lengths."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for _ in range(n):
+        bw, bh = np.exp(rng.uniform(np.log(24), np.log(900), 2)).astype(int)
+        x0, y0 = int(rng.integers(0, W - bw)), int(rng.integers(0, H - bh))
+        cols = np.arange(bw)
+        t = (cols + 0.5) / bw * 2 - 1
+        half = np.sqrt(np.clip(1 - t * t, 0, 1)) * bh / 2
+        waves = [rng.uniform(0.02, 0.12) * np.sin(cols / bw * rng.uniform(3, 20) + rng.uniform(0, 6)) for _ in range(2)]
+        top = np.clip((bh / 2 - half * (1 + waves[0])).astype(int), 0, bh - 1) + y0
+        bottom = np.clip((bh / 2 + half * (1 + waves[1])).astype(int), 0, bh) + y0
+        bottom = np.maximum(bottom, top + 1)
+        # column-major run lengths over the whole image: zeros up to the first column, then per column
+        # zeros above the blob, its ones, zeros below
+        counts, zeros = [], x0 * H
+        for a, b in zip(top.tolist(), bottom.tolist()):
+            counts += [zeros + a, b - a]
+            zeros = H - b
+        counts.append(zeros + (W - x0 - bw) * H)
+        rle = mask_utils.frPyObjects({"size": [H, W], "counts": counts}, H, W)
+        area = int(mask_utils.area(rle))
+        out.append({"counts": rle["counts"].decode(), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "area": area, "score": float(rng.uniform(0.4, 1)), "stability_score": float(rng.uniform(0.5, 1)),
+                    "prompt_index": None, "prompt_kind": None, "prompt_id": None, "category_id": None,
+                    "prompt_score": None})
+    return out
+
+
+def pool_rows(n: int, seed: int = 23):
+    """``n`` distinct photos' rows (the output schema, rows.output_table)."""
+    import numpy as np
+
+    from fastsam_batch.rows import output_table
+
+    rng = np.random.default_rng(seed)
+    ids = [f"pool/{i:06d}.jpg" for i in range(n)]
+    batch = {"image_id": ids, "uri": [f"s3://bucket/{i}" for i in ids], "width": [W] * n, "height": [H] * n,
+             "read_ms": [3.0] * n, "decode_ms": [20.0] * n}
+    masks = [photo_masks(rng) for _ in range(n)]
+    return output_table(batch, masks, [None] * n, [{"model": 50.0}] * n, model="FastSAM-x.pt", sha256="0" * 64,
+                        fingerprint="f" * 24)
+
+
+def blocks_of(pool, rows: int, block: int):
+    """Tables of ``block`` rows, ``rows`` in all, cycling ``pool`` under new image ids."""
+    import pyarrow as pa
+
+    out, made = [], 0
+    while made < rows:
+        k = min(block, rows - made)
+        idx = [(made + j) % pool.num_rows for j in range(k)]
+        t = pool.take(pa.array(idx))
+        t = t.set_column(t.schema.get_field_index("image_id"), "image_id",
+                         pa.array([f"img/{made + j:09d}.jpg" for j in range(k)]))
+        out.append(t)
+        made += k
+    return out
+
+
+class _Bundles:
+    """A stand-in for the Ray Data dataset the run consumes: its output blocks' references, as
+    RefBundles give them (pipeline.WriterPool.run calls ``_execute_to_iterator``)."""
+
+    def __init__(self, refs, sizes):
+        from types import SimpleNamespace
+
+        self.bundles = [SimpleNamespace(blocks=[SimpleNamespace(ref=r, metadata=SimpleNamespace(num_rows=n))],
+                                        slices=None) for r, n in zip(refs, sizes)]
+
+    def _execute_to_iterator(self):
+        return iter(self.bundles), None, None
+
+
+def manifest(out: str, writers: int, target_mb: float):
+    from fastsam_batch.manifest import parse_manifest
+
+    return parse_manifest({"name": "bench-writers", "input": {"uri": "/nonexistent"},
+                           "model": {"checkpoint": "/nonexistent.pt"},
+                           "output": {"uri": out, "writers": writers, "target_file_mb": target_mb,
+                                      "commit_interval_s": 3600}})
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def with_writers(refs, sizes, out: str, k: int, target_mb: float, storage) -> dict:
+    from fastsam_batch.pipeline import WriterPool
+    from fastsam_batch.writers import Ledger, publish
+
+    files: list[dict] = []
+    ledger = Ledger(lambda s: publish(storage, s), files.append)
+    pool = WriterPool(manifest(out, k, target_mb), storage, k, ledger, local_output=not out.startswith("s3://"),
+                      run_id="bench")
+    pool.start()  # the actors up before the clock starts (a run starts them once)
+    t0, c0 = time.perf_counter(), cpu_s()
+    pool.run(_Bundles(refs, sizes))
+    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    return {"files": len(files), "rows": sum(f["rows"] for f in files), "wall_s": wall, "driver_cpu_s": cpu,
+            "bytes": published_bytes(out, storage, files)}
+
+
+def on_driver(refs, out: str, target_mb: float, storage) -> dict:
+    """main's one writer on the driver: the blocks fetched to it, cut, encoded and put there."""
+    import ray
+
+    from fastsam_batch.write import Committer, ParquetWriter
+
+    files: list[dict] = []
+    c = Committer(ParquetWriter(out, storage, "zstd"), None, 3600, on_commit=files.append,
+                  target_file_bytes=int(target_mb * (1 << 20)))
+    t0, c0 = time.perf_counter(), cpu_s()
+    c.consume(ray.get(r) for r in refs)
+    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    return {"files": len(files), "rows": sum(f["rows"] for f in files), "wall_s": wall, "driver_cpu_s": cpu,
+            "bytes": published_bytes(out, storage, files)}
+
+
+def published_bytes(out: str, storage, files: list[dict]) -> int:
+    fs = storage.fs(out)
+    fs.invalidate_cache()
+    return sum(fs.size(f"{out.rstrip('/')}/{f['file']}") for f in files)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=12000)
+    ap.add_argument("--pool", type=int, default=1500)
+    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--writers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--target-mb", type=float, default=16)
+    ap.add_argument("--s3", action="store_true", help="write to a moto S3 server (started here) instead of a folder")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "writers.json")
+    args = ap.parse_args()
+
+    import ray
+
+    from fastsam_batch.storage import Storage
+
+    t0 = time.perf_counter()
+    pool = pool_rows(args.pool)
+    blocks = blocks_of(pool, args.rows, args.block)
+    made_s = time.perf_counter() - t0
+    per_row = sum(len(m["counts"]) for ms in pool.column("masks").to_pylist()[:50] for m in ms) / 50
+    print(f"{args.pool} distinct photos made in {made_s:.0f} s; {args.rows} rows in blocks of {args.block}; "
+          f"masks' counts {per_row / 100:.0f} characters on average; Arrow {pool.nbytes / pool.num_rows / 1e3:.1f} KB a row")
+    work = Path(tempfile.mkdtemp(prefix="fsb-writers-"))
+    moto = None
+    storage = Storage()
+    base = str(work)
+    if args.s3:
+        from bench import moto_server  # benchmarks/bench.py
+
+        moto, endpoint = moto_server()
+        storage = Storage({"key": "k", "secret": "s", "endpoint_url": endpoint})
+        storage.fs("s3://bench").mkdir("bench")
+        base = "s3://bench"
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                           "load_avg_at_start": os.getloadavg()},
+               "rows": args.rows, "pool": args.pool, "block": args.block, "target_mb": args.target_mb,
+               "store": "s3 (moto, this machine)" if args.s3 else "local disk", "runs": []}
+    try:
+        refs = [ray.put(b) for b in blocks]
+        sizes = [b.num_rows for b in blocks]
+        del blocks
+        plans = [("driver (main)", None)] + [(f"{k} writer{'s' if k > 1 else ''}", k) for k in args.writers]
+        for name, k in plans:
+            out = f"{base}/{name.split()[0]}-{k or 0}"
+            r = on_driver(refs, out, args.target_mb, storage) if k is None else \
+                with_writers(refs, sizes, out, k, args.target_mb, storage)
+            assert r["rows"] == args.rows, r
+            r.update(name=name, writers=k, rows_per_s=r["rows"] / r["wall_s"], mb_per_s=r["bytes"] / r["wall_s"] / 1e6,
+                     load_avg=os.getloadavg()[0])
+            results["runs"].append(r)
+            print(f"{name:>14}: {r['rows_per_s']:8.0f} rows/s  {r['mb_per_s']:6.1f} MB/s  ({r['files']} files, "
+                  f"{r['bytes'] / 1e6:.0f} MB, {r['wall_s']:.1f} s; driver CPU {r['driver_cpu_s']:.1f} s; "
+                  f"load {r['load_avg']:.1f})", flush=True)
+    finally:
+        ray.shutdown()
+        if moto is not None:
+            moto.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
