@@ -30,7 +30,7 @@ from .storage import Storage
 from .summary import RunSummary
 from .watchdog import Watchdog, maybe_slow_for_test
 from .write import Interrupted
-from .writers import BlockWriter, Ledger, Staged
+from .writers import BlockWriter, Ledger
 
 if TYPE_CHECKING:
     from .segment import SegmentSettings
@@ -268,29 +268,6 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
         raise
 
 
-class WriterActor(BlockWriter):
-    """A writer actor (writers.BlockWriter on Ray): an output block, fetched from the object store
-    where the actor runs (never through the driver), is sliced as its bundle says and written."""
-
-    def __init__(self, index: int, output_uri: str, storage: Storage, compression: str, rows_per_file: int | None,
-                 interval_s: float, target_file_bytes: int | None, job: str, run_id: str):
-        from .metrics import StageMetrics
-
-        super().__init__(index, output_uri, storage, compression, rows_per_file, interval_s, target_file_bytes,
-                         StageMetrics(job), run_id)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def add_block(self, seq: int, block, start: int | None, end: int | None, skip: int) -> dict:
-        from ray.data.block import BlockAccessor
-
-        table = BlockAccessor.for_block(block).to_arrow()
-        if start is not None:
-            table = table.slice(start, end - start)
-        return self.add(seq, table, skip)
-
-
 WRITER_CALLS = 2  # calls queued on a writer (add, poll, flush) past which no more blocks go to it
 WRITER_REPLACEMENTS = 8  # writers started again after one died, in a run, before the run fails
 
@@ -327,9 +304,10 @@ class WriterPool:
         self.due_at: list[float | None] = []
         self.replaced = 0
         self.died = 0
-        self.pids: list[int] = []  # every writer's process (a local output's: on this node)
+        self.pid_refs: list = []  # every writer's process id, asked (a local output's: on this node)
+        self._remote = None
 
-    def _start(self, i: int, wait: bool = True):
+    def _start(self, i: int):
         import ray
 
         opts: dict = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
@@ -341,19 +319,17 @@ class WriterPool:
         else:
             opts["scheduling_strategy"] = "SPREAD"
         o = self.m.output
-        handle = ray.remote(WriterActor).options(**opts).remote(
+        if self._remote is None:  # writers.BlockWriter as an actor: its module imports no more than it needs
+            self._remote = ray.remote(BlockWriter)
+        handle = self._remote.options(**opts).remote(
             i, o.uri, self.storage, o.compression, o.rows_per_file, o.commit_interval_s,
             max(1, int(o.target_file_mb * (1 << 20))), self.m.name, self.run_id)
-        if self.local_output and wait:  # its process, on this node: waited for before the run's temporaries go
-            self.pids.append(ray.get(handle.pid.remote()))
+        if self.local_output:  # its process, on this node: waited for before the run's temporaries go
+            self.pid_refs.append(handle.pid.remote())  # asked now, answered once it is up; read when needed
         return handle
 
     def start(self) -> None:
-        import ray
-
-        self.handles = [self._start(i, wait=False) for i in range(self.count)]
-        if self.local_output:
-            self.pids += ray.get([h.pid.remote() for h in self.handles])
+        self.handles = [self._start(i) for i in range(self.count)]  # started while Ray Data starts its actors
         self.calls = [[] for _ in range(self.count)]
         self.due_at = [None] * self.count
 
@@ -370,7 +346,12 @@ class WriterPool:
                 except Exception:  # noqa: BLE001 - already gone
                     pass
         if clean and self.local_output:
-            pids = self.pids
+            pids = []
+            for ref in self.pid_refs:
+                try:
+                    pids.append(ray.get(ref, timeout=10))
+                except Exception:  # noqa: BLE001 - it never started, or died before answering
+                    pass
             deadline = time.monotonic() + 30
             while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
                 time.sleep(0.05)  # a killed writer may be writing a temporary file until its process ends
@@ -437,9 +418,8 @@ class WriterPool:
         except RayActorError:
             self._died(i)
             return
-        except RayTaskError as e:  # the writer raised (storage refused a put): the run stops with it
-            cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
-            raise cause from None
+        except RayTaskError as e:  # the writer raised (storage refused a put): the run stops with its error
+            raise (getattr(e, "cause", None) or e) from None
         self.ledger.answered(answer)
         self.due_at[i] = None if answer["due_in"] is None else time.monotonic() + answer["due_in"]
 

@@ -224,14 +224,29 @@ class BlockWriter:
 
     def __init__(self, index: int, output_uri: str, storage: Storage, compression: str = "zstd",
                  rows_per_file: int | None = None, interval_s: float = 10.0, target_file_bytes: int | None = None,
-                 metrics=None, run_id: str = ""):
+                 job: str | None = None, run_id: str = ""):
         self.index, self.output_uri, self.storage, self.run_id = index, output_uri, storage, run_id
         self.encoder = _Encoder(compression)
-        self.metrics = metrics  # metrics.StageMetrics: the stage times of the rows staged
+        self.metrics = None  # metrics.StageMetrics (in a writer actor, ``job`` given): the stage times staged
+        if job is not None:
+            from .metrics import StageMetrics
+
+            self.metrics = StageMetrics(job)
         self.cutter = _Staging(self._stage, self.encoder, rows_per_file, interval_s, target_file_bytes)
         self.staged: list[Staged] = []
         self.rows: dict[int, int] = {}
         self.unit_ends: list[tuple[int, list]] = []
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def add_block(self, seq: int, block, start: int | None, end: int | None, skip: int = 0) -> dict:
+        """:meth:`add` of a Ray Data block (an Arrow table; a pandas one converted) as the driver sends
+        it: fetched from the object store where this writer runs, sliced as its bundle says."""
+        table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
+        if start is not None:
+            table = table.slice(start, end - start)
+        return self.add(seq, table, skip)
 
     def add(self, seq: int, table: pa.Table, skip: int = 0) -> dict:
         """Block ``seq``'s rows, but the first ``skip`` (already published from a writer that died)."""

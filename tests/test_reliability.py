@@ -195,7 +195,7 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
                "AWS_ENDPOINT_URL": proxy.url, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache"), **dict([marker.split("=")])}
         exe = Path(sys.executable).with_name("fastsam-batch")
         first = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        killer = ActorKiller(committed, marker, most=2, kinds=(b"SegmentActor", b"WriterActor"))
+        killer = ActorKiller(committed, marker, most=2, kinds=(b"SegmentActor", b"BlockWriter"))
         deadline = time.time() + 600
         while committed() < 6:
             assert first.poll() is None, "the first run ended before it could be killed"
@@ -214,10 +214,10 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
         assert 0 < len(done_before) < len(names)
         second = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True)
-        killer = ActorKiller(committed, marker, most=2, kinds=(b"WriterActor", b"SegmentActor"))
+        killer = ActorKiller(committed, marker, most=2, kinds=(b"BlockWriter", b"SegmentActor"))
         out, _ = second.communicate(timeout=900)
         kills += killer.close()
-        writers_killed = killer.killed.count(b"WriterActor")
+        writers_killed = killer.killed.count(b"BlockWriter")
     assert second.returncode == 0, out
     assert kills >= 2  # actors really were killed
     assert sum(proxy.injected.values()) > 0, proxy.injected
