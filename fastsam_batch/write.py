@@ -255,7 +255,7 @@ MAX_PENDING_FACTOR = 4.0
 
 
 class Committer:
-    """The run's one writer: output blocks in, a Parquet file out when the waiting rows make a file
+    """A writer's cutting: output blocks in, a Parquet file out when the waiting rows make a file
     of about ``target_file_bytes`` (measured, never above it: see :data:`FIRST_RATIO`), or
     ``rows_per_file`` rows when that is set, or when the oldest row waiting has waited ``interval_s``
     seconds, or (a bound on memory) when the waiting rows exceed :data:`MAX_PENDING_FACTOR` x
