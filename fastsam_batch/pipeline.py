@@ -281,9 +281,8 @@ _END = object()
 
 class WriterPool:
     """The run's K writer actors and the driver's side of them (writers.Ledger): output blocks'
-    references routed to the writer with the fewest calls queued (ties: the lowest number, so that
-    at low throughput one writer gets most rows and makes bigger files), at most WRITER_CALLS queued
-    on each (so the driver pulls blocks from Ray Data only as fast as the writers take them: Ray
+    references routed to the writers in turn, skipping one with WRITER_CALLS calls queued (a slow
+    writer gets fewer), so the pulled blocks wait only while every writer is busy (so the driver pulls blocks from Ray Data only as fast as the writers take them: Ray
     Data's backpressure does the rest); every answer handled in the order its writer gave them
     (the files it staged published, in order); a writer due by ``commit_interval_s`` asked to
     stage its rows; a writer that dies started again and its blocks sent again (writers.Ledger.resend).
@@ -306,6 +305,7 @@ class WriterPool:
         self.died = 0
         self.pid_refs: list = []  # every writer's process id, asked (a local output's: on this node)
         self._remote = None
+        self.turn = 0  # the writer the next block goes to, if it has room
 
     def _start(self, i: int):
         import ray
@@ -379,10 +379,20 @@ class WriterPool:
                 best = i
         return best
 
+    def _next(self) -> int:
+        """The next writer in turn with room (fewer than WRITER_CALLS calls queued), else the least busy."""
+        alive = self._alive()
+        for k in range(len(self.handles)):
+            i = (self.turn + k) % len(self.handles)
+            if i in alive and len(self.calls[i]) < WRITER_CALLS:
+                self.turn = i + 1
+                return i
+        return self._least_busy(room=False)
+
     def route(self, bundle) -> None:
         slices = getattr(bundle, "slices", None) or [None] * len(bundle.blocks)
         for entry, cut in zip(bundle.blocks, slices):
-            i = self._least_busy(room=False)
+            i = self._next()
             start, end = (cut.start_offset, cut.end_offset) if cut is not None else (None, None)
             size = cut.num_rows if cut is not None else (entry.metadata.num_rows or 0)
             seq = self.ledger.add(entry.ref, i, start, end, size)
