@@ -84,7 +84,8 @@ def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job, tmp_path):
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    # The embedded Ray outlives its driver for a moment; the one writer is the driver itself, so
+    # The embedded Ray outlives its driver for a moment; only the driver publishes (its writer
+    # actors stage files nobody sees until it does), so
     # nothing more is committed. Read the output only once every process of the killed run is gone:
     # then nothing can change it any more, and the re-run must see exactly these rows.
     deadline = time.time() + 120
