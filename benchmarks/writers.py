@@ -133,7 +133,10 @@ def with_writers(refs, sizes, out: str, k: int, target_mb: float, storage) -> di
     ledger = Ledger(lambda s: publish(storage, s), files.append)
     pool = WriterPool(manifest(out, k, target_mb), storage, k, ledger, local_output=not out.startswith("s3://"),
                       run_id="bench")
-    pool.start()  # the actors up before the clock starts (a run starts them once)
+    pool.start()  # the actors up before the clock starts (a run starts them while Ray Data starts its own)
+    import ray
+
+    ray.get([h.pid.remote() for h in pool.handles])
     t0, c0 = time.perf_counter(), cpu_s()
     pool.run(_Bundles(refs, sizes))
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
