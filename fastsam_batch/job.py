@@ -4,7 +4,6 @@ the segmentation (:mod:`.pipeline`, the Ray part), then the end-of-run checks an
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -16,7 +15,7 @@ from .metrics import CommitMetrics
 from .console import silence_ray
 from .model import check_checkpoint, fetch_checkpoint
 from .preflight import check_device, check_listable, check_locations, check_ray_address, check_writable
-from .sizing import local_machine, plan_actors, plan_writers
+from .sizing import local_machine, plan_actors, plan_writers, usable_cpus
 from .offline import configure_ultralytics
 from .progress import Progress
 from .inputs import CONTAINERS, InputError, Skipped, open_input
@@ -398,7 +397,7 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
 
     ledger = Ledger(publish, on_commit, on_unit_end, on_units_complete)
     local = protocol_of(m.output.uri) == "file"
-    count, why = plan_writers(m.output.writers, sizing.cluster_gpus, local, os.cpu_count() or 1)
+    count, why = plan_writers(m.output.writers, sizing.cluster_gpus, local, usable_cpus())
     started = time.time() - 300  # a store's clock a few minutes behind: still this run's uploads
 
     def clean_s3() -> None:  # uploads staged since this run began (a dead writer's), while the lease is ours

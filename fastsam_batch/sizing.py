@@ -232,6 +232,40 @@ def embedded_ray_cpus(runtime, actors: int, machine_cpus: int) -> int:
     return int(max(machine_cpus, math.ceil(need + OTHER_CPUS)))
 
 
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" in microseconds, or "max <period>"
+
+
+def cgroup_cpu_limit(path: str = CGROUP_CPU_MAX) -> int | None:
+    """The CPUs a cgroup v2 quota allows (quota / period, rounded down as Ray does, at least 1), or None
+    when no quota is set (``max``) or the file is absent or unreadable (no cgroup v2, not a container)."""
+    try:
+        with open(path) as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if not fields or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1]) if len(fields) > 1 else 100_000
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, quota // period)
+
+
+def usable_cpus(cpu_max: str = CGROUP_CPU_MAX) -> int:
+    """The cores this process may use: those it may run on (sched_getaffinity: taskset, cpusets), at
+    most what its container's CPU quota allows (cgroup v2 ``cpu.max``: a Kubernetes CPU limit, docker
+    --cpus). os.cpu_count() counts the machine's, whatever the container is given."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cpu_max)
+    return max(1, min(n, limit) if limit is not None else n)
+
+
 def local_machine(device: str) -> Cluster:
     """This machine's resources, for a run that starts its own local Ray. The GPUs' memory is not
     read here: only when the actors per GPU need it (``Cluster.gpu_memory_probe``, see
@@ -242,7 +276,7 @@ def local_machine(device: str) -> Cluster:
 
         gpus = torch.cuda.device_count()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Cluster(cpus=float(os.cpu_count() or 1), gpus=float(gpus), memory_bytes=memory, embedded=True,
+    return Cluster(cpus=float(usable_cpus()), gpus=float(gpus), memory_bytes=memory, embedded=True,
                    gpu_memory_probe=local_gpu_memory if gpus else None)
 
 

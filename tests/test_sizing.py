@@ -254,3 +254,24 @@ def test_batch_size_16_on_gpus_4_on_the_cpu_and_rows_bucketed_on_gpus():
     assert (cpu.batch_size, cpu.rows_per_call) == (4, 4)
     set_ = plan_actors(RuntimeConfig(batch_size=8), "auto", gpus)
     assert (set_.batch_size, set_.rows_per_call) == (8, 16)
+
+
+def test_usable_cpus_follow_the_affinity_and_a_cgroup_v2_quota(tmp_path):
+    """A container's CPU limit (cgroup v2 cpu.max: quota and period in microseconds) caps the cores
+    counted, rounded down (at least one); ``max`` or no file: no cap; never above the affinity mask."""
+    import os
+
+    from fastsam_batch.sizing import cgroup_cpu_limit, usable_cpus
+
+    cpu_max = tmp_path / "cpu.max"
+    for text, want in [("400000 100000\n", 4), ("150000 100000", 1), ("50000 100000", 1), ("200000 50000", 4),
+                       ("max 100000\n", None), ("", None), ("garbage 100000", None), ("-1 100000", None)]:
+        cpu_max.write_text(text)
+        assert cgroup_cpu_limit(str(cpu_max)) == want, text
+    assert cgroup_cpu_limit(str(tmp_path / "absent")) is None
+    mine = len(os.sched_getaffinity(0))
+    assert usable_cpus(str(tmp_path / "absent")) == mine
+    cpu_max.write_text("100000 100000")
+    assert usable_cpus(str(cpu_max)) == 1
+    cpu_max.write_text(f"{(mine + 8) * 100000} 100000")  # a quota above the cores: the cores
+    assert usable_cpus(str(cpu_max)) == mine
