@@ -269,11 +269,22 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
 
 
 WRITER_CALLS = 2  # calls queued on a writer (add, poll, flush) past which no more blocks go to it
-WRITER_REPLACEMENTS = 8  # writers started again after one died, in a run, before the run fails
+# Writer deaths in a row with no file published in between before the run fails (at least this, and
+# at least 2 per writer: a node lost takes the writers on it at once). A run of any length survives
+# any number of deaths that each let it go on: every published file starts the count again.
+WRITER_DEATHS = 8
+# A writer whose oldest call has not answered for this long (a put that never returns, a fetch of a
+# block that never comes) is treated as dead: killed, started again, its blocks sent again. Far above
+# the longest honest call: staging a file of output.target_file_mb (128 MiB by default) on a slow link.
+WRITER_HANG_S = 600.0
 
 
 class WritersLost(RuntimeError):
     """The writer actors kept dying: the run stops (what was published stays)."""
+
+
+class BlockLost(RuntimeError):
+    """An output block was lost from Ray's object store before a writer wrote it: the run stops."""
 
 
 _END = object()
@@ -285,39 +296,61 @@ class WriterPool:
     writer gets fewer), so the pulled blocks wait only while every writer is busy (so the driver pulls blocks from Ray Data only as fast as the writers take them: Ray
     Data's backpressure does the rest); every answer handled in the order its writer gave them
     (the files it staged published, in order); a writer due by ``commit_interval_s`` asked to
-    stage its rows; a writer that dies started again and its blocks sent again (writers.Ledger.resend).
+    stage its rows; a writer that dies, or whose oldest call has not answered for ``hang_s`` seconds
+    (then killed), started again and its blocks sent again (writers.Ledger.resend). The run fails
+    (WritersLost) after ``max_deaths`` deaths in a row with no file published in between (default:
+    WRITER_DEATHS, at least 2 per writer).
 
     ``publish``: makes a staged file visible (the fence checked first; job.py). ``watch``: raises to
     stop (the lease taken over); ``tick``: progress. Only :meth:`run` and what it calls know Ray."""
 
     def __init__(self, m: Manifest, storage: Storage, count: int, ledger: Ledger, watch=None, tick=None,
-                 local_output: bool = True, run_id: str = "", clean_s3=None):
+                 local_output: bool = True, run_id: str = "", clean_s3=None, hang_s: float = WRITER_HANG_S,
+                 max_deaths: int | None = None):
         self.m, self.storage, self.count, self.ledger, self.run_id = m, storage, count, ledger, run_id
         # S3: aborts the uploads this run's writers staged and did not report (job.py: behind the fence)
         self.clean_s3 = clean_s3
         self.watch = watch or (lambda: None)
         self.tick = tick or (lambda: None)
         self.local_output = local_output
+        self.hang_s = hang_s
+        self.max_deaths = max_deaths if max_deaths is not None else max(WRITER_DEATHS, 2 * count)
         self.handles: list = []
-        self.calls: list[list] = []  # per writer: its calls not yet answered, in order
+        self.calls: list[list] = []  # per writer: its calls not yet answered, in order: (future, block number or None)
+        self.head_since: list[float | None] = []  # per writer: since when its oldest call has been its oldest
         self.due_at: list[float | None] = []
-        self.replaced = 0
-        self.died = 0
+        self.died = 0  # writers that died (or hung) in this run
+        self.hung = 0  # of them, killed as hung
+        self.deaths_in_a_row = 0  # deaths since the last file published
         self.pid_refs: list = []  # every writer's process id, asked (a local output's: on this node)
         self._remote = None
+        self.nodes: list[str] = []  # a remote output's: the nodes writers are placed on, in turn (see _place)
+        self.started = 0  # writers started (the next one's place in turn)
         self.turn = 0  # the writer the next block goes to, if it has room
+
+    def _place(self) -> list[str]:
+        """A remote output's writer nodes, once per run: the alive nodes with CPUs, those with GPUs if
+        any (the work is there; a Kubernetes head that advertises no CPUs takes none)."""
+        import ray
+
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+        gpus = [n for n in nodes if n["Resources"].get("GPU", 0) > 0]
+        return [n["NodeID"] for n in (gpus or nodes)]
 
     def _start(self, i: int):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         opts: dict = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
         if self.local_output:  # a local folder: the driver's disk, so the driver's node
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                          soft=False)
+        elif self.nodes:  # in turn over the nodes with CPUs (soft: another node if that one is gone)
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.nodes[self.started % len(self.nodes)],
+                                                                         soft=True)
         else:
             opts["scheduling_strategy"] = "SPREAD"
+        self.started += 1
         o = self.m.output
         if self._remote is None:  # writers.BlockWriter as an actor: its module imports no more than it needs
             self._remote = ray.remote(BlockWriter)
@@ -329,14 +362,19 @@ class WriterPool:
         return handle
 
     def start(self) -> None:
-        self.handles = [self._start(i) for i in range(self.count)]  # started while Ray Data starts its actors
+        if not self.local_output:
+            self.nodes = self._place()
         self.calls = [[] for _ in range(self.count)]
+        self.head_since = [None] * self.count
         self.due_at = [None] * self.count
+        self.handles = [self._start(i) for i in range(self.count)]  # started while Ray Data starts its actors
 
-    def stop(self, clean: bool = False) -> None:
+    def stop(self, clean: bool = False, at_once: bool = False) -> None:
         """Every writer ended. ``clean`` (the run stops on an error, or a writer died): a local
         output's temporary files of this run's writers are removed once their processes are gone
-        (what they staged and the driver did not publish), so such a run leaves nothing behind."""
+        (what they staged and the driver did not publish), on S3 their open uploads aborted, so such a
+        run leaves nothing behind. ``at_once`` (a second Ctrl-C): the writers are told to end and
+        nothing is waited for, nothing cleaned (the next run's start removes what is left)."""
         import ray
 
         for h in self.handles:
@@ -345,6 +383,8 @@ class WriterPool:
                     ray.kill(h, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+        if at_once:
+            return
         if clean and self.local_output:
             pids = []
             for ref in self.pid_refs:
@@ -364,8 +404,10 @@ class WriterPool:
             except Exception:  # noqa: BLE001 - the lease lost, the store unreachable: the next run's start
                 pass
 
-    def _submit(self, i: int, method: str, *args) -> None:
-        self.calls[i].append(getattr(self.handles[i], method).remote(*args))
+    def _submit(self, i: int, method: str, *args, seq: int | None = None) -> None:
+        if not self.calls[i]:
+            self.head_since[i] = time.monotonic()
+        self.calls[i].append((getattr(self.handles[i], method).remote(*args), seq))
 
     def _alive(self) -> list[int]:
         return [i for i, h in enumerate(self.handles) if h is not None]
@@ -396,66 +438,88 @@ class WriterPool:
             start, end = (cut.start_offset, cut.end_offset) if cut is not None else (None, None)
             size = cut.num_rows if cut is not None else (entry.metadata.num_rows or 0)
             seq = self.ledger.add(entry.ref, i, start, end, size)
-            self._submit(i, "add_block", seq, entry.ref, start, end, 0)
+            self._submit(i, "add_block", seq, entry.ref, start, end, 0, seq=seq)
 
     def collect(self, timeout: float) -> None:
-        """Handles the answers that are in (waiting up to ``timeout`` for the first), each writer's in order."""
+        """Handles the answers that are in (waiting up to ``timeout`` for the first), each writer's in
+        order; then a writer whose oldest call has waited ``hang_s`` is treated as dead."""
         import ray
 
-        heads = [c[0] for c in self.calls if c]
-        if not heads:
-            return
-        ray.wait(heads, num_returns=1, timeout=timeout)
+        heads = [c[0][0] for c in self.calls if c]
+        if heads:
+            ray.wait(heads, num_returns=1, timeout=timeout)
         progressed = True
         while progressed:
             progressed = False
-            heads = [c[0] for c in self.calls if c]
+            heads = [c[0][0] for c in self.calls if c]
             if not heads:
-                return
+                break
             ready, _ = ray.wait(heads, num_returns=len(heads), timeout=0)
             ready = set(ready)
             for i in self._alive():
-                if self.calls[i] and self.calls[i][0] in ready:
-                    self._answer(i, self.calls[i].pop(0))
+                if self.calls[i] and self.calls[i][0][0] in ready:
+                    future, seq = self.calls[i].pop(0)
+                    self.head_since[i] = time.monotonic() if self.calls[i] else None
+                    self._answer(i, future, seq)
                     progressed = True
+        now = time.monotonic()
+        for i in self._alive():
+            if self.calls[i] and self.head_since[i] is not None and now - self.head_since[i] > self.hang_s:
+                self.hung += 1
+                self._died(i, f"writer {i} did not answer for {self.hang_s:g} s")
 
-    def _answer(self, i: int, future) -> None:
+    def _answer(self, i: int, future, seq: int | None) -> None:
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
         try:
             answer = ray.get(future)
         except RayActorError:
-            self._died(i)
+            self._died(i, f"writer {i} died")
             return
+        except ObjectLostError as e:
+            raise BlockLost(self._lost(i, seq, e)) from None
         except RayTaskError as e:  # the writer raised (storage refused a put): the run stops with its error
-            raise (getattr(e, "cause", None) or e) from None
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, ObjectLostError):
+                raise BlockLost(self._lost(i, seq, cause)) from None
+            raise (cause or e) from None
         self.ledger.answered(answer)
+        if answer["staged"]:
+            self.deaths_in_a_row = 0  # files published: the run goes on
         self.due_at[i] = None if answer["due_in"] is None else time.monotonic() + answer["due_in"]
 
-    def _died(self, i: int) -> None:
-        """Writer ``i`` is gone: what it staged and had not answered is never published (the next
-        run removes it); a new writer takes its place, and every block it held that is not wholly
-        published is sent again, without the rows already published."""
+    @staticmethod
+    def _lost(i: int, seq: int | None, e: Exception) -> str:
+        what = f"output block {seq} (rows segmented, not yet written)" if seq is not None else f"writer {i}'s answer"
+        return (f"{what} was lost from Ray's object store before writer {i} wrote it ({type(e).__name__}: a node "
+                "left the cluster?): the run stops; the files published are kept, and running the same command "
+                "again resumes and processes its images")
+
+    def _died(self, i: int, why: str) -> None:
+        """Writer ``i`` is gone (or hung: then ended here): what it staged and had not answered is never
+        published (the run's end removes it, else the next run's start); a new writer takes its place,
+        and every block it held that is not wholly published is sent again, without the rows already
+        published."""
         import ray
 
         self.died += 1
+        self.deaths_in_a_row += 1
         try:
             ray.kill(self.handles[i], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
         self.calls[i] = []
+        self.head_since[i] = None
         self.due_at[i] = None
-        if self.replaced < WRITER_REPLACEMENTS:
-            self.replaced += 1
-            self.handles[i] = self._start(i)
-        else:
+        if self.deaths_in_a_row > self.max_deaths:
             self.handles[i] = None
-            if not self._alive():
-                raise WritersLost(f"the writer actors died {self.died} times: the run stops (the files published "
-                                  "are kept; run the same command to resume)")
+            raise WritersLost(f"the writer actors died {self.deaths_in_a_row} times in a row with no file published "
+                              f"in between (last: {why}): the run stops (the files published are kept; run the "
+                              "same command to resume)")
+        self.handles[i] = self._start(i)
         for seq, ref, start, end, skip in self.ledger.resend(i, lambda seq: self._least_busy(room=False)):
-            self._submit(self.ledger.blocks[seq].writer, "add_block", seq, ref, start, end, skip)
+            self._submit(self.ledger.blocks[seq].writer, "add_block", seq, ref, start, end, skip, seq=seq)
 
     def _polls(self) -> None:
         now = time.monotonic()
@@ -469,7 +533,8 @@ class WriterPool:
 
     def drain(self) -> None:
         """Every writer stages what it holds and every file is published; again after a writer died
-        meanwhile (its blocks went to another), until every block sent is published."""
+        meanwhile (its blocks went to another), until every block sent is published. A writer that died
+        while it had no call, or hangs, is found here too (its flush fails, or does not answer)."""
         while True:
             died = self.died
             for i in self._alive():
@@ -489,7 +554,9 @@ class WriterPool:
         that answers and due files never wait for the next block) and publishes what they stage. The
         first Ctrl-C (SIGINT) stops taking blocks: the blocks that had reached the driver are routed,
         every writer stages what it holds, the driver publishes it, and Interrupted is raised; a
-        second Ctrl-C stops at once (KeyboardInterrupt). A publish is never cut in half by the first."""
+        second Ctrl-C stops at once (KeyboardInterrupt: the writers are told to end, nothing waited for
+        or cleaned up; the next run's start removes what they staged). A publish is never cut in half
+        by the first."""
         import queue
         import signal
         import threading
@@ -515,6 +582,7 @@ class WriterPool:
         if not self.handles:
             self.start()
         threading.Thread(target=produce, name="fastsam-batch-blocks", daemon=True).start()
+        failed = at_once = False
         try:
             while not stop.is_set():
                 self.collect(0)
@@ -542,13 +610,15 @@ class WriterPool:
                     if item is not _END and not isinstance(item, BaseException):
                         self.route(item)
             self.drain()
-            failed = False
+        except KeyboardInterrupt:
+            at_once = True
+            raise
         except BaseException:
             failed = True
             raise
         finally:
             if main and not stop.is_set():
                 signal.signal(signal.SIGINT, previous)
-            self.stop(clean=failed or self.died > 0)
+            self.stop(clean=failed or self.died > 0, at_once=at_once)
         if stop.is_set():
             raise Interrupted()
