@@ -6,8 +6,9 @@ Deterministic: requests are numbered as they arrive; request n is answered with
 (the answer's headers and the first half of its body, then the connection closed). ``rule``
 (method, path, headers) -> fault or None, when given, decides first, by request; it may also answer
 ``"applied-500"``: the request is forwarded and applied upstream, then answered 500 InternalError (a
-PUT that landed but whose answer was lost: the client retries it). Every other request is forwarded
-to the upstream server unchanged. Counts what it did.
+PUT that landed but whose answer was lost: the client retries it), or ``"hold"``: the request is
+held, unanswered, until :meth:`release` (or the proxy's end), then forwarded (a call that hangs).
+Every other request is forwarded to the upstream server unchanged. Counts what it did.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class FaultProxy:
         self.rule = rule
         self.lock = threading.Lock()
         self.n = 0
-        self.injected: dict[str, int] = {"503": 0, "500": 0, "reset": 0, "cut": 0, "applied-500": 0}
+        self.injected: dict[str, int] = {"503": 0, "500": 0, "reset": 0, "cut": 0, "applied-500": 0, "hold": 0}
+        self.released = threading.Event()
         self.ranges: list[str | None] = []  # each request's Range header
         self.forwarded = 0
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, fault)
@@ -58,6 +60,9 @@ class FaultProxy:
                         proxy.injected[fault] += 1
                     else:
                         proxy.forwarded += 1
+                if fault == "hold":  # hangs until released, then goes on as any other request
+                    proxy.released.wait()
+                    fault = None
                 if fault == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                     self.close_connection = True
@@ -110,6 +115,11 @@ class FaultProxy:
         self.thread.start()
         return self
 
+    def release(self) -> None:
+        """Every held request (and any later one the rule would hold) goes on."""
+        self.released.set()
+
     def __exit__(self, *exc) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()

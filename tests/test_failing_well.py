@@ -399,46 +399,6 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     assert (record["images"], record["images_ok"], record["last_run"]["status"]) == (len(names), len(names), "finished")
 
 
-def test_a_second_ctrl_c_stops_at_once(tmp_path):
-    """In the writer: the first SIGINT stops taking blocks (what arrived is committed, Interrupted);
-    from then on SIGINT is Python's default, so a second one stops whatever runs."""
-    import pyarrow as pa
-
-    from fastsam_batch.write import Committer, Interrupted
-
-    committed = []
-
-    class Writer:
-        def __call__(self, table):
-            committed.append(table.column("image_id").to_pylist())
-            return pa.table({"file": [f"f{len(committed)}"]})
-
-    import threading
-
-    release = threading.Event()
-
-    def blocks():
-        yield pa.table({"image_id": ["a", "b"]})
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the run is going
-        yield pa.table({"image_id": ["c"]})
-        release.wait()  # the pipeline yields nothing more
-        yield pa.table({"image_id": ["never"]})
-
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        c = Committer(Writer(), rows_per_file=1000, interval_s=3600, on_commit=lambda row: None)
-        with pytest.raises(Interrupted):
-            c.consume(blocks())
-        assert sorted(sum(committed, [])) in (["a", "b"], ["a", "b", "c"])  # what had arrived, once
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)  # interrupted at once
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        release.set()
-
-
 def test_a_ctrl_c_while_ray_shuts_down_ends_quietly():
     """A Ctrl-C that lands while Ray shuts down at exit (after the run said how it ended) is no
     traceback. The stand-in raises as ray.shutdown() does when interrupted."""
@@ -454,27 +414,6 @@ def test_a_ctrl_c_while_ray_shuts_down_ends_quietly():
     ray = Interrupted()
     shutdown_ray(ray)
     assert ray.calls == 1
-
-
-def test_the_writer_commits_every_n_rows_or_when_rows_have_waited(tmp_path):
-    import pyarrow as pa
-
-    from fastsam_batch.write import Committer
-
-    files = []
-
-    def writer(table):
-        files.append(table.column("image_id").to_pylist())
-        return pa.table({"file": [str(len(files))]})
-
-    c = Committer(writer, rows_per_file=3, interval_s=3600, on_commit=lambda row: None)
-    c.consume(iter([pa.table({"image_id": list("abcd")}), pa.table({"image_id": list("ef")}),
-                    pa.table({"image_id": list("g")})]))
-    assert files == [list("abc"), list("def"), ["g"]]  # every 3 rows, then the rest at the end
-    files.clear()
-    c = Committer(writer, rows_per_file=1000, interval_s=1e-9, on_commit=lambda row: None)
-    c.consume(iter([pa.table({"image_id": ["a"]}), pa.table({"image_id": ["b"]})]))
-    assert files == [["a"], ["b"]]  # rows that have waited the interval are committed without waiting for more
 
 
 # Retrying failures -------------------------------------------------------------------------------

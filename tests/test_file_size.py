@@ -54,7 +54,9 @@ def run(tmp_path, blocks: list[pa.Table], compression: str = "zstd", committer: 
                   on_commit=lambda row: names.append(row["file"]), **kw)
     if committer is not None:
         committer.append(c)
-    c.consume(iter(blocks))
+    for b in blocks:
+        c.add(b)
+    c.flush()
     files = [out / name for name in names]
     assert len(set(names)) == len(names) and sorted(p.name for p in out.iterdir()) == sorted(names)
     return [(p, p.stat().st_size, pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
@@ -243,7 +245,9 @@ def test_a_writer_that_cannot_measure_is_cut_by_the_estimate():
     blocks = [photos(8 * k, 8, rng) for k in range(10)]
     target = sum(b.nbytes for b in blocks) // 4
     c = Committer(writer, None, 3600, on_commit=lambda row: None, target_file_bytes=target)
-    c.consume(iter(blocks))
+    for b in blocks:
+        c.add(b)
+    c.flush()
     assert len(files) >= 4 and all(t.nbytes >= target // 2 for t in files[:-1]), [t.nbytes for t in files]
     assert [i for t in files for i in t.column("image_id").to_pylist()] == fed_ids(blocks)
 

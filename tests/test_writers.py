@@ -2,11 +2,14 @@
 
 Pure (no Ray): the writers' logic (writers.BlockWriter) and the driver's (writers.Ledger) with the
 run's real Parquet encoding into a temporary folder, and S3 staging and publishing against the moto
-server (tests/conftest.py), through the fault proxy where an answer is lost. The Ray side (writer
-actors, a writer killed, a lease taken over, Ctrl-C, 4 writers against 1) is in the end-to-end
-tests that already run the pipeline: test_e2e.py (4 writers against 1), test_reliability.py (chaos:
-4 writers on S3, a writer and segmentation actors killed, the driver killed, resumed),
-test_lease.py (a takeover with 4 writers), test_failing_well.py (Ctrl-C with 4 writers).
+server (tests/conftest.py), through the fault proxy where an answer is lost. The driver's loop
+itself (pipeline.WriterPool) with real writer actors on a local Ray of this module's own, blocks
+put in its object store: a writer killed holding rows, a writer hung (an S3 put held by the proxy),
+deaths in a row between published files, the first and second Ctrl-C, files cut by rows and by
+time. The whole run with writers is in the end-to-end tests: test_e2e.py (4 writers against 1),
+test_reliability.py (chaos: 4 writers on S3, a writer and segmentation actors killed, the driver
+killed, resumed), test_lease.py (a takeover with 4 writers), test_failing_well.py (Ctrl-C with 4
+writers).
 """
 
 from __future__ import annotations
@@ -275,3 +278,299 @@ def test_writers_setting_is_validated_and_auto_follows_the_cluster():
     assert plan_writers("auto", 1000, False, 64)[0] == 16
     k, why = plan_writers("auto", 32, True, 8)
     assert k == 4 and "half the driver node's 8 cores" in why
+
+
+# The real WriterPool (pipeline.py) on a Ray of this module's own -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of this module's own (address="local": never a cluster `ray start` runs here), in a
+    temp folder of its own (short: Ray's socket paths), on the free ports Ray picks; shut down after."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="fsb-wp-", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", _temp_dir=temp)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
+        time.sleep(0.02)
+
+
+class Blocks:
+    """What WriterPool.run takes from Ray Data (``_execute_to_iterator``: reference bundles), one block
+    a bundle, the tables put in the object store. ``before(k)`` runs before the k-th is handed on, in
+    the pool's producer thread, while the pool works: where a test waits for a condition and acts."""
+
+    def __init__(self, tables: list, before=None, refs: list | None = None):
+        import ray
+
+        self.tables = tables
+        self.refs = refs or [ray.put(t) for t in tables]
+        self.before = before or (lambda k: None)
+
+    def _execute_to_iterator(self):
+        return self._bundles(), None, None
+
+    def _bundles(self):
+        from types import SimpleNamespace as NS
+
+        for k, (ref, t) in enumerate(zip(self.refs, self.tables)):
+            self.before(k)
+            yield NS(blocks=[NS(ref=ref, metadata=NS(num_rows=t.num_rows))], slices=None)
+
+
+def pool_for(out: str, k: int, storage: Storage | None = None, rows_per_file: int | None = None,
+             interval_s: float = 3600, **kw):
+    """The run's WriterPool with ``k`` writer actors and a Ledger publishing into ``out``; the names of
+    the files published, in order."""
+    from fastsam_batch.pipeline import WriterPool
+
+    storage = storage or Storage()
+    names: list[str] = []
+    ledger = W.Ledger(lambda s: W.publish(storage, s), lambda row: names.append(row["file"]))
+    output = {"uri": out, "writers": k, "commit_interval_s": interval_s}
+    if rows_per_file:
+        output["rows_per_file"] = rows_per_file
+    m = parse_manifest({"name": "pool", "input": {"uri": "/nonexistent"}, "model": {"checkpoint": "/nonexistent.pt"},
+                        "output": output})
+    pool = WriterPool(m, storage, k, ledger, local_output=not out.startswith("s3://"), run_id="pool-run", **kw)
+    return pool, names
+
+
+def ids_of(tables) -> list[str]:
+    return [i for t in tables for i in t.column("image_id").to_pylist()]
+
+
+def kill_writer(pool, i: int) -> int:
+    """SIGKILL of writer ``i``'s process (this module's Ray's; asked from the producer thread)."""
+    import signal
+
+    import ray
+
+    pid = ray.get(pool.handles[i].pid.remote(), timeout=120)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_pool_a_writer_killed_holding_rows_has_its_blocks_written_by_its_replacement_exactly_once(ray_local,
+                                                                                                   tmp_path):
+    """2 writers, files only at the end (commit_interval_s 3600): once writer 1 has answered for a
+    block whose rows it holds, its process is SIGKILLed mid-stream. The pool finds it dead (its next
+    call fails), starts another, sends it the blocks writer 1 held; every row is published exactly
+    once, every block let go, no temporary left."""
+    rng = np.random.default_rng(81)
+    tables = [photos(10 * k, 5, rng) for k in range(8)]
+    out = str(tmp_path / "out")
+    pool, names = pool_for(out, 2)
+    killed = []
+
+    def before(k):
+        if k == 4:
+            wait_for(lambda: any(b.writer == 1 and b.rows for b in list(pool.ledger.blocks.values())),
+                     "writer 1 to hold rows")
+            killed.append(kill_writer(pool, 1))
+
+    pool.run(Blocks(tables, before))
+    assert len(killed) == 1 and pool.died == 1 and pool.hung == 0
+    got = published_ids(out, names)
+    assert sorted(got) == sorted(ids_of(tables)) and len(got) == len(set(got))
+    assert not pool.ledger.blocks
+    assert sorted(os.listdir(out)) == sorted(names)  # the dead writer's staging removed with it
+
+
+def test_pool_a_hung_writer_is_killed_replaced_and_what_it_staged_never_published(ray_local, s3_env, s3fs_client,
+                                                                                   tmp_path):
+    """S3 output through a proxy that holds every part upload unanswered (a put that hangs) until the
+    pool has found a writer hung (its oldest call unanswered for hang_s): that writer is killed, a
+    new one started, its blocks sent again; then the proxy lets the uploads go. Every row exactly
+    once, and the hung writer's upload (open, never completed) aborted as the run ends."""
+    import threading
+
+    from s3_fault_proxy import FaultProxy
+
+    make_bucket(s3_env, "hung")
+    out = "s3://hung/masks"
+    rng = np.random.default_rng(82)
+    tables = [photos(10 * k, 4, rng) for k in range(4)]
+    opts = {"key": s3_env["AWS_ACCESS_KEY_ID"], "secret": s3_env["AWS_SECRET_ACCESS_KEY"]}
+
+    def holds(method, path, headers):
+        return "hold" if method == "PUT" and "partNumber=" in path else None
+
+    with FaultProxy(s3_env["AWS_ENDPOINT_URL"], [None], rule=holds) as proxy:
+        storage = Storage({**opts, "endpoint_url": proxy.url})
+        pool, names = pool_for(out, 2, storage, rows_per_file=4, hang_s=10,
+                               clean_s3=lambda: W.abort_uploads(out, storage, W.open_uploads(out, storage)))
+
+        def releaser():
+            wait_for(lambda: pool.hung >= 1, "a writer found hung", timeout=300)
+            proxy.release()
+
+        t = threading.Thread(target=releaser, daemon=True)
+        t.start()
+        try:
+            pool.run(Blocks(tables))
+        finally:
+            proxy.release()  # the test's own failure: nothing left held
+        t.join()
+        assert proxy.injected["hold"] >= 1
+    assert pool.hung >= 1 and pool.died >= pool.hung
+    direct = Storage({**opts, "endpoint_url": s3_env["AWS_ENDPOINT_URL"]})
+    s3fs_client.invalidate_cache()
+    got = [i for n in names for i in pq.read_table(f"hung/masks/{n}", filesystem=s3fs_client, columns=["image_id"])
+           .column("image_id").to_pylist()]
+    assert sorted(got) == sorted(ids_of(tables)) and len(got) == len(set(got))
+    assert sorted(p.rsplit("/", 1)[-1] for p in s3fs_client.ls("hung/masks/")) == sorted(set(names))
+    assert W.open_uploads(out, direct) == []
+
+
+def test_pool_deaths_count_in_a_row_between_published_files(ray_local, tmp_path):
+    """The bound is on writer deaths in a row with no file published in between (a day-long run on
+    spot nodes outlives any number that each let it go on): with max_deaths 2, a writer killed 3 times,
+    each time after every block so far was published (files of one row), is replaced each time and
+    the run ends with every row once; 3 kills in a row with nothing published (files only at the
+    end) stop the run with one line, after its temporaries are removed."""
+    from fastsam_batch.pipeline import WritersLost
+
+    rng = np.random.default_rng(83)
+    tables = [photos(10 * k, 1, rng) for k in range(8)]
+    out = str(tmp_path / "goes-on")
+    pool, names = pool_for(out, 1, rows_per_file=1, max_deaths=2)
+    killed = []
+
+    def before(k):
+        if k in (2, 4, 6):  # every block so far published (so the last death, if any, was noticed)
+            wait_for(lambda: len(names) == k, f"{k} files published")
+            killed.append(kill_writer(pool, 0))
+
+    pool.run(Blocks(tables, before))
+    assert len(killed) == 3 and pool.died == 3 and pool.deaths_in_a_row == 0
+    got = published_ids(out, names)
+    assert got == ids_of(tables)  # once each, and in order (one writer)
+
+    out = str(tmp_path / "stops")
+    tables = [photos(10 * k, 2, rng) for k in range(5)]
+    pool, names = pool_for(out, 1, max_deaths=2)
+    killed = []
+
+    def before_nothing_published(k):
+        if k >= 2:  # the previous death noticed, and the (new) writer holding the rows sent so far
+            wait_for(lambda: pool.died == len(killed) and len(held := list(pool.ledger.blocks.values())) == k
+                     and all(b.rows for b in held), "the writer to hold every block sent")
+            killed.append(kill_writer(pool, 0))
+
+    with pytest.raises(WritersLost) as e:
+        pool.run(Blocks(tables, before_nothing_published))
+    assert "died 3 times in a row with no file published" in str(e.value) and "\n" not in str(e.value)
+    assert pool.died == 3 and names == []
+    assert not os.path.exists(out) or os.listdir(out) == []  # nothing staged left behind
+
+
+def test_pool_first_ctrl_c_publishes_what_arrived_and_a_second_stops_at_once(ray_local, tmp_path):
+    """The first SIGINT: the pool takes no more blocks; what had reached it is published, once, and
+    Interrupted raised; SIGINT is then Python's default. A second SIGINT while the pool drains (a
+    writer waiting for a block that never comes) stops it at once: KeyboardInterrupt, the writers
+    ended, nothing waited for or cleaned up (a staged temporary stays for the next run's start)."""
+    import signal
+    import threading
+
+    import ray
+
+    from fastsam_batch.write import Interrupted
+
+    rng = np.random.default_rng(84)
+    tables = [photos(10 * k, 3, rng) for k in range(4)]
+    out = str(tmp_path / "first")
+    pool, names = pool_for(out, 2)
+    never = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def before(k):
+        if k == 2:
+            wait_for(lambda: len(pool.ledger.blocks) == 2, "two blocks routed")
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the run is going
+        if k == 3:
+            never.wait()  # the pipeline gives nothing more
+
+    try:
+        with pytest.raises(Interrupted):
+            pool.run(Blocks(tables, before))
+        got = published_ids(out, names)
+        assert sorted(got) in (sorted(ids_of(tables[:2])), sorted(ids_of(tables[:3])))  # what had arrived, once
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        never.set()
+
+    @ray.remote(num_cpus=0)
+    def block_never_made():
+        import time
+
+        time.sleep(3600)
+
+    out = str(tmp_path / "second")
+    os.makedirs(out)
+    planted = os.path.join(out, "_tmp-pool-run-staged")  # as a writer's staged file left by the run
+    with open(planted, "wb") as f:
+        f.write(b"staged")
+    pool, names = pool_for(out, 2)
+    stuck = block_never_made.remote()
+    tables = tables[:3]
+    refs = [ray.put(tables[0]), stuck, ray.put(tables[2])]
+
+    def before_second(k):
+        if k == 2:
+            wait_for(lambda: len(pool.ledger.blocks) == 2, "two blocks routed")
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for(lambda: signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the first Ctrl-C taken")
+            os.kill(os.getpid(), signal.SIGINT)  # the second: the drain waits for the stuck block's writer
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.run(Blocks(tables, before_second, refs=refs))
+        pids = [ray.get(r, timeout=60) for r in pool.pid_refs]
+        wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), "the writers to end")
+        assert os.path.exists(planted)  # not cleaned up on the way out: the next run's start removes it
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        ray.cancel(stuck, force=True)
+    storage = Storage()
+    lease = Lease(storage, out, "run-next")
+    lease.acquire()
+    assert remove_stale_temporaries(out, storage, fence=lease.fence()) >= 1 and not os.path.exists(planted)
+    lease.release()
+
+
+def test_pool_files_cut_every_n_rows_or_when_rows_have_waited(ray_local, tmp_path):
+    """In the writer actors as the run has them: rows_per_file 3 cuts a file every 3 rows, the rest at
+    the end; rows that have waited commit_interval_s are staged without waiting for more."""
+    rng = np.random.default_rng(85)
+    tables = [photos(0, 4, rng), photos(4, 2, rng), photos(6, 1, rng)]
+    out = str(tmp_path / "every-3")
+    pool, names = pool_for(out, 1, rows_per_file=3)
+    pool.run(Blocks(tables))
+    ids = ids_of(tables)
+    assert [published_ids(out, [n]) for n in names] == [ids[0:3], ids[3:6], ids[6:7]]
+
+    out = str(tmp_path / "waited")
+    tables = [photos(10, 1, rng), photos(11, 1, rng)]
+    pool, names = pool_for(out, 1, interval_s=1e-6)
+
+    def before(k):
+        if k == 1:
+            wait_for(lambda: len(names) == 1, "the first row published after its interval")
+
+    pool.run(Blocks(tables, before))
+    assert [published_ids(out, [n]) for n in names] == [ids_of(tables[:1]), ids_of(tables[1:])]
