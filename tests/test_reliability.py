@@ -152,14 +152,43 @@ class ActorKiller:
         return len(self.kills)
 
 
+def run_processes(marker: str, kind: bytes) -> list[int]:
+    """Pids of the run's processes (its environment marker) whose titles hold ``kind``."""
+    found = []
+    for pid in processes_with_env(marker):
+        try:
+            if kind in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def kill_run_processes(marker: str, kind: bytes, every: bool = False, timeout: float = 300) -> list[int]:
+    """SIGKILL of one of the run's ``kind`` processes (``every``: all of them), waited for until there is one."""
+    deadline = time.time() + timeout
+    while not (found := run_processes(marker, kind)):
+        assert time.time() < deadline, f"no {kind.decode()} process of the run in {timeout:g} s"
+        time.sleep(0.1)
+    killed = found if every else found[:1]
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    return killed
+
+
 def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, tmp_path):
-    """96 generated images on S3, 4 writer actors (output.writers), with at once: a segmentation
-    actor and a writer actor killed (one each run, after two more committed files each), 10% of S3
+    """96 generated images on S3, 4 writer actors (output.writers), with at once: in the first run a
+    segmentation actor and a writer actor killed (after two more committed files each), 10% of S3
     requests failing (a 503, a dropped connection, a 500 in every 30: multipart uploads and their
-    completions among them), and the driver killed mid-run, then the same command again. One row
-    per image, the error budget kept, the summary's retry counts are those of the rows the second run
-    wrote, the writer killed in the second run started again and its blocks written, and no upload
-    left open (the killed run's aborted at the second run's start, the killed writer's at its end)."""
+    completions among them), and the driver killed mid-run, then the same command again. In the
+    second run one image is pathologically slow to decode (the test-only slow hook): it holds the run
+    (its dataset cannot end, so the writers are not yet drained) until this test has killed a writer
+    actor and a segmentation actor, and then does what the watchdog would (the image recorded in the
+    run's poison file, its decoder killed): the image is a `timeout` row. So the kills land mid-run by
+    construction, not by luck. One row per image, the error budget kept, the summary's retry counts
+    are those of the rows the second run wrote, the writer killed in the second run found dead and
+    started again once (writers_restarted), and no upload left open (the killed run's aborted at the
+    second run's start, the killed writer's at its end)."""
     from s3fs import S3FileSystem
 
     fs = s3fs_client
@@ -175,7 +204,8 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
         names.append(f"{i:03d}.png")
     fs.put_file(str(checkpoint), "chaos/models/fixture.pt")
     m = write_job(tmp_path / "job.yaml", "chaos", "s3://chaos/images/", "s3://chaos/models/fixture.pt",
-                  "s3://chaos/masks/", 8, output={"writers": 4}, max_error_fraction=0.02, plan_part_rows=40)
+                  "s3://chaos/masks/", 8, output={"writers": 4}, max_error_fraction=0.03, plan_part_rows=40,
+                  image_timeout_s=3600)
     watcher = S3FileSystem(key=FAKE_KEY, secret=FAKE_SECRET, endpoint_url=s3_env["AWS_ENDPOINT_URL"],
                            skip_instance_cache=True)
 
@@ -212,28 +242,47 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
         done_before = set(pads.dataset("chaos/masks/", format="parquet", filesystem=watcher)
                           .to_table(columns=["image_id"]).column("image_id").to_pylist())
         assert 0 < len(done_before) < len(names)
-        second = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)
-        killer = ActorKiller(committed, marker, most=2, kinds=(b"BlockWriter", b"SegmentActor"))
-        out, _ = second.communicate(timeout=900)
-        kills += killer.close()
-        writers_killed = killer.killed.count(b"BlockWriter")
+        slow = sorted(set(names) - done_before)[0]
+        mark = tmp_path / "slow-mark"
+        second = subprocess.Popen([str(exe), "run", str(m)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**env, "FASTSAM_BATCH_TEST_SLOW": f"decode:{slow}:3600",
+                                       "FASTSAM_BATCH_TEST_SLOW_MARK": str(mark)})
+        try:
+            deadline = time.time() + 600
+            while not mark.exists():  # the run is inside the slow image: it cannot finish before this test acts
+                assert second.poll() is None, "the second run ended before the slow image"
+                assert time.time() < deadline, "the second run did not reach the slow image in 10 minutes"
+                time.sleep(0.1)
+            writers_killed = len(kill_run_processes(marker, b"BlockWriter"))
+            kills += writers_killed + len(kill_run_processes(marker, b"SegmentActor"))
+            run_id = json.loads(watcher.cat_file("chaos/masks/_lease.json"))["run_id"]
+            poison = tmp_path / "cache" / "poison" / f"{run_id}.txt"  # watchdog.poison_path on this node
+            poison.parent.mkdir(parents=True, exist_ok=True)
+            with open(poison, "a") as f:
+                f.write(f"decode\t{slow}\n")
+            kill_run_processes(marker, b"ReadDecode", every=True)  # Ray Data retries; the image is then poisoned
+            out, _ = second.communicate(timeout=900)
+        finally:
+            if second.poll() is None:
+                second.kill()
     assert second.returncode == 0, out
-    assert kills >= 2  # actors really were killed
+    assert kills >= 2  # actors really were killed (a writer and a segmentation actor in the second run, at least)
     assert sum(proxy.injected.values()) > 0, proxy.injected
     watcher.invalidate_cache()
     table = pads.dataset("chaos/masks/", format="parquet", filesystem=watcher).to_table()
     ids = table.column("image_id").to_pylist()
     assert sorted(ids) == names  # one row per image: none missing, none twice
+    slow_row = next(r for r in table.select(["image_id", "status", "error"]).to_pylist() if r["image_id"] == slow)
+    assert slow_row["status"] == "error" and slow_row["error"].startswith("timeout: decoding"), slow_row["error"]
     summary = json.loads(watcher.cat_file("chaos/masks/_run.json"))["last_run_summary"]
-    assert summary["failed"] is None and summary["images_error"] <= 0.02 * len(names)
+    assert summary["failed"] is None and summary["images_error"] <= 0.03 * len(names)  # the slow image's and 1 more
     rows = [row for row in table.select(["image_id", "read_retries"]).to_pylist() if row["image_id"] not in done_before]
     assert summary["images_skipped_done"] == len(done_before)
     assert summary["read_retries"] == sum(row["read_retries"] for row in rows)
     assert summary["images_retried"] == sum(1 for row in rows if row["read_retries"])
     assert "took over the lease" in out
     assert "writers: 4 (output.writers)" in out
-    assert writers_killed == 1 and summary["writers_restarted"] == writers_killed, (killer.killed, summary)
+    assert writers_killed == 1 and summary["writers_restarted"] == 1, summary
     from fastsam_batch.storage import Storage
     from fastsam_batch.writers import open_uploads
 
