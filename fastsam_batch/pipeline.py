@@ -290,6 +290,16 @@ class BlockLost(RuntimeError):
 _END = object()
 
 
+def writer_nodes(nodes: list[dict]) -> list[str]:
+    """The nodes a remote output's writers are placed on, in turn (``nodes``: ray.nodes()): the alive
+    nodes with CPUs, of them those with GPUs if any (the work is there). A node that advertises no
+    CPUs (our Kubernetes heads: rayStartParams num-cpus "0", the driver's) takes none: a writer there
+    would take the driver's cores."""
+    alive = [n for n in nodes if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    gpus = [n for n in alive if n["Resources"].get("GPU", 0) > 0]
+    return [n["NodeID"] for n in (gpus or alive)]
+
+
 class WriterPool:
     """The run's K writer actors and the driver's side of them (writers.Ledger): output blocks'
     references routed to the writers in turn, skipping one with WRITER_CALLS calls queued (a slow
@@ -324,18 +334,9 @@ class WriterPool:
         self.deaths_in_a_row = 0  # deaths since the last file published
         self.pid_refs: list = []  # every writer's process id, asked (a local output's: on this node)
         self._remote = None
-        self.nodes: list[str] = []  # a remote output's: the nodes writers are placed on, in turn (see _place)
+        self.nodes: list[str] = []  # a remote output's: the nodes writers are placed on, in turn (writer_nodes)
         self.started = 0  # writers started (the next one's place in turn)
         self.turn = 0  # the writer the next block goes to, if it has room
-
-    def _place(self) -> list[str]:
-        """A remote output's writer nodes, once per run: the alive nodes with CPUs, those with GPUs if
-        any (the work is there; a Kubernetes head that advertises no CPUs takes none)."""
-        import ray
-
-        nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-        gpus = [n for n in nodes if n["Resources"].get("GPU", 0) > 0]
-        return [n["NodeID"] for n in (gpus or nodes)]
 
     def _start(self, i: int):
         import ray
@@ -362,8 +363,10 @@ class WriterPool:
         return handle
 
     def start(self) -> None:
-        if not self.local_output:
-            self.nodes = self._place()
+        if not self.local_output:  # once per run
+            import ray
+
+            self.nodes = writer_nodes(ray.nodes())
         self.calls = [[] for _ in range(self.count)]
         self.head_since = [None] * self.count
         self.due_at = [None] * self.count

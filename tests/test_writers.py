@@ -427,6 +427,9 @@ def test_pool_a_hung_writer_is_killed_replaced_and_what_it_staged_never_publishe
         t.join()
         assert proxy.injected["hold"] >= 1
     assert pool.hung >= 1 and pool.died >= pool.hung
+    import ray
+
+    assert pool.nodes == [ray.get_runtime_context().get_node_id()]  # a remote output: placed on nodes with CPUs
     direct = Storage({**opts, "endpoint_url": s3_env["AWS_ENDPOINT_URL"]})
     s3fs_client.invalidate_cache()
     got = [i for n in names for i in pq.read_table(f"hung/masks/{n}", filesystem=s3fs_client, columns=["image_id"])
@@ -603,3 +606,19 @@ def test_pool_a_block_lost_from_the_object_store_stops_the_run_with_one_line_nam
     line = str(e.value)
     assert "output block 1 " in line and "the same command" in line and "\n" not in line, line
     assert names == []  # nothing published: the run stopped before its end
+
+
+def test_remote_output_writers_go_to_nodes_with_cpus_gpu_nodes_first():
+    """Placement (pipeline.writer_nodes, on ray.nodes()' records): a head that advertises no CPUs
+    (our Kubernetes manifests: num-cpus "0") and dead nodes take no writer; GPU nodes first."""
+    from fastsam_batch.pipeline import writer_nodes
+
+    def node(i, alive=True, **resources):
+        return {"NodeID": f"n{i}", "Alive": alive, "Resources": resources}
+
+    head = node(0, memory=1e9)  # num-cpus 0: no CPU entry at all
+    cpu, gpu, gpu2, dead = node(1, CPU=8.0), node(2, CPU=16.0, GPU=4.0), node(3, CPU=16.0, GPU=8.0), node(4, False, CPU=8.0)
+    assert writer_nodes([head, cpu, dead]) == ["n1"]
+    assert writer_nodes([head, cpu, gpu, dead, gpu2]) == ["n2", "n3"]
+    assert writer_nodes([head, dead]) == []  # then Ray spreads them (pipeline.WriterPool._start)
+    assert writer_nodes([node(5, CPU=0.0, GPU=1.0), cpu]) == ["n1"]
