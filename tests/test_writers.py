@@ -543,7 +543,12 @@ def test_pool_first_ctrl_c_publishes_what_arrived_and_a_second_stops_at_once(ray
     try:
         with pytest.raises(KeyboardInterrupt):
             pool.run(Blocks(tables, before_second, refs=refs))
-        pids = [ray.get(r, timeout=60) for r in pool.pid_refs]
+        pids = []
+        for r in pool.pid_refs:
+            try:
+                pids.append(ray.get(r, timeout=60))
+            except ray.exceptions.RayActorError:
+                pass  # ended before it had started
         wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), "the writers to end")
         assert os.path.exists(planted)  # not cleaned up on the way out: the next run's start removes it
     finally:
@@ -577,35 +582,6 @@ def test_pool_files_cut_every_n_rows_or_when_rows_have_waited(ray_local, tmp_pat
 
     pool.run(Blocks(tables, before))
     assert [published_ids(out, [n]) for n in names] == [ids_of(tables[:1]), ids_of(tables[1:])]
-
-
-def test_pool_a_block_lost_from_the_object_store_stops_the_run_with_one_line_naming_it(ray_local, tmp_path):
-    """A block whose object is gone before its writer could fetch it (here its owner, a process of
-    its own, killed: Ray's OwnerDiedError, an ObjectLostError, as for a block on a node that left):
-    the run stops with one line naming the block and saying that the same command resumes it."""
-    import ray
-
-    from fastsam_batch.pipeline import BlockLost
-
-    @ray.remote(num_cpus=0)
-    class Owner:
-        def put(self, table):
-            return [ray.put(table)]  # in a list: the reference is handed on, its owner stays this actor
-
-    rng = np.random.default_rng(86)
-    tables = [photos(0, 2, rng), photos(2, 2, rng)]
-    owner = Owner.remote()
-    [orphan] = ray.get(owner.put.remote(tables[1]), timeout=120)
-    ray.kill(owner, no_restart=True)
-    with pytest.raises(ray.exceptions.RayActorError):  # the owner gone
-        ray.get(owner.put.remote(None), timeout=120)
-    out = str(tmp_path / "out")
-    pool, names = pool_for(out, 1)
-    with pytest.raises(BlockLost) as e:
-        pool.run(Blocks(tables, refs=[ray.put(tables[0]), orphan]))
-    line = str(e.value)
-    assert "output block 1 " in line and "the same command" in line and "\n" not in line, line
-    assert names == []  # nothing published: the run stopped before its end
 
 
 def test_remote_output_writers_go_to_nodes_with_cpus_gpu_nodes_first():
