@@ -16,6 +16,7 @@ from .metrics import CommitMetrics
 from .console import silence_ray
 from .model import check_checkpoint, fetch_checkpoint
 from .preflight import check_device, check_listable, check_locations, check_ray_address, check_writable
+from .preflight import check_output_placement
 from .sizing import local_machine, plan_actors, plan_writers
 from .offline import configure_ultralytics
 from .progress import Progress
@@ -281,6 +282,7 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     # Preflight: every location, the checkpoint, the cluster address and the device, before Ray
     # starts and before anything is deleted. The quick checks first, in the order a user would fix
     # them, and the input's first image before the output is written to: nothing to read, nothing made.
+    check_output_placement(ray_address(m), m.output.uri)  # a local output through ray://: on the address's form
     check_locations(m, storage, probe_output=False)
     check_input_form(m, storage)
     check_writable("output.uri", m.output.uri, storage.for_checks())
@@ -490,6 +492,7 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
     storage = Storage(m.storage_options)
     summary = RunSummary(name=m.name, output_uri=m.output.uri, tool_version=__version__)
     quick = storage.for_checks()
+    check_output_placement(ray_address(m), m.output.uri)
     check_listable("input.uri", m.input.uri, quick)
     check_input_form(m, storage)
     if protocol_of(m.output.uri) != "file":  # a local output may not exist yet

@@ -110,6 +110,20 @@ def check_writable(field: str, uri: str, storage: Storage) -> None:
         raise _fail(field, uri, e) from None
 
 
+def check_output_placement(address: str | None, output_uri: str) -> None:
+    """A local ``output.uri`` cannot be written through a Ray client connection (``ray://``): its
+    writer actors run on the driver's node, which for a client is a cluster node (the head), not
+    the machine the driver's process runs on, so their files would land on another machine's disk
+    and the driver could not make them visible. Checked on the address's form, before any work."""
+    if not address or not address.startswith("ray://") or protocol_of(output_uri) != "file":
+        return
+    raise PreflightError(
+        f"output.uri {output_uri!r}: a local output cannot be written through a Ray client connection "
+        f"(runtime.ray_address / RAY_ADDRESS {address!r}): the writer actors run on a cluster node, not on this "
+        "machine; use an object-store output (s3://...), or run the driver inside the cluster (RAY_ADDRESS=HEAD:6379 "
+        "on a node of it, or `ray job submit`)")
+
+
 def check_locations(m: Manifest, storage: Storage, probe_output: bool = True) -> None:
     """Every storage location of the run, in the order a user would fix them (``probe_output``: with
     the probe put under the output, the one check that writes)."""
