@@ -16,7 +16,7 @@ from .metrics import CommitMetrics
 from .console import silence_ray
 from .model import check_checkpoint, fetch_checkpoint
 from .preflight import check_device, check_listable, check_locations, check_ray_address, check_writable
-from .preflight import check_output_placement
+from .preflight import check_output_placement, check_uploads
 from .sizing import local_machine, plan_actors, plan_writers
 from .offline import configure_ultralytics
 from .progress import Progress
@@ -285,7 +285,9 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     check_output_placement(ray_address(m), m.output.uri)  # a local output through ray://: on the address's form
     check_locations(m, storage, probe_output=False)
     check_input_form(m, storage)
-    check_writable("output.uri", m.output.uri, storage.for_checks())
+    quick = storage.for_checks()
+    check_writable("output.uri", m.output.uri, quick)
+    check_uploads("output.uri", m.output.uri, quick)  # S3: the multipart uploads a run lists and aborts
 
     # One writer per output (see lease.py): an output another run holds is refused at once, by
     # reading its lease, before the checkpoint loads; the lease is taken only once every check has
@@ -497,6 +499,7 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
     check_input_form(m, storage)
     if protocol_of(m.output.uri) != "file":  # a local output may not exist yet
         check_listable("output.uri", m.output.uri, quick)
+        check_uploads("output.uri", m.output.uri, quick)  # a listing and an abort of no upload: nothing written
     prompts, address = _identify(m, storage, summary)
     if address:
         sizing, _ = start_ray(m, env)
