@@ -275,3 +275,103 @@ def test_writers_setting_is_validated_and_auto_follows_the_cluster():
     assert plan_writers("auto", 1000, False, 64)[0] == 16
     k, why = plan_writers("auto", 32, True, 8)
     assert k == 4 and "half the driver node's 8 cores" in why
+
+
+def _s3(s3_env):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], aws_access_key_id=s3_env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=s3_env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+
+def _complete_out_of_band(s3, bucket: str, key: str, where: dict) -> None:
+    """What a completion whose answer was lost leaves: the upload completed (here by another client),
+    so the driver's CompleteMultipartUpload finds NoSuchUpload."""
+    s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=where["upload_id"], MultipartUpload={
+        "Parts": [{"PartNumber": i, "ETag": e} for i, e in enumerate(where["etags"], 1)]})
+
+
+def test_s3_a_completion_already_applied_is_recognised_by_the_etag_and_another_object_is_not(
+        s3_env, s3fs_client, monkeypatch):
+    """publish of an upload completed before (its answer lost): the driver's completion finds
+    NoSuchUpload, so publish returns only if it recognises the object as this upload's (the MD5 of
+    the part ETags): the object is the staged bytes. An object that is not this upload's (replaced
+    by a plain PUT after), or none (the upload aborted), raises, naming the file."""
+    monkeypatch.setattr(W, "PART_BYTES", 5 * MIB)
+    make_bucket(s3_env, "lost-etag")
+    s3 = _s3(s3_env)
+    storage = Storage({"key": s3_env["AWS_ACCESS_KEY_ID"], "secret": s3_env["AWS_SECRET_ACCESS_KEY"],
+                       "endpoint_url": s3_env["AWS_ENDPOINT_URL"]})
+    out = "s3://lost-etag/masks"
+    data = os.urandom(11 * MIB)
+
+    def staged(name: str, payload: bytes) -> tuple[W.Staged, dict]:
+        where = W.stage_bytes(storage, f"{out}/{name}", payload)
+        return W.Staged(name, f"{out}/{name}", {}, [], [], **where), where
+
+    a, where = staged("part-a.parquet", data)
+    _complete_out_of_band(s3, "lost-etag", "masks/part-a.parquet", where)
+    with pytest.raises(Exception, match="NoSuchUpload"):  # the upload is gone: the recognition must answer
+        s3.complete_multipart_upload(Bucket="lost-etag", Key="masks/part-a.parquet", UploadId=where["upload_id"],
+                                     MultipartUpload={"Parts": [{"PartNumber": i, "ETag": e}
+                                                                for i, e in enumerate(where["etags"], 1)]})
+    W.publish(storage, a)
+    assert s3.head_object(Bucket="lost-etag", Key="masks/part-a.parquet")["ETag"] == W.multipart_etag(where["etags"])
+    s3fs_client.invalidate_cache()
+    assert s3fs_client.cat_file("lost-etag/masks/part-a.parquet") == data
+
+    b, where = staged("part-b.parquet", data)
+    _complete_out_of_band(s3, "lost-etag", "masks/part-b.parquet", where)
+    s3.put_object(Bucket="lost-etag", Key="masks/part-b.parquet", Body=b"another object of that name")
+    with pytest.raises(OSError, match=r"part-b.parquet: its multipart upload is gone \(NoSuchUpload\) and the "
+                                      r"object there is another"):
+        W.publish(storage, b)
+
+    c, where = staged("part-c.parquet", b"small")
+    s3.abort_multipart_upload(Bucket="lost-etag", Key="masks/part-c.parquet", UploadId=where["upload_id"])
+    with pytest.raises(OSError, match=r"part-c.parquet: .*no object is there \(the upload was aborted"):
+        W.publish(storage, c)
+
+
+def test_s3_under_sse_kms_a_completion_already_applied_is_recognised_by_its_shape(s3_env, monkeypatch):
+    """A bucket whose default encryption is SSE-KMS: there a multipart object's ETag is opaque (not
+    the MD5 of the part ETags), so publish recognises a completed upload by its shape (parts count
+    from a HEAD of part 1, part 1 of PART_BYTES, the size). moto computes the ETag as for plaintext,
+    so what shows that the shape is what is checked here: an object of the same shape from another
+    upload is taken (its ETag differs: the ETag check alone would refuse it; the documented limit of
+    the shape check), one of another shape, or a plain PUT, is refused."""
+    monkeypatch.setattr(W, "PART_BYTES", 5 * MIB)
+    make_bucket(s3_env, "lost-kms")
+    s3 = _s3(s3_env)
+    s3.put_bucket_encryption(Bucket="lost-kms", ServerSideEncryptionConfiguration={
+        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms"}}]})
+    storage = Storage({"key": s3_env["AWS_ACCESS_KEY_ID"], "secret": s3_env["AWS_SECRET_ACCESS_KEY"],
+                       "endpoint_url": s3_env["AWS_ENDPOINT_URL"]})
+    out = "s3://lost-kms/masks"
+
+    def staged(name: str, payload: bytes) -> tuple[W.Staged, dict]:
+        where = W.stage_bytes(storage, f"{out}/{name}", payload)
+        return W.Staged(name, f"{out}/{name}", {}, [], [], **where), where
+
+    def completed_then_replaced(name: str, size: int, other: int) -> W.Staged:
+        """``name`` staged and completed (the answer lost), then replaced by another upload of ``other`` bytes."""
+        mine, where = staged(name, os.urandom(size))
+        _complete_out_of_band(s3, "lost-kms", f"masks/{name}", where)
+        _complete_out_of_band(s3, "lost-kms", f"masks/{name}", staged(name, os.urandom(other))[1])
+        return mine
+
+    mine = completed_then_replaced("part-a.parquet", 11 * MIB, 11 * MIB)  # the same shape: 3 parts, 11 MiB
+    head = s3.head_object(Bucket="lost-kms", Key="masks/part-a.parquet")
+    assert head["ServerSideEncryption"] == "aws:kms" and head["ETag"] != W.multipart_etag(mine.etags)
+    W.publish(storage, mine)  # taken by its shape
+
+    mine = completed_then_replaced("part-b.parquet", 11 * MIB, 6 * MIB)  # replaced by one of 2 parts
+    with pytest.raises(OSError, match=r"part-b.parquet: .*\(SSE-KMS: its ETag is opaque\) is not of its shape "
+                                      r"\(2 parts, 6291456 bytes; staged: 3 parts"):
+        W.publish(storage, mine)
+
+    mine, where = staged("part-c.parquet", b"one small part")
+    _complete_out_of_band(s3, "lost-kms", "masks/part-c.parquet", where)
+    s3.put_object(Bucket="lost-kms", Key="masks/part-c.parquet", Body=b"one small PUT!")  # same size, no parts
+    with pytest.raises(OSError, match="is not of its shape"):
+        W.publish(storage, mine)
