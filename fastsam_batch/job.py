@@ -16,10 +16,10 @@ from .metrics import CommitMetrics
 from .console import silence_ray
 from .model import check_checkpoint, fetch_checkpoint
 from .preflight import check_device, check_listable, check_locations, check_ray_address, check_writable
-from .preflight import check_output_placement, check_uploads
 from .sizing import local_machine, plan_actors, plan_writers
 from .offline import configure_ultralytics
 from .progress import Progress
+from .preflight import check_output_placement, check_uploads
 from .inputs import CONTAINERS, InputError, Skipped, open_input
 from .plan import PlanCount, PlanParts, chunked
 from .mask_rules import MaskRules

@@ -262,21 +262,6 @@ def test_s3_a_staged_file_is_invisible_until_published_and_a_lost_completion_is_
     other.release()
 
 
-def test_writers_setting_is_validated_and_auto_follows_the_cluster():
-    base = {"name": "w", "input": {"uri": "/tmp/in"}, "model": {"checkpoint": "/tmp/c.pt"}}
-    for bad in (0, 257, "four", 1.5, True):
-        with pytest.raises(ManifestError, match="output.writers"):
-            parse_manifest({**base, "output": {"uri": "/tmp/out", "writers": bad}})
-    assert parse_manifest({**base, "output": {"uri": "/tmp/out"}}).output.writers == "auto"
-    assert parse_manifest({**base, "output": {"uri": "/tmp/out", "writers": 4}}).output.writers == 4
-    assert plan_writers(4, 0, True, 2) == (4, "output.writers")  # a number is taken as given
-    assert plan_writers("auto", 0, False, 2)[0] == 1
-    assert plan_writers("auto", 8, False, 2)[0] == 3
-    assert plan_writers("auto", 1000, False, 64)[0] == 16
-    k, why = plan_writers("auto", 32, True, 8)
-    assert k == 4 and "half the driver node's 8 cores" in why
-
-
 def _s3(s3_env):
     import boto3
 
@@ -375,3 +360,18 @@ def test_s3_under_sse_kms_a_completion_already_applied_is_recognised_by_its_shap
     s3.put_object(Bucket="lost-kms", Key="masks/part-c.parquet", Body=b"one small PUT!")  # same size, no parts
     with pytest.raises(OSError, match="is not of its shape"):
         W.publish(storage, mine)
+
+
+def test_writers_setting_is_validated_and_auto_follows_the_cluster():
+    base = {"name": "w", "input": {"uri": "/tmp/in"}, "model": {"checkpoint": "/tmp/c.pt"}}
+    for bad in (0, 257, "four", 1.5, True):
+        with pytest.raises(ManifestError, match="output.writers"):
+            parse_manifest({**base, "output": {"uri": "/tmp/out", "writers": bad}})
+    assert parse_manifest({**base, "output": {"uri": "/tmp/out"}}).output.writers == "auto"
+    assert parse_manifest({**base, "output": {"uri": "/tmp/out", "writers": 4}}).output.writers == 4
+    assert plan_writers(4, 0, True, 2) == (4, "output.writers")  # a number is taken as given
+    assert plan_writers("auto", 0, False, 2)[0] == 1
+    assert plan_writers("auto", 8, False, 2)[0] == 3
+    assert plan_writers("auto", 1000, False, 64)[0] == 16
+    k, why = plan_writers("auto", 32, True, 8)
+    assert k == 4 and "half the driver node's 8 cores" in why
