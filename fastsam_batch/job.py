@@ -18,6 +18,7 @@ from .preflight import check_device, check_listable, check_locations, check_ray_
 from .sizing import local_machine, plan_actors, plan_writers, usable_cpus
 from .offline import configure_ultralytics
 from .progress import Progress
+from .preflight import check_output_placement, check_uploads
 from .inputs import CONTAINERS, InputError, Skipped, open_input
 from .plan import PlanCount, PlanParts, chunked
 from .mask_rules import MaskRules
@@ -280,9 +281,12 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     # Preflight: every location, the checkpoint, the cluster address and the device, before Ray
     # starts and before anything is deleted. The quick checks first, in the order a user would fix
     # them, and the input's first image before the output is written to: nothing to read, nothing made.
+    check_output_placement(ray_address(m), m.output.uri)  # a local output through ray://: on the address's form
     check_locations(m, storage, probe_output=False)
     check_input_form(m, storage)
-    check_writable("output.uri", m.output.uri, storage.for_checks())
+    quick = storage.for_checks()
+    check_writable("output.uri", m.output.uri, quick)
+    check_uploads("output.uri", m.output.uri, quick)  # S3: the multipart uploads a run lists and aborts
 
     # One writer per output (see lease.py): an output another run holds is refused at once, by
     # reading its lease, before the checkpoint loads; the lease is taken only once every check has
@@ -489,10 +493,12 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
     storage = Storage(m.storage_options)
     summary = RunSummary(name=m.name, output_uri=m.output.uri, tool_version=__version__)
     quick = storage.for_checks()
+    check_output_placement(ray_address(m), m.output.uri)
     check_listable("input.uri", m.input.uri, quick)
     check_input_form(m, storage)
     if protocol_of(m.output.uri) != "file":  # a local output may not exist yet
         check_listable("output.uri", m.output.uri, quick)
+        check_uploads("output.uri", m.output.uri, quick)  # a listing and an abort of no upload: nothing written
     prompts, address = _identify(m, storage, summary)
     if address:
         sizing, _ = start_ray(m, env)

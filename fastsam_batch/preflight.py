@@ -110,6 +110,71 @@ def check_writable(field: str, uri: str, storage: Storage) -> None:
         raise _fail(field, uri, e) from None
 
 
+def _error_code(exc: BaseException) -> tuple[str, str]:
+    """The S3 error code and HTTP status behind ``exc`` (s3fs wraps botocore's ClientError in an
+    OSError), else ('', '')."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            return (str(response["Error"].get("Code", "")),
+                    str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")))
+        e = e.__cause__ or e.__context__
+    return "", ""
+
+
+def check_uploads(field: str, uri: str, storage: Storage) -> None:
+    """S3: what a run does with multipart uploads besides creating them (s3:PutObject) is allowed.
+    Each file is staged as a multipart upload left open until the driver completes it, so a run
+    lists the open uploads under the output (s3:ListBucketMultipartUploads: its start aborts those
+    a killed run left) and aborts some (s3:AbortMultipartUpload: at its start, and at its end when
+    a writer died). The listing is asked for (one upload); the abort is asked of an upload id that
+    does not exist, which changes nothing: refused (403) when not allowed, else NoSuchUpload. A
+    store that does not implement the listing (501 NotImplemented) is named as such."""
+    if protocol_of(uri) not in ("s3", "s3a"):
+        return
+    fs = storage.fs(uri)
+    bucket, key = _bucket_key(uri)
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    asks = (("ListMultipartUploads", "s3:ListBucketMultipartUploads on the bucket",
+             lambda: fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, MaxUploads=1)),
+            ("AbortMultipartUpload", "s3:AbortMultipartUpload on the output's keys",
+             lambda: fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=f"{prefix}_probe-{uuid.uuid4().hex[:12]}",
+                                UploadId=f"fastsam-batch-preflight-{uuid.uuid4().hex}")))
+    for call, permission, ask in asks:
+        try:
+            ask()
+        except Exception as e:  # noqa: BLE001 - the cause, in words
+            code, status = _error_code(e)
+            if code in ("AccessDenied", "AllAccessDisabled"):
+                raise _fail(field, uri, f"access denied to {call} ({status} {code}): the credentials need {permission} "
+                            "(a run stages each file as a multipart upload and aborts those left open; README, "
+                            "\"S3 permissions\")") from None
+            if call == "AbortMultipartUpload":
+                continue  # NoSuchUpload: allowed (or a store's own answer to an id it never gave: no refusal)
+            if code in ("NotImplemented", "501") or status == "501":
+                raise _fail(field, uri, f"the store does not implement {call} ({status} {code}), which a run needs: "
+                            "it stages each file as a multipart upload and lists and aborts those left open; use a "
+                            "store that implements S3 multipart uploads in full") from None
+            raise _fail(field, uri, e) from None
+
+
+def check_output_placement(address: str | None, output_uri: str) -> None:
+    """A local ``output.uri`` cannot be written through a Ray client connection (``ray://``): its
+    writer actors run on the driver's node, which for a client is a cluster node (the head), not
+    the machine the driver's process runs on, so their files would land on another machine's disk
+    and the driver could not make them visible. Checked on the address's form, before any work."""
+    if not address or not address.startswith("ray://") or protocol_of(output_uri) != "file":
+        return
+    raise PreflightError(
+        f"output.uri {output_uri!r}: a local output cannot be written through a Ray client connection "
+        f"(runtime.ray_address / RAY_ADDRESS {address!r}): the writer actors run on a cluster node, not on this "
+        "machine; use an object-store output (s3://...), or run the driver inside the cluster (RAY_ADDRESS=HEAD:6379 "
+        "on a node of it, or `ray job submit`)")
+
+
 def check_locations(m: Manifest, storage: Storage, probe_output: bool = True) -> None:
     """Every storage location of the run, in the order a user would fix them (``probe_output``: with
     the probe put under the output, the one check that writes)."""
@@ -123,6 +188,7 @@ def check_locations(m: Manifest, storage: Storage, probe_output: bool = True) ->
             check_readable(field, uri, quick)
     if probe_output:
         check_writable("output.uri", m.output.uri, quick)
+        check_uploads("output.uri", m.output.uri, quick)
 
 
 def check_ray_address(address: str | None) -> None:

@@ -99,7 +99,13 @@ def stage_bytes(storage: Storage, uri: str, data: bytes, run_id: str = "") -> di
 
 
 def multipart_etag(etags: list[str]) -> str:
-    """The ETag S3 gives the object a multipart upload of these parts completes to."""
+    """The ETag S3 gives the object a multipart upload of these parts completes to, where it follows
+    the long-standing convention (the MD5 of the parts' ETags as returned, binary, then ``-<parts>``):
+    AWS for plaintext and SSE-S3 objects, MinIO and Ceph unencrypted, moto. Not documented by AWS,
+    which calls a multipart object's ETag opaque ("not an MD5 digest, regardless of the method of
+    encryption"); under SSE-KMS and SSE-C it does not hold (MinIO's notes on S3 ETags: an encrypted
+    multipart object's ETag is not the MD5 of its part checksums, only its ``-<parts>`` suffix
+    stays). :func:`publish` uses it only where it holds."""
     digest = hashlib.md5(b"".join(bytes.fromhex(e.strip('"')) for e in etags)).hexdigest()  # noqa: S324 - S3's own
     return f'"{digest}-{len(etags)}"'
 
@@ -107,7 +113,18 @@ def multipart_etag(etags: list[str]) -> str:
 def publish(storage: Storage, staged: Staged) -> None:
     """Makes a staged file visible, atomically, moving no bytes: ``os.replace`` of its temporary
     file, or CompleteMultipartUpload. A completion whose answer was lost and that was retried finds
-    the upload gone (NoSuchUpload): the object is then checked to be this upload's (its ETag)."""
+    the upload gone (NoSuchUpload; so does an upload aborted meanwhile): the object there must then
+    be this upload's, else an OSError (the run stops; the next run resumes):
+
+    - plaintext / SSE-S3 (the object's HEAD names no KMS): its ETag is exactly
+      :func:`multipart_etag` of the staged parts' ETags;
+    - SSE-KMS (``aws:kms``, ``aws:kms:dsse``: e.g. a bucket's default encryption), whose multipart
+      ETag is opaque: its shape instead, from a HEAD of part 1 (``PartsCount``, which S3 returns
+      for a part number's HEAD of a multipart object) and of the object: as many parts as staged,
+      part 1 of PART_BYTES when there are more, a size that so many parts make. That tells this
+      upload's object from none, from a file of that name of another shape or from a plain PUT;
+      not from another upload of the same shape (the same name holds the same image ids: this
+      run's rows of them sent again, or a run that took the lease over). SSE-C is not used here."""
     if staged.tmp is not None:
         os.replace(staged.tmp, strip_protocol(staged.uri))
         return
@@ -117,10 +134,27 @@ def publish(storage: Storage, staged: Staged) -> None:
     try:
         with_retries(lambda: fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key,
                                         UploadId=staged.upload_id, MultipartUpload=parts))
-    except FileNotFoundError:
-        head = with_retries(lambda: fs.call_s3("head_object", Bucket=bucket, Key=key))[0]
-        if head.get("ETag") != multipart_etag(staged.etags):
-            raise
+    except FileNotFoundError:  # NoSuchUpload: completed by an earlier try whose answer was lost, or aborted
+        gone = f"{staged.uri}: its multipart upload is gone (NoSuchUpload) and"
+        try:
+            head = with_retries(lambda: fs.call_s3("head_object", Bucket=bucket, Key=key))[0]
+        except FileNotFoundError:
+            raise OSError(f"{gone} no object is there (the upload was aborted, not completed)") from None
+        expected = multipart_etag(staged.etags)
+        if head.get("ETag") != expected:
+            if not str(head.get("ServerSideEncryption", "")).startswith("aws:kms"):
+                raise OSError(f"{gone} the object there is another (ETag {head.get('ETag')}, not {expected})") from None
+            part = with_retries(lambda: fs.call_s3("head_object", Bucket=bucket, Key=key, PartNumber=1))[0]
+            n, size = len(staged.etags), head.get("ContentLength")
+            count, first = part.get("PartsCount"), part.get("ContentLength")
+            if n == 1:
+                shaped = count == 1 and size is not None and first == size <= PART_BYTES
+            else:
+                shaped = count == n and first == PART_BYTES and size is not None and \
+                    (n - 1) * PART_BYTES < size <= n * PART_BYTES
+            if not shaped:
+                raise OSError(f"{gone} the object there (SSE-KMS: its ETag is opaque) is not of its shape ({count} "
+                              f"parts, {size} bytes; staged: {n} parts of at most {PART_BYTES} bytes)") from None
     fs.invalidate_cache(strip_protocol(staged.uri))
 
 
