@@ -859,41 +859,105 @@ class Committed:
     def lookup(self, image_ids: list[str], versions: list[str]) -> list[Lookup]:
         """For each image (and the version of its object now): whether it has a row to keep, and
         which files hold rows of older versions of it that a current row replaces. Of several
-        current rows, the last (by file, then row) speaks for the image."""
+        current rows, the last (by file, then row) speaks for the image. (:meth:`lookup_keys` is the
+        same on arrays, without building an object per image.)"""
         if not self.rows:
             return [Lookup("new") for _ in image_ids]
-        start, end = self.ranges(image_ids)
-        at = np.minimum(start, self.rows - 1)  # each image's first row, read for all at once
-        first_v, first_ok = self.versions[at].tolist(), self.ok[at].tolist()
-        first_code, first_part = self.reason_of[at].tolist(), self.part_of[at].tolist()
-        cache: dict[str, int] = {}
+        hi, lo = id_keys(image_ids)
+        found = self.lookup_keys(hi, lo, version_keys(versions), with_parts=True)
         out = []
-        for j, (a, b, v) in enumerate(zip(start.tolist(), end.tolist(), versions)):
-            if a == b:
-                out.append(Lookup("new"))
+        for j, (s, ok, code) in enumerate(zip(found.state.tolist(), found.ok.tolist(), found.code.tolist())):
+            if s != FRESH:
+                out.append(Lookup(STATES[s]))
                 continue
-            want = cache.get(v)
-            if want is None:
-                want = cache[v] = version_key(v)
-            if b - a == 1:  # one row: the common case
-                if first_v[j] != want and first_v[j] != 0:
-                    out.append(Lookup("changed"))
-                    continue
-                code = first_code[j]
-                out.append(Lookup("fresh", first_ok[j], [], self.reasons[code] if code >= 0 else None,
-                                  [self.parts[first_part[j]]]))
-                continue
-            vs, ps = self.versions[a:b].tolist(), self.part_of[a:b].tolist()
+            out.append(Lookup("fresh", ok, found.superseded.get(j, []), self.reasons[code] if code >= 0 else None,
+                              found.parts.get(j) or [self.parts[found.part[j]]]))
+        return out
+
+    def lookup_keys(self, hi: np.ndarray, lo: np.ndarray, versions: np.ndarray,
+                    with_parts: bool = False) -> "Lookups":
+        """:meth:`lookup` on id keys and :func:`version_key` hashes, as arrays: one vectorised
+        range search and one read of each image's first row; only images with more than one row
+        (several versions, or rows in two files) are looked at one at a time."""
+        n = len(hi)
+        found = Lookups(np.zeros(n, np.int8), np.zeros(n, bool), np.full(n, -1, np.int16), np.zeros(n, np.int64))
+        if not self.rows or not n:
+            return found
+        start, end = key_ranges(self.hi, self.lo, np.asarray(hi, U64), np.asarray(lo, U64))
+        versions = np.asarray(versions, U64)
+        count = end - start
+        one = np.flatnonzero(count == 1)
+        if len(one):
+            first = _take(self.records, start[one])  # the one row of each, read for all at once
+            current = (first["versions"] == versions[one]) | (first["versions"] == 0)
+            found.state[one] = np.where(current, FRESH, CHANGED)
+            fresh = one[current]
+            found.ok[fresh] = first["ok"][current]
+            found.code[fresh] = first["reason_of"][current]
+            found.part[fresh] = first["part_of"][current]
+        for j in np.flatnonzero(count > 1).tolist():  # several rows: few (changed objects, a run cut short)
+            a, b = int(start[j]), int(end[j])
+            rec = _read(self.records, a, b)
+            vs, ps = rec["versions"].tolist(), rec["part_of"].tolist()
+            want = int(versions[j])
             fresh = [i for i, x in enumerate(vs) if x in (want, 0)]
             if not fresh:
-                out.append(Lookup("changed"))
+                found.state[j] = CHANGED
                 continue
-            last = a + max(fresh, key=lambda i: (ps[i], i))
+            last = max(fresh, key=lambda i: (ps[i], i))
+            found.state[j] = FRESH
+            found.ok[j] = bool(rec["ok"][last])
+            found.code[j] = int(rec["reason_of"][last])
+            found.part[j] = ps[last]
             old = sorted({self.parts[p] for x, p in zip(vs, ps) if x not in (want, 0)})
-            code = int(self.reason_of[last])
-            out.append(Lookup("fresh", bool(self.ok[last]), old, self.reasons[code] if code >= 0 else None,
-                              sorted({self.parts[p] for p in ps})))
-        return out
+            if old:
+                found.superseded[j] = old
+            if with_parts:
+                found.parts[j] = sorted({self.parts[p] for p in ps})
+        return found
+
+
+NEW, FRESH, CHANGED = 0, 1, 2
+STATES = ("new", "fresh", "changed")
+
+
+@dataclass
+class Lookups:
+    """:meth:`Committed.lookup_keys`' answer, an entry per image: ``state`` (:data:`NEW`: no row;
+    :data:`FRESH`: a row of the object as it is now; :data:`CHANGED`: rows of older versions only),
+    and for fresh ones the row that speaks for the image: ``ok``, ``code`` (index in
+    ``Committed.reasons``; -1: ok), ``part`` (its file's index in ``Committed.parts``). Only for
+    images with several rows: ``superseded`` (entry -> files holding rows of older versions) and,
+    when asked for, ``parts`` (entry -> every file holding a row of it)."""
+
+    state: np.ndarray
+    ok: np.ndarray
+    code: np.ndarray
+    part: np.ndarray
+    superseded: dict[int, list[str]] = field(default_factory=dict)
+    parts: dict[int, list[str]] = field(default_factory=dict)
+
+
+def version_keys(versions: Sequence[str]) -> np.ndarray:
+    """:func:`version_key` of each, computed once per distinct version."""
+    cache: dict[str, int] = {}
+    out = np.empty(len(versions), U64)
+    for j, v in enumerate(versions):
+        k = cache.get(v)
+        if k is None:
+            k = cache[v] = version_key(v)
+        out[j] = k
+    return out
+
+
+def _take(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The records at ``rows`` (a mapped file: read in the order of the rows, then put back)."""
+    if not isinstance(records, np.memmap) or len(rows) < 2:
+        return records[rows]
+    order = np.argsort(rows, kind="stable")
+    out = np.empty(len(rows), records.dtype)
+    out[order] = records[rows[order]]
+    return out
 
 
 def _name(part: str) -> str:

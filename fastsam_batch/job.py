@@ -25,7 +25,7 @@ from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_t
 from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
 from .repair import drop_left_over_rows, remove_files, repair_at_end, repair_at_start
-from .index import Committed, stale_unit_rows
+from .index import CHANGED, FRESH, Committed, stale_unit_rows, version_keys
 from .resume import (read_committed, read_units_records, run_fingerprint, source_version,
                      write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
@@ -79,15 +79,23 @@ class PromptAttacher:
     def attach(self, items: list[dict], summary: RunSummary) -> None:
         if not self.p.prompted:
             return
+        for it, text in zip(items, self.texts([it[self.key] for it in items], summary)):
+            it["prompts"] = text
+
+    def texts(self, keys: list[str], summary: RunSummary) -> list[str]:
+        """The prompts of the images of these keys (``image_id``, or ``uri`` where the table is
+        keyed by URI), as JSON strings ("" none); only when prompted."""
         by_key = self.index.by_key if self.index else {}
-        for it in items:
-            own = by_key.get(it[self.key], [])
+        out = []
+        for key in keys:
+            own = by_key.get(key, [])
             if own:
-                self.seen.add(it[self.key])
+                self.seen.add(key)
             prompts = self.common + own
-            it["prompts"] = json.dumps(prompts, separators=(",", ":")) if prompts else ""
+            out.append(json.dumps(prompts, separators=(",", ":")) if prompts else "")
             summary.images_without_prompts += not prompts
             summary.prompts_planned += len(prompts)
+        return out
 
     def finish(self, summary: RunSummary) -> None:
         if self.index is None:
@@ -141,7 +149,11 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     retried_rows: dict[str, set[bytes]] = {}
     form = open_input(m.input, storage)
     try:
-        for chunk in chunked(form.units(skipped), LIST_CHUNK):
+        if form.batches is not None:  # object units as columns (lists, inventories, files)
+            for batch in form.batches(skipped):
+                plan.add_table(_plan_objects(batch, committed, summary, prompts, retry, superseded, changed,
+                                             retried))
+        for chunk in (chunked(form.units(skipped), LIST_CHUNK) if form.batches is None else ()):
             prompts.attach(chunk, summary)
             for it in chunk:
                 it["source_version"] = source_version(it)
@@ -183,6 +195,55 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     stale = stale_unit_rows(committed, complete_now) if complete_now else {}
     summary.images_retried_errors += sum(len(k) for k in retried_rows.values())
     return Planned(plan, superseded, changed, retried, form.carried, units, stale, retried_rows)
+
+
+def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: PromptAttacher,
+                  retry: frozenset[str] | None, superseded: dict[str, dict[str, str]], changed: dict[str, str],
+                  retried: set[str]):
+    """:func:`plan_job`'s loop over object units, on a :class:`.inputs.UnitBatch`: the same
+    decisions, as arrays (one range search in the committed index for the batch; Python only per
+    image that is changed, retried, or has rows of older versions to drop). Returns the units to do,
+    in order, as a table of the plan's fields."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = batch.table
+    n = t.num_rows
+    summary.images_planned += n
+    versions = pc.binary_join_element_wise(t.column("etag"), pc.cast(t.column("size"), pa.string()), "/")
+    t = t.append_column("source_version", versions)
+    if prompts.p.prompted:
+        t = t.append_column("prompts", pa.array(prompts.texts(t.column(prompts.key).to_pylist(), summary),
+                                                pa.string()))
+    if not committed.rows or not n:
+        return t
+    hi, lo = batch.keys()
+    d = versions.combine_chunks().dictionary_encode()  # a version hashed once (lists: one for all)
+    vkeys = version_keys(d.dictionary.to_pylist())[d.indices.to_numpy(zero_copy_only=False)]
+    found = committed.lookup_keys(hi, lo, vkeys)
+    fresh = found.state == FRESH
+    redo = np.zeros(n, bool)
+    if retry is not None:
+        again = np.array([ALL_ERRORS in retry or r in retry for r in committed.reasons] + [False], bool)
+        redo = fresh & ~found.ok & again[found.code]  # code -1 (ok): the last entry, False
+    done = fresh & ~redo
+    summary.images_skipped_done += int(np.count_nonzero(done))
+    ok = int(np.count_nonzero(done & found.ok))
+    summary.images_ok += ok
+    summary.images_error += int(np.count_nonzero(done)) - ok
+    ids = t.column("image_id")
+    if found.superseded:
+        for j, parts in found.superseded.items():
+            if done[j]:
+                for part in parts:
+                    superseded.setdefault(part, {})[ids[j].as_py()] = versions[j].as_py()
+    for j in np.flatnonzero(redo).tolist():
+        retried.add(ids[j].as_py())  # its old rows go once the new one is committed
+    moved = np.flatnonzero(found.state == CHANGED)
+    if len(moved):
+        idx = pa.array(moved)
+        changed.update(zip(ids.take(idx).to_pylist(), versions.take(idx).to_pylist()))
+    return t if not done.any() else t.filter(pa.array(~done))
 
 
 def _plan_container(it: dict, committed: Committed, complete: dict[str, dict[tuple[str, str], int]], summary: RunSummary,

@@ -18,7 +18,7 @@ from urllib.parse import unquote_plus
 
 from ..decode import looks_like_image
 from ..storage import Storage, strip_protocol
-from . import InputError, InputForm, Skipped, unit
+from . import InputError, InputForm, Skipped, batches_of_units, unit
 
 # CSV field names (manifest fileSchema) -> the Parquet column names of the same fields.
 _PARQUET_NAMES = {"Bucket": "bucket", "Key": "key", "Size": "size", "ETag": "e_tag", "IsLatest": "is_latest",
@@ -110,4 +110,5 @@ def iter_inventory(cfg, storage: Storage, skipped: Skipped) -> Iterator[dict]:
 
 
 def open_form(cfg, storage: Storage) -> InputForm:
-    return InputForm("s3_inventory", lambda skipped: iter_inventory(cfg, storage, skipped))
+    return InputForm("s3_inventory", lambda skipped: iter_inventory(cfg, storage, skipped),
+                     batches=lambda skipped: batches_of_units(iter_inventory(cfg, storage, skipped)))
