@@ -98,12 +98,12 @@ def unit_batch(image_ids, uris, sizes=None, etags=None, extras=None, hi=None, lo
         return values if isinstance(values, pa.Array) and values.type == typ else pa.array(values, typ)
 
     n = len(image_ids)
-    empty = pa.array([""] * n, pa.string())
+    empty = pa.repeat(pa.scalar("", pa.string()), n)
     return UnitBatch(pa.table({
         "image_id": col(image_ids, pa.string()), "uri": col(uris, pa.string()),
         "size": col(sizes if sizes is not None else np.zeros(n, np.int64), pa.int64()),
         "etag": col(etags, pa.string()) if etags is not None else empty,
-        "kind": pa.array([OBJECT] * n, pa.string()),
+        "kind": pa.repeat(pa.scalar(OBJECT, pa.string()), n),
         "extra": col(extras, pa.string()) if extras is not None else empty}), hi, lo)
 
 

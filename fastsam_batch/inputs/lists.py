@@ -290,10 +290,12 @@ def _arrow_columns(batch, ctx: _ListFile):
     if relative.any():
         resolved = [ctx.resolve(uris[j].as_py()) for j in np.flatnonzero(relative).tolist()]
         uris = pc.replace_with_mask(uris, pa.array(relative), pa.array(resolved, pa.string()))
-    ids = pc.replace_substring_regex(uris, "^(?s:.*?)://", "", max_replacements=1)  # uri.split("://", 1)[-1]
-    if id_col is not None:
-        given = _as_string(id_col)
-        ids = pc.if_else(pc.fill_null(pc.not_equal(given, ""), False), given, ids)
+    ids = given = _as_string(id_col) if id_col is not None else None
+    present = pc.fill_null(pc.not_equal(given, ""), False) if given is not None else None
+    if given is None or not pc.all(present).as_py():  # an id from the URI: uri.split("://", 1)[-1]
+        ids = pc.replace_substring_regex(uris, "^(?s:.*?)://", "", max_replacements=1)
+        if given is not None:
+            ids = pc.if_else(present, given, ids)
     if empty.any():
         for j in np.flatnonzero(empty).tolist():
             ctx.empty(j)
