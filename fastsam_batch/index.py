@@ -101,12 +101,13 @@ def sort_keys(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return order
 
 
-def key_ranges(hi: np.ndarray, lo: np.ndarray, qh: np.ndarray, ql: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def key_ranges(hi: np.ndarray, lo: np.ndarray, qh: np.ndarray, ql: np.ndarray,
+               queries_sorted: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """[start, end) of the rows of each query key in arrays ordered as :func:`sort_keys` orders them
     (empty where absent): one vectorised ``searchsorted``, exact on all 128 bits. Many queries are
     searched in sorted order (neighbouring searches touch the same pages: on a mapped file of 10^6
-    rows, 7x faster than in their own order)."""
-    if len(qh) > 64 and len(hi) > 1 << 16:
+    rows, 7x faster than in their own order; ``queries_sorted``: they are already)."""
+    if not queries_sorted and len(qh) > 64 and len(hi) > 1 << 16:
         order = np.argsort(qh, kind="stable")
         a, b = np.empty(len(qh), np.int64), np.empty(len(qh), np.int64)
         a[order] = np.searchsorted(hi, qh[order], "left")
@@ -155,7 +156,8 @@ class _Run:
         return len(self.hi)
 
     def contains(self, qh: np.ndarray, ql: np.ndarray) -> np.ndarray:
-        a, b = key_ranges(self.hi, self.lo, qh, ql)
+        """For each query (sorted by hi), whether the run holds it."""
+        a, b = key_ranges(self.hi, self.lo, qh, ql, queries_sorted=True)
         return b > a
 
 
@@ -243,22 +245,32 @@ class KeyRuns:
         if not len(hi):
             return found
         order = np.argsort(hi, kind="stable")  # sorted queries: searchsorted narrows as it goes
-        qh, ql = hi[order], lo[order]
+        found[order] = self._contains_sorted(hi[order], lo[order])
+        return found
+
+    def _contains_sorted(self, qh: np.ndarray, ql: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(qh), bool)
         for run in self.disk + self.mem:
-            found[order] |= run.contains(qh, ql)
+            found |= run.contains(qh, ql)
         return found
 
     def add(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         """Adds a batch of keys; returns the mask of those new (not held before, and the first of
-        their repeats within the batch)."""
+        their repeats within the batch). The batch is sorted once (:func:`sort_keys`): repeats
+        within it, the search of the runs and the new run all use that order."""
         hi, lo = np.asarray(hi, U64), np.asarray(lo, U64)
-        new = first_occurrences(hi, lo)
-        new &= ~self.contains(hi, lo)
-        if new.any():
-            h, l = hi[new], lo[new]
-            order = np.argsort(h, kind="stable")  # distinct keys: rows of a key are trivially contiguous
-            self.mem.append(_Run(h[order], l[order]))
-            self.count += len(h)
+        new = np.zeros(len(hi), bool)
+        if not len(hi):
+            return new
+        order = sort_keys(hi, lo)
+        h, l = hi[order], lo[order]
+        head = np.ones(len(h), bool)  # the first of each key in the sorted batch: its earliest (stable)
+        head[1:] = (h[1:] != h[:-1]) | (l[1:] != l[:-1])
+        head &= ~self._contains_sorted(h, l)
+        new[order] = head
+        if head.any():
+            self.mem.append(_Run(h[head], l[head]))  # sorted, distinct
+            self.count += int(np.count_nonzero(head))
             self._settle()
         return new
 
@@ -878,8 +890,9 @@ class Committed:
             if s != FRESH:
                 out.append(Lookup(STATES[s]))
                 continue
-            out.append(Lookup("fresh", ok, found.superseded.get(j, []), self.reasons[code] if code >= 0 else None,
-                              found.parts.get(j) or [self.parts[found.part[j]]]))
+            out.append(Lookup("fresh", ok, [self.parts[p] for p in found.superseded.get(j, [])],
+                              self.reasons[code] if code >= 0 else None,
+                              [self.parts[p] for p in found.parts.get(j, [found.part[j]])]))
         return out
 
     def lookup_keys(self, hi: np.ndarray, lo: np.ndarray, versions: np.ndarray,
@@ -917,11 +930,11 @@ class Committed:
             found.ok[j] = bool(rec["ok"][last])
             found.code[j] = int(rec["reason_of"][last])
             found.part[j] = ps[last]
-            old = sorted({self.parts[p] for x, p in zip(vs, ps) if x not in (want, 0)})
+            old = sorted({p for x, p in zip(vs, ps) if x not in (want, 0)})  # parts are sorted by name
             if old:
                 found.superseded[j] = old
             if with_parts:
-                found.parts[j] = sorted({self.parts[p] for p in ps})
+                found.parts[j] = sorted(set(ps))
         return found
 
 
@@ -935,15 +948,24 @@ class Lookups:
     :data:`FRESH`: a row of the object as it is now; :data:`CHANGED`: rows of older versions only),
     and for fresh ones the row that speaks for the image: ``ok``, ``code`` (index in
     ``Committed.reasons``; -1: ok), ``part`` (its file's index in ``Committed.parts``). Only for
-    images with several rows: ``superseded`` (entry -> files holding rows of older versions) and,
-    when asked for, ``parts`` (entry -> every file holding a row of it)."""
+    images with several rows: ``superseded`` (entry -> indices in ``Committed.parts``, sorted, of
+    the files holding rows of older versions) and, when asked for, ``parts`` (entry -> those of
+    every file holding a row of it). Files as indices: a process of planning's pool that looks up
+    a mapped index (:mod:`.parallel`) has no names."""
 
     state: np.ndarray
     ok: np.ndarray
     code: np.ndarray
     part: np.ndarray
-    superseded: dict[int, list[str]] = field(default_factory=dict)
-    parts: dict[int, list[str]] = field(default_factory=dict)
+    superseded: dict[int, list[int]] = field(default_factory=dict)
+    parts: dict[int, list[int]] = field(default_factory=dict)
+
+    def take(self, keep: np.ndarray) -> "Lookups":
+        """The entries where ``keep`` (a mask) is True, in order."""
+        at = np.cumsum(keep) - 1
+        return Lookups(self.state[keep], self.ok[keep], self.code[keep], self.part[keep],
+                       {int(at[j]): v for j, v in self.superseded.items() if keep[j]},
+                       {int(at[j]): v for j, v in self.parts.items() if keep[j]})
 
 
 def version_keys(versions: Sequence[str]) -> np.ndarray:

@@ -25,7 +25,8 @@ from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_t
 from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
 from .repair import drop_left_over_rows, remove_files, repair_at_end, repair_at_start
-from .index import CHANGED, FRESH, Committed, stale_unit_rows, version_keys
+from .index import CHANGED, FRESH, Committed, stale_unit_rows
+from .parallel import PlanPool, look_up, plan_processes, source_versions, version_keys_of
 from .resume import (read_committed, read_units_records, run_fingerprint, source_version,
                      write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
@@ -150,9 +151,7 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     form = open_input(m.input, storage)
     try:
         if form.batches is not None:  # object units as columns (lists, inventories, files)
-            for batch in form.batches(skipped):
-                plan.add_table(_plan_objects(batch, committed, summary, prompts, retry, superseded, changed,
-                                             retried))
+            _plan_batches(form, skipped, plan, committed, summary, prompts, retry, superseded, changed, retried)
         for chunk in (chunked(form.units(skipped), LIST_CHUNK) if form.batches is None else ()):
             prompts.attach(chunk, summary)
             for it in chunk:
@@ -197,30 +196,54 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     return Planned(plan, superseded, changed, retried, form.carried, units, stale, retried_rows)
 
 
+def _plan_batches(form, skipped: Skipped, plan, committed: Committed, summary: RunSummary, prompts: PromptAttacher,
+                  retry: frozenset[str] | None, superseded: dict[str, dict[str, str]], changed: dict[str, str],
+                  retried: set[str]) -> None:
+    """The form's batches planned in order; the ids hashed, and looked up in an index on disk, by a
+    :class:`.parallel.PlanPool` of processes (the first batches, and a small plan, on the driver)."""
+    pool = PlanPool(plan_processes())
+    index = (committed.records.filename, committed.rows) if committed.rows and committed.on_disk else None
+
+    def task(batch):
+        if batch.hi is not None and index is None:
+            return None  # hashed by the form; an index in memory is looked up here
+        t = batch.table
+        return look_up, (t.column("image_id") if batch.hi is None else None, batch.hi, batch.lo, t.column("etag"),
+                         t.column("size"), index)
+
+    try:
+        for batch, done in pool.ordered(form.batches(skipped, pool), task):
+            found = None
+            if done is not None:
+                batch.hi, batch.lo, found = done
+            plan.add_table(_plan_objects(batch, committed, summary, prompts, retry, superseded, changed, retried,
+                                         found))
+    finally:
+        pool.close()
+
+
 def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: PromptAttacher,
                   retry: frozenset[str] | None, superseded: dict[str, dict[str, str]], changed: dict[str, str],
-                  retried: set[str]):
+                  retried: set[str], found=None):
     """:func:`plan_job`'s loop over object units, on a :class:`.inputs.UnitBatch`: the same
     decisions, as arrays (one range search in the committed index for the batch; Python only per
     image that is changed, retried, or has rows of older versions to drop). Returns the units to do,
     in order, as a table of the plan's fields."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     t = batch.table
     n = t.num_rows
     summary.images_planned += n
-    versions = pc.binary_join_element_wise(t.column("etag"), pc.cast(t.column("size"), pa.string()), "/")
+    versions = source_versions(t.column("etag"), t.column("size"))
     t = t.append_column("source_version", versions)
     if prompts.p.prompted:
         t = t.append_column("prompts", pa.array(prompts.texts(t.column(prompts.key).to_pylist(), summary),
                                                 pa.string()))
     if not committed.rows or not n:
         return t
-    hi, lo = batch.keys()
-    d = versions.combine_chunks().dictionary_encode()  # a version hashed once (lists: one for all)
-    vkeys = version_keys(d.dictionary.to_pylist())[d.indices.to_numpy(zero_copy_only=False)]
-    found = committed.lookup_keys(hi, lo, vkeys)
+    if found is None:
+        hi, lo = batch.keys()
+        found = committed.lookup_keys(hi, lo, version_keys_of(versions))  # a version hashed once (lists: one)
     fresh = found.state == FRESH
     redo = np.zeros(n, bool)
     if retry is not None:
@@ -236,7 +259,7 @@ def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: Pro
         for j, parts in found.superseded.items():
             if done[j]:
                 for part in parts:
-                    superseded.setdefault(part, {})[ids[j].as_py()] = versions[j].as_py()
+                    superseded.setdefault(committed.parts[part], {})[ids[j].as_py()] = versions[j].as_py()
     for j in np.flatnonzero(redo).tolist():
         retried.add(ids[j].as_py())  # its old rows go once the new one is committed
     moved = np.flatnonzero(found.state == CHANGED)

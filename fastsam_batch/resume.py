@@ -205,7 +205,34 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     at its start; later steps keep it current with :func:`refresh_committed` and
     :func:`apply_rewrites`, which read only the files added since."""
     listed = list_parts_stamped(output_uri, storage)
-    return Committed.from_files(iter_files(output_uri, storage, list(listed), stamps=listed))
+    return Committed.from_files(iter_files_spread(output_uri, storage, list(listed), stamps=listed))
+
+
+SPREAD_FILES = 64  # committed files read by a task of planning's process pool (threads inside it)
+
+
+def iter_files_spread(output_uri: str, storage: Storage, paths: list[str], stamps: dict[str, str] | None = None,
+                      processes: int | None = None, group: int = SPREAD_FILES, after: int | None = None
+                      ) -> Iterator[FileRows]:
+    """:func:`iter_files`, the files read (and their ids hashed) by a :class:`.parallel.PlanPool`
+    of ``processes`` (default :func:`.parallel.plan_processes`), ``group`` files a task, in their
+    order: the per-row work of reading the committed rows spread over the machine's cores. The
+    first ``after`` groups (default :data:`.parallel.POOL_AFTER`) are read here, so an output of
+    few files starts no process. A group whose read fails in a process is read again here, which
+    raises its error as :func:`iter_files` does (an exception's cause does not cross processes)."""
+    from .parallel import PlanPool, plan_processes, read_files
+
+    stamps = stamps or {}
+    groups = [paths[a:a + group] for a in range(0, len(paths), group)]
+    pool = PlanPool(processes if processes is not None else plan_processes(), after)
+    try:
+        for g, rows in pool.ordered(groups, lambda g: (read_files, (output_uri, storage, g,
+                                                                     {p: stamps[p] for p in g if p in stamps}))):
+            if rows is None:
+                rows = iter_files(output_uri, storage, g, stamps=stamps)
+            yield from rows
+    finally:
+        pool.close()
 
 
 def refresh_committed(committed: Committed, output_uri: str, storage: Storage,

@@ -141,7 +141,8 @@ class InputForm:
     carried: list[str] = field(default_factory=list)  # filled in as the units are listed
     duplicates: int = 0  # units whose image_id came before (lists): skipped, counted
     duplicate_examples: list[str] = field(default_factory=list)
-    batches: Callable[[Skipped], Iterator[UnitBatch]] | None = None
+    # (skipped, a parallel.PlanPool or None) -> the units as batches; None: this form gives dicts only
+    batches: Callable[..., Iterator[UnitBatch]] | None = None
 
 
 def as_text(value) -> str | None:

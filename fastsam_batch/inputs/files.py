@@ -278,5 +278,5 @@ def iter_files(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[str
 def open_form(cfg, storage: Storage) -> InputForm:
     keep = looks_like_image if cfg.skip_non_images else None
     return InputForm("files", lambda skipped: iter_files(cfg.uri, storage, skipped, keep, cfg.list_workers),
-                     batches=lambda skipped: batches_of_units(iter_files(cfg.uri, storage, skipped, keep,
+                     batches=lambda skipped, pool=None: batches_of_units(iter_files(cfg.uri, storage, skipped, keep,
                                                                          cfg.list_workers)))

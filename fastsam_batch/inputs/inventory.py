@@ -111,4 +111,4 @@ def iter_inventory(cfg, storage: Storage, skipped: Skipped) -> Iterator[dict]:
 
 def open_form(cfg, storage: Storage) -> InputForm:
     return InputForm("s3_inventory", lambda skipped: iter_inventory(cfg, storage, skipped),
-                     batches=lambda skipped: batches_of_units(iter_inventory(cfg, storage, skipped)))
+                     batches=lambda skipped, pool=None: batches_of_units(iter_inventory(cfg, storage, skipped)))

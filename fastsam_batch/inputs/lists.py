@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..index import KeyRuns, id_keys
+from ..parallel import PlanPool, hash_ids
 from ..storage import Storage, protocol_of, strip_protocol, to_uri
 from . import (InputError, InputForm, Skipped, UnitBatch, as_text, check_carried, encode_extra, unit_batch,
                units_of_batches)
@@ -140,25 +141,23 @@ def iter_list(cfg, storage: Storage, form: InputForm, skipped: Skipped) -> Itera
     return units_of_batches(iter_list_batches(cfg, storage, form, skipped))
 
 
-def iter_list_batches(cfg, storage: Storage, form: InputForm, skipped: Skipped,
+def iter_list_batches(cfg, storage: Storage, form: InputForm, skipped: Skipped, pool: PlanPool | None = None,
                       batch_rows: int = LIST_BATCH) -> Iterator[UnitBatch]:
-    """The list's units, in order, as :class:`.UnitBatch` es (ids hashed once, here); repeated ids
-    skipped and counted (checked up to ``batch_rows`` rows at a time: a unit is given once its
-    batch is checked)."""
+    """The list's units, in order, as :class:`.UnitBatch` es (ids hashed once, here: by ``pool``'s
+    processes when given); repeated ids skipped and counted (checked up to ``batch_rows`` rows at a
+    time: a unit is given once its batch is checked)."""
     seen = SeenIds()
+    pool = pool or PlanPool(1)
+    columns = (c for c in _list_columns(cfg, storage, form, skipped, batch_rows) if len(c[0]))
     try:
-        for ids, uris, extras in _list_columns(cfg, storage, form, skipped, batch_rows):
-            if not len(ids):
-                continue
-            id_list = ids if isinstance(ids, list) else ids.to_pylist()
-            hi, lo = id_keys(id_list)
+        for (ids, uris, extras), (hi, lo) in pool.ordered(columns, lambda c: (hash_ids, (c[0],))):
             new = seen.add_keys(hi, lo)
             batch = unit_batch(ids, uris, extras=extras, hi=hi, lo=lo)
             if not new.all():
                 again = np.flatnonzero(~new)
                 form.duplicates += len(again)
                 for j in again[:max(0, 5 - len(form.duplicate_examples))].tolist():
-                    form.duplicate_examples.append(id_list[j])
+                    form.duplicate_examples.append(ids[j] if isinstance(ids, list) else ids[j].as_py())
                 batch = UnitBatch(batch.table.filter(_mask(new)), hi[new], lo[new])
             yield batch
     finally:
@@ -311,5 +310,5 @@ def _arrow_columns(batch, ctx: _ListFile):
 
 def open_form(cfg, storage: Storage) -> InputForm:
     form = InputForm("list", lambda skipped: iter_list(cfg, storage, form, skipped),
-                     batches=lambda skipped: iter_list_batches(cfg, storage, form, skipped))
+                     batches=lambda skipped, pool=None: iter_list_batches(cfg, storage, form, skipped, pool))
     return form
