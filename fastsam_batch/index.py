@@ -960,13 +960,6 @@ class Lookups:
     superseded: dict[int, list[int]] = field(default_factory=dict)
     parts: dict[int, list[int]] = field(default_factory=dict)
 
-    def take(self, keep: np.ndarray) -> "Lookups":
-        """The entries where ``keep`` (a mask) is True, in order."""
-        at = np.cumsum(keep) - 1
-        return Lookups(self.state[keep], self.ok[keep], self.code[keep], self.part[keep],
-                       {int(at[j]): v for j, v in self.superseded.items() if keep[j]},
-                       {int(at[j]): v for j, v in self.parts.items() if keep[j]})
-
 
 def version_keys(versions: Sequence[str]) -> np.ndarray:
     """:func:`version_key` of each, computed once per distinct version."""

@@ -1,0 +1,287 @@
+"""Planning on Arrow batches, and over a process pool (issue 23: a billion images), against ground
+truth: a Parquet list read column-wise gives the units the row-at-a-time reader gives for the same
+rows as JSONL; a plan decides for each listed image what plain Python over the committed rows
+says (new, done, changed, retried, superseded), in the listing's order, with and without the
+process pool and with the committed index in memory and on disk; committed files read by the pool
+give the index the threads give, and a bad file the same error. No Ray, local files only."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fastsam_batch import parallel
+from fastsam_batch.index import Committed, version_key
+from fastsam_batch.inputs import Skipped, open_input
+from fastsam_batch.inputs.lists import iter_list_batches
+from fastsam_batch.job import ALL_ERRORS, PromptAttacher, plan_job
+from fastsam_batch.manifest import InputConfig, parse_manifest
+from fastsam_batch.plan import PlanParts, read_plan_part
+from fastsam_batch.resume import (CommittedFileError, iter_files, iter_files_spread, list_parts_stamped,
+                                  source_version)
+from fastsam_batch.storage import Storage
+from fastsam_batch.summary import RunSummary
+
+# URIs and ids the fast path must treat as the row path does: empty and whitespace-only (Python's
+# str.strip has more whitespace than ASCII: \x1c, \u3000, \xa0), relative, schemes, newlines.
+URIS = ["a.jpg", "/abs/b.png", "s3://bk/c.jpg", "", " ", "\x1c", "\u3000", "\xa0", None, " x.jpg", "../up.jpg",
+        "./d/./e.jpg", "file:///f.jpg", "x://y://z", "dir/a.jpg", "nl\n://q", "é.jpg"]
+IDS = [None, "", "id1", " ", "é", "0", "a.jpg"]
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        uri = rng.choice(URIS)
+        if uri is not None and rng.random() < 0.7:
+            uri += str(rng.randint(0, n // 2))  # repeats across batches too
+        image_id = rng.choice(IDS)
+        if image_id is not None and rng.random() < 0.5:
+            image_id += str(rng.randint(0, n // 2))
+        out.append({"uri": uri, "image_id": image_id, "cap": rng.choice(["x", None, "y \"q\""]),
+                    "n": rng.randint(0, 3)})
+    return out
+
+
+def _units(uri: str, batch_rows: int, carry=None, pool=None):
+    cfg = InputConfig(uri=uri, format="list", carry=carry)
+    form = open_input(cfg, Storage())
+    skipped = Skipped(limit=None)
+    units = [u for b in iter_list_batches(cfg, Storage(), form, skipped, pool, batch_rows=batch_rows)
+             for u in b.table.to_pylist()]
+    return units, skipped.count, skipped.examples, form.duplicates, form.duplicate_examples, form.carried
+
+
+@pytest.mark.parametrize("columns", ["text", "dictionary-and-large", "integer-ids", "float-ids"])
+@pytest.mark.parametrize("carry", [None, ["n"]])
+def test_a_parquet_list_read_column_wise_gives_the_units_of_the_row_reader(tmp_path, columns, carry):
+    """The same rows as Parquet (Arrow columns; Python only for the rows that need it) and as JSONL
+    (read a row at a time, as every list was before): the same units in the same order, the same
+    rows skipped (with their row numbers), the same repeats. Batches of 97 rows: repeats across
+    batches and row numbers past the first batch are checked; the Parquet file has row groups of
+    250 (batches do not line up with them)."""
+    rows = _rows(1200, seed=len(columns) + len(carry or []))
+    if columns == "integer-ids":
+        for j, r in enumerate(rows):
+            r["image_id"] = None if j % 7 == 0 else (j % 400) - 3
+    if columns == "float-ids":  # not taken by the fast path: the batch goes row by row
+        for j, r in enumerate(rows):
+            r["image_id"] = None if j % 7 == 0 else float(j % 400) / 4
+    table = pa.Table.from_pylist(rows)
+    if columns == "dictionary-and-large":
+        table = table.set_column(0, "uri", table.column("uri").dictionary_encode())
+        table = table.set_column(1, "image_id", table.column("image_id").cast(pa.large_string()))
+    pq.write_table(table, tmp_path / "list.parquet", row_group_size=250)
+    with open(tmp_path / "list.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    fast = _units(str(tmp_path / "list.parquet"), 97, carry)
+    slow = _units(str(tmp_path / "list.jsonl"), 97, carry)
+    assert fast[0] == slow[0] and len(fast[0]) > 100
+    assert fast[1:] == (slow[1], [e.replace("list.jsonl", "list.parquet") for e in slow[2]], *slow[3:])
+    assert fast[1] > 50 and fast[3] > 50  # empty URIs skipped, repeated ids counted: both happened
+
+
+def test_list_ids_hashed_by_the_pool_give_the_same_units(tmp_path, monkeypatch):
+    """Hashing the listed ids in the pool's processes (every batch: none on the driver first)
+    changes nothing: same units, same repeats found."""
+    monkeypatch.setattr(parallel, "POOL_AFTER", 0)
+    rows = _rows(900, seed=3)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "list.parquet")
+    pool = parallel.PlanPool(2)
+    try:
+        pooled = _units(str(tmp_path / "list.parquet"), 64, None, pool)
+        assert pool._pool is not None  # the processes did the hashing
+    finally:
+        pool.close()
+    assert pooled == _units(str(tmp_path / "list.parquet"), 64)
+
+
+def _images(root, n: int) -> None:
+    (root / "sub").mkdir(parents=True)
+    for i in range(n):
+        (root / ("sub" if i % 3 else "") / f"{i}.jpg").write_bytes(b"x" * (i % 7))
+
+
+def _committed_rows(units: list[dict], seed: int) -> list[tuple]:
+    """Committed rows for these units, of every kind the plan must tell apart: current ok and error
+    rows, rows of an older version only, an older and a current row in two files, a row written
+    before versions were recorded, two current rows (one per file), none."""
+    rng = random.Random(seed)
+    rows = []
+    for u in units:
+        v, i, r = source_version(u), u["image_id"], rng.random()
+        part = rng.choice(["out/p1", "out/p2", "out/p3"])
+        if r < 0.25:
+            continue
+        if r < 0.4:
+            rows.append((i, "old/1", "ok", part))
+        elif r < 0.5:
+            rows.append((i, v, "error", part, rng.choice(["read_failed: x", "timeout: y", None])))
+        elif r < 0.58:
+            rows += [(i, "old/2", "ok", "out/p1"), (i, v, rng.choice(["ok", "error"]), "out/p2", "timeout: z")]
+        elif r < 0.62:
+            rows += [(i, "", "ok", "out/p3"), (i, v, "ok", "out/p2")]
+        elif r < 0.66:
+            rows += [(i, v, "ok", "out/p3"), (i, v, "error", "out/p1", "read_failed: q")]
+        else:
+            rows.append((i, v, "ok", part))
+    return rows
+
+
+def _expected(units: list[dict], rows: list[tuple], retry: frozenset[str] | None) -> dict:
+    """What the plan must be, by plain Python over the rows: for each image its rows, the current
+    ones (version as now, or none recorded), the last current one (by file, then row) speaking."""
+    mine: dict[str, list[tuple[int, tuple]]] = {}
+    for n, r in enumerate(rows):
+        mine.setdefault(r[0], []).append((n, r))
+    todo, changed, retried, superseded = [], {}, set(), {}
+    done = ok = 0
+    for u in units:
+        v = source_version(u)
+        have = mine.get(u["image_id"], [])
+        current = [(n, r) for n, r in have if version_key(r[1]) in (version_key(v), 0)]
+        if not have:
+            todo.append(u["image_id"])
+            continue
+        if not current:
+            changed[u["image_id"]] = v
+            todo.append(u["image_id"])
+            continue
+        _, last = max(current, key=lambda x: (x[1][3], x[0]))
+        reason = None if last[2] == "ok" else ((last[4] if len(last) > 4 else None) or "error").split(":")[0]
+        if retry is not None and last[2] != "ok" and (ALL_ERRORS in retry or reason in retry):
+            retried.add(u["image_id"])
+            todo.append(u["image_id"])
+            continue
+        done += 1
+        ok += last[2] == "ok"
+        for part in sorted({r[3] for n, r in have if (n, r) not in current}):
+            superseded.setdefault(part, {})[u["image_id"]] = v
+    return {"todo": todo, "changed": changed, "retried": retried, "superseded": superseded, "done": done, "ok": ok}
+
+
+@pytest.mark.parametrize("where", ["memory", "disk", "disk-pool", "memory-pool"])
+@pytest.mark.parametrize("retry", [None, frozenset({"timeout"}), frozenset({ALL_ERRORS})])
+def test_a_plan_decides_each_image_as_plain_python_over_the_committed_rows(tmp_path, monkeypatch, where, retry):
+    """Files on disk (sizes and mtimes: a version per image), planned in batches of 4,096 against
+    an index of every kind of row; the plan's items (read back from its parts of 700), in listing
+    order, are the images plain Python says are to do, and the changed, retried and superseded
+    images and the counts are its too. ``disk``: the index past its memory bound (a mapped file);
+    ``-pool``: two processes hash the ids and look them up (the mapped index) for every batch."""
+    if where.endswith("pool"):
+        monkeypatch.setenv(parallel.PROCESSES_ENV, "2")
+        monkeypatch.setattr(parallel, "POOL_AFTER", 0)
+    else:
+        monkeypatch.setenv(parallel.PROCESSES_ENV, "1")
+    _images(tmp_path / "imgs", 9000)
+    m = parse_manifest({"name": "t", "input": {"uri": str(tmp_path / "imgs") + "/"},
+                        "output": {"uri": str(tmp_path / "out")}, "model": {"checkpoint": "/x.pt"},
+                        "runtime": {"plan_part_rows": 700}})
+    storage = Storage()
+    units = list(open_input(m.input, storage).units(Skipped()))
+    rows = _committed_rows(units, seed=11)
+    committed = Committed.from_rows(rows, memory_rows=2000 if where.startswith("disk") else None)
+    assert committed.on_disk == where.startswith("disk")
+    summary = RunSummary(name="t")
+    plan = PlanParts(str(tmp_path / "out"), storage, 700)
+    planned = plan_job(m, storage, summary, committed, PromptAttacher(m, storage), retry, plan, {})
+    items = plan.in_memory + [r for f in plan.files for r in read_plan_part(f, storage)]
+    want = _expected(units, rows, retry)
+    assert [it["image_id"] for it in items] == want["todo"] and plan.count == len(want["todo"])
+    by_id = {u["image_id"]: u for u in units}
+    assert all(it["uri"] == by_id[it["image_id"]]["uri"] and it["source_version"] == source_version(it)
+               and it["size"] == by_id[it["image_id"]]["size"] for it in items)
+    assert all(len(read_plan_part(f, storage)) <= 700 for f in plan.files) and len(plan.files) > 3
+    assert planned.changed == want["changed"] and planned.retried == want["retried"]
+    assert planned.superseded == want["superseded"] and want["superseded"]
+    assert (summary.images_planned, summary.images_skipped_done, summary.images_ok) == \
+        (len(units), want["done"], want["ok"])
+    assert summary.images_error == want["done"] - want["ok"]
+    if retry is not None:
+        assert want["retried"]
+    committed.close()
+
+
+def test_plan_parts_cut_from_a_table_are_those_of_the_items(tmp_path):
+    """add_table makes the parts add makes for the same items, given in the same pieces."""
+    items = [{"image_id": f"{i}.jpg", "uri": f"/x/{i}.jpg", "size": i, "etag": "e", "kind": "object", "extra": "",
+              "prompts": "", "source_version": f"e/{i}", "done": ""} for i in range(11)]
+    by_dicts = PlanParts(str(tmp_path / "a"), Storage(), part_rows=3)
+    by_table = PlanParts(str(tmp_path / "b"), Storage(), part_rows=3)
+    for a, b in ((0, 2), (2, 9), (9, 11)):
+        by_dicts.add(items[a:b])
+        by_table.add_table(pa.Table.from_pylist(items[a:b]).drop_columns(["prompts", "done"]))  # defaults
+    assert by_table.count == by_dicts.count == 11 and len(by_table.files) == len(by_dicts.files) == 5
+    for f, g in zip(by_dicts.files, by_table.files):
+        assert read_plan_part(f, Storage()) == read_plan_part(g, Storage())
+    small = PlanParts(str(tmp_path / "c"), Storage(), part_rows=20)
+    small.add_table(pa.Table.from_pylist(items))
+    assert small.in_memory == items and not small.files
+
+
+def _committed_files(out, n_files: int, rows: int) -> None:
+    out.mkdir()
+    rng = np.random.default_rng(5)
+    for f in range(n_files):
+        ids = [f"img/{x}.jpg" for x in rng.integers(0, n_files * rows // 2, rows).tolist()]  # repeats too
+        status = rng.choice(["ok", "error"], rows).tolist()
+        pq.write_table(pa.table({
+            "image_id": ids, "run_fingerprint": rng.choice(["fpA", "fpB"], rows).tolist(), "status": status,
+            "error": [None if s == "ok" else str(rng.choice(["read_failed: a", "timeout: b", "decode: c"]))
+                      for s in status],
+            "source_version": rng.choice(["e1/1", "e2/2", ""], rows).tolist(),
+            "shard": rng.choice([None, "s3://b/s1.tar"], rows).tolist()}), out / f"part-{f:04d}.parquet")
+
+
+def test_committed_files_read_by_the_pool_make_the_index_the_threads_make(tmp_path):
+    """Read in groups by two processes (every group: none on the driver first), the committed
+    files give the index read by threads: every record, file, stamp, fingerprint and reason."""
+    out = tmp_path / "out"
+    _committed_files(out, 40, 300)
+    storage = Storage()
+    listed = list_parts_stamped(str(out), storage)
+    paths = list(listed)
+    threads = Committed.from_files(iter_files(str(out), storage, paths, stamps=listed), memory_rows=5000)
+    pooled = Committed.from_files(iter_files_spread(str(out), storage, paths, listed, processes=2, group=3, after=0),
+                                  memory_rows=5000)
+    assert threads.on_disk and pooled.on_disk
+    assert (np.asarray(threads.records) == np.asarray(pooled.records)).all()
+    assert (threads.parts, threads.stamps, threads.fingerprints, threads.reasons, threads.part_fingerprints) == \
+        (pooled.parts, pooled.stamps, pooled.fingerprints, pooled.reasons, pooled.part_fingerprints)
+    assert threads.rows == 40 * 300 and len(threads.reasons) == 3
+    threads.close()
+    pooled.close()
+
+
+def test_a_bad_committed_file_read_by_the_pool_fails_as_the_threads_fail(tmp_path):
+    """A file the pool cannot read is read again on the driver, which raises the error the
+    threads raise (its cause kept: it does not cross processes)."""
+    out = tmp_path / "out"
+    _committed_files(out, 12, 10)
+    (out / "part-0007.parquet").write_bytes(b"not parquet at all")
+    storage = Storage()
+    paths = list(list_parts_stamped(str(out), storage))
+    with pytest.raises(CommittedFileError) as by_threads:
+        list(iter_files(str(out), storage, paths))
+    with pytest.raises(CommittedFileError) as by_pool:
+        list(iter_files_spread(str(out), storage, paths, processes=2, group=2, after=0))
+    assert str(by_pool.value) == str(by_threads.value) and "part-0007.parquet" in str(by_pool.value)
+    assert type(by_pool.value.__cause__) is type(by_threads.value.__cause__) and by_pool.value.__cause__ is not None
+
+
+def test_plan_processes_setting(monkeypatch):
+    monkeypatch.setenv(parallel.PROCESSES_ENV, "3")
+    assert parallel.plan_processes() == 3
+    monkeypatch.setenv(parallel.PROCESSES_ENV, "0")
+    assert parallel.plan_processes() == 1
+    monkeypatch.setenv(parallel.PROCESSES_ENV, "many")
+    with pytest.raises(ValueError, match="FASTSAM_BATCH_PLAN_PROCESSES='many': not an integer"):
+        parallel.plan_processes()
+    monkeypatch.delenv(parallel.PROCESSES_ENV)
+    assert 1 <= parallel.plan_processes() <= parallel.MAX_PROCESSES
