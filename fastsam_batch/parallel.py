@@ -202,13 +202,15 @@ def version_keys_of(versions) -> np.ndarray:
     return version_keys(d.dictionary.to_pylist())[d.indices.to_numpy(zero_copy_only=False)]
 
 
-def read_files(output_uri: str, storage, paths: list[str], stamps: dict[str, str]) -> list | None:
-    """The :class:`.index.FileRows` of committed files, read with :func:`.resume.iter_files`; None
-    on any error (the driver reads those files again itself, to raise the error as it always has:
-    an exception's cause does not cross processes)."""
+def read_files(output_uri: str, storage, paths: list[str], stamps: dict[str, str]):
+    """Committed files read with :func:`.resume.iter_files`, as one :class:`.index.FileGroup`
+    (their records made and sorted here, not on the driver); None on any error (the driver reads
+    those files again itself, to raise the error as it always has: an exception's cause does not
+    cross processes)."""
+    from .index import FileGroup
     from .resume import iter_files
 
     try:
-        return list(iter_files(output_uri, storage, paths, stamps=stamps))
+        return FileGroup.of(list(iter_files(output_uri, storage, paths, stamps=stamps)))
     except Exception:  # noqa: BLE001 - read again on the driver, which raises it
         return None

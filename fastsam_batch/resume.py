@@ -213,8 +213,9 @@ SPREAD_FILES = 64  # committed files read by a task of planning's process pool (
 
 def iter_files_spread(output_uri: str, storage: Storage, paths: list[str], stamps: dict[str, str] | None = None,
                       processes: int | None = None, group: int = SPREAD_FILES, after: int | None = None
-                      ) -> Iterator[FileRows]:
-    """:func:`iter_files`, the files read (and their ids hashed) by a :class:`.parallel.PlanPool`
+                      ) -> Iterator:
+    """:func:`iter_files` for :meth:`.index.Committed.replaced`, the files read (their ids hashed,
+    their rows made into sorted records: :class:`.index.FileGroup`) by a :class:`.parallel.PlanPool`
     of ``processes`` (default :func:`.parallel.plan_processes`), ``group`` files a task, in their
     order: the per-row work of reading the committed rows spread over the machine's cores. The
     first ``after`` groups (default :data:`.parallel.POOL_AFTER`) are read here, so an output of
@@ -223,14 +224,18 @@ def iter_files_spread(output_uri: str, storage: Storage, paths: list[str], stamp
     from .parallel import PlanPool, plan_processes, read_files
 
     stamps = stamps or {}
-    groups = [paths[a:a + group] for a in range(0, len(paths), group)]
     pool = PlanPool(processes if processes is not None else plan_processes(), after)
+    if not pool.active:
+        yield from iter_files(output_uri, storage, paths, stamps=stamps)
+        return
+    groups = [paths[a:a + group] for a in range(0, len(paths), group)]
     try:
-        for g, rows in pool.ordered(groups, lambda g: (read_files, (output_uri, storage, g,
-                                                                     {p: stamps[p] for p in g if p in stamps}))):
-            if rows is None:
-                rows = iter_files(output_uri, storage, g, stamps=stamps)
-            yield from rows
+        for g, group in pool.ordered(groups, lambda g: (read_files, (output_uri, storage, g,
+                                                                      {p: stamps[p] for p in g if p in stamps}))):
+            if group is None:
+                yield from iter_files(output_uri, storage, g, stamps=stamps)
+            else:
+                yield group
     finally:
         pool.close()
 
