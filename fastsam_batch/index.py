@@ -552,6 +552,9 @@ def _merge(sources: list, emit) -> None:
     sources' last buffered rows, compared on (hi, lo, source): no row not yet read can come before
     it, and that source's whole block goes, so the steps are at most the blocks read."""
     heads: list = [next((b for b in it if len(b)), None) for it in sources]
+    # each head block's hi as a contiguous array, sliced along with it: searchsorted copies a strided
+    # field view (a record array's "hi") whole at every call, k blocks a step
+    his: list = [np.ascontiguousarray(b["hi"]) if b is not None else None for b in heads]
     active = [s for s, h in enumerate(heads) if h is not None]
     while active:
         if len(active) == 1:
@@ -569,7 +572,7 @@ def _merge(sources: list, emit) -> None:
             if s == at:
                 n = len(b)
             else:
-                h = b["hi"]
+                h = his[s]
                 a0, a1 = int(np.searchsorted(h, qh, "left")[0]), int(np.searchsorted(h, qh, "right")[0])
                 n = a0
                 if a1 > a0:  # rows of the same hi: sorted by lo there; of the same key, an earlier source's first
@@ -577,11 +580,13 @@ def _merge(sources: list, emit) -> None:
             if n:
                 pieces.append(b[:n])
                 heads[s] = b[n:]
+                his[s] = his[s][n:]
         emit(_sorted(_concat(pieces, heads[at].dtype)))
         still = []
         for s in active:
             if not len(heads[s]):
                 heads[s] = next((b for b in sources[s] if len(b)), None)
+                his[s] = np.ascontiguousarray(heads[s]["hi"]) if heads[s] is not None else None
             if heads[s] is not None:
                 still.append(s)
         active = still

@@ -71,7 +71,8 @@ class PlanPool:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_start)
         return self._pool
 
     def ordered(self, items: Iterable, task: Callable, window: int | None = None) -> Iterator[tuple]:
@@ -125,6 +126,14 @@ class PlanPool:
 
 
 _END = object()
+
+
+def _worker_start() -> None:
+    """A pool process ignores Ctrl-C (SIGINT reaches the whole process group): the driver stops the
+    plan and closes the pool, and no process prints a traceback of its own."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
