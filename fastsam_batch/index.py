@@ -156,9 +156,21 @@ class _Run:
         return len(self.hi)
 
     def contains(self, qh: np.ndarray, ql: np.ndarray) -> np.ndarray:
-        """For each query (sorted by hi), whether the run holds it."""
-        a, b = key_ranges(self.hi, self.lo, qh, ql, queries_sorted=True)
-        return b > a
+        """For each query (sorted by hi), whether the run holds it: one ``searchsorted`` (a run's
+        keys are distinct, so a key is at the first row of its hi, or among the rare other keys
+        sharing that hi, which :func:`key_ranges` then looks through)."""
+        n = len(self.hi)
+        if not n or not len(qh):
+            return np.zeros(len(qh), bool)
+        a = np.searchsorted(self.hi, qh, "left")
+        at = np.minimum(a, n - 1)
+        same_hi = (a < n) & (np.asarray(self.hi[at]) == qh)
+        found = same_hi & (np.asarray(self.lo[at]) == ql)
+        other = np.flatnonzero(same_hi & ~found)  # its hi there, not its lo: another key shares the hi
+        if len(other):
+            s, e = key_ranges(self.hi, self.lo, qh[other], ql[other], queries_sorted=True)
+            found[other] = e > s
+        return found
 
 
 SCRATCH_ENV = "FASTSAM_BATCH_SCRATCH"  # where sorted runs spill (default: tempfile.gettempdir())
