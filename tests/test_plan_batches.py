@@ -285,3 +285,38 @@ def test_plan_processes_setting(monkeypatch):
         parallel.plan_processes()
     monkeypatch.delenv(parallel.PROCESSES_ENV)
     assert 1 <= parallel.plan_processes() <= parallel.MAX_PROCESSES
+
+
+INVENTORY_KEYS = ["a.jpg", "b.PNG", "dir/", "c.txt", "noext", "d.JpEg", "e.\u212Apg", "f.t\u0130f", "g.jpg.txt", ".png",
+                  "x/y.webp", "h.jpe\n", "i.GIF", "été.jpg", "j."]
+
+
+@pytest.mark.parametrize("columns", [("bucket", "key", "size", "e_tag", "is_latest", "is_delete_marker"),
+                                     ("bucket", "key"), ("bucket", "key", "e_tag", "is_latest")])
+@pytest.mark.parametrize("skip_non_images", [True, False])
+def test_a_parquet_inventory_batch_read_column_wise_gives_the_units_of_the_row_reader(columns, skip_non_images):
+    """A Parquet inventory report's record batch, column-wise, against the row-at-a-time reader on
+    the same rows: delete markers and older versions left out, folder markers and non-images
+    skipped (in order), sizes and quoted ETags as a unit has them. Extensions whose lowercase is
+    Python's and not ASCII's (the Kelvin sign, dotted capital I) are among the keys."""
+    from fastsam_batch.inputs.inventory import _parquet_rows, _units, parquet_units
+
+    rng = random.Random(len(columns) + skip_non_images)
+    n = 3000
+    cols = {"bucket": pa.array([rng.choice(["bk", "b2"]) for _ in range(n)]),
+            "key": pa.array([rng.choice(INVENTORY_KEYS) + (str(rng.randint(0, 9)) if rng.random() < 0.3 else "")
+                             for _ in range(n)]),
+            "size": pa.array([rng.choice([None, 0, 5, 123456789012]) for _ in range(n)], pa.int64()),
+            "e_tag": pa.array([rng.choice([None, "", '"abc"', 'x"y', '""q""']) for _ in range(n)]),
+            "is_latest": pa.array([rng.choice([None, True, False, True]) for _ in range(n)], pa.bool_()),
+            "is_delete_marker": pa.array([rng.choice([None, False, False, True]) for _ in range(n)], pa.bool_())}
+    batch = pa.RecordBatch.from_pydict({k: v for k, v in cols.items() if k in columns})
+    fast_skipped, slow_skipped = Skipped(limit=None), Skipped(limit=None)
+    fast = parquet_units(batch, skip_non_images, fast_skipped)
+    slow = list(_units(_parquet_rows(batch), skip_non_images, slow_skipped))
+    assert fast is not None and fast.table.to_pylist() == slow and len(slow) > 300
+    assert (fast_skipped.count, fast_skipped.examples) == (slow_skipped.count, slow_skipped.examples)
+    assert fast_skipped.count > 50
+    # a null bucket (the row reader's f-string writes s3://None/...): the batch is left to the row reader
+    as_text = batch.set_column(0, "bucket", pa.array([None] * n, pa.string()))
+    assert parquet_units(as_text, skip_non_images, Skipped()) is None
