@@ -34,7 +34,7 @@ from .summary import RunSummary
 from .write import Committer, Interrupted, ParquetWriter, put_atomic
 from .pipeline import embedded_ray_line, ray_address, run_segmentation, start_ray
 
-LIST_CHUNK = 1000  # listed items handled at a time on the driver
+LIST_CHUNK = 1000  # listed containers handled at a time on the driver; the plan's parts: per this many listed
 RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
 ALL_ERRORS = "all"  # --retry-errors with no reasons: every error row
 
@@ -211,13 +211,35 @@ def _plan_batches(form, skipped: Skipped, plan, committed: Committed, summary: R
         return look_up, (t.column("image_id") if batch.hi is None else None, batch.hi, batch.lo, t.column("etag"),
                          t.column("size"), index)
 
+    import pyarrow as pa
+
+    listed = 0  # units before this batch
+    held: list = []  # the items to do of the chunk of LIST_CHUNK listed units not yet complete
+    held_chunk = -1
+
+    def flush() -> None:
+        if held:
+            plan.add_table(pa.concat_tables(held) if len(held) > 1 else held[0])
+            held.clear()
+
     try:
         for batch, done in pool.ordered(form.batches(skipped, pool), task):
             found = None
             if done is not None:
                 batch.hi, batch.lo, found = done
-            plan.add_table(_plan_objects(batch, committed, summary, prompts, retry, superseded, changed, retried,
-                                         found))
+            todo, at = _plan_objects(batch, committed, summary, prompts, retry, superseded, changed, retried, found)
+            # given to the plan as the per-item loop gave them, the items to do of each LIST_CHUNK
+            # listed units together: the same plan parts (files) as before
+            chunk = (listed + at) // LIST_CHUNK
+            cuts = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(at)]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                if b > a:
+                    if int(chunk[a]) != held_chunk:
+                        flush()
+                        held_chunk = int(chunk[a])
+                    held.append(todo.slice(a, b - a))
+            listed += len(batch)
+        flush()
     finally:
         pool.close()
 
@@ -228,7 +250,7 @@ def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: Pro
     """:func:`plan_job`'s loop over object units, on a :class:`.inputs.UnitBatch`: the same
     decisions, as arrays (one range search in the committed index for the batch; Python only per
     image that is changed, retried, or has rows of older versions to drop). Returns the units to do,
-    in order, as a table of the plan's fields."""
+    in order, as a table of the plan's fields, and their positions in the batch."""
     import pyarrow as pa
 
     t = batch.table
@@ -240,7 +262,7 @@ def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: Pro
         t = t.append_column("prompts", pa.array(prompts.texts(t.column(prompts.key).to_pylist(), summary),
                                                 pa.string()))
     if not committed.rows or not n:
-        return t
+        return t, np.arange(n)
     if found is None:
         hi, lo = batch.keys()
         found = committed.lookup_keys(hi, lo, version_keys_of(versions))  # a version hashed once (lists: one)
@@ -266,7 +288,7 @@ def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: Pro
     if len(moved):
         idx = pa.array(moved)
         changed.update(zip(ids.take(idx).to_pylist(), versions.take(idx).to_pylist()))
-    return t if not done.any() else t.filter(pa.array(~done))
+    return (t, np.arange(n)) if not done.any() else (t.filter(pa.array(~done)), np.flatnonzero(~done))
 
 
 def _plan_container(it: dict, committed: Committed, complete: dict[str, dict[tuple[str, str], int]], summary: RunSummary,

@@ -197,7 +197,14 @@ def test_a_plan_decides_each_image_as_plain_python_over_the_committed_rows(tmp_p
     by_id = {u["image_id"]: u for u in units}
     assert all(it["uri"] == by_id[it["image_id"]]["uri"] and it["source_version"] == source_version(it)
                and it["size"] == by_id[it["image_id"]]["size"] for it in items)
-    assert all(len(read_plan_part(f, storage)) <= 700 for f in plan.files) and len(plan.files) > 3
+    # the parts are the per-item loop's: the items to do of each 1,000 listed, in parts of 700 at most
+    position = {u["image_id"]: j for j, u in enumerate(units)}
+    chunks: dict[int, int] = {}
+    for i in want["todo"]:
+        chunks[position[i] // 1000] = chunks.get(position[i] // 1000, 0) + 1
+    sizes = [len(plan.in_memory)] if plan.in_memory else [len(read_plan_part(f, storage)) for f in plan.files]
+    expected = [p for n in chunks.values() for p in [700] * (n // 700) + ([n % 700] if n % 700 else [])]
+    assert sizes == expected, (sizes[:12], expected[:12])
     assert planned.changed == want["changed"] and planned.retried == want["retried"]
     assert planned.superseded == want["superseded"] and want["superseded"]
     assert (summary.images_planned, summary.images_skipped_done, summary.images_ok) == \
