@@ -152,33 +152,34 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     try:
         if form.batches is not None:  # object units as columns (lists, inventories, files)
             _plan_batches(form, skipped, plan, committed, summary, prompts, retry, superseded, changed, retried)
-        for chunk in (chunked(form.units(skipped), LIST_CHUNK) if form.batches is None else ()):
-            prompts.attach(chunk, summary)
-            for it in chunk:
-                it["source_version"] = source_version(it)
-            todo = [it for it in chunk if it["kind"] in CONTAINERS
-                    and _plan_container(it, committed, complete_units or {}, summary, units, complete_now, retry,
-                                        retried_rows)]
-            chunk = [it for it in chunk if it["kind"] not in CONTAINERS]
-            summary.images_planned += len(chunk)
-            for it, found in zip(chunk, committed.lookup([it["image_id"] for it in chunk],
-                                                         [it["source_version"] for it in chunk])):
-                if found.state == "fresh" and not found.ok and retry is not None \
-                        and (ALL_ERRORS in retry or found.reason in retry):
-                    retried.add(it["image_id"])  # its old rows go once the new one is committed
+        else:  # containers (and any form without batches): a unit at a time
+            for chunk in chunked(form.units(skipped), LIST_CHUNK):
+                prompts.attach(chunk, summary)
+                for it in chunk:
+                    it["source_version"] = source_version(it)
+                todo = [it for it in chunk if it["kind"] in CONTAINERS
+                        and _plan_container(it, committed, complete_units or {}, summary, units, complete_now, retry,
+                                            retried_rows)]
+                chunk = [it for it in chunk if it["kind"] not in CONTAINERS]
+                summary.images_planned += len(chunk)
+                for it, found in zip(chunk, committed.lookup([it["image_id"] for it in chunk],
+                                                             [it["source_version"] for it in chunk])):
+                    if found.state == "fresh" and not found.ok and retry is not None \
+                            and (ALL_ERRORS in retry or found.reason in retry):
+                        retried.add(it["image_id"])  # its old rows go once the new one is committed
+                        todo.append(it)
+                        continue
+                    if found.state == "fresh":  # a row of the object as it is now
+                        summary.images_skipped_done += 1
+                        summary.images_ok += found.ok
+                        summary.images_error += not found.ok
+                        for part in found.superseded:
+                            superseded.setdefault(part, {})[it["image_id"]] = it["source_version"]
+                        continue
+                    if found.state == "changed":
+                        changed[it["image_id"]] = it["source_version"]
                     todo.append(it)
-                    continue
-                if found.state == "fresh":  # a row of the object as it is now
-                    summary.images_skipped_done += 1
-                    summary.images_ok += found.ok
-                    summary.images_error += not found.ok
-                    for part in found.superseded:
-                        superseded.setdefault(part, {})[it["image_id"]] = it["source_version"]
-                    continue
-                if found.state == "changed":
-                    changed[it["image_id"]] = it["source_version"]
-                todo.append(it)
-            plan.add(todo)
+                plan.add(todo)
     except (FileNotFoundError, InputError) as e:
         raise JobError(str(e)) from None
     prompts.finish(summary)
@@ -201,6 +202,8 @@ def _plan_batches(form, skipped: Skipped, plan, committed: Committed, summary: R
                   retried: set[str]) -> None:
     """The form's batches planned in order; the ids hashed, and looked up in an index on disk, by a
     :class:`.parallel.PlanPool` of processes (the first batches, and a small plan, on the driver)."""
+    import pyarrow as pa
+
     pool = PlanPool(plan_processes())
     index = (committed.records.filename, committed.rows) if committed.rows and committed.on_disk else None
 
@@ -210,8 +213,6 @@ def _plan_batches(form, skipped: Skipped, plan, committed: Committed, summary: R
         t = batch.table
         return look_up, (t.column("image_id") if batch.hi is None else None, batch.hi, batch.lo, t.column("etag"),
                          t.column("size"), index)
-
-    import pyarrow as pa
 
     listed = 0  # units before this batch
     held: list = []  # the items to do of the chunk of LIST_CHUNK listed units not yet complete
