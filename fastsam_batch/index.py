@@ -351,6 +351,14 @@ class KeyRuns:
                     pass
         return merged
 
+    def keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every key held (hi, lo), run after run (each key once)."""
+        runs = self.disk + self.mem
+        if not runs:
+            return np.zeros(0, U64), np.zeros(0, U64)
+        return (np.concatenate([np.asarray(r.hi, U64) for r in runs]),
+                np.concatenate([np.asarray(r.lo, U64) for r in runs]))
+
     def close(self) -> None:
         self.mem, self.disk = [], []
         if self._scratch is not None:

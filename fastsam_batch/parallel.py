@@ -223,3 +223,106 @@ def read_files(output_uri: str, storage, paths: list[str], stamps: dict[str, str
         return FileGroup.of(list(iter_files(output_uri, storage, paths, stamps=stamps)))
     except Exception:  # noqa: BLE001 - read again on the driver, which raises it
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The listing's repeat check split by key range over processes of its own
+
+
+class SplitRepeatCheck:
+    """:class:`.index.KeyRuns` (the listing's repeat check) split by key range over ``parts``
+    processes, each holding the keys of its range (the top bits of ``hi``, uniform: the keys are
+    hashes) in a KeyRuns of its own (``memory_keys / parts`` in memory, spilling to its own scratch
+    folder). A key's repeats all fall in its range, so each process answers for its keys exactly as
+    one KeyRuns would; batches are answered in the order given, up to ``window`` in flight
+    (:meth:`submit`, then :meth:`result` of the oldest). ``seed``: keys already seen (a check that
+    began on the driver), given to the processes first."""
+
+    def __init__(self, parts: int, memory_keys: int, seed: tuple[np.ndarray, np.ndarray] | None = None):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs, self.pending = [], [], []
+        try:
+            for _ in range(parts):
+                here, there = ctx.Pipe()
+                proc = ctx.Process(target=_repeat_worker, args=(there, max(1, memory_keys // parts)), daemon=True)
+                with _main_hidden():
+                    proc.start()
+                there.close()
+                self.conns.append(here)
+                self.procs.append(proc)
+            if seed is not None and len(seed[0]):
+                self.submit(*seed)
+                self.result()
+        except BaseException:
+            self.close()
+            raise
+
+    def _split(self, hi: np.ndarray) -> list[np.ndarray]:
+        n = len(self.conns)
+        which = ((hi >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32)  # the top 32 bits scaled to [0, n)
+        order = np.argsort(which, kind="stable")  # each range's keys in their order in the batch
+        bounds = np.searchsorted(which[order], np.arange(n + 1, dtype=np.uint64))
+        return [order[bounds[p]:bounds[p + 1]] for p in range(n)]
+
+    def submit(self, hi: np.ndarray, lo: np.ndarray) -> None:
+        hi, lo = np.asarray(hi, np.uint64), np.asarray(lo, np.uint64)
+        slices = self._split(hi)
+        for conn, at in zip(self.conns, slices):
+            conn.send((hi[at], lo[at]))
+        self.pending.append((len(hi), slices))
+
+    def result(self) -> np.ndarray:
+        """The mask of new keys of the oldest batch submitted (as :meth:`.index.KeyRuns.add`)."""
+        n, slices = self.pending.pop(0)
+        new = np.zeros(n, bool)
+        for conn, at in zip(self.conns, slices):
+            try:
+                answer = conn.recv()
+            except EOFError:
+                raise RuntimeError("the listing's repeat check: a process of it ended unexpectedly") from None
+            if isinstance(answer, str):  # its error, as text (an exception may not pickle)
+                raise RuntimeError(f"the listing's repeat check: {answer}")
+            new[at] = answer
+        return new
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+        self.conns, self.procs, self.pending = [], [], []
+
+
+def _repeat_worker(conn, memory_keys: int) -> None:
+    """A process of :class:`SplitRepeatCheck`: a KeyRuns of its range, a batch at a time, in order."""
+    import signal
+
+    from .index import KeyRuns
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    runs = KeyRuns(memory_keys)
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:
+                return
+            if msg is None:
+                return
+            try:
+                conn.send(runs.add(*msg))
+            except Exception as e:  # noqa: BLE001 - sent to the driver, which raises it
+                conn.send(f"{type(e).__name__}: {e}")
+                return
+    finally:
+        runs.close()

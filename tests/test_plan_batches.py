@@ -87,10 +87,12 @@ def test_a_parquet_list_read_column_wise_gives_the_units_of_the_row_reader(tmp_p
     assert fast[1] > 50 and fast[3] > 50  # empty URIs skipped, repeated ids counted: both happened
 
 
-def test_list_ids_hashed_by_the_pool_give_the_same_units(tmp_path, monkeypatch):
-    """Hashing the listed ids in the pool's processes (every batch: none on the driver first)
-    changes nothing: same units, same repeats found."""
-    monkeypatch.setattr(parallel, "POOL_AFTER", 0)
+@pytest.mark.parametrize("after", [0, 2])
+def test_list_ids_hashed_by_the_pool_give_the_same_units(tmp_path, monkeypatch, after):
+    """Hashing the listed ids in the pool's processes and checking them for repeats in the split
+    check's (from the first batch, or after two batches checked on the driver, whose keys the split
+    check is then given) changes nothing: same units, same repeats found, in order."""
+    monkeypatch.setattr(parallel, "POOL_AFTER", after)
     rows = _rows(900, seed=3)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "list.parquet")
     pool = parallel.PlanPool(2)
@@ -100,6 +102,36 @@ def test_list_ids_hashed_by_the_pool_give_the_same_units(tmp_path, monkeypatch):
     finally:
         pool.close()
     assert pooled == _units(str(tmp_path / "list.parquet"), 64)
+
+
+def test_the_split_repeat_check_agrees_with_a_set():
+    """SplitRepeatCheck (3 processes, a few keys in memory each: their runs spill) against a plain
+    set, batch after batch, with a window of batches in flight: keys repeated within and across
+    batches, distinct keys sharing their high 64 bits, and a seed of keys seen before."""
+    rng = np.random.default_rng(9)
+    batches = [(rng.integers(0, 2**12, 3000, dtype=np.uint64) << np.uint64(52),
+                rng.integers(0, 3, 3000, dtype=np.uint64)) for _ in range(12)]
+    seen = set(zip(batches[0][0].tolist(), batches[0][1].tolist()))
+    seed = sorted(seen)
+    check = parallel.SplitRepeatCheck(3, 600, seed=(np.array([h for h, _ in seed], np.uint64),
+                                                    np.array([l for _, l in seed], np.uint64)))
+    try:
+        want, got = [], []
+        for h, l in batches[1:]:
+            mask = []
+            for key in zip(h.tolist(), l.tolist()):
+                mask.append(key not in seen)
+                seen.add(key)
+            want.append(mask)
+            check.submit(h, l)
+            if len(check.pending) > 2:
+                got.append(check.result().tolist())
+        while check.pending:
+            got.append(check.result().tolist())
+    finally:
+        check.close()
+    assert got == want
+    assert 0 < sum(map(sum, want)) < sum(map(len, want))  # new keys and repeats both
 
 
 def _images(root, n: int) -> None:

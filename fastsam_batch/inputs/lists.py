@@ -17,12 +17,13 @@ import gzip
 import io
 import json
 import posixpath
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
 
 from ..index import KeyRuns, id_keys
-from ..parallel import PlanPool, hash_ids
+from ..parallel import PlanPool, SplitRepeatCheck, hash_ids
 from ..storage import Storage, protocol_of, strip_protocol, to_uri
 from . import (InputError, InputForm, Skipped, UnitBatch, as_text, check_carried, encode_extra, unit_batch,
                units_of_batches)
@@ -109,6 +110,7 @@ def _open_list(uri: str, storage: Storage, fmt: str, batch_rows: int = 4096) -> 
 
 
 LIST_BATCH = 1 << 16  # list rows read, checked for repeats and given to planning at a time
+SPLIT_WINDOW = 2  # batches in the split repeat check (parallel.SplitRepeatCheck) besides the one given
 SEEN_MEMORY_KEYS = 1 << 23  # ids held in memory (16 bytes each) before sorted runs spill to local disk
 
 
@@ -147,20 +149,38 @@ def iter_list_batches(cfg, storage: Storage, form: InputForm, skipped: Skipped, 
     processes when given); repeated ids skipped and counted (checked up to ``batch_rows`` rows at a
     time: a unit is given once its batch is checked)."""
     seen = SeenIds()
+    split: SplitRepeatCheck | None = None  # the repeat check over processes, once the pool works
     pool = pool or PlanPool(1)
     columns = (c for c in _list_columns(cfg, storage, form, skipped, batch_rows) if len(c[0]))
+    waiting: deque = deque()  # batches whose repeat check is under way in the split check, in order
+
+    def checked(ids, uris, extras, hi, lo, new) -> UnitBatch:
+        batch = unit_batch(ids, uris, extras=extras, hi=hi, lo=lo)
+        if not new.all():
+            again = np.flatnonzero(~new)
+            form.duplicates += len(again)
+            for j in again[:max(0, 5 - len(form.duplicate_examples))].tolist():
+                form.duplicate_examples.append(ids[j] if isinstance(ids, list) else ids[j].as_py())
+            batch = UnitBatch(batch.table.filter(_mask(new)), hi[new], lo[new])
+        return batch
+
     try:
-        for (ids, uris, extras), (hi, lo) in pool.ordered(columns, lambda c: (hash_ids, (c[0],))):
-            new = seen.add_keys(hi, lo)
-            batch = unit_batch(ids, uris, extras=extras, hi=hi, lo=lo)
-            if not new.all():
-                again = np.flatnonzero(~new)
-                form.duplicates += len(again)
-                for j in again[:max(0, 5 - len(form.duplicate_examples))].tolist():
-                    form.duplicate_examples.append(ids[j] if isinstance(ids, list) else ids[j].as_py())
-                batch = UnitBatch(batch.table.filter(_mask(new)), hi[new], lo[new])
-            yield batch
+        for n, ((ids, uris, extras), (hi, lo)) in enumerate(pool.ordered(columns, lambda c: (hash_ids, (c[0],)))):
+            if split is None and pool.active and n >= pool.after:  # a long list: the check goes to processes
+                split = SplitRepeatCheck(pool.processes, SEEN_MEMORY_KEYS, seed=seen.keys.keys())
+                seen.close()
+            if split is None:
+                yield checked(ids, uris, extras, hi, lo, seen.add_keys(hi, lo))
+                continue
+            split.submit(hi, lo)
+            waiting.append((ids, uris, extras, hi, lo))
+            if len(waiting) > SPLIT_WINDOW:
+                yield checked(*waiting.popleft(), split.result())
+        while waiting:
+            yield checked(*waiting.popleft(), split.result())
     finally:
+        if split is not None:
+            split.close()
         seen.close()
 
 
