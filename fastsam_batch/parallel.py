@@ -5,9 +5,11 @@ What costs per row when a run is planned, once the planning loop works on Arrow 
 row's id, one Python call each; and reading the committed files. Both are independent per batch
 or per file, so a :class:`PlanPool` (a ``spawn`` process pool on the driver's machine: a fresh
 interpreter, never a fork of a driver with Ray's threads) does them, while the driver keeps what
-needs one order: repeats in the listing, the plan, the counts. Lookups in the committed index go
-to the pool too when the index is a file (past its memory bound: the processes map the same file,
-read-only); an index in memory is looked up on the driver.
+needs one order: the plan, the counts. Lookups in the committed index go to the pool too when the
+index is a file (past its memory bound: the processes map the same file, read-only); an index in
+memory is looked up on the driver. A list's repeat check, which needs every id seen before, is
+split by key range instead (:class:`SplitRepeatCheck`: a process per range, each with the state
+of its range; an id's repeats are all in its range).
 
 Results come back in the order the work was given; at most ``window`` tasks are in flight (given,
 under way, or done and waiting to be taken), so memory stays bounded by the batch size. A pool of
