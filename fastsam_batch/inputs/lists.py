@@ -165,7 +165,8 @@ def iter_list_batches(cfg, storage: Storage, form: InputForm, skipped: Skipped, 
         return batch
 
     try:
-        for n, ((ids, uris, extras), (hi, lo)) in enumerate(pool.ordered(columns, lambda c: (hash_ids, (c[0],)))):
+        hashed = pool.ordered(columns, lambda c: (hash_and_carry, (c[0], c[2])))
+        for n, ((ids, uris, _), (hi, lo, extras)) in enumerate(hashed):
             if split is None and pool.active and n >= pool.after:  # a long list: the check goes to processes
                 split = SplitRepeatCheck(pool.processes, SEEN_MEMORY_KEYS, seed=seen.keys.keys())
                 seen.close()
@@ -321,11 +322,29 @@ def _arrow_columns(batch, ctx: _ListFile):
         keep = pa.array(~empty)
         uris, ids = uris.filter(keep), ids.filter(keep)
         batch = batch.filter(keep)
-    extras = None
-    if ctx.carried:
-        values = [[as_text(v) for v in batch.column(c).to_pylist()] for c in ctx.carried]
-        extras = [encode_extra(dict(zip(ctx.carried, row))) for row in zip(*values)]
+    # the carried columns as they are: made into each row's JSON by hash_and_carry, in the pool
+    extras = Carried(ctx.carried, [batch.column(c) for c in ctx.carried]) if ctx.carried else None
     return ids, uris, extras
+
+
+class Carried:
+    """Carried columns of a batch as Arrow columns, made into each row's ``extra`` (a JSON object
+    of their values as text, as :meth:`_ListFile.rows` makes it) by :meth:`texts`, where the ids
+    are hashed (a process of planning's pool, when there is one)."""
+
+    def __init__(self, names: list[str], columns: list):
+        self.names, self.columns = names, columns
+
+    def texts(self) -> list[str]:
+        values = [[as_text(v) for v in col.to_pylist()] for col in self.columns]
+        return [encode_extra(dict(zip(self.names, row))) for row in zip(*values)]
+
+
+def hash_and_carry(ids, extras) -> tuple:
+    """(hi, lo, extras as texts): :func:`.parallel.hash_ids` of the ids, and a batch's carried
+    columns made into its rows' ``extra`` (:class:`Carried`; a list of texts already, or None: as is)."""
+    hi, lo = hash_ids(ids)
+    return hi, lo, extras.texts() if isinstance(extras, Carried) else extras
 
 
 def open_form(cfg, storage: Storage) -> InputForm:
