@@ -293,7 +293,7 @@ def test_committed_files_read_by_the_pool_make_the_index_the_threads_make(tmp_pa
     assert (np.asarray(threads.records) == np.asarray(pooled.records)).all()
     assert (threads.parts, threads.stamps, threads.fingerprints, threads.reasons, threads.part_fingerprints) == \
         (pooled.parts, pooled.stamps, pooled.fingerprints, pooled.reasons, pooled.part_fingerprints)
-    assert threads.rows == 40 * 300 and len(threads.reasons) == 3
+    assert threads.rows == 40 * 300 and {"read_failed", "timeout", "decode"} <= set(threads.reasons)
     threads.close()
     pooled.close()
 
