@@ -3,6 +3,7 @@ the segmentation (:mod:`.pipeline`, the Ray part), then the end-of-run checks an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,8 @@ from .manifest import Manifest
 from .metrics import CommitMetrics
 from .console import silence_ray
 from .model import check_checkpoint, fetch_checkpoint
-from .preflight import check_device, check_listable, check_locations, check_ray_address, check_writable
+from .preflight import (PreflightError, check_device, check_listable, check_locations, check_ray_address,
+                        check_writable)
 from .sizing import local_machine, plan_actors
 from .offline import configure_ultralytics
 from .progress import Progress
@@ -208,6 +210,8 @@ def _plan_batches(form, skipped: Skipped, plan, committed: Committed, summary: R
     index = (committed.records.filename, committed.rows) if committed.rows and committed.on_disk else None
 
     def task(batch):
+        if not committed.rows:
+            return None  # a fresh output: nothing to look up, its keys not needed (nor hashed)
         if batch.hi is not None and index is None:
             return None  # hashed by the form; an index in memory is looked up here
         t = batch.table
@@ -223,26 +227,30 @@ def _plan_batches(form, skipped: Skipped, plan, committed: Committed, summary: R
             plan.add_table(pa.concat_tables(held) if len(held) > 1 else held[0])
             held.clear()
 
+    finished = False
     try:
-        for batch, done in pool.ordered(form.batches(skipped, pool), task):
-            found = None
-            if done is not None:
-                batch.hi, batch.lo, found = done
-            todo, at = _plan_objects(batch, committed, summary, prompts, retry, superseded, changed, retried, found)
-            # given to the plan as the per-item loop gave them, the items to do of each LIST_CHUNK
-            # listed units together: the same plan parts (files) as before
-            chunk = (listed + at) // LIST_CHUNK
-            cuts = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(at)]
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                if b > a:
-                    if int(chunk[a]) != held_chunk:
-                        flush()
-                        held_chunk = int(chunk[a])
-                    held.append(todo.slice(a, b - a))
-            listed += len(batch)
+        with contextlib.closing(form.batches(skipped, pool)) as batches, \
+                contextlib.closing(pool.ordered(batches, task, size=len)) as planned:
+            for batch, done in planned:
+                found = None
+                if done is not None:
+                    batch.hi, batch.lo, found = done
+                todo, at = _plan_objects(batch, committed, summary, prompts, retry, superseded, changed, retried, found)
+                # given to the plan as the per-item loop gave them, the items to do of each LIST_CHUNK
+                # listed units together: the same plan parts (files) as before
+                chunk = (listed + at) // LIST_CHUNK
+                cuts = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(at)]
+                for a, b in zip(cuts[:-1], cuts[1:]):
+                    if b > a:
+                        if int(chunk[a]) != held_chunk:
+                            flush()
+                            held_chunk = int(chunk[a])
+                        held.append(todo.slice(a, b - a))
+                listed += len(batch)
         flush()
+        finished = True
     finally:
-        pool.close()
+        pool.close(abort=not finished)  # an error or Ctrl-C: its processes terminated at once
 
 
 def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: PromptAttacher,
@@ -331,6 +339,16 @@ def _plan_container(it: dict, committed: Committed, complete: dict[str, dict[tup
     return True
 
 
+def check_plan_processes() -> None:
+    """``$FASTSAM_BATCH_PLAN_PROCESSES`` checked before any work (one line, not after the lease)."""
+    from .parallel import processes_asked
+
+    try:
+        processes_asked()
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+
+
 def check_input_form(m: Manifest, storage: Storage) -> None:
     """The input read as its format says, as far as its first unit (a list's columns, an
     inventory's manifest and data files, the first Parquet file's schema), before Ray starts; the
@@ -386,6 +404,7 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     # Preflight: every location, the checkpoint, the cluster address and the device, before Ray
     # starts and before anything is deleted. The quick checks first, in the order a user would fix
     # them, and the input's first image before the output is written to: nothing to read, nothing made.
+    check_plan_processes()
     check_locations(m, storage, probe_output=False)
     check_input_form(m, storage)
     check_writable("output.uri", m.output.uri, storage.for_checks())
@@ -576,6 +595,7 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
     env = configure_ultralytics()
     storage = Storage(m.storage_options)
     summary = RunSummary(name=m.name, output_uri=m.output.uri, tool_version=__version__)
+    check_plan_processes()
     quick = storage.for_checks()
     check_listable("input.uri", m.input.uri, quick)
     check_input_form(m, storage)

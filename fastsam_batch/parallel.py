@@ -11,13 +11,26 @@ memory is looked up on the driver. A list's repeat check, which needs every id s
 split by key range instead (:class:`SplitRepeatCheck`: a process per range, each with the state
 of its range; an id's repeats are all in its range).
 
-Results come back in the order the work was given; at most ``window`` tasks are in flight (given,
-under way, or done and waiting to be taken), so memory stays bounded by the batch size. A pool of
-one process, or :data:`PROCESSES_ENV` set to 1, means no pool: the same functions run on the driver.
+Results come back in the order the work was given. The rows of the tasks in flight (given, under
+way, or done and waiting to be taken) are bounded, all :meth:`PlanPool.ordered` of a pool together
+(a list's hashing and the plan's lookups share one pool): ``window_rows``
+(:data:`WINDOW_ROWS` a process), plus one task per ordered() (so that nested ones cannot stall);
+a list's split repeat check holds up to ``lists.SPLIT_WINDOW + 1`` batches more. Committed files
+are read in groups of about ``resume.SPREAD_ROWS`` rows (estimated from the files read so far).
+A pool of one process, or :data:`PROCESSES_ENV` set to 1, means no pool: the same functions run on
+the driver; so does a plan of under :data:`POOL_AFTER_ROWS` rows (the spawns would cost more than
+they save), and the default starts none on a machine (or container quota) of under
+:data:`MIN_CORES` cores.
 
-The worker functions import only :mod:`.index` (numpy) and pyarrow, except :func:`read_files`,
-which reads committed files with :func:`.resume.iter_files` (threads for storage latency inside
-each process).
+On an error or Ctrl-C the processes are terminated at once, all together (:meth:`PlanPool.close`,
+:meth:`SplitRepeatCheck.close` with ``abort``); they start with SIGINT blocked (the driver blocks
+it while they start: :func:`_sigint_held`, a Ctrl-C then held, not lost) and then ignore it, so a
+Ctrl-C prints no traceback of theirs.
+
+The worker processes import :mod:`.index` (numpy), pyarrow and what the worker functions need:
+:func:`read_files` reads committed files with :func:`.resume.iter_files` (fsspec, threads for
+storage latency inside each process), and a list's ``lists.hash_and_carry`` imports the inputs
+package (fsspec, PIL by way of .decode, the schema).
 """
 
 from __future__ import annotations
@@ -31,37 +44,88 @@ import numpy as np
 
 PROCESSES_ENV = "FASTSAM_BATCH_PLAN_PROCESSES"
 MAX_PROCESSES = 8  # the default's cap (issue 23's driver has 8 cores)
+MIN_CORES = 4  # the default starts no pool below this many usable cores (2 processes on 2 cores
+# were slower in wall than 1: benchmarks/RESULTS.md, 2026-12-01)
+LIMIT_PROCESSES = 64  # the most $FASTSAM_BATCH_PLAN_PROCESSES may ask for
+CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 
-def plan_processes() -> int:
-    """Processes for planning: ``$FASTSAM_BATCH_PLAN_PROCESSES``, else the cores this process may
-    run on, at most :data:`MAX_PROCESSES`. 1: none (everything on the driver)."""
-    text = os.environ.get(PROCESSES_ENV, "").strip()
-    if text:
-        try:
-            n = int(text)
-        except ValueError:
-            raise ValueError(f"${PROCESSES_ENV}={text!r}: not an integer (processes that planning "
-                             "spreads hashing and lookups over; 1: none)") from None
-        return max(1, n)
+def cgroup_cpus(path: str = CPU_MAX) -> float | None:
+    """The CPUs a cgroup v2 quota allows (``cpu.max``: ``<quota> <period>``, quota ``max``: no
+    limit): quota / period; None when there is no limit or the file is absent or unreadable."""
+    try:
+        with open(path) as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if len(fields) < 1 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1]) if len(fields) > 1 else 100_000
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def usable_cores(cpu_max: str = CPU_MAX) -> int:
+    """The cores this process may use: its CPU affinity, less where a cgroup v2 quota allows
+    fewer (rounded down, at least 1)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(MAX_PROCESSES, cores))
+    quota = cgroup_cpus(cpu_max)
+    if quota is not None:
+        cores = min(cores, max(1, int(quota)))
+    return max(1, cores)
 
 
-POOL_AFTER = 2  # items (batches, groups of files) done on the driver before the pool starts
+def processes_asked() -> int | None:
+    """``$FASTSAM_BATCH_PLAN_PROCESSES`` checked (an integer, 1 to :data:`LIMIT_PROCESSES`), or None
+    when not set. Raises ValueError, one line, otherwise: called by preflight, before any work."""
+    text = os.environ.get(PROCESSES_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= LIMIT_PROCESSES:
+        raise ValueError(f"${PROCESSES_ENV}={text!r}: not an integer from 1 to {LIMIT_PROCESSES} (processes "
+                         "that planning spreads hashing and lookups over; 1: none)")
+    return n
+
+
+def plan_processes(cpu_max: str = CPU_MAX) -> int:
+    """Processes for planning: ``$FASTSAM_BATCH_PLAN_PROCESSES``, else the usable cores
+    (:func:`usable_cores`: affinity and cgroup quota), at most :data:`MAX_PROCESSES`, and 1 (no
+    pool: everything on the driver) below :data:`MIN_CORES` of them."""
+    n = processes_asked()
+    if n is not None:
+        return n
+    cores = usable_cores(cpu_max)
+    return 1 if cores < MIN_CORES else min(MAX_PROCESSES, cores)
+
+
+POOL_AFTER_ROWS = 1 << 18  # rows (estimated: :meth:`PlanPool.ordered`'s ``size``) done on the driver
+# before the pool starts: a plan of fewer starts no process (its spawns cost a few CPU-seconds,
+# about what the pool saves on this many rows); rows of each ordered() counted apart
+WINDOW_ROWS = 1 << 17  # rows in flight in the pool per process, all ordered() windows together
 
 
 class PlanPool:
     """A process pool started on first use (``spawn``), closed by :meth:`close` (its processes
-    ended; tasks not started cancelled). ``after``: the first items of each :meth:`ordered` are
-    done on the driver (a small plan starts no process)."""
+    ended; tasks not started cancelled). ``after_rows``: the first items of each :meth:`ordered`,
+    up to that many rows, are done on the driver (a small plan starts no process).
+    ``window_rows``: the rows of the tasks given and not yet taken back, all :meth:`ordered` of
+    this pool together (default :data:`WINDOW_ROWS` a process); each ordered() may still give one
+    task past it (two nested ones, a list's hashing under the plan's lookups, cannot stall)."""
 
-    def __init__(self, processes: int, after: int | None = None):
+    def __init__(self, processes: int, after_rows: int | None = None, window_rows: int | None = None):
         self.processes = processes
-        self.after = POOL_AFTER if after is None else after
+        self.after_rows = POOL_AFTER_ROWS if after_rows is None else after_rows
+        self.window_rows = WINDOW_ROWS * processes if window_rows is None else window_rows
+        self.in_flight = 0  # rows of the tasks given to the processes and not yet taken back
         self._pool = None
 
     @property
@@ -77,57 +141,165 @@ class PlanPool:
                                              initializer=_worker_start)
         return self._pool
 
-    def ordered(self, items: Iterable, task: Callable, window: int | None = None) -> Iterator[tuple]:
+    def ordered(self, items: Iterable, task: Callable, size: Callable | None = None) -> Iterator[tuple]:
         """(item, ``fn(*args)``) for each item, in the items' order, where ``task(item)`` gives
-        ``(fn, args)`` (``fn`` a module-level function: it is pickled by name). Items are taken
-        from ``items`` as room in the window frees up; on an error, or the generator closed, the
-        tasks not started are cancelled. ``task(item)`` may give None: no work, the result None."""
+        ``(fn, args)`` (``fn`` a module-level function: it is pickled by name). ``size(item)``:
+        its rows (or an estimate; default 1), for the driver's first rows (``after_rows``) and the
+        pool's window (``window_rows``). Items are taken from ``items`` as room in the window frees
+        up; on an error, or the generator closed, the tasks not started are cancelled.
+        ``task(item)`` may give None: no work, the result None."""
         import itertools
         from collections import deque
 
+        size = size or (lambda item: 1)
         source = iter(items)
         inline = 0
         for item in source:
-            if self.active and inline >= self.after:
+            if self.active and inline >= self.after_rows:
                 source = itertools.chain([item], source)
                 break
+            inline += size(item)
             t = task(item)
             yield item, (t[0](*t[1]) if t is not None else None)
-            inline += 1
         else:
             return
 
-        window = window or 2 * self.processes
         pool = self._executor()
-        pending: deque = deque()
+        pending: deque = deque()  # (item, future or None, rows)
         try:
             while True:
-                while len(pending) < window:
+                while not pending or self.in_flight < self.window_rows:
                     item = next(source, _END)
                     if item is _END:
                         break
                     t = task(item)
-                    if t is None:
-                        pending.append((item, None))
+                    if t is None and not pending:  # no work, none before it: given at once
+                        yield item, None
                         continue
-                    with _main_hidden():  # a process started by this submit does not run the driver's script
-                        pending.append((item, pool.submit(t[0], *t[1])))
+                    rows = size(item)
+                    if t is None:  # no work: held, in order, behind the tasks before it
+                        self.in_flight += rows
+                        pending.append((item, None, rows))
+                        continue
+                    if self._spawned():
+                        future = pool.submit(t[0], *t[1])
+                    else:
+                        # a process started by this submit does not run the driver's script, and
+                        # starts with Ctrl-C held off (no traceback of its own while it imports)
+                        with _main_hidden(), _sigint_held():
+                            future = pool.submit(t[0], *t[1])
+                    self.in_flight += rows
+                    pending.append((item, future, rows))
                 if not pending:
                     return
-                item, future = pending.popleft()
-                yield item, (future.result() if future is not None else None)
+                item, future, rows = pending.popleft()
+                try:
+                    result = future.result() if future is not None else None
+                finally:
+                    self.in_flight -= rows
+                yield item, result
         finally:
-            for _, f in pending:
+            for _, f, rows in pending:
+                self.in_flight -= rows
                 if f is not None:
                     f.cancel()
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def _spawned(self) -> bool:
+        """Whether every process of the pool has started (a submit may start one until then)."""
+        started = getattr(self._pool, "_processes", None)
+        return started is not None and len(started) >= self.processes
+
+    def close(self, abort: bool = False) -> None:
+        """The pool's processes ended: waited for (``abort`` False), or, on an error or Ctrl-C,
+        terminated at once (all together), their tasks' results not wanted."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        if not abort:
+            pool.shutdown(wait=True, cancel_futures=True)
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        _no_broken_pipe_signal()
+        pool.shutdown(wait=False, cancel_futures=True)
+        _end_processes(procs)
 
 
 _END = object()
+
+
+def _no_broken_pipe_signal() -> None:
+    """SIGPIPE ignored (Python's default; the CLI sets it back to the system's for `| head`):
+    the executor's threads still write to the pipes of processes terminated here (its shutdown
+    sentinels), and a broken pipe must be an error they handle, not a signal that kills the driver
+    before it says why it stopped."""
+    import signal
+    import threading
+
+    if hasattr(signal, "SIGPIPE") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+def _end_processes(procs, grace_s: float = 5.0) -> None:
+    """Processes terminated together (SIGTERM to each, then one shared wait of ``grace_s``; those
+    still running killed). Waited for by their sentinels (closed when a process ends), not by
+    join: a pool's own thread may reap them meanwhile, and a join that loses that race would
+    think them alive."""
+    import time
+    from multiprocessing.connection import wait
+
+    def running() -> list:
+        out = []
+        for p in procs:
+            with contextlib.suppress(Exception):
+                if p.pid is not None and not wait([p.sentinel], 0):
+                    out.append(p)
+        return out
+
+    for p in running():
+        with contextlib.suppress(Exception):
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    left = running()
+    while left and time.monotonic() < deadline:
+        wait([p.sentinel for p in left], max(0.0, deadline - time.monotonic()))
+        left = running()
+    for p in left:
+        with contextlib.suppress(Exception):
+            p.kill()
+    if left:
+        wait([p.sentinel for p in left], 5)
+    for p in procs:  # reaped (a zombie no longer), where a pool's thread has not already
+        with contextlib.suppress(Exception):
+            p.join(0)
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Ctrl-C held off while processes start: SIGINT blocked in this thread (a process started now
+    inherits the mask through fork and exec: it starts with SIGINT blocked, never unblocks it, and
+    sets it ignored first thing, :func:`_worker_start`; so no KeyboardInterrupt traceback of its
+    own while it imports), and the handler swapped for one that notes it (another thread may take
+    it meanwhile). Afterwards the handler is restored and a Ctrl-C that came meanwhile is given to
+    it: held, not lost. Only in the main thread (elsewhere signals cannot be set; nothing done)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    came: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one held is taken now ...
+        signal.signal(signal.SIGINT, old)  # ... by the note (signal() runs pending handlers first)
+        if came:
+            if callable(old):
+                old(signal.SIGINT, None)  # Python's own: KeyboardInterrupt
+            elif old == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 def _worker_start() -> None:
@@ -249,16 +421,18 @@ class SplitRepeatCheck:
             for _ in range(parts):
                 here, there = ctx.Pipe()
                 proc = ctx.Process(target=_repeat_worker, args=(there, max(1, memory_keys // parts)), daemon=True)
-                with _main_hidden():
-                    proc.start()
-                there.close()
                 self.conns.append(here)
-                self.procs.append(proc)
+                self.procs.append(proc)  # known before it starts: a Ctrl-C held in start() ends it too
+                try:
+                    with _main_hidden(), _sigint_held():
+                        proc.start()
+                finally:
+                    there.close()
             if seed is not None and len(seed[0]):
                 self.submit(*seed)
                 self.result()
         except BaseException:
-            self.close()
+            self.close(abort=True)
             raise
 
     def _split(self, hi: np.ndarray) -> list[np.ndarray]:
@@ -289,20 +463,49 @@ class SplitRepeatCheck:
             new[at] = answer
         return new
 
-    def close(self) -> None:
-        for conn in self.conns:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        for proc in self.procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-        for conn in self.conns:
-            conn.close()
+    def close(self, abort: bool = False, wait_s: float = 30.0) -> None:
+        """The processes ended. ``abort`` False (the check done): each told to end (the sends in a
+        thread, waited for ``wait_s`` at most: a process that does not read cannot block this),
+        and waited for, ``wait_s`` in all; those still running then are terminated. ``abort`` (an
+        error, Ctrl-C, the listing closed early): all terminated at once. The scratch folders of
+        processes terminated (their spilled runs, which they could not remove) are removed here."""
+        import threading
+        import time
+
+        procs, conns = self.procs, self.conns
         self.conns, self.procs, self.pending = [], [], []
+        if not abort:
+            def stop() -> None:
+                for conn in conns:
+                    with contextlib.suppress(OSError, ValueError):
+                        conn.send(None)
+            sender = threading.Thread(target=stop, name="fastsam-split-close", daemon=True)
+            sender.start()
+            deadline = time.monotonic() + wait_s
+            sender.join(wait_s)
+            for proc in procs:
+                proc.join(max(0.0, deadline - time.monotonic()))
+        ended = [p for p in procs if p.is_alive()]
+        _end_processes(ended)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+        for proc in ended:
+            _remove_scratch_of(proc.pid)
+
+
+def _remove_scratch_of(pid: int | None) -> None:
+    """The key-run scratch folders of a process (``fastsam-keys-<pid>-*`` under
+    :func:`.index.scratch_dir`, as its KeyRuns named them), removed: it was terminated."""
+    import glob
+    import shutil
+
+    from .index import SCRATCH_PREFIX, scratch_dir
+
+    if pid is None:
+        return
+    for path in glob.glob(os.path.join(glob.escape(scratch_dir()), f"{SCRATCH_PREFIX}{pid}-*")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _repeat_worker(conn, memory_keys: int) -> None:

@@ -8,10 +8,14 @@ give the index the threads give, and a bad file the same error. No Ray, local fi
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -87,15 +91,14 @@ def test_a_parquet_list_read_column_wise_gives_the_units_of_the_row_reader(tmp_p
     assert fast[1] > 50 and fast[3] > 50  # empty URIs skipped, repeated ids counted: both happened
 
 
-@pytest.mark.parametrize("after", [0, 2])
-def test_list_ids_hashed_by_the_pool_give_the_same_units(tmp_path, monkeypatch, after):
+@pytest.mark.parametrize("after_rows", [0, 100])
+def test_list_ids_hashed_by_the_pool_give_the_same_units(tmp_path, after_rows):
     """Hashing the listed ids in the pool's processes and checking them for repeats in the split
     check's (from the first batch, or after two batches checked on the driver, whose keys the split
     check is then given) changes nothing: same units, same repeats found, in order."""
-    monkeypatch.setattr(parallel, "POOL_AFTER", after)
     rows = _rows(900, seed=3)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "list.parquet")
-    pool = parallel.PlanPool(2)
+    pool = parallel.PlanPool(2, after_rows=after_rows)
     try:
         pooled = _units(str(tmp_path / "list.parquet"), 64, None, pool)
         assert pool._pool is not None  # the processes did the hashing
@@ -198,30 +201,71 @@ def _expected(units: list[dict], rows: list[tuple], retry: frozenset[str] | None
     return {"todo": todo, "changed": changed, "retried": retried, "superseded": superseded, "done": done, "ok": ok}
 
 
-@pytest.mark.parametrize("where", ["memory", "disk", "disk-pool", "memory-pool"])
-@pytest.mark.parametrize("retry", [None, frozenset({"timeout"}), frozenset({ALL_ERRORS})])
+# The plan's sizes scaled down (batches of 4,096 units, chunks of 1,000 listed, parts of 700 in a
+# run; here 256, 250, 175), so that 1,000 files cross several batches, chunks and parts.
+BATCH, CHUNK, PART, N_FILES = 256, 250, 175, 1000
+
+
+@pytest.mark.parametrize("where, retry", [(w, r) for w in ("memory", "disk")
+                                          for r in (None, frozenset({"timeout"}), frozenset({ALL_ERRORS}))]
+                         + [("disk-pool", frozenset({"timeout"})), ("memory-pool", None)])
 def test_a_plan_decides_each_image_as_plain_python_over_the_committed_rows(tmp_path, monkeypatch, where, retry):
-    """Files on disk (sizes and mtimes: a version per image), planned in batches of 4,096 against
-    an index of every kind of row; the plan's items (read back from its parts of 700), in listing
+    """Files on disk (sizes and mtimes: a version per image), planned in batches of BATCH against
+    an index of every kind of row; the plan's items (read back from its parts of PART), in listing
     order, are the images plain Python says are to do, and the changed, retried and superseded
     images and the counts are its too. ``disk``: the index past its memory bound (a mapped file);
-    ``-pool``: two processes hash the ids and look them up (the mapped index) for every batch."""
+    ``-pool``: two processes hash the ids (and, ``disk-pool``, look them up in the mapped index)
+    for every batch."""
+    import fastsam_batch.inputs as inputs
+    import fastsam_batch.job as job
+
+    monkeypatch.setattr(inputs, "UNIT_BATCH", BATCH)
+    monkeypatch.setattr(job, "LIST_CHUNK", CHUNK)
     if where.endswith("pool"):
         monkeypatch.setenv(parallel.PROCESSES_ENV, "2")
-        monkeypatch.setattr(parallel, "POOL_AFTER", 0)
+        monkeypatch.setattr(parallel, "POOL_AFTER_ROWS", 0)
     else:
         monkeypatch.setenv(parallel.PROCESSES_ENV, "1")
-    _images(tmp_path / "imgs", 9000)
+    _images(tmp_path / "imgs", N_FILES)
     m = parse_manifest({"name": "t", "input": {"uri": str(tmp_path / "imgs") + "/"},
                         "output": {"uri": str(tmp_path / "out")}, "model": {"checkpoint": "/x.pt"},
-                        "runtime": {"plan_part_rows": 700}})
+                        "runtime": {"plan_part_rows": PART}})
     storage = Storage()
     units = list(open_input(m.input, storage).units(Skipped()))
+    assert len(units) == N_FILES
+    _plan_is_plain_pythons(tmp_path, m, storage, units, where, retry)
+
+
+def test_a_list_planned_by_the_pool_against_an_index_on_disk_is_plain_pythons(tmp_path, monkeypatch):
+    """A list (its ids hashed in the pool's processes, repeats dropped by the split check), planned
+    with the committed index on disk: the pool's lookups are given the keys already hashed; the
+    plan is what plain Python over the committed rows says, as for files."""
+    import fastsam_batch.inputs.lists as lists
+    import fastsam_batch.job as job
+
+    monkeypatch.setattr(lists, "LIST_BATCH", BATCH)
+    monkeypatch.setattr(job, "LIST_CHUNK", CHUNK)
+    monkeypatch.setattr(parallel, "POOL_AFTER_ROWS", 0)
+    monkeypatch.setenv(parallel.PROCESSES_ENV, "1")  # the ground truth's units: on the driver
+    rng = random.Random(4)
+    ids = [f"img/{rng.randint(0, 1100)}.jpg" for _ in range(1300)]  # repeats: dropped, counted
+    pq.write_table(pa.table({"uri": [f"s3://b/{i}" for i in ids], "image_id": ids}), tmp_path / "list.parquet")
+    m = parse_manifest({"name": "t", "input": {"uri": str(tmp_path / "list.parquet"), "format": "list"},
+                        "output": {"uri": str(tmp_path / "out")}, "model": {"checkpoint": "/x.pt"},
+                        "runtime": {"plan_part_rows": PART}})
+    storage = Storage()
+    units = list(open_input(m.input, storage).units(Skipped()))
+    assert len(units) == len(set(ids)) and [u["image_id"] for u in units] == list(dict.fromkeys(ids))
+    monkeypatch.setenv(parallel.PROCESSES_ENV, "2")
+    _plan_is_plain_pythons(tmp_path, m, storage, units, "disk-pool", frozenset({"timeout"}))
+
+
+def _plan_is_plain_pythons(tmp_path, m, storage, units, where, retry) -> None:
     rows = _committed_rows(units, seed=11)
-    committed = Committed.from_rows(rows, memory_rows=2000 if where.startswith("disk") else None)
+    committed = Committed.from_rows(rows, memory_rows=250 if where.startswith("disk") else None)
     assert committed.on_disk == where.startswith("disk")
     summary = RunSummary(name="t")
-    plan = PlanParts(str(tmp_path / "out"), storage, 700)
+    plan = PlanParts(str(tmp_path / "out"), storage, PART)
     planned = plan_job(m, storage, summary, committed, PromptAttacher(m, storage), retry, plan, {})
     items = plan.in_memory + [r for f in plan.files for r in read_plan_part(f, storage)]
     want = _expected(units, rows, retry)
@@ -229,13 +273,13 @@ def test_a_plan_decides_each_image_as_plain_python_over_the_committed_rows(tmp_p
     by_id = {u["image_id"]: u for u in units}
     assert all(it["uri"] == by_id[it["image_id"]]["uri"] and it["source_version"] == source_version(it)
                and it["size"] == by_id[it["image_id"]]["size"] for it in items)
-    # the parts are the per-item loop's: the items to do of each 1,000 listed, in parts of 700 at most
+    # the parts are the per-item loop's: the items to do of each CHUNK listed, in parts of PART at most
     position = {u["image_id"]: j for j, u in enumerate(units)}
     chunks: dict[int, int] = {}
     for i in want["todo"]:
-        chunks[position[i] // 1000] = chunks.get(position[i] // 1000, 0) + 1
+        chunks[position[i] // CHUNK] = chunks.get(position[i] // CHUNK, 0) + 1
     sizes = [len(plan.in_memory)] if plan.in_memory else [len(read_plan_part(f, storage)) for f in plan.files]
-    expected = [p for n in chunks.values() for p in [700] * (n // 700) + ([n % 700] if n % 700 else [])]
+    expected = [p for n in chunks.values() for p in [PART] * (n // PART) + ([n % PART] if n % PART else [])]
     assert sizes == expected, (sizes[:12], expected[:12])
     assert planned.changed == want["changed"] and planned.retried == want["retried"]
     assert planned.superseded == want["superseded"] and want["superseded"]
@@ -244,6 +288,7 @@ def test_a_plan_decides_each_image_as_plain_python_over_the_committed_rows(tmp_p
     assert summary.images_error == want["done"] - want["ok"]
     if retry is not None:
         assert want["retried"]
+    assert len(sizes) >= len(chunks) == -(-len(units) // CHUNK) > 2  # several parts, every chunk has some to do
     committed.close()
 
 
@@ -279,15 +324,17 @@ def _committed_files(out, n_files: int, rows: int) -> None:
 
 
 def test_committed_files_read_by_the_pool_make_the_index_the_threads_make(tmp_path):
-    """Read in groups by two processes (every group: none on the driver first), the committed
-    files give the index read by threads: every record, file, stamp, fingerprint and reason."""
+    """Read in groups by two processes (every group: none on the driver first; 3 files a group, then
+    2 once 300 rows a file are seen: about 700 rows a group), the committed files give the index
+    read by threads: every record, file, stamp, fingerprint and reason."""
     out = tmp_path / "out"
     _committed_files(out, 40, 300)
     storage = Storage()
     listed = list_parts_stamped(str(out), storage)
     paths = list(listed)
     threads = Committed.from_files(iter_files(str(out), storage, paths, stamps=listed), memory_rows=5000)
-    pooled = Committed.from_files(iter_files_spread(str(out), storage, paths, listed, processes=2, group=3, after=0),
+    pooled = Committed.from_files(iter_files_spread(str(out), storage, paths, listed, processes=2, group=3,
+                                                    after_rows=0, group_rows=700),
                                   memory_rows=5000)
     assert threads.on_disk and pooled.on_disk
     assert (np.asarray(threads.records) == np.asarray(pooled.records)).all()
@@ -309,21 +356,104 @@ def test_a_bad_committed_file_read_by_the_pool_fails_as_the_threads_fail(tmp_pat
     with pytest.raises(CommittedFileError) as by_threads:
         list(iter_files(str(out), storage, paths))
     with pytest.raises(CommittedFileError) as by_pool:
-        list(iter_files_spread(str(out), storage, paths, processes=2, group=2, after=0))
+        list(iter_files_spread(str(out), storage, paths, processes=2, group=2, after_rows=0))
     assert str(by_pool.value) == str(by_threads.value) and "part-0007.parquet" in str(by_pool.value)
     assert type(by_pool.value.__cause__) is type(by_threads.value.__cause__) and by_pool.value.__cause__ is not None
 
 
-def test_plan_processes_setting(monkeypatch):
+def test_plan_processes_setting(monkeypatch, tmp_path):
+    """The setting: 1 to LIMIT_PROCESSES, else one line; unset: the usable cores (affinity, and a
+    cgroup v2 quota: cpu.max), none below MIN_CORES, at most MAX_PROCESSES."""
     monkeypatch.setenv(parallel.PROCESSES_ENV, "3")
     assert parallel.plan_processes() == 3
-    monkeypatch.setenv(parallel.PROCESSES_ENV, "0")
-    assert parallel.plan_processes() == 1
-    monkeypatch.setenv(parallel.PROCESSES_ENV, "many")
-    with pytest.raises(ValueError, match="FASTSAM_BATCH_PLAN_PROCESSES='many': not an integer"):
-        parallel.plan_processes()
+    monkeypatch.setenv(parallel.PROCESSES_ENV, str(parallel.LIMIT_PROCESSES))
+    assert parallel.plan_processes() == parallel.LIMIT_PROCESSES
+    for bad in ("0", "-2", str(parallel.LIMIT_PROCESSES + 1), "many", "2.5"):
+        monkeypatch.setenv(parallel.PROCESSES_ENV, bad)
+        with pytest.raises(ValueError, match=f"FASTSAM_BATCH_PLAN_PROCESSES='{bad}': not an integer from 1 to 64"):
+            parallel.plan_processes()
     monkeypatch.delenv(parallel.PROCESSES_ENV)
-    assert 1 <= parallel.plan_processes() <= parallel.MAX_PROCESSES
+    cpu_max = tmp_path / "cpu.max"
+    affinity = len(os.sched_getaffinity(0))
+    for text, cpus in (("max 100000\n", None), ("250000 100000\n", 2.5), ("50000 100000", 0.5),
+                       ("400000", 4.0), ("junk here", None), ("", None)):
+        cpu_max.write_text(text)
+        assert parallel.cgroup_cpus(str(cpu_max)) == cpus, text
+    assert parallel.cgroup_cpus(str(tmp_path / "absent")) is None
+    cpu_max.write_text("50000 100000\n")  # half a CPU: one
+    assert parallel.usable_cores(str(cpu_max)) == 1 and parallel.plan_processes(str(cpu_max)) == 1
+    cpu_max.write_text("390000 100000\n")  # 3.9 CPUs: 3, under MIN_CORES: no pool, whatever the affinity
+    assert parallel.usable_cores(str(cpu_max)) == min(3, affinity) and parallel.plan_processes(str(cpu_max)) == 1
+    cpu_max.write_text("max 100000\n")
+    assert parallel.usable_cores(str(cpu_max)) == affinity
+    assert parallel.plan_processes(str(cpu_max)) == (1 if affinity < parallel.MIN_CORES
+                                                     else min(parallel.MAX_PROCESSES, affinity))
+
+
+def test_a_bad_processes_setting_stops_a_run_before_any_work(tmp_path, monkeypatch):
+    """Preflight says what is wrong with the setting, one line, before the lease or the output."""
+    from fastsam_batch.job import run_job
+    from fastsam_batch.preflight import PreflightError
+
+    monkeypatch.setenv(parallel.PROCESSES_ENV, "100")
+    m = parse_manifest({"name": "t", "input": {"uri": str(tmp_path / "imgs") + "/"},
+                        "output": {"uri": str(tmp_path / "out")}, "model": {"checkpoint": "/x.pt"}})
+    with pytest.raises(PreflightError, match="FASTSAM_BATCH_PLAN_PROCESSES='100': not an integer from 1 to 64"):
+        run_job(m)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_pools_window_is_bounded_by_rows(monkeypatch):
+    """Two ordered() windows sharing one pool (a list's hashing under the plan's lookups): the
+    rows given to the processes and not yet taken back stay within window_rows plus one item per
+    window, and every result comes back, in order."""
+    pool = parallel.PlanPool(2, after_rows=0, window_rows=100)
+    sizes = [30, 70, 10, 90, 50, 40, 60, 20, 80, 5] * 3
+    most = 0
+    try:
+        inner = pool.ordered(([f"{k}:{j}" for j in range(n)] for k, n in enumerate(sizes)),
+                             lambda ids: (parallel.hash_ids, (ids,)), size=len)
+        outer = pool.ordered(((ids, keys) for ids, keys in inner),
+                             lambda it: (parallel.hash_ids, (it[0][::-1],)), size=lambda it: len(it[0]))
+        got = []
+        for (ids, (hi, lo)), (hi2, _) in outer:
+            most = max(most, pool.in_flight)
+            got.append((ids, hi.tolist(), hi2.tolist()))
+        assert pool.in_flight == 0
+    finally:
+        pool.close()
+    assert most <= 100 + 2 * max(sizes)
+    assert [len(ids) for ids, _, _ in got] == sizes
+    for ids, hi, hi2 in got:
+        assert hi == parallel.hash_ids(ids)[0].tolist() and hi2 == parallel.hash_ids(ids[::-1])[0].tolist()
+
+
+def test_an_aborted_split_check_ends_its_processes_and_their_spilled_runs(tmp_path, monkeypatch):
+    """close(abort=True) (an error, Ctrl-C): the processes terminated together, and the scratch
+    folders of their spilled runs (which they could not remove) removed by the driver."""
+    monkeypatch.setenv("FASTSAM_BATCH_SCRATCH", str(tmp_path))
+    check = parallel.SplitRepeatCheck(2, 200)
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        check.submit(rng.integers(0, 2**63, 1000, dtype=np.uint64), rng.integers(0, 2**63, 1000, dtype=np.uint64))
+    check.result()
+    assert list(tmp_path.glob("fastsam-keys-*"))  # spilled runs (200 keys in memory each)
+    procs = list(check.procs)
+    check.close(abort=True)
+    assert all(_gone(p.pid) for p in procs) and not list(tmp_path.glob("fastsam-keys-*"))
+    check.close()  # again: nothing to do
+
+
+def test_a_pool_closed_on_an_error_ends_its_processes(tmp_path):
+    pool = parallel.PlanPool(2, after_rows=0)
+    it = pool.ordered(([str(j)] * 10 for j in range(50)), lambda ids: (parallel.hash_ids, (ids,)), size=len)
+    next(it)
+    procs = list(pool._pool._processes.values())
+    assert procs
+    it.close()
+    pool.close(abort=True)
+    assert all(_gone(p.pid) for p in procs)
+
 
 
 INVENTORY_KEYS = ["a.jpg", "b.PNG", "dir/", "c.txt", "noext", "d.JpEg", "e.\u212Apg", "f.t\u0130f", "g.jpg.txt", ".png",
@@ -359,3 +489,61 @@ def test_a_parquet_inventory_batch_read_column_wise_gives_the_units_of_the_row_r
     # a null bucket (the row reader's f-string writes s3://None/...): the batch is left to the row reader
     as_text = batch.set_column(0, "bucket", pa.array([None] * n, pa.string()))
     assert parquet_units(as_text, skip_non_images, Skipped()) is None
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: ended
+    except OSError:
+        return True
+
+
+def test_ctrl_c_while_the_pool_starts_gives_one_line_and_leaves_no_process(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) to `fastsam-batch plan` once
+    the pool's processes exist (past the driver's first 262,144 rows of a 600,000-row list): one
+    line, exit 130, no traceback (the processes start with SIGINT held off, then ignore it), and
+    none of them left."""
+    import signal
+    import time
+
+    from conftest import CHECKPOINT
+
+    n = 600_000
+    ids = pa.array([f"img/{j}.jpg" for j in range(n)])
+    pq.write_table(pa.table({"uri": pc.binary_join_element_wise("s3://b/", ids, ""), "image_id": ids}),
+                   tmp_path / "list.parquet")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"name": "t", "input": {"uri": str(tmp_path / "list.parquet"), "format": "list"},
+                               "output": {"uri": str(tmp_path / "out")},
+                               "model": {"checkpoint": str(CHECKPOINT), "device": "cpu"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env[parallel.PROCESSES_ENV] = "2"
+    exe = os.path.join(os.path.dirname(sys.executable), "fastsam-batch")
+    p = subprocess.Popen([exe, "plan", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(seen) < 2 and p.poll() is None and time.monotonic() < deadline:  # the resource tracker and a process
+            seen |= _children(p.pid)
+            time.sleep(0.05)
+        assert len(seen) >= 2, f"no pool seen (exit {p.poll()})"
+        os.killpg(p.pid, signal.SIGINT)
+        seen |= _children(p.pid)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130, (out, err)
+    assert "Traceback" not in out + err and err.strip() == "fastsam-batch: plan: interrupted", err
+    deadline = time.monotonic() + 30
+    while not all(_gone(c) for c in seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(c) for c in seen), [c for c in seen if not _gone(c)]

@@ -107,8 +107,10 @@ def unit_batch(image_ids, uris, sizes=None, etags=None, extras=None, hi=None, lo
         "extra": col(extras, pa.string()) if extras is not None else empty}), hi, lo)
 
 
-def batches_of_units(units: Iterator[dict], size: int = UNIT_BATCH) -> Iterator[UnitBatch]:
-    """Object units (dicts, as :func:`unit` makes them) grouped into :class:`UnitBatch` es."""
+def batches_of_units(units: Iterator[dict], size: int | None = None) -> Iterator[UnitBatch]:
+    """Object units (dicts, as :func:`unit` makes them) grouped into :class:`UnitBatch` es of
+    ``size`` (default :data:`UNIT_BATCH`)."""
+    size = size or UNIT_BATCH
     chunk: list[dict] = []
     for u in units:
         chunk.append(u)

@@ -144,10 +144,11 @@ def iter_list(cfg, storage: Storage, form: InputForm, skipped: Skipped) -> Itera
 
 
 def iter_list_batches(cfg, storage: Storage, form: InputForm, skipped: Skipped, pool: PlanPool | None = None,
-                      batch_rows: int = LIST_BATCH) -> Iterator[UnitBatch]:
+                      batch_rows: int | None = None) -> Iterator[UnitBatch]:
     """The list's units, in order, as :class:`.UnitBatch` es (ids hashed once, here: by ``pool``'s
     processes when given); repeated ids skipped and counted (checked up to ``batch_rows`` rows at a
     time: a unit is given once its batch is checked)."""
+    batch_rows = batch_rows or LIST_BATCH
     seen = SeenIds()
     split: SplitRepeatCheck | None = None  # the repeat check over processes, once the pool works
     pool = pool or PlanPool(1)
@@ -164,12 +165,15 @@ def iter_list_batches(cfg, storage: Storage, form: InputForm, skipped: Skipped, 
             batch = UnitBatch(batch.table.filter(_mask(new)), hi[new], lo[new])
         return batch
 
+    finished = False
+    hashed = pool.ordered(columns, lambda c: (hash_and_carry, (c[0], c[2])), size=lambda c: len(c[0]))
     try:
-        hashed = pool.ordered(columns, lambda c: (hash_and_carry, (c[0], c[2])))
-        for n, ((ids, uris, _), (hi, lo, extras)) in enumerate(hashed):
-            if split is None and pool.active and n >= pool.after:  # a long list: the check goes to processes
+        rows = 0  # listed rows checked before this batch
+        for (ids, uris, _), (hi, lo, extras) in hashed:
+            if split is None and pool.active and rows >= pool.after_rows:  # a long list: the check goes to processes
                 split = SplitRepeatCheck(pool.processes, SEEN_MEMORY_KEYS, seed=seen.keys.keys())
                 seen.close()
+            rows += len(hi)
             if split is None:
                 yield checked(ids, uris, extras, hi, lo, seen.add_keys(hi, lo))
                 continue
@@ -179,9 +183,11 @@ def iter_list_batches(cfg, storage: Storage, form: InputForm, skipped: Skipped, 
                 yield checked(*waiting.popleft(), split.result())
         while waiting:
             yield checked(*waiting.popleft(), split.result())
+        finished = True
     finally:
+        hashed.close()
         if split is not None:
-            split.close()
+            split.close(abort=not finished)  # an error, Ctrl-C, the listing closed early: ended at once
         seen.close()
 
 
