@@ -10,6 +10,7 @@ steadier number), for the code before (``--before``: a commit, exported with
 ``git archive``) and this tree's, in the same run. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/scale.py [--rows 200000 2000000] [--before 3388a75] [--before-timeout 300]
+                                         [--processes 1 2]
                                          [--out benchmarks/out/scale.json] [--work DIR] [--index-rows N]
 
 Nothing is downloaded; the fixture checkpoint stands in for the model (planning never runs it).
@@ -84,6 +85,40 @@ def make(work: Path, n: int, rows_per_file: int = 1000) -> tuple[Path, float]:
     return path, time.perf_counter() - t0
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (planning's process pool), from /proc's children lists."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _is_pool(pid: int) -> bool:
+    """A process of planning's pool (multiprocessing's spawned workers and resource tracker)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"multiprocessing" in f.read()
+    except OSError:
+        return False
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of one process so far (/proc/<pid>/stat), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _status(pid: int) -> dict[str, int]:
     """kB fields of /proc/<pid>/status (RssAnon, RssFile, RssShmem, VmHWM); {} once it is gone."""
     try:
@@ -94,16 +129,23 @@ def _status(pid: int) -> dict[str, int]:
         return {}
 
 
-def plan(code: Path, manifest_path: Path, timeout: float, index_rows: int | None = None) -> dict:
+def plan(code: Path, manifest_path: Path, timeout: float, index_rows: int | None = None,
+         processes: int | None = None) -> dict:
     """``fastsam-batch plan --json`` with the package from ``code``, in a process of its own: wall
     time, CPU time (user + system) and peak RSS from its rusage (``wait4``: what GNU time reports),
     and its anonymous and file-backed resident memory (RssAnon, RssFile from /proc/<pid>/status)
     sampled every 20 ms, their peaks kept: mapped files' pages (the committed index past its bound)
     count in RSS, but as file pages the kernel may reclaim; anonymous memory is what must stay
-    bounded. ``index_rows``: $FASTSAM_BATCH_INDEX_ROWS for it (the index's memory bound)."""
+    bounded. ``index_rows``: $FASTSAM_BATCH_INDEX_ROWS for it (the index's memory bound);
+    ``processes``: $FASTSAM_BATCH_PLAN_PROCESSES (planning's process pool; the CPU time from wait4
+    includes the pool's processes, which the plan process waits for; the plan process's own is
+    sampled from /proc, and the RSS of it and its pool's processes summed at each sample: not the
+    short-lived GPU probe of the actor sizing, another child, about 400 MB while it imports torch)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     if index_rows:
         env["FASTSAM_BATCH_INDEX_ROWS"] = str(index_rows)
+    if processes:
+        env["FASTSAM_BATCH_PLAN_PROCESSES"] = str(processes)
     prog = "import sys; from fastsam_batch.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", prog, "plan", "--json", str(manifest_path)]
     # `python -c` puts the working directory first on sys.path: run in ``code`` so that its package is the one imported
@@ -113,7 +155,8 @@ def plan(code: Path, manifest_path: Path, timeout: float, index_rows: int | None
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, env=env, cwd=code, stdout=out, stderr=err, text=True)
-        peak = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+        peak = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0, "tree_anon": 0, "tree_rss": 0, "tree_processes": 0}
+        own_cpu = 0.0
         while True:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
@@ -121,6 +164,13 @@ def plan(code: Path, manifest_path: Path, timeout: float, index_rows: int | None
             for k, v in _status(p.pid).items():
                 if k in peak:
                     peak[k] = max(peak[k], v)
+            own_cpu = _cpu_s(p.pid) or own_cpu
+            tree = [p.pid] + [q for q in _tree(p.pid)[1:] if _is_pool(q)]  # not the sizing's GPU probe
+            tree = [_status(q) for q in tree]
+            peak["tree_anon"] = max(peak["tree_anon"], sum(t.get("RssAnon", 0) for t in tree))
+            peak["tree_rss"] = max(peak["tree_rss"], sum(t.get("RssAnon", 0) + t.get("RssFile", 0)
+                                                         + t.get("RssShmem", 0) for t in tree))
+            peak["tree_processes"] = max(peak["tree_processes"], len(tree))
             if time.perf_counter() - t0 > timeout:
                 p.kill()
                 os.wait4(p.pid, 0)
@@ -137,7 +187,9 @@ def plan(code: Path, manifest_path: Path, timeout: float, index_rows: int | None
     return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_rss_anon_mb": round(peak["RssAnon"] / 1024, 1),
             "peak_rss_file_mb": round(peak["RssFile"] / 1024, 1), "peak_rss_shmem_mb": round(peak["RssShmem"] / 1024, 1),
-            "index_rows": index_rows, "images_to_do": d["images_to_do"],
+            "plan_process_cpu_s": round(own_cpu, 2), "peak_tree_rss_mb": round(peak["tree_rss"] / 1024, 1),
+            "peak_tree_anon_mb": round(peak["tree_anon"] / 1024, 1), "processes_seen": peak["tree_processes"],
+            "plan_processes_env": processes, "index_rows": index_rows, "images_to_do": d["images_to_do"],
             "images_done": d["images_done"], "duplicates_in_input": d["duplicates_in_input"], "package": where}
 
 
@@ -151,6 +203,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="where the synthetic outputs go (kept; default: a temp folder)")
     ap.add_argument("--index-rows", type=int, default=None,
                     help="$FASTSAM_BATCH_INDEX_ROWS for this tree's plan (the committed index's memory bound)")
+    ap.add_argument("--processes", type=int, nargs="+", default=[None],
+                    help="$FASTSAM_BATCH_PLAN_PROCESSES for this tree's plan, one run each (default: unset)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="fastsam-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -166,23 +220,25 @@ def main() -> None:
     results = {"cpus": os.cpu_count(), "before_commit": args.before,
                "after_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                               capture_output=True, text=True).stdout.strip(), "rows": {}}
-    print(f"{'committed rows':>15s} {'code':>7s} {'plan wall s':>12s} {'CPU s':>8s} {'peak RSS MB':>12s} "
-          f"{'anon MB':>8s} {'file MB':>8s} {'to do':>7s} {'done':>10s}")
+    print(f"{'committed rows':>15s} {'code':>9s} {'plan wall s':>12s} {'CPU s':>8s} {'plan proc':>9s} "
+          f"{'peak RSS MB':>12s} {'anon MB':>8s} {'file MB':>8s} {'tree MB':>8s} {'to do':>7s} {'done':>10s}")
+    runs = [(label, code, None) for label, code in codes.items() if label == "before"] + \
+        [("after" + (f"-p{p}" if p else ""), ROOT, p) for p in args.processes]
     for n in args.rows:
         mpath, made_s = make(work, n)
         row = results["rows"][str(n)] = {"made_s": round(made_s, 1)}
-        for label, code in codes.items():
+        for label, code, processes in runs:
             if label == "before" and n > args.before_rows_max:
                 continue
             r = row[label] = plan(code, mpath, args.before_timeout if label == "before" else 3600,
-                                  args.index_rows if label == "after" else None)
+                                  args.index_rows if label != "before" else None, processes)
             if r.get("wall_s") is None:
-                print(f"{n:15,d} {label:>7s} {'> %d' % r['timed_out_after_s']:>12s} {'':>12s} (stopped)", flush=True)
+                print(f"{n:15,d} {label:>9s} {'> %d' % r['timed_out_after_s']:>12s} {'':>12s} (stopped)", flush=True)
                 continue
             assert (r["images_to_do"], r["images_done"]) == (NEW, n), r
-            print(f"{n:15,d} {label:>7s} {r['wall_s']:12.1f} {r['cpu_s']:8.1f} {r['peak_rss_mb']:12.0f} "
-                  f"{r['peak_rss_anon_mb']:8.0f} {r['peak_rss_file_mb']:8.0f} {r['images_to_do']:7,d} "
-                  f"{r['images_done']:10,d}", flush=True)
+            print(f"{n:15,d} {label:>9s} {r['wall_s']:12.1f} {r['cpu_s']:8.1f} {r['plan_process_cpu_s']:9.1f} "
+                  f"{r['peak_rss_mb']:12.0f} {r['peak_rss_anon_mb']:8.0f} {r['peak_rss_file_mb']:8.0f} "
+                  f"{r['peak_tree_rss_mb']:8.0f} {r['images_to_do']:7,d} {r['images_done']:10,d}", flush=True)
         out = Path(args.out)  # written after each N: a long one cut short keeps the others
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))

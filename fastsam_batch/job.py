@@ -3,6 +3,7 @@ the segmentation (:mod:`.pipeline`, the Ray part), then the end-of-run checks an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,8 @@ from .manifest import Manifest
 from .metrics import CommitMetrics
 from .console import silence_ray
 from .model import check_checkpoint, fetch_checkpoint
-from .preflight import check_device, check_listable, check_locations, check_ray_address, check_writable
+from .preflight import (PreflightError, check_device, check_listable, check_locations, check_ray_address,
+                        check_writable)
 from .sizing import local_machine, plan_actors, plan_writers, usable_cpus
 from .offline import configure_ultralytics
 from .progress import Progress
@@ -26,7 +28,8 @@ from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_t
 from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
 from .repair import drop_left_over_rows, remove_files, repair_at_end, repair_at_start
-from .index import Committed, stale_unit_rows
+from .index import CHANGED, FRESH, Committed, stale_unit_rows
+from .parallel import PlanPool, look_up, plan_processes, source_versions, version_keys_of
 from .resume import (read_committed, read_units_records, run_fingerprint, source_version,
                      write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
@@ -35,7 +38,7 @@ from .write import Interrupted, put_atomic
 from .writers import Ledger, Staged, abort_uploads, open_uploads, publish as publish_staged
 from .pipeline import WriterPool, embedded_ray_line, ray_address, run_segmentation, start_ray
 
-LIST_CHUNK = 1000  # listed items handled at a time on the driver
+LIST_CHUNK = 1000  # listed containers handled at a time on the driver; the plan's parts: per this many listed
 RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
 ALL_ERRORS = "all"  # --retry-errors with no reasons: every error row
 
@@ -81,15 +84,23 @@ class PromptAttacher:
     def attach(self, items: list[dict], summary: RunSummary) -> None:
         if not self.p.prompted:
             return
+        for it, text in zip(items, self.texts([it[self.key] for it in items], summary)):
+            it["prompts"] = text
+
+    def texts(self, keys: list[str], summary: RunSummary) -> list[str]:
+        """The prompts of the images of these keys (``image_id``, or ``uri`` where the table is
+        keyed by URI), as JSON strings ("" none); only when prompted."""
         by_key = self.index.by_key if self.index else {}
-        for it in items:
-            own = by_key.get(it[self.key], [])
+        out = []
+        for key in keys:
+            own = by_key.get(key, [])
             if own:
-                self.seen.add(it[self.key])
+                self.seen.add(key)
             prompts = self.common + own
-            it["prompts"] = json.dumps(prompts, separators=(",", ":")) if prompts else ""
+            out.append(json.dumps(prompts, separators=(",", ":")) if prompts else "")
             summary.images_without_prompts += not prompts
             summary.prompts_planned += len(prompts)
+        return out
 
     def finish(self, summary: RunSummary) -> None:
         if self.index is None:
@@ -143,33 +154,36 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     retried_rows: dict[str, set[bytes]] = {}
     form = open_input(m.input, storage)
     try:
-        for chunk in chunked(form.units(skipped), LIST_CHUNK):
-            prompts.attach(chunk, summary)
-            for it in chunk:
-                it["source_version"] = source_version(it)
-            todo = [it for it in chunk if it["kind"] in CONTAINERS
-                    and _plan_container(it, committed, complete_units or {}, summary, units, complete_now, retry,
-                                        retried_rows)]
-            chunk = [it for it in chunk if it["kind"] not in CONTAINERS]
-            summary.images_planned += len(chunk)
-            for it, found in zip(chunk, committed.lookup([it["image_id"] for it in chunk],
-                                                         [it["source_version"] for it in chunk])):
-                if found.state == "fresh" and not found.ok and retry is not None \
-                        and (ALL_ERRORS in retry or found.reason in retry):
-                    retried.add(it["image_id"])  # its old rows go once the new one is committed
+        if form.batches is not None:  # object units as columns (lists, inventories, files)
+            _plan_batches(form, skipped, plan, committed, summary, prompts, retry, superseded, changed, retried)
+        else:  # containers (and any form without batches): a unit at a time
+            for chunk in chunked(form.units(skipped), LIST_CHUNK):
+                prompts.attach(chunk, summary)
+                for it in chunk:
+                    it["source_version"] = source_version(it)
+                todo = [it for it in chunk if it["kind"] in CONTAINERS
+                        and _plan_container(it, committed, complete_units or {}, summary, units, complete_now, retry,
+                                            retried_rows)]
+                chunk = [it for it in chunk if it["kind"] not in CONTAINERS]
+                summary.images_planned += len(chunk)
+                for it, found in zip(chunk, committed.lookup([it["image_id"] for it in chunk],
+                                                             [it["source_version"] for it in chunk])):
+                    if found.state == "fresh" and not found.ok and retry is not None \
+                            and (ALL_ERRORS in retry or found.reason in retry):
+                        retried.add(it["image_id"])  # its old rows go once the new one is committed
+                        todo.append(it)
+                        continue
+                    if found.state == "fresh":  # a row of the object as it is now
+                        summary.images_skipped_done += 1
+                        summary.images_ok += found.ok
+                        summary.images_error += not found.ok
+                        for part in found.superseded:
+                            superseded.setdefault(part, {})[it["image_id"]] = it["source_version"]
+                        continue
+                    if found.state == "changed":
+                        changed[it["image_id"]] = it["source_version"]
                     todo.append(it)
-                    continue
-                if found.state == "fresh":  # a row of the object as it is now
-                    summary.images_skipped_done += 1
-                    summary.images_ok += found.ok
-                    summary.images_error += not found.ok
-                    for part in found.superseded:
-                        superseded.setdefault(part, {})[it["image_id"]] = it["source_version"]
-                    continue
-                if found.state == "changed":
-                    changed[it["image_id"]] = it["source_version"]
-                todo.append(it)
-            plan.add(todo)
+                plan.add(todo)
     except (FileNotFoundError, InputError) as e:
         raise JobError(str(e)) from None
     prompts.finish(summary)
@@ -185,6 +199,107 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     stale = stale_unit_rows(committed, complete_now) if complete_now else {}
     summary.images_retried_errors += sum(len(k) for k in retried_rows.values())
     return Planned(plan, superseded, changed, retried, form.carried, units, stale, retried_rows)
+
+
+def _plan_batches(form, skipped: Skipped, plan, committed: Committed, summary: RunSummary, prompts: PromptAttacher,
+                  retry: frozenset[str] | None, superseded: dict[str, dict[str, str]], changed: dict[str, str],
+                  retried: set[str]) -> None:
+    """The form's batches planned in order; the ids hashed, and looked up in an index on disk, by a
+    :class:`.parallel.PlanPool` of processes (the first batches, and a small plan, on the driver)."""
+    import pyarrow as pa
+
+    pool = PlanPool(plan_processes())
+    index = (committed.records.filename, committed.rows) if committed.rows and committed.on_disk else None
+
+    def task(batch):
+        if not committed.rows:
+            return None  # a fresh output: nothing to look up, its keys not needed (nor hashed)
+        if batch.hi is not None and index is None:
+            return None  # hashed by the form; an index in memory is looked up here
+        t = batch.table
+        return look_up, (t.column("image_id") if batch.hi is None else None, batch.hi, batch.lo, t.column("etag"),
+                         t.column("size"), index)
+
+    listed = 0  # units before this batch
+    held: list = []  # the items to do of the chunk of LIST_CHUNK listed units not yet complete
+    held_chunk = -1
+
+    def flush() -> None:
+        if held:
+            plan.add_table(pa.concat_tables(held) if len(held) > 1 else held[0])
+            held.clear()
+
+    finished = False
+    try:
+        with contextlib.closing(form.batches(skipped, pool)) as batches, \
+                contextlib.closing(pool.ordered(batches, task, size=len)) as planned:
+            for batch, done in planned:
+                found = None
+                if done is not None:
+                    batch.hi, batch.lo, found = done
+                todo, at = _plan_objects(batch, committed, summary, prompts, retry, superseded, changed, retried, found)
+                # given to the plan as the per-item loop gave them, the items to do of each LIST_CHUNK
+                # listed units together: the same plan parts (files) as before
+                chunk = (listed + at) // LIST_CHUNK
+                cuts = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(at)]
+                for a, b in zip(cuts[:-1], cuts[1:]):
+                    if b > a:
+                        if int(chunk[a]) != held_chunk:
+                            flush()
+                            held_chunk = int(chunk[a])
+                        held.append(todo.slice(a, b - a))
+                listed += len(batch)
+        flush()
+        finished = True
+    finally:
+        pool.close(abort=not finished)  # an error or Ctrl-C: its processes terminated at once
+
+
+def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: PromptAttacher,
+                  retry: frozenset[str] | None, superseded: dict[str, dict[str, str]], changed: dict[str, str],
+                  retried: set[str], found=None):
+    """:func:`plan_job`'s loop over object units, on a :class:`.inputs.UnitBatch`: the same
+    decisions, as arrays (one range search in the committed index for the batch; Python only per
+    image that is changed, retried, or has rows of older versions to drop). Returns the units to do,
+    in order, as a table of the plan's fields, and their positions in the batch."""
+    import pyarrow as pa
+
+    t = batch.table
+    n = t.num_rows
+    summary.images_planned += n
+    versions = source_versions(t.column("etag"), t.column("size"))
+    t = t.append_column("source_version", versions)
+    if prompts.p.prompted:
+        t = t.append_column("prompts", pa.array(prompts.texts(t.column(prompts.key).to_pylist(), summary),
+                                                pa.string()))
+    if not committed.rows or not n:
+        return t, np.arange(n)
+    if found is None:
+        hi, lo = batch.keys()
+        found = committed.lookup_keys(hi, lo, version_keys_of(versions))  # a version hashed once (lists: one)
+    fresh = found.state == FRESH
+    redo = np.zeros(n, bool)
+    if retry is not None:
+        again = np.array([ALL_ERRORS in retry or r in retry for r in committed.reasons] + [False], bool)
+        redo = fresh & ~found.ok & again[found.code]  # code -1 (ok): the last entry, False
+    done = fresh & ~redo
+    summary.images_skipped_done += int(np.count_nonzero(done))
+    ok = int(np.count_nonzero(done & found.ok))
+    summary.images_ok += ok
+    summary.images_error += int(np.count_nonzero(done)) - ok
+    ids = t.column("image_id")
+    if found.superseded:
+        for j, parts in found.superseded.items():
+            if done[j]:
+                for part in parts:
+                    superseded.setdefault(committed.parts[part], {})[ids[j].as_py()] = versions[j].as_py()
+    for j in np.flatnonzero(redo).tolist():
+        retried.add(ids[j].as_py())  # its old rows go once the new one is committed
+    moved = np.flatnonzero(found.state == CHANGED)
+    if len(moved):
+        idx = pa.array(moved)
+        changed.update(zip(ids.take(idx).to_pylist(), versions.take(idx).to_pylist()))
+    return (t, np.arange(n)) if not done.any() else (t.filter(pa.array(~done)), np.flatnonzero(~done))
 
 
 def _plan_container(it: dict, committed: Committed, complete: dict[str, dict[tuple[str, str], int]], summary: RunSummary,
@@ -224,6 +339,16 @@ def _plan_container(it: dict, committed: Committed, complete: dict[str, dict[tup
         it["done"] = ",".join(k.hex() for k in committed.key_list(fresh))
     units[uri] = version
     return True
+
+
+def check_plan_processes() -> None:
+    """``$FASTSAM_BATCH_PLAN_PROCESSES`` checked before any work (one line, not after the lease)."""
+    from .parallel import processes_asked
+
+    try:
+        processes_asked()
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
 
 
 def check_input_form(m: Manifest, storage: Storage) -> None:
@@ -282,6 +407,7 @@ def run_job(m: Manifest, overwrite: bool = False, log=print, break_lease: bool =
     # starts and before anything is deleted. The quick checks first, in the order a user would fix
     # them, and the input's first image before the output is written to: nothing to read, nothing made.
     check_output_placement(ray_address(m), m.output.uri)  # a local output through ray://: on the address's form
+    check_plan_processes()
     check_locations(m, storage, probe_output=False)
     check_input_form(m, storage)
     quick = storage.for_checks()
@@ -492,6 +618,7 @@ def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: 
     env = configure_ultralytics()
     storage = Storage(m.storage_options)
     summary = RunSummary(name=m.name, output_uri=m.output.uri, tool_version=__version__)
+    check_plan_processes()
     quick = storage.for_checks()
     check_output_placement(ray_address(m), m.output.uri)
     check_listable("input.uri", m.input.uri, quick)

@@ -152,8 +152,13 @@ def start_ray(m: Manifest, env: dict[str, str], debug: bool = False) -> tuple[Ac
         quiet["_metrics_export_port"] = m.runtime.metrics_export_port
     # address="local": always a new Ray of this run's own. Without it ray.init() joins the cluster
     # that `ray start` recorded on this machine (a dev cluster, a head node), where num_cpus is refused.
+    # worker_niceness 0: the embedded Ray's workers are the job, so they run at the priority it was
+    # started with. Ray's default (15, for a cluster node: its raylet ahead of the work) starves them
+    # behind any other busy process on the machine (CFS weights: 1024 at 0 against 36 at 15); with a
+    # CPU-bound process per core beside it, the test suite's runs took about 5x their time alone on a
+    # 2-core machine. `nice fastsam-batch run` still lowers the whole run.
     ray.init(address="local", num_cpus=embedded_ray_cpus(m.runtime, actors.actors, int(machine.cpus)),
-             runtime_env=runtime_env, include_dashboard=False, **quiet)
+             runtime_env=runtime_env, include_dashboard=False, _system_config={"worker_niceness": 0}, **quiet)
     return actors, "started " + embedded_ray_line()
 
 

@@ -59,13 +59,32 @@ class PlanParts:
                 self.in_memory = []
             self._write(part)
 
+    def add_table(self, table) -> None:
+        """As :meth:`add`, the items as an Arrow table (columns of :data:`PLAN_FIELDS`; those
+        missing take their defaults): the same parts, cut from the table without a dict per item
+        (the one part kept in memory excepted)."""
+        for a in range(0, table.num_rows, self.part_rows):
+            part = table.slice(a, self.part_rows)
+            self.count += part.num_rows
+            if not self.files and not self.in_memory:
+                self.in_memory = part.to_pylist()
+                continue
+            if self.in_memory:
+                self._write(self.in_memory)
+                self.in_memory = []
+            self._write_table(part)
+
     def _write(self, part: list[dict]) -> None:
         import pyarrow as pa
+
+        self._write_table(pa.table({k: [it.get(k, _DEFAULTS.get(k, "")) for it in part] for k in PLAN_FIELDS}))
+
+    def _write_table(self, part) -> None:
         import pyarrow.parquet as pq
 
         from .write import put_atomic
 
-        table = pa.table({k: [it.get(k, _DEFAULTS.get(k, "")) for it in part] for k in PLAN_FIELDS})
+        table = plan_table(part)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         uri = join_uri(self.folder, f"part-{len(self.files):06d}.parquet")
@@ -83,6 +102,23 @@ class PlanParts:
                     pass
 
 
+def plan_table(part):
+    """``part``'s columns of :data:`PLAN_FIELDS`, in that order, those missing filled with their
+    defaults (as :meth:`PlanParts._write` fills an item's missing keys)."""
+    import pyarrow as pa
+
+    n = part.num_rows
+    cols = {}
+    for k in PLAN_FIELDS:
+        if k in part.column_names:
+            cols[k] = part.column(k)
+        elif k == "size":
+            cols[k] = pa.array([0] * n, pa.int64())
+        else:
+            cols[k] = pa.array([_DEFAULTS.get(k, "")] * n, pa.string())
+    return pa.table(cols)
+
+
 class PlanCount:
     """In place of :class:`PlanParts` for a dry run: the planned items counted, nothing written."""
 
@@ -93,6 +129,9 @@ class PlanCount:
 
     def add(self, items: list[dict]) -> None:
         self.count += len(items)
+
+    def add_table(self, table) -> None:
+        self.count += table.num_rows
 
     def remove(self) -> None:
         pass

@@ -9,20 +9,24 @@ another configuration wrote there: that run is refused unless ``--overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from . import __version__
 from .manifest import Manifest
-from .index import (Committed, Duplicates, FileRows, Lookup, duplicate_rows, id_key, id_keys,  # noqa: F401
+from .index import (Committed, Duplicates, FileGroup, FileRows, Lookup, duplicate_rows, id_key, id_keys,  # noqa: F401
                     key_bytes, rows_in_other_files, rows_outside, stale_unit_rows, superseded_parts, unit_key,
                     version_key)
 from .schema import error_reason
 from .storage import Storage, protocol_of
 from .write import PART_PREFIX
+
+_log = logging.getLogger(__name__)
 
 
 def run_fingerprint(m: Manifest, checkpoint_sha256: str, prompt_sources: dict | None = None) -> tuple[str, dict]:
@@ -205,7 +209,61 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     at its start; later steps keep it current with :func:`refresh_committed` and
     :func:`apply_rewrites`, which read only the files added since."""
     listed = list_parts_stamped(output_uri, storage)
-    return Committed.from_files(iter_files(output_uri, storage, list(listed), stamps=listed))
+    return Committed.from_files(iter_files_spread(output_uri, storage, list(listed), stamps=listed))
+
+
+SPREAD_FILES = 64  # committed files read by a task of planning's process pool, at most (threads inside it)
+SPREAD_ROWS = 1 << 16  # rows a task reads, about: its files chosen by the rows per file read so far
+
+
+def iter_files_spread(output_uri: str, storage: Storage, paths: list[str], stamps: dict[str, str] | None = None,
+                      processes: int | None = None, group: int = SPREAD_FILES, after_rows: int | None = None,
+                      group_rows: int = SPREAD_ROWS) -> Iterator:
+    """:func:`iter_files` for :meth:`.index.Committed.replaced`, the files read (their ids hashed,
+    their rows made into sorted records: :class:`.index.FileGroup`) by a :class:`.parallel.PlanPool`
+    of ``processes`` (default :func:`.parallel.plan_processes`), in their order: the per-row work
+    of reading the committed rows spread over the machine's cores. A task reads up to ``group``
+    files, fewer where the files read so far hold more than ``group_rows / group`` rows each (a
+    task's rows, and the pool's window of rows in flight, bounded by rows, estimated). The first
+    files, up to ``after_rows`` rows (default :data:`.parallel.POOL_AFTER_ROWS`), are read here,
+    so an output of few rows starts no process. A group whose read fails in a process is read
+    again here, which raises its error as :func:`iter_files` does (an exception's cause does not
+    cross processes)."""
+    from .parallel import PlanPool, plan_processes, read_files
+
+    stamps = stamps or {}
+    pool = PlanPool(processes if processes is not None else plan_processes(), after_rows)
+    if not pool.active:
+        yield from iter_files(output_uri, storage, paths, stamps=stamps)
+        return
+    read = [0, 0]  # files, rows read so far (in the order given back)
+
+    def per_file() -> float:
+        return read[1] / read[0] if read[0] else group_rows / group
+
+    def groups() -> Iterator[list[str]]:
+        at = 0
+        while at < len(paths):
+            n = max(1, min(group, int(group_rows // max(per_file(), 1.0))))
+            yield paths[at:at + n]
+            at += n
+
+    finished = False
+    try:
+        with contextlib.closing(pool.ordered(
+                groups(), lambda g: (read_files, (output_uri, storage, g, {p: stamps[p] for p in g if p in stamps})),
+                size=lambda g: max(1, round(len(g) * per_file())))) as ordered:
+            for g, files in ordered:
+                if files is None:
+                    _log.warning("planning: reading %d committed files (from %s) as a group failed; reading "
+                                 "them again one by one, to report the error", len(g), g[0])
+                    files = FileGroup.of(list(iter_files(output_uri, storage, g, stamps=stamps)))
+                read[0] += len(g)
+                read[1] += len(files.records)
+                yield files
+        finished = True
+    finally:
+        pool.close(abort=not finished)
 
 
 def refresh_committed(committed: Committed, output_uri: str, storage: Storage,

@@ -68,12 +68,13 @@ def resolve_threads(s: SegmentSettings, device_type: str) -> int:
     and ultralytics' own default of cores - 1 leaves one core of two idle); on a GPU, the actor's
     reserved CPUs."""
     import math
-    import os
+
+    from .sizing import usable_cpus
 
     if s.torch_threads:
         return s.torch_threads
     if device_type == "cpu":
-        return max(1, (os.cpu_count() or 1) // max(1, s.actors))
+        return max(1, usable_cpus() // max(1, s.actors))
     return max(1, math.ceil(s.cpus_per_actor))
 
 

@@ -76,6 +76,10 @@ def test_secrets_appear_nowhere_a_run_leaves_anything(how, s3fs_client, s3_env, 
     assert any(p.endswith("_manifest.json") for p in written) and any(p.endswith(".parquet") for p in written)
     logs = [p for s in sessions for p in everything_under(s / "logs")]
     assert logs
+    # The embedded Ray's workers run at the run's priority, not Ray's default of 15 (pipeline.start_ray).
+    nice = [line for p in logs if p.name.startswith("python-core-worker-")
+            for line in p.read_text(errors="replace").splitlines() if "Adjusted worker niceness to" in line]
+    assert nice and all(line.endswith("niceness to 0") for line in nice), nice[:3]
     for secret in secrets:
         assert secret not in r.stdout + r.stderr
         for path in written:

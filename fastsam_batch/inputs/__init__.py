@@ -62,14 +62,89 @@ class Image:
 
 
 @dataclass
+class UnitBatch:
+    """Object units as columns (planning a billion of them one dict at a time is hours): ``table``
+    holds :data:`UNIT_FIELDS` (strings; ``size`` int64; no nulls), in listing order; ``hi``/``lo``
+    the ids' keys (:func:`.index.id_keys`) where the form has hashed them already (lists do, to
+    find repeats), else None."""
+
+    table: "object"  # pyarrow.Table
+    hi: "object" = None
+    lo: "object" = None
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def keys(self):
+        if self.hi is None:
+            from ..index import id_keys
+
+            self.hi, self.lo = id_keys(self.table.column("image_id").to_pylist())
+        return self.hi, self.lo
+
+
+UNIT_FIELDS = ("image_id", "uri", "size", "etag", "kind", "extra")
+UNIT_BATCH = 4096  # units a form gives at a time as a UnitBatch (listing order kept)
+
+
+def unit_batch(image_ids, uris, sizes=None, etags=None, extras=None, hi=None, lo=None) -> UnitBatch:
+    """A :class:`UnitBatch` of object units from columns (lists or Arrow string arrays; ``sizes``
+    and ``etags`` as :func:`unit` makes them: ints, stripped strings; None: 0 and "" for all)."""
+    import pyarrow as pa
+
+    import numpy as np
+
+    def col(values, typ):
+        return values if isinstance(values, pa.Array) and values.type == typ else pa.array(values, typ)
+
+    n = len(image_ids)
+    empty = pa.repeat(pa.scalar("", pa.string()), n)
+    return UnitBatch(pa.table({
+        "image_id": col(image_ids, pa.string()), "uri": col(uris, pa.string()),
+        "size": col(sizes if sizes is not None else np.zeros(n, np.int64), pa.int64()),
+        "etag": col(etags, pa.string()) if etags is not None else empty,
+        "kind": pa.repeat(pa.scalar(OBJECT, pa.string()), n),
+        "extra": col(extras, pa.string()) if extras is not None else empty}), hi, lo)
+
+
+def batches_of_units(units: Iterator[dict], size: int | None = None) -> Iterator[UnitBatch]:
+    """Object units (dicts, as :func:`unit` makes them) grouped into :class:`UnitBatch` es of
+    ``size`` (default :data:`UNIT_BATCH`)."""
+    size = size or UNIT_BATCH
+    chunk: list[dict] = []
+    for u in units:
+        chunk.append(u)
+        if len(chunk) >= size:
+            yield _batch_of(chunk)
+            chunk = []
+    if chunk:
+        yield _batch_of(chunk)
+
+
+def _batch_of(chunk: list[dict]) -> UnitBatch:
+    return unit_batch([u["image_id"] for u in chunk], [u["uri"] for u in chunk], [u["size"] for u in chunk],
+                      [u["etag"] for u in chunk], [u["extra"] for u in chunk])
+
+
+def units_of_batches(batches: Iterator[UnitBatch]) -> Iterator[dict]:
+    """The units of :class:`UnitBatch` es as dicts (what :func:`unit` gives), in order."""
+    for b in batches:
+        yield from b.table.to_pylist()
+
+
+@dataclass
 class InputForm:
-    """An opened input: its units (streaming) and the columns it carries into the output."""
+    """An opened input: its units (streaming) and the columns it carries into the output. A form
+    of object units may give them as ``batches`` (:class:`UnitBatch`), which planning takes
+    instead of ``units`` (then ``units`` gives the same units as dicts)."""
 
     name: str
     units: Callable[[Skipped], Iterator[dict]]
     carried: list[str] = field(default_factory=list)  # filled in as the units are listed
     duplicates: int = 0  # units whose image_id came before (lists): skipped, counted
     duplicate_examples: list[str] = field(default_factory=list)
+    # (skipped, a parallel.PlanPool or None) -> the units as batches; None: this form gives dicts only
+    batches: Callable[..., Iterator[UnitBatch]] | None = None
 
 
 def as_text(value) -> str | None:

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..decode import looks_like_image
 from ..retry import with_retries
 from ..storage import Storage, protocol_of, strip_protocol, to_uri
-from . import InputForm, Skipped, unit
+from . import InputForm, Skipped, batches_of_units, unit
 
 GLOB_CHARS = set("*?[")
 
@@ -277,4 +277,6 @@ def iter_files(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[str
 
 def open_form(cfg, storage: Storage) -> InputForm:
     keep = looks_like_image if cfg.skip_non_images else None
-    return InputForm("files", lambda skipped: iter_files(cfg.uri, storage, skipped, keep, cfg.list_workers))
+    return InputForm("files", lambda skipped: iter_files(cfg.uri, storage, skipped, keep, cfg.list_workers),
+                     batches=lambda skipped, pool=None: batches_of_units(iter_files(cfg.uri, storage, skipped, keep,
+                                                                         cfg.list_workers)))

@@ -1,0 +1,543 @@
+"""Planning on Arrow batches, and over a process pool (issue 23: a billion images), against ground
+truth: a Parquet list read column-wise gives the units the row-at-a-time reader gives for the same
+rows as JSONL; a plan decides for each listed image what plain Python over the committed rows
+says (new, done, changed, retried, superseded), in the listing's order, with and without the
+process pool and with the committed index in memory and on disk; committed files read by the pool
+give the index the threads give, and a bad file the same error. No Ray, local files only."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from fastsam_batch import parallel
+from fastsam_batch.index import Committed, version_key
+from fastsam_batch.inputs import Skipped, open_input
+from fastsam_batch.inputs.lists import iter_list_batches
+from fastsam_batch.job import ALL_ERRORS, PromptAttacher, plan_job
+from fastsam_batch.manifest import InputConfig, parse_manifest
+from fastsam_batch.plan import PlanParts, read_plan_part
+from fastsam_batch.resume import (CommittedFileError, iter_files, iter_files_spread, list_parts_stamped,
+                                  source_version)
+from fastsam_batch.storage import Storage
+from fastsam_batch.summary import RunSummary
+
+# URIs and ids the fast path must treat as the row path does: empty and whitespace-only (Python's
+# str.strip has more whitespace than ASCII: \x1c, \u3000, \xa0), relative, schemes, newlines.
+URIS = ["a.jpg", "/abs/b.png", "s3://bk/c.jpg", "", " ", "\x1c", "\u3000", "\xa0", None, " x.jpg", "../up.jpg",
+        "./d/./e.jpg", "file:///f.jpg", "x://y://z", "dir/a.jpg", "nl\n://q", "é.jpg"]
+IDS = [None, "", "id1", " ", "é", "0", "a.jpg"]
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        uri = rng.choice(URIS)
+        if uri is not None and rng.random() < 0.7:
+            uri += str(rng.randint(0, n // 2))  # repeats across batches too
+        image_id = rng.choice(IDS)
+        if image_id is not None and rng.random() < 0.5:
+            image_id += str(rng.randint(0, n // 2))
+        out.append({"uri": uri, "image_id": image_id, "cap": rng.choice(["x", None, "y \"q\""]),
+                    "n": rng.randint(0, 3)})
+    return out
+
+
+def _units(uri: str, batch_rows: int, carry=None, pool=None):
+    cfg = InputConfig(uri=uri, format="list", carry=carry)
+    form = open_input(cfg, Storage())
+    skipped = Skipped(limit=None)
+    units = [u for b in iter_list_batches(cfg, Storage(), form, skipped, pool, batch_rows=batch_rows)
+             for u in b.table.to_pylist()]
+    return units, skipped.count, skipped.examples, form.duplicates, form.duplicate_examples, form.carried
+
+
+@pytest.mark.parametrize("columns", ["text", "dictionary-and-large", "integer-ids", "float-ids"])
+@pytest.mark.parametrize("carry", [None, ["n"]])
+def test_a_parquet_list_read_column_wise_gives_the_units_of_the_row_reader(tmp_path, columns, carry):
+    """The same rows as Parquet (Arrow columns; Python only for the rows that need it) and as JSONL
+    (read a row at a time, as every list was before): the same units in the same order, the same
+    rows skipped (with their row numbers), the same repeats. Batches of 97 rows: repeats across
+    batches and row numbers past the first batch are checked; the Parquet file has row groups of
+    250 (batches do not line up with them)."""
+    rows = _rows(1200, seed=len(columns) + len(carry or []))
+    if columns == "integer-ids":
+        for j, r in enumerate(rows):
+            r["image_id"] = None if j % 7 == 0 else (j % 400) - 3
+    if columns == "float-ids":  # not taken by the fast path: the batch goes row by row
+        for j, r in enumerate(rows):
+            r["image_id"] = None if j % 7 == 0 else float(j % 400) / 4
+    table = pa.Table.from_pylist(rows)
+    if columns == "dictionary-and-large":
+        table = table.set_column(0, "uri", table.column("uri").dictionary_encode())
+        table = table.set_column(1, "image_id", table.column("image_id").cast(pa.large_string()))
+    pq.write_table(table, tmp_path / "list.parquet", row_group_size=250)
+    with open(tmp_path / "list.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    fast = _units(str(tmp_path / "list.parquet"), 97, carry)
+    slow = _units(str(tmp_path / "list.jsonl"), 97, carry)
+    assert fast[0] == slow[0] and len(fast[0]) > 100
+    assert fast[1:] == (slow[1], [e.replace("list.jsonl", "list.parquet") for e in slow[2]], *slow[3:])
+    assert fast[1] > 50 and fast[3] > 50  # empty URIs skipped, repeated ids counted: both happened
+
+
+@pytest.mark.parametrize("after_rows", [0, 100])
+def test_list_ids_hashed_by_the_pool_give_the_same_units(tmp_path, after_rows):
+    """Hashing the listed ids in the pool's processes and checking them for repeats in the split
+    check's (from the first batch, or after two batches checked on the driver, whose keys the split
+    check is then given) changes nothing: same units, same repeats found, in order."""
+    rows = _rows(900, seed=3)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "list.parquet")
+    pool = parallel.PlanPool(2, after_rows=after_rows)
+    try:
+        pooled = _units(str(tmp_path / "list.parquet"), 64, None, pool)
+        assert pool._pool is not None  # the processes did the hashing
+    finally:
+        pool.close()
+    assert pooled == _units(str(tmp_path / "list.parquet"), 64)
+
+
+def test_the_split_repeat_check_agrees_with_a_set():
+    """SplitRepeatCheck (3 processes, a few keys in memory each: their runs spill) against a plain
+    set, batch after batch, with a window of batches in flight: keys repeated within and across
+    batches, distinct keys sharing their high 64 bits, and a seed of keys seen before."""
+    rng = np.random.default_rng(9)
+    batches = [(rng.integers(0, 2**12, 3000, dtype=np.uint64) << np.uint64(52),
+                rng.integers(0, 3, 3000, dtype=np.uint64)) for _ in range(12)]
+    seen = set(zip(batches[0][0].tolist(), batches[0][1].tolist()))
+    seed = sorted(seen)
+    check = parallel.SplitRepeatCheck(3, 600, seed=(np.array([h for h, _ in seed], np.uint64),
+                                                    np.array([l for _, l in seed], np.uint64)))
+    try:
+        want, got = [], []
+        for h, l in batches[1:]:
+            mask = []
+            for key in zip(h.tolist(), l.tolist()):
+                mask.append(key not in seen)
+                seen.add(key)
+            want.append(mask)
+            check.submit(h, l)
+            if len(check.pending) > 2:
+                got.append(check.result().tolist())
+        while check.pending:
+            got.append(check.result().tolist())
+    finally:
+        check.close()
+    assert got == want
+    assert 0 < sum(map(sum, want)) < sum(map(len, want))  # new keys and repeats both
+
+
+def _images(root, n: int) -> None:
+    (root / "sub").mkdir(parents=True)
+    for i in range(n):
+        (root / ("sub" if i % 3 else "") / f"{i}.jpg").write_bytes(b"x" * (i % 7))
+
+
+def _committed_rows(units: list[dict], seed: int) -> list[tuple]:
+    """Committed rows for these units, of every kind the plan must tell apart: current ok and error
+    rows, rows of an older version only, an older and a current row in two files, a row written
+    before versions were recorded, two current rows (one per file), none."""
+    rng = random.Random(seed)
+    rows = []
+    for u in units:
+        v, i, r = source_version(u), u["image_id"], rng.random()
+        part = rng.choice(["out/p1", "out/p2", "out/p3"])
+        if r < 0.25:
+            continue
+        if r < 0.4:
+            rows.append((i, "old/1", "ok", part))
+        elif r < 0.5:
+            rows.append((i, v, "error", part, rng.choice(["read_failed: x", "timeout: y", None])))
+        elif r < 0.58:
+            rows += [(i, "old/2", "ok", "out/p1"), (i, v, rng.choice(["ok", "error"]), "out/p2", "timeout: z")]
+        elif r < 0.62:
+            rows += [(i, "", "ok", "out/p3"), (i, v, "ok", "out/p2")]
+        elif r < 0.66:
+            rows += [(i, v, "ok", "out/p3"), (i, v, "error", "out/p1", "read_failed: q")]
+        else:
+            rows.append((i, v, "ok", part))
+    return rows
+
+
+def _expected(units: list[dict], rows: list[tuple], retry: frozenset[str] | None) -> dict:
+    """What the plan must be, by plain Python over the rows: for each image its rows, the current
+    ones (version as now, or none recorded), the last current one (by file, then row) speaking."""
+    mine: dict[str, list[tuple[int, tuple]]] = {}
+    for n, r in enumerate(rows):
+        mine.setdefault(r[0], []).append((n, r))
+    todo, changed, retried, superseded = [], {}, set(), {}
+    done = ok = 0
+    for u in units:
+        v = source_version(u)
+        have = mine.get(u["image_id"], [])
+        current = [(n, r) for n, r in have if version_key(r[1]) in (version_key(v), 0)]
+        if not have:
+            todo.append(u["image_id"])
+            continue
+        if not current:
+            changed[u["image_id"]] = v
+            todo.append(u["image_id"])
+            continue
+        _, last = max(current, key=lambda x: (x[1][3], x[0]))
+        reason = None if last[2] == "ok" else ((last[4] if len(last) > 4 else None) or "error").split(":")[0]
+        if retry is not None and last[2] != "ok" and (ALL_ERRORS in retry or reason in retry):
+            retried.add(u["image_id"])
+            todo.append(u["image_id"])
+            continue
+        done += 1
+        ok += last[2] == "ok"
+        for part in sorted({r[3] for n, r in have if (n, r) not in current}):
+            superseded.setdefault(part, {})[u["image_id"]] = v
+    return {"todo": todo, "changed": changed, "retried": retried, "superseded": superseded, "done": done, "ok": ok}
+
+
+# The plan's sizes scaled down (batches of 4,096 units, chunks of 1,000 listed, parts of 700 in a
+# run; here 256, 250, 175), so that 1,000 files cross several batches, chunks and parts.
+BATCH, CHUNK, PART, N_FILES = 256, 250, 175, 1000
+
+
+@pytest.mark.parametrize("where, retry", [(w, r) for w in ("memory", "disk")
+                                          for r in (None, frozenset({"timeout"}), frozenset({ALL_ERRORS}))]
+                         + [("disk-pool", frozenset({"timeout"})), ("memory-pool", None)])
+def test_a_plan_decides_each_image_as_plain_python_over_the_committed_rows(tmp_path, monkeypatch, where, retry):
+    """Files on disk (sizes and mtimes: a version per image), planned in batches of BATCH against
+    an index of every kind of row; the plan's items (read back from its parts of PART), in listing
+    order, are the images plain Python says are to do, and the changed, retried and superseded
+    images and the counts are its too. ``disk``: the index past its memory bound (a mapped file);
+    ``-pool``: two processes hash the ids (and, ``disk-pool``, look them up in the mapped index)
+    for every batch."""
+    import fastsam_batch.inputs as inputs
+    import fastsam_batch.job as job
+
+    monkeypatch.setattr(inputs, "UNIT_BATCH", BATCH)
+    monkeypatch.setattr(job, "LIST_CHUNK", CHUNK)
+    if where.endswith("pool"):
+        monkeypatch.setenv(parallel.PROCESSES_ENV, "2")
+        monkeypatch.setattr(parallel, "POOL_AFTER_ROWS", 0)
+    else:
+        monkeypatch.setenv(parallel.PROCESSES_ENV, "1")
+    _images(tmp_path / "imgs", N_FILES)
+    m = parse_manifest({"name": "t", "input": {"uri": str(tmp_path / "imgs") + "/"},
+                        "output": {"uri": str(tmp_path / "out")}, "model": {"checkpoint": "/x.pt"},
+                        "runtime": {"plan_part_rows": PART}})
+    storage = Storage()
+    units = list(open_input(m.input, storage).units(Skipped()))
+    assert len(units) == N_FILES
+    _plan_is_plain_pythons(tmp_path, m, storage, units, where, retry)
+
+
+def test_a_list_planned_by_the_pool_against_an_index_on_disk_is_plain_pythons(tmp_path, monkeypatch):
+    """A list (its ids hashed in the pool's processes, repeats dropped by the split check), planned
+    with the committed index on disk: the pool's lookups are given the keys already hashed; the
+    plan is what plain Python over the committed rows says, as for files."""
+    import fastsam_batch.inputs.lists as lists
+    import fastsam_batch.job as job
+
+    monkeypatch.setattr(lists, "LIST_BATCH", BATCH)
+    monkeypatch.setattr(job, "LIST_CHUNK", CHUNK)
+    monkeypatch.setattr(parallel, "POOL_AFTER_ROWS", 0)
+    monkeypatch.setenv(parallel.PROCESSES_ENV, "1")  # the ground truth's units: on the driver
+    rng = random.Random(4)
+    ids = [f"img/{rng.randint(0, 1100)}.jpg" for _ in range(1300)]  # repeats: dropped, counted
+    pq.write_table(pa.table({"uri": [f"s3://b/{i}" for i in ids], "image_id": ids}), tmp_path / "list.parquet")
+    m = parse_manifest({"name": "t", "input": {"uri": str(tmp_path / "list.parquet"), "format": "list"},
+                        "output": {"uri": str(tmp_path / "out")}, "model": {"checkpoint": "/x.pt"},
+                        "runtime": {"plan_part_rows": PART}})
+    storage = Storage()
+    units = list(open_input(m.input, storage).units(Skipped()))
+    assert len(units) == len(set(ids)) and [u["image_id"] for u in units] == list(dict.fromkeys(ids))
+    monkeypatch.setenv(parallel.PROCESSES_ENV, "2")
+    _plan_is_plain_pythons(tmp_path, m, storage, units, "disk-pool", frozenset({"timeout"}))
+
+
+def _plan_is_plain_pythons(tmp_path, m, storage, units, where, retry) -> None:
+    rows = _committed_rows(units, seed=11)
+    committed = Committed.from_rows(rows, memory_rows=250 if where.startswith("disk") else None)
+    assert committed.on_disk == where.startswith("disk")
+    summary = RunSummary(name="t")
+    plan = PlanParts(str(tmp_path / "out"), storage, PART)
+    planned = plan_job(m, storage, summary, committed, PromptAttacher(m, storage), retry, plan, {})
+    items = plan.in_memory + [r for f in plan.files for r in read_plan_part(f, storage)]
+    want = _expected(units, rows, retry)
+    assert [it["image_id"] for it in items] == want["todo"] and plan.count == len(want["todo"])
+    by_id = {u["image_id"]: u for u in units}
+    assert all(it["uri"] == by_id[it["image_id"]]["uri"] and it["source_version"] == source_version(it)
+               and it["size"] == by_id[it["image_id"]]["size"] for it in items)
+    # the parts are the per-item loop's: the items to do of each CHUNK listed, in parts of PART at most
+    position = {u["image_id"]: j for j, u in enumerate(units)}
+    chunks: dict[int, int] = {}
+    for i in want["todo"]:
+        chunks[position[i] // CHUNK] = chunks.get(position[i] // CHUNK, 0) + 1
+    sizes = [len(plan.in_memory)] if plan.in_memory else [len(read_plan_part(f, storage)) for f in plan.files]
+    expected = [p for n in chunks.values() for p in [PART] * (n // PART) + ([n % PART] if n % PART else [])]
+    assert sizes == expected, (sizes[:12], expected[:12])
+    assert planned.changed == want["changed"] and planned.retried == want["retried"]
+    assert planned.superseded == want["superseded"] and want["superseded"]
+    assert (summary.images_planned, summary.images_skipped_done, summary.images_ok) == \
+        (len(units), want["done"], want["ok"])
+    assert summary.images_error == want["done"] - want["ok"]
+    if retry is not None:
+        assert want["retried"]
+    assert len(sizes) >= len(chunks) == -(-len(units) // CHUNK) > 2  # several parts, every chunk has some to do
+    committed.close()
+
+
+def test_plan_parts_cut_from_a_table_are_those_of_the_items(tmp_path):
+    """add_table makes the parts add makes for the same items, given in the same pieces."""
+    items = [{"image_id": f"{i}.jpg", "uri": f"/x/{i}.jpg", "size": i, "etag": "e", "kind": "object", "extra": "",
+              "prompts": "", "source_version": f"e/{i}", "done": ""} for i in range(11)]
+    by_dicts = PlanParts(str(tmp_path / "a"), Storage(), part_rows=3)
+    by_table = PlanParts(str(tmp_path / "b"), Storage(), part_rows=3)
+    for a, b in ((0, 2), (2, 9), (9, 11)):
+        by_dicts.add(items[a:b])
+        by_table.add_table(pa.Table.from_pylist(items[a:b]).drop_columns(["prompts", "done"]))  # defaults
+    assert by_table.count == by_dicts.count == 11 and len(by_table.files) == len(by_dicts.files) == 5
+    for f, g in zip(by_dicts.files, by_table.files):
+        assert read_plan_part(f, Storage()) == read_plan_part(g, Storage())
+    small = PlanParts(str(tmp_path / "c"), Storage(), part_rows=20)
+    small.add_table(pa.Table.from_pylist(items))
+    assert small.in_memory == items and not small.files
+
+
+def _committed_files(out, n_files: int, rows: int) -> None:
+    out.mkdir()
+    rng = np.random.default_rng(5)
+    for f in range(n_files):
+        ids = [f"img/{x}.jpg" for x in rng.integers(0, n_files * rows // 2, rows).tolist()]  # repeats too
+        status = rng.choice(["ok", "error"], rows).tolist()
+        pq.write_table(pa.table({
+            "image_id": ids, "run_fingerprint": rng.choice(["fpA", "fpB"], rows).tolist(), "status": status,
+            "error": [None if s == "ok" else str(rng.choice(["read_failed: a", "timeout: b", "decode: c"]))
+                      for s in status],
+            "source_version": rng.choice(["e1/1", "e2/2", ""], rows).tolist(),
+            "shard": rng.choice([None, "s3://b/s1.tar"], rows).tolist()}), out / f"part-{f:04d}.parquet")
+
+
+def test_committed_files_read_by_the_pool_make_the_index_the_threads_make(tmp_path):
+    """Read in groups by two processes (every group: none on the driver first; 3 files a group, then
+    2 once 300 rows a file are seen: about 700 rows a group), the committed files give the index
+    read by threads: every record, file, stamp, fingerprint and reason."""
+    out = tmp_path / "out"
+    _committed_files(out, 40, 300)
+    storage = Storage()
+    listed = list_parts_stamped(str(out), storage)
+    paths = list(listed)
+    threads = Committed.from_files(iter_files(str(out), storage, paths, stamps=listed), memory_rows=5000)
+    pooled = Committed.from_files(iter_files_spread(str(out), storage, paths, listed, processes=2, group=3,
+                                                    after_rows=0, group_rows=700),
+                                  memory_rows=5000)
+    assert threads.on_disk and pooled.on_disk
+    assert (np.asarray(threads.records) == np.asarray(pooled.records)).all()
+    assert (threads.parts, threads.stamps, threads.fingerprints, threads.reasons, threads.part_fingerprints) == \
+        (pooled.parts, pooled.stamps, pooled.fingerprints, pooled.reasons, pooled.part_fingerprints)
+    assert threads.rows == 40 * 300 and {"read_failed", "timeout", "decode"} <= set(threads.reasons)
+    threads.close()
+    pooled.close()
+
+
+def test_a_bad_committed_file_read_by_the_pool_fails_as_the_threads_fail(tmp_path):
+    """A file the pool cannot read is read again on the driver, which raises the error the
+    threads raise (its cause kept: it does not cross processes)."""
+    out = tmp_path / "out"
+    _committed_files(out, 12, 10)
+    (out / "part-0007.parquet").write_bytes(b"not parquet at all")
+    storage = Storage()
+    paths = list(list_parts_stamped(str(out), storage))
+    with pytest.raises(CommittedFileError) as by_threads:
+        list(iter_files(str(out), storage, paths))
+    with pytest.raises(CommittedFileError) as by_pool:
+        list(iter_files_spread(str(out), storage, paths, processes=2, group=2, after_rows=0))
+    assert str(by_pool.value) == str(by_threads.value) and "part-0007.parquet" in str(by_pool.value)
+    assert type(by_pool.value.__cause__) is type(by_threads.value.__cause__) and by_pool.value.__cause__ is not None
+
+
+def test_plan_processes_setting(monkeypatch, tmp_path):
+    """The setting: 1 to LIMIT_PROCESSES, else one line; unset: the usable cores (affinity, and a
+    cgroup v2 quota: cpu.max), none below MIN_CORES, at most MAX_PROCESSES."""
+    monkeypatch.setenv(parallel.PROCESSES_ENV, "3")
+    assert parallel.plan_processes() == 3
+    monkeypatch.setenv(parallel.PROCESSES_ENV, str(parallel.LIMIT_PROCESSES))
+    assert parallel.plan_processes() == parallel.LIMIT_PROCESSES
+    for bad in ("0", "-2", str(parallel.LIMIT_PROCESSES + 1), "many", "2.5"):
+        monkeypatch.setenv(parallel.PROCESSES_ENV, bad)
+        with pytest.raises(ValueError, match=f"FASTSAM_BATCH_PLAN_PROCESSES='{bad}': not an integer from 1 to 64"):
+            parallel.plan_processes()
+    monkeypatch.delenv(parallel.PROCESSES_ENV)
+    cpu_max = tmp_path / "cpu.max"  # the quota itself: tests/test_sizing.py (sizing.usable_cpus)
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max.write_text("50000 100000\n")  # half a CPU: one
+    assert parallel.plan_processes(str(cpu_max)) == 1
+    cpu_max.write_text("390000 100000\n")  # 3.9 CPUs: 3, under MIN_CORES: no pool, whatever the affinity
+    assert parallel.plan_processes(str(cpu_max)) == 1
+    cpu_max.write_text("max 100000\n")
+    assert parallel.plan_processes(str(cpu_max)) == (1 if affinity < parallel.MIN_CORES
+                                                     else min(parallel.MAX_PROCESSES, affinity))
+
+
+def test_a_bad_processes_setting_stops_a_run_before_any_work(tmp_path, monkeypatch):
+    """Preflight says what is wrong with the setting, one line, before the lease or the output."""
+    from fastsam_batch.job import run_job
+    from fastsam_batch.preflight import PreflightError
+
+    monkeypatch.setenv(parallel.PROCESSES_ENV, "100")
+    m = parse_manifest({"name": "t", "input": {"uri": str(tmp_path / "imgs") + "/"},
+                        "output": {"uri": str(tmp_path / "out")}, "model": {"checkpoint": "/x.pt"}})
+    with pytest.raises(PreflightError, match="FASTSAM_BATCH_PLAN_PROCESSES='100': not an integer from 1 to 64"):
+        run_job(m)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_pools_window_is_bounded_by_rows(monkeypatch):
+    """Two ordered() windows sharing one pool (a list's hashing under the plan's lookups): the
+    rows given to the processes and not yet taken back stay within window_rows plus one item per
+    window, and every result comes back, in order."""
+    pool = parallel.PlanPool(2, after_rows=0, window_rows=100)
+    sizes = [30, 70, 10, 90, 50, 40, 60, 20, 80, 5] * 3
+    most = 0
+    try:
+        inner = pool.ordered(([f"{k}:{j}" for j in range(n)] for k, n in enumerate(sizes)),
+                             lambda ids: (parallel.hash_ids, (ids,)), size=len)
+        outer = pool.ordered(((ids, keys) for ids, keys in inner),
+                             lambda it: (parallel.hash_ids, (it[0][::-1],)), size=lambda it: len(it[0]))
+        got = []
+        for (ids, (hi, lo)), (hi2, _) in outer:
+            most = max(most, pool.in_flight)
+            got.append((ids, hi.tolist(), hi2.tolist()))
+        assert pool.in_flight == 0
+    finally:
+        pool.close()
+    assert most <= 100 + 2 * max(sizes)
+    assert [len(ids) for ids, _, _ in got] == sizes
+    for ids, hi, hi2 in got:
+        assert hi == parallel.hash_ids(ids)[0].tolist() and hi2 == parallel.hash_ids(ids[::-1])[0].tolist()
+
+
+def test_an_aborted_split_check_ends_its_processes_and_their_spilled_runs(tmp_path, monkeypatch):
+    """close(abort=True) (an error, Ctrl-C): the processes terminated together, and the scratch
+    folders of their spilled runs (which they could not remove) removed by the driver."""
+    monkeypatch.setenv("FASTSAM_BATCH_SCRATCH", str(tmp_path))
+    check = parallel.SplitRepeatCheck(2, 200)
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        check.submit(rng.integers(0, 2**63, 1000, dtype=np.uint64), rng.integers(0, 2**63, 1000, dtype=np.uint64))
+    check.result()
+    assert list(tmp_path.glob("fastsam-keys-*"))  # spilled runs (200 keys in memory each)
+    procs = list(check.procs)
+    check.close(abort=True)
+    assert all(_gone(p.pid) for p in procs) and not list(tmp_path.glob("fastsam-keys-*"))
+    check.close()  # again: nothing to do
+
+
+def test_a_pool_closed_on_an_error_ends_its_processes(tmp_path):
+    pool = parallel.PlanPool(2, after_rows=0)
+    it = pool.ordered(([str(j)] * 10 for j in range(50)), lambda ids: (parallel.hash_ids, (ids,)), size=len)
+    next(it)
+    procs = list(pool._pool._processes.values())
+    assert procs
+    it.close()
+    pool.close(abort=True)
+    assert all(_gone(p.pid) for p in procs)
+
+
+
+INVENTORY_KEYS = ["a.jpg", "b.PNG", "dir/", "c.txt", "noext", "d.JpEg", "e.\u212Apg", "f.t\u0130f", "g.jpg.txt", ".png",
+                  "x/y.webp", "h.jpe\n", "i.GIF", "été.jpg", "j."]
+
+
+@pytest.mark.parametrize("columns", [("bucket", "key", "size", "e_tag", "is_latest", "is_delete_marker"),
+                                     ("bucket", "key"), ("bucket", "key", "e_tag", "is_latest")])
+@pytest.mark.parametrize("skip_non_images", [True, False])
+def test_a_parquet_inventory_batch_read_column_wise_gives_the_units_of_the_row_reader(columns, skip_non_images):
+    """A Parquet inventory report's record batch, column-wise, against the row-at-a-time reader on
+    the same rows: delete markers and older versions left out, folder markers and non-images
+    skipped (in order), sizes and quoted ETags as a unit has them. Extensions whose lowercase is
+    Python's and not ASCII's (the Kelvin sign, dotted capital I) are among the keys."""
+    from fastsam_batch.inputs.inventory import _parquet_rows, _units, parquet_units
+
+    rng = random.Random(len(columns) + skip_non_images)
+    n = 3000
+    cols = {"bucket": pa.array([rng.choice(["bk", "b2"]) for _ in range(n)]),
+            "key": pa.array([rng.choice(INVENTORY_KEYS) + (str(rng.randint(0, 9)) if rng.random() < 0.3 else "")
+                             for _ in range(n)]),
+            "size": pa.array([rng.choice([None, 0, 5, 123456789012]) for _ in range(n)], pa.int64()),
+            "e_tag": pa.array([rng.choice([None, "", '"abc"', 'x"y', '""q""']) for _ in range(n)]),
+            "is_latest": pa.array([rng.choice([None, True, False, True]) for _ in range(n)], pa.bool_()),
+            "is_delete_marker": pa.array([rng.choice([None, False, False, True]) for _ in range(n)], pa.bool_())}
+    batch = pa.RecordBatch.from_pydict({k: v for k, v in cols.items() if k in columns})
+    fast_skipped, slow_skipped = Skipped(limit=None), Skipped(limit=None)
+    fast = parquet_units(batch, skip_non_images, fast_skipped)
+    slow = list(_units(_parquet_rows(batch), skip_non_images, slow_skipped))
+    assert fast is not None and fast.table.to_pylist() == slow and len(slow) > 300
+    assert (fast_skipped.count, fast_skipped.examples) == (slow_skipped.count, slow_skipped.examples)
+    assert fast_skipped.count > 50
+    # a null bucket (the row reader's f-string writes s3://None/...): the batch is left to the row reader
+    as_text = batch.set_column(0, "bucket", pa.array([None] * n, pa.string()))
+    assert parquet_units(as_text, skip_non_images, Skipped()) is None
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: ended
+    except OSError:
+        return True
+
+
+def test_ctrl_c_while_the_pool_starts_gives_one_line_and_leaves_no_process(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) to `fastsam-batch plan` once
+    the pool's processes exist (past the driver's first 262,144 rows of a 600,000-row list): one
+    line, exit 130, no traceback (the processes start with SIGINT held off, then ignore it), and
+    none of them left."""
+    import signal
+    import time
+
+    from conftest import CHECKPOINT
+
+    n = 600_000
+    ids = pa.array([f"img/{j}.jpg" for j in range(n)])
+    pq.write_table(pa.table({"uri": pc.binary_join_element_wise("s3://b/", ids, ""), "image_id": ids}),
+                   tmp_path / "list.parquet")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"name": "t", "input": {"uri": str(tmp_path / "list.parquet"), "format": "list"},
+                               "output": {"uri": str(tmp_path / "out")},
+                               "model": {"checkpoint": str(CHECKPOINT), "device": "cpu"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env[parallel.PROCESSES_ENV] = "2"
+    exe = os.path.join(os.path.dirname(sys.executable), "fastsam-batch")
+    p = subprocess.Popen([exe, "plan", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(seen) < 2 and p.poll() is None and time.monotonic() < deadline:  # the resource tracker and a process
+            seen |= _children(p.pid)
+            time.sleep(0.05)
+        assert len(seen) >= 2, f"no pool seen (exit {p.poll()})"
+        os.killpg(p.pid, signal.SIGINT)
+        seen |= _children(p.pid)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130, (out, err)
+    assert "Traceback" not in out + err and err.strip() == "fastsam-batch: plan: interrupted", err
+    deadline = time.monotonic() + 30
+    while not all(_gone(c) for c in seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(c) for c in seen), [c for c in seen if not _gone(c)]
