@@ -7,6 +7,7 @@ give the index the threads give, and a bad file the same error. No Ray, local fi
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -486,8 +487,17 @@ def test_a_parquet_inventory_batch_read_column_wise_gives_the_units_of_the_row_r
 
 
 def _children(pid: int) -> set[int]:
-    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True).stdout
-    return {int(x) for x in out.split()}
+    """The processes whose parent is ``pid`` (from /proc/<pid>/stat's ppid field)."""
+    out: set[int] = set()
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.split("/")[2]))
+    return out
 
 
 def _gone(pid: int) -> bool:
@@ -500,41 +510,54 @@ def _gone(pid: int) -> bool:
 
 def test_ctrl_c_while_the_pool_starts_gives_one_line_and_leaves_no_process(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) to `fastsam-batch plan` once
-    the pool's processes exist (past the driver's first 262,144 rows of a 600,000-row list): one
-    line, exit 130, no traceback (the processes start with SIGINT held off, then ignore it), and
-    none of them left."""
+    the pool's processes exist (past the driver's first 262,144 rows of a 600,000-row list), given
+    while the plan is frozen so that it cannot end first: one line, exit 130, no traceback (the
+    processes start with SIGINT held off, then ignore it), and none of them left."""
     import signal
     import time
 
     from conftest import CHECKPOINT
 
-    n = 600_000
-    ids = pa.array([f"img/{j}.jpg" for j in range(n)])
-    pq.write_table(pa.table({"uri": pc.binary_join_element_wise("s3://b/", ids, ""), "image_id": ids}),
-                   tmp_path / "list.parquet")
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"name": "t", "input": {"uri": str(tmp_path / "list.parquet"), "format": "list"},
-                               "output": {"uri": str(tmp_path / "out")},
-                               "model": {"checkpoint": str(CHECKPOINT), "device": "cpu"}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
     env[parallel.PROCESSES_ENV] = "2"
     exe = os.path.join(os.path.dirname(sys.executable), "fastsam-batch")
-    p = subprocess.Popen([exe, "plan", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    seen: set[int] = set()
-    try:
-        deadline = time.monotonic() + 120
-        while len(seen) < 2 and p.poll() is None and time.monotonic() < deadline:  # the resource tracker and a process
-            seen |= _children(p.pid)
-            time.sleep(0.05)
-        assert len(seen) >= 2, f"no pool seen (exit {p.poll()})"
-        os.killpg(p.pid, signal.SIGINT)
-        seen |= _children(p.pid)
-        out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    # The plan is frozen (SIGSTOP to its group) as soon as its pool's processes are seen, and the
+    # Ctrl-C given while it is frozen (taken when it goes on): a plan that ended before the freeze
+    # (this process starved of a core meanwhile) is started again with a list four times longer.
+    for n in (600_000, 2_400_000, 9_600_000):
+        ids = pa.array([f"img/{j}.jpg" for j in range(n)])
+        pq.write_table(pa.table({"uri": pc.binary_join_element_wise("s3://b/", ids, ""), "image_id": ids}),
+                       tmp_path / "list.parquet")
+        del ids
+        job = tmp_path / "job.json"
+        job.write_text(json.dumps({"name": "t", "input": {"uri": str(tmp_path / "list.parquet"), "format": "list"},
+                                   "output": {"uri": str(tmp_path / f"out-{n}")},
+                                   "model": {"checkpoint": str(CHECKPOINT), "device": "cpu"}}))
+        p = subprocess.Popen([exe, "plan", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+        seen: set[int] = set()
+        try:
+            deadline = time.monotonic() + 300
+            while len(seen) < 2 and p.poll() is None and time.monotonic() < deadline:  # the resource tracker and a process
+                seen |= _children(p.pid)
+                time.sleep(0.02)
+            if p.poll() is None and len(seen) >= 2:
+                os.killpg(p.pid, signal.SIGSTOP)
+                frozen = p.poll() is None
+                seen |= _children(p.pid)
+                os.killpg(p.pid, signal.SIGINT)
+                os.killpg(p.pid, signal.SIGCONT)
+            else:
+                frozen = False
+            out, err = p.communicate(timeout=300)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        if frozen:
+            break
+        assert p.returncode == 0 and time.monotonic() < deadline, (p.returncode, err)  # ended before its pool was seen
+    assert frozen, "every plan ended before its pool was seen"
     assert p.returncode == 130, (out, err)
     assert "Traceback" not in out + err and err.strip() == "fastsam-batch: plan: interrupted", err
     deadline = time.monotonic() + 30
