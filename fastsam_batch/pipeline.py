@@ -277,7 +277,7 @@ WRITER_CALLS = 2  # calls queued on a writer (add, poll, flush) past which no mo
 # Writer deaths in a row with no file published in between before the run fails (at least this, and
 # at least 2 per writer: a node lost takes the writers on it at once). A run of any length survives
 # any number of deaths that each let it go on: every published file starts the count again.
-WRITER_DEATHS = 8
+WRITER_DEATHS = 8  # (a single block that keeps killing its writer stops the run sooner: writers.BLOCK_DEATHS)
 # A writer whose oldest call has not answered for this long (a put that never returns, a fetch of a
 # block that never comes) is treated as dead: killed, started again, its blocks sent again. Far above
 # the longest honest call: staging a file of output.target_file_mb (128 MiB by default) on a slow link.
@@ -308,8 +308,9 @@ def writer_nodes(nodes: list[dict]) -> list[str]:
 class WriterPool:
     """The run's K writer actors and the driver's side of them (writers.Ledger): output blocks'
     references routed to the writers in turn, skipping one with WRITER_CALLS calls queued (a slow
-    writer gets fewer), so the pulled blocks wait only while every writer is busy (so the driver pulls blocks from Ray Data only as fast as the writers take them: Ray
-    Data's backpressure does the rest); every answer handled in the order its writer gave them
+    writer gets fewer), so the driver pulls blocks from Ray Data only as fast as the writers take them
+    in (each holds the rows it took in up to its own limit, write.MAX_PENDING_FACTOR targets, the
+    blocks staying in the object store until published); every answer handled in the order its writer gave them
     (the files it staged published, in order); a writer due by ``commit_interval_s`` asked to
     stage its rows; a writer that dies, or whose oldest call has not answered for ``hang_s`` seconds
     (then killed), started again and its blocks sent again (writers.Ledger.resend). The run fails
@@ -381,7 +382,8 @@ class WriterPool:
         """Every writer ended. ``clean`` (the run stops on an error, or a writer died): a local
         output's temporary files of this run's writers are removed once their processes are gone
         (what they staged and the driver did not publish), on S3 their open uploads aborted, so such a
-        run leaves nothing behind. ``at_once`` (a second Ctrl-C): the writers are told to end and
+        run leaves nothing behind (but for a writer process still running 30 s after it was killed, or
+        one that never said its process id: its temporary files are the next run's start's to remove). ``at_once`` (a second Ctrl-C): the writers are told to end and
         nothing is waited for, nothing cleaned (the next run's start removes what is left)."""
         import ray
 
@@ -486,6 +488,9 @@ class WriterPool:
             self._died(i, f"writer {i} died")
             return
         except ObjectLostError as e:
+            if getattr(e, "object_ref_hex", None) == future.hex():  # the answer lost, not the block: its node gone
+                self._died(i, f"writer {i}'s answer was lost ({type(e).__name__})")
+                return
             raise BlockLost(self._lost(i, seq, e)) from None
         except RayTaskError as e:  # the writer raised (storage refused a put): the run stops with its error
             cause = getattr(e, "cause", None)
@@ -499,16 +504,17 @@ class WriterPool:
 
     @staticmethod
     def _lost(i: int, seq: int | None, e: Exception) -> str:
-        what = f"output block {seq} (rows segmented, not yet written)" if seq is not None else f"writer {i}'s answer"
+        what = f"output block {seq} (rows segmented, not yet written)" if seq is not None else "an output block"
         return (f"{what} was lost from Ray's object store before writer {i} wrote it ({type(e).__name__}: a node "
                 "left the cluster?): the run stops; the files published are kept, and running the same command "
                 "again resumes and processes its images")
 
     def _died(self, i: int, why: str) -> None:
-        """Writer ``i`` is gone (or hung: then ended here): what it staged and had not answered is never
-        published (the run's end removes it, else the next run's start); a new writer takes its place,
-        and every block it held that is not wholly published is sent again, without the rows already
-        published."""
+        """Writer ``i`` is gone (or hung, or its answer lost: then ended here): what it staged and had not
+        answered is never published (the run's end removes it, else the next run's start); a new writer
+        takes its place, and every block it held that is not wholly published is sent again, without
+        the rows already published. A block held by a writer that died BLOCK_DEATHS times stops the run
+        (writers.BlockDeaths)."""
         import ray
 
         self.died += 1

@@ -49,7 +49,7 @@ class RunSummary:
     run_error: int = 0  # error rows committed by this run
     files_written: int = 0
     writers: int = 0  # writer actors (output.writers) that staged this run's files
-    writers_restarted: int = 0  # writer actors that died and were started again (their blocks sent again)
+    writers_restarted: int = 0  # writer actors that died, hung or lost an answer: each started again, its blocks sent again (but the last, when the run stopped on it)
     write_s: float = 0.0  # time spent building and putting Parquet files, summed over writers
     wall_s: float = 0.0
     images_per_s: float = 0.0  # this run's images (run_ok + run_error) per second of its wall time

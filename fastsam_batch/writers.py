@@ -9,7 +9,7 @@ file visible (so the lease fence, a kill and Ctrl-C keep the guarantees of one w
   above it; ``commit_interval_s``; ``rows_per_file``), encodes each as Parquet and *stages* it
   without making it visible: on S3 a multipart upload to the file's final key, its parts uploaded
   and the upload left open (an object that does not exist until it is completed); locally a
-  ``_tmp-<uuid>`` file beside it, fsync'd. Each answer carries small records (:class:`Staged`):
+  ``_tmp-<run id>-<uuid>`` file beside it, fsync'd. Each answer carries small records (:class:`Staged`):
   the file's name, its upload id and part ETags (or its temporary path), its stats row, the blocks
   its rows came from, and the container members it holds.
 - :class:`Ledger` (the driver): which block (an ObjectRef the driver keeps) went to which writer,
@@ -331,6 +331,15 @@ class BlockWriter:
                                   writer=self.index, **where))
 
 
+BLOCK_DEATHS = 3  # writers that may die (or hang) holding one block before the run stops: a block that
+# kills its writer is not sent round the writers for the rest of the run (a writer's death otherwise
+# stops the run only after pipeline.WRITER_DEATHS in a row with no file published)
+
+
+class BlockDeaths(RuntimeError):
+    """One output block was with a writer each time one died, BLOCK_DEATHS times: the run stops."""
+
+
 @dataclass
 class _Block:
     ref: Any  # the block (an ObjectRef on Ray), kept until its rows are all published
@@ -340,6 +349,7 @@ class _Block:
     size: int  # rows by the block's metadata (end-of-unit rows included), for progress
     rows: int | None = None  # its rows to write, known once its writer has answered
     published: int = 0  # of those, in published files (always its first rows)
+    deaths: int = 0  # writers that died (or hung) holding it
 
 
 class Ledger:
@@ -406,6 +416,12 @@ class Ledger:
         out = []
         for seq in self.held_by(dead):
             b = self.blocks[seq]
+            b.deaths += 1
+            if b.deaths > BLOCK_DEATHS:
+                raise BlockDeaths(f"output block {seq} was with a writer each of the {b.deaths} times one died or "
+                                  "hung holding it (a block that kills or stalls its writer, e.g. out of memory): the "
+                                  "run stops; the files published are kept, and running the same command again "
+                                  "resumes")
             b.writer = to(seq)
             out.append((seq, b.ref, b.start, b.end, b.published))
         return out

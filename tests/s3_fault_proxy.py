@@ -6,7 +6,9 @@ Deterministic: requests are numbered as they arrive; request n is answered with
 (the answer's headers and the first half of its body, then the connection closed). ``rule``
 (method, path, headers) -> fault or None, when given, decides first, by request; it may also answer
 ``"applied-500"``: the request is forwarded and applied upstream, then answered 500 InternalError (a
-PUT that landed but whose answer was lost: the client retries it), or ``"hold"``: the request is
+PUT that landed but whose answer was lost: the client retries it), ``"nosuchupload"``: answered 404
+NoSuchUpload, not forwarded (what S3 may answer a CompleteMultipartUpload of an upload already
+completed or aborted; moto answers a repeated completion with success), or ``"hold"``: the request is
 held, unanswered, until :meth:`release` (or the proxy's end), then forwarded (a call that hangs).
 Every other request is forwarded to the upstream server unchanged. Counts what it did.
 """
@@ -24,6 +26,9 @@ ERROR_BODY = {
                  b"<Message>Please reduce your request rate.</Message></Error>"),
     "500": (500, b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
                  b"<Message>We encountered an internal error. Please try again.</Message></Error>"),
+    "nosuchupload": (404, b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchUpload</Code>'
+                          b"<Message>The specified upload does not exist. The upload ID may be invalid, or the "
+                          b"upload may have been aborted or completed.</Message></Error>"),
 }
 
 
@@ -34,7 +39,8 @@ class FaultProxy:
         self.rule = rule
         self.lock = threading.Lock()
         self.n = 0
-        self.injected: dict[str, int] = {"503": 0, "500": 0, "reset": 0, "cut": 0, "applied-500": 0, "hold": 0}
+        self.injected: dict[str, int] = {"503": 0, "500": 0, "reset": 0, "cut": 0, "applied-500": 0, "hold": 0,
+                                         "nosuchupload": 0}
         self.released = threading.Event()
         self.ranges: list[str | None] = []  # each request's Range header
         self.forwarded = 0

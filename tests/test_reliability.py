@@ -287,6 +287,9 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
     assert "took over the lease" in out
     assert "writers: 4 (output.writers)" in out
     assert writers_killed == 1 and summary["writers_restarted"] == 1, summary
+    # the first run was killed with its processes before the second began: no two runs at once, so
+    # the end's duplicate repair must have found nothing (else the ledger wrote a row twice)
+    assert summary["rows_deduplicated"] == 0, summary
     from fastsam_batch.storage import Storage
     from fastsam_batch.writers import open_uploads
 

@@ -185,7 +185,7 @@ def test_local_machine_reads_gpu_memory_only_when_the_actors_per_gpu_need_it(mon
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(sizing, "local_gpu_memory", sizing.local_gpu_memory.__wrapped__)  # no cache
-    monkeypatch.setattr(sizing.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(sizing, "usable_cpus", lambda cpu_max=None: 8)
     gpu = sizing.local_machine("auto")  # no probe yet
     assert gpu.gpus == 1.0 and gpu.gpu_memory_bytes == 0
     assert plan_actors(RuntimeConfig(gpus_per_actor=1), "auto", gpu).actors == 1  # set: no probe either

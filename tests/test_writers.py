@@ -29,6 +29,7 @@ from fastsam_batch.repair import remove_stale_temporaries
 from fastsam_batch.schema import UNIT_END, UNIT_SKIPPED
 from fastsam_batch.sizing import plan_writers
 from fastsam_batch.storage import Storage
+from s3_fault_proxy import FaultProxy
 from test_file_size import REALISTIC, photos
 
 MIB = 1 << 20
@@ -128,6 +129,25 @@ def test_a_block_partly_published_when_its_writer_dies_is_sent_again_without_tho
     assert not run.ledger.blocks
 
 
+def test_a_block_that_keeps_killing_its_writer_stops_the_run_naming_it(tmp_path):
+    """A block whose writer dies each time it holds it (e.g. out of memory on it) is not sent round
+    the writers for ever: the BLOCK_DEATHS-th resend goes, the next one stops the run naming the
+    block; a block with a writer only once is not counted against it."""
+    rng = np.random.default_rng(5)
+    run = Run(tmp_path / "out", 2, target=None, rows_per_file=50)
+    poison, fine = photos(0, 3, rng), photos(3, 3, rng)
+    run.send(poison, 0)
+    run.send(fine, 1)
+    holder = 0
+    for _ in range(W.BLOCK_DEATHS):
+        run.die(holder, to=1 - holder)  # the block goes to the other writer, which then dies with it
+        holder = 1 - holder
+    assert run.ledger.blocks[0].deaths == W.BLOCK_DEATHS and run.ledger.blocks[1].deaths < W.BLOCK_DEATHS
+    with pytest.raises(W.BlockDeaths, match=rf"output block 0 was with a writer each of the {W.BLOCK_DEATHS + 1} "
+                                            "times one died or hung holding it"):
+        run.die(holder, to=1 - holder)
+
+
 def test_a_repeated_row_is_removed_by_the_duplicate_repair(tmp_path):
     """Where a row is published twice anyway (a block sent again while its first file's publish was
     in flight and then landed: not a path the ledger takes, but the output's invariant must not
@@ -217,12 +237,12 @@ def test_a_publish_refused_by_the_fence_makes_nothing_visible(tmp_path):
     assert len(list(out.glob("_tmp-run-old-*"))) == 1
 
 
-def test_s3_a_staged_file_is_invisible_until_published_and_a_lost_completion_is_recognised(
+def test_s3_a_staged_file_is_invisible_until_published_and_a_lost_completion_answer_is_retried(
         s3fs_client, s3_env, monkeypatch):
     """On S3 a staged file is an open multipart upload (parts of PART_BYTES, the last smaller): no
-    object until the driver completes it. A completion that landed but whose answer was lost
-    (retried, NoSuchUpload) is recognised by the object's ETag; an upload never completed (a killed
-    run's) is aborted by the next run's start, behind the fence."""
+    object until the driver completes it. A completion that landed but whose answer was lost is
+    retried (moto answers the repeat with success; a NoSuchUpload answer: the test after this one);
+    an upload never completed (a killed run's) is aborted by the next run's start, behind the fence."""
     from s3_fault_proxy import FaultProxy
 
     monkeypatch.setattr(W, "PART_BYTES", 5 * MIB)
@@ -263,6 +283,79 @@ def test_s3_a_staged_file_is_invisible_until_published_and_a_lost_completion_is_
     assert remove_stale_temporaries(out, storage, fence=other.fence()) == 1
     assert W.open_uploads(out, storage) == [] and not s3fs_client.exists("staging/masks/part-b.parquet")
     other.release()
+
+
+def _completions(answers: list[str]):
+    """A proxy rule: the CompleteMultipartUpload requests (POST ...?uploadId=) answered, in turn, with
+    ``answers`` (then forwarded as they are)."""
+    left = list(answers)
+
+    def rule(method, path, headers):
+        if method == "POST" and "uploadId=" in path and left:
+            return left.pop(0)
+        return None
+    return rule
+
+
+def test_s3_a_completion_answered_no_such_upload_is_published_only_when_the_object_is_this_uploads(
+        s3fs_client, s3_env, monkeypatch):
+    """What S3 may answer a retried CompleteMultipartUpload whose first try landed: NoSuchUpload.
+    publish then reads the object there: this upload's (the ETag S3 gives a multipart object, from
+    the staged parts' ETags): published; no object (an upload aborted, never completed): an error
+    that says so; another object of that name: an error naming both ETags. Under SSE-KMS (the ETag
+    opaque) by the object's shape: parts count and sizes."""
+    monkeypatch.setattr(W, "PART_BYTES", 5 * MIB)
+    make_bucket(s3_env, "nsu")
+    opts = {"key": s3_env["AWS_ACCESS_KEY_ID"], "secret": s3_env["AWS_SECRET_ACCESS_KEY"]}
+    out = "s3://nsu/masks"
+    data = os.urandom(11 * MIB)
+
+    def publish_with(answers: list[str], name: str, before=None):
+        with FaultProxy(s3_env["AWS_ENDPOINT_URL"], [None], rule=_completions(answers)) as proxy:
+            storage = Storage({**opts, "endpoint_url": proxy.url})
+            where = W.stage_bytes(storage, f"{out}/{name}", data)
+            if before is not None:
+                before()
+            try:
+                W.publish(storage, W.Staged(name, f"{out}/{name}", {}, [], [], **where))
+            finally:
+                s3fs_client.invalidate_cache()
+            return proxy.injected
+
+    # the first completion landed, its answer lost; the retry told NoSuchUpload: this upload's object
+    injected = publish_with(["applied-500", "nosuchupload"], "part-a.parquet")
+    assert injected["applied-500"] == 1 and injected["nosuchupload"] == 1
+    assert s3fs_client.cat_file("nsu/masks/part-a.parquet") == data
+
+    # never completed (aborted meanwhile), nothing there
+    with pytest.raises(OSError, match=r"part-b.parquet: its multipart upload is gone \(NoSuchUpload\) and no "
+                                      r"object is there \(the upload was aborted, not completed\)"):
+        publish_with(["nosuchupload"], "part-b.parquet")
+    assert not s3fs_client.exists("nsu/masks/part-b.parquet")
+
+    # another object of that name (a plain PUT of other bytes)
+    with pytest.raises(OSError, match=r"part-c.parquet: its multipart upload is gone \(NoSuchUpload\) and the "
+                                      r"object there is another \(ETag .*, not .*-3.*\)"):
+        publish_with(["nosuchupload"], "part-c.parquet",
+                     before=lambda: s3fs_client.pipe_file("nsu/masks/part-c.parquet", b"another file"))
+    assert s3fs_client.cat_file("nsu/masks/part-c.parquet") == b"another file"  # left as it was
+
+    # SSE-KMS: an object of this upload's shape (3 parts: 5 + 5 + 1 MiB) is taken as this one's
+    # (documented: the same name holds the same image ids); one of another shape is refused
+    def kms_upload(name: str, sizes: list[int]):
+        key = f"masks/{name}"
+        c = s3fs_client
+        upload = c.call_s3("create_multipart_upload", Bucket="nsu", Key=key, ServerSideEncryption="aws:kms")["UploadId"]
+        parts = [{"PartNumber": n, "ETag": c.call_s3("upload_part", Bucket="nsu", Key=key, UploadId=upload,
+                                                     PartNumber=n, Body=os.urandom(size))["ETag"]}
+                 for n, size in enumerate(sizes, 1)]
+        c.call_s3("complete_multipart_upload", Bucket="nsu", Key=key, UploadId=upload,
+                  MultipartUpload={"Parts": parts})
+
+    publish_with(["nosuchupload"], "part-d.parquet", before=lambda: kms_upload("part-d.parquet", [5 * MIB, 5 * MIB, MIB]))
+    with pytest.raises(OSError, match=r"part-e.parquet: .*\(SSE-KMS: its ETag is opaque\) is not of its shape "
+                                      r"\(2 parts, 11534336 bytes; staged: 3 parts"):
+        publish_with(["nosuchupload"], "part-e.parquet", before=lambda: kms_upload("part-e.parquet", [5 * MIB, 6 * MIB]))
 
 
 def test_writers_setting_is_validated_and_auto_follows_the_cluster():
@@ -387,7 +480,7 @@ def test_pool_a_writer_killed_holding_rows_has_its_blocks_written_by_its_replace
     got = published_ids(out, names)
     assert sorted(got) == sorted(ids_of(tables)) and len(got) == len(set(got))
     assert not pool.ledger.blocks
-    assert sorted(os.listdir(out)) == sorted(names)  # the dead writer's staging removed with it
+    assert sorted(os.listdir(out)) == sorted(names)  # only the published files (writer 1 staged none: files at the end)
 
 
 def test_pool_a_hung_writer_is_killed_replaced_and_what_it_staged_never_published(ray_local, s3_env, s3fs_client,
@@ -478,7 +571,7 @@ def test_pool_deaths_count_in_a_row_between_published_files(ray_local, tmp_path)
         pool.run(Blocks(tables, before_nothing_published))
     assert "died 3 times in a row with no file published" in str(e.value) and "\n" not in str(e.value)
     assert pool.died == 3 and names == []
-    assert not os.path.exists(out) or os.listdir(out) == []  # nothing staged left behind
+    assert not os.path.exists(out) or os.listdir(out) == []  # nothing published, no file of any kind there
 
 
 def test_pool_first_ctrl_c_publishes_what_arrived_and_a_second_stops_at_once(ray_local, tmp_path):
