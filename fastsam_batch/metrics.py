@@ -56,12 +56,7 @@ class CommitMetrics:
         if prompts:
             self.prompts.inc(prompts, tags=self.tags)
         self.files.inc(1, tags=self.tags)
-        for stage in STAGES:
-            if stage in table.column_names:
-                tags = {**self.tags, "stage": stage[:-3]}
-                for v in table.column(stage).to_pylist():
-                    if v is not None and v >= 0:
-                        self.stage_ms.observe(v, tags=tags)
+        observe_stages(self.stage_ms, self.tags, table)
 
 
     def committed_stats(self, stats: dict) -> None:
@@ -89,12 +84,18 @@ class StageMetrics:
                                   boundaries=MS_BOUNDARIES, tag_keys=("job", "stage"))
 
     def staged(self, table: pa.Table) -> None:
-        for stage in STAGES:
-            if stage in table.column_names:
-                tags = {**self.tags, "stage": stage[:-3]}
-                for v in table.column(stage).to_pylist():
-                    if v is not None and v >= 0:
-                        self.stage_ms.observe(v, tags=tags)
+        observe_stages(self.stage_ms, self.tags, table)
+
+
+def observe_stages(histogram, tags: dict, table: pa.Table) -> None:
+    """Each row's milliseconds per stage (the table's ``*_ms`` columns of STAGES; negative or null:
+    not measured) into ``histogram``, tagged by stage."""
+    for stage in STAGES:
+        if stage in table.column_names:
+            by_stage = {**tags, "stage": stage[:-3]}
+            for v in table.column(stage).to_pylist():
+                if v is not None and v >= 0:
+                    histogram.observe(v, tags=by_stage)
 
 
 class ReadMetrics:

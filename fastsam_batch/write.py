@@ -104,17 +104,23 @@ def part_name(image_ids: list[str], rewrite_of: str | None = None) -> str:
     return f"{PART_PREFIX}{h}.parquet"
 
 
+def write_synced(path: str, data: bytes, tmp_name: str) -> str:
+    """``data`` written to ``tmp_name`` in ``path``'s folder (made if absent), flushed and fsync'd:
+    that file's path, for the caller to rename over ``path`` (or leave staged)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), tmp_name)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def put_atomic(storage: Storage, uri: str, data: bytes) -> None:
     fs = storage.fs(uri)
     if protocol_of(uri) == "file":
         path = strip_protocol(uri)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f"_tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(write_synced(path, data, f"_tmp-{uuid.uuid4().hex}"), path)
     else:
         # One PUT: the object is complete or absent. Retried on transient errors (same bytes, same key).
         with_retries(lambda: fs.pipe_file(uri, data))

@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from .retry import with_retries
 from .storage import Storage, join_uri, protocol_of, strip_protocol
-from .write import PART_PREFIX, Committer, file_stats, parquet_file_bytes, part_name, split_unit_ends
+from .write import PART_PREFIX, Committer, file_stats, parquet_file_bytes, part_name, split_unit_ends, write_synced
 
 TMP_PREFIX = "_tmp-"
 # S3 parts: at least 5 MiB each but the last (S3's rule); a 128 MiB file is 4 parts, uploaded one
@@ -76,14 +76,7 @@ def stage_bytes(storage: Storage, uri: str, data: bytes, run_id: str = "") -> di
     other's: :func:`remove_own_temporaries`); on S3 a multipart upload to ``uri``'s key with every part uploaded, left open.
     Returns the fields of :class:`Staged` that say where it is (tmp / upload_id and etags)."""
     if protocol_of(uri) == "file":
-        path = strip_protocol(uri)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{run_id}-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return {"tmp": tmp}
+        return {"tmp": write_synced(strip_protocol(uri), data, f"{TMP_PREFIX}{run_id}-{uuid.uuid4().hex}")}
     fs = storage.fs(uri)
     bucket, key = _bucket_key(uri)
     upload = with_retries(lambda: fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key))[0]["UploadId"]
