@@ -539,8 +539,15 @@ def test_ctrl_c_while_the_pool_starts_gives_one_line_and_leaves_no_process(tmp_p
         job.write_text(json.dumps({"name": "t", "input": {"uri": str(tmp_path / "list.parquet"), "format": "list"},
                                    "output": {"uri": str(tmp_path / f"out-{n}")},
                                    "model": {"checkpoint": str(CHECKPOINT), "device": "cpu"}}))
-        p = subprocess.Popen([exe, "plan", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+        # SIGINT caught here while the plan starts, so that it starts with Python's Ctrl-C handler: a
+        # test run started in the background by a shell ignores SIGINT, and the plan would inherit
+        # that (exec keeps an ignored signal ignored; Python then installs no handler, as for `nohup`)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            p = subprocess.Popen([exe, "plan", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         seen: set[int] = set()
         try:
             deadline = time.monotonic() + 300
