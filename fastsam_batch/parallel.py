@@ -481,11 +481,9 @@ def _remove_scratch_of(pid: int | None) -> None:
 
 def _repeat_worker(conn, memory_keys: int) -> None:
     """A process of :class:`SplitRepeatCheck`: a KeyRuns of its range, a batch at a time, in order."""
-    import signal
-
     from .index import KeyRuns
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_start()  # Ctrl-C ignored, as in the pool's processes
     runs = KeyRuns(memory_keys)
     try:
         while True:

@@ -379,7 +379,10 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     assert f"fastsam-batch: interrupted: {len(committed)} of {len(names)} images committed; run the same command " \
            "to resume" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert "(raylet" not in stderr, stderr  # Ray's relayed lines about the workers it ended
+    # Ray's relayed lines about the workers it ended are kept out; the raylet's disk-space warning
+    # (file_system_monitor, a machine over 95% full) is the user's to see and may come before the Ctrl-C.
+    relayed = [line for line in stderr.splitlines() if "(raylet" in line and "file_system_monitor" not in line]
+    assert not relayed, stderr
     record = json.loads((out / "_run.json").read_text())
     assert record["images"] == len(committed) and record["last_run"]["status"] == "interrupted"
     assert not list(out.glob("_tmp-*"))  # everything the writers had staged was published
