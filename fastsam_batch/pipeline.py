@@ -28,7 +28,7 @@ from .read import read_item
 from .sizing import ActorPlan, embedded_ray_cpus, joined_cluster, local_machine, plan_actors
 from .storage import Storage
 from .summary import RunSummary
-from .watchdog import Watchdog, maybe_slow_for_test
+from .watchdog import Watchdog
 from .write import Interrupted
 from .writers import BlockWriter, Ledger
 
@@ -108,7 +108,6 @@ class ReadDecode:
             t0 = time.perf_counter()
             try:
                 with self.watchdog.watch("decode", [image_id], self.timeout_s):
-                    maybe_slow_for_test("decode", image_id)
                     jpeg = probe_for_device(data, self.max_pixels) if self.device_decode else None
                     if jpeg is not None:  # decoded by the segmentation actor, on its device
                         out["jpeg"], out["orientation"] = jpeg.data, jpeg.orientation

@@ -28,7 +28,6 @@ from .masks import (adjust_full_image_boxes, collect_box_masks, fetch_box_masks,
                     launch_box_masks)
 from .rle import rle_fields, runs_from_intervals, runs_to_rle
 from .select import apply_prompts, merged_intervals
-from .watchdog import maybe_slow_for_test
 
 # (mask pixels per chunk and masks per prototype product on the CPU, crop pixels per chunk on an
 # accelerator): as usual, and after running out of memory.
@@ -255,7 +254,6 @@ class FastSAMSegmenter:
         from ultralytics.utils import ops
 
         chunk_pixels, masks_at_once, device_pixels = SMALL_CHUNKS if small else NORMAL_CHUNKS
-        _maybe_simulate_out_of_memory(chunk_pixels)
         boxes = [ops.scale_boxes(in_shape, pred[:, :4].clone(), hw) for hw, (in_shape, pred, _) in zip(sizes, forwards)]
         host = [torch.cat([b, adjust_full_image_boxes(b, *hw), pred[:, 4:5]], 1).float()
                 for b, hw, (_, pred, _) in zip(boxes, sizes, forwards)]
@@ -416,8 +414,6 @@ class SegmentActor:
     def __call__(self, batch: dict) -> "pa.Table":  # noqa: F821
         from .rows import output_table
 
-        _maybe_crash_for_test()
-
         n = len(batch["image_id"])
         masks: list[list[dict]] = [[] for _ in range(n)]
         errors = [batch["error"][i] or None for i in range(n)]
@@ -453,8 +449,6 @@ class SegmentActor:
             limit = self.timeout_s * len(todo) if self.timeout_s else None
             with self.watchdog.watch("segment-batch", [ids[i] for i in todo], limit):
                 try:
-                    for i in todo:
-                        maybe_slow_for_test("segment", ids[i])
                     for part in self.buckets(todo, sizes):
                         part = self.decode_on_device(part, jpegs, images, errors, batch)
                         done = self.segment_batch(self.segmenter, [images[i] for i in part],
@@ -472,7 +466,6 @@ class SegmentActor:
                     if not self.decode_on_device([i], jpegs, images, errors, batch):
                         continue  # a file neither the device nor Pillow decodes: its error row
                     with self.watchdog.watch("segment-alone", [ids[i]], self.timeout_s):
-                        maybe_slow_for_test("segment", ids[i])
                         masks[i], records[i], timings[i] = self.segment_one(images[i], given[i], sizes[i])
                 except Exception as e:  # noqa: BLE001
                     errors[i] = f"segment_failed: {type(e).__name__}: {e}"
@@ -574,19 +567,6 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _maybe_simulate_out_of_memory(chunk_pixels: int) -> None:
-    """Fault injection for the tests (never set in production): with
-    ``FASTSAM_BATCH_TEST_MEMORY_PIXELS=N``, computing masks in chunks of more than N pixels raises
-    ``torch.OutOfMemoryError``, as an accelerator with little free memory would."""
-    import os
-
-    limit = os.environ.get("FASTSAM_BATCH_TEST_MEMORY_PIXELS")
-    if limit and chunk_pixels > int(limit):
-        import torch
-
-        raise torch.OutOfMemoryError(f"simulated: mask chunks of {chunk_pixels} pixels > {limit}")
-
-
 def prompt_record(index: int, prompt: dict, num_masks: int, error: str | None) -> dict:
     """One entry of a row's ``prompts`` list (see schema.PROMPT_TYPE)."""
     kind = prompt.get("kind")
@@ -596,21 +576,3 @@ def prompt_record(index: int, prompt: dict, num_masks: int, error: str | None) -
             "points": prompt.get("points") if kind == "points" else None,
             "labels": prompt.get("labels") if kind == "points" else None,
             "num_masks": num_masks, "error": error}
-
-
-def _maybe_crash_for_test() -> None:
-    """Fault injection for the tests (never set in production): with
-    ``FASTSAM_BATCH_CRASH_ONCE=/some/path``, the first actor call that finds no file there creates it
-    and kills its own process mid-batch, as a dying GPU worker would. Exactly once per path."""
-    import os
-
-    marker = os.environ.get("FASTSAM_BATCH_CRASH_ONCE")
-    if not marker:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    os._exit(137)

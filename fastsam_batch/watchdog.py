@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,20 +76,3 @@ class Watchdog:
                     seen.setdefault(s, set()).add(i)
                 self._seen, self._mtime = seen, mtime
             return self._seen.get(stage, set())
-
-
-def maybe_slow_for_test(stage: str, image_id: str) -> None:
-    """Fault injection for the tests (never set in production): with
-    ``FASTSAM_BATCH_TEST_SLOW=<stage>:<text>:<seconds>``, working on an image whose id contains
-    ``<text>`` in ``<stage>`` (``decode`` or ``segment``) takes that long, as a pathological file.
-    With ``FASTSAM_BATCH_TEST_SLOW_MARK=<file>`` too, that file is created first, so that a test can
-    wait for a run to be inside such an image instead of guessing when it is."""
-    spec = os.environ.get("FASTSAM_BATCH_TEST_SLOW")
-    if not spec:
-        return
-    s, text, seconds = spec.split(":")
-    if s == stage and text in image_id:
-        mark = os.environ.get("FASTSAM_BATCH_TEST_SLOW_MARK")
-        if mark:
-            Path(mark).touch()
-        time.sleep(float(seconds))

@@ -19,6 +19,11 @@ SHARED = ROOT.parent / "shared"  # test data beside the clone, not in it: photog
 REAL_IMAGES = SHARED / "real-images"
 KUBERAY = SHARED / "kuberay"
 sys.path.insert(0, str(FIXTURES))
+# The tests' fault injection (tests/inject/sitecustomize.py: slow images, a crashing actor), in every
+# process the tests start: the CLI runs, their Ray workers, test-owned clusters' nodes. It does
+# nothing in a process without its environment variables.
+INJECT = FIXTURES.parent / "inject"
+os.environ["PYTHONPATH"] = os.pathsep.join([str(INJECT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from fastsam_batch.offline import configure_ultralytics  # noqa: E402
 

@@ -71,10 +71,23 @@ def _actor_batch(arrays):
 
 
 def test_out_of_memory_is_retried_with_smaller_chunks_then_becomes_an_error_row(checkpoint, images, monkeypatch):
-    """An accelerator short of memory, simulated by the test-only FASTSAM_BATCH_TEST_MEMORY_PIXELS
-    (mask chunks above that many pixels raise torch.OutOfMemoryError): the image is redone in smaller
+    """An accelerator short of memory, simulated: the mask step (FastSAMSegmenter.candidates_on_device)
+    raises torch.OutOfMemoryError when its chunks are above a limit: the image is redone in smaller
     pieces with the same masks; when even those run out, it is one error row naming what was tried."""
-    from fastsam_batch.segment import NORMAL_CHUNKS, SMALL_CHUNKS, SegmentActor
+    import torch
+
+    from fastsam_batch.segment import NORMAL_CHUNKS, SMALL_CHUNKS, FastSAMSegmenter, SegmentActor
+
+    limit = {"pixels": None}
+    on_device = FastSAMSegmenter.candidates_on_device
+
+    def short_of_memory(self, sizes, forwards, small=False):
+        chunk_pixels = (SMALL_CHUNKS if small else NORMAL_CHUNKS)[0]
+        if limit["pixels"] is not None and chunk_pixels > limit["pixels"]:
+            raise torch.OutOfMemoryError(f"simulated: mask chunks of {chunk_pixels} pixels > {limit['pixels']}")
+        return on_device(self, sizes, forwards, small)
+
+    monkeypatch.setattr(FastSAMSegmenter, "candidates_on_device", short_of_memory)
 
     settings = SegmentSettings(str(checkpoint), "unused", imgsz=320, conf=0.25, iou=0.9, device="cpu")
     actor = SegmentActor(settings, Storage(), "fp")
@@ -82,12 +95,12 @@ def test_out_of_memory_is_retried_with_smaller_chunks_then_becomes_an_error_row(
     normal = actor(_actor_batch(arrays)).to_pylist()
     assert all(r["status"] == "ok" for r in normal) and sum(r["num_masks"] for r in normal) > 0
 
-    monkeypatch.setenv("FASTSAM_BATCH_TEST_MEMORY_PIXELS", str((SMALL_CHUNKS[0] + NORMAL_CHUNKS[0]) // 2))
+    limit["pixels"] = (SMALL_CHUNKS[0] + NORMAL_CHUNKS[0]) // 2
     retried = actor(_actor_batch(arrays)).to_pylist()
     assert [r["status"] for r in retried] == ["ok"] * 3
     assert [[m["counts"] for m in r["masks"]] for r in retried] == [[m["counts"] for m in r["masks"]] for r in normal]
 
-    monkeypatch.setenv("FASTSAM_BATCH_TEST_MEMORY_PIXELS", str(SMALL_CHUNKS[0] // 2))
+    limit["pixels"] = SMALL_CHUNKS[0] // 2
     failed = actor(_actor_batch(arrays)).to_pylist()
     assert [r["status"] for r in failed] == ["error"] * 3
     for r in failed:
