@@ -435,7 +435,7 @@ def test_an_aborted_split_check_ends_its_processes_and_their_spilled_runs(tmp_pa
     assert list(tmp_path.glob("fastsam-keys-*"))  # spilled runs (200 keys in memory each)
     procs = list(check.procs)
     check.close(abort=True)
-    assert all(_gone(p.pid) for p in procs) and not list(tmp_path.glob("fastsam-keys-*"))
+    assert _all_gone([p.pid for p in procs]) and not list(tmp_path.glob("fastsam-keys-*"))
     check.close()  # again: nothing to do
 
 
@@ -447,7 +447,7 @@ def test_a_pool_closed_on_an_error_ends_its_processes(tmp_path):
     assert procs
     it.close()
     pool.close(abort=True)
-    assert all(_gone(p.pid) for p in procs)
+    assert _all_gone([p.pid for p in procs])
 
 
 
@@ -498,6 +498,18 @@ def _children(pid: int) -> set[int]:
         if int(fields[1]) == pid:
             out.add(int(stat.split("/")[2]))
     return out
+
+
+def _all_gone(pids: list[int], timeout: float = 60.0) -> bool:
+    """Whether every process has ended, waiting for it (bounded): close(abort=True) returns once each
+    process's end of its sentinel pipe is closed, which the kernel does as the process exits, a moment
+    before it is a zombie (seen once on a busy machine)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return all(_gone(p) for p in pids)
 
 
 def _gone(pid: int) -> bool:
