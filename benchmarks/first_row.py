@@ -2,8 +2,9 @@
 10-million-image list is committed within a minute").
 
 `fastsam-batch run` on a Parquet list of N images into a fresh output, on this machine's embedded
-Ray with the fixture checkpoint: the seconds from the command's start to the line saying the plan
-is made, to the first output file published (a `part-*.parquet` directly under the output), and
+Ray with the fixture checkpoint: the seconds from the command's start to the line saying
+segmentation starts on the first plan files (a streamed plan), to the line saying the plan is made
+(if it comes first), to the first output file published (a `part-*.parquet` directly under the output), and
 the command's peak RSS by then; then the run is stopped with Ctrl-C (SIGINT) and its exit waited
 for. The listed images need not exist: a missing one is an error row, committed like any other
 (what is timed is planning and the way to the first commit, not segmentation). Prints the figures
@@ -97,12 +98,16 @@ def main() -> None:
             proc.wait()
     reader.join(timeout=10)
     planned = next((t for t, line in lines if line.startswith("planned ")), None)
+    # a streamed plan: segmentation starts on the first plan files, the plan is logged at its end
+    started = next((t for t, line in lines if line.startswith("planning ")), None)
     result = {"list_rows": rows, "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
               "planned_s": None if planned is None else round(planned, 1),
+              "segmentation_started_s": None if started is None else round(started, 1),
               "first_committed_s": None if first is None else round(first, 1),
               "peak_rss_mb_until_then": round(peak), "exit": proc.returncode,
               "log": [f"{t:7.1f}s {line}" for t, line in lines][:40]}
-    print(f"{rows:,} listed: plan made at {result['planned_s']} s, first file committed at "
+    print(f"{rows:,} listed: segmentation started at {result['segmentation_started_s']} s (streamed plan), "
+          f"plan made at {result['planned_s']} s, first file committed at "
           f"{result['first_committed_s']} s, driver peak RSS {result['peak_rss_mb_until_then']} MB; "
           f"stopped with Ctrl-C: exit {proc.returncode}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

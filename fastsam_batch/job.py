@@ -22,7 +22,7 @@ from .offline import configure_ultralytics
 from .progress import Progress
 from .preflight import check_output_placement, check_uploads
 from .inputs import CONTAINERS, InputError, Skipped, open_input
-from .plan import PlanCount, PlanParts, chunked
+from .plan import PlanCount, PlanParts, PlanWave, StreamedPlan, chunked
 from .mask_rules import MaskRules
 from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_table
 from .segment import SegmentSettings
@@ -137,13 +137,16 @@ class Planned:
 
 def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Committed,
              prompts: PromptAttacher, retry: frozenset[str] | None = None, plan: PlanParts | PlanCount | None = None,
-             complete_units: dict[str, dict[tuple[str, str], int]] | None = None) -> Planned:
+             complete_units: dict[str, dict[tuple[str, str], int]] | None = None, stop=None,
+             on_open=None) -> Planned:
     """Lists the input (streaming), gives items their prompts and source versions, and keeps those
     without a current committed row, in plan parts. Returns the parts, the rows of older object
     versions to drop now (left by a run cut short), the changed images (id -> version now), whose
     old rows are dropped once the new ones are committed, and the images whose error rows are
     processed again (``retry``: the error reasons to retry, ``ALL_ERRORS`` for every one).
-    ``plan``: where the items go (default: plan parts under the output; PlanCount: counted only)."""
+    ``plan``: where the items go (default: plan parts under the output; PlanCount: counted only).
+    ``stop`` (a threading.Event; plan.StreamedPlan's): once set, planning ends at its next batch and
+    returns what it planned so far. ``on_open``: called with the input form once it is open."""
     plan = plan if plan is not None else PlanParts(m.output.uri, storage, m.runtime.plan_part_rows)
     skipped = Skipped()
     superseded: dict[str, dict[str, str]] = {}
@@ -153,11 +156,18 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     complete_now: dict[str, str] = {}
     retried_rows: dict[str, set[bytes]] = {}
     form = open_input(m.input, storage)
+    if on_open is not None:
+        on_open(form)
+    stopped = False
     try:
         if form.batches is not None:  # object units as columns (lists, inventories, files)
-            _plan_batches(form, skipped, plan, committed, summary, prompts, retry, superseded, changed, retried)
+            stopped = _plan_batches(form, skipped, plan, committed, summary, prompts, retry, superseded, changed,
+                                    retried, stop)
         else:  # containers (and any form without batches): a unit at a time
             for chunk in chunked(form.units(skipped), LIST_CHUNK):
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
                 prompts.attach(chunk, summary)
                 for it in chunk:
                     it["source_version"] = source_version(it)
@@ -194,7 +204,7 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
     summary.skipped_examples = skipped.examples
     summary.duplicates_in_input = form.duplicates
     summary.duplicate_examples = form.duplicate_examples
-    if not summary.images_planned and not summary.units_planned and skipped.count:
+    if not summary.images_planned and not summary.units_planned and skipped.count and not stopped:
         raise JobError(_nothing_to_read(m, form.name, skipped))
     stale = stale_unit_rows(committed, complete_now) if complete_now else {}
     summary.images_retried_errors += sum(len(k) for k in retried_rows.values())
@@ -203,9 +213,10 @@ def plan_job(m: Manifest, storage: Storage, summary: RunSummary, committed: Comm
 
 def _plan_batches(form, skipped: Skipped, plan, committed: Committed, summary: RunSummary, prompts: PromptAttacher,
                   retry: frozenset[str] | None, superseded: dict[str, dict[str, str]], changed: dict[str, str],
-                  retried: set[str]) -> None:
+                  retried: set[str], stop=None) -> bool:
     """The form's batches planned in order; the ids hashed, and looked up in an index on disk, by a
-    :class:`.parallel.PlanPool` of processes (the first batches, and a small plan, on the driver)."""
+    :class:`.parallel.PlanPool` of processes (the first batches, and a small plan, on the driver).
+    Returns True if ``stop`` ended it before the form's end (what was planned is in the plan)."""
     import pyarrow as pa
 
     pool = PlanPool(plan_processes())
@@ -229,11 +240,14 @@ def _plan_batches(form, skipped: Skipped, plan, committed: Committed, summary: R
             plan.add_table(pa.concat_tables(held) if len(held) > 1 else held[0])
             held.clear()
 
-    finished = False
+    finished = stopped = False
     try:
         with contextlib.closing(form.batches(skipped, pool)) as batches, \
                 contextlib.closing(pool.ordered(batches, task, size=len)) as planned:
             for batch, done in planned:
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
                 found = None
                 if done is not None:
                     batch.hi, batch.lo, found = done
@@ -250,9 +264,10 @@ def _plan_batches(form, skipped: Skipped, plan, committed: Committed, summary: R
                         held.append(todo.slice(a, b - a))
                 listed += len(batch)
         flush()
-        finished = True
+        finished = not stopped
     finally:
-        pool.close(abort=not finished)  # an error or Ctrl-C: its processes terminated at once
+        pool.close(abort=not finished)  # an error, Ctrl-C or a stop: its processes terminated at once
+    return stopped
 
 
 def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: PromptAttacher,
@@ -466,30 +481,36 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
                                        owned=True)
     summary.rows_deduplicated += twice
     complete_units = {} if overwrite else read_units_records(m.output.uri, storage)[0]
-    planned = plan_job(m, storage, summary, committed, prompts, retry, complete_units=complete_units)
-    plan, superseded, changed, retried = planned.plan, planned.superseded, planned.changed, planned.retried
-    # rows of replaced objects and of changed containers, left by a run cut short after the new ones
-    # committed (the index read at the start is kept current, never read whole again)
-    committed = drop_left_over_rows(m.output.uri, storage, committed, superseded, planned.stale_units, compression,
-                                    fence=fence, owned=True)
-    if not plan.count and not old_parts and not twice and not superseded and not planned.stale_units:
-        summary.noop = True
-        log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
-            f"{summary.run_fingerprint} (the run is complete; --retry-errors processes error rows again)"
-            if not retry else f"nothing to do: no error rows to retry among the {summary.images_planned} images")
+    # Planning runs in a thread of its own (plan.StreamedPlan): a plan that ends before its second
+    # part (a small job) or with no part on file is planned whole first, as before; a longer one is
+    # segmented while it is planned (_segment_waves), and what needs the whole plan comes after.
+    plan = PlanParts(m.output.uri, storage, m.runtime.plan_part_rows)
+    forms: list = []
+    stream = StreamedPlan(plan, summary, lambda own, stop, index=committed: plan_job(
+        m, storage, own, index, prompts, retry, plan=plan, complete_units=complete_units, stop=stop,
+        on_open=forms.append)).start()
+    try:
+        stream.wait(0)  # the first plan file, or planning's end
+        streaming = not stream.done.is_set()
+        planned = None if streaming else stream.finish()
+    except BaseException:  # a planning error, Ctrl-C: its thread (and processes) ended first
+        stream.close()
         plan.remove()
-        committed.close()
-        return summary
-    containers = {"tar": "tar shards", "parquet_images": "Parquet files"}.get(summary.input_format)
-    if summary.images_skipped_done:
-        log(f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} to do "
-            f"({summary.images_changed} of them changed since their row was written)" if not containers else
-            f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} {containers} to do "
-            f"({summary.units_changed} of them changed since their rows were written)")
-    log(f"planned {plan.count} {containers or 'images'} from {m.input.uri} ({summary.skipped_not_images} "
-        f"{'other' if containers else 'non-image'} keys skipped"
-        + (f"; {summary.duplicates_in_input} repeated image ids skipped" if summary.duplicates_in_input else "")
-        + (f"; plan in {len(plan.files)} files under {plan.folder}" if plan.files else "") + ")")
+        raise
+    if planned is not None:
+        committed = _drop_left_over(m, storage, committed, planned, compression, fence)
+        if not plan.count and not old_parts and not twice and not planned.superseded and not planned.stale_units:
+            summary.noop = True
+            log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
+                f"{summary.run_fingerprint} (the run is complete; --retry-errors processes error rows again)"
+                if not retry else f"nothing to do: no error rows to retry among the {summary.images_planned} images")
+            plan.remove()
+            committed.close()
+            return summary
+        _log_planned(m, summary, plan, log)
+    else:
+        log(f"planning {m.input.uri}: its first {len(plan.files)} plan files written, segmentation starts while the "
+            f"rest is planned (plan under {plan.folder})")
     if ray_line:
         log(ray_line)
     if cpu_note:
@@ -536,31 +557,102 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
             fence.check(storage)
             abort_uploads(m.output.uri, storage, uploads)
 
-    writers = WriterPool(m, storage, count, ledger, watch=lease.check_held, tick=lambda: progress.tick(),
-                         local_output=local, run_id=summary.run_id,
-                         clean_s3=clean_s3 if protocol_of(m.output.uri) in ("s3", "s3a") else None)
+    def tick() -> None:
+        if streaming:
+            progress.skipped(stream.sync())  # the planner's counts so far, into the run's summary
+        progress.tick()
+
+    def watch() -> None:
+        lease.check_held()
+        stream.check()  # planning failed: the run stops (what it committed is kept)
+
+    writers = WriterPool(m, storage, count, ledger, watch=watch, tick=tick, local_output=local,
+                         run_id=summary.run_id, clean_s3=clean_s3 if protocol_of(m.output.uri) in ("s3", "s3a") else None)
     # Segmented images are counted as their rows reach a writer; committed ones as files are published.
     progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=ledger.waiting_rows)
     try:
-        if plan.count:
+        if plan.count or streaming:
             log(f"writers: {count} ({why}), each staging its files for the driver to publish")
-            settings = replace(settings_for(m, summary, prompts.sources), carried=tuple(planned.carried))
-            run_segmentation(m, storage, settings, summary, plan, sizing, writers, log)
+            settings = replace(settings_for(m, summary, prompts.sources), carried=tuple(forms[0].carried))
+            if streaming:
+                planned = _segment_waves(m, storage, settings, summary, stream, sizing, writers, progress, watch, log)
+                committed = _drop_left_over(m, storage, committed, planned, compression, fence)
+                _log_planned(m, summary, plan, log)
+            else:
+                run_segmentation(m, storage, settings, summary, plan, sizing, writers, log)
     except LeaseLost:
         raise JobError(_lease_lost(m, lease)) from None
     except Interrupted:
         summary.interrupted = True
         silence_ray(debug)
     finally:
+        if streaming and planned is None:  # stopped (Ctrl-C, an error): planning ended, what it planned kept
+            stream.close()
+            with contextlib.suppress(BaseException):
+                planned = stream.finish()
         summary.writers, summary.writers_restarted = (count, writers.died) if plan.count else (0, 0)
         progress.close()
         plan.remove()
     if lease.lost is not None:
         raise JobError(_lease_lost(m, lease))
-    return _finish(m, storage, summary, compression, t_start, written, changed, retried, fence, completed,
-                   planned.retried_rows, committed)
+    if planned is None:  # interrupted, and planning's partial result lost to its error
+        raise JobError("planning failed after a Ctrl-C; the files published are kept, and running the same command "
+                       "again resumes")
+    return _finish(m, storage, summary, compression, t_start, written, planned.changed, planned.retried, fence,
+                   completed, planned.retried_rows, committed)
 
 
+def _drop_left_over(m: Manifest, storage: Storage, committed: Committed, planned: Planned, compression, fence):
+    """Rows of replaced objects and of changed containers, left by a run cut short after the new ones
+    committed (the index read at the start is kept current, never read whole again)."""
+    return drop_left_over_rows(m.output.uri, storage, committed, planned.superseded, planned.stale_units, compression,
+                               fence=fence, owned=True)
+
+
+def _log_planned(m: Manifest, summary: RunSummary, plan: PlanParts, log) -> None:
+    containers = {"tar": "tar shards", "parquet_images": "Parquet files"}.get(summary.input_format)
+    if summary.images_skipped_done:
+        log(f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} to do "
+            f"({summary.images_changed} of them changed since their row was written)" if not containers else
+            f"resuming: {summary.images_skipped_done} images already have rows; {plan.count} {containers} to do "
+            f"({summary.units_changed} of them changed since their rows were written)")
+    log(f"planned {plan.count} {containers or 'images'} from {m.input.uri} ({summary.skipped_not_images} "
+        f"{'other' if containers else 'non-image'} keys skipped"
+        + (f"; {summary.duplicates_in_input} repeated image ids skipped" if summary.duplicates_in_input else "")
+        + (f"; plan in {len(plan.files)} files under {plan.folder}" if plan.files else "") + ")")
+
+
+def _segment_waves(m: Manifest, storage: Storage, settings: SegmentSettings, summary: RunSummary,
+                   stream: StreamedPlan, sizing, writers: WriterPool, progress: Progress, watch, log) -> Planned:
+    """The plan segmented as it is planned, in waves: each wave one Ray Data run over the plan files
+    written since the last (the writers, their ledger and the lease kept across waves); the next wave
+    waits for at least twice as many new files as the last had, or for planning's end, so a plan of
+    P files is at most about log2(P) + 1 waves (each a pipeline's start and drain) whichever of
+    planning and segmentation is faster. Returns planning's result once it has ended and every wave
+    is published; raises Interrupted after a Ctrl-C (between waves too)."""
+    done, wave = 0, 0
+    try:
+        while True:
+            want = max(1, 2 * wave)  # twice the files of the last wave
+            while len(stream.parts.files) - done < want and not stream.done.is_set():
+                stream.wait(done + want - 1, watch=lambda: (watch(), progress.tick()))
+            stream.check()
+            files = stream.parts.files[done:]
+            if not files:
+                break
+            if done:
+                log(f"plan: {len(files)} more plan files ({len(files) * m.runtime.plan_part_rows:,} images at most); "
+                    f"segmenting them{' (planning goes on)' if not stream.done.is_set() else ''}")
+            run_segmentation(m, storage, settings, summary, PlanWave(files), sizing, writers,
+                             log if not done else (lambda line: None), keep_writers=True)
+            done += len(files)
+            wave = len(files)
+    except KeyboardInterrupt:  # between waves: nothing in flight (each wave ends with every file published)
+        raise Interrupted() from None
+    finally:
+        writers.stop(clean=writers.died > 0)
+    progress.skipped(stream.sync())
+    return stream.finish()
 def _lease_lost(m: Manifest, lease: Lease) -> str:
     """The one line a run whose lease was taken over ends with (the new holder read back)."""
     if lease.lost is None:

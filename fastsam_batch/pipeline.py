@@ -194,10 +194,12 @@ def embedded_ray_line() -> str:
 
 
 def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, summary: RunSummary,
-                     plan: PlanParts, sizing: ActorPlan, output: "WriterPool", log=print) -> None:
+                     plan: PlanParts, sizing: ActorPlan, output: "WriterPool", log=print,
+                     keep_writers: bool = False) -> None:
     """read + decode -> segment + encode, streaming through Ray Data, into ``output`` (the writer
     actors; the driver publishes their files). Raises write.Interrupted after a Ctrl-C (what the
-    writers had staged and what had reached the driver, published)."""
+    writers had staged and what had reached the driver, published). ``keep_writers``: the writers
+    are left running when it ends well (another wave of the plan follows: job._segment_waves)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
 
@@ -261,7 +263,7 @@ def run_segmentation(m: Manifest, storage: Storage, settings: SegmentSettings, s
     # The output blocks stay in the object store: the driver routes their references to the writer
     # actors, which encode and stage the files; the driver publishes them (writers.py).
     try:
-        output.run(ds)
+        output.run(ds, keep=keep_writers)
     except Exception:  # Interrupted (Ctrl-C), LeaseLost (the lease taken over), a failed commit
         # Stop Ray Data's executor thread now, not while Ray shuts down at exit (where it would go on
         # calling Ray, and Ray would start a new local instance for it). Ray Data's own blocking
@@ -342,6 +344,7 @@ class WriterPool:
         self.nodes: list[str] = []  # a remote output's: the nodes writers are placed on, in turn (writer_nodes)
         self.started = 0  # writers started (the next one's place in turn)
         self.turn = 0  # the writer the next block goes to, if it has room
+        self.stopped = False  # stop() has been called
 
     def _start(self, i: int):
         import ray
@@ -383,9 +386,13 @@ class WriterPool:
         (what they staged and the driver did not publish), on S3 their open uploads aborted, so such a
         run leaves nothing behind (but for a writer process still running 30 s after it was killed, or
         one that never said its process id: its temporary files are the next run's start's to remove). ``at_once`` (a second Ctrl-C): the writers are told to end and
-        nothing is waited for, nothing cleaned (the next run's start removes what is left)."""
+        nothing is waited for, nothing cleaned (the next run's start removes what is left). Once only:
+        a second call does nothing."""
         import ray
 
+        if self.stopped:
+            return
+        self.stopped = True
         for h in self.handles:
             if h is not None:
                 try:
@@ -562,14 +569,15 @@ class WriterPool:
                 raise RuntimeError(f"{len(self.ledger.blocks)} output blocks were not written after every writer "
                                    "flushed (a bug)")
 
-    def run(self, ds) -> None:
+    def run(self, ds, keep: bool = False) -> None:
         """Routes the dataset's output blocks to the writers (produced in a thread of their own, so
         that answers and due files never wait for the next block) and publishes what they stage. The
         first Ctrl-C (SIGINT) stops taking blocks: the blocks that had reached the driver are routed,
         every writer stages what it holds, the driver publishes it, and Interrupted is raised; a
         second Ctrl-C stops at once (KeyboardInterrupt: the writers are told to end, nothing waited for
         or cleaned up; the next run's start removes what they staged). A publish is never cut in half
-        by the first."""
+        by the first. ``keep``: the writers are not stopped when it ends well (every file published),
+        for the next :meth:`run`."""
         import queue
         import signal
         import threading
@@ -632,6 +640,7 @@ class WriterPool:
         finally:
             if main and not stop.is_set():
                 signal.signal(signal.SIGINT, previous)
-            self.stop(clean=failed or self.died > 0, at_once=at_once)
+            if failed or at_once or stop.is_set() or not keep:
+                self.stop(clean=failed or self.died > 0, at_once=at_once)
         if stop.is_set():
             raise Interrupted()

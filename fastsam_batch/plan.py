@@ -7,10 +7,14 @@ at a time, however long the listing.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
+import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import fields
+from typing import Any
 
 from .retry import with_retries
 from .storage import Storage, join_uri, protocol_of, strip_protocol
@@ -119,6 +123,15 @@ def plan_table(part):
     return pa.table(cols)
 
 
+class PlanWave:
+    """Some of a :class:`PlanParts`' files, as the run reads a plan (job._segment_waves)."""
+
+    def __init__(self, files: list[str]):
+        self.files = list(files)
+        self.in_memory: list[dict] = []
+        self.count = 0  # not known without reading them (not needed: the files are read by the workers)
+
+
 class PlanCount:
     """In place of :class:`PlanParts` for a dry run: the planned items counted, nothing written."""
 
@@ -135,6 +148,96 @@ class PlanCount:
 
     def remove(self) -> None:
         pass
+
+
+class StreamedPlan:
+    """Planning in a thread of its own, so that the run segments the first plan parts while the rest
+    of the input is listed (issue 23: the first row of a long list in seconds, not after the whole plan).
+
+    ``work(summary, stop)`` plans (job.plan_job) into ``parts`` (a :class:`PlanParts`, whose files the
+    run reads as they appear), counting into a summary of its own (a copy of the run's): the run's
+    summary is touched only by the thread that calls :meth:`sync` and :meth:`finish`, which add to it
+    what planning counted since (counters by difference, other fields copied), so no count is lost
+    between two threads. ``stop`` set: planning ends at its next batch and returns what it planned.
+    SIGINT is blocked in the thread (a Ctrl-C is the main thread's; the plan's process pool, started
+    from this thread, inherits the mask)."""
+
+    def __init__(self, parts: "PlanParts", summary: Any, work: Callable[[Any, threading.Event], Any]):
+        self.parts, self.summary, self.work = parts, summary, work
+        self.own = copy.deepcopy(summary)  # the planner's counts
+        self.seen = copy.deepcopy(summary)  # what of them the run's summary has
+        self.stop = threading.Event()
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="fastsam-batch-plan", daemon=True)
+
+    def start(self) -> "StreamedPlan":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        import signal
+
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.result = self.work(self.own, self.stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the run's thread (check, finish)
+            self.error = e
+        finally:
+            self.done.set()
+
+    def check(self) -> None:
+        """Raises planning's error, if it failed."""
+        if self.error is not None:
+            raise self.error
+
+    def wait(self, parts: int, watch: Callable[[], None] = lambda: None) -> bool:
+        """Until more than ``parts`` plan files exist or planning has ended (True: it has); ``watch``
+        is called while waiting (it raises to stop: the lease lost). Raises planning's error."""
+        while len(self.parts.files) <= parts and not self.done.wait(0.1):
+            watch()
+        self.check()
+        return self.done.is_set() and len(self.parts.files) <= parts
+
+    def sync(self, counted: tuple[str, ...] = ("images_planned", "images_skipped_done", "images_ok",
+                                                "images_error", "units_planned", "units_skipped_done")) -> int:
+        """Adds to the run's summary what planning counted since the last call, of ``counted``;
+        returns how many of those were images found already done (ok or error rows: progress counts
+        them as done at the start)."""
+        done = 0
+        for name in counted:
+            now = getattr(self.own, name)
+            delta = now - getattr(self.seen, name)
+            if delta:
+                setattr(self.summary, name, getattr(self.summary, name) + delta)
+                setattr(self.seen, name, now)
+                done += delta if name in ("images_ok", "images_error") else 0
+        return done
+
+    def finish(self, stop: bool = False) -> Any:
+        """Planning's result once it has ended (``stop``: asked to end first, keeping what it
+        planned); every field of its summary added to the run's. Raises planning's error."""
+        if stop:
+            self.stop.set()
+        self.thread.join()
+        self.check()
+        for f in fields(self.own):
+            now, seen = getattr(self.own, f.name), getattr(self.seen, f.name)
+            if now == seen:
+                continue
+            if isinstance(now, (int, float)) and not isinstance(now, bool):
+                setattr(self.summary, f.name, getattr(self.summary, f.name) + now - seen)
+            else:
+                setattr(self.summary, f.name, copy.deepcopy(now))
+            setattr(self.seen, f.name, copy.deepcopy(now))
+        return self.result
+
+    def close(self) -> None:
+        """Planning stopped and waited for (an error or Ctrl-C in the run): its processes ended."""
+        self.stop.set()
+        self.thread.join()
 
 
 def read_plan_part(uri: str, storage: Storage) -> list[dict]:

@@ -92,6 +92,11 @@ class Progress:
         self.last = now
         self._emit(now)
 
+    def skipped(self, images: int) -> None:
+        """``images`` found already done after the start (planning goes on during the run): done, but
+        not by this run (not in its rate)."""
+        self.done_at_start += images
+
     def close(self) -> None:
         if self.live and self.drawn:
             self.out.write("\r" + " " * self.drawn + "\r")
