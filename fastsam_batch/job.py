@@ -38,6 +38,7 @@ from .write import Interrupted, put_atomic
 from .writers import Ledger, Staged, abort_uploads, open_uploads, publish as publish_staged
 from .pipeline import WriterPool, embedded_ray_line, ray_address, run_segmentation, start_ray
 
+STREAM_AFTER_FILES = 16  # plan files on file (with planning still going) before the run starts on them
 LIST_CHUNK = 1000  # listed containers handled at a time on the driver; the plan's parts: per this many listed
 RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
 ALL_ERRORS = "all"  # --retry-errors with no reasons: every error row
@@ -481,8 +482,8 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
                                        owned=True)
     summary.rows_deduplicated += twice
     complete_units = {} if overwrite else read_units_records(m.output.uri, storage)[0]
-    # Planning runs in a thread of its own (plan.StreamedPlan): a plan that ends before its second
-    # part (a small job) or with no part on file is planned whole first, as before; a longer one is
+    # Planning runs in a thread of its own (plan.StreamedPlan): a plan that ends before
+    # STREAM_AFTER_FILES plan files are on file is planned whole first, as before; a longer one is
     # segmented while it is planned (_segment_waves), and what needs the whole plan comes after.
     plan = PlanParts(m.output.uri, storage, m.runtime.plan_part_rows)
     forms: list = []
@@ -490,116 +491,126 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         m, storage, own, index, prompts, retry, plan=plan, complete_units=complete_units, stop=stop,
         on_open=forms.append)).start()
     try:
-        stream.wait(0)  # the first plan file, or planning's end
+        # the first STREAM_AFTER_FILES plan files, or planning's end (a plan of fewer files is always
+        # planned whole: small jobs take one path whatever the timing)
+        stream.wait(STREAM_AFTER_FILES - 1)
         streaming = not stream.done.is_set()
         planned = None if streaming else stream.finish()
-    except BaseException:  # a planning error, Ctrl-C: its thread (and processes) ended first
+        plan_error: Exception | None = None
+        if planned is not None:
+            committed = _drop_left_over(m, storage, committed, planned, compression, fence)
+            if not plan.count and not old_parts and not twice and not planned.superseded and not planned.stale_units:
+                summary.noop = True
+                log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
+                    f"{summary.run_fingerprint} (the run is complete; --retry-errors processes error rows again)"
+                    if not retry else f"nothing to do: no error rows to retry among the {summary.images_planned} images")
+                plan.remove()
+                committed.close()
+                return summary
+            _log_planned(m, summary, plan, log)
+        else:
+            log(f"planning {m.input.uri}: its first {len(plan.files)} plan files written, segmentation starts while the "
+                f"rest is planned (plan under {plan.folder})")
+        if ray_line:
+            log(ray_line)
+        if cpu_note:
+            log(cpu_note)
+        if overwrite:  # preflight passed and Ray is up: only now is the old output removed
+            # The containers' completion records go first: a kill before the parts are gone leaves old
+            # rows (found and replaced by the next run), never a record of a container without its rows.
+            remove_files(storage, read_units_records(m.output.uri, storage)[1], fence=fence)
+        if old_parts:
+            remove_files(storage, old_parts, fence=fence)
+            log(f"--overwrite: removed {len(old_parts)} Parquet files from {m.output.uri}")
+
+        written: set[str] = set()
+
+        def on_commit(stats: dict) -> None:
+            summary.add_file_stats([stats])
+            written.add(stats["file"])
+
+        metrics = CommitMetrics(m.name)
+        completed: dict[str, str] = {}
+
+        def publish(staged: Staged) -> None:  # only the driver makes a file visible, while it holds the lease
+            fence.check(storage)
+            publish_staged(storage, staged)
+            metrics.committed_stats(staged.stats)
+
+        def on_unit_end(rows: int, skipped: int) -> None:
+            summary.images_planned += rows
+            summary.members_skipped += skipped
+
+        def on_units_complete(units: list[tuple[str, str, int]]) -> None:
+            write_units_record(m.output.uri, storage, summary.run_fingerprint, units, fence)
+            summary.units_done += len(units)
+            completed.update((uri, version) for uri, version, _ in units)
+
+        ledger = Ledger(publish, on_commit, on_unit_end, on_units_complete)
+        local = protocol_of(m.output.uri) == "file"
+        count, why = plan_writers(m.output.writers, sizing.cluster_gpus, local, usable_cpus())
+        started = time.time() - 300  # a store's clock a few minutes behind: still this run's uploads
+
+        def clean_s3() -> None:  # uploads staged since this run began (a dead writer's), while the lease is ours
+            uploads = open_uploads(m.output.uri, storage, since=started)
+            if uploads:
+                fence.check(storage)
+                abort_uploads(m.output.uri, storage, uploads)
+
+        def tick() -> None:
+            if streaming:
+                progress.skipped(stream.sync())  # the planner's counts so far, into the run's summary
+            progress.tick()
+
+        def watch() -> None:
+            lease.check_held()
+            if not writers.interrupted():  # after a Ctrl-C what reached the driver is published first
+                stream.check()  # planning failed: the run stops (what it committed is kept)
+
+        writers = WriterPool(m, storage, count, ledger, watch=watch, tick=tick, local_output=local,
+                             run_id=summary.run_id, clean_s3=clean_s3 if protocol_of(m.output.uri) in ("s3", "s3a") else None)
+        # Segmented images are counted as their rows reach a writer; committed ones as files are published.
+        if streaming:
+            stream.sync()  # what planning counted so far: the images found done are done at the start
+        progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=ledger.waiting_rows)
+        try:
+            if plan.count or streaming:
+                log(f"writers: {count} ({why}), each staging its files for the driver to publish")
+                settings = replace(settings_for(m, summary, prompts.sources), carried=tuple(forms[0].carried))
+                if streaming:
+                    planned = _segment_waves(m, storage, settings, summary, stream, sizing, writers, progress, tick,
+                                             watch, log)
+                    committed = _drop_left_over(m, storage, committed, planned, compression, fence)
+                    _log_planned(m, summary, plan, log)
+                else:
+                    run_segmentation(m, storage, settings, summary, plan, sizing, writers, log)
+        except LeaseLost:
+            raise JobError(_lease_lost(m, lease)) from None
+        except Interrupted:
+            summary.interrupted = True
+            silence_ray(debug)
+        finally:
+            if streaming and planned is None:  # stopped (Ctrl-C, an error): planning ended, what it planned kept
+                if not stream.done.is_set():
+                    log("stopping: planning ends at its next batch of the listing (what it planned is kept)")
+                stream.close()
+                try:
+                    planned = stream.finish()
+                except Exception as e:  # noqa: BLE001 - planning's own error: said below if nothing else is
+                    plan_error = e
+            summary.writers, summary.writers_restarted = (count, writers.died) if plan.count else (0, 0)
+            progress.close()
+            plan.remove()
+        if lease.lost is not None:
+            raise JobError(_lease_lost(m, lease))
+        if planned is None:  # interrupted, and planning had failed: its partial result is lost
+            raise JobError(f"planning failed ({plan_error}); the files published are kept, and running the same command "
+                           "again resumes")
+        return _finish(m, storage, summary, compression, t_start, written, planned.changed, planned.retried, fence,
+                       completed, planned.retried_rows, committed)
+    finally:  # planning never left running (a Ctrl-C or an error anywhere): its thread and processes ended
         stream.close()
         plan.remove()
-        raise
-    if planned is not None:
-        committed = _drop_left_over(m, storage, committed, planned, compression, fence)
-        if not plan.count and not old_parts and not twice and not planned.superseded and not planned.stale_units:
-            summary.noop = True
-            log(f"nothing to do: all {summary.images_planned} images already have rows under run fingerprint "
-                f"{summary.run_fingerprint} (the run is complete; --retry-errors processes error rows again)"
-                if not retry else f"nothing to do: no error rows to retry among the {summary.images_planned} images")
-            plan.remove()
-            committed.close()
-            return summary
-        _log_planned(m, summary, plan, log)
-    else:
-        log(f"planning {m.input.uri}: its first {len(plan.files)} plan files written, segmentation starts while the "
-            f"rest is planned (plan under {plan.folder})")
-    if ray_line:
-        log(ray_line)
-    if cpu_note:
-        log(cpu_note)
-    if overwrite:  # preflight passed and Ray is up: only now is the old output removed
-        # The containers' completion records go first: a kill before the parts are gone leaves old
-        # rows (found and replaced by the next run), never a record of a container without its rows.
-        remove_files(storage, read_units_records(m.output.uri, storage)[1], fence=fence)
-    if old_parts:
-        remove_files(storage, old_parts, fence=fence)
-        log(f"--overwrite: removed {len(old_parts)} Parquet files from {m.output.uri}")
-
-    written: set[str] = set()
-
-    def on_commit(stats: dict) -> None:
-        summary.add_file_stats([stats])
-        written.add(stats["file"])
-
-    metrics = CommitMetrics(m.name)
-    completed: dict[str, str] = {}
-
-    def publish(staged: Staged) -> None:  # only the driver makes a file visible, while it holds the lease
-        fence.check(storage)
-        publish_staged(storage, staged)
-        metrics.committed_stats(staged.stats)
-
-    def on_unit_end(rows: int, skipped: int) -> None:
-        summary.images_planned += rows
-        summary.members_skipped += skipped
-
-    def on_units_complete(units: list[tuple[str, str, int]]) -> None:
-        write_units_record(m.output.uri, storage, summary.run_fingerprint, units, fence)
-        summary.units_done += len(units)
-        completed.update((uri, version) for uri, version, _ in units)
-
-    ledger = Ledger(publish, on_commit, on_unit_end, on_units_complete)
-    local = protocol_of(m.output.uri) == "file"
-    count, why = plan_writers(m.output.writers, sizing.cluster_gpus, local, usable_cpus())
-    started = time.time() - 300  # a store's clock a few minutes behind: still this run's uploads
-
-    def clean_s3() -> None:  # uploads staged since this run began (a dead writer's), while the lease is ours
-        uploads = open_uploads(m.output.uri, storage, since=started)
-        if uploads:
-            fence.check(storage)
-            abort_uploads(m.output.uri, storage, uploads)
-
-    def tick() -> None:
-        if streaming:
-            progress.skipped(stream.sync())  # the planner's counts so far, into the run's summary
-        progress.tick()
-
-    def watch() -> None:
-        lease.check_held()
-        stream.check()  # planning failed: the run stops (what it committed is kept)
-
-    writers = WriterPool(m, storage, count, ledger, watch=watch, tick=tick, local_output=local,
-                         run_id=summary.run_id, clean_s3=clean_s3 if protocol_of(m.output.uri) in ("s3", "s3a") else None)
-    # Segmented images are counted as their rows reach a writer; committed ones as files are published.
-    progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=ledger.waiting_rows)
-    try:
-        if plan.count or streaming:
-            log(f"writers: {count} ({why}), each staging its files for the driver to publish")
-            settings = replace(settings_for(m, summary, prompts.sources), carried=tuple(forms[0].carried))
-            if streaming:
-                planned = _segment_waves(m, storage, settings, summary, stream, sizing, writers, progress, watch, log)
-                committed = _drop_left_over(m, storage, committed, planned, compression, fence)
-                _log_planned(m, summary, plan, log)
-            else:
-                run_segmentation(m, storage, settings, summary, plan, sizing, writers, log)
-    except LeaseLost:
-        raise JobError(_lease_lost(m, lease)) from None
-    except Interrupted:
-        summary.interrupted = True
-        silence_ray(debug)
-    finally:
-        if streaming and planned is None:  # stopped (Ctrl-C, an error): planning ended, what it planned kept
-            stream.close()
-            with contextlib.suppress(BaseException):
-                planned = stream.finish()
-        summary.writers, summary.writers_restarted = (count, writers.died) if plan.count else (0, 0)
-        progress.close()
-        plan.remove()
-    if lease.lost is not None:
-        raise JobError(_lease_lost(m, lease))
-    if planned is None:  # interrupted, and planning's partial result lost to its error
-        raise JobError("planning failed after a Ctrl-C; the files published are kept, and running the same command "
-                       "again resumes")
-    return _finish(m, storage, summary, compression, t_start, written, planned.changed, planned.retried, fence,
-                   completed, planned.retried_rows, committed)
 
 
 def _drop_left_over(m: Manifest, storage: Storage, committed: Committed, planned: Planned, compression, fence):
@@ -623,19 +634,27 @@ def _log_planned(m: Manifest, summary: RunSummary, plan: PlanParts, log) -> None
 
 
 def _segment_waves(m: Manifest, storage: Storage, settings: SegmentSettings, summary: RunSummary,
-                   stream: StreamedPlan, sizing, writers: WriterPool, progress: Progress, watch, log) -> Planned:
+                   stream: StreamedPlan, sizing, writers: WriterPool, progress: Progress, tick, watch, log) -> Planned:
     """The plan segmented as it is planned, in waves: each wave one Ray Data run over the plan files
     written since the last (the writers, their ledger and the lease kept across waves); the next wave
     waits for at least twice as many new files as the last had, or for planning's end, so a plan of
     P files is at most about log2(P) + 1 waves (each a pipeline's start and drain) whichever of
     planning and segmentation is faster. Returns planning's result once it has ended and every wave
-    is published; raises Interrupted after a Ctrl-C (between waves too)."""
+    is published; raises Interrupted after a Ctrl-C between waves (nothing is in flight then: each
+    wave ends with every file published), as a wave does after the first Ctrl-C during it (a second
+    one stops at once: KeyboardInterrupt)."""
     done, wave = 0, 0
     try:
         while True:
             want = max(1, 2 * wave)  # twice the files of the last wave
-            while len(stream.parts.files) - done < want and not stream.done.is_set():
-                stream.wait(done + want - 1, watch=lambda: (watch(), progress.tick()))
+            if done and len(stream.parts.files) - done < want and not stream.done.is_set():
+                log(f"plan: every plan file so far segmented ({done} files); waiting for planning (the next "
+                    f"pass starts at {done + want} files, or when planning ends)")
+            try:
+                while len(stream.parts.files) - done < want and not stream.done.is_set():
+                    stream.wait(done + want - 1, watch=lambda: (watch(), tick()))
+            except KeyboardInterrupt:
+                raise Interrupted() from None
             stream.check()
             files = stream.parts.files[done:]
             if not files:
@@ -647,12 +666,11 @@ def _segment_waves(m: Manifest, storage: Storage, settings: SegmentSettings, sum
                              log if not done else (lambda line: None), keep_writers=True)
             done += len(files)
             wave = len(files)
-    except KeyboardInterrupt:  # between waves: nothing in flight (each wave ends with every file published)
-        raise Interrupted() from None
     finally:
         writers.stop(clean=writers.died > 0)
     progress.skipped(stream.sync())
     return stream.finish()
+
 def _lease_lost(m: Manifest, lease: Lease) -> str:
     """The one line a run whose lease was taken over ends with (the new holder read back)."""
     if lease.lost is None:

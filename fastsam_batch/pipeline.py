@@ -345,6 +345,7 @@ class WriterPool:
         self.started = 0  # writers started (the next one's place in turn)
         self.turn = 0  # the writer the next block goes to, if it has room
         self.stopped = False  # stop() has been called
+        self._sigint = None  # run()'s: set by the first Ctrl-C
 
     def _start(self, i: int):
         import ray
@@ -548,6 +549,10 @@ class WriterPool:
                 self.due_at[i] = None
                 self._submit(i, "poll")
 
+    def interrupted(self) -> bool:
+        """Whether a Ctrl-C has stopped the current :meth:`run` from taking blocks."""
+        return self._sigint is not None and self._sigint.is_set()
+
     def has_room(self) -> bool:
         return self._least_busy() is not None
 
@@ -583,7 +588,7 @@ class WriterPool:
         import threading
 
         inbox: queue.Queue = queue.Queue(maxsize=4)
-        stop = threading.Event()
+        stop = self._sigint = threading.Event()
 
         def produce():
             try:

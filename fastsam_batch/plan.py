@@ -193,13 +193,12 @@ class StreamedPlan:
         if self.error is not None:
             raise self.error
 
-    def wait(self, parts: int, watch: Callable[[], None] = lambda: None) -> bool:
-        """Until more than ``parts`` plan files exist or planning has ended (True: it has); ``watch``
-        is called while waiting (it raises to stop: the lease lost). Raises planning's error."""
+    def wait(self, parts: int, watch: Callable[[], None] = lambda: None) -> None:
+        """Until more than ``parts`` plan files exist or planning has ended; ``watch`` is called while
+        waiting (it raises to stop: the lease lost). Raises planning's error."""
         while len(self.parts.files) <= parts and not self.done.wait(0.1):
             watch()
         self.check()
-        return self.done.is_set() and len(self.parts.files) <= parts
 
     def sync(self, counted: tuple[str, ...] = ("images_planned", "images_skipped_done", "images_ok",
                                                 "images_error", "units_planned", "units_skipped_done")) -> int:
@@ -216,11 +215,9 @@ class StreamedPlan:
                 done += delta if name in ("images_ok", "images_error") else 0
         return done
 
-    def finish(self, stop: bool = False) -> Any:
-        """Planning's result once it has ended (``stop``: asked to end first, keeping what it
-        planned); every field of its summary added to the run's. Raises planning's error."""
-        if stop:
-            self.stop.set()
+    def finish(self) -> Any:
+        """Planning's result once it has ended; every field of its summary added to the run's.
+        Raises planning's error."""
         self.thread.join()
         self.check()
         for f in fields(self.own):

@@ -51,7 +51,7 @@ def _run(root: Path, name: str, input_cfg: dict, prompts: dict | None = None) ->
     m.write_text(yaml.safe_dump({
         "name": name, "input": input_cfg, "prompts": prompts or {"mode": "everything"},
         "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.4, "device": "cpu"},
-        "output": {"uri": str(out), "rows_per_file": 4}, "runtime": {"batch_size": 2},
+        "output": {"uri": str(out), "rows_per_file": 4}, "runtime": {"batch_size": 2, "num_actors": 1},
     }))
     r = run_cli("run", str(m))
     assert r.returncode == 0, r.stdout + r.stderr

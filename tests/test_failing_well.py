@@ -71,7 +71,7 @@ def auth_s3(tmp_path_factory):
 def manifest(path: Path, input_uri: str, checkpoint: str, output_uri: str, **sections) -> Path:
     doc = {"name": "failing-well", "input": {"uri": input_uri},
            "model": {"checkpoint": checkpoint, "imgsz": 320, "conf": 0.4, "device": "cpu"},
-           "output": {"uri": output_uri}, "runtime": {"batch_size": 2}}
+           "output": {"uri": output_uri}, "runtime": {"batch_size": 2, "num_actors": 1}}  # 1: sooner on 2 cores
     for key, value in sections.items():
         doc[key] = {**doc.get(key, {}), **value}
     path.write_text(yaml.safe_dump(doc))
@@ -250,7 +250,8 @@ def test_a_joined_cpu_cluster_refuses_cuda_and_sizes_auto_truly(tmp_path):
                                "to run on the CPU")
         assert not (tmp_path / "out-cuda").exists() or not list((tmp_path / "out-cuda").glob("part-*"))
 
-        m = manifest(tmp_path / "auto.yaml", str(images), str(CHECKPOINT), str(tmp_path / "out"), model={"device": "auto"})
+        m = manifest(tmp_path / "auto.yaml", str(images), str(CHECKPOINT), str(tmp_path / "out"), model={"device": "auto"},
+                     runtime={"num_actors": None})  # sized by auto
         r = run_cli("run", str(m), env=env)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "model.device 'auto': no GPU in the Ray cluster, the model runs on the CPU" in r.stdout

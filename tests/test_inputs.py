@@ -127,7 +127,7 @@ def bucket(s3_env, s3fs_client):
 def manifest(bucket, out: Path, input_cfg: dict, **output) -> dict:
     return {"name": "inputs", "input": input_cfg,
             "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.4, "device": "cpu"},
-            "output": {"uri": str(out), "rows_per_file": 4, **output}, "runtime": {"batch_size": 2},
+            "output": {"uri": str(out), "rows_per_file": 4, **output}, "runtime": {"batch_size": 2, "num_actors": 1},
             "storage_options": {"endpoint_url": bucket["endpoint"], "key": FAKE_KEY, "secret": FAKE_SECRET}}
 
 

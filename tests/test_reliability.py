@@ -209,7 +209,7 @@ def test_chaos_run_ends_with_one_row_per_image(s3fs_client, s3_env, checkpoint, 
     fs.put_file(str(checkpoint), "chaos/models/fixture.pt")
     m = write_job(tmp_path / "job.yaml", "chaos", "s3://chaos/images/", "s3://chaos/models/fixture.pt",
                   "s3://chaos/masks/", 8, output={"writers": 4}, max_error_fraction=0.03, plan_part_rows=40,
-                  image_timeout_s=3600)
+                  image_timeout_s=3600, num_actors=2)
     watcher = S3FileSystem(key=FAKE_KEY, secret=FAKE_SECRET, endpoint_url=s3_env["AWS_ENDPOINT_URL"],
                            skip_instance_cache=True)
 

@@ -25,63 +25,97 @@ from conftest import CHECKPOINT, make_bucket, save_shapes
 from s3_fault_proxy import FaultProxy
 
 # The plan's parts are given to the plan a listing chunk (job.LIST_CHUNK, 1,000 listed rows) at a
-# time, so the first list has more rows than one chunk: its first chunk is on file before the
-# second list is read.
+# time, so the first list has more rows than one chunk: its first chunk is on file (20 parts of 50,
+# past job.STREAM_AFTER_FILES) before the second list is read.
 FIRST_LIST = 1_010
 SECOND_LIST = 12
+PART_ROWS = 50
+
+
+def _held_listing(s3_env, fs, tmp_path, bucket: str):
+    """Two lists under s3://<bucket>/lists/ (real images first and last; between them ids whose
+    objects do not exist: error rows, quick on a CPU), a job over them, and the proxy rule that holds
+    the second list's read (not its listing or HEAD). A list without an id column: an image's id is
+    its URI without the scheme."""
+    make_bucket(s3_env, bucket)
+    names = save_shapes(tmp_path / "imgs", range(8600, 8604))
+    for n in names:
+        fs.put_file(str(tmp_path / "imgs" / n), f"{bucket}/imgs/{n}")
+    first = [f"{bucket}/imgs/{n}" for n in names[:2] + [f"missing-{i:05d}.png" for i in range(FIRST_LIST - 2)]]
+    second = [f"{bucket}/imgs/{n}" for n in [f"late-{i:03d}.png" for i in range(SECOND_LIST - 2)] + names[2:]]
+    for key, ids in (("lists/a.csv", first), ("lists/b.csv", second)):
+        fs.pipe_file(f"{bucket}/{key}", ("uri\n" + "".join(f"s3://{i}\n" for i in ids)).encode())
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump({
+        "name": "streamed", "input": {"uri": f"s3://{bucket}/lists/", "format": "list"},
+        "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.4, "device": "cpu"},
+        "output": {"uri": f"s3://{bucket}/masks/", "commit_interval_s": 1},
+        "runtime": {"batch_size": 2, "plan_part_rows": PART_ROWS, "num_actors": 1},
+        # the held read is not timed out (and retried, held again) while the test waits on the run
+        "storage_options": {"config_kwargs": {"read_timeout": 900, "retries": {"max_attempts": 8, "mode": "standard"}}},
+    }))
+
+    def holds(method, path, headers):
+        return "hold" if method == "GET" and path.split("?")[0].endswith("/lists/b.csv") else None
+
+    return m, first, second, [f"{bucket}/imgs/{n}" for n in names], holds
+
+
+def _start(m, s3_env, endpoint: str, tmp_path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | s3_env | {
+        "AWS_ENDPOINT_URL": endpoint, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache"),
+        "FASTSAM_BATCH_PLAN_PROCESSES": "1"}  # planned in order on the driver, on any machine
+    # Python's SIGINT handler in the run: a test run started in the background by a shell ignores
+    # SIGINT, and the run would inherit that (exec keeps an ignored signal ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([str(Path(sys.executable).with_name("fastsam-batch")), "run", str(m)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _wait_for(proc, fs, condition, what: str, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
+        fs.invalidate_cache()
+        if condition():
+            return
+        time.sleep(0.5)
+
+
+def _committed(fs, bucket: str) -> list[str]:
+    fs.invalidate_cache()
+    if not fs.glob(f"{bucket}/masks/part-*.parquet"):
+        return []
+    return pads.dataset(f"{bucket}/masks/", format="parquet", filesystem=fs).to_table(
+        columns=["image_id"]).column("image_id").to_pylist()
+
+
+def _stop(proc) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
 
 
 def test_a_long_list_is_segmented_while_it_is_still_planned(s3_env, s3fs_client, tmp_path):
     fs = s3fs_client
-    make_bucket(s3_env, "streamed")
-    names = save_shapes(tmp_path / "imgs", range(8600, 8604))
-    for n in names:
-        fs.put_file(str(tmp_path / "imgs" / n), f"streamed/imgs/{n}")
-    # Real images first and last; between them ids whose objects do not exist (error rows: quick on a
-    # CPU). A list without an id column: an image's id is its URI without the scheme.
-    first = [f"streamed/imgs/{n}" for n in names[:2] + [f"missing-{i:05d}.png" for i in range(FIRST_LIST - 2)]]
-    second = [f"streamed/imgs/{n}" for n in [f"late-{i:03d}.png" for i in range(SECOND_LIST - 2)] + names[2:]]
-    real = [f"streamed/imgs/{n}" for n in names]
-    for key, ids in (("lists/a.csv", first), ("lists/b.csv", second)):
-        fs.pipe_file(f"streamed/{key}", ("uri\n" + "".join(f"s3://{i}\n" for i in ids)).encode())
-
-    def holds(method, path, headers):  # the second list's read (not its listing or HEAD)
-        return "hold" if method == "GET" and path.split("?")[0].endswith("/lists/b.csv") else None
-
-    m = tmp_path / "job.yaml"
-    m.write_text(yaml.safe_dump({
-        "name": "streamed", "input": {"uri": "s3://streamed/lists/", "format": "list"},
-        "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.4, "device": "cpu"},
-        "output": {"uri": "s3://streamed/masks/", "commit_interval_s": 1},
-        "runtime": {"batch_size": 2, "plan_part_rows": 100},
-    }))
+    m, first, second, real, holds = _held_listing(s3_env, fs, tmp_path, "streamed")
     with FaultProxy(s3_env["AWS_ENDPOINT_URL"], [None], rule=holds) as proxy:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | s3_env | {
-            "AWS_ENDPOINT_URL": proxy.url, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache"),
-            "FASTSAM_BATCH_PLAN_PROCESSES": "1"}  # planned in order on the driver, on any machine
-        exe = Path(sys.executable).with_name("fastsam-batch")
-        proc = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        try:
-            deadline = time.monotonic() + 400
-            while True:  # a committed file, while the second list is held
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "no file was committed while the plan was held"
-                fs.invalidate_cache()
-                if fs.glob("streamed/masks/part-*.parquet"):
-                    break
-                time.sleep(0.5)
-            assert proxy.injected["hold"] == 1 and not proxy.released.is_set()  # the plan has not ended
-            early = pads.dataset("streamed/masks/", format="parquet", filesystem=fs).to_table(columns=["image_id"])
-            assert early.num_rows > 0 and set(early.column("image_id").to_pylist()) <= set(first)
+        proc = _start(m, s3_env, proxy.url, tmp_path)
+        try:  # a committed file, while the second list is held: the plan has not ended
+            _wait_for(proc, fs, lambda: fs.glob("streamed/masks/part-*.parquet"), "a file committed, the plan held")
+            assert proxy.injected["hold"] >= 1 and not proxy.released.is_set()
+            early = _committed(fs, "streamed")
+            assert early and set(early) <= set(first)
         except BaseException:  # the test failed: the run is stopped before its proxy goes
             proxy.release()
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+            _stop(proc)
             raise
         proxy.release()
         out, err = proc.communicate(timeout=400)
@@ -118,6 +152,56 @@ def test_a_long_list_is_segmented_while_it_is_still_planned(s3_env, s3fs_client,
     assert best and sum(best) / len(best) >= 0.9, best
 
 
+def test_ctrl_c_between_waves_keeps_what_was_committed_and_the_same_command_resumes(s3_env, s3fs_client, tmp_path):
+    """The second list's read held: the first wave (the first chunk's plan files) is segmented and
+    published, and the run says it waits for planning. Then Ctrl-C: the run says planning stops at its
+    next batch (the held read let go only then), exits 130 saying what is committed: exactly the first
+    wave's images, once. The same command, nothing held, resumes: every image once."""
+    import threading
+
+    fs = s3fs_client
+    m, first, second, real, holds = _held_listing(s3_env, fs, tmp_path, "stopped")
+    with FaultProxy(s3_env["AWS_ENDPOINT_URL"], [None], rule=holds) as proxy:
+        proc = _start(m, s3_env, proxy.url, tmp_path)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        try:
+            _wait_for(proc, fs, lambda: any("waiting for planning" in line for line in lines),
+                      "the first wave done, the run waiting for planning")
+            assert proxy.injected["hold"] >= 1 and not proxy.released.is_set()
+            proc.send_signal(signal.SIGINT)
+            _wait_for(proc, fs, lambda: any(line.startswith("stopping: planning ends") for line in lines),
+                      "the run stopping its planning")
+        finally:
+            proxy.release()  # the held read answered: planning sees the stop at its next batch
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            raise
+        reader.join(10)
+        err = proc.stderr.read()
+    out = "".join(lines)
+    assert proc.returncode == 130, out + err
+    done = _committed(fs, "stopped")
+    # the first wave: plan files of the first chunk, in listed order: those images, once each
+    assert len(done) >= 16 * PART_ROWS and len(done) % PART_ROWS == 0, len(done)
+    assert sorted(done) == sorted(first[:len(done)])
+    assert f"interrupted: {len(done)} of" in err, err
+    record = json.loads(fs.cat_file("stopped/masks/_run.json"))
+    assert record["images"] == len(done) and record["last_run"]["status"] == "interrupted"
+
+    proc = _start(m, s3_env, s3_env["AWS_ENDPOINT_URL"], tmp_path)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    assert f"resuming: {len(done)} images already have rows" in out, out
+    ids = _committed(fs, "stopped")
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(first + second)
+    fs.invalidate_cache()
+    assert json.loads(fs.cat_file("stopped/masks/_run.json"))["images"] == len(ids)
+
+
 # plan.StreamedPlan without Ray: the plan of a real list, planned in its thread ----------------------
 
 def _list_job(tmp_path, rows: int):
@@ -135,7 +219,7 @@ def _list_job(tmp_path, rows: int):
                            "runtime": {"plan_part_rows": 100}}), ids
 
 
-def _streamed(m, summary, stop_after_files: int | None = None):
+def _streamed(m, summary, stop_after_files: int | None = None, on_stop=lambda: None):
     from fastsam_batch.index import Committed
     from fastsam_batch.job import PromptAttacher, plan_job
     from fastsam_batch.plan import PlanParts, StreamedPlan
@@ -146,7 +230,8 @@ def _streamed(m, summary, stop_after_files: int | None = None):
     class Parts(PlanParts):  # asks planning to stop once it has written some files (a Ctrl-C's stop)
         def _write_table(self, part):
             super()._write_table(part)
-            if stop_after_files is not None and len(self.files) >= stop_after_files:
+            if stop_after_files is not None and len(self.files) >= stop_after_files and not stream.stop.is_set():
+                on_stop()
                 stream.stop.set()
 
     parts = Parts(m.output.uri, storage, m.runtime.plan_part_rows)
@@ -204,3 +289,50 @@ def test_a_stopped_plan_returns_what_it_planned_and_an_error_reaches_the_run(tmp
         stream.wait(0)
     with pytest.raises(Exception, match="no 'uri' column"):
         stream.finish()
+
+
+def _spawned_children() -> set[int]:
+    """This process's children that are multiprocessing ``spawn`` processes (a plan pool's, a split
+    repeat check's), from /proc (not the resource tracker, not a test's servers)."""
+    import glob
+
+    out = set()
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        try:
+            pids = open(path).read().split()
+        except OSError:
+            continue
+        for pid in map(int, pids):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+                out.add(pid)
+    return out
+
+
+def test_a_plan_stopped_in_its_thread_ends_its_process_pool(tmp_path, monkeypatch):
+    """Planning in its thread with a process pool (2 processes, started at once), stopped part-way
+    (a Ctrl-C's stop): it returns what it planned, in order, and the pool's processes are gone."""
+    import time as _time
+
+    from fastsam_batch import parallel
+    from fastsam_batch.plan import read_plan_part
+    from fastsam_batch.summary import RunSummary
+
+    monkeypatch.setenv("FASTSAM_BATCH_PLAN_PROCESSES", "2")
+    monkeypatch.setattr(parallel, "POOL_AFTER_ROWS", 0)
+    m, ids = _list_job(tmp_path, 400_000)
+    seen: set[int] = set()
+    stream, parts, storage = _streamed(m, RunSummary(name="t"), stop_after_files=3,
+                                       on_stop=lambda: seen.update(_spawned_children()))
+    stream.start()
+    planned = stream.finish()
+    assert seen, "no pool process was running when planning was stopped"
+    on_file = [r["image_id"] for f in parts.files for r in read_plan_part(f, storage)]
+    assert 300 <= len(on_file) < len(ids) and on_file == ids[:len(on_file)] and planned.plan.count == len(on_file)
+    deadline = _time.monotonic() + 60
+    while seen & _spawned_children() and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    assert not seen & _spawned_children()
