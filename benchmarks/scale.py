@@ -1,7 +1,15 @@
 """`fastsam-batch plan` against an output already holding N committed rows (issue 23).
 
-For each N: N synthetic committed rows (the output schema, 1,000 rows a file, as the writer makes
-them, of this run's fingerprint) and a Parquet list of N + 1,000 images (the N done, 1,000 new)
+For each N and input kind (``--kinds``): N synthetic committed rows (the output schema, 1,000 rows a
+file, as the writer makes them, of this run's fingerprint) and an input of N + 1,000 images (the N
+done, 1,000 new):
+
+- ``list``: a Parquet list (``uri``, ``image_id``);
+- ``inventory``: an S3 Inventory report (Parquet data files of 1,000,000 rows with bucket, key, size
+  and a distinct ETag each, and its manifest.json) on a moto S3 server started here;
+- ``files``: N + 1,000 empty files on local disk, 10,000 a folder, each with a modification time of
+  its own (this costs an inode a file: mind the disk's, ``df -i``).
+
 -> `fastsam-batch plan --json` in a process of its own, its wall time, CPU time (user + system),
 peak RSS (its rusage's maximum resident set size, as GNU time reports it) and the peaks of its
 anonymous and file-backed resident memory (sampled; the committed index past its bound is a mapped
@@ -9,8 +17,8 @@ file, whose pages count in RSS but may be reclaimed) (the machine is shared, so 
 steadier number), for the code before (``--before``: a commit, exported with
 ``git archive``) and this tree's, in the same run. Prints a table and writes JSON.
 
-    .venv/bin/python benchmarks/scale.py [--rows 200000 2000000] [--before 3388a75] [--before-timeout 300]
-                                         [--processes 1 2]
+    .venv/bin/python benchmarks/scale.py [--rows 200000 2000000] [--kinds list inventory files]
+                                         [--before 3388a75] [--before-timeout 300] [--processes 1 2]
                                          [--out benchmarks/out/scale.json] [--work DIR] [--index-rows N]
 
 Nothing is downloaded; the fixture checkpoint stands in for the model (planning never runs it).
@@ -34,9 +42,20 @@ CHECKPOINT = ROOT / "tests" / "fixtures" / "fastsam-fixture.pt"
 NEW = 1000  # images in the list without a row
 
 
-def manifest(work: Path, n: int) -> dict:
-    return {"name": f"scale-{n}", "input": {"uri": str(work / f"list-{n}.parquet"), "format": "list"},
-            "output": {"uri": str(work / f"out-{n}")}, "model": {"checkpoint": str(CHECKPOINT), "device": "cpu"}}
+FILES_A_FOLDER = 10_000  # ``files``: images a folder
+REPORT_ROWS = 1_000_000  # ``inventory``: rows a data file of the report
+MTIME0 = 1_700_000_000  # ``files``: the first file's modification time; each next one a second later
+
+
+def manifest(work: Path, n: int, kind: str = "list", storage_options: dict | None = None) -> dict:
+    src = {"list": {"uri": str(work / f"list-{n}.parquet"), "format": "list"},
+           "inventory": {"uri": f"s3://inv-{n}/manifest.json", "format": "s3_inventory"},
+           "files": {"uri": str(work / f"files-{n}") + "/"}}[kind]
+    m = {"name": f"scale-{kind}-{n}", "input": src, "output": {"uri": str(work / f"out-{kind}-{n}")},
+         "model": {"checkpoint": str(CHECKPOINT), "device": "cpu"}}
+    if storage_options:
+        m["storage_options"] = storage_options
+    return m
 
 
 def fingerprint(m: dict) -> str:
@@ -47,37 +66,108 @@ def fingerprint(m: dict) -> str:
     return run_fingerprint(parse_manifest(m), sha)[0]
 
 
-def make(work: Path, n: int, rows_per_file: int = 1000) -> tuple[Path, float]:
-    """The list and the committed output of ``n`` rows (made once, kept in ``work``)."""
+def image_ids(kind: str, lo: int, hi: int) -> list[str]:
+    """The ids of images ``lo`` to ``hi``: for files their paths under the folder."""
+    if kind == "files":
+        return [f"d{i // FILES_A_FOLDER:05d}/{i:010d}.jpg" for i in range(lo, hi)]
+    return [f"img/{i:010d}.jpg" for i in range(lo, hi)]
+
+
+def versions(kind: str, lo: int, hi: int) -> list[str]:
+    """Their source versions (resume.source_version: ``etag/size``) as each kind's listing gives them:
+    a list without etag or size columns ``/0``; the report's ETag and size; a local file's
+    modification time, size 0."""
+    if kind == "list":
+        return ["/0"] * (hi - lo)
+    if kind == "inventory":
+        return [f"{etag(i)}/{size(i)}" for i in range(lo, hi)]
+    return [f"mtime:{float(MTIME0 + i)}/0" for i in range(lo, hi)]
+
+
+def etag(i: int) -> str:
+    return hashlib.md5(str(i).encode()).hexdigest()
+
+
+def size(i: int) -> int:
+    return 100_000 + i % 900_000
+
+
+def make_input(work: Path, n: int, kind: str) -> None:
+    """The input of ``n`` + NEW images (made once, kept in ``work``; an inventory's report kept there
+    and put on the S3 server by :func:`put_inventory`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    total = n + NEW
+    if kind == "list":
+        ids = image_ids(kind, 0, total)
+        pq.write_table(pa.table({"uri": [f"/data/{i}" for i in ids], "image_id": ids}), work / f"list-{n}.parquet")
+    elif kind == "inventory":
+        report = work / f"inventory-{n}"
+        report.mkdir(exist_ok=True)
+        for j, lo in enumerate(range(0, total, REPORT_ROWS)):
+            hi = min(lo + REPORT_ROWS, total)
+            pq.write_table(pa.table({"bucket": ["photos"] * (hi - lo), "key": image_ids(kind, lo, hi),
+                                     "size": pa.array([size(i) for i in range(lo, hi)], pa.int64()),
+                                     "e_tag": [etag(i) for i in range(lo, hi)]}),
+                           report / f"data-{j:04d}.parquet", compression="snappy")
+    else:
+        root = work / f"files-{n}"
+        for folder in range(0, total, FILES_A_FOLDER):
+            d = root / f"d{folder // FILES_A_FOLDER:05d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(folder, min(folder + FILES_A_FOLDER, total)):
+                fd = os.open(d / f"{i:010d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644)
+                os.utime(fd, ns=((MTIME0 + i) * 10**9,) * 2)
+                os.close(fd)
+
+
+def put_inventory(work: Path, n: int, storage) -> None:
+    """The report of :func:`make_input` and its manifest.json into bucket ``inv-<n>``."""
+    fs = storage.fs("s3://")
+    bucket = f"inv-{n}"
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    files = sorted((work / f"inventory-{n}").glob("data-*.parquet"))
+    for f in files:
+        fs.put_file(str(f), f"{bucket}/data/{f.name}")
+    fs.pipe_file(f"{bucket}/manifest.json", json.dumps({
+        "sourceBucket": "photos", "destinationBucket": f"arn:aws:s3:::{bucket}", "fileFormat": "Parquet",
+        "files": [{"key": f"data/{f.name}", "size": f.stat().st_size} for f in files]}).encode())
+
+
+def make(work: Path, n: int, kind: str = "list", storage_options: dict | None = None,
+         rows_per_file: int = 1000) -> tuple[Path, float]:
+    """The input and the committed output of ``n`` rows (made once, kept in ``work``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from fastsam_batch.schema import OUTPUT_SCHEMA
 
-    m = manifest(work, n)
-    path = work / f"manifest-{n}.json"
+    m = manifest(work, n, kind, storage_options)
+    path = work / f"manifest-{kind}-{n}.json"
     out = Path(m["output"]["uri"])
     done = out / ".complete"
     t0 = time.perf_counter()
     if not done.exists():
         out.mkdir(parents=True, exist_ok=True)
+        make_input(work, n, kind)
         fp = fingerprint(m)
-        ids = [f"img/{i:010d}.jpg" for i in range(n + NEW)]
-        pq.write_table(pa.table({"uri": [f"/data/{i}" for i in ids], "image_id": ids}), m["input"]["uri"])
         k = rows_per_file
         base = {f.name: pa.nulls(k, f.type) for f in OUTPUT_SCHEMA}
         fill = {"status": pa.array(["ok"] * k), "masks": pa.array([[]] * k, OUTPUT_SCHEMA.field("masks").type),
                 "num_masks": pa.array([0] * k, pa.int32()), "num_prompt_errors": pa.array([0] * k, pa.int32()),
                 "prompts": pa.array([[]] * k, OUTPUT_SCHEMA.field("prompts").type),
                 "model": pa.array(["fastsam-fixture.pt"] * k), "checkpoint_sha256": pa.array(["0" * 64] * k),
-                "run_fingerprint": pa.array([fp] * k), "source_version": pa.array(["/0"] * k),
+                "run_fingerprint": pa.array([fp] * k),
                 "width": pa.array([640] * k, pa.int32()), "height": pa.array([480] * k, pa.int32())}
         base.update(fill)
         for s in range(0, n, k):
-            chunk = ids[s:min(s + k, n)]
+            chunk = image_ids(kind, s, min(s + k, n))
             cols = {name: (col if len(chunk) == k else col.slice(0, len(chunk))) for name, col in base.items()}
             cols["image_id"] = pa.array(chunk)
             cols["uri"] = pa.array([f"/data/{i}" for i in chunk])
+            cols["source_version"] = pa.array(versions(kind, s, s + len(chunk)))
             name = hashlib.sha256("\n".join(chunk).encode()).hexdigest()[:20]
             pq.write_table(pa.table(cols, schema=OUTPUT_SCHEMA), out / f"part-{name}.parquet", compression="zstd")
         done.write_text("")
@@ -196,6 +286,8 @@ def plan(code: Path, manifest_path: Path, timeout: float, index_rows: int | None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[200_000, 2_000_000])
+    ap.add_argument("--kinds", nargs="+", default=["list"], choices=["list", "inventory", "files"],
+                    help="input kinds, each with its own committed output")
     ap.add_argument("--before", default="3388a75", help="the commit to compare with ('' to skip)")
     ap.add_argument("--before-timeout", type=float, default=300, help="seconds before a `before` plan is stopped")
     ap.add_argument("--before-rows-max", type=int, default=2_000_000, help="larger N: `before` not run")
@@ -220,28 +312,47 @@ def main() -> None:
     results = {"cpus": os.cpu_count(), "before_commit": args.before,
                "after_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                               capture_output=True, text=True).stdout.strip(), "rows": {}}
-    print(f"{'committed rows':>15s} {'code':>9s} {'plan wall s':>12s} {'CPU s':>8s} {'plan proc':>9s} "
+    moto, options, storage = None, None, None
+    if "inventory" in args.kinds:  # the report on a moto S3 server of this run's own
+        from bench import moto_server  # benchmarks/bench.py
+
+        from fastsam_batch.storage import Storage
+
+        moto, endpoint = moto_server()
+        options = {"endpoint_url": endpoint, "key": "k", "secret": "s"}
+        storage = Storage(options)
+    print(f"{'committed rows':>15s} {'input':>9s} {'code':>9s} {'plan wall s':>12s} {'CPU s':>8s} {'plan proc':>9s} "
           f"{'peak RSS MB':>12s} {'anon MB':>8s} {'file MB':>8s} {'tree MB':>8s} {'to do':>7s} {'done':>10s}")
     runs = [(label, code, None) for label, code in codes.items() if label == "before"] + \
         [("after" + (f"-p{p}" if p else ""), ROOT, p) for p in args.processes]
-    for n in args.rows:
-        mpath, made_s = make(work, n)
-        row = results["rows"][str(n)] = {"made_s": round(made_s, 1)}
-        for label, code, processes in runs:
-            if label == "before" and n > args.before_rows_max:
-                continue
-            r = row[label] = plan(code, mpath, args.before_timeout if label == "before" else 3600,
-                                  args.index_rows if label != "before" else None, processes)
-            if r.get("wall_s") is None:
-                print(f"{n:15,d} {label:>9s} {'> %d' % r['timed_out_after_s']:>12s} {'':>12s} (stopped)", flush=True)
-                continue
-            assert (r["images_to_do"], r["images_done"]) == (NEW, n), r
-            print(f"{n:15,d} {label:>9s} {r['wall_s']:12.1f} {r['cpu_s']:8.1f} {r['plan_process_cpu_s']:9.1f} "
-                  f"{r['peak_rss_mb']:12.0f} {r['peak_rss_anon_mb']:8.0f} {r['peak_rss_file_mb']:8.0f} "
-                  f"{r['peak_tree_rss_mb']:8.0f} {r['images_to_do']:7,d} {r['images_done']:10,d}", flush=True)
-        out = Path(args.out)  # written after each N: a long one cut short keeps the others
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+    try:
+        for n in args.rows:
+            for kind in args.kinds:
+                mpath, made_s = make(work, n, kind, options if kind == "inventory" else None)
+                if kind == "inventory":
+                    put_inventory(work, n, storage)
+                key = str(n) if kind == "list" else f"{kind}-{n}"  # a list's as in earlier runs' JSON
+                row = results["rows"][key] = {"kind": kind, "committed": n, "made_s": round(made_s, 1)}
+                for label, code, processes in runs:
+                    if label == "before" and n > args.before_rows_max:
+                        continue
+                    r = row[label] = plan(code, mpath, args.before_timeout if label == "before" else 3600,
+                                          args.index_rows if label != "before" else None, processes)
+                    if r.get("wall_s") is None:
+                        print(f"{n:15,d} {kind:>9s} {label:>9s} {'> %d' % r['timed_out_after_s']:>12s} {'':>12s} "
+                              "(stopped)", flush=True)
+                        continue
+                    assert (r["images_to_do"], r["images_done"]) == (NEW, n), r
+                    print(f"{n:15,d} {kind:>9s} {label:>9s} {r['wall_s']:12.1f} {r['cpu_s']:8.1f} "
+                          f"{r['plan_process_cpu_s']:9.1f} {r['peak_rss_mb']:12.0f} {r['peak_rss_anon_mb']:8.0f} "
+                          f"{r['peak_rss_file_mb']:8.0f} {r['peak_tree_rss_mb']:8.0f} {r['images_to_do']:7,d} "
+                          f"{r['images_done']:10,d}", flush=True)
+                out = Path(args.out)  # written after each: a long one cut short keeps the others
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(results, indent=1))
+    finally:
+        if moto is not None:
+            moto.terminate()
     print(f"written: {args.out}")
 
 

@@ -7,7 +7,9 @@ their masks) are put in Ray's object store as blocks of ``--block`` rows (what t
 actors hand on), then written by the run's own code: pipeline.WriterPool with K writer actors (the
 driver routes the blocks' references and publishes, writers encode and stage) into a local folder,
 or into a moto S3 server (``--s3``). Measured per K: wall time from the first block routed to the
-last file published, rows/s, MB/s of Parquet published, the driver's CPU seconds; and, as the
+last file published, rows/s, MB/s of Parquet published, the driver's CPU seconds, the writers' CPU
+seconds (rows a writer-CPU-second: the same for every K when writers do not wait on each other) and
+how many of the machine's cores were busy (/proc/stat); and, as the
 before, the one writer on the driver (write.Committer + ParquetWriter, the blocks fetched to the
 driver). Prints a table and writes JSON.
 
@@ -125,6 +127,20 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process of this machine so far (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds this machine's cores have spent on anything but idling, so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
 def with_writers(refs, sizes, out: str, k: int, target_mb: float, storage) -> dict:
     from fastsam_batch.pipeline import WriterPool
     from fastsam_batch.writers import Ledger, publish
@@ -136,11 +152,15 @@ def with_writers(refs, sizes, out: str, k: int, target_mb: float, storage) -> di
     pool.start()  # the actors up before the clock starts (a run starts them while Ray Data starts its own)
     import ray
 
-    ray.get([h.pid.remote() for h in pool.handles])
+    pids = ray.get([h.pid.remote() for h in pool.handles])
+    w0, m0 = [proc_cpu_s(p) for p in pids], machine_busy_s()
     t0, c0 = time.perf_counter(), cpu_s()
-    pool.run(_Bundles(refs, sizes))
+    pool.run(_Bundles(refs, sizes), keep=True)  # every file published; the writers kept to read their CPU
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    writers_cpu = [proc_cpu_s(p) - c for p, c in zip(pids, w0)]
+    pool.stop()
     return {"files": len(files), "rows": sum(f["rows"] for f in files), "wall_s": wall, "driver_cpu_s": cpu,
+            "writers_cpu_s": writers_cpu, "machine_busy_s": machine_busy_s() - m0,
             "bytes": published_bytes(out, storage, files)}
 
 
@@ -153,10 +173,11 @@ def on_driver(refs, out: str, target_mb: float, storage) -> dict:
     files: list[dict] = []
     c = Committer(ParquetWriter(out, storage, "zstd"), None, 3600, on_commit=files.append,
                   target_file_bytes=int(target_mb * (1 << 20)))
-    t0, c0 = time.perf_counter(), cpu_s()
+    t0, c0, m0 = time.perf_counter(), cpu_s(), machine_busy_s()
     c.consume(ray.get(r) for r in refs)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     return {"files": len(files), "rows": sum(f["rows"] for f in files), "wall_s": wall, "driver_cpu_s": cpu,
+            "writers_cpu_s": [], "machine_busy_s": machine_busy_s() - m0,
             "bytes": published_bytes(out, storage, files)}
 
 
@@ -215,12 +236,18 @@ def main() -> None:
             r = on_driver(refs, out, args.target_mb, storage) if k is None else \
                 with_writers(refs, sizes, out, k, args.target_mb, storage)
             assert r["rows"] == args.rows, r
+            # what the writers' work costs a row, and how busy the machine's cores were meanwhile: rows
+            # per second of a writer's CPU that stay the same as writers are added mean the writers do not
+            # wait on each other, so throughput follows the cores they get
+            wcpu = sum(r["writers_cpu_s"]) or r["driver_cpu_s"]
             r.update(name=name, writers=k, rows_per_s=r["rows"] / r["wall_s"], mb_per_s=r["bytes"] / r["wall_s"] / 1e6,
+                     rows_per_writer_cpu_s=r["rows"] / wcpu, cores_busy=r["machine_busy_s"] / r["wall_s"],
                      load_avg=os.getloadavg()[0])
             results["runs"].append(r)
             print(f"{name:>14}: {r['rows_per_s']:8.0f} rows/s  {r['mb_per_s']:6.1f} MB/s  ({r['files']} files, "
-                  f"{r['bytes'] / 1e6:.0f} MB, {r['wall_s']:.1f} s; driver CPU {r['driver_cpu_s']:.1f} s; "
-                  f"load {r['load_avg']:.1f})", flush=True)
+                  f"{r['bytes'] / 1e6:.0f} MB, {r['wall_s']:.1f} s; driver CPU {r['driver_cpu_s']:.1f} s; writers' CPU "
+                  f"{sum(r['writers_cpu_s']):.1f} s, {r['rows_per_writer_cpu_s']:.0f} rows a writer-CPU-second; "
+                  f"cores busy {r['cores_busy']:.2f} of {os.cpu_count()}; load {r['load_avg']:.1f})", flush=True)
     finally:
         ray.shutdown()
         if moto is not None:

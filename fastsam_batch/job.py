@@ -464,14 +464,8 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
     sizing, ray_line = start_ray(m, env, debug)
     cpu_note = check_device(m.model.device, sizing.cluster_gpus, sizing.embedded)  # a joined cluster's GPUs
     committed = read_committed(m.output.uri, storage)
-    others = {fp: n for fp, n in committed.fingerprints.items() if fp != summary.run_fingerprint}
-    if others and not overwrite:
-        raise JobError(
-            f"output.uri {m.output.uri!r} holds {sum(others.values())} rows written by another configuration "
-            f"(run fingerprint {', '.join(sorted(others))}; this run's is {summary.run_fingerprint}: checkpoint, "
-            "model settings, prompt rules, mask rules, decode limits or tool version differ). Pass --overwrite to replace them, "
-            "or choose a new output.uri"
-        )
+    if not overwrite:
+        _check_same_configuration(m, committed, summary.run_fingerprint)
     old_parts = committed.parts if overwrite else []
     if overwrite:
         committed.close()  # not used again (old_parts is its list of names, kept as it is)
@@ -516,37 +510,9 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         if cpu_note:
             log(cpu_note)
         if overwrite:  # preflight passed and Ray is up: only now is the old output removed
-            # The containers' completion records go first: a kill before the parts are gone leaves old
-            # rows (found and replaced by the next run), never a record of a container without its rows.
-            remove_files(storage, read_units_records(m.output.uri, storage)[1], fence=fence)
-        if old_parts:
-            remove_files(storage, old_parts, fence=fence)
-            log(f"--overwrite: removed {len(old_parts)} Parquet files from {m.output.uri}")
-
-        written: set[str] = set()
-
-        def on_commit(stats: dict) -> None:
-            summary.add_file_stats([stats])
-            written.add(stats["file"])
-
-        metrics = CommitMetrics(m.name)
-        completed: dict[str, str] = {}
-
-        def publish(staged: Staged) -> None:  # only the driver makes a file visible, while it holds the lease
-            fence.check(storage)
-            publish_staged(storage, staged)
-            metrics.committed_stats(staged.stats)
-
-        def on_unit_end(rows: int, skipped: int) -> None:
-            summary.images_planned += rows
-            summary.members_skipped += skipped
-
-        def on_units_complete(units: list[tuple[str, str, int]]) -> None:
-            write_units_record(m.output.uri, storage, summary.run_fingerprint, units, fence)
-            summary.units_done += len(units)
-            completed.update((uri, version) for uri, version, _ in units)
-
-        ledger = Ledger(publish, on_commit, on_unit_end, on_units_complete)
+            _remove_old_output(m, storage, old_parts, fence, log)
+        commits = _Commits(m, storage, summary, fence)
+        ledger = Ledger(commits.publish, commits.on_commit, commits.on_unit_end, commits.on_units_complete)
         local = protocol_of(m.output.uri) == "file"
         count, why = plan_writers(m.output.writers, sizing.cluster_gpus, local, usable_cpus())
         started = time.time() - 300  # a store's clock a few minutes behind: still this run's uploads
@@ -606,11 +572,63 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         if planned is None:  # interrupted, and planning had failed: its partial result is lost
             raise JobError(f"planning failed ({plan_error}); the files published are kept, and running the same command "
                            "again resumes")
-        return _finish(m, storage, summary, compression, t_start, written, planned.changed, planned.retried, fence,
-                       completed, planned.retried_rows, committed)
+        return _finish(m, storage, summary, compression, t_start, commits.written, planned.changed, planned.retried,
+                       fence, commits.completed, planned.retried_rows, committed)
     finally:  # planning never left running (a Ctrl-C or an error anywhere): its thread and processes ended
         stream.close()
         plan.remove()
+
+
+def _check_same_configuration(m: Manifest, committed: Committed, fingerprint: str) -> None:
+    """Refuses an output holding rows of another run fingerprint (without --overwrite)."""
+    others = {fp: n for fp, n in committed.fingerprints.items() if fp != fingerprint}
+    if others:
+        raise JobError(
+            f"output.uri {m.output.uri!r} holds {sum(others.values())} rows written by another configuration "
+            f"(run fingerprint {', '.join(sorted(others))}; this run's is {fingerprint}: checkpoint, "
+            "model settings, prompt rules, mask rules, decode limits or tool version differ). Pass --overwrite to replace them, "
+            "or choose a new output.uri"
+        )
+
+
+def _remove_old_output(m: Manifest, storage: Storage, old_parts: list[str], fence, log) -> None:
+    """--overwrite: the output's old files, once preflight passed and Ray is up. The containers'
+    completion records go first: a kill before the parts are gone leaves old rows (found and replaced
+    by the next run), never a record of a container without its rows."""
+    remove_files(storage, read_units_records(m.output.uri, storage)[1], fence=fence)
+    if old_parts:
+        remove_files(storage, old_parts, fence=fence)
+        log(f"--overwrite: removed {len(old_parts)} Parquet files from {m.output.uri}")
+
+
+class _Commits:
+    """The driver's side of what the writers stage (writers.Ledger's callbacks): each file published
+    only while this run holds the lease, the run's counts, the files it wrote and the containers it
+    completed (for the end of the run)."""
+
+    def __init__(self, m: Manifest, storage: Storage, summary: RunSummary, fence):
+        self.m, self.storage, self.summary, self.fence = m, storage, summary, fence
+        self.metrics = CommitMetrics(m.name)
+        self.written: set[str] = set()
+        self.completed: dict[str, str] = {}
+
+    def publish(self, staged: Staged) -> None:
+        self.fence.check(self.storage)
+        publish_staged(self.storage, staged)
+        self.metrics.committed_stats(staged.stats)
+
+    def on_commit(self, stats: dict) -> None:
+        self.summary.add_file_stats([stats])
+        self.written.add(stats["file"])
+
+    def on_unit_end(self, rows: int, skipped: int) -> None:
+        self.summary.images_planned += rows
+        self.summary.members_skipped += skipped
+
+    def on_units_complete(self, units: list[tuple[str, str, int]]) -> None:
+        write_units_record(self.m.output.uri, self.storage, self.summary.run_fingerprint, units, self.fence)
+        self.summary.units_done += len(units)
+        self.completed.update((uri, version) for uri, version, _ in units)
 
 
 def _drop_left_over(m: Manifest, storage: Storage, committed: Committed, planned: Planned, compression, fence):

@@ -143,7 +143,7 @@ def test_ray_job_submit_runs_a_manifest_and_a_bad_one_fails_with_its_error(ray_h
     job.write_text(yaml.safe_dump({
         "name": "submitted", "input": {"uri": "imgs/"},
         "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.4, "device": "auto"},
-        "output": {"uri": "out/"}, "runtime": {"batch_size": 2, "decode_cpus": 0.5, "cpus_per_actor": 1},
+        "output": {"uri": "out/"}, "runtime": {"batch_size": 2, "decode_cpus": 0.5, "cpus_per_actor": 1, "num_actors": 1},
     }))
     done = submit(ray_head, f"fastsam-batch run {job}", cwd=elsewhere)
     assert done["status"] == "SUCCEEDED", done["logs"]
@@ -183,7 +183,7 @@ def test_a_submitted_job_gets_its_s3_credentials_from_runtime_env_json(ray_head,
     job.write_text(yaml.safe_dump({
         "name": "submitted-s3", "input": {"uri": "s3://submitted/imgs/"},
         "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.4, "device": "auto"},
-        "output": {"uri": "s3://submitted/out/"}, "runtime": {"batch_size": 2, "decode_cpus": 0.5, "cpus_per_actor": 1},
+        "output": {"uri": "s3://submitted/out/"}, "runtime": {"batch_size": 2, "decode_cpus": 0.5, "cpus_per_actor": 1, "num_actors": 1},
     }))
     done = submit(ray_head, f"fastsam-batch run {job}", runtime_env={"env_vars": s3_env})
     assert done["status"] == "SUCCEEDED", done["logs"]

@@ -44,7 +44,7 @@ def s3_output(s3_env, s3fs_client, tmp_path_factory):
         "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.4, "device": "cpu"},
         "mask_rules": {"drop_full_image": True},
         "output": {"uri": "s3://cmds/masks/", "commit_interval_s": 1},
-        "runtime": {"batch_size": 2, "progress_interval_s": 0.5},
+        "runtime": {"batch_size": 2, "progress_interval_s": 0.5, "num_actors": 1},
     }))
     with ThreadPoolExecutor(2) as pool:  # the two plans at once, each in a process of its own (CI time)
         before, before_json = pool.map(lambda extra: run_cli("plan", str(m), *extra, env=s3_env), ([], ["--json"]))

@@ -49,7 +49,7 @@ def _images(root: Path) -> dict:
 
 def _manifest(path: Path, **sections) -> Path:
     doc = {"name": "prompted", "model": {"imgsz": 320, "conf": 0.25, "iou": 0.9, "device": "cpu"},
-           "runtime": {"batch_size": 3}}
+           "runtime": {"batch_size": 3, "num_actors": 1}}
     for k, v in sections.items():
         doc[k] = {**doc.get(k, {}), **v}
     path.write_text(yaml.safe_dump(doc))

@@ -48,7 +48,7 @@ def test_counters_read_back_from_the_metrics_endpoint(tmp_path):
         "name": "metered", "input": {"uri": str(images)},
         "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.4, "device": "cpu"},
         "output": {"uri": str(out), "commit_interval_s": 1},
-        "runtime": {"batch_size": 2, "metrics_export_port": port},
+        "runtime": {"batch_size": 2, "metrics_export_port": port, "num_actors": 1},
     }))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"FASTSAM_BATCH_TEST_SLOW": "decode:zz-slow:600"}
     exe = Path(sys.executable).with_name("fastsam-batch")

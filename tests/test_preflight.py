@@ -42,7 +42,7 @@ def manifest(path, images, output_uri: str):
     path.write_text(yaml.safe_dump({
         "name": "preflight", "input": {"uri": str(images)},
         "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.4, "device": "cpu"},
-        "output": {"uri": output_uri}, "runtime": {"batch_size": 2}}))
+        "output": {"uri": output_uri}, "runtime": {"batch_size": 2, "num_actors": 1}}))
     return path
 
 

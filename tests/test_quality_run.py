@@ -27,7 +27,7 @@ def run(root, name: str, rules: dict) -> dict:
     m.write_text(yaml.safe_dump({
         "name": name, "input": {"uri": str(root / "imgs")},
         "model": {"checkpoint": str(CHECKPOINT), "imgsz": 320, "conf": 0.25, "device": "cpu"},
-        "mask_rules": rules, "output": {"uri": str(out)}, "runtime": {"batch_size": 2},
+        "mask_rules": rules, "output": {"uri": str(out)}, "runtime": {"batch_size": 2, "num_actors": 1},
     }))
     r = run_cli("run", str(m))
     assert r.returncode == 0, r.stdout + r.stderr
