@@ -153,15 +153,14 @@ def with_writers(refs, sizes, out: str, k: int, target_mb: float, storage) -> di
     import ray
 
     pids = ray.get([h.pid.remote() for h in pool.handles])
-    w0, m0 = [proc_cpu_s(p) for p in pids], machine_busy_s()
-    t0, c0 = time.perf_counter(), cpu_s()
+    w0 = [proc_cpu_s(p) for p in pids]  # the writers run on this machine (one node)
+    t0, c0, m0 = time.perf_counter(), cpu_s(), machine_busy_s()
     pool.run(_Bundles(refs, sizes), keep=True)  # every file published; the writers kept to read their CPU
-    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    wall, cpu, busy = time.perf_counter() - t0, cpu_s() - c0, machine_busy_s() - m0
     writers_cpu = [proc_cpu_s(p) - c for p, c in zip(pids, w0)]
-    pool.stop()
+    pool.stop(clean=pool.died > 0)  # as run() itself stops them when it does not keep them
     return {"files": len(files), "rows": sum(f["rows"] for f in files), "wall_s": wall, "driver_cpu_s": cpu,
-            "writers_cpu_s": writers_cpu, "machine_busy_s": machine_busy_s() - m0,
-            "bytes": published_bytes(out, storage, files)}
+            "writers_cpu_s": writers_cpu, "machine_busy_s": busy, "bytes": published_bytes(out, storage, files)}
 
 
 def on_driver(refs, out: str, target_mb: float, storage) -> dict:
@@ -175,10 +174,9 @@ def on_driver(refs, out: str, target_mb: float, storage) -> dict:
                   target_file_bytes=int(target_mb * (1 << 20)))
     t0, c0, m0 = time.perf_counter(), cpu_s(), machine_busy_s()
     c.consume(ray.get(r) for r in refs)
-    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    wall, cpu, busy = time.perf_counter() - t0, cpu_s() - c0, machine_busy_s() - m0
     return {"files": len(files), "rows": sum(f["rows"] for f in files), "wall_s": wall, "driver_cpu_s": cpu,
-            "writers_cpu_s": [], "machine_busy_s": machine_busy_s() - m0,
-            "bytes": published_bytes(out, storage, files)}
+            "writers_cpu_s": [], "machine_busy_s": busy, "bytes": published_bytes(out, storage, files)}
 
 
 def published_bytes(out: str, storage, files: list[dict]) -> int:
@@ -236,9 +234,8 @@ def main() -> None:
             r = on_driver(refs, out, args.target_mb, storage) if k is None else \
                 with_writers(refs, sizes, out, k, args.target_mb, storage)
             assert r["rows"] == args.rows, r
-            # what the writers' work costs a row, and how busy the machine's cores were meanwhile: rows
-            # per second of a writer's CPU that stay the same as writers are added mean the writers do not
-            # wait on each other, so throughput follows the cores they get
+            # what the writers' work costs a row (CPU only: time a writer spends waiting uses none), and
+            # how busy the machine's cores were meanwhile
             wcpu = sum(r["writers_cpu_s"]) or r["driver_cpu_s"]
             r.update(name=name, writers=k, rows_per_s=r["rows"] / r["wall_s"], mb_per_s=r["bytes"] / r["wall_s"] / 1e6,
                      rows_per_writer_cpu_s=r["rows"] / wcpu, cores_busy=r["machine_busy_s"] / r["wall_s"],

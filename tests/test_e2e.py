@@ -275,7 +275,8 @@ def test_joins_a_ray_cluster_from_ray_address_and_enforces_the_error_budget(data
     try:
         out = tmp_path / "masks"
         m = manifest(tmp_path / "budget.yaml", str(dataset["root"]), str(out), str(checkpoint),
-                     max_error_fraction=0.1, cpus_per_actor=0.5, decode_cpus=0.5)
+                     max_error_fraction=0.1, cpus_per_actor=0.5, decode_cpus=0.5,
+                     num_actors=None)  # auto: actors on both nodes of the joined cluster
         r = run_cli("run", str(m), env={"RAY_ADDRESS": address})
     finally:
         cluster.shutdown()
