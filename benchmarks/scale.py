@@ -199,7 +199,7 @@ def _is_pool(pid: int) -> bool:
         return False
 
 
-def _cpu_s(pid: int) -> float | None:
+def proc_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of one process so far (/proc/<pid>/stat), None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -254,7 +254,7 @@ def plan(code: Path, manifest_path: Path, timeout: float, index_rows: int | None
             for k, v in _status(p.pid).items():
                 if k in peak:
                     peak[k] = max(peak[k], v)
-            own_cpu = _cpu_s(p.pid) or own_cpu
+            own_cpu = proc_cpu_s(p.pid) or own_cpu
             tree = [p.pid] + [q for q in _tree(p.pid)[1:] if _is_pool(q)]  # not the sizing's GPU probe
             tree = [_status(q) for q in tree]
             peak["tree_anon"] = max(peak["tree_anon"], sum(t.get("RssAnon", 0) for t in tree))

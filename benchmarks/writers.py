@@ -8,8 +8,8 @@ actors hand on), then written by the run's own code: pipeline.WriterPool with K 
 driver routes the blocks' references and publishes, writers encode and stage) into a local folder,
 or into a moto S3 server (``--s3``). Measured per K: wall time from the first block routed to the
 last file published, rows/s, MB/s of Parquet published, the driver's CPU seconds, the writers' CPU
-seconds (rows a writer-CPU-second: the same for every K when writers do not wait on each other) and
-how many of the machine's cores were busy (/proc/stat); and, as the
+seconds (rows a writer-CPU-second: what the work costs a row; time a writer spends waiting uses no
+CPU, so it does not show there) and how many of the machine's cores were busy (/proc/stat); and, as the
 before, the one writer on the driver (write.Committer + ParquetWriter, the blocks fetched to the
 driver). Prints a table and writes JSON.
 
@@ -127,13 +127,6 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process of this machine so far (/proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def machine_busy_s() -> float:
     """CPU seconds this machine's cores have spent on anything but idling, so far (/proc/stat)."""
     with open("/proc/stat") as f:
@@ -151,6 +144,7 @@ def with_writers(refs, sizes, out: str, k: int, target_mb: float, storage) -> di
                       run_id="bench")
     pool.start()  # the actors up before the clock starts (a run starts them while Ray Data starts its own)
     import ray
+    from scale import proc_cpu_s  # benchmarks/scale.py
 
     pids = ray.get([h.pid.remote() for h in pool.handles])
     w0 = [proc_cpu_s(p) for p in pids]  # the writers run on this machine (one node)
