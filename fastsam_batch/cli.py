@@ -279,5 +279,34 @@ def _run(manifest, args, retry) -> int:
     return 1 if summary.failed else 0
 
 
+def console_main() -> None:
+    """The ``fastsam-batch`` command: :func:`main`, then the exit with its status, without the
+    interpreter's teardown. The atexit handlers run first (Ray's shutdown among them) and the
+    streams are flushed; what is left is only the teardown, where a library's thread still in
+    Python (pyarrow's I/O threads reading through an fsspec file system: a read-ahead or a close
+    finishing after the last row was given) is stopped mid-call and aborts the process (SIGABRT,
+    apache/arrow issues 34314, 39162) after the command did all its work. In-process callers of
+    :func:`main` are not affected."""
+    import atexit
+    import os
+
+    try:
+        status = main()
+    except SystemExit as e:  # argparse: --help (0), a bad command line (2)
+        status = e.code
+    if status is None:
+        status = 0
+    elif not isinstance(status, int):  # sys.exit("message"), as Python would say it
+        print(status, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a closed stream: nothing more can be said
+            pass
+    os._exit(status & 0xFF)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
