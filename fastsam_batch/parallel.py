@@ -135,7 +135,6 @@ class PlanPool:
         else:
             return
 
-        pool = self._executor()
         pending: deque = deque()  # (item, future or None, rows)
         try:
             while True:
@@ -152,13 +151,7 @@ class PlanPool:
                         self.in_flight += rows
                         pending.append((item, None, rows))
                         continue
-                    if self._spawned():
-                        future = pool.submit(t[0], *t[1])
-                    else:
-                        # a process started by this submit does not run the driver's script, and
-                        # starts with Ctrl-C held off (no traceback of its own while it imports)
-                        with _main_hidden(), _sigint_held():
-                            future = pool.submit(t[0], *t[1])
+                    future = self.submit(t[0], *t[1])
                     self.in_flight += rows
                     pending.append((item, future, rows))
                 if not pending:
@@ -174,6 +167,17 @@ class PlanPool:
                 self.in_flight -= rows
                 if f is not None:
                     f.cancel()
+
+    def submit(self, fn: Callable, *args):
+        """``fn(*args)`` in a process of the pool (started on first use; ``fn`` a module-level
+        function): a Future. Outside :meth:`ordered`'s window: the caller bounds what it submits."""
+        pool = self._executor()
+        if self._spawned():
+            return pool.submit(fn, *args)
+        # a process started by this submit does not run the driver's script, and starts with
+        # Ctrl-C held off (no traceback of its own while it imports)
+        with _main_hidden(), _sigint_held():
+            return pool.submit(fn, *args)
 
     def _spawned(self) -> bool:
         """Whether every process of the pool has started (a submit may start one until then)."""

@@ -486,6 +486,71 @@ def test_a_parquet_inventory_batch_read_column_wise_gives_the_units_of_the_row_r
     assert parquet_units(as_text, skip_non_images, Skipped()) is None
 
 
+def test_a_parquet_inventory_read_by_the_pool_gives_the_units_read_on_the_driver(s3_env, s3fs_client, walk_pool,
+                                                                                monkeypatch):
+    """A Parquet inventory report on S3 (the moto server) of three data files, read by planning's
+    pool in pieces of row groups (a file split into several; a file whose sizes are text goes row
+    by row), against the same report read on the driver: the same units in order, the same keys
+    skipped, the ids' keys those of the ids; a data file that is not Parquet, the same error."""
+    import io
+
+    from conftest import FAKE_KEY, FAKE_SECRET, make_bucket
+    from fastsam_batch.index import id_keys
+    from fastsam_batch.inputs import inventory
+
+    make_bucket(s3_env, "inv-pool")
+    rng = random.Random(11)
+
+    def data_file(name: str, n: int, size_type=pa.int64()) -> None:
+        buf = io.BytesIO()
+        pq.write_table(pa.table({
+            "bucket": ["bk"] * n,
+            "key": [rng.choice(INVENTORY_KEYS) + str(j) * rng.randint(0, 1) for j in range(n)],
+            "size": pa.array([rng.choice([None, 0, 5, 123456789012]) for _ in range(n)], pa.int64()).cast(size_type),
+            "e_tag": [rng.choice([None, "", '"abc"', f'"{j}"']) for j in range(n)],
+            "is_latest": pa.array([rng.choice([None, True, False, True]) for _ in range(n)], pa.bool_()),
+            "is_delete_marker": pa.array([rng.choice([None, False, False, True]) for _ in range(n)], pa.bool_())}),
+            buf, row_group_size=300)
+        s3fs_client.pipe_file(f"inv-pool/data/{name}", buf.getvalue())
+
+    data_file("a.parquet", 2000)
+    data_file("b.parquet", 700, pa.string())
+    data_file("c.parquet", 1500)
+    s3fs_client.pipe_file("inv-pool/data/bad.parquet", b"not parquet at all")
+    torn = bytearray(s3fs_client.cat_file("inv-pool/data/c.parquet"))
+    torn[4:2004] = bytes(2000)  # its data pages torn, its footer whole: the error comes from the process's read
+    s3fs_client.pipe_file("inv-pool/data/torn.parquet", bytes(torn))
+    storage = Storage({"endpoint_url": s3_env["AWS_ENDPOINT_URL"], "key": FAKE_KEY, "secret": FAKE_SECRET})
+    monkeypatch.setattr(inventory, "PIECE_ROWS", 500)  # two row groups a piece: a file in several
+
+    def report(files: list[str]):
+        s3fs_client.pipe_file("inv-pool/r/manifest.json", json.dumps({
+            "destinationBucket": "arn:aws:s3:::inv-pool", "fileFormat": "Parquet",
+            "files": [{"key": f"data/{f}"} for f in files]}).encode())
+        return InputConfig(uri="s3://inv-pool/r/manifest.json", format="s3_inventory")
+
+    cfg = report(["a.parquet", "b.parquet", "c.parquet"])
+    want_skipped, got_skipped = Skipped(limit=None), Skipped(limit=None)
+    want = [r for b in inventory.iter_inventory_batches(cfg, storage, want_skipped) for r in b.table.to_pylist()]
+    walk_pool.after_rows, walk_pool.submits = 0, 0
+    batches = list(inventory.iter_inventory_batches(cfg, storage, got_skipped, pool=walk_pool))
+    assert walk_pool.submits == 4 + 2 + 3  # pieces of a, b and c
+    assert [r for b in batches for r in b.table.to_pylist()] == want and len(want) > 400
+    assert (got_skipped.count, got_skipped.examples) == (want_skipped.count, want_skipped.examples)
+    assert want_skipped.count > 300
+    for b in batches:
+        hi, lo = id_keys(b.table.column("image_id").to_pylist())
+        assert b.hi.tolist() == hi.tolist() and b.lo.tolist() == lo.tolist()
+    for bad in ("bad.parquet", "torn.parquet"):
+        cfg = report(["a.parquet", bad])
+        errors = []
+        for pool in (None, walk_pool):
+            with pytest.raises(Exception) as e:
+                list(inventory.iter_inventory_batches(cfg, storage, Skipped(), pool=pool))
+            errors.append((type(e.value), str(e.value)))
+        assert errors[0] == errors[1], errors
+
+
 def _children(pid: int) -> set[int]:
     """The processes whose parent is ``pid`` (from /proc/<pid>/stat's ppid field)."""
     out: set[int] = set()
@@ -583,3 +648,88 @@ def test_ctrl_c_while_the_pool_starts_gives_one_line_and_leaves_no_process(tmp_p
     while not all(_gone(c) for c in seen) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(_gone(c) for c in seen), [c for c in seen if not _gone(c)]
+
+
+def _tree(root) -> None:
+    """Folders at several depths, names that sort by code point (capitals, digits, dots, non-ASCII),
+    files beside folders, empty folders, non-images (skipped), a link to a file (listed) and a link
+    to a folder (not walked), files of one modification time and of none (mtime 0)."""
+    rng = random.Random(5)
+    names = ["a.jpg", "B.png", "c.JPEG", "d.txt", "e", "f.jpg.txt", ".png", "g.\u212Apg", "é.jpg", "10.jpg", "9.jpg",
+             "h.webp", "i.GIF", "j.jpe\n"]
+    folders = ["", "x", "x/y", "x/y/z", "X", "x.y", "x/a", "0", "é", "deep/1/2/3/4", "empty", "empty/too"]
+    for f in folders:
+        (root / f).mkdir(parents=True, exist_ok=True)
+        for n in rng.sample(names, rng.randint(0, len(names))):
+            (root / f / n).write_bytes(b"x" * rng.randint(0, 50))
+    for j in range(300):  # a folder larger than a batch slice is not needed; many files in one is
+        (root / "many" / f"{j % 7}").mkdir(parents=True, exist_ok=True)
+        (root / "many" / f"{j % 7}" / f"{j:05d}.jpg").write_bytes(b"")
+    os.utime(root / "many" / "0" / "00000.jpg", (0, 0))  # mtime 0: no version
+    os.symlink(root / "x" / "y", root / "link-to-folder")
+    (root / "x" / "real.jpg").write_bytes(b"yy")
+    os.symlink(root / "x" / "real.jpg", root / "link.jpg")
+    os.symlink(root / "gone.jpg", root / "broken-link.jpg")
+
+
+class _CountingPool(parallel.PlanPool):
+    submits = 0
+
+    def submit(self, fn, *args):
+        self.submits += 1
+        return super().submit(fn, *args)
+
+
+@pytest.fixture(scope="module")
+def walk_pool():
+    pool = _CountingPool(2)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("uri, skip_non_images", [
+    *((u, True) for u in ["{root}", "{root}/", "{root}/x/**/*.jpg", "{root}/*/*", "{root}/./x/../x", "{root}/nothing-here",
+                          "{root}/empty", "{root}/*.none", "{root}/x/a.jpg"]),
+    ("{root}", False), ("{root}/*/*", False)])
+def test_a_folder_walked_by_the_pool_gives_the_units_of_the_walk_on_the_driver(tmp_path, walk_pool, uri,
+                                                                             skip_non_images):
+    """A local folder (or glob) walked by planning's pool, a folder a process (after_rows 0: every
+    folder, the first one too; and after_rows 40: the first folders here), against iter_files on
+    the driver (a file at a time, as before): the same units in the same order (ids, uris, sizes,
+    versions), the same keys skipped, the ids' keys those of the ids, and the same error for
+    nothing there."""
+    from fastsam_batch.index import id_keys
+
+    root = tmp_path / "tree"
+    _tree(root)
+    u = uri.format(root=root)
+    form = open_input(InputConfig(uri=u, skip_non_images=skip_non_images), Storage())
+    want_skipped = Skipped(limit=None)
+    try:
+        want = _serial(u, skip_non_images, want_skipped)
+    except FileNotFoundError as e:
+        want = e
+    for after_rows in (0, 40):
+        walk_pool.after_rows, walk_pool.submits = after_rows, 0
+        got_skipped = Skipped(limit=None)
+        try:
+            batches = list(form.batches(got_skipped, walk_pool))
+        except FileNotFoundError as e:
+            assert isinstance(want, FileNotFoundError) and str(e) == str(want)
+            continue
+        assert not isinstance(want, FileNotFoundError), want
+        got = [r for b in batches for r in b.table.to_pylist()]
+        assert got == want and (got_skipped.count, got_skipped.examples) == (want_skipped.count, want_skipped.examples)
+        for b in batches:
+            hi, lo = id_keys(b.table.column("image_id").to_pylist())
+            assert b.hi.tolist() == hi.tolist() and b.lo.tolist() == lo.tolist()
+        if after_rows == 0:  # every folder scanned by the pool; one file is not walked
+            assert (walk_pool.submits > 0) is not u.endswith("a.jpg")
+    assert isinstance(want, FileNotFoundError) or len(want) > (300 if u.endswith(("tree", "tree/")) else 0)
+
+
+def _serial(uri: str, skip_non_images: bool, skipped: Skipped) -> list[dict]:
+    from fastsam_batch.decode import looks_like_image
+    from fastsam_batch.inputs.files import iter_files as iter_inputs
+
+    return list(iter_inputs(uri, Storage(), skipped, looks_like_image if skip_non_images else None))

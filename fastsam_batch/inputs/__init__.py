@@ -48,6 +48,12 @@ class Skipped:
         if self.limit is None or len(self.examples) < self.limit:
             self.examples.append(rel)
 
+    def merge(self, other: "Skipped") -> None:
+        """The keys ``other`` skipped, counted after this one's (a part of the listing done apart)."""
+        self.count += other.count
+        room = len(other.examples) if self.limit is None else max(0, self.limit - len(self.examples))
+        self.examples.extend(other.examples[:room])
+
 
 @dataclass
 class Image:
@@ -74,6 +80,12 @@ class UnitBatch:
 
     def __len__(self) -> int:
         return self.table.num_rows
+
+    def slice(self, at: int, n: int) -> "UnitBatch":
+        """Units ``at`` to ``at + n`` (fewer at the end), with their keys where known."""
+        part = slice(at, at + n)
+        return UnitBatch(self.table.slice(at, n), None if self.hi is None else self.hi[part],
+                         None if self.lo is None else self.lo[part])
 
     def keys(self):
         if self.hi is None:
@@ -130,6 +142,25 @@ def units_of_batches(batches: Iterator[UnitBatch]) -> Iterator[dict]:
     """The units of :class:`UnitBatch` es as dicts (what :func:`unit` gives), in order."""
     for b in batches:
         yield from b.table.to_pylist()
+
+
+def image_keys(key) -> "np.ndarray":
+    """:func:`.decode.looks_like_image` of each key: its extension (from its last dot), lowercased,
+    one of the image extensions. ASCII extensions column-wise; others (str.lower of a non-ASCII
+    letter can be ASCII) by Python."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ..decode import IMAGE_EXTENSIONS, looks_like_image
+
+    ext = pc.struct_field(pc.extract_regex(key, r"(?s)(?P<ext>\.[^.]*)$"), [0])  # null: no dot
+    ascii_ = pc.fill_null(pc.string_is_ascii(ext), True).to_numpy(zero_copy_only=False)
+    out = pc.fill_null(pc.is_in(pc.ascii_lower(ext), value_set=pa.array(sorted(IMAGE_EXTENSIONS), pa.string())),
+                       False).to_numpy(zero_copy_only=False).copy()
+    for j in np.flatnonzero(~ascii_).tolist():
+        out[j] = looks_like_image(key[j].as_py())
+    return out
 
 
 @dataclass

@@ -13,18 +13,20 @@ container files the same way.
 
 from __future__ import annotations
 
+import itertools
 import os
 import posixpath
 import queue
 import re
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ..decode import looks_like_image
 from ..retry import with_retries
 from ..storage import Storage, protocol_of, strip_protocol, to_uri
-from . import InputForm, Skipped, batches_of_units, unit
+from . import UNIT_BATCH, InputForm, Skipped, UnitBatch, batches_of_units, image_keys, unit, unit_batch
 
 GLOB_CHARS = set("*?[")
 
@@ -188,24 +190,34 @@ def iter_s3_parallel(fs, prefix: str, workers: int) -> Iterator[tuple[str, dict]
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def scan_folder(folder: str) -> tuple[list[tuple[str, int, float]], list[str]]:
+    """A local folder's files as (path, size, mtime) and its subfolders, each in name order (a
+    folder gone or unreadable: none). Links to files are files; links to folders are not walked
+    (no cycles)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return [], []
+    files, subfolders = [], []
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            subfolders.append(e.path)
+        elif e.is_file():
+            st = e.stat()
+            files.append((e.path, st.st_size, st.st_mtime))
+    return files, subfolders
+
+
 def _iter_local(root: str) -> Iterator[tuple[str, dict]]:
-    """(path, info) for every file under ``root``, one directory at a time, in name order."""
+    """(path, info) for every file under ``root``, one folder at a time: a folder's files in name
+    order, then its subfolders', each in name order (depth first)."""
     stack = [root]
     while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        files = []
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):  # no cycles through linked folders
-                stack.append(e.path)
-            elif e.is_file():
-                files.append(e)
-        for e in reversed(files):
-            st = e.stat()
-            yield e.path, {"size": st.st_size, "mtime": st.st_mtime}
+        files, subfolders = scan_folder(stack.pop())
+        for path, size, mtime in files:
+            yield path, {"size": size, "mtime": mtime}
+        stack.extend(reversed(subfolders))
 
 
 def _iter_tree(fs, protocol: str, root: str, workers: int = 1) -> Iterator[tuple[str, dict]]:
@@ -217,9 +229,8 @@ def _iter_tree(fs, protocol: str, root: str, workers: int = 1) -> Iterator[tuple
     return iter(sorted(fs.find(root, detail=True).items()))  # other protocols: one list, as fsspec gives it
 
 
-def iter_objects(uri: str, storage: Storage, workers: int = 1) -> tuple[str, Iterator[tuple[str, dict]]]:
-    """(base the ids are relative to, iterator of (path, info)) for a folder, prefix, glob or file.
-    Raises FileNotFoundError, naming the uri, when there is nothing there at all."""
+def _where(uri: str, storage: Storage) -> tuple[str, object, str, str, str | None]:
+    """(protocol, file system, path, base the ids are relative to, the glob's regex or None)."""
     protocol = protocol_of(uri)
     fs = storage.fs(uri)
     path = strip_protocol(uri)
@@ -228,24 +239,36 @@ def iter_objects(uri: str, storage: Storage, workers: int = 1) -> tuple[str, Ite
     if GLOB_CHARS & set(path):
         from fsspec.utils import glob_translate
 
-        base = glob_base(path)
-        pattern = re.compile(glob_translate(path))
+        return protocol, fs, path, glob_base(path), glob_translate(path)
+    return protocol, fs, path, path.rstrip("/"), None
+
+
+def iter_objects(uri: str, storage: Storage, workers: int = 1) -> tuple[str, Iterator[tuple[str, dict]]]:
+    """(base the ids are relative to, iterator of (path, info)) for a folder, prefix, glob or file.
+    Raises FileNotFoundError, naming the uri, when there is nothing there at all."""
+    protocol, fs, path, base, glob = _where(uri, storage)
+    if glob is not None:
+        pattern = re.compile(glob)
         found = ((p, info) for p, info in _iter_tree(fs, protocol, base, workers) if pattern.match(p))
     elif not path.endswith("/") and fs.isfile(path):
         base = posixpath.dirname(path)
         found = iter([(path, fs.info(path))])
     else:
-        base = path.rstrip("/")
         if protocol == "file" and not os.path.isdir(base):
             raise FileNotFoundError(f"input.uri {uri!r}: no such file, folder or prefix")
         found = _iter_tree(fs, protocol, base, workers)
         if protocol == "file":
-            return base, _nonempty(found, uri, "an empty folder (no files in it or its subfolders)")
+            return base, _nonempty(found, uri, EMPTY_FOLDER)
     return base, _nonempty(found, uri)
 
 
-def _nonempty(found: Iterator, uri: str,
-              empty: str = "no such file, folder or prefix (nothing is listed there)") -> Iterator:
+EMPTY_FOLDER = "an empty folder (no files in it or its subfolders)"
+
+
+NOTHING_LISTED = "no such file, folder or prefix (nothing is listed there)"
+
+
+def _nonempty(found: Iterator, uri: str, empty: str = NOTHING_LISTED) -> Iterator:
     first = next(found, None)
     if first is None:
         raise FileNotFoundError(f"input.uri {uri!r}: {empty}")
@@ -275,8 +298,100 @@ def iter_files(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[str
         yield unit(rel, to_uri(protocol, p), info.get("size") or 0, version_of(info), kind)
 
 
+# ---------------------------------------------------------------------------------------------
+# A local folder walked by planning's process pool (issue 23: a billion files)
+
+WALK_AHEAD = 2  # folders scanned ahead per process of the pool (each a folder's units in memory)
+
+
+def file_batches(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[str], bool] | None = looks_like_image,
+                 workers: int = 1, pool=None) -> Iterator[UnitBatch]:
+    """:func:`iter_files`' units as :class:`.UnitBatch` es, in the same order. A local folder or
+    glob is walked by ``pool`` (a :class:`.parallel.PlanPool`, when active): a process scans a
+    folder at a time (:func:`folder_units`: stat, ids, image check and keys as columns), up to
+    :data:`WALK_AHEAD` folders a process ahead of the plan; the driver only keeps the walk's order
+    (a folder's files, then its subfolders', depth first, as :func:`iter_files`). The first
+    folders, up to the pool's ``after_rows`` files, are scanned here (a small folder starts no
+    process). Other inputs: :func:`iter_files`, batched."""
+    protocol, _, path, base, glob = _where(uri, storage)
+    if pool is None or not pool.active or protocol != "file" or not base or keep not in (None, looks_like_image) \
+            or (glob is None and not os.path.isdir(base)):
+        yield from batches_of_units(iter_files(uri, storage, skipped, keep, workers))
+        return
+    args = (base, glob, keep is not None, skipped.limit)
+    order: deque[str] = deque([base])  # folders not yet given, in the walk's order
+    scans: dict = {}  # folder -> its scan's Future
+    scanned_here = listed = 0
+    try:
+        while order:
+            if scanned_here >= pool.after_rows:
+                for folder in itertools.islice(order, WALK_AHEAD * pool.processes):
+                    if folder not in scans:
+                        scans[folder] = pool.submit(folder_units, folder, *args)
+            folder = order.popleft()
+            scan = scans.pop(folder, None)
+            if scan is None:
+                batch, subfolders, matched, its_skipped = folder_units(folder, *args)
+                scanned_here += matched
+            else:
+                batch, subfolders, matched, its_skipped = scan.result()
+            order.extendleft(reversed(subfolders))
+            listed += matched
+            skipped.merge(its_skipped)
+            if batch is not None:
+                for at in range(0, len(batch), UNIT_BATCH):
+                    yield batch.slice(at, UNIT_BATCH)
+    finally:
+        for scan in scans.values():
+            scan.cancel()
+    if not listed:
+        raise FileNotFoundError(f"input.uri {uri!r}: {EMPTY_FOLDER if glob is None else NOTHING_LISTED}")
+
+
+def folder_units(folder: str, base: str, glob: str | None, images_only: bool, limit: int | None
+                 ) -> tuple[UnitBatch | None, list[str], int, Skipped]:
+    """One local folder of :func:`file_batches`' walk, as :func:`iter_files` makes its units, column
+    by column (run in a process of planning's pool): (its units with their id keys, or None; its
+    subfolders in name order; its files that ``glob`` matched, skipped or not; the keys skipped as
+    not images, ``limit`` examples at most)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from ..index import id_keys
+
+    files, subfolders = scan_folder(folder)
+    if glob is not None:
+        pattern = _compiled(glob)
+        files = [f for f in files if pattern.match(f[0])]
+    skipped = Skipped(limit=limit)
+    if not files:
+        return None, subfolders, 0, skipped
+    cut = len(base) + 1  # every path walked is base + "/" + ...: its id the rest (posixpath.relpath's)
+    rels = pa.array([f[0][cut:] for f in files], pa.string())
+    keep = image_keys(rels) if images_only else np.ones(len(files), bool)
+    for j in np.flatnonzero(~keep).tolist():
+        skipped.add(rels[j].as_py())
+    kept = [f for f, k in zip(files, keep.tolist()) if k]
+    if not kept:
+        return None, subfolders, len(files), skipped
+    ids = rels.filter(pa.array(keep)) if not keep.all() else rels
+    hi, lo = id_keys(ids.to_pylist())
+    batch = unit_batch(ids, [f[0] for f in kept], [int(f[1] or 0) for f in kept],
+                       [version_of({"mtime": f[2]}) for f in kept], hi=hi, lo=lo)
+    return batch, subfolders, len(files), skipped
+
+
+_PATTERNS: dict[str, re.Pattern] = {}
+
+
+def _compiled(glob: str) -> re.Pattern:
+    if glob not in _PATTERNS:
+        _PATTERNS[glob] = re.compile(glob)
+    return _PATTERNS[glob]
+
+
 def open_form(cfg, storage: Storage) -> InputForm:
     keep = looks_like_image if cfg.skip_non_images else None
     return InputForm("files", lambda skipped: iter_files(cfg.uri, storage, skipped, keep, cfg.list_workers),
-                     batches=lambda skipped, pool=None: batches_of_units(iter_files(cfg.uri, storage, skipped, keep,
-                                                                         cfg.list_workers)))
+                     batches=lambda skipped, pool=None: file_batches(cfg.uri, storage, skipped, keep,
+                                                                     cfg.list_workers, pool))

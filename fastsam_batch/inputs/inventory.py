@@ -18,8 +18,8 @@ from urllib.parse import unquote_plus
 
 from ..decode import looks_like_image
 from ..storage import Storage, strip_protocol
-from . import (UNIT_BATCH, InputError, InputForm, Skipped, UnitBatch, batches_of_units, unit, unit_batch,
-               units_of_batches)
+from . import (UNIT_BATCH, InputError, InputForm, Skipped, UnitBatch, batches_of_units, image_keys, unit,
+               unit_batch, units_of_batches)
 
 # CSV field names (manifest fileSchema) -> the Parquet column names of the same fields.
 _PARQUET_NAMES = {"Bucket": "bucket", "Key": "key", "Size": "size", "ETag": "e_tag", "IsLatest": "is_latest",
@@ -76,14 +76,16 @@ def _csv_rows(data_uri: str, storage: Storage, fields: list[str]) -> Iterator[di
             yield row
 
 
-def _parquet_batches(data_uri: str, storage: Storage, batch_rows: int = UNIT_BATCH) -> Iterator:
-    """The report's record batches, of the columns of :data:`_PARQUET_NAMES` it has."""
+def _parquet_batches(data_uri: str, storage: Storage, batch_rows: int = UNIT_BATCH,
+                     row_groups: list[int] | None = None) -> Iterator:
+    """The report's record batches (of ``row_groups``; None: all), of the columns of
+    :data:`_PARQUET_NAMES` it has."""
     import pyarrow.parquet as pq
 
     with storage.fs(data_uri).open(strip_protocol(data_uri), "rb") as raw:
         pf = pq.ParquetFile(raw)
         want = [c for c in _PARQUET_NAMES.values() if c in pf.schema_arrow.names]
-        yield from pf.iter_batches(batch_size=batch_rows, columns=want)
+        yield from pf.iter_batches(batch_size=batch_rows, columns=want, row_groups=row_groups)
 
 
 def _parquet_rows(batch) -> Iterator[dict]:
@@ -113,26 +115,89 @@ def iter_inventory(cfg, storage: Storage, skipped: Skipped) -> Iterator[dict]:
     return units_of_batches(iter_inventory_batches(cfg, storage, skipped))
 
 
-def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: int = UNIT_BATCH
+def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: int = UNIT_BATCH, pool=None
                            ) -> Iterator[UnitBatch]:
     """The report's units as :class:`.UnitBatch` es, in order: Parquet reports a record batch at a
-    time as Arrow columns (:func:`parquet_units`), CSV reports a row at a time."""
+    time as Arrow columns (:func:`parquet_units`), CSV reports a row at a time. With ``pool`` (a
+    :class:`.parallel.PlanPool`, when active) a Parquet report's data files are read by its
+    processes, :data:`PIECE_ROWS` rows of row groups a task (:func:`report_piece`: their units and
+    the ids' keys made there); the driver reads only each file's footer."""
     manifest, files = read_manifest(cfg.uri, storage)
     csv_report = str(manifest["fileFormat"]).upper() == "CSV"
     fields = [f.strip() for f in str(manifest.get("fileSchema", "")).split(",")] if csv_report else []
     if csv_report and not {"Bucket", "Key"} <= set(fields):
         raise InputError(f"input.uri: {cfg.uri}: the manifest's fileSchema has no Bucket and Key fields")
-    for data_uri in files:
-        if csv_report:
+    if csv_report:
+        for data_uri in files:
             yield from batches_of_units(_units(_csv_rows(data_uri, storage, fields), cfg.skip_non_images, skipped),
                                         batch_rows)
-            continue
-        for batch in _parquet_batches(data_uri, storage, batch_rows):
-            units = parquet_units(batch, cfg.skip_non_images, skipped)
-            if units is None:  # a column of a type the fast path does not take: the rows one at a time
-                yield from batches_of_units(_units(_parquet_rows(batch), cfg.skip_non_images, skipped), batch_rows)
-            elif len(units):
-                yield units
+        return
+    if pool is None or not pool.active:
+        for data_uri in files:
+            yield from _report_units(_parquet_batches(data_uri, storage, batch_rows), cfg.skip_non_images, skipped,
+                                     batch_rows)
+        return
+
+    def task(piece):
+        return report_piece, (piece[0], storage, piece[1], cfg.skip_non_images, skipped.limit, batch_rows)
+
+    for piece, done in pool.ordered(_pieces(files, storage), task, size=lambda piece: piece[2]):
+        if done is None:  # its read failed in the process: read again here, which raises the error
+            done = report_piece(*task(piece)[1], in_process=False)
+        batches, its_skipped = done
+        skipped.merge(its_skipped)
+        yield from batches
+
+
+PIECE_ROWS = 1 << 16  # report rows a task of the pool reads, about (whole row groups)
+
+
+def _pieces(files: list[str], storage: Storage) -> Iterator[tuple[str, list[int], int]]:
+    """(data file, row groups, their rows): each file's row groups in order, about
+    :data:`PIECE_ROWS` rows a piece (a file's footer read here, the rest in the pool)."""
+    import pyarrow.parquet as pq
+
+    for data_uri in files:
+        with storage.fs(data_uri).open(strip_protocol(data_uri), "rb") as raw:
+            meta = pq.ParquetFile(raw).metadata
+        groups, rows = [], 0
+        for g in range(meta.num_row_groups):
+            groups.append(g)
+            rows += meta.row_group(g).num_rows
+            if rows >= PIECE_ROWS:
+                yield data_uri, groups, rows
+                groups, rows = [], 0
+        if groups:
+            yield data_uri, groups, rows
+
+
+def report_piece(data_uri: str, storage: Storage, row_groups: list[int], skip_non_images: bool, limit: int | None,
+                 batch_rows: int, in_process: bool = True) -> tuple[list[UnitBatch], Skipped] | None:
+    """The units of some row groups of a Parquet report's data file, with their ids' keys, and the
+    keys skipped (``limit`` examples at most). In a process of the pool, an error gives None (the
+    driver reads the piece again itself, to raise it as it always has)."""
+    from ..index import id_keys
+
+    skipped = Skipped(limit=limit)
+    try:
+        out = list(_report_units(_parquet_batches(data_uri, storage, batch_rows, row_groups), skip_non_images, skipped,
+                                 batch_rows))
+    except Exception:  # noqa: BLE001 - raised by the driver's own read
+        if in_process:
+            return None
+        raise
+    for b in out:
+        b.hi, b.lo = id_keys(b.table.column("image_id").to_pylist())
+    return out, skipped
+
+
+def _report_units(batches: Iterator, skip_non_images: bool, skipped: Skipped, batch_rows: int) -> Iterator[UnitBatch]:
+    for batch in batches:
+        units = parquet_units(batch, skip_non_images, skipped)
+        if units is None:  # a column of a type the fast path does not take: the rows one at a time
+            yield from batches_of_units(_units(_parquet_rows(batch), skip_non_images, skipped), batch_rows)
+        elif len(units):
+            yield units
 
 
 def parquet_units(batch, skip_non_images: bool, skipped: Skipped) -> UnitBatch | None:
@@ -164,7 +229,7 @@ def parquet_units(batch, skip_non_images: bool, skipped: Skipped) -> UnitBatch |
         keep &= pc.fill_null(batch.column("is_latest"), True).to_numpy(zero_copy_only=False)
     skip = pc.ends_with(key, "/").to_numpy(zero_copy_only=False) & keep
     if skip_non_images:
-        skip |= keep & ~_image_keys(key)
+        skip |= keep & ~image_keys(key)
     for j in np.flatnonzero(skip).tolist():
         skipped.add(key[j].as_py())
     keep &= ~skip
@@ -176,30 +241,6 @@ def parquet_units(batch, skip_non_images: bool, skipped: Skipped) -> UnitBatch |
     return unit_batch(key, uris, sizes, etags)
 
 
-def _image_keys(key) -> "np.ndarray":
-    """:func:`.decode.looks_like_image` of each key: its extension (from its last dot), lowercased,
-    one of the image extensions. ASCII extensions column-wise; others (str.lower of a non-ASCII
-    letter can be ASCII) by Python."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from ..decode import IMAGE_EXTENSIONS
-
-    ext = pc.struct_field(pc.extract_regex(key, r"(?s)(?P<ext>\.[^.]*)$"), [0])  # null: no dot
-    ascii_ = pc.fill_null(pc.string_is_ascii(ext), True).to_numpy(zero_copy_only=False)
-    out = pc.fill_null(pc.is_in(pc.ascii_lower(ext), value_set=pa_strings(sorted(IMAGE_EXTENSIONS))),
-                       False).to_numpy(zero_copy_only=False).copy()
-    for j in np.flatnonzero(~ascii_).tolist():
-        out[j] = looks_like_image(key[j].as_py())
-    return out
-
-
-def pa_strings(values):
-    import pyarrow as pa
-
-    return pa.array(values, pa.string())
-
-
 def open_form(cfg, storage: Storage) -> InputForm:
     return InputForm("s3_inventory", lambda skipped: iter_inventory(cfg, storage, skipped),
-                     batches=lambda skipped, pool=None: iter_inventory_batches(cfg, storage, skipped))
+                     batches=lambda skipped, pool=None: iter_inventory_batches(cfg, storage, skipped, pool=pool))
