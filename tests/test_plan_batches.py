@@ -489,9 +489,10 @@ def test_a_parquet_inventory_batch_read_column_wise_gives_the_units_of_the_row_r
 def test_a_parquet_inventory_read_by_the_pool_gives_the_units_read_on_the_driver(s3_env, s3fs_client, walk_pool,
                                                                                 monkeypatch):
     """A Parquet inventory report on S3 (the moto server) of three data files, read by planning's
-    pool in pieces of row groups (a file split into several; a file whose sizes are text goes row
-    by row), against the same report read on the driver: the same units in order, the same keys
-    skipped, the ids' keys those of the ids; a data file that is not Parquet, the same error."""
+    pool in pieces (row groups together, or a row group in slices; a file whose sizes are text
+    goes row by row), against the same report read on the driver: the same units in order, the
+    same keys skipped, the ids' keys those of the ids; a data file that is not Parquet, or whose
+    pages are torn, the same error."""
     import io
 
     from conftest import FAKE_KEY, FAKE_SECRET, make_bucket
@@ -521,7 +522,6 @@ def test_a_parquet_inventory_read_by_the_pool_gives_the_units_read_on_the_driver
     torn[4:2004] = bytes(2000)  # its data pages torn, its footer whole: the error comes from the process's read
     s3fs_client.pipe_file("inv-pool/data/torn.parquet", bytes(torn))
     storage = Storage({"endpoint_url": s3_env["AWS_ENDPOINT_URL"], "key": FAKE_KEY, "secret": FAKE_SECRET})
-    monkeypatch.setattr(inventory, "PIECE_ROWS", 500)  # two row groups a piece: a file in several
 
     def report(files: list[str]):
         s3fs_client.pipe_file("inv-pool/r/manifest.json", json.dumps({
@@ -532,15 +532,20 @@ def test_a_parquet_inventory_read_by_the_pool_gives_the_units_read_on_the_driver
     cfg = report(["a.parquet", "b.parquet", "c.parquet"])
     want_skipped, got_skipped = Skipped(limit=None), Skipped(limit=None)
     want = [r for b in inventory.iter_inventory_batches(cfg, storage, want_skipped) for r in b.table.to_pylist()]
-    walk_pool.after_rows, walk_pool.submits = 0, 0
-    batches = list(inventory.iter_inventory_batches(cfg, storage, got_skipped, pool=walk_pool))
-    assert walk_pool.submits == 4 + 2 + 3  # pieces of a, b and c
-    assert [r for b in batches for r in b.table.to_pylist()] == want and len(want) > 400
-    assert (got_skipped.count, got_skipped.examples) == (want_skipped.count, want_skipped.examples)
-    assert want_skipped.count > 300
-    for b in batches:
-        hi, lo = id_keys(b.table.column("image_id").to_pylist())
-        assert b.hi.tolist() == hi.tolist() and b.lo.tolist() == lo.tolist()
+    assert len(want) > 400 and want_skipped.count > 300
+    # pieces of 500 rows: two row groups of 300 a piece (a file in several); of 128: each row group
+    # cut in slices of 128 rows (the last slice of a group shorter; a group of 100 whole)
+    for piece_rows, pieces in ((500, 4 + 2 + 3), (128, 20 + 7 + 15)):
+        monkeypatch.setattr(inventory, "PIECE_ROWS", piece_rows)
+        walk_pool.after_rows, walk_pool.submits = 0, 0
+        got_skipped = Skipped(limit=None)
+        batches = list(inventory.iter_inventory_batches(cfg, storage, got_skipped, pool=walk_pool))
+        assert walk_pool.submits == pieces
+        assert [r for b in batches for r in b.table.to_pylist()] == want
+        assert (got_skipped.count, got_skipped.examples) == (want_skipped.count, want_skipped.examples)
+        for b in batches:
+            hi, lo = id_keys(b.table.column("image_id").to_pylist())
+            assert b.hi.tolist() == hi.tolist() and b.lo.tolist() == lo.tolist()
     for bad in ("bad.parquet", "torn.parquet"):
         cfg = report(["a.parquet", bad])
         errors = []

@@ -14,6 +14,7 @@ container files the same way.
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import posixpath
 import queue
@@ -190,13 +191,16 @@ def iter_s3_parallel(fs, prefix: str, workers: int) -> Iterator[tuple[str, dict]
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+_NAME = operator.attrgetter("name")
+
+
 def scan_folder(folder: str) -> tuple[list[tuple[str, int, float]], list[str]]:
     """A local folder's files as (path, size, mtime) and its subfolders, each in name order (a
     folder gone or unreadable: none). Links to files are files; links to folders are not walked
     (no cycles)."""
     try:
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            entries = sorted(it, key=_NAME)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return [], []
     files, subfolders = [], []
@@ -376,8 +380,9 @@ def folder_units(folder: str, base: str, glob: str | None, images_only: bool, li
         return None, subfolders, len(files), skipped
     ids = rels.filter(pa.array(keep)) if not keep.all() else rels
     hi, lo = id_keys(ids.to_pylist())
-    batch = unit_batch(ids, [f[0] for f in kept], [int(f[1] or 0) for f in kept],
-                       [version_of({"mtime": f[2]}) for f in kept], hi=hi, lo=lo)
+    # version_of's "mtime:<t>" (no version for a time of 0), without a dict and a call a file
+    batch = unit_batch(ids, [f[0] for f in kept], [f[1] for f in kept],
+                       [f"mtime:{f[2]}" if f[2] else "" for f in kept], hi=hi, lo=lo)
     return batch, subfolders, len(files), skipped
 
 

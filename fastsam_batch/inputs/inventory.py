@@ -120,8 +120,8 @@ def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: 
     """The report's units as :class:`.UnitBatch` es, in order: Parquet reports a record batch at a
     time as Arrow columns (:func:`parquet_units`), CSV reports a row at a time. With ``pool`` (a
     :class:`.parallel.PlanPool`, when active) a Parquet report's data files are read by its
-    processes, :data:`PIECE_ROWS` rows of row groups a task (:func:`report_piece`: their units and
-    the ids' keys made there); the driver reads only each file's footer."""
+    processes, about :data:`PIECE_ROWS` rows a task (:func:`_pieces`; :func:`report_piece`: their
+    units and the ids' keys made there); the driver reads only each file's footer."""
     manifest, files = read_manifest(cfg.uri, storage)
     csv_report = str(manifest["fileFormat"]).upper() == "CSV"
     fields = [f.strip() for f in str(manifest.get("fileSchema", "")).split(",")] if csv_report else []
@@ -139,9 +139,9 @@ def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: 
         return
 
     def task(piece):
-        return report_piece, (piece[0], storage, piece[1], cfg.skip_non_images, skipped.limit, batch_rows)
+        return report_piece, (*piece[:4], storage, cfg.skip_non_images, skipped.limit, batch_rows)
 
-    for piece, done in pool.ordered(_pieces(files, storage), task, size=lambda piece: piece[2]):
+    for piece, done in pool.ordered(_pieces(files, storage), task, size=lambda piece: piece[3] - piece[2]):
         if done is None:  # its read failed in the process: read again here, which raises the error
             done = report_piece(*task(piece)[1], in_process=False)
         batches, its_skipped = done
@@ -149,12 +149,15 @@ def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: 
         yield from batches
 
 
-PIECE_ROWS = 1 << 16  # report rows a task of the pool reads, about (whole row groups)
+PIECE_ROWS = 1 << 16  # report rows a task of the pool reads, about
 
 
-def _pieces(files: list[str], storage: Storage) -> Iterator[tuple[str, list[int], int]]:
-    """(data file, row groups, their rows): each file's row groups in order, about
-    :data:`PIECE_ROWS` rows a piece (a file's footer read here, the rest in the pool)."""
+def _pieces(files: list[str], storage: Storage) -> Iterator[tuple[str, list[int], int, int]]:
+    """(data file, row groups, first row, end row), rows counted within those row groups: each
+    file's rows in order, about :data:`PIECE_ROWS` a piece. Small row groups are taken together; a
+    large one is cut in slices of its rows (each slice's task reads the row group up to its end:
+    a report written with row groups of a million rows is read in parallel at the cost of reading
+    its row groups more than once). A file's footer is read here, its rows in the pool."""
     import pyarrow.parquet as pq
 
     for data_uri in files:
@@ -162,26 +165,36 @@ def _pieces(files: list[str], storage: Storage) -> Iterator[tuple[str, list[int]
             meta = pq.ParquetFile(raw).metadata
         groups, rows = [], 0
         for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            if n > PIECE_ROWS:
+                if groups:
+                    yield data_uri, groups, 0, rows
+                    groups, rows = [], 0
+                for at in range(0, n, PIECE_ROWS):
+                    yield data_uri, [g], at, min(n, at + PIECE_ROWS)
+                continue
             groups.append(g)
-            rows += meta.row_group(g).num_rows
+            rows += n
             if rows >= PIECE_ROWS:
-                yield data_uri, groups, rows
+                yield data_uri, groups, 0, rows
                 groups, rows = [], 0
         if groups:
-            yield data_uri, groups, rows
+            yield data_uri, groups, 0, rows
 
 
-def report_piece(data_uri: str, storage: Storage, row_groups: list[int], skip_non_images: bool, limit: int | None,
-                 batch_rows: int, in_process: bool = True) -> tuple[list[UnitBatch], Skipped] | None:
-    """The units of some row groups of a Parquet report's data file, with their ids' keys, and the
-    keys skipped (``limit`` examples at most). In a process of the pool, an error gives None (the
-    driver reads the piece again itself, to raise it as it always has)."""
+def report_piece(data_uri: str, row_groups: list[int], first: int, end: int, storage: Storage, skip_non_images: bool,
+                 limit: int | None, batch_rows: int, in_process: bool = True
+                 ) -> tuple[list[UnitBatch], Skipped] | None:
+    """The units of rows ``first`` to ``end`` of some row groups of a Parquet report's data file,
+    with their ids' keys, and the keys skipped (``limit`` examples at most). In a process of the
+    pool, an error gives None (the driver reads the piece again itself, to raise it as it always
+    has)."""
     from ..index import id_keys
 
     skipped = Skipped(limit=limit)
     try:
-        out = list(_report_units(_parquet_batches(data_uri, storage, batch_rows, row_groups), skip_non_images, skipped,
-                                 batch_rows))
+        rows = _rows_between(_parquet_batches(data_uri, storage, batch_rows, row_groups), first, end)
+        out = list(_report_units(rows, skip_non_images, skipped, batch_rows))
     except Exception:  # noqa: BLE001 - raised by the driver's own read
         if in_process:
             return None
@@ -189,6 +202,18 @@ def report_piece(data_uri: str, storage: Storage, row_groups: list[int], skip_no
     for b in out:
         b.hi, b.lo = id_keys(b.table.column("image_id").to_pylist())
     return out, skipped
+
+
+def _rows_between(batches: Iterator, first: int, end: int) -> Iterator:
+    """The rows ``first`` to ``end`` of ``batches``, as batches (sliced where they straddle)."""
+    at = 0
+    for batch in batches:
+        lo, hi = max(first, at), min(end, at + batch.num_rows)
+        if hi > lo:
+            yield batch.slice(lo - at, hi - lo)
+        at += batch.num_rows
+        if at >= end:
+            return
 
 
 def _report_units(batches: Iterator, skip_non_images: bool, skipped: Skipped, batch_rows: int) -> Iterator[UnitBatch]:
