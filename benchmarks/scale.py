@@ -236,7 +236,9 @@ def plan(code: Path, manifest_path: Path, timeout: float, index_rows: int | None
         env["FASTSAM_BATCH_INDEX_ROWS"] = str(index_rows)
     if processes:
         env["FASTSAM_BATCH_PLAN_PROCESSES"] = str(processes)
-    prog = "import sys; from fastsam_batch.cli import main; sys.exit(main(sys.argv[1:]))"
+    # the command as installed (console_main: no abort at exit), or main() for a commit before it
+    prog = ("import sys; from fastsam_batch import cli; "
+            "cli.console_main() if hasattr(cli, 'console_main') else sys.exit(cli.main(sys.argv[1:]))")
     cmd = [sys.executable, "-c", prog, "plan", "--json", str(manifest_path)]
     # `python -c` puts the working directory first on sys.path: run in ``code`` so that its package is the one imported
     where = subprocess.run([sys.executable, "-c", "import fastsam_batch; print(fastsam_batch.__file__)"], env=env,

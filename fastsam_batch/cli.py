@@ -280,31 +280,47 @@ def _run(manifest, args, retry) -> int:
 
 
 def console_main() -> None:
-    """The ``fastsam-batch`` command: :func:`main`, then the exit with its status, without the
-    interpreter's teardown. The atexit handlers run first (Ray's shutdown among them) and the
-    streams are flushed; what is left is only the teardown, where a library's thread still in
-    Python (pyarrow's I/O threads reading through an fsspec file system: a read-ahead or a close
-    finishing after the last row was given) is stopped mid-call and aborts the process (SIGABRT,
-    apache/arrow issues 34314, 39162) after the command did all its work. In-process callers of
-    :func:`main` are not affected."""
+    """The ``fastsam-batch`` command: :func:`main`, then the exit with its status without the
+    interpreter's teardown. What a normal exit does first is done here too: threads that are not
+    daemons joined (``threading._shutdown``), the atexit handlers run (Ray's shutdown among them),
+    the streams flushed (a flush that fails makes the status 120, as Python's own exit does). What
+    is skipped is the teardown itself, where a library's thread still in Python (pyarrow's I/O
+    threads reading through an fsspec file system: a read-ahead or a close finishing after the
+    last row was given) is stopped mid-call and aborts the process (SIGABRT, apache/arrow issues
+    34314, 39162) after the command did all its work. An exception that escapes :func:`main`
+    (``--debug``, a Ctrl-C before a command handles it) prints its traceback as Python would, with
+    status 1 (130 for Ctrl-C). In-process callers of :func:`main` are not affected."""
     import atexit
     import os
+    import threading
+    import traceback
 
     try:
         status = main()
     except SystemExit as e:  # argparse: --help (0), a bad command line (2)
         status = e.code
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        status = 130
+    except BaseException:  # noqa: BLE001 - said as Python says it
+        traceback.print_exc()
+        status = 1
     if status is None:
         status = 0
     elif not isinstance(status, int):  # sys.exit("message"), as Python would say it
         print(status, file=sys.stderr)
         status = 1
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None or getattr(stream, "closed", False):
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe, a closed stream: nothing more can be said
-            pass
+        except OSError:  # a full disk, a broken pipe: what was said is not all there
+            status = status or 120
     os._exit(status & 0xFF)
 
 

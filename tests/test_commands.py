@@ -388,7 +388,8 @@ def test_the_command_exits_with_its_status_while_a_pyarrow_thread_is_still_in_py
                               capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
     plain = run("plain", "schema")
-    assert plain.returncode not in (0, 1, 2), plain.returncode  # killed by a signal (-6) or aborted (134)
+    if sys.version_info < (3, 14):  # (3.14 is to hang such a thread instead of ending it)
+        assert plain.returncode not in (0, 1, 2), plain.returncode  # killed by a signal (-6) or aborted (134)
     ok = run("console", "schema")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout[:ok.stdout.rindex("}") + 1])["title"] and ok.stdout.endswith("atexit handlers ran\n")

@@ -655,7 +655,7 @@ def test_ctrl_c_while_the_pool_starts_gives_one_line_and_leaves_no_process(tmp_p
     assert all(_gone(c) for c in seen), [c for c in seen if not _gone(c)]
 
 
-def _tree(root) -> None:
+def _tree(root, odd_name: bool = False) -> None:
     """Folders at several depths, names that sort by code point (capitals, digits, dots, non-ASCII),
     files beside folders, empty folders, non-images (skipped), a link to a file (listed) and a link
     to a folder (not walked), files of one modification time and of none (mtime 0)."""
@@ -675,6 +675,9 @@ def _tree(root) -> None:
     (root / "x" / "real.jpg").write_bytes(b"yy")
     os.symlink(root / "x" / "real.jpg", root / "link.jpg")
     os.symlink(root / "gone.jpg", root / "broken-link.jpg")
+    if odd_name:  # a name not UTF-8: skipped as a non-image (kept, it cannot be an id in either walk)
+        with open(os.path.join(os.fsencode(root / "x"), b"not-utf8-\xff.txt"), "wb"):
+            pass
 
 
 class _CountingPool(parallel.PlanPool):
@@ -697,16 +700,18 @@ def walk_pool():
                           "{root}/empty", "{root}/*.none", "{root}/x/a.jpg"]),
     ("{root}", False), ("{root}/*/*", False)])
 def test_a_folder_walked_by_the_pool_gives_the_units_of_the_walk_on_the_driver(tmp_path, walk_pool, uri,
-                                                                             skip_non_images):
-    """A local folder (or glob) walked by planning's pool, a folder a process (after_rows 0: every
-    folder, the first one too; and after_rows 40: the first folders here), against iter_files on
-    the driver (a file at a time, as before): the same units in the same order (ids, uris, sizes,
-    versions), the same keys skipped, the ids' keys those of the ids, and the same error for
-    nothing there."""
+                                                                             skip_non_images, monkeypatch):
+    """A local folder (or glob) walked by planning's pool, a folder a task (after_rows 0: every
+    task, the first one too; after_rows 40: the first ones here; and folders cut into tasks of 7
+    files, the units given in batches of 5), against iter_files on the driver (a file at a time,
+    as before): the same units in the same order (ids, uris, sizes, versions), the same keys
+    skipped (a name that is not UTF-8 among them), the ids' keys those of the ids, batches of
+    the size asked, and the same error for nothing there."""
     from fastsam_batch.index import id_keys
+    from fastsam_batch.inputs import files
 
     root = tmp_path / "tree"
-    _tree(root)
+    _tree(root, odd_name=skip_non_images)
     u = uri.format(root=root)
     form = open_input(InputConfig(uri=u, skip_non_images=skip_non_images), Storage())
     want_skipped = Skipped(limit=None)
@@ -714,7 +719,11 @@ def test_a_folder_walked_by_the_pool_gives_the_units_of_the_walk_on_the_driver(t
         want = _serial(u, skip_non_images, want_skipped)
     except FileNotFoundError as e:
         want = e
-    for after_rows in (0, 40):
+    for after_rows, folder_files, unit_batch in ((0, 16384, 4096), (40, 16384, 4096), (0, 7, 5)):
+        # the last: folders of more than 7 files in tasks of 7 (listed in one, stat-ed in several),
+        # the units given in batches of 5 (small folders' units merged, large ones' sliced)
+        monkeypatch.setattr(files, "FOLDER_FILES", folder_files)
+        monkeypatch.setattr(files, "UNIT_BATCH", unit_batch)
         walk_pool.after_rows, walk_pool.submits = after_rows, 0
         got_skipped = Skipped(limit=None)
         try:
@@ -728,7 +737,9 @@ def test_a_folder_walked_by_the_pool_gives_the_units_of_the_walk_on_the_driver(t
         for b in batches:
             hi, lo = id_keys(b.table.column("image_id").to_pylist())
             assert b.hi.tolist() == hi.tolist() and b.lo.tolist() == lo.tolist()
-        if after_rows == 0:  # every folder scanned by the pool; one file is not walked
+        if not u.endswith("a.jpg"):  # one file is not walked
+            assert all(len(b) == unit_batch for b in batches[:-1]) and 0 < len(batches[-1]) <= unit_batch
+        if after_rows == 0:  # every folder scanned by the pool
             assert (walk_pool.submits > 0) is not u.endswith("a.jpg")
     assert isinstance(want, FileNotFoundError) or len(want) > (300 if u.endswith(("tree", "tree/")) else 0)
 

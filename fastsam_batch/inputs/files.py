@@ -22,6 +22,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 
 from ..decode import looks_like_image
@@ -194,10 +195,9 @@ def iter_s3_parallel(fs, prefix: str, workers: int) -> Iterator[tuple[str, dict]
 _NAME = operator.attrgetter("name")
 
 
-def scan_folder(folder: str) -> tuple[list[tuple[str, int, float]], list[str]]:
-    """A local folder's files as (path, size, mtime) and its subfolders, each in name order (a
-    folder gone or unreadable: none). Links to files are files; links to folders are not walked
-    (no cycles)."""
+def list_folder(folder: str) -> tuple[list[str], list[str]]:
+    """A local folder's files and its subfolders (paths), each in name order (a folder gone or
+    unreadable: none). Links to files are files; links to folders are not walked (no cycles)."""
     try:
         with os.scandir(folder) as it:
             entries = sorted(it, key=_NAME)
@@ -208,8 +208,7 @@ def scan_folder(folder: str) -> tuple[list[tuple[str, int, float]], list[str]]:
         if e.is_dir(follow_symlinks=False):
             subfolders.append(e.path)
         elif e.is_file():
-            st = e.stat()
-            files.append((e.path, st.st_size, st.st_mtime))
+            files.append(e.path)
     return files, subfolders
 
 
@@ -218,9 +217,10 @@ def _iter_local(root: str) -> Iterator[tuple[str, dict]]:
     order, then its subfolders', each in name order (depth first)."""
     stack = [root]
     while stack:
-        files, subfolders = scan_folder(stack.pop())
-        for path, size, mtime in files:
-            yield path, {"size": size, "mtime": mtime}
+        files, subfolders = list_folder(stack.pop())
+        for path in files:
+            st = os.stat(path)
+            yield path, {"size": st.st_size, "mtime": st.st_mtime}
         stack.extend(reversed(subfolders))
 
 
@@ -305,85 +305,167 @@ def iter_files(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[str
 # ---------------------------------------------------------------------------------------------
 # A local folder walked by planning's process pool (issue 23: a billion files)
 
-WALK_AHEAD = 2  # folders scanned ahead per process of the pool (each a folder's units in memory)
+WALK_AHEAD = 2  # tasks of the walk a process of the pool ahead of the plan (results held)
+FOLDER_FILES = 1 << 14  # files a task of the walk stats and makes units of, at most
+
+
+class _Work:
+    """A piece of the walk, in its order: a folder to list (``paths`` None), or files of one
+    folder to stat (a large folder's, past its first :data:`FOLDER_FILES`)."""
+
+    __slots__ = ("folder", "paths", "future")
+
+    def __init__(self, folder: str, paths: list[str] | None = None):
+        self.folder, self.paths, self.future = folder, paths, None
 
 
 def file_batches(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[str], bool] | None = looks_like_image,
                  workers: int = 1, pool=None) -> Iterator[UnitBatch]:
     """:func:`iter_files`' units as :class:`.UnitBatch` es, in the same order. A local folder or
-    glob is walked by ``pool`` (a :class:`.parallel.PlanPool`, when active): a process scans a
-    folder at a time (:func:`folder_units`: stat, ids, image check and keys as columns), up to
-    :data:`WALK_AHEAD` folders a process ahead of the plan; the driver only keeps the walk's order
-    (a folder's files, then its subfolders', depth first, as :func:`iter_files`). The first
-    folders, up to the pool's ``after_rows`` files, are scanned here (a small folder starts no
-    process). Other inputs: :func:`iter_files`, batched."""
+    glob is walked by ``pool`` (a :class:`.parallel.PlanPool`, when active): a task lists a
+    folder and stats its files (:func:`folder_units`; a folder of more than
+    :data:`FOLDER_FILES` files is cut into tasks of that many, :func:`path_units`), making their
+    ids, versions, image check and keys as columns; at most :data:`WALK_AHEAD` tasks a process
+    are under way or done and not yet taken, plus the one the plan waits for. The driver keeps
+    the walk's order (a folder's files, then its subfolders', depth first, as :func:`iter_files`),
+    and gives the units in batches of ``UNIT_BATCH`` (the last one fewer). The first tasks, up to the pool's
+    ``after_rows`` files listed, run here (a small folder starts no process). Other inputs:
+    :func:`iter_files`, batched."""
     protocol, _, path, base, glob = _where(uri, storage)
     if pool is None or not pool.active or protocol != "file" or not base or keep not in (None, looks_like_image) \
             or (glob is None and not os.path.isdir(base)):
         yield from batches_of_units(iter_files(uri, storage, skipped, keep, workers))
         return
-    args = (base, glob, keep is not None, skipped.limit)
-    order: deque[str] = deque([base])  # folders not yet given, in the walk's order
-    scans: dict = {}  # folder -> its scan's Future
-    scanned_here = listed = 0
+    images_only = keep is not None
+    order: deque[_Work] = deque([_Work(base)])  # the walk's work not yet given, in its order
+    ahead = WALK_AHEAD * pool.processes
+    under_way = 0  # tasks submitted and not yet taken
+    here = listed = 0  # files listed by tasks run here; files the glob matched
+    held: list[UnitBatch] = []  # units not yet given (fewer than UNIT_BATCH)
+
+    def task(work: _Work):
+        if work.paths is None:
+            return folder_units, (work.folder, base, glob, images_only, skipped.limit, FOLDER_FILES)
+        return path_units, (work.paths, base, images_only, skipped.limit)
+
+    def start(work: _Work) -> None:
+        nonlocal under_way
+        fn, args = task(work)
+        work.future = pool.submit(fn, *args)
+        under_way += 1
+
     try:
         while order:
-            if scanned_here >= pool.after_rows:
-                for folder in itertools.islice(order, WALK_AHEAD * pool.processes):
-                    if folder not in scans:
-                        scans[folder] = pool.submit(folder_units, folder, *args)
-            folder = order.popleft()
-            scan = scans.pop(folder, None)
-            if scan is None:
-                batch, subfolders, matched, its_skipped = folder_units(folder, *args)
-                scanned_here += matched
+            if here >= pool.after_rows:
+                for work in itertools.islice(order, ahead):
+                    if under_way >= ahead:
+                        break
+                    if work.future is None:
+                        start(work)
+            work = order.popleft()
+            if work.future is None and here >= pool.after_rows:  # the next to give: never run here
+                start(work)
+            if work.future is None:
+                fn, args = task(work)
+                scan = fn(*args)
+                here += scan.seen
             else:
-                batch, subfolders, matched, its_skipped = scan.result()
-            order.extendleft(reversed(subfolders))
-            listed += matched
-            skipped.merge(its_skipped)
-            if batch is not None:
-                for at in range(0, len(batch), UNIT_BATCH):
-                    yield batch.slice(at, UNIT_BATCH)
+                scan = work.future.result()
+                under_way -= 1
+            listed += scan.matched
+            skipped.merge(scan.skipped)
+            rest = [_Work(work.folder, scan.rest[at:at + FOLDER_FILES]) for at in range(0, len(scan.rest), FOLDER_FILES)]
+            order.extendleft(reversed(rest + [_Work(f) for f in scan.subfolders]))
+            if scan.batch is not None:
+                held.append(scan.batch)
+                if sum(len(b) for b in held) >= UNIT_BATCH:
+                    whole = _joined(held)
+                    full = len(whole) - len(whole) % UNIT_BATCH
+                    for at in range(0, full, UNIT_BATCH):
+                        yield whole.slice(at, UNIT_BATCH)
+                    held = [whole.slice(full, UNIT_BATCH)] if full < len(whole) else []
+        if held:
+            yield _joined(held)
     finally:
-        for scan in scans.values():
-            scan.cancel()
+        for work in order:
+            if work.future is not None:
+                work.future.cancel()
     if not listed:
         raise FileNotFoundError(f"input.uri {uri!r}: {EMPTY_FOLDER if glob is None else NOTHING_LISTED}")
 
 
-def folder_units(folder: str, base: str, glob: str | None, images_only: bool, limit: int | None
-                 ) -> tuple[UnitBatch | None, list[str], int, Skipped]:
-    """One local folder of :func:`file_batches`' walk, as :func:`iter_files` makes its units, column
-    by column (run in a process of planning's pool): (its units with their id keys, or None; its
-    subfolders in name order; its files that ``glob`` matched, skipped or not; the keys skipped as
-    not images, ``limit`` examples at most)."""
+def _joined(batches: list[UnitBatch]) -> UnitBatch:
+    import numpy as np
+    import pyarrow as pa
+
+    if len(batches) == 1:
+        return batches[0]
+    return UnitBatch(pa.concat_tables([b.table for b in batches]), np.concatenate([b.hi for b in batches]),
+                     np.concatenate([b.lo for b in batches]))
+
+
+class FolderScan(NamedTuple):
+    """What a task of the walk gives back (:func:`folder_units`, :func:`path_units`)."""
+
+    batch: UnitBatch | None  # the units made, with their id keys; None: none
+    subfolders: list[str]  # in name order (a folder's listing; none for a task of its files)
+    seen: int  # files listed (a task of a folder's files: those files), the work done
+    matched: int  # of those, the ones the glob matched (all without one), skipped or not
+    skipped: Skipped  # keys skipped as not images, ``limit`` examples at most
+    rest: list[str]  # a large folder's files after the first FOLDER_FILES matched: for more tasks
+
+
+def folder_units(folder: str, base: str, glob: str | None, images_only: bool, limit: int | None,
+                 most: int = FOLDER_FILES) -> FolderScan:
+    """One local folder of :func:`file_batches`' walk, as :func:`iter_files` makes its units: the
+    folder listed, and its first ``most`` files (of those ``glob`` matches) made into units
+    (:func:`path_units`); the rest given back for tasks of their own."""
+    files, subfolders = list_folder(folder)
+    seen = len(files)
+    if glob is not None:
+        pattern = _compiled(glob)
+        files = [f for f in files if pattern.match(f)]
+    scan = path_units(files[:most], base, images_only, limit)
+    return scan._replace(subfolders=subfolders, seen=seen, matched=len(files), rest=files[most:])
+
+
+def path_units(paths: list[str], base: str, images_only: bool, limit: int | None) -> FolderScan:
+    """Units of files of the walk (paths under ``base``), column by column: ids (the paths past
+    ``base``, as posixpath.relpath gives them for these), sizes and versions (stat), the image
+    check (:func:`.image_keys`; names that are not UTF-8 by :func:`.decode.looks_like_image`, as
+    :func:`iter_files` checks them), the ids' keys."""
     import numpy as np
     import pyarrow as pa
 
     from ..index import id_keys
 
-    files, subfolders = scan_folder(folder)
-    if glob is not None:
-        pattern = _compiled(glob)
-        files = [f for f in files if pattern.match(f[0])]
     skipped = Skipped(limit=limit)
-    if not files:
-        return None, subfolders, 0, skipped
+    if not paths:
+        return FolderScan(None, [], len(paths), len(paths), skipped, [])
     cut = len(base) + 1  # every path walked is base + "/" + ...: its id the rest (posixpath.relpath's)
-    rels = pa.array([f[0][cut:] for f in files], pa.string())
-    keep = image_keys(rels) if images_only else np.ones(len(files), bool)
-    for j in np.flatnonzero(~keep).tolist():
-        skipped.add(rels[j].as_py())
-    kept = [f for f, k in zip(files, keep.tolist()) if k]
+    rels = [p[cut:] for p in paths]
+    if not images_only:
+        keep = np.ones(len(rels), bool)
+    else:
+        try:
+            keep = image_keys(pa.array(rels, pa.string()))
+        except UnicodeEncodeError:  # a name not UTF-8 (surrogate escapes): each checked in Python
+            keep = np.array([looks_like_image(r) for r in rels], bool)
+    kept = []
+    for j, k in enumerate(keep.tolist()):
+        if k:
+            kept.append(j)
+        else:
+            skipped.add(rels[j])
     if not kept:
-        return None, subfolders, len(files), skipped
-    ids = rels.filter(pa.array(keep)) if not keep.all() else rels
-    hi, lo = id_keys(ids.to_pylist())
+        return FolderScan(None, [], len(paths), len(paths), skipped, [])
+    ids = [rels[j] for j in kept]
+    stats = [os.stat(paths[j]) for j in kept]
+    hi, lo = id_keys(ids)
     # version_of's "mtime:<t>" (no version for a time of 0), without a dict and a call a file
-    batch = unit_batch(ids, [f[0] for f in kept], [f[1] for f in kept],
-                       [f"mtime:{f[2]}" if f[2] else "" for f in kept], hi=hi, lo=lo)
-    return batch, subfolders, len(files), skipped
+    batch = unit_batch(ids, [paths[j] for j in kept], [st.st_size for st in stats],
+                       [f"mtime:{st.st_mtime}" if st.st_mtime else "" for st in stats], hi=hi, lo=lo)
+    return FolderScan(batch, [], len(paths), len(paths), skipped, [])
 
 
 _PATTERNS: dict[str, re.Pattern] = {}
