@@ -310,10 +310,13 @@ def console_main() -> None:
     elif not isinstance(status, int):  # sys.exit("message"), as Python would say it
         print(status, file=sys.stderr)
         status = 1
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is not None:
-        shutdown()
-    atexit._run_exitfuncs()
+    try:
+        shutdown = getattr(threading, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        atexit._run_exitfuncs()
+    except KeyboardInterrupt:  # a Ctrl-C while they wait: ended here all the same
+        status = 130
     for stream in (sys.stdout, sys.stderr):
         if stream is None or getattr(stream, "closed", False):
             continue

@@ -361,8 +361,12 @@ armed = True
 batches = ds.to_batches(batch_size=100)
 threading.Thread(target=lambda: next(batches), daemon=True).start()
 inside.wait()  # a read is under way in pyarrow's I/O thread, in Python
-atexit.register(lambda: print("atexit handlers ran", flush=True))
 from fastsam_batch import cli
+if how == "quiet":  # a command that says one short line, left in the buffer for the exit's flush
+    cli.main = lambda argv=None: print("said") or 0
+    how = "console"
+else:
+    atexit.register(lambda: print("atexit handlers ran", flush=True))
 if how == "console":
     sys.argv = ["fastsam-batch", *args]
     cli.console_main()
@@ -376,7 +380,8 @@ def test_the_command_exits_with_its_status_while_a_pyarrow_thread_is_still_in_py
     pyarrow's I/O thread reading through fsspec stopped mid-call by the interpreter's teardown).
     Here such a read is held in Python on purpose: ``sys.exit(main())`` dies of it (the check
     that the case is real), the ``fastsam-batch`` command (:func:`cli.console_main`) exits with
-    the command's own status, after the atexit handlers."""
+    the command's own status, after the atexit handlers; a last flush that fails (a full disk)
+    gives status 120, as Python's own exit does."""
     import subprocess
     import sys
 
@@ -396,4 +401,10 @@ def test_the_command_exits_with_its_status_while_a_pyarrow_thread_is_still_in_py
     bad = run("console", "stats")  # no output given: argparse's exit status, said as it says it
     assert bad.returncode == 2 and "the following arguments are required" in bad.stderr, bad.stderr
     assert bad.stdout == "atexit handlers ran\n"
+    with open("/dev/full", "w") as full:  # what it says cannot be written: Python's own exit status for that
+        r = subprocess.run([sys.executable, str(script), str(tmp_path / "t.parquet"), "quiet"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=300,
+                           env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+                                "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 120, (r.returncode, r.stderr)
     assert "fastsam-batch = \"fastsam_batch.cli:console_main\"" in (ROOT / "pyproject.toml").read_text()

@@ -534,8 +534,9 @@ def test_a_parquet_inventory_read_by_the_pool_gives_the_units_read_on_the_driver
     want = [r for b in inventory.iter_inventory_batches(cfg, storage, want_skipped) for r in b.table.to_pylist()]
     assert len(want) > 400 and want_skipped.count > 300
     # pieces of 500 rows: two row groups of 300 a piece (a file in several); of 128: each row group
-    # cut in slices of 128 rows (the last slice of a group shorter; a group of 100 whole)
-    for piece_rows, pieces in ((500, 4 + 2 + 3), (128, 20 + 7 + 15)):
+    # cut in slices of 128 rows (the last slice of a group shorter; a group of 100 whole); of 20:
+    # in 8 slices at most (300 rows in slices of 38, 200 of 25; 100 rows in 5 of 20)
+    for piece_rows, pieces in ((500, 4 + 2 + 3), (128, 20 + 7 + 15), (20, 56 + 21 + 40)):
         monkeypatch.setattr(inventory, "PIECE_ROWS", piece_rows)
         walk_pool.after_rows, walk_pool.submits = 0, 0
         got_skipped = Skipped(limit=None)
@@ -701,9 +702,9 @@ def walk_pool():
     ("{root}", False), ("{root}/*/*", False)])
 def test_a_folder_walked_by_the_pool_gives_the_units_of_the_walk_on_the_driver(tmp_path, walk_pool, uri,
                                                                              skip_non_images, monkeypatch):
-    """A local folder (or glob) walked by planning's pool, a folder a task (after_rows 0: every
-    task, the first one too; after_rows 40: the first ones here; and folders cut into tasks of 7
-    files, the units given in batches of 5), against iter_files on the driver (a file at a time,
+    """A local folder (or glob) walked by planning's pool (the whole walk in one task; a folder a
+    task, after_rows 0: every task, the first one too; after_rows 40: the first ones here; tasks
+    of 7 files and 3 folders, the units given in batches of 5), against iter_files on the driver (a file at a time,
     as before): the same units in the same order (ids, uris, sizes, versions), the same keys
     skipped (a name that is not UTF-8 among them), the ids' keys those of the ids, batches of
     the size asked, and the same error for nothing there."""
@@ -719,10 +720,13 @@ def test_a_folder_walked_by_the_pool_gives_the_units_of_the_walk_on_the_driver(t
         want = _serial(u, skip_non_images, want_skipped)
     except FileNotFoundError as e:
         want = e
-    for after_rows, folder_files, unit_batch in ((0, 16384, 4096), (40, 16384, 4096), (0, 7, 5)):
-        # the last: folders of more than 7 files in tasks of 7 (listed in one, stat-ed in several),
-        # the units given in batches of 5 (small folders' units merged, large ones' sliced)
+    for after_rows, folder_files, task_folders, unit_batch in ((0, 16384, 1024, 4096), (40, 16384, 1, 4096),
+                                                               (0, 16384, 1, 4096), (0, 7, 3, 5)):
+        # the whole walk in one task; a folder a task (the first ones here, or all in the pool);
+        # tasks of 7 files and 3 folders at most (a folder of more files listed in one task, made in
+        # several), the units given in batches of 5 (small folders' units merged, large ones' sliced)
         monkeypatch.setattr(files, "FOLDER_FILES", folder_files)
+        monkeypatch.setattr(files, "TASK_FOLDERS", task_folders)
         monkeypatch.setattr(files, "UNIT_BATCH", unit_batch)
         walk_pool.after_rows, walk_pool.submits = after_rows, 0
         got_skipped = Skipped(limit=None)

@@ -305,31 +305,35 @@ def iter_files(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[str
 # ---------------------------------------------------------------------------------------------
 # A local folder walked by planning's process pool (issue 23: a billion files)
 
-WALK_AHEAD = 2  # tasks of the walk a process of the pool ahead of the plan (results held)
+WALK_AHEAD = 2  # tasks of the walk a process of the pool started ahead of the plan
 FOLDER_FILES = 1 << 14  # files a task of the walk stats and makes units of, at most
+TASK_FOLDERS = 1 << 10  # folders a task of the walk lists, at most
 
 
 class _Work:
-    """A piece of the walk, in its order: a folder to list (``paths`` None), or files of one
-    folder to stat (a large folder's, past its first :data:`FOLDER_FILES`)."""
+    """A piece of the walk, in its order: the walk from a folder down (``folder``), or files of a
+    large folder (``paths``: those past what its listing's task made)."""
 
     __slots__ = ("folder", "paths", "future")
 
-    def __init__(self, folder: str, paths: list[str] | None = None):
+    def __init__(self, folder: str | None = None, paths: list[str] | None = None):
         self.folder, self.paths, self.future = folder, paths, None
 
 
 def file_batches(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[str], bool] | None = looks_like_image,
                  workers: int = 1, pool=None) -> Iterator[UnitBatch]:
     """:func:`iter_files`' units as :class:`.UnitBatch` es, in the same order. A local folder or
-    glob is walked by ``pool`` (a :class:`.parallel.PlanPool`, when active): a task lists a
-    folder and stats its files (:func:`folder_units`; a folder of more than
-    :data:`FOLDER_FILES` files is cut into tasks of that many, :func:`path_units`), making their
-    ids, versions, image check and keys as columns; at most :data:`WALK_AHEAD` tasks a process
-    are under way or done and not yet taken, plus the one the plan waits for. The driver keeps
-    the walk's order (a folder's files, then its subfolders', depth first, as :func:`iter_files`),
-    and gives the units in batches of ``UNIT_BATCH`` (the last one fewer). The first tasks, up to the pool's
-    ``after_rows`` files listed, run here (a small folder starts no process). Other inputs:
+    glob is walked by ``pool`` (a :class:`.parallel.PlanPool`, when active). A task walks from a
+    folder down in the walk's order (:func:`walk_units`), listing folders and making their files'
+    units (stat, ids, versions, image check and keys, as columns) until it has made
+    :data:`FOLDER_FILES` or listed :data:`TASK_FOLDERS` folders, and gives back what is left: the
+    rest of a large folder's files (tasks of their own, :func:`path_units`) and the folders it did
+    not reach. The driver keeps the walk's order (a folder's files, then its subfolders', depth
+    first, as :func:`iter_files`), starts the tasks of the first :data:`WALK_AHEAD` x processes
+    pieces of it (a piece pushed back out of those by the walk goes back to waiting, if its task
+    has not started; one that has keeps its result until its turn), and gives the units in
+    batches of ``UNIT_BATCH`` (the last one fewer). The first tasks, up to the pool's
+    ``after_rows`` files, run here (a small folder starts no process). Other inputs:
     :func:`iter_files`, batched."""
     protocol, _, path, base, glob = _where(uri, storage)
     if pool is None or not pool.active or protocol != "file" or not base or keep not in (None, looks_like_image) \
@@ -337,29 +341,26 @@ def file_batches(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[s
         yield from batches_of_units(iter_files(uri, storage, skipped, keep, workers))
         return
     images_only = keep is not None
-    order: deque[_Work] = deque([_Work(base)])  # the walk's work not yet given, in its order
+    order: deque[_Work] = deque([_Work(base)])  # the walk's pieces not yet given, in its order
     ahead = WALK_AHEAD * pool.processes
-    under_way = 0  # tasks submitted and not yet taken
-    here = listed = 0  # files listed by tasks run here; files the glob matched
+    here = 0  # files listed or stat-ed by the tasks run here (the driver's share, against after_rows)
+    listed = 0  # files the glob matched (all without one): none is nothing there
     held: list[UnitBatch] = []  # units not yet given (fewer than UNIT_BATCH)
+    held_rows = 0
 
     def task(work: _Work):
         if work.paths is None:
-            return folder_units, (work.folder, base, glob, images_only, skipped.limit, FOLDER_FILES)
+            return walk_units, (work.folder, base, glob, images_only, skipped.limit, FOLDER_FILES, TASK_FOLDERS)
         return path_units, (work.paths, base, images_only, skipped.limit)
 
     def start(work: _Work) -> None:
-        nonlocal under_way
         fn, args = task(work)
         work.future = pool.submit(fn, *args)
-        under_way += 1
 
     try:
         while order:
             if here >= pool.after_rows:
                 for work in itertools.islice(order, ahead):
-                    if under_way >= ahead:
-                        break
                     if work.future is None:
                         start(work)
             work = order.popleft()
@@ -371,19 +372,24 @@ def file_batches(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[s
                 here += scan.seen
             else:
                 scan = work.future.result()
-                under_way -= 1
             listed += scan.matched
             skipped.merge(scan.skipped)
-            rest = [_Work(work.folder, scan.rest[at:at + FOLDER_FILES]) for at in range(0, len(scan.rest), FOLDER_FILES)]
-            order.extendleft(reversed(rest + [_Work(f) for f in scan.subfolders]))
+            new = [_Work(paths=scan.rest[at:at + FOLDER_FILES]) for at in range(0, len(scan.rest), FOLDER_FILES)]
+            new += [_Work(f) for f in scan.then]
+            order.extendleft(reversed(new))
+            for pushed in itertools.islice(order, ahead, 2 * ahead + len(new)):  # out of the first places now
+                if pushed.future is not None and pushed.future.cancel():  # not started: back to waiting
+                    pushed.future = None
             if scan.batch is not None:
                 held.append(scan.batch)
-                if sum(len(b) for b in held) >= UNIT_BATCH:
+                held_rows += len(scan.batch)
+                if held_rows >= UNIT_BATCH:
                     whole = _joined(held)
-                    full = len(whole) - len(whole) % UNIT_BATCH
+                    full = held_rows - held_rows % UNIT_BATCH
                     for at in range(0, full, UNIT_BATCH):
                         yield whole.slice(at, UNIT_BATCH)
-                    held = [whole.slice(full, UNIT_BATCH)] if full < len(whole) else []
+                    held = [whole.slice(full, UNIT_BATCH)] if full < held_rows else []
+                    held_rows -= full
         if held:
             yield _joined(held)
     finally:
@@ -400,40 +406,61 @@ def _joined(batches: list[UnitBatch]) -> UnitBatch:
 
     if len(batches) == 1:
         return batches[0]
-    return UnitBatch(pa.concat_tables([b.table for b in batches]), np.concatenate([b.hi for b in batches]),
-                     np.concatenate([b.lo for b in batches]))
+    return UnitBatch(pa.concat_tables([b.table for b in batches]).combine_chunks(),
+                     np.concatenate([b.hi for b in batches]), np.concatenate([b.lo for b in batches]))
 
 
 class FolderScan(NamedTuple):
-    """What a task of the walk gives back (:func:`folder_units`, :func:`path_units`)."""
+    """What a task of the walk gives back (:func:`walk_units`, :func:`path_units`)."""
 
     batch: UnitBatch | None  # the units made, with their id keys; None: none
-    subfolders: list[str]  # in name order (a folder's listing; none for a task of its files)
-    seen: int  # files listed (a task of a folder's files: those files), the work done
-    matched: int  # of those, the ones the glob matched (all without one), skipped or not
     skipped: Skipped  # keys skipped as not images, ``limit`` examples at most
-    rest: list[str]  # a large folder's files after the first FOLDER_FILES matched: for more tasks
+    seen: int  # files listed, or stat-ed (a task of a folder's rest): the work done
+    matched: int  # files listed that the glob matched (all without one), skipped or not
+    rest: list[str]  # the last folder's files past those made (a large folder's): for tasks of their own
+    then: list[str]  # folders of the walk not reached, in the walk's order (after ``rest``)
 
 
-def folder_units(folder: str, base: str, glob: str | None, images_only: bool, limit: int | None,
-                 most: int = FOLDER_FILES) -> FolderScan:
-    """One local folder of :func:`file_batches`' walk, as :func:`iter_files` makes its units: the
-    folder listed, and its first ``most`` files (of those ``glob`` matches) made into units
-    (:func:`path_units`); the rest given back for tasks of their own."""
-    files, subfolders = list_folder(folder)
-    seen = len(files)
-    if glob is not None:
-        pattern = _compiled(glob)
-        files = [f for f in files if pattern.match(f)]
-    scan = path_units(files[:most], base, images_only, limit)
-    return scan._replace(subfolders=subfolders, seen=seen, matched=len(files), rest=files[most:])
+def walk_units(folder: str, base: str, glob: str | None, images_only: bool, limit: int | None,
+               most: int = FOLDER_FILES, folders: int = TASK_FOLDERS) -> FolderScan:
+    """The walk from ``folder`` down, in :func:`iter_files`' order (a folder's files, then its
+    subfolders', depth first): folders listed, and their files that ``glob`` matches made into
+    units (:func:`path_units`), until ``most`` files are taken or ``folders`` listed; the files of
+    the last folder not taken and the folders not reached given back, in order."""
+    stack = [folder]
+    paths: list[str] = []
+    rest: list[str] = []
+    seen = matched = done = 0
+    pattern = _compiled(glob) if glob is not None else None
+    while stack and len(paths) < most and done < folders:
+        files, subfolders = list_folder(stack.pop())
+        done += 1
+        seen += len(files)
+        if pattern is not None:
+            files = [f for f in files if pattern.match(f)]
+        matched += len(files)
+        stack.extend(reversed(subfolders))
+        room = most - len(paths)
+        paths.extend(files[:room])
+        if len(files) > room:
+            rest = files[room:]
+            break
+    batch, skipped = _units_of(paths, base, images_only, limit)
+    return FolderScan(batch, skipped, seen, matched, rest, stack[::-1])
 
 
 def path_units(paths: list[str], base: str, images_only: bool, limit: int | None) -> FolderScan:
+    """A task of a large folder's files (already listed and counted): their units."""
+    batch, skipped = _units_of(paths, base, images_only, limit)
+    return FolderScan(batch, skipped, len(paths), 0, [], [])
+
+
+def _units_of(paths: list[str], base: str, images_only: bool, limit: int | None
+              ) -> tuple[UnitBatch | None, Skipped]:
     """Units of files of the walk (paths under ``base``), column by column: ids (the paths past
     ``base``, as posixpath.relpath gives them for these), sizes and versions (stat), the image
     check (:func:`.image_keys`; names that are not UTF-8 by :func:`.decode.looks_like_image`, as
-    :func:`iter_files` checks them), the ids' keys."""
+    :func:`iter_files` checks them), the ids' keys; and the keys skipped."""
     import numpy as np
     import pyarrow as pa
 
@@ -441,7 +468,7 @@ def path_units(paths: list[str], base: str, images_only: bool, limit: int | None
 
     skipped = Skipped(limit=limit)
     if not paths:
-        return FolderScan(None, [], len(paths), len(paths), skipped, [])
+        return None, skipped
     cut = len(base) + 1  # every path walked is base + "/" + ...: its id the rest (posixpath.relpath's)
     rels = [p[cut:] for p in paths]
     if not images_only:
@@ -458,14 +485,14 @@ def path_units(paths: list[str], base: str, images_only: bool, limit: int | None
         else:
             skipped.add(rels[j])
     if not kept:
-        return FolderScan(None, [], len(paths), len(paths), skipped, [])
+        return None, skipped
     ids = [rels[j] for j in kept]
     stats = [os.stat(paths[j]) for j in kept]
     hi, lo = id_keys(ids)
     # version_of's "mtime:<t>" (no version for a time of 0), without a dict and a call a file
     batch = unit_batch(ids, [paths[j] for j in kept], [st.st_size for st in stats],
                        [f"mtime:{st.st_mtime}" if st.st_mtime else "" for st in stats], hi=hi, lo=lo)
-    return FolderScan(batch, [], len(paths), len(paths), skipped, [])
+    return batch, skipped
 
 
 _PATTERNS: dict[str, re.Pattern] = {}

@@ -141,7 +141,7 @@ def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: 
     def task(piece):
         return report_piece, (*piece[:4], storage, cfg.skip_non_images, skipped.limit, batch_rows)
 
-    for piece, done in pool.ordered(_pieces(files, storage, pool.processes), task, size=lambda piece: piece[3] - piece[2]):
+    for piece, done in pool.ordered(_pieces(files, storage), task, size=lambda piece: piece[3] - piece[2]):
         if done is None:  # its read failed in the process: read again here, which raises the error
             done = report_piece(*task(piece)[1], in_process=False)
         batches, its_skipped = done
@@ -150,16 +150,17 @@ def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: 
 
 
 PIECE_ROWS = 1 << 16  # report rows a task of the pool reads, about
+MOST_SLICES = 8  # slices a large row group is cut in, at most
 
 
-def _pieces(files: list[str], storage: Storage, processes: int) -> Iterator[tuple[str, list[int], int, int]]:
+def _pieces(files: list[str], storage: Storage) -> Iterator[tuple[str, list[int], int, int]]:
     """(data file, row groups, first row, end row), rows counted within those row groups: each
     file's rows in order, about :data:`PIECE_ROWS` a piece. Small row groups are taken together; a
-    large one is cut in slices (each slice's task reads the row group up to the slice's end): of
-    :data:`PIECE_ROWS` rows, or of a ``2 x processes``-th of the group where that is more, so a
-    row group is read about ``processes`` times over at most, whatever its size (a report
-    written with row groups of a million rows is read in parallel at that cost). A file's footer
-    is read here, its rows in the pool."""
+    large one is cut in slices (each slice's task reads the row group up to the slice's end) of
+    :data:`PIECE_ROWS` rows, or of an :data:`MOST_SLICES`-th of the group where that is more, so a
+    row group is read about 4.5 times over at most, whatever its size: a report written with row
+    groups of a million rows is read in parallel at that cost. A file's footer is read here, its
+    rows in the pool."""
     import pyarrow.parquet as pq
 
     for data_uri in files:
@@ -172,7 +173,7 @@ def _pieces(files: list[str], storage: Storage, processes: int) -> Iterator[tupl
                 if groups:
                     yield data_uri, groups, 0, rows
                     groups, rows = [], 0
-                width = max(PIECE_ROWS, -(-n // (2 * processes)))
+                width = max(PIECE_ROWS, -(-n // MOST_SLICES))
                 for at in range(0, n, width):
                     yield data_uri, [g], at, min(n, at + width)
                 continue
