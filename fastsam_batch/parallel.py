@@ -16,8 +16,9 @@ way, or done and waiting to be taken) are bounded, all :meth:`PlanPool.ordered` 
 (a list's hashing and the plan's lookups share one pool): ``window_rows``
 (:data:`WINDOW_ROWS` a process), plus one task per ordered() (so that nested ones cannot stall);
 a list's split repeat check holds up to ``lists.SPLIT_WINDOW + 1`` batches more, and a local
-folder's walk (:func:`.inputs.files.file_batches`, by :meth:`PlanPool.submit`) up to
-``files.WALK_AHEAD`` tasks a process of its own, bounded apart from the window. Committed files
+folder's walk (:func:`.inputs.files.file_batches`, by :meth:`PlanPool.submit`) tasks of its own,
+apart from the window: those of its first ``files.WALK_AHEAD`` x processes pieces, and those
+already started when the walk pushed them back. Committed files
 are read in groups of about ``resume.SPREAD_ROWS`` rows (estimated from the files read so far).
 A pool of one process, or :data:`PROCESSES_ENV` set to 1, means no pool: the same functions run on
 the driver; so does a plan of under :data:`POOL_AFTER_ROWS` rows (the spawns would cost more than
