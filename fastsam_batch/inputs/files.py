@@ -22,8 +22,9 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import NamedTuple
 
 from ..decode import looks_like_image
 from ..retry import with_retries
@@ -280,9 +281,14 @@ def _nonempty(found: Iterator, uri: str, empty: str = NOTHING_LISTED) -> Iterato
     yield from found
 
 
+def mtime_version(mtime: float | None) -> str:
+    """A local file's version: its modification time (none for a time of 0 or unknown)."""
+    return f"mtime:{mtime}" if mtime else ""
+
+
 def version_of(info: dict) -> str:
     """What changes when the object does: S3's ETag; for local files the modification time."""
-    etag = info.get("ETag") or info.get("etag") or (f"mtime:{info['mtime']}" if info.get("mtime") else "")
+    etag = info.get("ETag") or info.get("etag") or mtime_version(info.get("mtime"))
     return str(etag).strip('"')
 
 
@@ -363,9 +369,7 @@ def file_batches(uri: str, storage: Storage, skipped: Skipped, keep: Callable[[s
                 for work in itertools.islice(order, ahead):
                     if work.future is None:
                         start(work)
-            work = order.popleft()
-            if work.future is None and here >= pool.after_rows:  # the next to give: never run here
-                start(work)
+            work = order.popleft()  # started above (it was first) unless the driver still does its share
             if work.future is None:
                 fn, args = task(work)
                 scan = fn(*args)
@@ -489,19 +493,12 @@ def _units_of(paths: list[str], base: str, images_only: bool, limit: int | None
     ids = [rels[j] for j in kept]
     stats = [os.stat(paths[j]) for j in kept]
     hi, lo = id_keys(ids)
-    # version_of's "mtime:<t>" (no version for a time of 0), without a dict and a call a file
     batch = unit_batch(ids, [paths[j] for j in kept], [st.st_size for st in stats],
-                       [f"mtime:{st.st_mtime}" if st.st_mtime else "" for st in stats], hi=hi, lo=lo)
+                       [mtime_version(st.st_mtime) for st in stats], hi=hi, lo=lo)
     return batch, skipped
 
 
-_PATTERNS: dict[str, re.Pattern] = {}
-
-
-def _compiled(glob: str) -> re.Pattern:
-    if glob not in _PATTERNS:
-        _PATTERNS[glob] = re.compile(glob)
-    return _PATTERNS[glob]
+_compiled = lru_cache(maxsize=None)(re.compile)  # a glob's regex, compiled once a process
 
 
 def open_form(cfg, storage: Storage) -> InputForm:
