@@ -1,8 +1,10 @@
 """`fastsam-batch plan` against an output already holding N committed rows (issue 23).
 
 For each N and input kind (``--kinds``): N synthetic committed rows (the output schema, 1,000 rows a
-file, as the writer makes them, of this run's fingerprint) and an input of N + 1,000 images (the N
-done, 1,000 new):
+file by default: ``--rows-per-file``, of this run's fingerprint) and an input of N + 1,000 images (the
+N done, 1,000 new). 1,000 rows a file is the old writer's cut and the pessimistic case; with files
+cut by bytes (``output.target_file_mb``, 128 MiB by default) a full file of ~100-mask photos holds
+about 3,000-6,000 rows (manifest.py), so a billion-image output's are nearer ``--rows-per-file 4000``:
 
 - ``list``: a Parquet list (``uri``, ``image_id``);
 - ``inventory``: an S3 Inventory report (Parquet data files of 1,000,000 rows with bucket, key, size
@@ -20,6 +22,7 @@ steadier number), for the code before (``--before``: a commit, exported with
     .venv/bin/python benchmarks/scale.py [--rows 200000 2000000] [--kinds list inventory files]
                                          [--before 3388a75] [--before-timeout 300] [--processes 1 2]
                                          [--out benchmarks/out/scale.json] [--work DIR] [--index-rows N]
+                                         [--rows-per-file 1000]
 
 Nothing is downloaded; the fixture checkpoint stands in for the model (planning never runs it).
 """
@@ -47,11 +50,19 @@ REPORT_ROWS = 1_000_000  # ``inventory``: rows a data file of the report
 MTIME0 = 1_700_000_000  # ``files``: the first file's modification time; each next one a second later
 
 
-def manifest(work: Path, n: int, kind: str = "list", storage_options: dict | None = None) -> dict:
+def _files_tag(rows_per_file: int) -> str:
+    """How an output's (and its manifest's) name tells its rows a file: nothing for 1,000 (the
+    earlier runs' outputs, kept in ``--work``, stay valid)."""
+    return "" if rows_per_file == 1000 else f"-r{rows_per_file}"
+
+
+def manifest(work: Path, n: int, kind: str = "list", storage_options: dict | None = None,
+             rows_per_file: int = 1000) -> dict:
     src = {"list": {"uri": str(work / f"list-{n}.parquet"), "format": "list"},
            "inventory": {"uri": f"s3://inv-{n}/manifest.json", "format": "s3_inventory"},
            "files": {"uri": str(work / f"files-{n}") + "/"}}[kind]
-    m = {"name": f"scale-{kind}-{n}", "input": src, "output": {"uri": str(work / f"out-{kind}-{n}")},
+    m = {"name": f"scale-{kind}-{n}", "input": src,
+         "output": {"uri": str(work / f"out-{kind}-{n}{_files_tag(rows_per_file)}")},
          "model": {"checkpoint": str(CHECKPOINT), "device": "cpu"}}
     if storage_options:
         m["storage_options"] = storage_options
@@ -144,8 +155,8 @@ def make(work: Path, n: int, kind: str = "list", storage_options: dict | None = 
 
     from fastsam_batch.schema import OUTPUT_SCHEMA
 
-    m = manifest(work, n, kind, storage_options)
-    path = work / f"manifest-{kind}-{n}.json"
+    m = manifest(work, n, kind, storage_options, rows_per_file)
+    path = work / f"manifest-{kind}-{n}{_files_tag(rows_per_file)}.json"
     out = Path(m["output"]["uri"])
     done = out / ".complete"
     t0 = time.perf_counter()
@@ -297,6 +308,9 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="where the synthetic outputs go (kept; default: a temp folder)")
     ap.add_argument("--index-rows", type=int, default=None,
                     help="$FASTSAM_BATCH_INDEX_ROWS for this tree's plan (the committed index's memory bound)")
+    ap.add_argument("--rows-per-file", type=int, default=1000,
+                    help="rows a committed file (1,000: the pessimistic case; 4,000: about what 128 MiB files of "
+                         "~100-mask photos hold)")
     ap.add_argument("--processes", type=int, nargs="+", default=[None],
                     help="$FASTSAM_BATCH_PLAN_PROCESSES for this tree's plan, one run each (default: unset)")
     args = ap.parse_args()
@@ -311,7 +325,7 @@ def main() -> None:
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
         codes = {"before": before, "after": ROOT}
-    results = {"cpus": os.cpu_count(), "before_commit": args.before,
+    results = {"cpus": os.cpu_count(), "before_commit": args.before, "rows_per_file": args.rows_per_file,
                "after_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                               capture_output=True, text=True).stdout.strip(), "rows": {}}
     moto, options, storage = None, None, None
@@ -330,7 +344,7 @@ def main() -> None:
     try:
         for n in args.rows:
             for kind in args.kinds:
-                mpath, made_s = make(work, n, kind, options if kind == "inventory" else None)
+                mpath, made_s = make(work, n, kind, options if kind == "inventory" else None, args.rows_per_file)
                 if kind == "inventory":
                     put_inventory(work, n, storage)
                 key = str(n) if kind == "list" else f"{kind}-{n}"  # a list's as in earlier runs' JSON

@@ -74,15 +74,97 @@ def key_bytes(k) -> bytes:
 
 
 def version_key(version: str | None) -> int:
-    """8-byte hash of a source version; 0 for rows written before versions were recorded."""
-    if not version:
-        return 0
-    return int.from_bytes(hashlib.blake2b(version.encode(), digest_size=8).digest(), "little") | 1
+    """8-byte hash of a source version (:func:`hash_texts`); 0 for rows written before versions
+    were recorded."""
+    return int(version_keys([version])[0])
 
 
 def unit_key(shard: str | None) -> int:
     """8-byte hash of a container's URI (tar shard, Parquet file); 0 for an image of its own."""
     return version_key(shard or "")
+
+
+def version_keys(versions: Sequence[str | None]) -> np.ndarray:
+    """:func:`version_key` of each (a list of texts; None as "")."""
+    data = [(v or "").encode() for v in versions]
+    offsets = np.zeros(len(data) + 1, np.int64)
+    np.cumsum([len(b) for b in data], out=offsets[1:])
+    return hash_texts(offsets, np.frombuffer(b"".join(data), np.uint8))
+
+
+def version_keys_arrow(column) -> np.ndarray:
+    """:func:`version_key` of each value of an Arrow string column (array or chunked; a null as
+    ""), from its buffers: no Python object a value."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        parts = [version_keys_arrow(c) for c in column.chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, U64)
+    arr = column if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) \
+        else column.cast(pa.large_string())
+    n = len(arr)
+    if not n:
+        return np.zeros(0, U64)
+    _, offsets_buf, data_buf = arr.buffers()
+    wide = pa.types.is_large_string(arr.type)
+    offsets = np.frombuffer(offsets_buf, np.int64 if wide else np.int32)[arr.offset:arr.offset + n + 1]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    keys = hash_texts(offsets.astype(np.int64), data)
+    if arr.null_count:
+        keys[np.asarray(arr.is_null().to_numpy(zero_copy_only=False), bool)] = 0
+    return keys
+
+
+_C1, _C2 = U64(0x87C37B91114253D5), U64(0x4CF5AD432745937F)  # MurmurHash3 x64's multipliers
+_F1, _F2 = U64(0xFF51AFD7ED558CCD), U64(0xC4CEB9FE1A85EC53)  # and its finaliser's
+
+
+def _rotl(x: np.ndarray, r: int) -> np.ndarray:
+    return (x << U64(r)) | (x >> U64(64 - r))
+
+
+def _fmix(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> U64(33))
+    h = h * _F1
+    h = h ^ (h >> U64(33))
+    h = h * _F2
+    return h ^ (h >> U64(33))
+
+
+def hash_texts(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each text ``data[offsets[i]:offsets[i + 1]]`` (UTF-8 bytes), computed for
+    all at once, 8 bytes a step (MurmurHash3 x64's block mixing and finaliser over little-endian
+    words, the last zero-padded, the length mixed in); 0 for an empty text, odd otherwise. Not a
+    cryptographic hash: it tells versions (and containers) of one image apart, where a collision
+    needs two versions of the same image to share 64 bits (about 5x10^-20 a change); image ids
+    keep BLAKE2b's 128 bits (:func:`id_key`)."""
+    offsets = np.asarray(offsets, np.int64)
+    n = len(offsets) - 1
+    if n <= 0:
+        return np.zeros(0, U64)
+    base, end = int(offsets[0]), int(offsets[-1])
+    starts, lengths = offsets[:-1] - base, np.diff(offsets)
+    padded = np.zeros(end - base + 8, np.uint8)  # 8 bytes past the end: the last word read whole
+    padded[:end - base] = data[base:end]
+    # the little-endian 8-byte word starting at each byte (a view: one gather a step, no copy)
+    word_at = np.ndarray((end - base + 1,), "<u8", padded, 0, (1,))
+    h = lengths.astype(U64) * _C2
+    words = -(-lengths // 8)  # 8-byte steps of each text
+    every = int(words.min())  # steps that every text takes: no rows picked out
+    active = np.arange(n)
+    for w in range(int(words.max())):
+        if w >= every:
+            active = active[words[active] > w]
+        rows = slice(None) if w < every else active
+        k = word_at[starts[rows] + 8 * w]
+        left = np.minimum(lengths[rows] - 8 * w, 8)  # bytes of this word in the text
+        short = left < 8
+        if short.any():  # the last word: the next text's bytes masked off
+            k[short] &= (U64(1) << (left[short] * 8).astype(U64)) - U64(1)
+        k = _rotl(k.astype(U64) * _C1, 31) * _C2
+        h[rows] = _rotl(h[rows] ^ k, 27) * U64(5) + U64(0x52DCE729)
+    h = _fmix(h ^ lengths.astype(U64))
+    return np.where(lengths > 0, h | U64(1), U64(0))
 
 
 def sort_keys(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
@@ -110,11 +192,9 @@ def key_ranges(hi: np.ndarray, lo: np.ndarray, qh: np.ndarray, ql: np.ndarray,
     if not queries_sorted and len(qh) > 64 and len(hi) > 1 << 16:
         order = np.argsort(qh, kind="stable")
         a, b = np.empty(len(qh), np.int64), np.empty(len(qh), np.int64)
-        a[order] = np.searchsorted(hi, qh[order], "left")
-        b[order] = np.searchsorted(hi, qh[order], "right")
+        a[order], b[order] = _hi_ranges(hi, qh[order])
     else:
-        a = np.searchsorted(hi, qh, "left")
-        b = np.searchsorted(hi, qh, "right")
+        a, b = _hi_ranges(hi, qh)
     if not len(hi):
         return a, b
     first = lo[np.minimum(a, len(hi) - 1)]
@@ -125,6 +205,24 @@ def key_ranges(hi: np.ndarray, lo: np.ndarray, qh: np.ndarray, ql: np.ndarray,
         r = np.flatnonzero(lo[a[j]:b[j]] == ql[j])
         start[j], end[j] = (a[j] + r[0], a[j] + r[-1] + 1) if len(r) else (a[j], a[j])
     return start, end
+
+
+def _hi_ranges(hi: np.ndarray, qh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``searchsorted(hi, qh)`` left and right: the right end searched only where ``hi`` holds
+    the query twice or more (an image of several rows, rare); else it is found from the left end
+    by one look at the rows there."""
+    a = np.asarray(np.searchsorted(hi, qh, "left"), np.int64)
+    n = len(hi)
+    if not n:
+        return a, a.copy()
+    at = np.minimum(a, n - 1)
+    b = a + (np.asarray(hi[at]) == qh) * (a < n)  # one row of the query's hi, or none
+    more = np.flatnonzero((b > a) & (b < n))
+    if len(more):
+        more = more[np.asarray(hi[b[more]]) == qh[more]]  # a second row of that hi: searched
+        if len(more):
+            b[more] = np.searchsorted(hi, qh[more], "right")
+    return a, b
 
 
 def first_occurrences(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
@@ -413,9 +511,9 @@ class FileRows:
                 reasons.append(reason)
             codes.append(reasons.index(reason))
         hi, lo = id_keys([r[0] for r in rows])
-        return cls(part, hi, lo, np.array([version_key(r[1] or "") for r in rows], U64),
+        return cls(part, hi, lo, version_keys([r[1] for r in rows]),
                    np.array([r[2] == "ok" for r in rows], bool), np.array(codes, np.int16), reasons,
-                   np.array([unit_key(r[4] if len(r) > 4 else None) for r in rows], U64), dict(fingerprints or {}))
+                   version_keys([r[4] if len(r) > 4 else None for r in rows]), dict(fingerprints or {}))
 
 
 @dataclass
@@ -1034,18 +1132,6 @@ class Lookups:
     part: np.ndarray
     superseded: dict[int, list[int]] = field(default_factory=dict)
     parts: dict[int, list[int]] = field(default_factory=dict)
-
-
-def version_keys(versions: Sequence[str]) -> np.ndarray:
-    """:func:`version_key` of each, computed once per distinct version."""
-    cache: dict[str, int] = {}
-    out = np.empty(len(versions), U64)
-    for j, v in enumerate(versions):
-        k = cache.get(v)
-        if k is None:
-            k = cache[v] = version_key(v)
-        out[j] = k
-    return out
 
 
 def _take(records: np.ndarray, rows: np.ndarray) -> np.ndarray:

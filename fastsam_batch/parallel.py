@@ -355,12 +355,11 @@ def source_versions(etags, sizes):
 
 
 def version_keys_of(versions) -> np.ndarray:
-    """:func:`.index.version_keys` of an Arrow string array, each distinct version hashed once."""
-    from .index import version_keys
+    """:func:`.index.version_key` of each value of an Arrow string column (hashed from its buffers,
+    all at once: :func:`.index.version_keys_arrow`)."""
+    from .index import version_keys_arrow
 
-    d = versions.combine_chunks().dictionary_encode() if hasattr(versions, "combine_chunks") \
-        else versions.dictionary_encode()
-    return version_keys(d.dictionary.to_pylist())[d.indices.to_numpy(zero_copy_only=False)]
+    return version_keys_arrow(versions)
 
 
 def read_files(output_uri: str, storage, paths: list[str], stamps: dict[str, str]):
@@ -369,10 +368,11 @@ def read_files(output_uri: str, storage, paths: list[str], stamps: dict[str, str
     those files again itself, to raise the error as it always has: an exception's cause does not
     cross processes)."""
     from .index import FileGroup
-    from .resume import iter_files
+    from .resume import iter_files, read_threads
 
     try:
-        return FileGroup.of(list(iter_files(output_uri, storage, paths, stamps=stamps)))
+        return FileGroup.of(list(iter_files(output_uri, storage, paths, read_threads(output_uri, pool_process=True),
+                                            stamps=stamps)))
     except Exception:  # noqa: BLE001 - read again on the driver, which raises it
         return None
 

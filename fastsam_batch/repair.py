@@ -26,7 +26,7 @@ import numpy as np
 
 from .plan import remove_plan_files
 from .index import (Committed, Duplicates, duplicate_rows, id_key, rows_in_other_files, rows_outside,
-                    stale_unit_rows, superseded_parts, version_key)
+                    stale_unit_rows, superseded_parts, version_keys)
 from .resume import (UNITS_DIR, _names_starting, apply_rewrites, read_committed, read_units_records, refresh_committed,
                      write_units_record)
 from .storage import Storage, join_uri, protocol_of, strip_protocol
@@ -56,7 +56,7 @@ def drop_rows(output_uri: str, storage: Storage, rows: dict[str, set], compressi
         keys = [id_key(i) for i in table.column("image_id").to_pylist()]
         versions = (table.column("source_version").to_pylist() if "source_version" in table.column_names
                     else [""] * len(keys))
-        pairs = [(k, version_key(v)) for k, v in zip(keys, versions)]
+        pairs = list(zip(keys, version_keys(versions).tolist()))
         gone, once = rows.get(part, set()), keep_one.get(part, set())
 
         def goes(k: bytes, v: str | None, p: tuple[bytes, int]) -> bool:

@@ -86,6 +86,31 @@ def test_keys_sharing_their_high_64_bits_stay_apart():
     runs.close()
 
 
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 3)), max_size=60),
+       st.lists(st.tuples(st.integers(0, 14), st.integers(0, 3)), max_size=80), st.booleans())
+def test_key_ranges_agree_with_a_scan(keys, queries, large):
+    """The rows of each query key, found by the range search (the right end searched only where a
+    high half repeats), against a plain scan of the sorted keys; ``large``: the keys past 2^16
+    rows and many queries, the branch that searches the queries in sorted order."""
+    hi = np.array([k[0] for k in keys], np.uint64)
+    lo = np.array([k[1] for k in keys], np.uint64)
+    if large:  # the same keys among 2^16 larger ones, which no query asks for
+        hi = np.concatenate([hi, np.arange(100, 100 + (1 << 16), dtype=np.uint64)])
+        lo = np.concatenate([lo, np.zeros(1 << 16, np.uint64)])
+        queries = queries * (65 // max(1, len(queries)) + 1)
+    order = sort_keys(hi, lo)
+    h, l = hi[order], lo[order]
+    qh = np.array([q[0] for q in queries], np.uint64)
+    ql = np.array([q[1] for q in queries], np.uint64)
+    a, b = key_ranges(h, l, qh, ql)
+    rows: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(zip(h[:len(keys)].tolist(), l[:len(keys)].tolist())):  # the filler sorts last
+        rows.setdefault(p, []).append(i)
+    for (x, y), q in zip(zip(a.tolist(), b.tolist()), queries):
+        assert (list(range(x, y)) == rows[q]) if q in rows else x == y
+
+
 def test_id_keys_are_the_16_byte_digests_also_with_trailing_nuls():
     image_id = next(f"img{i}.jpg" for i in range(100_000) if id_key(f"img{i}.jpg").endswith(b"\0"))
     ids = ["a", image_id, ""]
@@ -120,6 +145,71 @@ def test_committed_index_agrees_with_a_dict(rows, version):
     assert not c.on_disk
     _check_against_rows(c, rows, version)
     assert unit_key(None) == 0
+
+
+M64 = (1 << 64) - 1
+
+
+def _reference_text_hash(text: str | None) -> int:
+    """index.hash_texts written out a text at a time in plain Python integers, from its docstring:
+    MurmurHash3 x64's block mixing over the UTF-8 bytes as little-endian 8-byte words (the last
+    zero-padded), seeded and finalised with the length, then its finaliser; 0 for an empty text,
+    odd otherwise."""
+    def rotl(x, r):
+        return ((x << r) | (x >> (64 - r))) & M64
+
+    def fmix(h):
+        h ^= h >> 33
+        h = (h * 0xFF51AFD7ED558CCD) & M64
+        h ^= h >> 33
+        h = (h * 0xC4CEB9FE1A85EC53) & M64
+        return h ^ (h >> 33)
+
+    data = (text or "").encode()
+    if not data:
+        return 0
+    h = (len(data) * 0x4CF5AD432745937F) & M64
+    for at in range(0, len(data), 8):
+        k = int.from_bytes(data[at:at + 8], "little")  # a short last word: zero-padded
+        k = (rotl((k * 0x87C37B91114253D5) & M64, 31) * 0x4CF5AD432745937F) & M64
+        h = (rotl(h ^ k, 27) * 5 + 0x52DCE729) & M64
+    return fmix(h ^ len(data)) | 1
+
+
+TEXTS = st.lists(st.one_of(st.none(), st.text(max_size=40), st.sampled_from(["", "a", "a\0", "x" * 8, "x" * 9,
+                                                                            "\0" * 8, "é" * 5])), max_size=40)
+
+
+@FAST
+@given(TEXTS, st.integers(0, 5), st.integers(0, 5))
+def test_version_keys_of_arrow_buffers_and_of_lists_agree_with_plain_python(texts, cut_front, cut_back):
+    """The version (and container) keys, hashed for a whole column at once from its Arrow buffers
+    (a slice of a larger array, chunked, string or large_string, nulls as ""), and from a list,
+    against the same hash computed a text at a time in plain Python integers."""
+    import pyarrow as pa
+
+    from fastsam_batch.index import version_keys, version_keys_arrow
+
+    want = [_reference_text_hash(t) for t in texts]
+    assert version_keys(texts).tolist() == want
+    assert [version_key(t) for t in texts] == want and [unit_key(t) for t in texts] == want
+    padded = pa.array(["front"] * cut_front + texts + ["back"] * cut_back, pa.string())
+    part = padded.slice(cut_front, len(texts))  # offsets into a larger buffer
+    assert version_keys_arrow(part).tolist() == want
+    assert version_keys_arrow(part.cast(pa.large_string())).tolist() == want
+    half = len(texts) // 2
+    assert version_keys_arrow(pa.chunked_array([part.slice(0, half), part.slice(half)], pa.string())).tolist() == want
+
+
+def test_version_keys_tell_a_million_versions_apart():
+    """Distinct texts of the kinds a version is made of (ETag/size, mtime) get distinct keys, odd."""
+    import pyarrow as pa
+
+    from fastsam_batch.index import version_keys_arrow
+
+    texts = [f"{i:032x}/{i % 977}" for i in range(500_000)] + [f"mtime:{1.7e9 + i / 8}/0" for i in range(500_000)]
+    keys = version_keys_arrow(pa.array(texts))
+    assert len(np.unique(keys)) == len(texts) and bool(np.all(keys & np.uint64(1)))
 
 
 PARTS = ["out/p1.parquet", "out/p2.parquet", "out/p3.parquet"]

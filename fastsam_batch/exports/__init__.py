@@ -89,7 +89,7 @@ class OutputRows:
 
     def _dropped(self, fragment) -> set[int] | None:
         """Indices of the rows of ``fragment`` (a part file) left out as duplicates; None: none."""
-        from ..resume import id_key, version_key
+        from ..resume import id_key, version_keys_arrow
 
         name = fragment.path.rstrip("/").rsplit("/", 1)[-1]
         gone, once = self.drop.get(name, set()), self.keep_one.get(name, set())
@@ -98,8 +98,9 @@ class OutputRows:
         cols = ["image_id", "status"] + (["source_version"] if "source_version" in self.ds.schema.names else [])
         t = fragment.to_table(columns=cols)
         ids, statuses = t.column("image_id").to_pylist(), t.column("status").to_pylist()
-        versions = t.column("source_version").to_pylist() if "source_version" in cols else [""] * len(ids)
-        pairs = [(id_key(i), version_key(v or "")) for i, v in zip(ids, versions)]
+        versions = (version_keys_arrow(t.column("source_version")).tolist() if "source_version" in cols
+                    else [0] * len(ids))
+        pairs = [(id_key(i), v) for i, v in zip(ids, versions)]
         out = {i for i, p in enumerate(pairs) if p in gone}
         chosen: dict = {}
         for i, p in enumerate(pairs):  # as repair.drop_rows: an ok row, else the first
