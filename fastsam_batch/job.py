@@ -292,7 +292,7 @@ def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: Pro
         return t, np.arange(n)
     if found is None:
         hi, lo = batch.keys()
-        found = committed.lookup_keys(hi, lo, version_keys_of(versions))  # a version hashed once (lists: one)
+        found = committed.lookup_keys(hi, lo, version_keys_of(versions))
     fresh = found.state == FRESH
     redo = np.zeros(n, bool)
     if retry is not None:
@@ -358,11 +358,14 @@ def _plan_container(it: dict, committed: Committed, complete: dict[str, dict[tup
 
 
 def check_plan_processes() -> None:
-    """``$FASTSAM_BATCH_PLAN_PROCESSES`` checked before any work (one line, not after the lease)."""
+    """``$FASTSAM_BATCH_PLAN_PROCESSES`` and ``$FASTSAM_BATCH_READ_THREADS`` checked before any
+    work (one line, not after the lease)."""
     from .parallel import processes_asked
+    from .resume import read_threads_asked
 
     try:
         processes_asked()
+        read_threads_asked()
     except ValueError as e:
         raise PreflightError(str(e)) from None
 

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -99,15 +100,39 @@ def local_paths(output_uri: str, paths: list[str]) -> list[str]:
 
 
 READ_THREADS = 16  # committed files read at once from object storage (its latency)
-# ... from a local disk, where a read waits for no network: more threads only contend for the GIL
-# (1M rows in 1,000-row files: 1 thread 6.2 s of CPU, 6.2 s wall; 2: 6.9 s, 5.5 s; 16: 11.2 s, 8.8 s)
+# ... from a local path, where a read waits for no network: more threads only contend for the GIL
+# (1M rows in 1,000-row files on this 2-core machine's disk: 1 thread 6.2 s of CPU, 6.2 s wall; 2:
+# 6.9 s, 5.5 s; 16: 11.2 s, 8.8 s). A local path on a network mount (NFS, EFS, FSx) waits like
+# object storage: $FASTSAM_BATCH_READ_THREADS sets the count for it.
 LOCAL_READ_THREADS = 2
+READ_THREADS_ENV = "FASTSAM_BATCH_READ_THREADS"
+LIMIT_READ_THREADS = 64
+
+
+def read_threads_asked() -> int | None:
+    """``$FASTSAM_BATCH_READ_THREADS`` checked (an integer, 1 to :data:`LIMIT_READ_THREADS`), or
+    None when not set. Raises ValueError, one line, otherwise (preflight calls it before any work)."""
+    text = os.environ.get(READ_THREADS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= LIMIT_READ_THREADS:
+        raise ValueError(f"${READ_THREADS_ENV}={text!r}: not an integer from 1 to {LIMIT_READ_THREADS} (committed "
+                         "files read at once by each process; default 16 from object storage, 2 from a local path, "
+                         "1 in a process of planning's pool)")
+    return n
 
 
 def read_threads(output_uri: str, pool_process: bool = False) -> int:
-    """Threads reading committed files at once: :data:`READ_THREADS` from object storage,
-    :data:`LOCAL_READ_THREADS` from a local disk (one in a process of planning's pool, which has
-    a core of its own to keep busy, no more)."""
+    """Threads reading committed files at once: ``$FASTSAM_BATCH_READ_THREADS`` if set (each
+    process), else :data:`READ_THREADS` from object storage and :data:`LOCAL_READ_THREADS` from a
+    local path (one in a process of planning's pool, which has a core of its own to keep busy)."""
+    asked = read_threads_asked()
+    if asked is not None:
+        return asked
     if protocol_of(output_uri) != "file":
         return READ_THREADS
     return 1 if pool_process else LOCAL_READ_THREADS
@@ -126,8 +151,9 @@ def _hashed(column, fn, dtype) -> np.ndarray:
 
 def read_file_rows(path: str, fs, stamp: str | None = None) -> FileRows:
     """The hashed columns of one committed file: only ``image_id``, ``run_fingerprint``, ``status``,
-    ``error``, ``source_version`` and ``shard`` are read; every column but the id is hashed once per
-    distinct value. ``stamp``: its listing entry (:func:`listing_stamp`); without it, asked for
+    ``error``, ``source_version`` and ``shard`` are read; the ids are hashed a row at a time
+    (BLAKE2b), the versions and containers a column at a time (:func:`.index.version_keys_arrow`),
+    the errors' reasons once per distinct value. ``stamp``: its listing entry (:func:`listing_stamp`); without it, asked for
     before the read (a change in between is then seen as a change by the next refresh)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq

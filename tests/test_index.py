@@ -95,9 +95,9 @@ def test_key_ranges_agree_with_a_scan(keys, queries, large):
     rows and many queries, the branch that searches the queries in sorted order."""
     hi = np.array([k[0] for k in keys], np.uint64)
     lo = np.array([k[1] for k in keys], np.uint64)
-    if large:  # the same keys among 2^16 larger ones, which no query asks for
-        hi = np.concatenate([hi, np.arange(100, 100 + (1 << 16), dtype=np.uint64)])
-        lo = np.concatenate([lo, np.zeros(1 << 16, np.uint64)])
+    if large:  # the same keys among 2^16 + 1 larger ones, which no query asks for
+        hi = np.concatenate([hi, np.arange(100, 101 + (1 << 16), dtype=np.uint64)])
+        lo = np.concatenate([lo, np.zeros(1 + (1 << 16), np.uint64)])
         queries = queries * (65 // max(1, len(queries)) + 1)
     order = sort_keys(hi, lo)
     h, l = hi[order], lo[order]

@@ -362,6 +362,36 @@ def test_a_bad_committed_file_read_by_the_pool_fails_as_the_threads_fail(tmp_pat
     assert type(by_pool.value.__cause__) is type(by_threads.value.__cause__) and by_pool.value.__cause__ is not None
 
 
+def test_read_threads_setting_and_the_same_index_whatever_the_threads(monkeypatch, tmp_path):
+    """Committed files read by 16 threads from object storage, 2 from a local path, 1 in a process of
+    planning's pool; $FASTSAM_BATCH_READ_THREADS sets it (1 to 64, else one line, refused by
+    preflight before any work). One thread or sixteen, the files give the same index."""
+    from fastsam_batch.job import check_plan_processes
+    from fastsam_batch.preflight import PreflightError
+    from fastsam_batch.resume import READ_THREADS_ENV, read_threads
+
+    monkeypatch.delenv(READ_THREADS_ENV, raising=False)
+    assert (read_threads("s3://b/out"), read_threads("s3://b/out", pool_process=True)) == (16, 16)
+    assert (read_threads(str(tmp_path)), read_threads(str(tmp_path), pool_process=True)) == (2, 1)
+    monkeypatch.setenv(READ_THREADS_ENV, "12")
+    assert read_threads(str(tmp_path), pool_process=True) == 12 and read_threads("s3://b/out") == 12
+    check_plan_processes()
+    for bad in ("0", "65", "many", "2.5"):
+        monkeypatch.setenv(READ_THREADS_ENV, bad)
+        with pytest.raises(PreflightError, match=f"FASTSAM_BATCH_READ_THREADS='{bad}': not an integer from 1 to 64"):
+            check_plan_processes()
+    monkeypatch.delenv(READ_THREADS_ENV)
+    out = tmp_path / "out"
+    _committed_files(out, 30, 50)
+    storage = Storage()
+    listed = list_parts_stamped(str(out), storage)
+    one, many = (Committed.from_files(iter_files(str(out), storage, list(listed), threads, stamps=listed))
+                 for threads in (1, 16))
+    assert one.rows == 30 * 50 and (one.records == many.records).all()
+    assert (one.parts, one.stamps, one.reasons, one.part_fingerprints) == \
+        (many.parts, many.stamps, many.reasons, many.part_fingerprints)
+
+
 def test_plan_processes_setting(monkeypatch, tmp_path):
     """The setting: 1 to LIMIT_PROCESSES, else one line; unset: the usable cores (affinity, and a
     cgroup v2 quota: cpu.max), none below MIN_CORES, at most MAX_PROCESSES."""
