@@ -22,7 +22,7 @@ from . import __version__
 from .manifest import Manifest
 from .index import (Committed, Duplicates, FileGroup, FileRows, Lookup, duplicate_rows, id_key, id_keys,  # noqa: F401
                     key_bytes, rows_in_other_files, rows_outside, stale_unit_rows, superseded_parts, unit_key,
-                    version_key, version_keys, version_keys_arrow)
+                    version_key, version_keys_arrow)
 from .schema import error_reason
 from .storage import Storage, protocol_of
 from .write import PART_PREFIX
@@ -153,8 +153,9 @@ def read_file_rows(path: str, fs, stamp: str | None = None) -> FileRows:
     """The hashed columns of one committed file: only ``image_id``, ``run_fingerprint``, ``status``,
     ``error``, ``source_version`` and ``shard`` are read; the ids are hashed a row at a time
     (BLAKE2b), the versions and containers a column at a time (:func:`.index.version_keys_arrow`),
-    the errors' reasons once per distinct value. ``stamp``: its listing entry (:func:`listing_stamp`); without it, asked for
-    before the read (a change in between is then seen as a change by the next refresh)."""
+    the errors' reasons once per distinct value. ``stamp``: its listing entry
+    (:func:`listing_stamp`); without it, asked for before the read (a change in between is then
+    seen as a change by the next refresh)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
