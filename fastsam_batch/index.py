@@ -152,7 +152,7 @@ def hash_texts(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
     finaliser; not the library's MurmurHash3 values), 0 for an empty text, odd otherwise (63 free
     bits). Not a cryptographic hash. A version key is compared only between the rows of one image
     (two versions of it sharing a key: about 10^-19 a change); a container key is searched among
-    every row's, where two of C containers' URIs share one with a chance of about C^2 / 2^64 (10^-7
+    every row's, where two of C containers' URIs share one with a chance of about C^2 / 2^64 (5x10^-8
     at 10^6 containers), as with the 64-bit BLAKE2b key before. Image ids keep BLAKE2b's 128 bits
     (:func:`id_key`). :func:`version_key` is the same for one text."""
     offsets = np.asarray(offsets, np.int64)

@@ -122,7 +122,7 @@ def read_threads_asked() -> int | None:
     if not 1 <= n <= LIMIT_READ_THREADS:
         raise ValueError(f"${READ_THREADS_ENV}={text!r}: not an integer from 1 to {LIMIT_READ_THREADS} (committed "
                          "files read at once by each process; default 16 from object storage, 2 from a local path, "
-                         "1 in a process of planning's pool)")
+                         "1 from a local path in a process of planning's pool)")
     return n
 
 
