@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .sizing import CGROUP_CPU_MAX, usable_cpus
+from .sizing import CGROUP_CPU_MAX, count_from_env, usable_cpus
 
 PROCESSES_ENV = "FASTSAM_BATCH_PLAN_PROCESSES"
 MAX_PROCESSES = 8  # the default's cap (issue 23's driver has 8 cores)
@@ -57,17 +57,8 @@ LIMIT_PROCESSES = 64  # the most $FASTSAM_BATCH_PLAN_PROCESSES may ask for
 def processes_asked() -> int | None:
     """``$FASTSAM_BATCH_PLAN_PROCESSES`` checked (an integer, 1 to :data:`LIMIT_PROCESSES`), or None
     when not set. Raises ValueError, one line, otherwise: called by preflight, before any work."""
-    text = os.environ.get(PROCESSES_ENV, "").strip()
-    if not text:
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= LIMIT_PROCESSES:
-        raise ValueError(f"${PROCESSES_ENV}={text!r}: not an integer from 1 to {LIMIT_PROCESSES} (processes "
-                         "that planning spreads hashing and lookups over; 1: none)")
-    return n
+    return count_from_env(PROCESSES_ENV, LIMIT_PROCESSES,
+                          "processes that planning spreads hashing and lookups over; 1: none")
 
 
 def plan_processes(cpu_max: str = CGROUP_CPU_MAX) -> int:

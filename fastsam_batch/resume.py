@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -112,18 +111,11 @@ LIMIT_READ_THREADS = 64
 def read_threads_asked() -> int | None:
     """``$FASTSAM_BATCH_READ_THREADS`` checked (an integer, 1 to :data:`LIMIT_READ_THREADS`), or
     None when not set. Raises ValueError, one line, otherwise (preflight calls it before any work)."""
-    text = os.environ.get(READ_THREADS_ENV, "").strip()
-    if not text:
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= LIMIT_READ_THREADS:
-        raise ValueError(f"${READ_THREADS_ENV}={text!r}: not an integer from 1 to {LIMIT_READ_THREADS} (committed "
-                         "files read at once by each process; default 16 from object storage, 2 from a local path, "
-                         "1 from a local path in a process of planning's pool)")
-    return n
+    from .sizing import count_from_env
+
+    return count_from_env(READ_THREADS_ENV, LIMIT_READ_THREADS,
+                          "committed files read at once by each process; default 16 from object storage, 2 from "
+                          "a local path, 1 from a local path in a process of planning's pool")
 
 
 def read_threads(output_uri: str, pool_process: bool = False) -> int:

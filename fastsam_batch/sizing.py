@@ -254,6 +254,22 @@ def cgroup_cpu_limit(path: str = CGROUP_CPU_MAX) -> int | None:
     return max(1, quota // period)
 
 
+def count_from_env(name: str, limit: int, what: str) -> int | None:
+    """The integer of environment variable ``name`` (1 to ``limit``), or None when it is not set.
+    Raises ValueError, one line naming it and ``what`` it counts, otherwise (preflight calls the
+    settings' checks before any work)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= limit:
+        raise ValueError(f"${name}={text!r}: not an integer from 1 to {limit} ({what})")
+    return n
+
+
 def usable_cpus(cpu_max: str = CGROUP_CPU_MAX) -> int:
     """The cores this process may use: those it may run on (sched_getaffinity: taskset, cpusets), at
     most what its container's CPU quota allows (cgroup v2 ``cpu.max``: a Kubernetes CPU limit, docker
