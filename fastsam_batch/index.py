@@ -637,7 +637,24 @@ class _Scratch:
 
 def _sorted(rec: np.ndarray) -> np.ndarray:
     """Records in key order (:func:`sort_keys`: stably by (hi, lo))."""
-    return rec if len(rec) < 2 else rec[sort_keys(rec["hi"], rec["lo"])]
+    return rec if len(rec) < 2 else _at(rec, sort_keys(rec["hi"], rec["lo"]))
+
+
+def _as_bytes(rec: np.ndarray) -> np.ndarray:
+    """Records seen as opaque rows of bytes (``V<itemsize>``), a view: numpy moves those with one
+    memcpy a row, where a structured array's fancy index or mask goes field by field (a gather of
+    2^21 records: 0.07 s against 0.77 s, measured on this machine)."""
+    return np.asarray(rec).view(f"V{rec.dtype.itemsize}")
+
+
+def _at(rec: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``rec[rows]`` (integer indices), as a copy made by the rows' bytes."""
+    return np.take(_as_bytes(rec), rows).view(rec.dtype)
+
+
+def _kept(rec: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``rec[mask]`` (a boolean mask), as a copy made by the rows' bytes."""
+    return np.compress(mask, _as_bytes(rec)).view(rec.dtype)
 
 
 def _concat(blocks: list[np.ndarray], dtype) -> np.ndarray:
@@ -988,7 +1005,7 @@ class Committed:
             drop = np.array([p in gone for p in self.parts] + [True], bool)
             for a, b in _spans(self.rows, block):
                 rec = _read(self.records, a, b)
-                rec = rec[~drop[rec["part_of"]]]
+                rec = _kept(rec, ~drop[rec["part_of"]])
                 if len(rec):
                     yield rec
 
@@ -1154,10 +1171,10 @@ class Lookups:
 def _take(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The records at ``rows`` (a mapped file: read in the order of the rows, then put back)."""
     if not isinstance(records, np.memmap) or len(rows) < 2:
-        return records[rows]
+        return _at(records, rows)
     order = np.argsort(rows, kind="stable")
     out = np.empty(len(rows), records.dtype)
-    out[order] = records[rows[order]]
+    out[order] = _at(records, rows[order])
     return out
 
 
