@@ -28,8 +28,8 @@ from .prompts import PromptSourceError, global_prompts, load_coco, load_prompt_t
 from .segment import SegmentSettings
 from .lease import Lease, LeaseHeld, LeaseLost, new_run_id
 from .repair import drop_left_over_rows, remove_files, repair_at_end, repair_at_start
-from .index import CHANGED, FRESH, Committed, stale_unit_rows
-from .parallel import PlanPool, look_up, plan_processes, source_versions, version_keys_of
+from .index import CHANGED, FRESH, Committed, stale_unit_rows, version_keys_arrow
+from .parallel import PlanPool, look_up, plan_processes, source_versions
 from .resume import (read_committed, read_units_records, run_fingerprint, source_version,
                      write_units_record)
 from .storage import Storage, join_uri, protocol_of, redact
@@ -292,7 +292,7 @@ def _plan_objects(batch, committed: Committed, summary: RunSummary, prompts: Pro
         return t, np.arange(n)
     if found is None:
         hi, lo = batch.keys()
-        found = committed.lookup_keys(hi, lo, version_keys_of(versions))
+        found = committed.lookup_keys(hi, lo, version_keys_arrow(versions))
     fresh = found.state == FRESH
     redo = np.zeros(n, bool)
     if retry is not None:

@@ -334,7 +334,9 @@ def look_up(ids, hi, lo, etags, sizes, index: tuple[str, int] | None):
         hi, lo = hash_ids(ids)
     if index is None:
         return hi, lo, None
-    return hi, lo, mapped_index(*index).lookup_keys(hi, lo, version_keys_of(source_versions(etags, sizes)))
+    from .index import version_keys_arrow
+
+    return hi, lo, mapped_index(*index).lookup_keys(hi, lo, version_keys_arrow(source_versions(etags, sizes)))
 
 
 def source_versions(etags, sizes):
@@ -343,14 +345,6 @@ def source_versions(etags, sizes):
     import pyarrow.compute as pc
 
     return pc.binary_join_element_wise(etags, pc.cast(sizes, pa.string()), "/")
-
-
-def version_keys_of(versions) -> np.ndarray:
-    """:func:`.index.version_key` of each value of an Arrow string column (hashed from its buffers,
-    all at once: :func:`.index.version_keys_arrow`)."""
-    from .index import version_keys_arrow
-
-    return version_keys_arrow(versions)
 
 
 def read_files(output_uri: str, storage, paths: list[str], stamps: dict[str, str]):
