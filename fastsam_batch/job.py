@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -32,6 +33,7 @@ from .index import CHANGED, FRESH, Committed, stale_unit_rows, version_keys_arro
 from .parallel import PlanPool, look_up, plan_processes, source_versions
 from .resume import (read_committed, read_units_records, run_fingerprint, source_version,
                      write_units_record)
+from .saved_index import INDEX_DIR, save_index
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Interrupted, put_atomic
@@ -40,6 +42,7 @@ from .pipeline import WriterPool, embedded_ray_line, ray_address, run_segmentati
 
 STREAM_AFTER_FILES = 16  # plan files on file (with planning still going) before the run starts on them
 LIST_CHUNK = 1000  # listed containers handled at a time on the driver; the plan's parts: per this many listed
+_log = logging.getLogger(__name__)
 RUNS_DIR = "_runs"  # each run's summary, kept: _runs/<run id>.json (the run id starts with its start time)
 ALL_ERRORS = "all"  # --retry-errors with no reasons: every error row
 
@@ -738,8 +741,22 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
         final.fingerprints).encode())
     put_atomic(storage, join_uri(m.output.uri, "_manifest.json"),
                json.dumps({**m.model_dump(), "storage_options": redact(m.storage_options)}, indent=2).encode())
+    if not summary.interrupted:  # (Ctrl-C: the run ends now; the next start reads what this run committed)
+        _save_index(m, storage, final, fence)
     final.close()  # its scratch files removed now (the counts above were its last use)
     return summary
+
+
+def _save_index(m: Manifest, storage: Storage, final: Committed, fence) -> None:
+    """The index as the run ends saved for the next start (:mod:`.saved_index`); a save that fails
+    only costs the next start time (it reads the files): a warning, not a failed run."""
+    try:
+        save_index(m.output.uri, storage, final, fence=fence)
+    except LeaseLost:
+        raise
+    except Exception as e:  # noqa: BLE001 - see above
+        _log.warning("the committed index was not saved under %s (%s: %s): the next run reads the committed "
+                     "files", join_uri(m.output.uri, INDEX_DIR), type(e).__name__, e)
 
 
 def dry_run(m: Manifest, retry_errors: frozenset[str] | None = None, overwrite: bool = False) -> dict:

@@ -273,7 +273,7 @@ class Manifest(_Strict):
 
 # Files a run writes under output.uri, one of each kind (see write.py, summary, plan, lease).
 _OUTPUT_SAMPLES = ("part-0.parquet", "_run.json", "_runs/0.json", "_manifest.json", "_lease.json",
-                   "_plan/0/part-0.parquet", "_units/0.json")
+                   "_plan/0/part-0.parquet", "_units/0.json", "_index/0.json", "_index/0.rows")
 
 
 def output_inside_input(input_uri: str, output_uri: str) -> bool:

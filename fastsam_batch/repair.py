@@ -29,6 +29,7 @@ from .index import (Committed, Duplicates, duplicate_rows, id_key, rows_in_other
                     stale_unit_rows, superseded_parts, version_keys)
 from .resume import (UNITS_DIR, _names_starting, apply_rewrites, read_committed, read_units_records, refresh_committed,
                      write_units_record)
+from .saved_index import INDEX_DIR
 from .storage import Storage, join_uri, protocol_of, strip_protocol
 from .write import parquet_file_bytes, part_name, put_atomic
 
@@ -207,21 +208,23 @@ def remove_files(storage: Storage, paths: list[str], *, fence) -> None:
 def remove_stale_temporaries(output_uri: str, storage: Storage, *, fence) -> int:
     """Files staged and never published (writers.py: a killed run's writers; a run whose lease was
     taken over), removed at a run's start, before its own writers start (so none of them is this
-    run's): locally the temporary files (``_tmp-*``) in the output and its ``_units/`` and
-    ``_runs/`` folders; on S3 the open multipart uploads of part files directly under the output
+    run's): locally the temporary files (``_tmp-*``) in the output and its ``_units/``, ``_runs/``
+    and ``_index/`` folders; on S3 the open multipart uploads of part files directly under the output
+    and of saved indexes (``_index/``)
     (aborted: S3 keeps an open upload's parts, and bills them, until then; S3 puts of the
     driver's records are single PUTs, never partial)."""
     if protocol_of(output_uri) in ("s3", "s3a"):
         from .writers import abort_uploads, open_uploads
 
-        uploads = open_uploads(output_uri, storage)
+        uploads = open_uploads(output_uri, storage, index=True)
         if uploads:
             fence.check(storage)
             abort_uploads(output_uri, storage, uploads)
         return len(uploads)
     if protocol_of(output_uri) != "file":
         return 0
-    stale = [p for folder in (output_uri, join_uri(output_uri, UNITS_DIR), join_uri(output_uri, "_runs"))
+    stale = [p for folder in (output_uri, join_uri(output_uri, UNITS_DIR), join_uri(output_uri, "_runs"),
+                              join_uri(output_uri, INDEX_DIR))
              for p in _names_starting(folder, storage, "_tmp-")]
     if stale:
         fence.check(storage)

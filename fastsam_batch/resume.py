@@ -238,11 +238,21 @@ class CommittedFileError(OSError):
 
 def read_committed(output_uri: str, storage: Storage) -> Committed:
     """Image ids, statuses, fingerprints and source versions of the committed rows (a few columns
-    read, files in parallel, kept as hashes: see :class:`.index.Committed`). A run reads this once,
+    read, files in parallel, kept as hashes: see :class:`.index.Committed`; the files the index saved
+    under ``_index/`` covers, unchanged since, taken from it: :mod:`.saved_index`). A run reads this once,
     at its start; later steps keep it current with :func:`refresh_committed` and
     :func:`apply_rewrites`, which read only the files added since."""
+    from .saved_index import load_index
+
     listed = list_parts_stamped(output_uri, storage)
-    return Committed.from_files(iter_files_spread(output_uri, storage, list(listed), stamps=listed))
+    saved = load_index(output_uri, storage, listed)
+    if saved is None:
+        return Committed.from_files(iter_files_spread(output_uri, storage, list(listed), stamps=listed))
+    base, drop, read = saved  # the save's rows of files listed as it saw them kept; the rest read
+    try:
+        return base.replaced(drop, iter_files_spread(output_uri, storage, read, stamps=listed))
+    finally:
+        base.close()
 
 
 SPREAD_FILES = 64  # committed files read by a task of planning's process pool, at most (threads inside it)

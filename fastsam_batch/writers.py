@@ -42,6 +42,7 @@ import pyarrow as pa
 
 from .retry import with_retries
 from .storage import Storage, join_uri, protocol_of, strip_protocol
+from .saved_index import INDEX_DIR
 from .write import PART_PREFIX, Committer, file_stats, parquet_file_bytes, part_name, split_unit_ends, write_synced
 
 TMP_PREFIX = "_tmp-"
@@ -185,10 +186,11 @@ def remove_own_temporaries(output_uri: str, run_id: str) -> int:
     return n
 
 
-def open_uploads(output_uri: str, storage: Storage, since: float | None = None) -> list[tuple[str, str]]:
+def open_uploads(output_uri: str, storage: Storage, since: float | None = None,
+                 index: bool = False) -> list[tuple[str, str]]:
     """(key, upload id) of the open multipart uploads of part files directly under an S3 output
     (staged by writers and never published: a killed run's); ``since`` (a time.time()): only those
-    begun since then, by the store's clock."""
+    begun since then, by the store's clock; ``index``: those of saved indexes (``_index/``) too."""
     fs = storage.fs(output_uri)
     bucket, prefix = _bucket_key(output_uri.rstrip("/") + "/")
     found, marker = [], {}
@@ -199,7 +201,7 @@ def open_uploads(output_uri: str, storage: Storage, since: float | None = None) 
             begun = u.get("Initiated")
             if since is not None and begun is not None and begun.timestamp() < since:
                 continue
-            if "/" not in rest and rest.startswith(PART_PREFIX):
+            if ("/" not in rest and rest.startswith(PART_PREFIX)) or (index and rest.startswith(f"{INDEX_DIR}/")):
                 found.append((u["Key"], u["UploadId"]))
         if not r.get("IsTruncated"):
             return found

@@ -24,8 +24,10 @@ from fastsam_batch.lease import Lease, LeaseLost
 from fastsam_batch.repair import (compact_units_records, drop_left_over_rows, drop_rows, drop_superseded_rows,
                                   remove_duplicates, remove_files, remove_stale_temporaries, repair_at_end,
                                   repair_at_start)
-from fastsam_batch.resume import (UNITS_DIR, duplicate_rows, id_key, read_committed, read_units_records,
-                                  stale_unit_rows, superseded_parts, write_units_record)
+from fastsam_batch.index import Committed
+from fastsam_batch.resume import (UNITS_DIR, duplicate_rows, id_key, iter_files, list_parts_stamped, read_committed,
+                                  read_units_records, stale_unit_rows, superseded_parts, write_units_record)
+from fastsam_batch.saved_index import save_index
 from fastsam_batch.storage import Storage, join_uri
 from fastsam_batch.write import part_name
 
@@ -47,6 +49,21 @@ def put(storage: Storage, uri: str, rows: list[tuple]) -> None:
     buf = io.BytesIO()
     pq.write_table(table(rows), buf)
     storage.fs(uri).pipe_file(uri, buf.getvalue())
+
+
+def index_rows(c: Committed) -> list[tuple]:
+    """Every row of an index as plain values (its file's name, its reason's text), sorted: two
+    indexes of the same rows compare equal whatever their files' order."""
+    names = [p.rsplit("/", 1)[-1] for p in c.parts]
+    return sorted(zip(c.hi.tolist(), c.lo.tolist(), c.versions.tolist(), c.units.tolist(), c.ok.tolist(),
+                      [c.reasons[r] if r >= 0 else None for r in c.reason_of.tolist()],
+                      [names[p] for p in c.part_of.tolist()]))
+
+
+def plain_read(uri: str, storage: Storage, memory_rows: int | None = None) -> Committed:
+    """Every committed file read (no saved index used): what a saved index must stand for."""
+    listed = list_parts_stamped(uri, storage)
+    return Committed.from_files(iter_files(uri, storage, list(listed), stamps=listed), memory_rows)
 
 
 def read_rows(storage: Storage, output: str) -> list[tuple]:
@@ -364,7 +381,8 @@ def repair_everything(out: str, current: dict[str, str]) -> None:
     committed, _ = repair_at_start(out, storage, read_committed(out, storage), "zstd", fence=fence)
     drop_superseded_rows(out, storage, superseded_parts(committed, current), "zstd", fence=fence)
     compact_units_records(out, storage, fence=fence)
-    repair_at_end(out, storage, "zstd", fence=fence, written=set(), changed=current, retried=set())
+    final, _, _ = repair_at_end(out, storage, "zstd", fence=fence, written=set(), changed=current, retried=set())
+    save_index(out, storage, final, fence=fence)  # the next start reads it (and a kill may cut it short)
 
 
 def _fence(out: str):
@@ -467,6 +485,8 @@ def test_any_kill_during_the_repairs_then_a_rerun_leaves_exactly_one_row_per_ima
                 assert units_of(str(out)) >= units_before
             repair_everything(str(out), current)  # the next run, not killed
             final = read_rows(Storage(), str(out))
+            # the index a start reads (the saved one, and the files it does not cover) is the files' own
+            assert index_rows(read_committed(str(out), Storage())) == index_rows(plain_read(str(out), Storage()))
             assert sorted(r[0] for r in final) == sorted(images_before)  # exactly one row per image
             for image_id, _, status, payload in final:
                 if image_id in current_before:

@@ -1,0 +1,188 @@
+"""The committed index saved under the output (``_index/``): a run's start reads it in place of the
+committed files it covers, so that a resumed output of a billion rows is not read file by file
+again (issue 23).
+
+What is saved is a :class:`.index.Committed` as a run's end leaves it (current with the output as
+last listed): its records as they are in memory or on the scratch disk (:data:`.index.ROW`, 40
+bytes a row, in key order) in ``_index/<token>.rows``, and a header ``_index/<token>.json`` (the
+files the rows are of, each with the listing entry it had when read, its fingerprints; the error
+reasons; the row count, a checksum of the records, the key format). The header is written after
+the records, so a header names records complete on storage; older saves are deleted after it.
+
+Trusting it is checked file by file, as :func:`.resume.refresh_committed` trusts what a run read:
+a committed file's rows are taken from the save only where the file is listed now with the same
+listing entry (size and ETag; or size, modification time and inode) as when its rows were read.
+Files gone lose their rows; files new or changed are read as before. A save that cannot be used
+(missing, cut short, of another key format or byte order, a checksum that does not match) is
+a warning, and every committed file is read: the save only ever saves time.
+
+Keys persist across runs here (and only here): the id keys' BLAKE2b and the version and
+container keys' hash (:func:`.index.hash_texts`) are named by :data:`KEY_FORMAT`, which must
+change with either, so that a save of other keys is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+
+import numpy as np
+
+from .index import ROW, Committed, _Scratch, _spans, _read
+from .retry import with_retries
+from .storage import Storage, join_uri, protocol_of, strip_protocol
+
+_log = logging.getLogger(__name__)
+
+INDEX_DIR = "_index"  # the committed index saved: _index/<token>.rows + _index/<token>.json
+KEY_FORMAT = "ids:blake2b-128;versions,containers:hash_texts-64-v1;row:40"
+_BLOCK = 1 << 20  # records a step of a pass over the saved rows (40 MiB)
+
+
+def _checksum(records: np.ndarray) -> int:
+    """A checksum of the records' fields (not their padding byte, which a copy of a record need not
+    keep): each field's values summed modulo 2^64, the sums weighted by distinct odd numbers and
+    added (a changed bit of any field changes it). A pass in blocks."""
+    total = 0
+    for a, b in _spans(len(records), _BLOCK):
+        block = _read(records, a, b)
+        for k, name in enumerate(ROW.names):
+            s = int(np.add.reduce(block[name].astype(np.uint64), dtype=np.uint64)) if len(block) else 0
+            total = (total + s * (2 * k + 1)) % (1 << 64)
+    return total
+
+
+def header_of(committed: Committed) -> dict:
+    """What the save says of ``committed`` besides its records (pure)."""
+    return {"key_format": KEY_FORMAT, "byteorder": sys.byteorder, "dtype": str(ROW.descr),
+            "itemsize": ROW.itemsize, "rows": committed.rows, "checksum": _checksum(committed.records),
+            "reasons": list(committed.reasons),
+            "parts": [[p.rsplit("/", 1)[-1], committed.stamps.get(p, ""), committed.part_fingerprints.get(p, {})]
+                      for p in committed.parts]}
+
+
+def _token() -> str:
+    """A save's name: the time written first (zero-padded, so that names sort by it), then random."""
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+
+
+def _names(folder: str, storage: Storage) -> list[str]:
+    fs = storage.fs(folder)
+    fs.invalidate_cache(folder)
+    try:
+        return sorted(fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def save_index(output_uri: str, storage: Storage, committed: Committed, *, fence) -> str:
+    """Saves ``committed`` (current with the output) under ``_index/``, then deletes the older saves;
+    every write and delete only while ``fence`` passes. Returns the header's path."""
+    from .write import put_atomic, write_synced
+
+    folder = join_uri(output_uri, INDEX_DIR)
+    token = _token()
+    header = header_of(committed)
+    rows_uri = join_uri(folder, f"{token}.rows")
+    fs = storage.fs(folder)
+    fence.check(storage)
+    if protocol_of(output_uri) == "file":
+        path = strip_protocol(rows_uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if committed.on_disk:
+            tmp = os.path.join(os.path.dirname(path), f"_tmp-{uuid.uuid4().hex}")
+            shutil.copyfile(committed.records.filename, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            os.replace(write_synced(path, committed.records.tobytes(), f"_tmp-{uuid.uuid4().hex}"), path)
+    elif committed.on_disk:  # a multipart upload, complete or absent (an open one is aborted by the next start)
+        with_retries(lambda: fs.put_file(committed.records.filename, rows_uri))
+    else:
+        put_atomic(storage, rows_uri, committed.records.tobytes())
+    fence.check(storage)
+    head_uri = join_uri(folder, f"{token}.json")
+    put_atomic(storage, head_uri, json.dumps(header).encode())
+    old = [p for p in _names(folder, storage) if token not in p.rsplit("/", 1)[-1]]
+    if old:
+        fence.check(storage)
+        # the headers first: a reader never finds a header whose records are deleted before it
+        fs.rm(sorted(old, key=lambda p: not p.endswith(".json")))
+    return head_uri
+
+
+class SavedIndexError(ValueError):
+    """A save that cannot be used (the reason, one line)."""
+
+
+def _load_records(fs, rows_path: str, header: dict, local: bool, bound: int) -> tuple[np.ndarray, _Scratch | None]:
+    n = int(header["rows"])
+    size = fs.size(rows_path)
+    if size != n * ROW.itemsize:
+        raise SavedIndexError(f"{rows_path} holds {size} bytes, its header says {n} rows of {ROW.itemsize}")
+    scratch = None
+    if n <= bound:
+        records = np.frombuffer(fs.cat_file(rows_path), ROW).copy() if n else np.empty(0, ROW)
+    elif local:
+        records = np.memmap(rows_path, ROW, mode="r", shape=(n,))
+    else:
+        scratch = _Scratch()
+        path = scratch.new_path("saved", ".rows")
+        with_retries(lambda: fs.get_file(rows_path, path))
+        records = np.memmap(path, ROW, mode="r", shape=(n,))
+    if _checksum(records) != int(header["checksum"]):
+        if scratch is not None:
+            scratch.close()
+        raise SavedIndexError(f"{rows_path}: its checksum does not match its header's")
+    return records, scratch
+
+
+def load_index(output_uri: str, storage: Storage, listed: dict[str, str],
+               memory_rows: int | None = None) -> tuple[Committed, list[str], list[str]] | None:
+    """The newest save, as a :class:`.index.Committed` of every file it covers (its parts named as
+    ``listed`` names them where listed), with (the files to drop from it: gone, changed, or of an
+    unknown entry; the listed files to read: not in it, or changed). ``listed``: the committed files
+    now -> their listing entry (:func:`.resume.list_parts_stamped`). None where there is no save
+    or it cannot be used (a warning says why)."""
+    folder = join_uri(output_uri, INDEX_DIR)
+    heads = [p for p in _names(folder, storage) if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith("_tmp-")]
+    if not heads:
+        return None
+    head = heads[-1]
+    fs = storage.fs(folder)
+    base = Committed(memory_rows=memory_rows)
+    try:
+        header = json.loads(fs.cat_file(head))
+        for key, want in (("key_format", KEY_FORMAT), ("byteorder", sys.byteorder), ("dtype", str(ROW.descr))):
+            if header.get(key) != want:
+                raise SavedIndexError(f"its {key} is {header.get(key)!r}, this version's {want!r}")
+        records, scratch = _load_records(fs, head[:-len(".json")] + ".rows", header, protocol_of(output_uri) == "file",
+                                         base.bound)
+    except Exception as e:  # noqa: BLE001 - a save is only ever a saving: read the files instead
+        _log.warning("the committed index saved in %s is not used (%s: %s): every committed file is read",
+                     head, type(e).__name__, e)
+        return None
+    by_name = {p.rsplit("/", 1)[-1]: p for p in listed}
+    parts, drop, covered = [], [], set()
+    for name, stamp, fingerprints in header["parts"]:
+        path = by_name.get(name)
+        if path is not None and stamp and listed[path] == stamp:
+            covered.add(path)
+            base.stamps[path] = stamp
+        else:
+            path = path or f"{INDEX_DIR}:gone/{name}"  # not listed: its rows are dropped at once
+            drop.append(path)
+        parts.append(path)
+        base.part_fingerprints[path] = dict(fingerprints)
+    base.parts, base.rows, base.records, base.reasons = parts, len(records), records, list(header["reasons"])
+    base._scratch = scratch
+    for fps in base.part_fingerprints.values():
+        for fp, n in fps.items():
+            base.fingerprints[fp] = base.fingerprints.get(fp, 0) + n
+    return base, drop, [p for p in listed if p not in covered]

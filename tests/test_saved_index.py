@@ -1,0 +1,204 @@
+"""The committed index saved under the output (saved_index.py): read at a start in place of the
+files it covers, with exactly the rows a read of every committed file gives; files changed, gone or
+new since the save read (or dropped) as they are now; a save that cannot be used ignored with a
+warning; written only while the run holds the lease. On a local folder and on S3 (the moto
+server), in memory and past the memory bound (records on the scratch disk)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from conftest import make_bucket
+from fastsam_batch import saved_index
+from fastsam_batch.index import Committed
+from fastsam_batch.lease import Lease, LeaseLost
+from fastsam_batch.resume import list_parts_stamped, read_committed
+from fastsam_batch.saved_index import INDEX_DIR, load_index, save_index
+from fastsam_batch.storage import Storage, join_uri, strip_protocol
+from fastsam_batch.write import part_name
+from test_repair import index_rows, plain_read, put
+
+
+def summary_of(c: Committed) -> tuple:
+    return (index_rows(c), [p.rsplit("/", 1)[-1] for p in c.parts], c.fingerprints, c.errors_by_reason(), c.images,
+            {p.rsplit("/", 1)[-1]: s for p, s in c.stamps.items()})
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path, s3_env, monkeypatch):
+    if request.param == "local":
+        uri = str(tmp_path / "out")
+        os.makedirs(uri)
+    else:
+        for k, v in s3_env.items():
+            monkeypatch.setenv(k, v)
+        bucket = f"saved-{tmp_path.name.lower().replace('_', '-')[-30:]}"
+        make_bucket(s3_env, bucket)
+        uri = f"s3://{bucket}/out"
+    storage = Storage()
+    lease = Lease(storage, uri, "run-saved-index")
+    lease.acquire()
+    yield uri, storage, lease
+    lease.release()
+
+
+def write_parts(uri: str, storage: Storage, images: range, per_file: int, version: str = "v/1") -> list[str]:
+    paths = []
+    for a in range(images.start, images.stop, per_file):
+        ids = [f"img{i:05d}.jpg" for i in range(a, min(a + per_file, images.stop))]
+        rows = [(i, version, "ok" if n % 3 else "error", f"{i}#0") for n, i in enumerate(ids)]
+        paths.append(join_uri(uri, part_name(ids)))
+        put(storage, paths[-1], rows)
+    return paths
+
+
+def saves(uri: str, storage: Storage) -> list[str]:
+    fs = storage.fs(uri)
+    fs.invalidate_cache()
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.find(join_uri(uri, INDEX_DIR)))
+
+
+@pytest.mark.parametrize("memory_rows", [None, 4], ids=["in-memory", "on-disk"])
+def test_a_start_reads_the_save_and_only_what_changed_since(output, memory_rows, monkeypatch, caplog):
+    uri, storage, lease = output
+    if memory_rows:  # the records past the bound: a file on the scratch disk, saved and loaded as one
+        monkeypatch.setattr("fastsam_batch.index.MEMORY_ROWS", memory_rows)
+    paths = write_parts(uri, storage, range(0, 40), 7)
+    first = read_committed(uri, storage)
+    assert first.on_disk == bool(memory_rows)
+    assert summary_of(first) == summary_of(plain_read(uri, storage))
+    save_index(uri, storage, first, fence=lease.fence())
+    names = saves(uri, storage)
+    assert len(names) == 2 and {n.rsplit(".", 1)[1] for n in names} == {"json", "rows"}
+
+    # unchanged: the save stands for every file (a file the start read would raise: see below)
+    again = read_committed(uri, storage)
+    assert summary_of(again) == summary_of(first)
+
+    assert not [r for r in caplog.records if r.name == "fastsam_batch.saved_index"]
+
+    # changed since: one file rewritten (other rows), one deleted, one new; the rest from the save
+    fs = storage.fs(uri)
+    put(storage, paths[0], [(f"img{i:05d}.jpg", "v/2", "ok", "x") for i in range(0, 7)])
+    fs.rm(paths[1])
+    write_parts(uri, storage, range(100, 103), 7)
+    fs.invalidate_cache()
+    now = read_committed(uri, storage)
+    assert summary_of(now) == summary_of(plain_read(uri, storage))
+    assert len(index_rows(now)) == 40 - 7 + 3
+
+
+def test_the_files_the_save_covers_are_not_read_again(tmp_path):
+    """A covered file garbled in place, its size, modification time and inode kept (its listing
+    entry the save's): a read of it would fail, so the start took its rows from the save."""
+    uri = str(tmp_path / "out")
+    os.makedirs(uri)
+    storage = Storage()
+    lease = Lease(storage, uri, "run-saved-index")
+    lease.acquire()
+    paths = write_parts(uri, storage, range(0, 20), 5)
+    first = read_committed(uri, storage)
+    save_index(uri, storage, first, fence=lease.fence())
+    st = os.stat(paths[2])
+    with open(paths[2], "r+b") as f:
+        f.write(b"\0" * st.st_size)
+    os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert summary_of(read_committed(uri, storage)) == summary_of(first)
+    with pytest.raises(OSError, match="could not be read"):  # what reading it would have done
+        plain_read(uri, storage)
+
+
+@pytest.mark.parametrize("spoil", ["checksum", "key format", "rows cut short", "header unreadable", "no rows file"])
+def test_a_save_that_cannot_be_used_is_a_warning_and_every_file_is_read(output, spoil, caplog):
+    uri, storage, lease = output
+    write_parts(uri, storage, range(0, 30), 6)
+    first = read_committed(uri, storage)
+    head = save_index(uri, storage, first, fence=lease.fence())
+    fs = storage.fs(uri)
+    rows = head[:-len(".json")] + ".rows"
+    header = json.loads(fs.cat_file(head))
+    data = bytearray(fs.cat_file(rows))
+    if spoil == "checksum":
+        data[17] ^= 0x40
+        fs.pipe_file(rows, bytes(data))
+    elif spoil == "key format":
+        fs.pipe_file(head, json.dumps({**header, "key_format": "another"}).encode())
+    elif spoil == "rows cut short":
+        fs.pipe_file(rows, bytes(data[:-40]))
+    elif spoil == "header unreadable":
+        fs.pipe_file(head, b"{not json")
+    else:
+        fs.rm(rows)
+    # a file changed since, too: the rows must be those of the files, not of the spoilt save
+    write_parts(uri, storage, range(0, 6), 6, version="v/9")
+    fs.invalidate_cache()
+    with caplog.at_level(logging.WARNING, logger="fastsam_batch.saved_index"):
+        got = read_committed(uri, storage)
+    assert summary_of(got) == summary_of(plain_read(uri, storage))
+    assert any("is not used" in r.getMessage() and "every committed file is read" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_newer_save_replaces_the_older_and_its_leftovers(output):
+    uri, storage, lease = output
+    write_parts(uri, storage, range(0, 10), 5)
+    c = read_committed(uri, storage)
+    save_index(uri, storage, c, fence=lease.fence())
+    fs = storage.fs(uri)
+    fs.pipe_file(join_uri(uri, INDEX_DIR, "00000000000000000001-left.rows"), b"left by a killed save")
+    write_parts(uri, storage, range(10, 15), 5)
+    fs.invalidate_cache()
+    c2 = read_committed(uri, storage)
+    head = save_index(uri, storage, c2, fence=lease.fence())
+    token = head.rsplit("/", 1)[-1][:-len(".json")]
+    assert saves(uri, storage) == [f"{token}.json", f"{token}.rows"]
+    assert summary_of(read_committed(uri, storage)) == summary_of(plain_read(uri, storage))
+
+
+def test_a_run_that_lost_its_lease_saves_nothing(output):
+    uri, storage, lease = output
+    write_parts(uri, storage, range(0, 10), 5)
+    c = read_committed(uri, storage)
+    save_index(uri, storage, c, fence=lease.fence())
+    before = saves(uri, storage)
+    fence = lease.fence()
+    Lease(storage, uri, "run-other").acquire(break_lease=True)
+    with pytest.raises(LeaseLost):
+        save_index(uri, storage, c, fence=fence)
+    assert saves(uri, storage) == before
+
+
+def test_the_checksum_is_of_every_byte(tmp_path):
+    """A pure check of the checksum: one bit anywhere (in a block past the first too) changes it."""
+    rec = np.zeros(3 * 7, saved_index.ROW)
+    rec["hi"] = np.arange(len(rec), dtype=np.uint64) * 0x9E3779B97F4A7C15
+    monkey_block = saved_index._BLOCK
+    try:
+        saved_index._BLOCK = 7
+        base = saved_index._checksum(rec)
+        raw = rec.view(np.uint8)
+        for at in (0, 38, 40 * 7 + 3, raw.size - 2):  # (byte 39 of a record is padding, not a field)
+            flipped = rec.copy()
+            flipped.view(np.uint8)[at] ^= 1
+            assert saved_index._checksum(flipped) != base
+    finally:
+        saved_index._BLOCK = monkey_block
+
+
+def test_a_local_save_is_where_the_output_is(tmp_path):
+    uri = str(tmp_path / "out")
+    os.makedirs(uri)
+    storage = Storage()
+    lease = Lease(storage, uri, "run-saved-index")
+    lease.acquire()
+    write_parts(uri, storage, range(0, 4), 2)
+    head = save_index(uri, storage, read_committed(uri, storage), fence=lease.fence())
+    assert os.path.dirname(strip_protocol(head)) == os.path.join(uri, INDEX_DIR)
+    listed = list_parts_stamped(uri, storage)
+    base, drop, read = load_index(uri, storage, listed)
+    assert (drop, read, sorted(base.parts)) == ([], [], sorted(listed))
