@@ -22,7 +22,10 @@ steadier number), for the code before (``--before``: a commit, exported with
     .venv/bin/python benchmarks/scale.py [--rows 200000 2000000] [--kinds list inventory files]
                                          [--before 3388a75] [--before-timeout 300] [--processes 1 2]
                                          [--out benchmarks/out/scale.json] [--work DIR] [--index-rows N]
-                                         [--rows-per-file 1000]
+                                         [--rows-per-file 1000] [--saved]
+
+``--saved``: this tree's plans run again with the committed index saved under the output
+(``_index/``, as a run's end leaves it), the files it covers not read.
 
 Nothing is downloaded; the fixture checkpoint stands in for the model (planning never runs it).
 """
@@ -296,6 +299,38 @@ def plan(code: Path, manifest_path: Path, timeout: float, index_rows: int | None
             "images_done": d["images_done"], "duplicates_in_input": d["duplicates_in_input"], "package": where}
 
 
+SAVE = """
+import sys, time
+from fastsam_batch.lease import Lease
+from fastsam_batch.resume import read_committed
+from fastsam_batch.saved_index import save_index
+from fastsam_batch.storage import Storage
+uri = sys.argv[1]
+s = Storage()
+lease = Lease(s, uri, "scale-benchmark-save")
+lease.acquire()
+t0 = time.perf_counter()
+c = read_committed(uri, s)
+t1 = time.perf_counter()
+save_index(uri, s, c, fence=lease.fence())
+print(round(t1 - t0, 2), round(time.perf_counter() - t1, 2))
+c.close()
+lease.release()
+"""
+
+
+def save_index_of(output: Path) -> dict:
+    """The committed index of ``output`` saved under ``_index/`` as a run's end saves it (this tree's
+    code, in a process of its own, under a lease of its own): seconds to read it, and to save it."""
+    import shutil
+
+    shutil.rmtree(output / "_index", ignore_errors=True)
+    r = subprocess.run([sys.executable, "-c", SAVE, str(output)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+    read_s, save_s = (float(x) for x in r.stdout.split()[-2:])
+    return {"read_s": read_s, "save_s": save_s}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[200_000, 2_000_000])
@@ -313,6 +348,9 @@ def main() -> None:
                          "~100-mask photos hold)")
     ap.add_argument("--processes", type=int, nargs="+", default=[None],
                     help="$FASTSAM_BATCH_PLAN_PROCESSES for this tree's plan, one run each (default: unset)")
+    ap.add_argument("--saved", action="store_true",
+                    help="this tree's plans again with the committed index saved under the output's _index/ (as "
+                         "a run's end leaves it; the other plans run without one)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="fastsam-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -349,9 +387,17 @@ def main() -> None:
                     put_inventory(work, n, storage)
                 key = str(n) if kind == "list" else f"{kind}-{n}"  # a list's as in earlier runs' JSON
                 row = results["rows"][key] = {"kind": kind, "committed": n, "made_s": round(made_s, 1)}
-                for label, code, processes in runs:
+                output = Path(json.loads(mpath.read_text())["output"]["uri"])
+                for label, code, processes in runs + [("saved" + (f"-p{p}" if p else ""), ROOT, p)
+                                                      for p in (args.processes if args.saved else [])]:
                     if label == "before" and n > args.before_rows_max:
                         continue
+                    if label.startswith("saved") and "index_saved" not in row:
+                        row["index_saved"] = save_index_of(output)
+                    elif not label.startswith("saved"):
+                        import shutil
+
+                        shutil.rmtree(output / "_index", ignore_errors=True)  # (a save from an earlier run)
                     r = row[label] = plan(code, mpath, args.before_timeout if label == "before" else 3600,
                                           args.index_rows if label != "before" else None, processes)
                     if r.get("wall_s") is None:
