@@ -40,20 +40,30 @@ from .storage import Storage, join_uri, protocol_of, strip_protocol
 _log = logging.getLogger(__name__)
 
 INDEX_DIR = "_index"  # the committed index saved: _index/<token>.rows + _index/<token>.json
-KEY_FORMAT = "ids:blake2b-128;versions,containers:hash_texts-64-v1;row:40"
+# the save's format: the keys (ids: BLAKE2b 128 bits; versions, containers: index.hash_texts), the
+# record (index.ROW), the checksum (_checksum). A change of any of them changes this, and older saves
+# are then not used (read again from the files, once).
+KEY_FORMAT = "saved-index-1;ids:blake2b-128;versions,containers:hash_texts-64-v1;row:40;checksum:word-sums-1"
 _BLOCK = 1 << 20  # records a step of a pass over the saved rows (40 MiB)
 
 
+# A record is five little-endian 64-bit words (:data:`.index.ROW`): hi, lo, versions, units, and
+# part_of, reason_of, ok with a byte of padding, the word's top byte (which a copy need not keep).
+_WORDS = ROW.itemsize // 8
+_LAST_WORD = np.uint64((1 << 56) - 1)  # the fields of the last word, not its padding byte
+
+
 def _checksum(records: np.ndarray) -> int:
-    """A checksum of the records' fields (not their padding byte, which a copy of a record need not
-    keep): each field's values summed modulo 2^64, the sums weighted by distinct odd numbers and
-    added (a changed bit of any field changes it). A pass in blocks."""
+    """A checksum of the records' fields: each of their five words summed modulo 2^64 (the last
+    without its padding byte), the sums weighted by 1, 3, 5, 7, 9 and added (a changed bit of any
+    field changes it). A pass in blocks; byte order: a save's header names it."""
     total = 0
     for a, b in _spans(len(records), _BLOCK):
-        block = _read(records, a, b)
-        for k, name in enumerate(ROW.names):
-            s = int(np.add.reduce(block[name].astype(np.uint64), dtype=np.uint64)) if len(block) else 0
-            total = (total + s * (2 * k + 1)) % (1 << 64)
+        block = _read(records, a, b) if isinstance(records, np.memmap) else records[a:b]  # (a view: no copy)
+        words = np.ascontiguousarray(block).view(np.uint64).reshape(-1, _WORDS)
+        sums = np.add.reduce(words[:, :-1], axis=0, dtype=np.uint64).tolist()
+        sums.append(int(np.add.reduce(words[:, -1] & _LAST_WORD, dtype=np.uint64)))
+        total = (total + sum(int(s) * (2 * k + 1) for k, s in enumerate(sums))) % (1 << 64)
     return total
 
 
