@@ -73,11 +73,22 @@ def list_parts(output_uri: str, storage: Storage) -> list[str]:
 
 def listing_stamp(entry: dict) -> str:
     """What tells a listed file's content apart from an earlier one under the same name: its size and
-    ETag (S3), or its size, modification time and inode (local: a rewrite is a rename onto it)."""
+    ETag (S3), or its size, modification time, inode and status-change time (local: a rewrite is a
+    rename onto it: a new inode, and a ctime that ``utime`` cannot set back)."""
     tag = entry.get("ETag") or entry.get("etag")
     if tag:
         return f"{entry.get('size')}/{str(tag).strip(chr(34))}"
-    return f"{entry.get('size')}/{entry.get('mtime') or entry.get('LastModified') or ''}/{entry.get('ino') or ''}"
+    return (f"{entry.get('size')}/{entry.get('mtime') or entry.get('LastModified') or ''}/{entry.get('ino') or ''}/"
+            f"{entry.get('created') or ''}")
+
+
+def stamp_tells_content(stamp: str) -> bool:
+    """Whether a :func:`listing_stamp` is one a later run may trust across runs (the saved index,
+    :mod:`.saved_index`): an ETag (a hash of the content), or a local file's size, modification
+    time, inode and ctime all known. A store's entry without an ETag (a time of a second's
+    resolution, no inode) is not: such files are read again at each start."""
+    fields = stamp.split("/")
+    return all(fields) and len(fields) in (2, 4)
 
 
 def list_parts_stamped(output_uri: str, storage: Storage) -> dict[str, str]:

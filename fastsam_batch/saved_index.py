@@ -11,10 +11,13 @@ the records, so a header names records complete on storage; older saves are dele
 
 Trusting it is checked file by file, as :func:`.resume.refresh_committed` trusts what a run read:
 a committed file's rows are taken from the save only where the file is listed now with the same
-listing entry (size and ETag; or size, modification time and inode) as when its rows were read.
-Files gone lose their rows; files new or changed are read as before. A save that cannot be used
-(missing, cut short, of another key format or byte order, a checksum that does not match) is
-a warning, and every committed file is read: the save only ever saves time.
+listing entry as when its rows were read, and only an entry that tells content apart
+(:func:`.resume.stamp_tells_content`: size and ETag; or a local file's size, modification time,
+inode and ctime; not an object store's entry without an ETag). Files gone lose their rows; files
+new or changed are read as before. A save that cannot be used (cut short, of another format or
+byte order, a checksum that does not match, rows out of key order or naming a file or reason its
+header does not have) is a warning, and every committed file is read: the save only ever saves
+time. A save that covers none of the files listed is not read at all.
 
 Keys persist across runs here (and only here): the id keys' BLAKE2b and the version and
 container keys' hash (:func:`.index.hash_texts`) are named by :data:`KEY_FORMAT`, which must
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -41,36 +45,54 @@ _log = logging.getLogger(__name__)
 
 INDEX_DIR = "_index"  # the committed index saved: _index/<token>.rows + _index/<token>.json
 # the save's format: the keys (ids: BLAKE2b 128 bits; versions, containers: index.hash_texts), the
-# record (index.ROW), the checksum (_checksum). A change of any of them changes this, and older saves
-# are then not used (read again from the files, once).
-KEY_FORMAT = "saved-index-1;ids:blake2b-128;versions,containers:hash_texts-64-v1;row:40;checksum:word-sums-1"
+# record (index.ROW), the checksum (_verified), and how a committed file's rows become records
+# (resume.read_file_rows: which rows are ok, the error reasons, index.error_reason's). A change of
+# any of them changes this, and older saves are then not used (read again from the files, once).
+KEY_FORMAT = ("saved-index-1;ids:blake2b-128;versions,containers:hash_texts-64-v1;row:40;checksum:word-sums-1;"
+              "rows:resume.read_file_rows-1")  # (-1: how a file's rows become records: ok, error_reason, columns)
 _BLOCK = 1 << 20  # records a step of a pass over the saved rows (40 MiB)
 
 
-# A record is five little-endian 64-bit words (:data:`.index.ROW`): hi, lo, versions, units, and
-# part_of, reason_of, ok with a byte of padding, the word's top byte (which a copy need not keep).
+# A record is five 64-bit words (:data:`.index.ROW`): hi, lo, versions, units, and part_of,
+# reason_of, ok with a byte of padding, the word's top byte on a little-endian machine (a copy need
+# not keep it; a save of another byte order is not used).
 _WORDS = ROW.itemsize // 8
-_LAST_WORD = np.uint64((1 << 56) - 1)  # the fields of the last word, not its padding byte
+_LAST_WORD = np.uint64((1 << 56) - 1) if sys.byteorder == "little" else np.uint64(((1 << 56) - 1) << 8)
 
 
-def _checksum(records: np.ndarray) -> int:
+def _verified(records: np.ndarray, parts: int | None = None, reasons: int | None = None) -> int:
     """A checksum of the records' fields: each of their five words summed modulo 2^64 (the last
     without its padding byte), the sums weighted by 1, 3, 5, 7, 9 and added (a changed bit of any
-    field changes it). A pass in blocks; byte order: a save's header names it."""
+    field changes it), in a pass in blocks. With ``parts`` and ``reasons`` (their counts) the
+    records are checked in the same pass: in key order (:func:`.index.sort_keys`' order of hi, then lo), each file index and
+    reason within the header's (a :class:`SavedIndexError` otherwise)."""
     total = 0
+    prev = None
     for a, b in _spans(len(records), _BLOCK):
         block = _read(records, a, b) if isinstance(records, np.memmap) else records[a:b]  # (a view: no copy)
         words = np.ascontiguousarray(block).view(np.uint64).reshape(-1, _WORDS)
         sums = np.add.reduce(words[:, :-1], axis=0, dtype=np.uint64).tolist()
         sums.append(int(np.add.reduce(words[:, -1] & _LAST_WORD, dtype=np.uint64)))
         total = (total + sum(int(s) * (2 * k + 1) for k, s in enumerate(sums))) % (1 << 64)
+        if parts is None:
+            continue
+        hi, lo = block["hi"], block["lo"]
+        if prev is not None and (prev[0], prev[1]) > (int(hi[0]), int(lo[0])):
+            raise SavedIndexError(f"its rows are not in key order (at row {a})")
+        later = hi[1:] > hi[:-1]
+        if not np.all(later | ((hi[1:] == hi[:-1]) & (lo[1:] >= lo[:-1]))):
+            raise SavedIndexError(f"its rows are not in key order (in rows {a}-{b})")
+        prev = (int(hi[-1]), int(lo[-1]))
+        part_of, reason_of = block["part_of"], block["reason_of"]
+        if part_of.min() < 0 or part_of.max() >= parts or reason_of.min() < -1 or reason_of.max() >= reasons:
+            raise SavedIndexError(f"a row's file or reason is not in its header (in rows {a}-{b})")
     return total
 
 
 def header_of(committed: Committed) -> dict:
     """What the save says of ``committed`` besides its records (pure)."""
     return {"key_format": KEY_FORMAT, "byteorder": sys.byteorder, "dtype": str(ROW.descr),
-            "itemsize": ROW.itemsize, "rows": committed.rows, "checksum": _checksum(committed.records),
+            "itemsize": ROW.itemsize, "rows": committed.rows, "checksum": _verified(committed.records),
             "reasons": list(committed.reasons),
             "parts": [[p.rsplit("/", 1)[-1], committed.stamps.get(p, ""), committed.part_fingerprints.get(p, {})]
                       for p in committed.parts]}
@@ -79,6 +101,14 @@ def header_of(committed: Committed) -> dict:
 def _token() -> str:
     """A save's name: the time written first (zero-padded, so that names sort by it), then random."""
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+
+
+_SAVE_NAME = re.compile(r"^[0-9]{20}-[0-9a-f]{12}\.(json|rows)$")  # _token() + .json / .rows: nothing else is a save's
+
+
+def _saves(folder: str, storage: Storage) -> list[str]:
+    """The files of saves in ``folder`` (their headers and records), in name order: the newest last."""
+    return [p for p in _names(folder, storage) if _SAVE_NAME.match(p.rsplit("/", 1)[-1])]
 
 
 def _names(folder: str, storage: Storage) -> list[str]:
@@ -119,10 +149,12 @@ def save_index(output_uri: str, storage: Storage, committed: Committed, *, fence
     fence.check(storage)
     head_uri = join_uri(folder, f"{token}.json")
     put_atomic(storage, head_uri, json.dumps(header).encode())
-    old = [p for p in _names(folder, storage) if token not in p.rsplit("/", 1)[-1]]
+    old = [p for p in _saves(folder, storage) if not p.rsplit("/", 1)[-1].startswith(token)]
     if old:
         fence.check(storage)
-        # the headers first: a reader never finds a header whose records are deleted before it
+        # the headers first (where the store deletes in order: S3's one request for several keys need
+        # not): a start that read an old header as it went finds its records gone, a warning, and reads
+        # the files
         fs.rm(sorted(old, key=lambda p: not p.endswith(".json")))
     return head_uri
 
@@ -132,24 +164,29 @@ class SavedIndexError(ValueError):
 
 
 def _load_records(fs, rows_path: str, header: dict, local: bool, bound: int) -> tuple[np.ndarray, _Scratch | None]:
+    """The save's records: in memory up to ``bound`` rows; past it mapped, from the output's own file
+    (a local output) or a copy on the scratch disk (object storage); checked (:func:`_verified`)."""
     n = int(header["rows"])
     size = fs.size(rows_path)
     if size != n * ROW.itemsize:
         raise SavedIndexError(f"{rows_path} holds {size} bytes, its header says {n} rows of {ROW.itemsize}")
     scratch = None
-    if n <= bound:
-        records = np.frombuffer(fs.cat_file(rows_path), ROW).copy() if n else np.empty(0, ROW)
-    elif local:
-        records = np.memmap(rows_path, ROW, mode="r", shape=(n,))
-    else:
-        scratch = _Scratch()
-        path = scratch.new_path("saved", ".rows")
-        with_retries(lambda: fs.get_file(rows_path, path))
-        records = np.memmap(path, ROW, mode="r", shape=(n,))
-    if _checksum(records) != int(header["checksum"]):
+    try:
+        if n <= bound:
+            records = np.frombuffer(fs.cat_file(rows_path), ROW).copy() if n else np.empty(0, ROW)
+        elif local:
+            records = np.memmap(rows_path, ROW, mode="r", shape=(n,))
+        else:
+            scratch = _Scratch()
+            path = scratch.new_path("saved", ".rows")
+            with_retries(lambda: fs.get_file(rows_path, path))
+            records = np.memmap(path, ROW, mode="r", shape=(n,))
+        if _verified(records, len(header["parts"]), len(header["reasons"])) != int(header["checksum"]):
+            raise SavedIndexError(f"{rows_path}: its checksum does not match its header's")
+    except BaseException:
         if scratch is not None:
             scratch.close()
-        raise SavedIndexError(f"{rows_path}: its checksum does not match its header's")
+        raise
     return records, scratch
 
 
@@ -157,40 +194,46 @@ def load_index(output_uri: str, storage: Storage, listed: dict[str, str],
                memory_rows: int | None = None) -> tuple[Committed, list[str], list[str]] | None:
     """The newest save, as a :class:`.index.Committed` of every file it covers (its parts named as
     ``listed`` names them where listed), with (the files to drop from it: gone, changed, or of an
-    unknown entry; the listed files to read: not in it, or changed). ``listed``: the committed files
-    now -> their listing entry (:func:`.resume.list_parts_stamped`). None where there is no save
-    or it cannot be used (a warning says why)."""
+    entry that does not tell content (:func:`.resume.stamp_tells_content`); the listed files to
+    read: not in it, or changed). ``listed``: the committed files now -> their listing entry
+    (:func:`.resume.list_parts_stamped`). None where there is no save, it covers none of the files
+    listed (its records not even read), or it cannot be used (a warning says why)."""
+    from .resume import stamp_tells_content
+
     folder = join_uri(output_uri, INDEX_DIR)
-    heads = [p for p in _names(folder, storage) if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith("_tmp-")]
+    heads = [p for p in _saves(folder, storage) if p.endswith(".json")]
     if not heads:
         return None
     head = heads[-1]
     fs = storage.fs(folder)
+    by_name = {p.rsplit("/", 1)[-1]: p for p in listed}
     base = Committed(memory_rows=memory_rows)
     try:
         header = json.loads(fs.cat_file(head))
         for key, want in (("key_format", KEY_FORMAT), ("byteorder", sys.byteorder), ("dtype", str(ROW.descr))):
             if header.get(key) != want:
                 raise SavedIndexError(f"its {key} is {header.get(key)!r}, this version's {want!r}")
-        records, scratch = _load_records(fs, head[:-len(".json")] + ".rows", header, protocol_of(output_uri) == "file",
-                                         base.bound)
+        parts, drop, covered = [], [], set()
+        for name, stamp, fingerprints in header["parts"]:
+            path = by_name.get(name)
+            if path is not None and stamp == listed[path] and stamp_tells_content(stamp):
+                covered.add(path)
+                base.stamps[path] = stamp
+            else:
+                path = path or f"{INDEX_DIR}:gone/{name}"  # not listed: its rows are dropped at once
+                drop.append(path)
+            parts.append(path)
+            base.part_fingerprints[path] = {str(fp): int(n) for fp, n in dict(fingerprints).items()}
+        reasons = [str(r) for r in header["reasons"]]
+        if not covered:
+            return None  # (an output written anew since: --overwrite, or files all changed)
+        records, scratch = _load_records(fs, head[:-len(".json")] + ".rows", header,
+                                         protocol_of(output_uri) == "file", base.bound)
     except Exception as e:  # noqa: BLE001 - a save is only ever a saving: read the files instead
         _log.warning("the committed index saved in %s is not used (%s: %s): every committed file is read",
                      head, type(e).__name__, e)
         return None
-    by_name = {p.rsplit("/", 1)[-1]: p for p in listed}
-    parts, drop, covered = [], [], set()
-    for name, stamp, fingerprints in header["parts"]:
-        path = by_name.get(name)
-        if path is not None and stamp and listed[path] == stamp:
-            covered.add(path)
-            base.stamps[path] = stamp
-        else:
-            path = path or f"{INDEX_DIR}:gone/{name}"  # not listed: its rows are dropped at once
-            drop.append(path)
-        parts.append(path)
-        base.part_fingerprints[path] = dict(fingerprints)
-    base.parts, base.rows, base.records, base.reasons = parts, len(records), records, list(header["reasons"])
+    base.parts, base.rows, base.records, base.reasons = parts, len(records), records, reasons
     base._scratch = scratch
     for fps in base.part_fingerprints.values():
         for fp, n in fps.items():

@@ -415,7 +415,8 @@ def killed_repair(out: str, current: dict[str, str], at: int) -> bool:
 def outputs(draw):
     """An output as runs cut short, two runs at once and changed objects leave it: rows of one image
     in several files or twice in one file, rows of older versions of an object, ``_units/`` records
-    of completed containers in several files, a temporary file of a killed writer."""
+    of completed containers in several files, a temporary file of a killed writer; and whether an
+    index of it was saved (saved_index.py) before the repairs."""
     files = draw(st.integers(1, 4))
     rows: dict[int, list[tuple]] = {}
     current = {}
@@ -433,7 +434,7 @@ def outputs(draw):
                                                st.sampled_from(["v1", "v2"]), st.integers(1, 3)),
                                      min_size=1, max_size=3), max_size=3))
     kills = draw(st.lists(st.integers(0, 2**32), min_size=1, max_size=2))  # seeds of the kill points
-    return rows, current, records, draw(st.booleans()), kills
+    return rows, current, records, draw(st.booleans()), kills, draw(st.booleans())
 
 
 def make_output(out: Path, rows: dict[int, list[tuple]], records: list, tmp_file: bool) -> None:
@@ -460,7 +461,7 @@ def test_any_kill_during_the_repairs_then_a_rerun_leaves_exactly_one_row_per_ima
               suppress_health_check=list(HealthCheck))
     @given(outputs())
     def check(case):
-        rows, current, records, tmp_file, kills = case
+        rows, current, records, tmp_file, kills, saved = case
         base = Path(os.path.realpath(tmp_path)) / f"case{len(kill_points)}-{os.urandom(4).hex()}"
         out = base / "out"
         lease = Lease(Storage(), str(out), "run-invariant")
@@ -474,6 +475,10 @@ def test_any_kill_during_the_repairs_then_a_rerun_leaves_exactly_one_row_per_ima
             shutil.copytree(out, base / "count")
             with storage_operations(_Kill()) as counted:
                 repair_everything(str(base / "count"), current)
+            if saved:  # an index saved before the repairs: each start reads it, then the files it does not cover
+                c = read_committed(str(out), Storage())
+                save_index(str(out), Storage(), c, fence=_fence(str(out)))
+                c.close()
             for seed in kills:
                 at = random.Random(seed).randint(1, max(1, counted.n))
                 if killed_repair(str(out), current, at):

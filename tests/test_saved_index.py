@@ -29,6 +29,10 @@ def summary_of(c: Committed) -> tuple:
             {p.rsplit("/", 1)[-1]: s for p, s in c.stamps.items()})
 
 
+# version_key of "", "e1/10", "mtime:1796163999.75/1234", "0123456789abcdef0" under KEY_FORMAT's hash
+VERSION_KEYS = [0, 16908901361356465601, 4957383476332258431, 545846390567186269]
+
+
 @pytest.fixture(params=["local", "s3"])
 def output(request, tmp_path, s3_env, monkeypatch):
     if request.param == "local":
@@ -76,7 +80,10 @@ def test_a_start_reads_the_save_and_only_what_changed_since(output, memory_rows,
     names = saves(uri, storage)
     assert len(names) == 2 and {n.rsplit(".", 1)[1] for n in names} == {"json", "rows"}
 
-    # unchanged: the save stands for every file (a file the start read would raise: see below)
+    # unchanged: the save stands for every file, none read (and see the test below)
+    base, drop, read = load_index(uri, storage, list_parts_stamped(uri, storage))
+    assert (drop, read, base.rows, base.on_disk) == ([], [], 40, bool(memory_rows))
+    base.close()
     again = read_committed(uri, storage)
     assert summary_of(again) == summary_of(first)
 
@@ -88,14 +95,24 @@ def test_a_start_reads_the_save_and_only_what_changed_since(output, memory_rows,
     fs.rm(paths[1])
     write_parts(uri, storage, range(100, 103), 7)
     fs.invalidate_cache()
+    listed = list_parts_stamped(uri, storage)
+    base, drop, read = load_index(uri, storage, listed)
+    new = [p for p in listed if p.rsplit("/", 1)[-1] == part_name([f"img{i:05d}.jpg" for i in range(100, 103)])]
+    name = {p: p.rsplit("/", 1)[-1] for p in [*drop, *read]}
+    assert sorted(name[p] for p in drop) == sorted(p.rsplit("/", 1)[-1] for p in paths[:2])
+    assert sorted(read) == sorted([new[0], next(p for p in listed if name.get(p) == paths[0].rsplit("/", 1)[-1])])
+    base.close()
     now = read_committed(uri, storage)
     assert summary_of(now) == summary_of(plain_read(uri, storage))
     assert len(index_rows(now)) == 40 - 7 + 3
 
 
-def test_the_files_the_save_covers_are_not_read_again(tmp_path):
-    """A covered file garbled in place, its size, modification time and inode kept (its listing
-    entry the save's): a read of it would fail, so the start took its rows from the save."""
+def test_the_files_the_save_covers_are_not_read_again_and_one_changed_in_place_is(tmp_path, monkeypatch):
+    """The files a start reads, counted: none where the save covers them all, one where another is
+    new. Then a covered file garbled in place with its size, modification time and inode kept: its
+    ctime tells it changed, so the start reads it (and fails on it), where a save trusted it before."""
+    from fastsam_batch import resume
+
     uri = str(tmp_path / "out")
     os.makedirs(uri)
     storage = Storage()
@@ -104,16 +121,25 @@ def test_the_files_the_save_covers_are_not_read_again(tmp_path):
     paths = write_parts(uri, storage, range(0, 20), 5)
     first = read_committed(uri, storage)
     save_index(uri, storage, first, fence=lease.fence())
+    reads = []
+    real = resume.read_file_rows
+    monkeypatch.setattr(resume, "read_file_rows", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    assert summary_of(read_committed(uri, storage)) == summary_of(first) and reads == []
+    added = write_parts(uri, storage, range(50, 53), 5)
+    now = read_committed(uri, storage)
+    assert reads == added
+    assert summary_of(now) == summary_of(plain_read(uri, storage))
     st = os.stat(paths[2])
     with open(paths[2], "r+b") as f:
         f.write(b"\0" * st.st_size)
     os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert summary_of(read_committed(uri, storage)) == summary_of(first)
-    with pytest.raises(OSError, match="could not be read"):  # what reading it would have done
-        plain_read(uri, storage)
+    assert (os.stat(paths[2]).st_ino, os.stat(paths[2]).st_size) == (st.st_ino, st.st_size)
+    with pytest.raises(OSError, match="could not be read"):
+        read_committed(uri, storage)
 
 
-@pytest.mark.parametrize("spoil", ["checksum", "key format", "rows cut short", "header unreadable", "no rows file"])
+@pytest.mark.parametrize("spoil", ["checksum", "key format", "rows cut short", "header unreadable", "no rows file",
+                                   "rows out of order", "a file not in the header", "header without parts"])
 def test_a_save_that_cannot_be_used_is_a_warning_and_every_file_is_read(output, spoil, caplog):
     uri, storage, lease = output
     write_parts(uri, storage, range(0, 30), 6)
@@ -132,6 +158,16 @@ def test_a_save_that_cannot_be_used_is_a_warning_and_every_file_is_read(output, 
         fs.pipe_file(rows, bytes(data[:-40]))
     elif spoil == "header unreadable":
         fs.pipe_file(head, b"{not json")
+    elif spoil in ("rows out of order", "a file not in the header"):  # the checksum made to match
+        rec = np.frombuffer(bytes(data), saved_index.ROW).copy()
+        if spoil == "rows out of order":
+            rec[[0, 1]] = rec[[1, 0]]
+        else:
+            rec["part_of"][3] = len(header["parts"])
+        fs.pipe_file(rows, rec.tobytes())
+        fs.pipe_file(head, json.dumps({**header, "checksum": saved_index._verified(rec)}).encode())
+    elif spoil == "header without parts":
+        fs.pipe_file(head, json.dumps({k: v for k, v in header.items() if k != "parts"}).encode())
     else:
         fs.rm(rows)
     # a file changed since, too: the rows must be those of the files, not of the spoilt save
@@ -150,7 +186,7 @@ def test_a_newer_save_replaces_the_older_and_its_leftovers(output):
     c = read_committed(uri, storage)
     save_index(uri, storage, c, fence=lease.fence())
     fs = storage.fs(uri)
-    fs.pipe_file(join_uri(uri, INDEX_DIR, "00000000000000000001-left.rows"), b"left by a killed save")
+    fs.pipe_file(join_uri(uri, INDEX_DIR, "00000000000000000001-0123456789ab.rows"), b"left by a killed save")
     write_parts(uri, storage, range(10, 15), 5)
     fs.invalidate_cache()
     c2 = read_committed(uri, storage)
@@ -180,12 +216,12 @@ def test_the_checksum_is_of_every_byte(tmp_path):
     monkey_block = saved_index._BLOCK
     try:
         saved_index._BLOCK = 7
-        base = saved_index._checksum(rec)
+        base = saved_index._verified(rec)
         raw = rec.view(np.uint8)
         for at in (0, 38, 40 * 7 + 3, raw.size - 2):  # (byte 39 of a record is padding, not a field)
             flipped = rec.copy()
             flipped.view(np.uint8)[at] ^= 1
-            assert saved_index._checksum(flipped) != base
+            assert saved_index._verified(flipped) != base
     finally:
         saved_index._BLOCK = monkey_block
 
@@ -202,3 +238,57 @@ def test_a_local_save_is_where_the_output_is(tmp_path):
     listed = list_parts_stamped(uri, storage)
     base, drop, read = load_index(uri, storage, listed)
     assert (drop, read, sorted(base.parts)) == ([], [], sorted(listed))
+
+
+def test_files_whose_entry_does_not_tell_content_are_read_again(tmp_path):
+    """An object store's entry without an ETag (size and a time of a second's resolution) is not
+    trusted across runs: the save's rows of such a file are dropped and the file read."""
+    from fastsam_batch.resume import stamp_tells_content
+
+    assert stamp_tells_content("1234/9b2cf535f27731c974343645a3985328")
+    assert stamp_tells_content("1234/1796163999.75/5308449/1796163999.75")
+    assert not stamp_tells_content("1234/2026-12-01 10:00:00+00:00//")  # S3-compatible, no ETag
+    assert not stamp_tells_content("1234/1796163999.75/5308449/")  # no ctime
+    assert not stamp_tells_content("")
+    uri = str(tmp_path / "out")
+    os.makedirs(uri)
+    storage = Storage()
+    lease = Lease(storage, uri, "run-saved-index")
+    lease.acquire()
+    write_parts(uri, storage, range(0, 9), 3)
+    c = read_committed(uri, storage)
+    weak = {p: f"{i}/2026-12-01 10:00:00+00:00//" for i, p in enumerate(c.parts)}
+    c.stamps = dict(weak)
+    save_index(uri, storage, c, fence=lease.fence())
+    assert load_index(uri, storage, weak) is None  # covers none: its records not even read
+    listed = {**weak, c.parts[0]: list_parts_stamped(uri, storage)[c.parts[0]]}
+    assert load_index(uri, storage, listed) is None
+
+
+def test_other_files_in_the_index_folder_are_left_alone(output):
+    """Only a save's own names (a 20-digit time, 12 hex digits, .json / .rows) are read or deleted."""
+    uri, storage, lease = output
+    write_parts(uri, storage, range(0, 6), 3)
+    fs = storage.fs(uri)
+    stray = join_uri(uri, INDEX_DIR, "zz-notes.json")
+    fs.makedirs(join_uri(uri, INDEX_DIR), exist_ok=True)
+    fs.pipe_file(stray, b"not a save")
+    head = save_index(uri, storage, read_committed(uri, storage), fence=lease.fence())
+    fs.invalidate_cache()
+    assert fs.exists(stray) and fs.exists(head)
+    base, drop, read = load_index(uri, storage, list_parts_stamped(uri, storage))
+    assert (drop, read, base.rows) == ([], [], 6)
+    base.close()
+
+
+def test_the_keys_a_save_holds_are_those_of_its_format():
+    """Keys persist in a save: these values are the key format's (saved_index.KEY_FORMAT). A change
+    of the id key or of the version/container hash must change KEY_FORMAT, and these values with it."""
+    import hashlib
+
+    from fastsam_batch.index import id_key, version_key
+
+    assert saved_index.KEY_FORMAT.startswith("saved-index-1;ids:blake2b-128;versions,containers:hash_texts-64-v1;")
+    for text in ("img00001.jpg", "s3://bucket/a/b.png", "é/ü.jpg"):
+        assert id_key(text) == hashlib.blake2b(text.encode(), digest_size=16).digest()
+    assert [version_key(v) for v in ("", "e1/10", "mtime:1796163999.75/1234", "0123456789abcdef0")] == VERSION_KEYS
