@@ -510,7 +510,7 @@ class FileRows:
     reasons: list[str]
     units: np.ndarray  # unit_key per row
     fingerprints: dict[str, int]
-    stamp: str = ""  # the file's listing entry when read (size and ETag, or mtime): "" unknown (read again)
+    stamp: str = ""  # the file's listing entry when read (resume.listing_stamp): "" unknown (read again)
 
     @classmethod
     def from_rows(cls, part: str, rows: Sequence[tuple], fingerprints: dict[str, int] | None = None) -> "FileRows":
@@ -880,7 +880,7 @@ class Committed:
     fingerprints: dict[str, int] = field(default_factory=dict)  # fingerprint -> rows
     reasons: list[str] = field(default_factory=list)  # the error reasons present
     part_fingerprints: dict[str, dict[str, int]] = field(default_factory=dict)  # part -> fingerprint -> rows
-    # part -> its listing entry when it was read (size and ETag, or size, mtime and inode): a file
+    # part -> its listing entry when it was read (size and ETag, or size, mtime, inode and ctime): a file
     # rewritten under its own name (names are hashes of the ids a file holds) is told by this
     stamps: dict[str, str] = field(default_factory=dict)
     memory_rows: int | None = None  # rows held in memory before they go to disk (None: MEMORY_ROWS)

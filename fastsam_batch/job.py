@@ -33,7 +33,7 @@ from .index import CHANGED, FRESH, Committed, stale_unit_rows, version_keys_arro
 from .parallel import PlanPool, look_up, plan_processes, source_versions
 from .resume import (read_committed, read_units_records, run_fingerprint, source_version,
                      write_units_record)
-from .saved_index import INDEX_DIR, save_index
+from .saved_index import INDEX_DIR, save_index, saved_covers
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Interrupted, put_atomic
@@ -505,6 +505,8 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
                     f"{summary.run_fingerprint} (the run is complete; --retry-errors processes error rows again)"
                     if not retry else f"nothing to do: no error rows to retry among the {summary.images_planned} images")
                 plan.remove()
+                if not saved_covers(m.output.uri, storage, committed):  # (an output of an earlier version's runs)
+                    _save_index(m, storage, committed, fence)
                 committed.close()
                 return summary
             _log_planned(m, summary, plan, log)
@@ -749,12 +751,11 @@ def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str
 
 def _save_index(m: Manifest, storage: Storage, final: Committed, fence) -> None:
     """The index as the run ends saved for the next start (:mod:`.saved_index`); a save that fails
-    only costs the next start time (it reads the files): a warning, not a failed run."""
+    (its storage, or the lease taken over since the run's records: the fence refuses it) only costs
+    the next start time (it reads the files): a warning, not a failed run."""
     try:
         save_index(m.output.uri, storage, final, fence=fence)
-    except LeaseLost:
-        raise
-    except Exception as e:  # noqa: BLE001 - see above
+    except Exception as e:  # noqa: BLE001 - see above (a lease taken over since the records: not saved either)
         _log.warning("the committed index was not saved under %s (%s: %s): the next run reads the committed "
                      "files", join_uri(m.output.uri, INDEX_DIR), type(e).__name__, e)
 

@@ -74,7 +74,8 @@ def list_parts(output_uri: str, storage: Storage) -> list[str]:
 def listing_stamp(entry: dict) -> str:
     """What tells a listed file's content apart from an earlier one under the same name: its size and
     ETag (S3), or its size, modification time, inode and status-change time (local: a rewrite is a
-    rename onto it: a new inode, and a ctime that ``utime`` cannot set back)."""
+    rename onto it: a new inode, and on Linux a ctime that ``utime`` cannot set back; fsspec gives
+    the birth time instead where the system has one, as macOS does)."""
     tag = entry.get("ETag") or entry.get("etag")
     if tag:
         return f"{entry.get('size')}/{str(tag).strip(chr(34))}"
@@ -262,8 +263,16 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     base, drop, read = saved  # the save's rows of files listed as it saw them kept; the rest read
     try:
         return base.replaced(drop, iter_files_spread(output_uri, storage, read, stamps=listed))
+    except CommittedFileError:
+        raise
+    except OSError as e:  # the save's records gone during the pass (a local save is read in place, and
+        # a run's end deletes the save before it, e.g. under a `plan` or an export): the files read instead
+        _log.warning("the committed index saved under %s could not be read to its end (%s: %s): every committed "
+                     "file is read", output_uri, type(e).__name__, e)
     finally:
         base.close()
+    listed = list_parts_stamped(output_uri, storage)
+    return Committed.from_files(iter_files_spread(output_uri, storage, list(listed), stamps=listed))
 
 
 SPREAD_FILES = 64  # committed files read by a task of planning's process pool, at most (threads inside it)

@@ -63,7 +63,8 @@ _LAST_WORD = np.uint64((1 << 56) - 1) if sys.byteorder == "little" else np.uint6
 def _verified(records: np.ndarray, parts: int | None = None, reasons: int | None = None) -> int:
     """A checksum of the records' fields: each of their five words summed modulo 2^64 (the last
     without its padding byte), the sums weighted by 1, 3, 5, 7, 9 and added (a changed bit of any
-    field changes it), in a pass in blocks. With ``parts`` and ``reasons`` (their counts) the
+    field changes it; rows moved about are not: the key order below is checked for that), in a pass
+    in blocks. With ``parts`` and ``reasons`` (their counts) the
     records are checked in the same pass: in key order (:func:`.index.sort_keys`' order of hi, then lo), each file index and
     reason within the header's (a :class:`SavedIndexError` otherwise)."""
     total = 0
@@ -153,10 +154,26 @@ def save_index(output_uri: str, storage: Storage, committed: Committed, *, fence
     if old:
         fence.check(storage)
         # the headers first (where the store deletes in order: S3's one request for several keys need
-        # not): a start that read an old header as it went finds its records gone, a warning, and reads
-        # the files
+        # not): a start that read an old header as it went finds its records gone, and reads the files
+        # (a warning; resume.read_committed reads them all again where the records went during its pass)
         fs.rm(sorted(old, key=lambda p: not p.endswith(".json")))
     return head_uri
+
+
+def saved_covers(output_uri: str, storage: Storage, committed: Committed) -> bool:
+    """Whether the newest save holds just ``committed``'s files, each with the listing entry it has
+    there (so a save of it now would save nothing new): an output of no files needs none."""
+    folder = join_uri(output_uri, INDEX_DIR)
+    heads = [p for p in _saves(folder, storage) if p.endswith(".json")]
+    if not heads:
+        return not committed.parts
+    try:
+        header = json.loads(storage.fs(folder).cat_file(heads[-1]))  # (a listed path has no protocol)
+        saved = [(str(name), str(stamp)) for name, stamp, _ in header["parts"]]
+    except Exception:  # noqa: BLE001 - a save that cannot be read covers nothing
+        return False
+    return header.get("key_format") == KEY_FORMAT and header.get("rows") == committed.rows and saved == [
+        (p.rsplit("/", 1)[-1], committed.stamps.get(p, "")) for p in committed.parts]
 
 
 class SavedIndexError(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -275,6 +276,7 @@ def test_an_unreachable_cluster_with_overwrite_loses_nothing_and_a_rerun_changes
         assert noise not in r.stdout + r.stderr  # Ray's own lines, shown only with --debug
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "_lease" not in p.name}
     assert len(list(out.glob("_runs/*.json"))) == 1
+    assert len(list(out.glob("_index/*.json"))) == 1  # the committed index saved for the next start
 
     # A finished job run again: one line, and the output (its records included) exactly as it was.
     again = run_cli("run", str(m))
@@ -283,6 +285,16 @@ def test_an_unreachable_cluster_with_overwrite_loses_nothing_and_a_rerun_changes
         line for line in again.stdout.strip().splitlines() if line.startswith("nothing to do: all 3 images")]
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "_lease" not in p.name} \
         == before
+
+    # ... and with no index saved (an output of an earlier version): the same, and the index saved
+    shutil.rmtree(out / "_index")
+    again = run_cli("run", str(m))
+    assert again.returncode == 0 and again.stderr == "" and "nothing to do: all 3 images" in again.stdout
+    now = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "_lease" not in p.name}
+    assert {p: b for p, b in now.items() if p.parts[0] != "_index"} == \
+        {p: b for p, b in before.items() if p.parts[0] != "_index"}
+    assert len(list(out.glob("_index/*.json"))) == 1
+    before = now
 
     # --overwrite with a cluster that cannot be reached: refused before anything is removed.
     closed = free_port()

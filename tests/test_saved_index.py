@@ -13,7 +13,6 @@ import os
 import numpy as np
 import pytest
 
-from conftest import make_bucket
 from fastsam_batch import saved_index
 from fastsam_batch.index import Committed
 from fastsam_batch.lease import Lease, LeaseLost
@@ -21,7 +20,7 @@ from fastsam_batch.resume import list_parts_stamped, read_committed
 from fastsam_batch.saved_index import INDEX_DIR, load_index, save_index
 from fastsam_batch.storage import Storage, join_uri, strip_protocol
 from fastsam_batch.write import part_name
-from test_repair import index_rows, plain_read, put
+from test_repair import _local_output, index_rows, output, plain_read, put  # noqa: F401 - output: a fixture
 
 
 def summary_of(c: Committed) -> tuple:
@@ -31,24 +30,6 @@ def summary_of(c: Committed) -> tuple:
 
 # version_key of "", "e1/10", "mtime:1796163999.75/1234", "0123456789abcdef0" under KEY_FORMAT's hash
 VERSION_KEYS = [0, 16908901361356465601, 4957383476332258431, 545846390567186269]
-
-
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path, s3_env, monkeypatch):
-    if request.param == "local":
-        uri = str(tmp_path / "out")
-        os.makedirs(uri)
-    else:
-        for k, v in s3_env.items():
-            monkeypatch.setenv(k, v)
-        bucket = f"saved-{tmp_path.name.lower().replace('_', '-')[-30:]}"
-        make_bucket(s3_env, bucket)
-        uri = f"s3://{bucket}/out"
-    storage = Storage()
-    lease = Lease(storage, uri, "run-saved-index")
-    lease.acquire()
-    yield uri, storage, lease
-    lease.release()
 
 
 def write_parts(uri: str, storage: Storage, images: range, per_file: int, version: str = "v/1") -> list[str]:
@@ -69,14 +50,14 @@ def saves(uri: str, storage: Storage) -> list[str]:
 
 @pytest.mark.parametrize("memory_rows", [None, 4], ids=["in-memory", "on-disk"])
 def test_a_start_reads_the_save_and_only_what_changed_since(output, memory_rows, monkeypatch, caplog):
-    uri, storage, lease = output
+    uri, storage, fence = output
     if memory_rows:  # the records past the bound: a file on the scratch disk, saved and loaded as one
         monkeypatch.setattr("fastsam_batch.index.MEMORY_ROWS", memory_rows)
     paths = write_parts(uri, storage, range(0, 40), 7)
     first = read_committed(uri, storage)
     assert first.on_disk == bool(memory_rows)
     assert summary_of(first) == summary_of(plain_read(uri, storage))
-    save_index(uri, storage, first, fence=lease.fence())
+    save_index(uri, storage, first, fence=fence)
     names = saves(uri, storage)
     assert len(names) == 2 and {n.rsplit(".", 1)[1] for n in names} == {"json", "rows"}
 
@@ -113,14 +94,11 @@ def test_the_files_the_save_covers_are_not_read_again_and_one_changed_in_place_i
     ctime tells it changed, so the start reads it (and fails on it), where a save trusted it before."""
     from fastsam_batch import resume
 
-    uri = str(tmp_path / "out")
-    os.makedirs(uri)
-    storage = Storage()
-    lease = Lease(storage, uri, "run-saved-index")
-    lease.acquire()
+    uri, storage, lease = _local_output(tmp_path)
+    fence = lease.fence()
     paths = write_parts(uri, storage, range(0, 20), 5)
     first = read_committed(uri, storage)
-    save_index(uri, storage, first, fence=lease.fence())
+    save_index(uri, storage, first, fence=fence)
     reads = []
     real = resume.read_file_rows
     monkeypatch.setattr(resume, "read_file_rows", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
@@ -133,7 +111,9 @@ def test_the_files_the_save_covers_are_not_read_again_and_one_changed_in_place_i
     with open(paths[2], "r+b") as f:
         f.write(b"\0" * st.st_size)
     os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert (os.stat(paths[2]).st_ino, os.stat(paths[2]).st_size) == (st.st_ino, st.st_size)
+    after = os.stat(paths[2])
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert after.st_ctime_ns != st.st_ctime_ns  # (what tells the change: the file was written after it was made)
     with pytest.raises(OSError, match="could not be read"):
         read_committed(uri, storage)
 
@@ -141,10 +121,10 @@ def test_the_files_the_save_covers_are_not_read_again_and_one_changed_in_place_i
 @pytest.mark.parametrize("spoil", ["checksum", "key format", "rows cut short", "header unreadable", "no rows file",
                                    "rows out of order", "a file not in the header", "header without parts"])
 def test_a_save_that_cannot_be_used_is_a_warning_and_every_file_is_read(output, spoil, caplog):
-    uri, storage, lease = output
+    uri, storage, fence = output
     write_parts(uri, storage, range(0, 30), 6)
     first = read_committed(uri, storage)
-    head = save_index(uri, storage, first, fence=lease.fence())
+    head = save_index(uri, storage, first, fence=fence)
     fs = storage.fs(uri)
     rows = head[:-len(".json")] + ".rows"
     header = json.loads(fs.cat_file(head))
@@ -181,28 +161,27 @@ def test_a_save_that_cannot_be_used_is_a_warning_and_every_file_is_read(output, 
 
 
 def test_a_newer_save_replaces_the_older_and_its_leftovers(output):
-    uri, storage, lease = output
+    uri, storage, fence = output
     write_parts(uri, storage, range(0, 10), 5)
     c = read_committed(uri, storage)
-    save_index(uri, storage, c, fence=lease.fence())
+    save_index(uri, storage, c, fence=fence)
     fs = storage.fs(uri)
     fs.pipe_file(join_uri(uri, INDEX_DIR, "00000000000000000001-0123456789ab.rows"), b"left by a killed save")
     write_parts(uri, storage, range(10, 15), 5)
     fs.invalidate_cache()
     c2 = read_committed(uri, storage)
-    head = save_index(uri, storage, c2, fence=lease.fence())
+    head = save_index(uri, storage, c2, fence=fence)
     token = head.rsplit("/", 1)[-1][:-len(".json")]
     assert saves(uri, storage) == [f"{token}.json", f"{token}.rows"]
     assert summary_of(read_committed(uri, storage)) == summary_of(plain_read(uri, storage))
 
 
 def test_a_run_that_lost_its_lease_saves_nothing(output):
-    uri, storage, lease = output
+    uri, storage, fence = output
     write_parts(uri, storage, range(0, 10), 5)
     c = read_committed(uri, storage)
-    save_index(uri, storage, c, fence=lease.fence())
+    save_index(uri, storage, c, fence=fence)
     before = saves(uri, storage)
-    fence = lease.fence()
     Lease(storage, uri, "run-other").acquire(break_lease=True)
     with pytest.raises(LeaseLost):
         save_index(uri, storage, c, fence=fence)
@@ -227,13 +206,10 @@ def test_the_checksum_is_of_every_byte(tmp_path):
 
 
 def test_a_local_save_is_where_the_output_is(tmp_path):
-    uri = str(tmp_path / "out")
-    os.makedirs(uri)
-    storage = Storage()
-    lease = Lease(storage, uri, "run-saved-index")
-    lease.acquire()
+    uri, storage, lease = _local_output(tmp_path)
+    fence = lease.fence()
     write_parts(uri, storage, range(0, 4), 2)
-    head = save_index(uri, storage, read_committed(uri, storage), fence=lease.fence())
+    head = save_index(uri, storage, read_committed(uri, storage), fence=fence)
     assert os.path.dirname(strip_protocol(head)) == os.path.join(uri, INDEX_DIR)
     listed = list_parts_stamped(uri, storage)
     base, drop, read = load_index(uri, storage, listed)
@@ -250,16 +226,13 @@ def test_files_whose_entry_does_not_tell_content_are_read_again(tmp_path):
     assert not stamp_tells_content("1234/2026-12-01 10:00:00+00:00//")  # S3-compatible, no ETag
     assert not stamp_tells_content("1234/1796163999.75/5308449/")  # no ctime
     assert not stamp_tells_content("")
-    uri = str(tmp_path / "out")
-    os.makedirs(uri)
-    storage = Storage()
-    lease = Lease(storage, uri, "run-saved-index")
-    lease.acquire()
+    uri, storage, lease = _local_output(tmp_path)
+    fence = lease.fence()
     write_parts(uri, storage, range(0, 9), 3)
     c = read_committed(uri, storage)
     weak = {p: f"{i}/2026-12-01 10:00:00+00:00//" for i, p in enumerate(c.parts)}
     c.stamps = dict(weak)
-    save_index(uri, storage, c, fence=lease.fence())
+    save_index(uri, storage, c, fence=fence)
     assert load_index(uri, storage, weak) is None  # covers none: its records not even read
     listed = {**weak, c.parts[0]: list_parts_stamped(uri, storage)[c.parts[0]]}
     assert load_index(uri, storage, listed) is None
@@ -267,13 +240,13 @@ def test_files_whose_entry_does_not_tell_content_are_read_again(tmp_path):
 
 def test_other_files_in_the_index_folder_are_left_alone(output):
     """Only a save's own names (a 20-digit time, 12 hex digits, .json / .rows) are read or deleted."""
-    uri, storage, lease = output
+    uri, storage, fence = output
     write_parts(uri, storage, range(0, 6), 3)
     fs = storage.fs(uri)
     stray = join_uri(uri, INDEX_DIR, "zz-notes.json")
     fs.makedirs(join_uri(uri, INDEX_DIR), exist_ok=True)
     fs.pipe_file(stray, b"not a save")
-    head = save_index(uri, storage, read_committed(uri, storage), fence=lease.fence())
+    head = save_index(uri, storage, read_committed(uri, storage), fence=fence)
     fs.invalidate_cache()
     assert fs.exists(stray) and fs.exists(head)
     base, drop, read = load_index(uri, storage, list_parts_stamped(uri, storage))
@@ -292,3 +265,41 @@ def test_the_keys_a_save_holds_are_those_of_its_format():
     for text in ("img00001.jpg", "s3://bucket/a/b.png", "é/ü.jpg"):
         assert id_key(text) == hashlib.blake2b(text.encode(), digest_size=16).digest()
     assert [version_key(v) for v in ("", "e1/10", "mtime:1796163999.75/1234", "0123456789abcdef0")] == VERSION_KEYS
+
+
+def test_a_local_save_deleted_while_a_start_reads_it_is_a_warning_and_the_files_are_read(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """A local save past the memory bound is read in place; a run's end may delete it meanwhile
+    (under a `plan` or an export, which hold no lease): that start reads every committed file."""
+    monkeypatch.setattr("fastsam_batch.index.MEMORY_ROWS", 4)
+    uri, storage, lease = _local_output(tmp_path)
+    write_parts(uri, storage, range(0, 30), 4)
+    head = save_index(uri, storage, read_committed(uri, storage), fence=lease.fence())
+    real = saved_index.load_index
+
+    def load_then_lose(*a, **k):
+        got = real(*a, **k)
+        assert got is not None and got[0].on_disk
+        os.remove(strip_protocol(head)[:-len(".json")] + ".rows")  # what a run's end does to an older save
+        return got
+
+    monkeypatch.setattr(saved_index, "load_index", load_then_lose)
+    with caplog.at_level(logging.WARNING, logger="fastsam_batch.resume"):
+        got = read_committed(uri, storage)
+    assert summary_of(got) == summary_of(plain_read(uri, storage))
+    assert any("could not be read to its end" in r.getMessage() for r in caplog.records)
+
+
+def test_a_save_covers_an_index_of_just_its_files(output):
+    uri, storage, fence = output
+    from fastsam_batch.saved_index import saved_covers
+
+    assert saved_covers(uri, storage, Committed())  # nothing committed, nothing saved: none needed
+    write_parts(uri, storage, range(0, 8), 4)
+    c = read_committed(uri, storage)
+    assert not saved_covers(uri, storage, c)
+    save_index(uri, storage, c, fence=fence)
+    assert saved_covers(uri, storage, read_committed(uri, storage))
+    write_parts(uri, storage, range(8, 10), 4)
+    storage.fs(uri).invalidate_cache()
+    assert not saved_covers(uri, storage, read_committed(uri, storage))
