@@ -109,16 +109,9 @@ _SAVE_NAME = re.compile(r"^[0-9]{20}-[0-9a-f]{12}\.(json|rows)$")  # _token() + 
 
 def _saves(folder: str, storage: Storage) -> list[str]:
     """The files of saves in ``folder`` (their headers and records), in name order: the newest last."""
-    return [p for p in _names(folder, storage) if _SAVE_NAME.match(p.rsplit("/", 1)[-1])]
+    from .resume import _names_starting
 
-
-def _names(folder: str, storage: Storage) -> list[str]:
-    fs = storage.fs(folder)
-    fs.invalidate_cache(folder)
-    try:
-        return sorted(fs.ls(folder, detail=False))
-    except FileNotFoundError:
-        return []
+    return [p for p in _names_starting(folder, storage, "") if _SAVE_NAME.match(p.rsplit("/", 1)[-1])]
 
 
 def save_index(output_uri: str, storage: Storage, committed: Committed, *, fence) -> str:
