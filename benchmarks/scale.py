@@ -9,6 +9,8 @@ about 3,000-6,000 rows (manifest.py), so a billion-image output's are nearer ``-
 - ``list``: a Parquet list (``uri``, ``image_id``);
 - ``inventory``: an S3 Inventory report (Parquet data files of 1,000,000 rows with bucket, key, size
   and a distinct ETag each, and its manifest.json) on a moto S3 server started here;
+- ``inventory-csv``: the same report as CSV (gzip'd data files of 1,000,000 rows, every field quoted,
+  as S3 writes them), against the same committed output as ``inventory``;
 - ``files``: N + 1,000 empty files on local disk, 10,000 a folder, each with a modification time of
   its own (this costs an inode a file: mind the disk's, ``df -i``).
 
@@ -19,7 +21,7 @@ file, whose pages count in RSS but may be reclaimed) (the machine is shared, so 
 steadier number), for the code before (``--before``: a commit, exported with
 ``git archive``) and this tree's, in the same run. Prints a table and writes JSON.
 
-    .venv/bin/python benchmarks/scale.py [--rows 200000 2000000] [--kinds list inventory files]
+    .venv/bin/python benchmarks/scale.py [--rows 200000 2000000] [--kinds list inventory inventory-csv files]
                                          [--before 3388a75] [--before-timeout 300] [--processes 1 2]
                                          [--out benchmarks/out/scale.json] [--work DIR] [--index-rows N]
                                          [--rows-per-file 1000] [--saved]
@@ -63,9 +65,11 @@ def manifest(work: Path, n: int, kind: str = "list", storage_options: dict | Non
              rows_per_file: int = 1000) -> dict:
     src = {"list": {"uri": str(work / f"list-{n}.parquet"), "format": "list"},
            "inventory": {"uri": f"s3://inv-{n}/manifest.json", "format": "s3_inventory"},
+           "inventory-csv": {"uri": f"s3://inv-{n}/csv/manifest.json", "format": "s3_inventory"},
            "files": {"uri": str(work / f"files-{n}") + "/"}}[kind]
+    outputs = "inventory" if kind == "inventory-csv" else kind  # the same images, the same output
     m = {"name": f"scale-{kind}-{n}", "input": src,
-         "output": {"uri": str(work / f"out-{kind}-{n}{_files_tag(rows_per_file)}")},
+         "output": {"uri": str(work / f"out-{outputs}-{n}{_files_tag(rows_per_file)}")},
          "model": {"checkpoint": str(CHECKPOINT), "device": "cpu"}}
     if storage_options:
         m["storage_options"] = storage_options
@@ -93,7 +97,7 @@ def versions(kind: str, lo: int, hi: int) -> list[str]:
     modification time, size 0."""
     if kind == "list":
         return ["/0"] * (hi - lo)
-    if kind == "inventory":
+    if kind in ("inventory", "inventory-csv"):
         return [f"{etag(i)}/{size(i)}" for i in range(lo, hi)]
     return [f"mtime:{float(MTIME0 + i)}/0" for i in range(lo, hi)]
 
@@ -125,6 +129,17 @@ def make_input(work: Path, n: int, kind: str) -> None:
                                      "size": pa.array([size(i) for i in range(lo, hi)], pa.int64()),
                                      "e_tag": [etag(i) for i in range(lo, hi)]}),
                            report / f"data-{j:04d}.parquet", compression="snappy")
+    elif kind == "inventory-csv":
+        import gzip
+
+        report = work / f"inventory-csv-{n}"
+        report.mkdir(exist_ok=True)
+        for j, lo in enumerate(range(0, total, REPORT_ROWS)):
+            hi = min(lo + REPORT_ROWS, total)
+            with gzip.open(report / f"data-{j:04d}.csv.gz", "wt", compresslevel=6) as f:
+                f.writelines(f'"photos","{key}","{size(i)}","{etag(i)}"\n'
+                             for i, key in zip(range(lo, hi), image_ids(kind, lo, hi)))
+        (report / ".complete").write_text("")
     else:
         root = work / f"files-{n}"
         for folder in range(0, total, FILES_A_FOLDER):
@@ -136,18 +151,22 @@ def make_input(work: Path, n: int, kind: str) -> None:
                 os.close(fd)
 
 
-def put_inventory(work: Path, n: int, storage) -> None:
-    """The report of :func:`make_input` and its manifest.json into bucket ``inv-<n>``."""
+def put_inventory(work: Path, n: int, storage, kind: str = "inventory") -> None:
+    """The report of :func:`make_input` and its manifest.json into bucket ``inv-<n>`` (a CSV one
+    under ``csv/``)."""
     fs = storage.fs("s3://")
     bucket = f"inv-{n}"
     if not fs.exists(bucket):
         fs.mkdir(bucket)
-    files = sorted((work / f"inventory-{n}").glob("data-*.parquet"))
+    csv = kind == "inventory-csv"
+    files = sorted((work / f"{kind}-{n}").glob("data-*.csv.gz" if csv else "data-*.parquet"))
+    at = f"{bucket}/csv" if csv else bucket
     for f in files:
-        fs.put_file(str(f), f"{bucket}/data/{f.name}")
-    fs.pipe_file(f"{bucket}/manifest.json", json.dumps({
-        "sourceBucket": "photos", "destinationBucket": f"arn:aws:s3:::{bucket}", "fileFormat": "Parquet",
-        "files": [{"key": f"data/{f.name}", "size": f.stat().st_size} for f in files]}).encode())
+        fs.put_file(str(f), f"{at}/data/{f.name}")
+    form = {"fileFormat": "CSV", "fileSchema": "Bucket, Key, Size, ETag"} if csv else {"fileFormat": "Parquet"}
+    fs.pipe_file(f"{at}/manifest.json", json.dumps({
+        "sourceBucket": "photos", "destinationBucket": f"arn:aws:s3:::{bucket}", **form,
+        "files": [{"key": f"{'csv/' if csv else ''}data/{f.name}", "size": f.stat().st_size} for f in files]}).encode())
 
 
 def make(work: Path, n: int, kind: str = "list", storage_options: dict | None = None,
@@ -163,9 +182,12 @@ def make(work: Path, n: int, kind: str = "list", storage_options: dict | None = 
     out = Path(m["output"]["uri"])
     done = out / ".complete"
     t0 = time.perf_counter()
+    if kind == "inventory-csv" and not (work / f"inventory-csv-{n}" / ".complete").exists():
+        make_input(work, n, kind)  # (its output may be the Parquet report's, made already)
     if not done.exists():
         out.mkdir(parents=True, exist_ok=True)
-        make_input(work, n, kind)
+        if kind != "inventory-csv":
+            make_input(work, n, kind)
         fp = fingerprint(m)
         k = rows_per_file
         base = {f.name: pa.nulls(k, f.type) for f in OUTPUT_SCHEMA}
@@ -334,7 +356,7 @@ def save_index_of(output: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[200_000, 2_000_000])
-    ap.add_argument("--kinds", nargs="+", default=["list"], choices=["list", "inventory", "files"],
+    ap.add_argument("--kinds", nargs="+", default=["list"], choices=["list", "inventory", "inventory-csv", "files"],
                     help="input kinds, each with its own committed output")
     ap.add_argument("--before", default="3388a75", help="the commit to compare with ('' to skip)")
     ap.add_argument("--before-timeout", type=float, default=300, help="seconds before a `before` plan is stopped")
@@ -367,7 +389,7 @@ def main() -> None:
                "after_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                               capture_output=True, text=True).stdout.strip(), "rows": {}}
     moto, options, storage = None, None, None
-    if "inventory" in args.kinds:  # the report on a moto S3 server of this run's own
+    if {"inventory", "inventory-csv"} & set(args.kinds):  # the report on a moto S3 server of this run's own
         from bench import moto_server  # benchmarks/bench.py
 
         from fastsam_batch.storage import Storage
@@ -382,9 +404,10 @@ def main() -> None:
     try:
         for n in args.rows:
             for kind in args.kinds:
-                mpath, made_s = make(work, n, kind, options if kind == "inventory" else None, args.rows_per_file)
-                if kind == "inventory":
-                    put_inventory(work, n, storage)
+                report = kind.startswith("inventory")
+                mpath, made_s = make(work, n, kind, options if report else None, args.rows_per_file)
+                if report:
+                    put_inventory(work, n, storage, kind)
                 key = str(n) if kind == "list" else f"{kind}-{n}"  # a list's as in earlier runs' JSON
                 row = results["rows"][key] = {"kind": kind, "committed": n, "made_s": round(made_s, 1)}
                 output = Path(json.loads(mpath.read_text())["output"]["uri"])

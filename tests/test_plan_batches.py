@@ -587,6 +587,184 @@ def test_a_parquet_inventory_read_by_the_pool_gives_the_units_read_on_the_driver
         assert errors[0] == errors[1], errors
 
 
+CSV_FIELDS = ["Bucket", "Key", "Size", "ETag", "IsLatest", "IsDeleteMarker", "StorageClass"]
+
+
+def _csv_report_rows(rng: random.Random, n: int) -> list[list[str]]:
+    """``n`` rows of a CSV inventory report (the fields of CSV_FIELDS): keys URL-encoded as S3 writes
+    them (a space as +, a + as %2B, a newline as %0A, UTF-8 as %XX), sizes empty or not, ETags
+    quoted or not, flags in any case or empty."""
+    from urllib.parse import quote_plus
+
+    rows = []
+    for j in range(n):
+        key = rng.choice(INVENTORY_KEYS + ["a b.jpg", "c+d.png", "e%f.jpg", "sp ace/x y.jpeg"]) + str(j) * rng.randint(0, 1)
+        coded = quote_plus(key, safe="/") if rng.random() < 0.7 else key.replace("\n", "%0A")
+        rows.append([rng.choice(["bk", "b2"]), coded, rng.choice(["", "0", "5", "123456789012"]),
+                     rng.choice(["", "abc", '"abc"', '""q""']), rng.choice(["", "true", "false", "TRUE", "True"]),
+                     rng.choice(["", "false", "false", "true", "FALSE"]), rng.choice(["STANDARD", "GLACIER"])])
+    return rows
+
+
+def _gzip_csv(rows: list[list[str]]) -> bytes:
+    import csv
+    import gzip
+    import io
+
+    text = io.StringIO()
+    csv.writer(text, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
+    return gzip.compress(text.getvalue().encode())
+
+
+def _row_reader_units(data: bytes, fields: list[str], skip_non_images: bool, skipped: Skipped) -> list[dict]:
+    """The row-at-a-time reading of a CSV report (the reader before the column-wise one, written
+    out here as the reference): each line a dict of the fields, its key URL-decoded, through
+    inventory._units."""
+    import csv
+    import gzip
+    import io
+    from urllib.parse import unquote_plus
+
+    from fastsam_batch.inputs.inventory import _units
+
+    def rows():
+        for values in csv.reader(io.StringIO(gzip.decompress(data).decode(), newline="")):
+            row = dict(zip(fields, values))
+            row["Key"] = unquote_plus(row.get("Key", ""))
+            yield row
+
+    return list(_units(rows(), skip_non_images, skipped))
+
+
+@pytest.mark.parametrize("fields", [CSV_FIELDS, ["Bucket", "Key"], ["Key", "Bucket", "ETag", "IsLatest"]])
+@pytest.mark.parametrize("skip_non_images", [True, False])
+def test_a_csv_inventory_read_column_wise_gives_the_units_of_the_row_reader(tmp_path, fields, skip_non_images):
+    """A CSV inventory report's data file read by Arrow's CSV reader into the Parquet report's
+    columns (csv_piece), against the row-at-a-time reader on the same file: URL-encoded keys
+    decoded (+, %2B, %0A, UTF-8), delete markers and older versions left out, folder markers and
+    non-images skipped in order, sizes and quoted ETags as a unit has them; a file with a row of
+    another length goes row by row with the same result; a size that is not a number fails as
+    the row reader fails."""
+    from fastsam_batch.inputs.inventory import csv_piece
+
+    rng = random.Random(len(fields) * 2 + skip_non_images)
+    full = _csv_report_rows(rng, 3000)
+    rows = [[r[CSV_FIELDS.index(f)] for f in fields] for r in full]
+    storage = Storage({})
+    short = [list(r) for r in rows]
+    short[1234] = short[1234][:1]  # a row of another length: Arrow refuses it, the row reader reads it
+    for name, data_rows in (("a.csv.gz", rows), ("short.csv.gz", short)):
+        data = _gzip_csv(data_rows)
+        (tmp_path / name).write_bytes(data)
+        want_skipped = Skipped(limit=None)
+        try:
+            want = _row_reader_units(data, fields, skip_non_images, want_skipped)
+        except KeyError:  # the short row has no Bucket: the row reader fails on it, so must the new one
+            with pytest.raises(KeyError):
+                csv_piece(str(tmp_path / name), 0, None, storage, fields, skip_non_images, None, 500, in_process=False)
+            continue
+        batches, got_skipped = csv_piece(str(tmp_path / name), 0, None, storage, fields, skip_non_images, None, 500,
+                                         in_process=False)
+        assert [r for b in batches for r in b.table.to_pylist()] == want and len(want) > 300
+        assert max(len(b) for b in batches) <= 500
+        assert (got_skipped.count, got_skipped.examples) == (want_skipped.count, want_skipped.examples)
+        assert got_skipped.count > 50 or not skip_non_images
+        assert any("%" in r[fields.index("Key")] for r in rows) and any(" " in u["image_id"] for u in want)
+    if "Size" in fields:
+        plain = {"Bucket": "bk", "Key": "z.jpg", "Size": "12x", "ETag": "e", "IsLatest": "true", "IsDeleteMarker": "false",
+                 "StorageClass": "STANDARD"}
+        bad = [list(r) for r in rows[:100]] + [[plain[f] for f in fields]] + [list(r) for r in rows[100:]]
+        (tmp_path / "bad.csv.gz").write_bytes(_gzip_csv(bad))
+        with pytest.raises(ValueError) as want_error:
+            _row_reader_units(_gzip_csv(bad), fields, skip_non_images, Skipped())
+        with pytest.raises(ValueError) as got_error:
+            csv_piece(str(tmp_path / "bad.csv.gz"), 0, None, storage, fields, skip_non_images, None, 500,
+                      in_process=False)
+        assert str(got_error.value) == str(want_error.value)
+
+
+def test_a_csv_report_s_lines_are_read_in_slices_that_cover_it_once(tmp_path):
+    """_csv_lines (lines first to end of a gzip'd file, read in blocks of any size) against the
+    file's lines sliced in Python: every slice, at block boundaries and off them, the last line
+    with or without its newline, past the end empty."""
+    from fastsam_batch.inputs.inventory import _csv_lines
+
+    rng = random.Random(5)
+    lines = [("x" * rng.randint(0, 30) + f",{j}\n").encode() for j in range(400)]
+    storage = Storage({})
+    for last_newline in (True, False):
+        data = b"".join(lines) if last_newline else b"".join(lines)[:-1]
+        path = tmp_path / f"f{last_newline}.gz"
+        path.write_bytes(__import__("gzip").compress(data))
+        text = data.split(b"\n")
+        whole = [t + b"\n" for t in text[:-1]] + ([text[-1]] if text[-1] else [])
+        for chunk in (1, 7, 64, 1 << 20):
+            for first, end in ((0, None), (0, 1), (3, 4), (0, 400), (399, None), (399, 400), (400, None), (500, None),
+                               (17, 230), (230, 231), *((a, a + rng.randint(1, 50)) for a in rng.sample(range(400), 6))):
+                assert _csv_lines(str(path), storage, first, end, chunk) == b"".join(whole[first:end]), (chunk, first, end)
+
+
+def test_a_csv_inventory_read_by_the_pool_gives_the_units_of_the_row_reader(s3_env, s3fs_client, walk_pool,
+                                                                           monkeypatch):
+    """A CSV inventory report on S3 (the moto server) of three data files, read by planning's pool in
+    slices of lines (sizes from the manifest: a file in one piece, or cut in slices, at most
+    MOST_SLICES, the last to its end whatever the estimate said), and on the driver without a pool,
+    against the row-at-a-time reader of the same files: the same units in order, the same keys
+    skipped, the ids' keys those of the ids; a file that is not gzip, and one with a size that is
+    not a number, the same error with and without the pool."""
+    from conftest import FAKE_KEY, FAKE_SECRET, make_bucket
+    from fastsam_batch.index import id_keys
+    from fastsam_batch.inputs import inventory
+
+    make_bucket(s3_env, "inv-csv")
+    rng = random.Random(12)
+    data = {"a.csv.gz": _gzip_csv(_csv_report_rows(rng, 2000)), "b.csv.gz": _gzip_csv(_csv_report_rows(rng, 300)),
+            "c.csv.gz": _gzip_csv(_csv_report_rows(rng, 1500)), "bad.csv.gz": b"not gzip at all"}
+    sized = _csv_report_rows(rng, 200)
+    sized.insert(150, ["bk", "nine.jpg", "nine", "e", "true", "false", "STANDARD"])  # an image whose size is no number
+    data["size.csv.gz"] = _gzip_csv(sized)
+    for name, body in data.items():
+        s3fs_client.pipe_file(f"inv-csv/data/{name}", body)
+    storage = Storage({"endpoint_url": s3_env["AWS_ENDPOINT_URL"], "key": FAKE_KEY, "secret": FAKE_SECRET})
+
+    def report(files: dict[str, int]):
+        s3fs_client.pipe_file("inv-csv/r/manifest.json", json.dumps({
+            "destinationBucket": "arn:aws:s3:::inv-csv", "fileFormat": "CSV", "fileSchema": ", ".join(CSV_FIELDS),
+            "files": [{"key": f"data/{f}", "size": size} for f, size in files.items()]}).encode())
+        return InputConfig(uri="s3://inv-csv/r/manifest.json", format="s3_inventory")
+
+    want_skipped = Skipped(limit=None)
+    want = [u for f in ("a.csv.gz", "b.csv.gz", "c.csv.gz")
+            for u in _row_reader_units(data[f], CSV_FIELDS, True, want_skipped)]
+    assert len(want) > 400 and want_skipped.count > 300
+    # sizes that estimate 2000, 300 and 1500 rows (GZ_BYTES_A_ROW 1), 200, 20 and 10 (too few: the
+    # last slice reads to the end), and none (one piece a file); pieces of 500 lines: 4 + 1 + 3
+    # slices; of 100, at most 8 a file: 8 + 3 + 8; of 100 with the small estimates: 2 + 1 + 1
+    monkeypatch.setattr(inventory, "GZ_BYTES_A_ROW", 1)
+    for sizes, piece_rows, pieces in (((2000, 300, 1500), 500, 4 + 1 + 3), ((2000, 300, 1500), 100, 8 + 3 + 8),
+                                      ((200, 20, 10), 100, 2 + 1 + 1), ((None, 0, "x"), 100, 3)):
+        monkeypatch.setattr(inventory, "PIECE_ROWS", piece_rows)
+        cfg = report(dict(zip(("a.csv.gz", "b.csv.gz", "c.csv.gz"), sizes)))
+        for pool in (walk_pool, None):
+            walk_pool.after_rows, walk_pool.submits = 0, 0
+            got_skipped = Skipped(limit=None)
+            batches = list(inventory.iter_inventory_batches(cfg, storage, got_skipped, pool=pool))
+            assert walk_pool.submits == (pieces if pool else 0)
+            assert [r for b in batches for r in b.table.to_pylist()] == want
+            assert (got_skipped.count, got_skipped.examples) == (want_skipped.count, want_skipped.examples)
+            for b in batches:
+                hi, lo = id_keys(b.table.column("image_id").to_pylist())
+                assert b.hi.tolist() == hi.tolist() and b.lo.tolist() == lo.tolist()
+    for bad in ("bad.csv.gz", "size.csv.gz"):
+        cfg = report({"a.csv.gz": 2000, bad: 200})
+        errors = []
+        for pool in (None, walk_pool):
+            with pytest.raises(Exception) as e:
+                list(inventory.iter_inventory_batches(cfg, storage, Skipped(), pool=pool))
+            errors.append((type(e.value), str(e.value)))
+        assert errors[0] == errors[1], errors
+
+
 def _children(pid: int) -> set[int]:
     """The processes whose parent is ``pid`` (from /proc/<pid>/stat's ppid field)."""
     out: set[int] = set()

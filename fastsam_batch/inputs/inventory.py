@@ -67,15 +67,6 @@ def missing_files(files: list[str], storage: Storage) -> list[str]:
     return [f for f in files if strip_protocol(f) not in present]
 
 
-def _csv_rows(data_uri: str, storage: Storage, fields: list[str]) -> Iterator[dict]:
-    with storage.fs(data_uri).open(strip_protocol(data_uri), "rb") as raw:
-        text = io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", newline="")
-        for values in csv.reader(text):
-            row = dict(zip(fields, values))
-            row["Key"] = unquote_plus(row.get("Key", ""))  # keys are URL-encoded in CSV reports
-            yield row
-
-
 def _parquet_batches(data_uri: str, storage: Storage, batch_rows: int = UNIT_BATCH,
                      row_groups: list[int] | None = None) -> Iterator:
     """The report's record batches (of ``row_groups``; None: all), of the columns of
@@ -98,7 +89,8 @@ def _true(v) -> bool:
 
 
 def _units(rows: Iterator[dict], skip_non_images: bool, skipped: Skipped) -> Iterator[dict]:
-    """The units of report rows (dicts of the CSV field names), a row at a time."""
+    """The units of report rows (dicts of the CSV field names), a row at a time (the rules
+    :func:`parquet_units` applies column-wise)."""
     for r in rows:
         if _true(r.get("IsDeleteMarker")) or ("IsLatest" in r and r["IsLatest"] not in (None, "")
                                               and not _true(r["IsLatest"])):
@@ -117,33 +109,44 @@ def iter_inventory(cfg, storage: Storage, skipped: Skipped) -> Iterator[dict]:
 
 def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: int = UNIT_BATCH, pool=None
                            ) -> Iterator[UnitBatch]:
-    """The report's units as :class:`.UnitBatch` es, in order: Parquet reports a record batch at a
-    time as Arrow columns (:func:`parquet_units`), CSV reports a row at a time. With ``pool`` (a
-    :class:`.parallel.PlanPool`, when active) a Parquet report's data files are read by its
-    processes, about :data:`PIECE_ROWS` rows a task (:func:`_pieces`; :func:`report_piece`: their
-    units and the ids' keys made there); the driver reads only each file's footer."""
+    """The report's units as :class:`.UnitBatch` es, in order, read column-wise: Parquet reports a
+    record batch at a time as Arrow columns (:func:`parquet_units`), CSV reports a slice of lines at
+    a time parsed by Arrow's CSV reader into the same columns (:func:`csv_piece`). With ``pool`` (a
+    :class:`.parallel.PlanPool`, when active) the data files are read by its processes, about
+    :data:`PIECE_ROWS` rows a task (:func:`_pieces`, :func:`_csv_pieces`; :func:`report_piece`,
+    :func:`csv_piece`: their units and the ids' keys made there); the driver reads only each Parquet
+    file's footer."""
     manifest, files = read_manifest(cfg.uri, storage)
     csv_report = str(manifest["fileFormat"]).upper() == "CSV"
     fields = [f.strip() for f in str(manifest.get("fileSchema", "")).split(",")] if csv_report else []
     if csv_report and not {"Bucket", "Key"} <= set(fields):
         raise InputError(f"input.uri: {cfg.uri}: the manifest's fileSchema has no Bucket and Key fields")
     if csv_report:
-        for data_uri in files:
-            yield from batches_of_units(_units(_csv_rows(data_uri, storage, fields), cfg.skip_non_images, skipped),
-                                        batch_rows)
-        return
-    if pool is None or not pool.active:
+        pieces = _csv_pieces(files, [f.get("size") for f in manifest["files"]])
+
+        def task(piece):
+            return csv_piece, (*piece[:3], storage, fields, cfg.skip_non_images, skipped.limit, batch_rows)
+
+        size = lambda piece: piece[3]  # noqa: E731 - its rows, estimated
+    elif pool is None or not pool.active:
         for data_uri in files:
             yield from _report_units(_parquet_batches(data_uri, storage, batch_rows), cfg.skip_non_images, skipped,
                                      batch_rows)
         return
+    else:
+        pieces = _pieces(files, storage)
 
-    def task(piece):
-        return report_piece, (*piece[:4], storage, cfg.skip_non_images, skipped.limit, batch_rows)
+        def task(piece):
+            return report_piece, (*piece[:4], storage, cfg.skip_non_images, skipped.limit, batch_rows)
 
-    for piece, done in pool.ordered(_pieces(files, storage), task, size=lambda piece: piece[3] - piece[2]):
-        if done is None:  # its read failed in the process: read again here, which raises the error
-            done = report_piece(*task(piece)[1], in_process=False)
+        size = lambda piece: piece[3] - piece[2]  # noqa: E731
+    if pool is None or not pool.active:
+        results = ((piece, None) for piece in pieces)
+    else:
+        results = pool.ordered(pieces, task, size=size)
+    for piece, done in results:
+        if done is None:  # read here (no pool), or its read failed in the process: read again here, which raises
+            done = task(piece)[0](*task(piece)[1], in_process=False)
         batches, its_skipped = done
         skipped.merge(its_skipped)
         yield from batches
@@ -268,6 +271,135 @@ def parquet_units(batch, skip_non_images: bool, skipped: Skipped) -> UnitBatch |
     sizes = pc.fill_null(size.filter(mask), 0).cast(pa.int64()) if size is not None else None
     etags = pc.utf8_trim(pc.fill_null(etag.filter(mask), ""), '"') if etag is not None else None
     return unit_batch(key, uris, sizes, etags)
+
+
+GZ_BYTES_A_ROW = 40  # a CSV report's gzip'd bytes a row, about (keys, ETags, sizes): for slicing its files
+
+
+def _csv_pieces(files: list[str], sizes: list) -> Iterator[tuple[str, int, int | None, int]]:
+    """(data file, first line, end line or None: to its end, rows estimated) of a CSV report: a
+    gzip'd file cannot be read from its middle, so a slice is read by decompressing the file up to
+    its first line; a file is cut in slices of :data:`PIECE_ROWS` lines (or an
+    :data:`MOST_SLICES`-th of the file where that is more; the rows estimated from the size the
+    manifest gives, :data:`GZ_BYTES_A_ROW`), so a file is decompressed about 4.5 times over at
+    most. The last slice reads to the file's end, whatever the estimate."""
+    for data_uri, size in zip(files, sizes):
+        est = int(size) // GZ_BYTES_A_ROW if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0
+        if est <= PIECE_ROWS:
+            yield data_uri, 0, None, max(est, 1)
+            continue
+        width = max(PIECE_ROWS, -(-est // MOST_SLICES))
+        n = -(-est // width)
+        for k in range(n):
+            yield data_uri, k * width, (k + 1) * width if k < n - 1 else None, width
+
+
+def _csv_lines(data_uri: str, storage: Storage, first: int, end: int | None, chunk: int = 1 << 22) -> bytes:
+    """Lines ``first`` to ``end`` (None: to the end) of a gzip'd CSV data file, as its bytes (a
+    line ends at a newline: a report's keys are URL-encoded, so no field holds one)."""
+    import numpy as np
+
+    out: list[bytes] = []
+    seen = 0  # newlines passed
+    with storage.fs(data_uri).open(strip_protocol(data_uri), "rb") as raw, gzip.GzipFile(fileobj=raw) as text:
+        while True:
+            block = text.read(chunk)
+            if not block:
+                break
+            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+            lo = 0 if seen >= first else (int(ends[first - seen - 1]) + 1 if first - seen <= len(ends) else None)
+            hi = None
+            if end is not None and end - seen <= len(ends):
+                hi = int(ends[end - seen - 1]) + 1
+            if lo is not None:
+                out.append(block[lo:hi])
+            seen += len(ends)
+            if hi is not None:
+                break
+    return b"".join(out)
+
+
+def csv_piece(data_uri: str, first: int, end: int | None, storage: Storage, fields: list[str], skip_non_images: bool,
+              limit: int | None, batch_rows: int, in_process: bool = True) -> tuple[list[UnitBatch], Skipped] | None:
+    """The units of lines ``first`` to ``end`` of a CSV report's data file (:func:`csv_report_batch`:
+    Arrow's CSV reader, column-wise; lines it does not parse as ``fields`` - a row of other length -
+    go through the row reader, :func:`_units` of :func:`_decoded` rows), with their ids' keys, and the keys skipped.
+    In a process of the pool an error gives None (the driver reads the slice again, to raise it)."""
+    from ..index import id_keys
+
+    skipped = Skipped(limit=limit)
+    try:
+        data = _csv_lines(data_uri, storage, first, end)
+        try:
+            batches = csv_report_batches(data, fields, batch_rows)
+        except Exception:  # noqa: BLE001 - not as Arrow reads it: row by row, as before (which raises on what fails there)
+            batches = None
+        if batches is None:
+            rows = _decoded(csv.reader(io.StringIO(data.decode("utf-8"), newline="")), fields)
+            out = list(batches_of_units(_units(rows, skip_non_images, skipped), batch_rows))
+        else:
+            out = list(_report_units(batches, skip_non_images, skipped, batch_rows))
+    except Exception:  # noqa: BLE001 - raised by the driver's own read
+        if in_process:
+            return None
+        raise
+    for b in out:
+        b.hi, b.lo = id_keys(b.table.column("image_id").to_pylist())
+    return out, skipped
+
+
+def csv_report_batches(data: bytes, fields: list[str], batch_rows: int) -> list:
+    """A CSV report's lines (``data``) as record batches of the Parquet report's columns: keys
+    URL-decoded, sizes as integers (empty: null), the flags as booleans (empty: null), every
+    other field dropped. A size that is not an integer stays text (its batch then goes row by row,
+    :func:`parquet_units`, and fails there as the row reader does)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+
+    if not data or data.isspace():
+        return []
+    table = pcsv.read_csv(pa.BufferReader(data), read_options=pcsv.ReadOptions(column_names=fields, use_threads=False),
+                          convert_options=pcsv.ConvertOptions(column_types={f: pa.string() for f in fields}))
+    cols = {}
+    for field, name in _PARQUET_NAMES.items():
+        if field not in fields:
+            continue
+        col = table.column(field).combine_chunks()
+        if field == "Key":
+            col = _unquoted_plus(col)
+        elif field == "Size":
+            empty = pc.equal(col, "")
+            try:
+                col = pc.if_else(empty, pa.scalar(None, pa.int64()), pc.cast(pc.if_else(empty, "0", col), pa.int64()))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass  # text: its rows go one at a time
+        elif field in ("IsLatest", "IsDeleteMarker"):
+            col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.bool_()), pc.equal(pc.utf8_lower(col), "true"))
+        cols[name] = col
+    return pa.table(cols).to_batches(max_chunksize=batch_rows)
+
+
+def _unquoted_plus(keys):
+    """``urllib.parse.unquote_plus`` of each key (CSV reports URL-encode them): only the keys with a
+    ``%`` or ``+`` are decoded one by one."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    coded = pc.match_substring_regex(keys, r"[%+]")
+    where = np.flatnonzero(coded.to_numpy(zero_copy_only=False))
+    if not len(where):
+        return keys
+    decoded = pa.array([unquote_plus(keys[int(j)].as_py()) for j in where], pa.string())
+    return pc.replace_with_mask(keys, coded, decoded)
+
+
+def _decoded(values_rows, fields: list[str]) -> Iterator[dict]:
+    for values in values_rows:
+        row = dict(zip(fields, values))
+        row["Key"] = unquote_plus(row.get("Key", ""))  # keys are URL-encoded in CSV reports
+        yield row
 
 
 def open_form(cfg, storage: Storage) -> InputForm:
