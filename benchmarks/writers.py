@@ -213,7 +213,7 @@ def main() -> None:
         storage.fs("s3://bench").mkdir("bench")
         base = "s3://bench"
     ray.init(address="local", include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}})
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "load_avg_at_start": os.getloadavg()},
                "rows": args.rows, "pool": args.pool, "block": args.block, "target_mb": args.target_mb,
