@@ -516,6 +516,30 @@ def test_a_parquet_inventory_batch_read_column_wise_gives_the_units_of_the_row_r
     assert parquet_units(as_text, skip_non_images, Skipped()) is None
 
 
+def _same_error_with_and_without(pool, cfg, storage) -> None:
+    """The report of ``cfg`` fails with the same error read on the driver and read by ``pool``."""
+    from fastsam_batch.inputs import inventory
+
+    errors = []
+    for p in (None, pool):
+        with pytest.raises(Exception) as e:
+            list(inventory.iter_inventory_batches(cfg, storage, Skipped(), pool=p))
+        errors.append((type(e.value), str(e.value)))
+    assert errors[0] == errors[1], errors
+
+
+def _same_report_units(batches, skipped: Skipped, want: list[dict], want_skipped: Skipped) -> None:
+    """A report read in pieces gave the units ``want`` in order, the keys skipped ``want_skipped``
+    skipped, and each batch the keys of its ids."""
+    from fastsam_batch.index import id_keys
+
+    assert [r for b in batches for r in b.table.to_pylist()] == want
+    assert (skipped.count, skipped.examples) == (want_skipped.count, want_skipped.examples)
+    for b in batches:
+        hi, lo = id_keys(b.table.column("image_id").to_pylist())
+        assert b.hi.tolist() == hi.tolist() and b.lo.tolist() == lo.tolist()
+
+
 def test_a_parquet_inventory_read_by_the_pool_gives_the_units_read_on_the_driver(s3_env, s3fs_client, walk_pool,
                                                                                 monkeypatch):
     """A Parquet inventory report on S3 (the moto server) of three data files, read by planning's
@@ -526,7 +550,6 @@ def test_a_parquet_inventory_read_by_the_pool_gives_the_units_read_on_the_driver
     import io
 
     from conftest import FAKE_KEY, FAKE_SECRET, make_bucket
-    from fastsam_batch.index import id_keys
     from fastsam_batch.inputs import inventory
 
     make_bucket(s3_env, "inv-pool")
@@ -572,19 +595,10 @@ def test_a_parquet_inventory_read_by_the_pool_gives_the_units_read_on_the_driver
         got_skipped = Skipped(limit=None)
         batches = list(inventory.iter_inventory_batches(cfg, storage, got_skipped, pool=walk_pool))
         assert walk_pool.submits == pieces
-        assert [r for b in batches for r in b.table.to_pylist()] == want
-        assert (got_skipped.count, got_skipped.examples) == (want_skipped.count, want_skipped.examples)
-        for b in batches:
-            hi, lo = id_keys(b.table.column("image_id").to_pylist())
-            assert b.hi.tolist() == hi.tolist() and b.lo.tolist() == lo.tolist()
+        _same_report_units(batches, got_skipped, want, want_skipped)
     for bad in ("bad.parquet", "torn.parquet"):
         cfg = report(["a.parquet", bad])
-        errors = []
-        for pool in (None, walk_pool):
-            with pytest.raises(Exception) as e:
-                list(inventory.iter_inventory_batches(cfg, storage, Skipped(), pool=pool))
-            errors.append((type(e.value), str(e.value)))
-        assert errors[0] == errors[1], errors
+        _same_error_with_and_without(walk_pool, cfg, storage)
 
 
 CSV_FIELDS = ["Bucket", "Key", "Size", "ETag", "IsLatest", "IsDeleteMarker", "StorageClass"]
@@ -713,7 +727,6 @@ def test_a_csv_inventory_read_by_the_pool_gives_the_units_of_the_row_reader(s3_e
     skipped, the ids' keys those of the ids; a file that is not gzip, and one with a size that is
     not a number, the same error with and without the pool."""
     from conftest import FAKE_KEY, FAKE_SECRET, make_bucket
-    from fastsam_batch.index import id_keys
     from fastsam_batch.inputs import inventory
 
     make_bucket(s3_env, "inv-csv")
@@ -750,19 +763,10 @@ def test_a_csv_inventory_read_by_the_pool_gives_the_units_of_the_row_reader(s3_e
             got_skipped = Skipped(limit=None)
             batches = list(inventory.iter_inventory_batches(cfg, storage, got_skipped, pool=pool))
             assert walk_pool.submits == (pieces if pool else 0)
-            assert [r for b in batches for r in b.table.to_pylist()] == want
-            assert (got_skipped.count, got_skipped.examples) == (want_skipped.count, want_skipped.examples)
-            for b in batches:
-                hi, lo = id_keys(b.table.column("image_id").to_pylist())
-                assert b.hi.tolist() == hi.tolist() and b.lo.tolist() == lo.tolist()
+            _same_report_units(batches, got_skipped, want, want_skipped)
     for bad in ("bad.csv.gz", "size.csv.gz"):
         cfg = report({"a.csv.gz": 2000, bad: 200})
-        errors = []
-        for pool in (None, walk_pool):
-            with pytest.raises(Exception) as e:
-                list(inventory.iter_inventory_batches(cfg, storage, Skipped(), pool=pool))
-            errors.append((type(e.value), str(e.value)))
-        assert errors[0] == errors[1], errors
+        _same_error_with_and_without(walk_pool, cfg, storage)
 
 
 def _children(pid: int) -> set[int]:

@@ -196,12 +196,19 @@ def report_piece(data_uri: str, row_groups: list[int], first: int, end: int, sto
     with their ids' keys, and the keys skipped (``limit`` examples at most). In a process of the
     pool, an error gives None (the driver reads the piece again itself, to raise it as it always
     has)."""
+    return _keyed(lambda skipped: list(_report_units(
+        _rows_between(_parquet_batches(data_uri, storage, batch_rows, row_groups), first, end), skip_non_images, skipped,
+        batch_rows)), limit, in_process)
+
+
+def _keyed(units, limit: int | None, in_process: bool) -> tuple[list[UnitBatch], Skipped] | None:
+    """A piece's unit batches (``units(skipped)``) with their ids' keys, and the keys it skipped
+    (``limit`` examples at most); in a process of the pool an error gives None."""
     from ..index import id_keys
 
     skipped = Skipped(limit=limit)
     try:
-        rows = _rows_between(_parquet_batches(data_uri, storage, batch_rows, row_groups), first, end)
-        out = list(_report_units(rows, skip_non_images, skipped, batch_rows))
+        out = units(skipped)
     except Exception:  # noqa: BLE001 - raised by the driver's own read
         if in_process:
             return None
@@ -325,27 +332,16 @@ def csv_piece(data_uri: str, first: int, end: int | None, storage: Storage, fiel
     Arrow's CSV reader, column-wise; lines it does not parse as ``fields`` - a row of other length -
     go through the row reader, :func:`_units` of :func:`_decoded` rows), with their ids' keys, and the keys skipped.
     In a process of the pool an error gives None (the driver reads the slice again, to raise it)."""
-    from ..index import id_keys
-
-    skipped = Skipped(limit=limit)
-    try:
+    def units(skipped: Skipped) -> list[UnitBatch]:
         data = _csv_lines(data_uri, storage, first, end)
         try:
             batches = csv_report_batches(data, fields, batch_rows)
         except Exception:  # noqa: BLE001 - not as Arrow reads it: row by row, as before (which raises on what fails there)
-            batches = None
-        if batches is None:
             rows = _decoded(csv.reader(io.StringIO(data.decode("utf-8"), newline="")), fields)
-            out = list(batches_of_units(_units(rows, skip_non_images, skipped), batch_rows))
-        else:
-            out = list(_report_units(batches, skip_non_images, skipped, batch_rows))
-    except Exception:  # noqa: BLE001 - raised by the driver's own read
-        if in_process:
-            return None
-        raise
-    for b in out:
-        b.hi, b.lo = id_keys(b.table.column("image_id").to_pylist())
-    return out, skipped
+            return list(batches_of_units(_units(rows, skip_non_images, skipped), batch_rows))
+        return list(_report_units(batches, skip_non_images, skipped, batch_rows))
+
+    return _keyed(units, limit, in_process)
 
 
 def csv_report_batches(data: bytes, fields: list[str], batch_rows: int) -> list:
