@@ -22,13 +22,10 @@ import hashlib
 import io
 import json
 import os
-import queue
-import signal
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -230,9 +227,6 @@ def stats_table(rows: list[dict]) -> pa.Table:
 
 class Interrupted(Exception):
     """The run was interrupted (Ctrl-C): what had reached the writer is committed."""
-
-
-_END = object()
 
 # Sizing files by bytes (Committer, ``output.target_file_mb``). The Parquet size of waiting rows is
 # estimated from their Arrow size times the ratio (file bytes / Arrow bytes) measured on this run's
@@ -456,57 +450,3 @@ class Committer:
             for shard, _, _ in done:
                 del self.unit_ends[shard]
                 self.unit_committed.pop(shard, None)
-
-    def consume(self, blocks: Iterable[pa.Table]) -> None:
-        """Commits ``blocks`` as they come (they are produced in a thread of their own, so that a
-        due commit never waits for the next block). The first Ctrl-C (SIGINT) stops taking blocks:
-        what had arrived is committed and :class:`Interrupted` raised; a second Ctrl-C stops at once
-        (KeyboardInterrupt). A commit is never cut in half by the first."""
-        inbox: queue.Queue = queue.Queue(maxsize=4)
-        stop = threading.Event()
-
-        def produce():
-            try:
-                for block in blocks:
-                    inbox.put(block)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-                inbox.put(e)
-            inbox.put(_END)
-
-        def on_sigint(signum, frame):
-            stop.set()
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one stops at once
-
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, on_sigint) if main else None
-        threading.Thread(target=produce, name="fastsam-batch-blocks", daemon=True).start()
-        try:
-            while not stop.is_set():
-                try:
-                    item = inbox.get(timeout=min(0.5, max(0.05, self.seconds_to_due())))
-                except queue.Empty:
-                    item = None
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                if item is not None:
-                    self.add(item)
-                self.watch()
-                if self.pending_rows and self.seconds_to_due() <= 0:
-                    self.flush()
-                self.tick()
-            if stop.is_set():
-                while True:  # the blocks that had already arrived are done work: keep them
-                    try:
-                        item = inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(item, pa.Table):
-                        self.add(item)
-            self.flush()
-        finally:
-            if main and not stop.is_set():
-                signal.signal(signal.SIGINT, previous)
-        if stop.is_set():
-            raise Interrupted()
