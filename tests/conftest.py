@@ -3,6 +3,7 @@ server on 127.0.0.1 (real S3 API over HTTP), and a helper that runs the CLI as a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -90,28 +91,35 @@ def shared_or_none(path: Path) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def moto_server(env: dict | None = None):
+    """A moto server (S3, IAM, ...) in its own process on 127.0.0.1, with ``env`` added to its
+    environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT: signatures and IAM policies checked); yields
+    its endpoint URL once it answers, and stops it after."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120  # a busy machine: starting moto's server can take a while
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server in its own process on 127.0.0.1; yields the endpoint URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120  # a busy machine: starting moto's server can take a while
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("moto server did not start")
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="session")

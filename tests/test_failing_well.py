@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from conftest import CHECKPOINT, free_port, run_cli, save_shapes
+from conftest import CHECKPOINT, free_port, moto_server, run_cli, save_shapes
 from shapes import make_image
 
 BUCKET = "fw-data"
@@ -33,20 +32,7 @@ def auth_s3(tmp_path_factory):
     access key allowed everything; from then on every request is authenticated."""
     import boto3
 
-    port = free_port()
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120  # a busy machine: starting moto's server can take a while
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert time.time() < deadline, "moto server did not start"
-            time.sleep(0.2)
-    try:
+    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as endpoint:
         iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="AKIABOOTSTRAP", aws_secret_access_key="x",
                            region_name="us-east-1")
         iam.create_user(UserName="batch")
@@ -64,9 +50,6 @@ def auth_s3(tmp_path_factory):
             s3.put_object(Bucket=BUCKET, Key=f"imgs/{name}", Body=(images / name).read_bytes())
         yield {"good": good, "bad": {**good, "AWS_SECRET_ACCESS_KEY": "not-the-secret-Zq81"}, "images": images,
                "endpoint": endpoint}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def manifest(path: Path, input_uri: str, checkpoint: str, output_uri: str, **sections) -> Path:

@@ -14,18 +14,14 @@ the S3 permissions that staging files as multipart uploads adds.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
 
-from conftest import CHECKPOINT, free_port, run_cli, save_shapes
+from conftest import CHECKPOINT, free_port, moto_server, run_cli, save_shapes
 from fastsam_batch.preflight import PreflightError, check_output_placement, check_uploads
 from fastsam_batch.storage import Storage
 
@@ -91,20 +87,7 @@ def iam_s3(tmp_path_factory):
     AbortMultipartUpload, and one allowed everything."""
     import boto3
 
-    port = free_port()
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120  # a busy machine: starting moto's server can take a while
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert time.time() < deadline, "moto server did not start"
-            time.sleep(0.2)
-    try:
+    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as endpoint:
         iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="AKIABOOTSTRAP", aws_secret_access_key="x",
                            region_name="us-east-1")
         iam.create_user(UserName="admin")
@@ -127,9 +110,6 @@ def iam_s3(tmp_path_factory):
         boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=admin["AccessKeyId"],
                      aws_secret_access_key=admin["SecretAccessKey"], region_name="us-east-1").create_bucket(Bucket=BUCKET)
         yield users
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def storage_of(env: dict) -> Storage:
