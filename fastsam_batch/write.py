@@ -123,19 +123,14 @@ def put_atomic(storage: Storage, uri: str, data: bytes) -> None:
         with_retries(lambda: fs.pipe_file(uri, data))
 
 
-class ParquetWriter:
-    """A pyarrow table of output rows -> one Parquet file + a one-row stats table. Before each
-    commit it checks ``fence`` (the run still holds the output's lease, see lease.py)."""
+class Encoder:
+    """What :class:`Committer` measures files with (its writer's ``encode``)."""
 
-    def __init__(self, output_uri: str, storage: Storage, compression: str = "zstd", fence=None, metrics=None):
-        self.output_uri = output_uri
-        self.storage = storage
+    def __init__(self, compression: str = "zstd"):
         self.compression = None if compression == "none" else compression
-        self.fence = fence
-        self.metrics = metrics  # metrics.CommitMetrics: counts of what is committed  # lease.LeaseFence: commit only while the run holds the output's lease
         # Time spent in encode() since the last commit, added to that commit's write_s: it includes
         # encodes the Committer threw away (a file measured too big or too small and built again), so
-        # write_s is the driver's time for the file, not one encode and one put.
+        # write_s is the writer's time for the file, not one encode and one put.
         self.encode_s = 0.0
 
     def encode(self, table: pa.Table) -> bytes:
@@ -145,6 +140,18 @@ class ParquetWriter:
             return parquet_file_bytes(table, self.compression)
         finally:
             self.encode_s += time.perf_counter() - t0
+
+
+class ParquetWriter(Encoder):
+    """A pyarrow table of output rows -> one Parquet file + a one-row stats table. Before each
+    commit it checks ``fence`` (the run still holds the output's lease, see lease.py)."""
+
+    def __init__(self, output_uri: str, storage: Storage, compression: str = "zstd", fence=None, metrics=None):
+        super().__init__(compression)
+        self.output_uri = output_uri
+        self.storage = storage
+        self.fence = fence  # lease.LeaseFence: commit only while the run holds the output's lease
+        self.metrics = metrics  # metrics.CommitMetrics: counts of what is committed
 
     def __call__(self, table: pa.Table, data: bytes | None = None) -> pa.Table:
         """Commits ``table`` as one file; ``data``: its bytes, when :meth:`encode` made them already."""

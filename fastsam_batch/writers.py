@@ -43,7 +43,8 @@ import pyarrow as pa
 from .retry import with_retries
 from .storage import Storage, join_uri, protocol_of, strip_protocol
 from .saved_index import INDEX_DIR
-from .write import PART_PREFIX, Committer, file_stats, parquet_file_bytes, part_name, split_unit_ends, write_synced
+from .write import (PART_PREFIX, Committer, Encoder, file_stats, parquet_file_bytes, part_name, split_unit_ends,
+                    write_synced)
 
 TMP_PREFIX = "_tmp-"
 # S3 parts: at least 5 MiB each but the last (S3's rule); a 128 MiB file is 4 parts, uploaded one
@@ -232,21 +233,6 @@ class _Staging(Committer):
         self.sink(table, data, self.head_tags(table.num_rows))
 
 
-class _Encoder:
-    """What write.Committer measures files with (its writer's ``encode``)."""
-
-    def __init__(self, compression: str):
-        self.compression = None if compression == "none" else compression
-        self.encode_s = 0.0
-
-    def encode(self, table: pa.Table) -> bytes:
-        t0 = time.perf_counter()
-        try:
-            return parquet_file_bytes(table, self.compression)
-        finally:
-            self.encode_s += time.perf_counter() - t0
-
-
 class BlockWriter:
     """One writer (the body of a writer actor): blocks in (numbered by the driver), files staged out.
     Every call answers with what it staged since the last answer (see :meth:`_answer`)."""
@@ -255,7 +241,7 @@ class BlockWriter:
                  rows_per_file: int | None = None, interval_s: float = 10.0, target_file_bytes: int | None = None,
                  job: str | None = None, run_id: str = ""):
         self.index, self.output_uri, self.storage, self.run_id = index, output_uri, storage, run_id
-        self.encoder = _Encoder(compression)
+        self.encoder = Encoder(compression)
         self.metrics = None  # metrics.StageMetrics (in a writer actor, ``job`` given): the stage times staged
         if job is not None:
             from .metrics import StageMetrics
@@ -310,8 +296,8 @@ class BlockWriter:
     def _stage(self, table: pa.Table, data: bytes | None, covers: list) -> None:
         t0 = time.perf_counter()
         name = part_name(table.column("image_id").to_pylist())
-        if data is None:
-            data = self.encoder.encode(table)
+        if data is None:  # (timed here, not in encode_s: that is the encodes before this file's)
+            data = parquet_file_bytes(table, self.encoder.compression)
         uri = join_uri(self.output_uri, name)
         where = stage_bytes(self.storage, uri, data, self.run_id)
         write_s = time.perf_counter() - t0 + self.encoder.encode_s
