@@ -261,6 +261,34 @@ RATIO_MIN, RATIO_MAX = 0.05, 2.0
 MAX_PENDING_FACTOR = 4.0
 
 
+class UnitCompletion:
+    """Containers (tar shards, Parquet files of images) each end with an end-of-unit row giving
+    the images it gave (:meth:`ended`); once that many of its distinct images have a committed row
+    (:meth:`committed`), the unit is complete: :meth:`check` calls ``on_complete([(shard, version,
+    rows), ...])``, after the commit that completes it. Distinct images, not rows: a member given
+    twice (a read task Ray retried) must not stand in for a member without a row."""
+
+    def __init__(self, on_complete: Callable[[list[tuple[str, str, int]]], None] | None = None):
+        self.on_complete = on_complete or (lambda units: None)
+        self.ends: dict[str, tuple[int, str]] = {}  # shard -> (rows it gave, version)
+        self.done: dict[str, set[str]] = {}  # shard -> its image ids with a committed row
+
+    def ended(self, shard: str, version: str, rows: int) -> None:
+        self.ends[shard] = (rows, version)
+
+    def committed(self, shard: str, image_id: str) -> None:
+        self.done.setdefault(shard, set()).add(image_id)
+
+    def check(self) -> None:
+        complete = [(shard, version, rows) for shard, (rows, version) in self.ends.items()
+                    if len(self.done.get(shard, ())) >= rows]
+        if complete:
+            self.on_complete(complete)
+            for shard, _, _ in complete:
+                del self.ends[shard]
+                self.done.pop(shard, None)
+
+
 class Committer:
     """A writer's cutting: output blocks in, a Parquet file out when the waiting rows make a file
     of about ``target_file_bytes`` (measured, never above it: see :data:`FIRST_RATIO`), or
@@ -278,15 +306,8 @@ class Committer:
         # Called while blocks are awaited: raises to stop the run (lease.Lease.check_held: the lease
         # was taken over), with nothing more committed.
         self.watch = watch or (lambda: None)
-        # Containers (tar shards, Parquet files of images): each ends with an end-of-unit row
-        # giving the images it gave; once that many of its distinct images have a committed row, the
-        # unit is complete (on_units_complete((shard, version, rows)), called after the commit that
-        # completes it). Distinct images, not rows: a member given twice (a read task Ray retried)
-        # must not stand in for a member without a row.
         self.on_unit_end = on_unit_end or (lambda rows, skipped: None)
-        self.on_units_complete = on_units_complete or (lambda units: None)
-        self.unit_ends: dict[str, tuple[int, str]] = {}  # shard -> (rows it gave, version)
-        self.unit_committed: dict[str, set[str]] = {}  # shard -> its image ids with a committed row
+        self.units = UnitCompletion(on_units_complete)  # containers complete once their rows are committed
         self.tick = tick or (lambda: None)  # called about twice a second while blocks come (progress)
         self.rows_per_file = rows_per_file  # None: no cap on rows
         self.target_file_bytes = target_file_bytes  # None: files are not sized by bytes
@@ -306,10 +327,10 @@ class Committer:
         if UNIT_END in table.column_names:
             table, ends = split_unit_ends(table)
             for shard, version, rows, skipped in ends:  # end-of-unit rows (containers only): noted, never written
-                self.unit_ends[shard] = (rows, version)
+                self.units.ended(shard, version, rows)
                 self.on_unit_end(rows, skipped)
             if ends:
-                self._units_complete()
+                self.units.check()
         if table.num_rows == 0:
             return
         now = time.monotonic()
@@ -446,14 +467,5 @@ class Committer:
         if "shard" in table.column_names:
             for shard, image_id in zip(table.column("shard").to_pylist(), table.column("image_id").to_pylist()):
                 if shard:
-                    self.unit_committed.setdefault(shard, set()).add(image_id)
-            self._units_complete()
-
-    def _units_complete(self) -> None:
-        done = [(shard, version, rows) for shard, (rows, version) in self.unit_ends.items()
-                if len(self.unit_committed.get(shard, ())) >= rows]
-        if done:
-            self.on_units_complete(done)
-            for shard, _, _ in done:
-                del self.unit_ends[shard]
-                self.unit_committed.pop(shard, None)
+                    self.units.committed(shard, image_id)
+            self.units.check()

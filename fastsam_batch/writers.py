@@ -43,8 +43,8 @@ import pyarrow as pa
 from .retry import with_retries
 from .storage import Storage, join_uri, protocol_of, strip_protocol
 from .saved_index import INDEX_DIR
-from .write import (PART_PREFIX, Committer, Encoder, file_stats, parquet_file_bytes, part_name, split_unit_ends,
-                    write_synced)
+from .write import (PART_PREFIX, Committer, Encoder, UnitCompletion, file_stats, parquet_file_bytes, part_name,
+                    split_unit_ends, write_synced)
 
 TMP_PREFIX = "_tmp-"
 # S3 parts: at least 5 MiB each but the last (S3's rule); a 128 MiB file is 4 parts, uploaded one
@@ -343,12 +343,10 @@ class Ledger:
                  on_units_complete: Callable[[list[tuple[str, str, int]]], None] | None = None):
         self.publish, self.on_commit = publish, on_commit
         self.on_unit_end = on_unit_end or (lambda rows, skipped: None)
-        self.on_units_complete = on_units_complete or (lambda units: None)
+        self.units = UnitCompletion(on_units_complete)  # containers complete once their rows are published
         self.blocks: dict[int, _Block] = {}
         self.next_seq = 0
         self.noted: set[int] = set()  # blocks whose end-of-unit rows were counted
-        self.unit_ends: dict[str, tuple[int, str]] = {}  # shard -> (rows it gave, version)
-        self.unit_committed: dict[str, set[str]] = {}  # shard -> its image ids in published files
         self.files = 0
 
     def add(self, ref: Any, writer: int, start: int | None = None, end: int | None = None, size: int = 0) -> int:
@@ -374,7 +372,7 @@ class Ledger:
                 continue  # a block sent again after its first writer died
             self.noted.add(seq)
             for shard, version, rows, skipped in ends:
-                self.unit_ends[shard] = (rows, version)
+                self.units.ended(shard, version, rows)
                 self.on_unit_end(rows, skipped)
         for seq, rows in answer["rows"].items():
             if seq in self.blocks:
@@ -386,10 +384,10 @@ class Ledger:
             for seq, n in staged.covers:
                 self.blocks[seq].published += n
             for shard, image_id in staged.members:
-                self.unit_committed.setdefault(shard, set()).add(image_id)
+                self.units.committed(shard, image_id)
         for seq in [s for s, b in self.blocks.items() if b.rows is not None and b.published >= b.rows]:
             del self.blocks[seq]  # every row of it is in a published file: its reference goes
-        self._units_complete()
+        self.units.check()
 
     def resend(self, dead: int, to: Callable[[int], int]) -> list[tuple[int, Any, int | None, int | None, int]]:
         """The blocks writer ``dead`` held, not wholly published: (block number, ref, start, end, rows
@@ -406,12 +404,3 @@ class Ledger:
             b.writer = to(seq)
             out.append((seq, b.ref, b.start, b.end, b.published))
         return out
-
-    def _units_complete(self) -> None:
-        done = [(shard, version, rows) for shard, (rows, version) in self.unit_ends.items()
-                if len(self.unit_committed.get(shard, ())) >= rows]
-        if done:
-            self.on_units_complete(done)
-            for shard, _, _ in done:
-                del self.unit_ends[shard]
-                self.unit_committed.pop(shard, None)

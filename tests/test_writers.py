@@ -691,3 +691,30 @@ def test_remote_output_writers_go_to_nodes_with_cpus_gpu_nodes_first():
     assert writer_nodes([head, cpu, gpu, dead, gpu2]) == ["n2", "n3"]
     assert writer_nodes([head, dead]) == []  # then Ray spreads them (pipeline.WriterPool._start)
     assert writer_nodes([node(5, CPU=0.0, GPU=1.0), cpu]) == ["n1"]
+
+
+def test_a_container_is_complete_once_each_of_its_distinct_images_is_committed():
+    """write.UnitCompletion (the Committer's and the Ledger's): a container that gave 3 images is
+    complete at the check after the third distinct one is committed, not before; a member committed
+    twice (a read task Ray retried) counts once; a container whose end is not yet known is never
+    complete, whatever is committed; each complete container is reported once."""
+    from fastsam_batch.write import UnitCompletion
+
+    reported = []
+    units = UnitCompletion(reported.extend)
+    for image in ("a", "b", "b"):
+        units.committed("s0", image)
+    units.committed("s1", "x")
+    units.check()
+    assert reported == []  # neither end known yet
+    units.ended("s0", "v0", 3)
+    units.ended("s1", "v1", 1)
+    units.check()
+    assert reported == [("s1", "v1", 1)]  # s0: 2 distinct of 3
+    units.committed("s0", "a")
+    units.check()
+    assert reported == [("s1", "v1", 1)]
+    units.committed("s0", "c")
+    units.check()
+    units.check()
+    assert reported == [("s1", "v1", 1), ("s0", "v0", 3)]
