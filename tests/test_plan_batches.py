@@ -516,8 +516,9 @@ def test_a_parquet_inventory_batch_read_column_wise_gives_the_units_of_the_row_r
     assert parquet_units(as_text, skip_non_images, Skipped()) is None
 
 
-def _same_error_with_and_without(pool, cfg, storage) -> None:
-    """The report of ``cfg`` fails with the same error read on the driver and read by ``pool``."""
+def _same_error_with_and_without(pool, cfg, storage) -> list[tuple]:
+    """The report of ``cfg`` fails with the same error read on the driver and read by ``pool``:
+    (type, text) of each."""
     from fastsam_batch.inputs import inventory
 
     errors = []
@@ -526,6 +527,7 @@ def _same_error_with_and_without(pool, cfg, storage) -> None:
             list(inventory.iter_inventory_batches(cfg, storage, Skipped(), pool=p))
         errors.append((type(e.value), str(e.value)))
     assert errors[0] == errors[1], errors
+    return errors
 
 
 def _same_report_units(batches, skipped: Skipped, want: list[dict], want_skipped: Skipped) -> None:
@@ -620,20 +622,26 @@ def _csv_report_rows(rng: random.Random, n: int) -> list[list[str]]:
     return rows
 
 
-def _gzip_csv(rows: list[list[str]]) -> bytes:
+def _csv_text(rows: list[list[str]], end: str = "\n") -> str:
     import csv
-    import gzip
     import io
 
     text = io.StringIO()
-    csv.writer(text, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
-    return gzip.compress(text.getvalue().encode())
+    csv.writer(text, quoting=csv.QUOTE_ALL, lineterminator=end).writerows(rows)
+    return text.getvalue()
+
+
+def _gzip_csv(rows: list[list[str]], end: str = "\n", head: str = "") -> bytes:
+    import gzip
+
+    return gzip.compress((head + _csv_text(rows, end)).encode())
 
 
 def _row_reader_units(data: bytes, fields: list[str], skip_non_images: bool, skipped: Skipped) -> list[dict]:
     """The row-at-a-time reading of a CSV report (the reader before the column-wise one, written
     out here as the reference): each line a dict of the fields, its key URL-decoded, through
-    inventory._units."""
+    inventory._units; two rules added since, which the old reader broke on: a UTF-8 byte order
+    mark at the start left out, blank lines left out (it failed on them, KeyError 'Bucket')."""
     import csv
     import gzip
     import io
@@ -642,7 +650,9 @@ def _row_reader_units(data: bytes, fields: list[str], skip_non_images: bool, ski
     from fastsam_batch.inputs.inventory import _units
 
     def rows():
-        for values in csv.reader(io.StringIO(gzip.decompress(data).decode(), newline="")):
+        for values in csv.reader(io.StringIO(gzip.decompress(data).decode().removeprefix("\ufeff"), newline="")):
+            if not values:
+                continue
             row = dict(zip(fields, values))
             row["Key"] = unquote_plus(row.get("Key", ""))
             yield row
@@ -654,32 +664,40 @@ def _row_reader_units(data: bytes, fields: list[str], skip_non_images: bool, ski
 @pytest.mark.parametrize("skip_non_images", [True, False])
 def test_a_csv_inventory_read_column_wise_gives_the_units_of_the_row_reader(tmp_path, fields, skip_non_images):
     """A CSV inventory report's data file read by Arrow's CSV reader into the Parquet report's
-    columns (csv_piece), against the row-at-a-time reader on the same file: URL-encoded keys
-    decoded (+, %2B, %0A, UTF-8), delete markers and older versions left out, folder markers and
-    non-images skipped in order, sizes and quoted ETags as a unit has them; a file with a row of
-    another length goes row by row with the same result; a size that is not a number fails as
-    the row reader fails."""
-    from fastsam_batch.inputs.inventory import csv_piece
+    columns (csv_piece, one slice), against the row-at-a-time reader on the same file: URL-encoded
+    keys decoded (+, %2B, %0A, UTF-8), delete markers and older versions left out, folder markers
+    and non-images skipped in order, sizes and quoted ETags as a unit has them; the same with
+    \r\n line ends, a byte order mark, blank lines, a quoted field broken over lines (one slice);
+    Arrow's reader takes these (no fallback); a file with a row of another length goes row by row
+    with the row reader's result; a size that is not a number fails as the row reader fails."""
+    from fastsam_batch.inputs.inventory import csv_piece, csv_report_batches
 
     rng = random.Random(len(fields) * 2 + skip_non_images)
     full = _csv_report_rows(rng, 3000)
     rows = [[r[CSV_FIELDS.index(f)] for f in fields] for r in full]
     storage = Storage({})
     short = [list(r) for r in rows]
-    short[1234] = short[1234][:1]  # a row of another length: Arrow refuses it, the row reader reads it
-    for name, data_rows in (("a.csv.gz", rows), ("short.csv.gz", short)):
-        data = _gzip_csv(data_rows)
+    short[1234] = short[1234][:-1]  # a row of another length: Arrow refuses it, the row reader reads it
+    broken = [list(r) for r in rows]
+    broken[77][fields.index("Key")] = "a\nb.jpg"  # a quoted field broken over lines (not as S3 writes them)
+    blank = _csv_text(rows[:1500]) + "\n\n" + _csv_text(rows[1500:])
+    files = {"plain": (_gzip_csv(rows), True), "crlf": (_gzip_csv(rows, "\r\n"), True),
+             "bom": (_gzip_csv(rows, head="\ufeff"), True),
+             "blank": (__import__("gzip").compress(blank.encode()), True),
+             "short": (_gzip_csv(short), False), "broken": (_gzip_csv(broken), True)}
+    for name, (data, arrow) in files.items():
         (tmp_path / name).write_bytes(data)
         want_skipped = Skipped(limit=None)
-        try:
-            want = _row_reader_units(data, fields, skip_non_images, want_skipped)
-        except KeyError:  # the short row has no Bucket: the row reader fails on it, so must the new one
-            with pytest.raises(KeyError):
-                csv_piece(str(tmp_path / name), 0, None, storage, fields, skip_non_images, None, 500, in_process=False)
-            continue
-        batches, got_skipped = csv_piece(str(tmp_path / name), 0, None, storage, fields, skip_non_images, None, 500,
+        want = _row_reader_units(data, fields, skip_non_images, want_skipped)
+        text = __import__("gzip").decompress(data).removeprefix(b"\xef\xbb\xbf")
+        if arrow:  # read by Arrow, not by the fallback
+            assert sum(b.num_rows for b in csv_report_batches(text, fields, 500)) == 3000
+        else:
+            with pytest.raises(Exception):
+                csv_report_batches(text, fields, 500)
+        batches, got_skipped = csv_piece(str(tmp_path / name), 0, [], storage, fields, skip_non_images, None, 500,
                                          in_process=False)
-        assert [r for b in batches for r in b.table.to_pylist()] == want and len(want) > 300
+        assert [r for b in batches for r in b.table.to_pylist()] == want and len(want) > 300, name
         assert max(len(b) for b in batches) <= 500
         assert (got_skipped.count, got_skipped.examples) == (want_skipped.count, want_skipped.examples)
         assert got_skipped.count > 50 or not skip_non_images
@@ -692,81 +710,122 @@ def test_a_csv_inventory_read_column_wise_gives_the_units_of_the_row_reader(tmp_
         with pytest.raises(ValueError) as want_error:
             _row_reader_units(_gzip_csv(bad), fields, skip_non_images, Skipped())
         with pytest.raises(ValueError) as got_error:
-            csv_piece(str(tmp_path / "bad.csv.gz"), 0, None, storage, fields, skip_non_images, None, 500,
-                      in_process=False)
+            csv_piece(str(tmp_path / "bad.csv.gz"), 0, [], storage, fields, skip_non_images, None, 500, in_process=False)
         assert str(got_error.value) == str(want_error.value)
 
 
 def test_a_csv_report_s_lines_are_read_in_slices_that_cover_it_once(tmp_path):
-    """_csv_lines (lines first to end of a gzip'd file, read in blocks of any size) against the
-    file's lines sliced in Python: every slice, at block boundaries and off them, the last line
-    with or without its newline, past the end empty."""
-    from fastsam_batch.inputs.inventory import _csv_lines
+    """_line_slices (the lines of a gzip'd file in slices cut at uncompressed offsets, read in blocks
+    of any size) against the file's lines in Python: slice k is the lines that start from cut k - 1
+    up to cut k, so the slices together are the file once (a byte order mark left out), each a run
+    of whole lines; one slice asked alone (keep) is that slice of the whole pass; cuts at line
+    starts, inside lines, at block edges, past the end; the last line with or without its newline;
+    _text_bytes reads the uncompressed size from the trailer, and _cuts covers the file."""
+    import gzip
+
+    from fastsam_batch.inputs.inventory import _cuts, _line_slices, _text_bytes
 
     rng = random.Random(5)
     lines = [("x" * rng.randint(0, 30) + f",{j}\n").encode() for j in range(400)]
     storage = Storage({})
-    for last_newline in (True, False):
+    for last_newline, bom in ((True, False), (False, False), (True, True)):
         data = b"".join(lines) if last_newline else b"".join(lines)[:-1]
-        path = tmp_path / f"f{last_newline}.gz"
-        path.write_bytes(__import__("gzip").compress(data))
-        text = data.split(b"\n")
-        whole = [t + b"\n" for t in text[:-1]] + ([text[-1]] if text[-1] else [])
+        path = tmp_path / f"f{last_newline}{bom}.gz"
+        path.write_bytes(gzip.compress((b"\xef\xbb\xbf" if bom else b"") + data))
+        assert _text_bytes(str(path), storage) == len(data) + 3 * bom
+        starts = [0] + [i + 1 for i in range(len(data)) if data[i:i + 1] == b"\n" and i + 1 < len(data)]
         for chunk in (1, 7, 64, 1 << 20):
-            for first, end in ((0, None), (0, 1), (3, 4), (0, 400), (399, None), (399, 400), (400, None), (500, None),
-                               (17, 230), (230, 231), *((a, a + rng.randint(1, 50)) for a in rng.sample(range(400), 6))):
-                assert _csv_lines(str(path), storage, first, end, chunk) == b"".join(whole[first:end]), (chunk, first, end)
+            for cuts in ([], [1], [len(data) // 2], [5, 6, 7, 300, 301], [len(data) - 1], [len(data) + 50],
+                         sorted(rng.sample(range(1, len(data) + 100), 9)), _cuts(len(data))):
+                got = list(_line_slices(str(path), storage, cuts, None, chunk))
+                assert len(got) == len(cuts) + 1 and b"".join(got) == data, (chunk, cuts)
+                shift = 3 if bom else 0  # offsets count the mark
+                for k, part in enumerate(got):
+                    lo, hi = ([0] + cuts)[k] - shift, ([*cuts, None])[k]
+                    owned = [s for s in starts if s >= lo and (hi is None or s < hi - shift)]
+                    end = data.find(b"\n", owned[-1]) + 1 if owned else 0
+                    assert part == (data[owned[0]:end or len(data)] if owned else b""), (chunk, cuts, k)
+                    assert next(_line_slices(str(path), storage, cuts, k, chunk)) == part
+                assert next(_line_slices(str(path), storage, cuts, len(cuts) + 3, chunk)) == b""
+    assert _cuts(100) == [] and len(_cuts(10**12)) == 7
 
 
 def test_a_csv_inventory_read_by_the_pool_gives_the_units_of_the_row_reader(s3_env, s3fs_client, walk_pool,
                                                                            monkeypatch):
-    """A CSV inventory report on S3 (the moto server) of three data files, read by planning's pool in
-    slices of lines (sizes from the manifest: a file in one piece, or cut in slices, at most
-    MOST_SLICES, the last to its end whatever the estimate said), and on the driver without a pool,
-    against the row-at-a-time reader of the same files: the same units in order, the same keys
-    skipped, the ids' keys those of the ids; a file that is not gzip, and one with a size that is
-    not a number, the same error with and without the pool."""
+    """A CSV inventory report on S3 (the moto server) of four data files (one of two gzip members,
+    whose trailer tells only the last's size), read by planning's pool in slices cut at offsets of
+    their uncompressed size (one a file; several; at most MOST_SLICES), and on the driver without a
+    pool (each file in one pass), against the row-at-a-time reader of the same files: the same units
+    in order, the same keys skipped, the ids' keys those of the ids; a file that is not gzip, one
+    with a size that is not a number (the row reader's error), and a quoted field broken over lines
+    in a file read in slices, the same error with and without the pool."""
+    import gzip
+
     from conftest import FAKE_KEY, FAKE_SECRET, make_bucket
     from fastsam_batch.inputs import inventory
 
     make_bucket(s3_env, "inv-csv")
     rng = random.Random(12)
+    monkeypatch.setattr(inventory, "PIECE_BYTES", 2000)
     data = {"a.csv.gz": _gzip_csv(_csv_report_rows(rng, 2000)), "b.csv.gz": _gzip_csv(_csv_report_rows(rng, 300)),
-            "c.csv.gz": _gzip_csv(_csv_report_rows(rng, 1500)), "bad.csv.gz": b"not gzip at all"}
+            "c.csv.gz": _gzip_csv(_csv_report_rows(rng, 1500)),
+            "d.csv.gz": _gzip_csv(_csv_report_rows(rng, 900)) + _gzip_csv(_csv_report_rows(rng, 50)),
+            "bad.csv.gz": b"not gzip at all"}
     sized = _csv_report_rows(rng, 200)
     sized.insert(150, ["bk", "nine.jpg", "nine", "e", "true", "false", "STANDARD"])  # an image whose size is no number
     data["size.csv.gz"] = _gzip_csv(sized)
+    # a line break inside a quoted key, at one of the cuts of slices of 2,000 bytes (made at the cut
+    # in place of a key's character: the file's size, so its cuts, as before)
+    text = _csv_text([["bk", f"{j:05d}" + "k" * (150 + j % 97) + ".jpg", "5", "e", "true", "false", "STANDARD"]
+                      for j in range(400)])
+    cut = next(c for c in inventory._cuts(len(text)) if text[c - 1] == "k")  # (2,000-byte slices: set below)
+    data["broken.csv.gz"] = gzip.compress((text[:cut - 1] + "\n" + text[cut:]).encode())
     for name, body in data.items():
         s3fs_client.pipe_file(f"inv-csv/data/{name}", body)
     storage = Storage({"endpoint_url": s3_env["AWS_ENDPOINT_URL"], "key": FAKE_KEY, "secret": FAKE_SECRET})
 
-    def report(files: dict[str, int]):
+    def report(files: list[str]):
         s3fs_client.pipe_file("inv-csv/r/manifest.json", json.dumps({
             "destinationBucket": "arn:aws:s3:::inv-csv", "fileFormat": "CSV", "fileSchema": ", ".join(CSV_FIELDS),
-            "files": [{"key": f"data/{f}", "size": size} for f, size in files.items()]}).encode())
+            "files": [{"key": f"data/{f}", "size": len(data[f])} for f in files]}).encode())
         return InputConfig(uri="s3://inv-csv/r/manifest.json", format="s3_inventory")
 
+    good = ["a.csv.gz", "b.csv.gz", "c.csv.gz", "d.csv.gz"]
     want_skipped = Skipped(limit=None)
-    want = [u for f in ("a.csv.gz", "b.csv.gz", "c.csv.gz")
-            for u in _row_reader_units(data[f], CSV_FIELDS, True, want_skipped)]
+    want = [u for f in good for u in _row_reader_units(data[f], CSV_FIELDS, True, want_skipped)]
     assert len(want) > 400 and want_skipped.count > 300
-    # sizes that estimate 2000, 300 and 1500 rows (GZ_BYTES_A_ROW 1), 200, 20 and 10 (too few: the
-    # last slice reads to the end), and none (one piece a file); pieces of 500 lines: 4 + 1 + 3
-    # slices; of 100, at most 8 a file: 8 + 3 + 8; of 100 with the small estimates: 2 + 1 + 1
-    monkeypatch.setattr(inventory, "GZ_BYTES_A_ROW", 1)
-    for sizes, piece_rows, pieces in (((2000, 300, 1500), 500, 4 + 1 + 3), ((2000, 300, 1500), 100, 8 + 3 + 8),
-                                      ((200, 20, 10), 100, 2 + 1 + 1), ((None, 0, "x"), 100, 3)):
-        monkeypatch.setattr(inventory, "PIECE_ROWS", piece_rows)
-        cfg = report(dict(zip(("a.csv.gz", "b.csv.gz", "c.csv.gz"), sizes)))
+    sizes = {f: len(gzip.decompress(data[f])) for f in good}
+    cfg = report(good)
+    # slices of 10**9 bytes: a file each; of 20,000: 9 + 2 + 7 + (the last member's 20 KB or so: 1-2); of 100: 8 each
+    for piece_bytes in (10**9, 20_000, 100):
+        monkeypatch.setattr(inventory, "PIECE_BYTES", piece_bytes)
         for pool in (walk_pool, None):
             walk_pool.after_rows, walk_pool.submits = 0, 0
             got_skipped = Skipped(limit=None)
             batches = list(inventory.iter_inventory_batches(cfg, storage, got_skipped, pool=pool))
-            assert walk_pool.submits == (pieces if pool else 0)
+            if pool:
+                slices = [len(inventory._cuts(inventory._text_bytes(f"s3://inv-csv/data/{f}", storage))) + 1 for f in good]
+                assert walk_pool.submits == sum(slices)
+                assert slices[:3] == [min(8, -(-sizes[f] // piece_bytes)) for f in good[:3]], (slices, sizes)
             _same_report_units(batches, got_skipped, want, want_skipped)
-    for bad in ("bad.csv.gz", "size.csv.gz"):
-        cfg = report({"a.csv.gz": 2000, bad: 200})
-        _same_error_with_and_without(walk_pool, cfg, storage)
+    # each slice read in the pool's processes is that slice (cut where the driver cut it), not the file
+    pieces = list(inventory._csv_pieces(["s3://inv-csv/data/a.csv.gz"], storage))
+    walk_pool.after_rows = 0
+    done = list(walk_pool.ordered(pieces, lambda p: (inventory.csv_piece, (*p[:3], storage, CSV_FIELDS, True, None, 500)),
+                                  size=lambda p: p[3]))
+    assert len(done) == 8 and all(r is not None and sum(len(b) for b in r[0]) > 10 for _, r in done)
+    for piece, (batches, _) in done:
+        alone = inventory.csv_piece(*piece[:3], storage, CSV_FIELDS, True, None, 500, in_process=False)[0]
+        assert [b.table.to_pylist() for b in batches] == [b.table.to_pylist() for b in alone]
+    monkeypatch.setattr(inventory, "PIECE_BYTES", 2000)
+    for bad in ("bad.csv.gz", "size.csv.gz", "broken.csv.gz"):
+        errors = _same_error_with_and_without(walk_pool, report(["a.csv.gz", bad]), storage)
+        if bad == "size.csv.gz":
+            with pytest.raises(ValueError) as want_error:
+                _row_reader_units(data[bad], CSV_FIELDS, True, Skipped())
+            assert errors[0] == (ValueError, str(want_error.value))
+        if bad == "broken.csv.gz":
+            assert "broken.csv.gz: a quoted field holds a line break" in errors[0][1]
 
 
 def _children(pid: int) -> set[int]:

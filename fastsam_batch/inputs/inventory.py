@@ -14,7 +14,7 @@ import gzip
 import io
 import json
 from collections.abc import Iterator
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 from ..decode import looks_like_image
 from ..storage import Storage, strip_protocol
@@ -121,8 +121,17 @@ def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: 
     fields = [f.strip() for f in str(manifest.get("fileSchema", "")).split(",")] if csv_report else []
     if csv_report and not {"Bucket", "Key"} <= set(fields):
         raise InputError(f"input.uri: {cfg.uri}: the manifest's fileSchema has no Bucket and Key fields")
+    if csv_report and (pool is None or not pool.active):
+        for data_uri in files:  # each file decompressed once, a slice of lines at a time
+            cuts = _cuts(_text_bytes(data_uri, storage))
+            for data in _line_slices(data_uri, storage, cuts, None):
+                batches, its_skipped = _keyed(lambda its: _csv_units(data, data_uri, fields, cfg.skip_non_images, its,
+                                                                     batch_rows, whole=not cuts), skipped.limit, False)
+                skipped.merge(its_skipped)
+                yield from batches
+        return
     if csv_report:
-        pieces = _csv_pieces(files, [f.get("size") for f in manifest["files"]])
+        pieces = _csv_pieces(files, storage)
 
         def task(piece):
             return csv_piece, (*piece[:3], storage, fields, cfg.skip_non_images, skipped.limit, batch_rows)
@@ -280,75 +289,133 @@ def parquet_units(batch, skip_non_images: bool, skipped: Skipped) -> UnitBatch |
     return unit_batch(key, uris, sizes, etags)
 
 
-GZ_BYTES_A_ROW = 40  # a CSV report's gzip'd bytes a row, about (keys, ETags, sizes): for slicing its files
+LINE_BYTES = 100  # a CSV report's line, about (bucket, key, size, ETag, flags): rows estimated from bytes
+PIECE_BYTES = PIECE_ROWS * LINE_BYTES  # a CSV report's uncompressed bytes a task of the pool reads, about
 
 
-def _csv_pieces(files: list[str], sizes: list) -> Iterator[tuple[str, int, int | None, int]]:
-    """(data file, first line, end line or None: to its end, rows estimated) of a CSV report: a
-    gzip'd file cannot be read from its middle, so a slice is read by decompressing the file up to
-    its first line; a file is cut in slices of :data:`PIECE_ROWS` lines (or an
-    :data:`MOST_SLICES`-th of the file where that is more; the rows estimated from the size the
-    manifest gives, :data:`GZ_BYTES_A_ROW`), so a file is decompressed about 4.5 times over at
-    most. The last slice reads to the file's end, whatever the estimate."""
-    for data_uri, size in zip(files, sizes):
-        est = int(size) // GZ_BYTES_A_ROW if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0
-        if est <= PIECE_ROWS:
-            yield data_uri, 0, None, max(est, 1)
-            continue
-        width = max(PIECE_ROWS, -(-est // MOST_SLICES))
-        n = -(-est // width)
-        for k in range(n):
-            yield data_uri, k * width, (k + 1) * width if k < n - 1 else None, width
+def _text_bytes(data_uri: str, storage: Storage) -> int:
+    """A gzip'd data file's uncompressed size, from its trailer (ISIZE: the size modulo 2^32, of its
+    last member): the smallest size of that remainder the compressed size allows (text does not
+    shrink below its gzip), so a file past 4 GiB, or of several members, can be taken for smaller
+    than it is (its last slice is then larger; nothing is lost)."""
+    fs = storage.fs(data_uri)
+    path = strip_protocol(data_uri)
+    compressed = fs.size(path)
+    if compressed < 18:  # not a gzip file: its read raises as it always did
+        return 0
+    with fs.open(path, "rb") as f:
+        f.seek(compressed - 4)
+        size = int.from_bytes(f.read(4), "little")
+    while size < compressed - 18:
+        size += 1 << 32
+    return size
 
 
-def _csv_lines(data_uri: str, storage: Storage, first: int, end: int | None, chunk: int = 1 << 22) -> bytes:
-    """Lines ``first`` to ``end`` (None: to the end) of a gzip'd CSV data file, as its bytes (a
-    line ends at a newline: a report's keys are URL-encoded, so no field holds one)."""
-    import numpy as np
+def _cuts(text_bytes: int) -> list[int]:
+    """Where a file of ``text_bytes`` uncompressed bytes is cut: :data:`PIECE_BYTES` a slice, or an
+    :data:`MOST_SLICES`-th of the file where that is more (so a file is decompressed about 4.5
+    times over at most in the pool); [] for one slice."""
+    if text_bytes <= PIECE_BYTES:
+        return []
+    width = max(PIECE_BYTES, -(-text_bytes // MOST_SLICES))
+    return list(range(width, text_bytes, width))
 
-    out: list[bytes] = []
-    seen = 0  # newlines passed
+
+def _csv_pieces(files: list[str], storage: Storage) -> Iterator[tuple[str, int, list[int], int]]:
+    """(data file, slice number, the file's cuts, rows estimated) of a CSV report, each file cut by
+    :func:`_cuts` of its uncompressed size (its trailer, :func:`_text_bytes`, read here): a gzip'd
+    file cannot be read from its middle, so a slice's task decompresses the file up to its end
+    (:func:`_line_slices`); the slices hold every line once whatever the sizes say."""
+    for data_uri in files:
+        size = _text_bytes(data_uri, storage)
+        cuts = _cuts(size)
+        edges = [0, *cuts, max(size, cuts[-1] if cuts else 0)]
+        for k in range(len(cuts) + 1):
+            yield data_uri, k, cuts, max(1, (edges[k + 1] - edges[k]) // LINE_BYTES)
+
+
+def _line_slices(data_uri: str, storage: Storage, cuts: list[int], keep: int | None,
+                 chunk: int = 1 << 22) -> Iterator[bytes]:
+    """The lines of a gzip'd CSV data file in slices, decompressed in one pass: slice k holds the
+    lines that start at an uncompressed offset from ``cuts[k - 1]`` (0 for the first) up to
+    ``cuts[k]`` (the file's end for the last): every line is in one slice, whatever the cuts (a
+    line ends at a newline; a report's keys are URL-encoded, so no field holds one: see
+    :func:`_csv_units`). ``keep``: only that slice (its bytes, empty past the file's end; the pass
+    ends after it, the slices before it not kept); None: every slice, in order. A UTF-8 byte
+    order mark at the file's start is left out."""
+    bounds = [*cuts, None]
+    k, at, start, parts = 0, 0, 0, []  # ``at``: the uncompressed offset of ``block``'s first byte
     with storage.fs(data_uri).open(strip_protocol(data_uri), "rb") as raw, gzip.GzipFile(fileobj=raw) as text:
+        block = text.read(max(chunk, 3))
+        if block.startswith(b"\xef\xbb\xbf"):
+            block, at = block[3:], 3
+        first = at  # the offset of slice k's first line
         while True:
-            block = text.read(chunk)
-            if not block:
-                break
-            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
-            lo = 0 if seen >= first else (int(ends[first - seen - 1]) + 1 if first - seen <= len(ends) else None)
-            hi = None
-            if end is not None and end - seen <= len(ends):
-                hi = int(ends[end - seen - 1]) + 1
-            if lo is not None:
-                out.append(block[lo:hi])
-            seen += len(ends)
-            if hi is not None:
-                break
-    return b"".join(out)
+            stop = None  # where slice k ends in ``block``: after the first newline at or past its cut - 1
+            if bounds[k] is not None:
+                if first >= bounds[k]:  # its first line starts at its cut or past it: the slice is empty
+                    stop = start
+                else:
+                    j = block.find(b"\n", max(start, bounds[k] - 1 - at))
+                    stop = j + 1 if j >= 0 else None
+            if keep is None or keep == k:
+                parts.append(block[start:stop])
+            if stop is None:
+                more = text.read(chunk)
+                if not more:  # the file's end: slice k ends here, those after it are empty
+                    if keep is None:
+                        yield b"".join(parts)
+                        yield from (b"" for _ in range(len(bounds) - 1 - k))
+                    else:
+                        yield b"".join(parts) if keep == k else b""
+                    return
+                at += len(block)
+                block, start = more, 0
+                continue
+            if keep is None or keep == k:
+                yield b"".join(parts)
+                if keep == k:
+                    return
+            parts, k, start, first = [], k + 1, stop, at + stop
 
 
-def csv_piece(data_uri: str, first: int, end: int | None, storage: Storage, fields: list[str], skip_non_images: bool,
+def csv_piece(data_uri: str, k: int, cuts: list[int], storage: Storage, fields: list[str], skip_non_images: bool,
               limit: int | None, batch_rows: int, in_process: bool = True) -> tuple[list[UnitBatch], Skipped] | None:
-    """The units of lines ``first`` to ``end`` of a CSV report's data file (:func:`csv_report_batch`:
-    Arrow's CSV reader, column-wise; lines it does not parse as ``fields`` - a row of other length -
-    go through the row reader, :func:`_units` of :func:`_decoded` rows), with their ids' keys, and the keys skipped.
-    In a process of the pool an error gives None (the driver reads the slice again, to raise it)."""
+    """The units of slice ``k`` of a CSV report's data file cut at ``cuts`` (:func:`_line_slices`;
+    :func:`_csv_units`), with their ids' keys, and the keys skipped. In a process of the pool an
+    error gives None (the driver reads the slice again, to raise it)."""
     def units(skipped: Skipped) -> list[UnitBatch]:
-        data = _csv_lines(data_uri, storage, first, end)
-        try:
-            batches = csv_report_batches(data, fields, batch_rows)
-        except Exception:  # noqa: BLE001 - not as Arrow reads it: row by row, as before (which raises on what fails there)
-            rows = _decoded(csv.reader(io.StringIO(data.decode("utf-8"), newline="")), fields)
-            return list(batches_of_units(_units(rows, skip_non_images, skipped), batch_rows))
-        return list(_report_units(batches, skip_non_images, skipped, batch_rows))
+        data = next(_line_slices(data_uri, storage, cuts, k))
+        return _csv_units(data, data_uri, fields, skip_non_images, skipped, batch_rows, whole=not cuts)
 
     return _keyed(units, limit, in_process)
+
+
+def _csv_units(data: bytes, data_uri: str, fields: list[str], skip_non_images: bool, skipped: Skipped,
+               batch_rows: int, whole: bool = True) -> list[UnitBatch]:
+    """The units of a CSV report's lines: read by Arrow's CSV reader into the Parquet report's
+    columns (:func:`csv_report_batches`, then :func:`parquet_units`), or, where Arrow does not read
+    them as ``fields`` (a row of another length), the whole slice row by row (Python's csv reader, :func:`_units` of :func:`_decoded` rows: the rules the report was
+    always read by). A slice of a file cut in several (``whole`` False) whose quotes do not pair
+    up holds part of a field broken over lines: an error naming the file (a report's keys are
+    URL-encoded, so its fields hold no line break)."""
+    if not whole and data.count(b'"') % 2:
+        raise InputError(f"input.uri: {data_uri}: a quoted field holds a line break (an S3 Inventory CSV report "
+                         "URL-encodes its keys); this data file is not one")
+    try:
+        batches = csv_report_batches(data, fields, batch_rows)
+    except Exception:  # noqa: BLE001 - not as Arrow reads it: row by row (which raises on what fails there)
+        rows = _decoded(csv.reader(io.StringIO(data.decode("utf-8"), newline="")), fields)
+        return list(batches_of_units(_units(rows, skip_non_images, skipped), batch_rows))
+    return list(_report_units(batches, skip_non_images, skipped, batch_rows))
 
 
 def csv_report_batches(data: bytes, fields: list[str], batch_rows: int) -> list:
     """A CSV report's lines (``data``) as record batches of the Parquet report's columns: keys
     URL-decoded, sizes as integers (empty: null), the flags as booleans (empty: null), every
-    other field dropped. A size that is not an integer stays text (its batch then goes row by row,
-    :func:`parquet_units`, and fails there as the row reader does)."""
+    other field dropped; blank lines left out. A size that is not an integer stays text (every
+    batch of the slice then goes row by row in :func:`_report_units`, and fails there as the row
+    reader does)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pcsv
@@ -356,6 +423,7 @@ def csv_report_batches(data: bytes, fields: list[str], batch_rows: int) -> list:
     if not data or data.isspace():
         return []
     table = pcsv.read_csv(pa.BufferReader(data), read_options=pcsv.ReadOptions(column_names=fields, use_threads=False),
+                          parse_options=pcsv.ParseOptions(newlines_in_values=True),  # (as Python's csv reader)
                           convert_options=pcsv.ConvertOptions(column_types={f: pa.string() for f in fields}))
     cols = {}
     for field, name in _PARQUET_NAMES.items():
@@ -377,22 +445,25 @@ def csv_report_batches(data: bytes, fields: list[str], batch_rows: int) -> list:
 
 
 def _unquoted_plus(keys):
-    """``urllib.parse.unquote_plus`` of each key (CSV reports URL-encode them): only the keys with a
-    ``%`` or ``+`` are decoded one by one."""
-    import numpy as np
+    """``urllib.parse.unquote_plus`` of each key (CSV reports URL-encode them): ``+`` made a space
+    column-wise, then only the keys with a ``%`` decoded one by one (``unquote``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    coded = pc.match_substring_regex(keys, r"[%+]")
-    where = np.flatnonzero(coded.to_numpy(zero_copy_only=False))
-    if not len(where):
+    keys = pc.replace_substring(keys, "+", " ")
+    coded = pc.match_substring(keys, "%")
+    if not pc.any(coded).as_py():
         return keys
-    decoded = pa.array([unquote_plus(keys[int(j)].as_py()) for j in where], pa.string())
+    decoded = pa.array([unquote(k) for k in keys.filter(coded).to_pylist()], pa.string())
     return pc.replace_with_mask(keys, coded, decoded)
 
 
 def _decoded(values_rows, fields: list[str]) -> Iterator[dict]:
+    """Rows of a CSV report's values as dicts of ``fields``, keys URL-decoded; blank lines left
+    out (as Arrow's CSV reader leaves them)."""
     for values in values_rows:
+        if not values:
+            continue
         row = dict(zip(fields, values))
         row["Key"] = unquote_plus(row.get("Key", ""))  # keys are URL-encoded in CSV reports
         yield row
