@@ -10,7 +10,7 @@ about 3,000-6,000 rows (manifest.py), so a billion-image output's are nearer ``-
 - ``inventory``: an S3 Inventory report (Parquet data files of 1,000,000 rows with bucket, key, size
   and a distinct ETag each, and its manifest.json) on a moto S3 server started here;
 - ``inventory-csv``: the same report as CSV (gzip'd data files of 1,000,000 rows, every field quoted,
-  as S3 writes them), against the same committed output as ``inventory``;
+  keys URL-encoded with their slashes as %2F), against the same committed output as ``inventory``;
 - ``files``: N + 1,000 empty files on local disk, 10,000 a folder, each with a modification time of
   its own (this costs an inode a file: mind the disk's, ``df -i``).
 
@@ -131,13 +131,14 @@ def make_input(work: Path, n: int, kind: str) -> None:
                            report / f"data-{j:04d}.parquet", compression="snappy")
     elif kind == "inventory-csv":
         import gzip
+        from urllib.parse import quote_plus
 
         report = work / f"inventory-csv-{n}"
         report.mkdir(exist_ok=True)
         for j, lo in enumerate(range(0, total, REPORT_ROWS)):
             hi = min(lo + REPORT_ROWS, total)
             with gzip.open(report / f"data-{j:04d}.csv.gz", "wt", compresslevel=6) as f:
-                f.writelines(f'"photos","{key}","{size(i)}","{etag(i)}"\n'
+                f.writelines(f'"photos","{quote_plus(key, safe="")}","{size(i)}","{etag(i)}"\n'
                              for i, key in zip(range(lo, hi), image_ids(kind, lo, hi)))
         (report / ".complete").write_text("")
     else:

@@ -122,11 +122,11 @@ def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: 
     if csv_report and not {"Bucket", "Key"} <= set(fields):
         raise InputError(f"input.uri: {cfg.uri}: the manifest's fileSchema has no Bucket and Key fields")
     if csv_report and (pool is None or not pool.active):
-        for data_uri in files:  # each file decompressed once, a slice of lines at a time
-            cuts = _cuts(_text_bytes(data_uri, storage))
+        for data_uri in files:  # each file decompressed once, STREAM_BYTES of lines at a time
+            cuts = list(range(STREAM_BYTES, _text_bytes(data_uri, storage), STREAM_BYTES))
             for data in _line_slices(data_uri, storage, cuts, None):
-                batches, its_skipped = _keyed(lambda its: _csv_units(data, data_uri, fields, cfg.skip_non_images, its,
-                                                                     batch_rows, whole=not cuts), skipped.limit, False)
+                batches, its_skipped = _keyed(lambda its: _csv_units(data, fields, cfg.skip_non_images, its, batch_rows),
+                                              skipped.limit, False)
                 skipped.merge(its_skipped)
                 yield from batches
         return
@@ -291,6 +291,7 @@ def parquet_units(batch, skip_non_images: bool, skipped: Skipped) -> UnitBatch |
 
 LINE_BYTES = 100  # a CSV report's line, about (bucket, key, size, ETag, flags): rows estimated from bytes
 PIECE_BYTES = PIECE_ROWS * LINE_BYTES  # a CSV report's uncompressed bytes a task of the pool reads, about
+STREAM_BYTES = 1 << 22  # without a pool: a CSV report's uncompressed bytes parsed at a time (one pass a file)
 
 
 def _text_bytes(data_uri: str, storage: Storage) -> int:
@@ -338,25 +339,32 @@ def _line_slices(data_uri: str, storage: Storage, cuts: list[int], keep: int | N
                  chunk: int = 1 << 22) -> Iterator[bytes]:
     """The lines of a gzip'd CSV data file in slices, decompressed in one pass: slice k holds the
     lines that start at an uncompressed offset from ``cuts[k - 1]`` (0 for the first) up to
-    ``cuts[k]`` (the file's end for the last): every line is in one slice, whatever the cuts (a
-    line ends at a newline; a report's keys are URL-encoded, so no field holds one: see
-    :func:`_csv_units`). ``keep``: only that slice (its bytes, empty past the file's end; the pass
-    ends after it, the slices before it not kept); None: every slice, in order. A UTF-8 byte
-    order mark at the file's start is left out."""
+    ``cuts[k]`` (the file's end for the last), a line ending at a newline outside quotes (the
+    quotes counted from the file's start: a field quoted over a line break stays whole, as CSV
+    readers read it): every line is in one slice, whatever the cuts. ``keep``: only that slice
+    (its bytes, empty past the file's end; the pass ends after it, the slices before it not kept);
+    None: every slice, in order. A UTF-8 byte order mark at the file's start is left out."""
     bounds = [*cuts, None]
     k, at, start, parts = 0, 0, 0, []  # ``at``: the uncompressed offset of ``block``'s first byte
+    quoted, seen = 0, 0  # the parity of the quotes before block[seen]
     with storage.fs(data_uri).open(strip_protocol(data_uri), "rb") as raw, gzip.GzipFile(fileobj=raw) as text:
         block = text.read(max(chunk, 3))
         if block.startswith(b"\xef\xbb\xbf"):
             block, at = block[3:], 3
         first = at  # the offset of slice k's first line
         while True:
-            stop = None  # where slice k ends in ``block``: after the first newline at or past its cut - 1
+            stop = None  # where slice k ends in ``block``: after the first line end at or past its cut - 1
             if bounds[k] is not None:
                 if first >= bounds[k]:  # its first line starts at its cut or past it: the slice is empty
                     stop = start
                 else:
                     j = block.find(b"\n", max(start, bounds[k] - 1 - at))
+                    while j >= 0:
+                        quoted ^= block.count(b'"', seen, j) & 1
+                        seen = j
+                        if not quoted:
+                            break
+                        j = block.find(b"\n", j + 1)  # a newline inside quotes: not a line's end
                     stop = j + 1 if j >= 0 else None
             if keep is None or keep == k:
                 parts.append(block[start:stop])
@@ -369,8 +377,9 @@ def _line_slices(data_uri: str, storage: Storage, cuts: list[int], keep: int | N
                     else:
                         yield b"".join(parts) if keep == k else b""
                     return
+                quoted ^= block.count(b'"', seen) & 1
                 at += len(block)
-                block, start = more, 0
+                block, start, seen = more, 0, 0
                 continue
             if keep is None or keep == k:
                 yield b"".join(parts)
@@ -386,22 +395,17 @@ def csv_piece(data_uri: str, k: int, cuts: list[int], storage: Storage, fields: 
     error gives None (the driver reads the slice again, to raise it)."""
     def units(skipped: Skipped) -> list[UnitBatch]:
         data = next(_line_slices(data_uri, storage, cuts, k))
-        return _csv_units(data, data_uri, fields, skip_non_images, skipped, batch_rows, whole=not cuts)
+        return _csv_units(data, fields, skip_non_images, skipped, batch_rows)
 
     return _keyed(units, limit, in_process)
 
 
-def _csv_units(data: bytes, data_uri: str, fields: list[str], skip_non_images: bool, skipped: Skipped,
-               batch_rows: int, whole: bool = True) -> list[UnitBatch]:
+def _csv_units(data: bytes, fields: list[str], skip_non_images: bool, skipped: Skipped,
+               batch_rows: int) -> list[UnitBatch]:
     """The units of a CSV report's lines: read by Arrow's CSV reader into the Parquet report's
     columns (:func:`csv_report_batches`, then :func:`parquet_units`), or, where Arrow does not read
-    them as ``fields`` (a row of another length), the whole slice row by row (Python's csv reader, :func:`_units` of :func:`_decoded` rows: the rules the report was
-    always read by). A slice of a file cut in several (``whole`` False) whose quotes do not pair
-    up holds part of a field broken over lines: an error naming the file (a report's keys are
-    URL-encoded, so its fields hold no line break)."""
-    if not whole and data.count(b'"') % 2:
-        raise InputError(f"input.uri: {data_uri}: a quoted field holds a line break (an S3 Inventory CSV report "
-                         "URL-encodes its keys); this data file is not one")
+    them as ``fields`` (a row of another length), the whole slice row by row (Python's csv reader,
+    :func:`_units` of :func:`_decoded` rows: the rules the report was always read by)."""
     try:
         batches = csv_report_batches(data, fields, batch_rows)
     except Exception:  # noqa: BLE001 - not as Arrow reads it: row by row (which raises on what fails there)
@@ -446,11 +450,12 @@ def csv_report_batches(data: bytes, fields: list[str], batch_rows: int) -> list:
 
 def _unquoted_plus(keys):
     """``urllib.parse.unquote_plus`` of each key (CSV reports URL-encode them): ``+`` made a space
-    column-wise, then only the keys with a ``%`` decoded one by one (``unquote``)."""
+    and ``%2F`` a slash column-wise (a slash is no hex digit, so this makes no new escape), then
+    only the keys with a ``%`` still decoded one by one (``unquote``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    keys = pc.replace_substring(keys, "+", " ")
+    keys = pc.replace_substring(pc.replace_substring(keys, "+", " "), "%2F", "/")
     coded = pc.match_substring(keys, "%")
     if not pc.any(coded).as_py():
         return keys
