@@ -158,7 +158,9 @@ def with_writers(refs, sizes, out: str, k: int, target_mb: float, storage) -> di
 
 
 def on_driver(refs, out: str, target_mb: float, storage) -> dict:
-    """main's one writer on the driver: the blocks fetched to it, cut, encoded and put there."""
+    """main's one writer on the driver: the blocks fetched to it, cut, encoded and put there (since
+    2026-12-02 one block after another in one thread: the figures of RESULTS.md before that date
+    fetched the blocks in a thread of their own beside the encoding)."""
     import ray
 
     from fastsam_batch.write import Committer, ParquetWriter

@@ -298,17 +298,12 @@ class Committer:
     stats row."""
 
     def __init__(self, writer: ParquetWriter, rows_per_file: int | None, interval_s: float,
-                 on_commit: Callable[[dict], None], tick: Callable[[], None] | None = None,
-                 on_unit_end: Callable[[int, int], None] | None = None,
+                 on_commit: Callable[[dict], None], on_unit_end: Callable[[int, int], None] | None = None,
                  on_units_complete: Callable[[list[tuple[str, str, int]]], None] | None = None,
-                 watch: Callable[[], None] | None = None, target_file_bytes: int | None = None):
+                 target_file_bytes: int | None = None):
         self.writer = writer
-        # Called while blocks are awaited: raises to stop the run (lease.Lease.check_held: the lease
-        # was taken over), with nothing more committed.
-        self.watch = watch or (lambda: None)
         self.on_unit_end = on_unit_end or (lambda rows, skipped: None)
         self.units = UnitCompletion(on_units_complete)  # containers complete once their rows are committed
-        self.tick = tick or (lambda: None)  # called about twice a second while blocks come (progress)
         self.rows_per_file = rows_per_file  # None: no cap on rows
         self.target_file_bytes = target_file_bytes  # None: files are not sized by bytes
         self.interval_s = interval_s
