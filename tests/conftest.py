@@ -112,7 +112,11 @@ def moto_server(env: dict | None = None):
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # hung: it goes anyway
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

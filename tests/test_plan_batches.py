@@ -8,6 +8,7 @@ give the index the threads give, and a bad file the same error. No Ray, local fi
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import pytest
 
 from fastsam_batch import parallel
 from fastsam_batch.index import Committed, version_key
-from fastsam_batch.inputs import Skipped, open_input
+from fastsam_batch.inputs import InputError, Skipped, open_input
 from fastsam_batch.inputs.lists import iter_list_batches
 from fastsam_batch.job import ALL_ERRORS, PromptAttacher, plan_job
 from fastsam_batch.manifest import InputConfig, parse_manifest
@@ -763,6 +764,14 @@ def test_a_csv_report_s_lines_are_read_in_slices_that_cover_it_once(tmp_path):
                     assert part == (data[owned[0]:end or len(data)] if owned else b""), (chunk, cuts, k)
                     assert next(_line_slices(str(path), storage, cuts, k, chunk)) == part
                 assert next(_line_slices(str(path), storage, cuts, len(cuts) + 3, chunk)) == b""
+            # endless cuts (the one pass without a pool): the same slices, none past the file's end
+            for step in (1, 50, 333, 1 << 22):
+                endless = list(_line_slices(str(path), storage, itertools.count(step, step), None, chunk))
+                listed = list(range(step, len(data) + 3 * bom, step))
+                assert b"".join(endless) == data and len(endless) <= len(listed) + 3
+                whole = list(_line_slices(str(path), storage, listed, None, chunk))
+                ends = [max([0] + [i + 1 for i, part in enumerate(x) if part]) for x in (endless, whole)]
+                assert endless[:ends[0]] == whole[:ends[1]]  # (the empty slices after the last line aside)
     # quoted fields holding line breaks (and quotes, doubled): a slice never ends inside one, so the
     # slices' rows, each read apart, are the file's rows
     import csv
@@ -780,6 +789,12 @@ def test_a_csv_report_s_lines_are_read_in_slices_that_cover_it_once(tmp_path):
             for k in rng.sample(range(len(got)), min(len(got), 8)):
                 assert next(_line_slices(str(path), storage, cuts, k, chunk)) == got[k]
     assert _cuts(100) == [] and len(_cuts(10**12)) == 7
+    # a header naming the file (gzip's own tool, Python's gzip.open): the trailer's size as it is
+    for body in (b"", b"a,b\n", b"x" * 70_000):
+        named = tmp_path / "named.gz"
+        with open(named, "wb") as raw, gzip.GzipFile(filename="n" * 300 + ".csv", mode="wb", fileobj=raw) as g:
+            g.write(body)
+        assert _text_bytes(str(named), storage) == len(body)
 
 
 def test_a_csv_inventory_read_by_the_pool_gives_the_units_of_the_row_reader(s3_env, s3fs_client, walk_pool,
@@ -816,6 +831,11 @@ def test_a_csv_inventory_read_by_the_pool_gives_the_units_of_the_row_reader(s3_e
     for c in cuts:
         text = text[:c - 1] + "\n" + text[c:]
     data["broken.csv.gz"] = gzip.compress(text.encode())
+    # a quote inside an unquoted field (which CSV readers take as a character) throws the count of
+    # quotes off: the slices then end at the quoted line breaks after it, inside their fields
+    lines = text.split("\n", 11)
+    lines[10] = 'bk,ab"c.jpg,5,e,true,false,STANDARD'
+    data["stray.csv.gz"] = gzip.compress("\n".join(lines).encode())
     for name, body in data.items():
         s3fs_client.pipe_file(f"inv-csv/data/{name}", body)
     storage = Storage({"endpoint_url": s3_env["AWS_ENDPOINT_URL"], "key": FAKE_KEY, "secret": FAKE_SECRET})
@@ -847,16 +867,28 @@ def test_a_csv_inventory_read_by_the_pool_gives_the_units_of_the_row_reader(s3_e
                 assert walk_pool.submits == sum(slices)
                 assert slices[:3] == [min(8, -(-sizes[f] // piece_bytes)) for f in good[:3]], (slices, sizes)
             _same_report_units(batches, got_skipped, want, want_skipped)
-    # each slice read in the pool's processes is that slice (cut where the driver cut it), not the file
-    pieces = list(inventory._csv_pieces(["s3://inv-csv/data/a.csv.gz"], storage))
+    # each slice read in the pool's processes is that slice (cut where the driver cut it), not the file,
+    # and comes back (none failed there and was read again on the driver)
+    pieces = list(inventory._csv_pieces([f"s3://inv-csv/data/{f}" for f in good], storage))
     walk_pool.after_rows = 0
     done = list(walk_pool.ordered(pieces, lambda p: (inventory.csv_piece, (*p[:3], storage, CSV_FIELDS, True, None, 500)),
                                   size=lambda p: p[3]))
-    assert len(done) == 8 and all(r is not None and sum(len(b) for b in r[0]) > 10 for _, r in done)
+    assert len(done) == len(pieces) > 30 and all(r is not None for _, r in done)
+    assert all(sum(len(b) for b in r[0]) > 10 for p, r in done if p[0].endswith("a.csv.gz"))
     for piece, (batches, _) in done:
         alone = inventory.csv_piece(*piece[:3], storage, CSV_FIELDS, True, None, 500, in_process=False)[0]
         assert [b.table.to_pylist() for b in batches] == [b.table.to_pylist() for b in alone]
     monkeypatch.setattr(inventory, "PIECE_BYTES", 2000)
+    # the quote inside an unquoted field: read whole without a pool (4 MiB at a time: one slice), as the
+    # row reader reads it; in slices of 2,000 bytes an error naming the file, never rows of halves
+    cfg = report(["a.csv.gz", "stray.csv.gz"])
+    want_skipped = Skipped(limit=None)
+    want = [u for f in ("a.csv.gz", "stray.csv.gz") for u in _row_reader_units(data[f], CSV_FIELDS, True, want_skipped)]
+    got_skipped = Skipped(limit=None)
+    _same_report_units(list(inventory.iter_inventory_batches(cfg, storage, got_skipped)), got_skipped, want,
+                       want_skipped)
+    with pytest.raises(InputError, match="stray.csv.gz: not CSV as an S3 Inventory report is written"):
+        list(inventory.iter_inventory_batches(cfg, storage, Skipped(), pool=walk_pool))
     for bad in ("bad.csv.gz", "size.csv.gz"):
         errors = _same_error_with_and_without(walk_pool, report(["a.csv.gz", bad]), storage)
         if bad == "size.csv.gz":

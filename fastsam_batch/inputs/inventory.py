@@ -12,8 +12,9 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from urllib.parse import unquote, unquote_plus
 
 from ..decode import looks_like_image
@@ -115,7 +116,7 @@ def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: 
     :class:`.parallel.PlanPool`, when active) the data files are read by its processes, about
     :data:`PIECE_ROWS` rows a task (:func:`_pieces`, :func:`_csv_pieces`; :func:`report_piece`,
     :func:`csv_piece`: their units and the ids' keys made there); the driver reads only each Parquet
-    file's footer."""
+    file's footer, and each CSV file's gzip trailer (4 bytes)."""
     manifest, files = read_manifest(cfg.uri, storage)
     csv_report = str(manifest["fileFormat"]).upper() == "CSV"
     fields = [f.strip() for f in str(manifest.get("fileSchema", "")).split(",")] if csv_report else []
@@ -123,10 +124,9 @@ def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: 
         raise InputError(f"input.uri: {cfg.uri}: the manifest's fileSchema has no Bucket and Key fields")
     if csv_report and (pool is None or not pool.active):
         for data_uri in files:  # each file decompressed once, STREAM_BYTES of lines at a time
-            cuts = list(range(STREAM_BYTES, _text_bytes(data_uri, storage), STREAM_BYTES))
-            for data in _line_slices(data_uri, storage, cuts, None):
-                batches, its_skipped = _keyed(lambda its: _csv_units(data, fields, cfg.skip_non_images, its, batch_rows),
-                                              skipped.limit, False)
+            for data in _line_slices(data_uri, storage, itertools.count(STREAM_BYTES, STREAM_BYTES), None):
+                batches, its_skipped = _keyed(lambda its: _csv_units(data, fields, cfg.skip_non_images, its, batch_rows,
+                                                                     data_uri), skipped.limit, False)
                 skipped.merge(its_skipped)
                 yield from batches
         return
@@ -296,9 +296,11 @@ STREAM_BYTES = 1 << 22  # without a pool: a CSV report's uncompressed bytes pars
 
 def _text_bytes(data_uri: str, storage: Storage) -> int:
     """A gzip'd data file's uncompressed size, from its trailer (ISIZE: the size modulo 2^32, of its
-    last member): the smallest size of that remainder the compressed size allows (text does not
-    shrink below its gzip), so a file past 4 GiB, or of several members, can be taken for smaller
-    than it is (its last slice is then larger; nothing is lost)."""
+    last member), one 4-byte read: where that is well below the compressed size (text is not
+    smaller than its gzip, give or take the header and a stored block's 5 bytes in 65,535), the
+    size wrapped past 4 GiB, and the smallest size of that remainder the compressed size allows is
+    taken. A file past 4 GiB, or of several members, can so be taken for smaller than it is: its
+    last slice is then larger (nothing is lost, see :func:`_line_slices`)."""
     fs = storage.fs(data_uri)
     path = strip_protocol(data_uri)
     compressed = fs.size(path)
@@ -307,7 +309,8 @@ def _text_bytes(data_uri: str, storage: Storage) -> int:
     with fs.open(path, "rb") as f:
         f.seek(compressed - 4)
         size = int.from_bytes(f.read(4), "little")
-    while size < compressed - 18:
+    floor = compressed - compressed // 64 - 4096
+    while size < floor:
         size += 1 << 32
     return size
 
@@ -335,16 +338,19 @@ def _csv_pieces(files: list[str], storage: Storage) -> Iterator[tuple[str, int, 
             yield data_uri, k, cuts, max(1, (edges[k + 1] - edges[k]) // LINE_BYTES)
 
 
-def _line_slices(data_uri: str, storage: Storage, cuts: list[int], keep: int | None,
+def _line_slices(data_uri: str, storage: Storage, cuts: Iterable[int], keep: int | None,
                  chunk: int = 1 << 22) -> Iterator[bytes]:
     """The lines of a gzip'd CSV data file in slices, decompressed in one pass: slice k holds the
     lines that start at an uncompressed offset from ``cuts[k - 1]`` (0 for the first) up to
     ``cuts[k]`` (the file's end for the last), a line ending at a newline outside quotes (the
     quotes counted from the file's start: a field quoted over a line break stays whole, as CSV
-    readers read it): every line is in one slice, whatever the cuts. ``keep``: only that slice
-    (its bytes, empty past the file's end; the pass ends after it, the slices before it not kept);
-    None: every slice, in order. A UTF-8 byte order mark at the file's start is left out."""
-    bounds = [*cuts, None]
+    readers read it): every line is in one slice, whatever the cuts. ``cuts``: rising offsets, a
+    list (a slice each and one more, empty past the file's end) or an endless iterator (slices to
+    the file's end). ``keep``: only that slice (its bytes, empty past the file's end; the pass ends
+    after it, the slices before it not kept); None: every slice, in order. A UTF-8 byte order
+    mark at the file's start is left out."""
+    left = iter(cuts)
+    bound = next(left, None)  # slice k's cut (None: the last slice, to the file's end)
     k, at, start, parts = 0, 0, 0, []  # ``at``: the uncompressed offset of ``block``'s first byte
     quoted, seen = 0, 0  # the parity of the quotes before block[seen]
     with storage.fs(data_uri).open(strip_protocol(data_uri), "rb") as raw, gzip.GzipFile(fileobj=raw) as text:
@@ -354,11 +360,11 @@ def _line_slices(data_uri: str, storage: Storage, cuts: list[int], keep: int | N
         first = at  # the offset of slice k's first line
         while True:
             stop = None  # where slice k ends in ``block``: after the first line end at or past its cut - 1
-            if bounds[k] is not None:
-                if first >= bounds[k]:  # its first line starts at its cut or past it: the slice is empty
+            if bound is not None:
+                if first >= bound:  # its first line starts at its cut or past it: the slice is empty
                     stop = start
                 else:
-                    j = block.find(b"\n", max(start, bounds[k] - 1 - at))
+                    j = block.find(b"\n", max(start, bound - 1 - at))
                     while j >= 0:
                         quoted ^= block.count(b'"', seen, j) & 1
                         seen = j
@@ -373,7 +379,8 @@ def _line_slices(data_uri: str, storage: Storage, cuts: list[int], keep: int | N
                 if not more:  # the file's end: slice k ends here, those after it are empty
                     if keep is None:
                         yield b"".join(parts)
-                        yield from (b"" for _ in range(len(bounds) - 1 - k))
+                        if isinstance(cuts, (list, tuple)):
+                            yield from (b"" for _ in range(len(cuts) - k))
                     else:
                         yield b"".join(parts) if keep == k else b""
                     return
@@ -386,6 +393,7 @@ def _line_slices(data_uri: str, storage: Storage, cuts: list[int], keep: int | N
                 if keep == k:
                     return
             parts, k, start, first = [], k + 1, stop, at + stop
+            bound = next(left, None)
 
 
 def csv_piece(data_uri: str, k: int, cuts: list[int], storage: Storage, fields: list[str], skip_non_images: bool,
@@ -395,22 +403,29 @@ def csv_piece(data_uri: str, k: int, cuts: list[int], storage: Storage, fields: 
     error gives None (the driver reads the slice again, to raise it)."""
     def units(skipped: Skipped) -> list[UnitBatch]:
         data = next(_line_slices(data_uri, storage, cuts, k))
-        return _csv_units(data, fields, skip_non_images, skipped, batch_rows)
+        return _csv_units(data, fields, skip_non_images, skipped, batch_rows, data_uri)
 
     return _keyed(units, limit, in_process)
 
 
-def _csv_units(data: bytes, fields: list[str], skip_non_images: bool, skipped: Skipped,
-               batch_rows: int) -> list[UnitBatch]:
+def _csv_units(data: bytes, fields: list[str], skip_non_images: bool, skipped: Skipped, batch_rows: int,
+               data_uri: str) -> list[UnitBatch]:
     """The units of a CSV report's lines: read by Arrow's CSV reader into the Parquet report's
     columns (:func:`csv_report_batches`, then :func:`parquet_units`), or, where Arrow does not read
     them as ``fields`` (a row of another length), the whole slice row by row (Python's csv reader,
-    :func:`_units` of :func:`_decoded` rows: the rules the report was always read by)."""
+    :func:`_units` of :func:`_decoded` rows: the rules the report was always read by), strictly: a
+    quoted field left open at the slice's end (a quote inside an unquoted field, which no CSV
+    reader takes for one, threw the count of quotes off, so a slice ended inside a field) is an
+    error naming the file, not rows made of a field's halves."""
     try:
         batches = csv_report_batches(data, fields, batch_rows)
     except Exception:  # noqa: BLE001 - not as Arrow reads it: row by row (which raises on what fails there)
-        rows = _decoded(csv.reader(io.StringIO(data.decode("utf-8"), newline="")), fields)
-        return list(batches_of_units(_units(rows, skip_non_images, skipped), batch_rows))
+        try:
+            rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline=""), strict=True))
+        except csv.Error as e:
+            raise InputError(f"input.uri: {data_uri}: not CSV as an S3 Inventory report is written ({e}): its "
+                             "fields are quoted, its keys URL-encoded") from None
+        return list(batches_of_units(_units(_decoded(rows, fields), skip_non_images, skipped), batch_rows))
     return list(_report_units(batches, skip_non_images, skipped, batch_rows))
 
 
