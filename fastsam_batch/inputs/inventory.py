@@ -149,13 +149,10 @@ def iter_inventory_batches(cfg, storage: Storage, skipped: Skipped, batch_rows: 
             return report_piece, (*piece[:4], storage, cfg.skip_non_images, skipped.limit, batch_rows)
 
         size = lambda piece: piece[3] - piece[2]  # noqa: E731
-    if pool is None or not pool.active:
-        results = ((piece, None) for piece in pieces)
-    else:
-        results = pool.ordered(pieces, task, size=size)
-    for piece, done in results:
-        if done is None:  # read here (no pool), or its read failed in the process: read again here, which raises
-            done = task(piece)[0](*task(piece)[1], in_process=False)
+    for piece, done in pool.ordered(pieces, task, size=size):
+        if done is None:  # its read failed in the process: read again here, which raises the error
+            fn, args = task(piece)
+            done = fn(*args, in_process=False)
         batches, its_skipped = done
         skipped.merge(its_skipped)
         yield from batches
