@@ -34,6 +34,7 @@ from .parallel import PlanPool, look_up, plan_processes, source_versions
 from .resume import (read_committed, read_units_records, run_fingerprint, source_version,
                      write_units_record)
 from .saved_index import INDEX_DIR, save_index, saved_covers
+from .checkpoints import IndexCheckpoints
 from .storage import Storage, join_uri, protocol_of, redact
 from .summary import RunSummary
 from .write import Interrupted, put_atomic
@@ -519,7 +520,8 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
             log(cpu_note)
         if overwrite:  # preflight passed and Ray is up: only now is the old output removed
             _remove_old_output(m, storage, old_parts, fence, log)
-        commits = _Commits(m, storage, summary, fence)
+        checkpoints = IndexCheckpoints(m.output.uri, storage, fence, m.runtime.index_save_interval_s)
+        commits = _Commits(m, storage, summary, fence, checkpoints)
         ledger = Ledger(commits.publish, commits.on_commit, commits.on_unit_end, commits.on_units_complete)
         local = protocol_of(m.output.uri) == "file"
         count, why = plan_writers(m.output.writers, sizing.cluster_gpus, local, usable_cpus())
@@ -547,6 +549,7 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
         if streaming:
             stream.sync()  # what planning counted so far: the images found done are done at the start
         progress = Progress(summary, m.runtime.progress_interval_s, log=log, waiting=ledger.waiting_rows)
+        checkpoints.start()
         try:
             if plan.count or streaming:
                 log(f"writers: {count} ({why}), each staging its files for the driver to publish")
@@ -575,13 +578,15 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
             summary.writers, summary.writers_restarted = (count, writers.died) if plan.count else (0, 0)
             progress.close()
             plan.remove()
+            # (a Ctrl-C: what was published and is in no delta yet is saved as one, for the next start)
+            deltas = checkpoints.close(flush=summary.interrupted and lease.lost is None)
         if lease.lost is not None:
             raise JobError(_lease_lost(m, lease))
         if planned is None:  # interrupted, and planning had failed: its partial result is lost
             raise JobError(f"planning failed ({plan_error}); the files published are kept, and running the same command "
                            "again resumes")
         return _finish(m, storage, summary, compression, t_start, commits.written, planned.changed, planned.retried,
-                       fence, commits.completed, planned.retried_rows, committed)
+                       fence, commits.completed, planned.retried_rows, committed, deltas)
     finally:  # planning never left running (a Ctrl-C or an error anywhere): its thread and processes ended
         stream.close()
         plan.remove()
@@ -614,8 +619,8 @@ class _Commits:
     only while this run holds the lease, the run's counts, the files it wrote and the containers it
     completed (for the end of the run)."""
 
-    def __init__(self, m: Manifest, storage: Storage, summary: RunSummary, fence):
-        self.m, self.storage, self.summary, self.fence = m, storage, summary, fence
+    def __init__(self, m: Manifest, storage: Storage, summary: RunSummary, fence, checkpoints: IndexCheckpoints):
+        self.m, self.storage, self.summary, self.fence, self.checkpoints = m, storage, summary, fence, checkpoints
         self.metrics = CommitMetrics(m.name)
         self.written: set[str] = set()
         self.completed: dict[str, str] = {}
@@ -628,6 +633,7 @@ class _Commits:
     def on_commit(self, stats: dict) -> None:
         self.summary.add_file_stats([stats])
         self.written.add(stats["file"])
+        self.checkpoints.published(stats["file"], stats["rows"])
 
     def on_unit_end(self, rows: int, skipped: int) -> None:
         self.summary.images_planned += rows
@@ -712,16 +718,18 @@ def _lease_lost(m: Manifest, lease: Lease) -> str:
 def _finish(m: Manifest, storage: Storage, summary: RunSummary, compression: str | None, t_start: float,
             written: set[str], changed: dict[str, str], retried: set[str], fence,
             completed: dict[str, str] | None = None, retried_rows: dict[str, set[bytes]] | None = None,
-            committed: Committed | None = None) -> RunSummary:
+            committed: Committed | None = None, deltas: list[str] | None = None) -> RunSummary:
     """End of a run (finished or interrupted): old rows of changed objects and retried images
     replaced, duplicates repaired, the checks, and the records. ``committed``: the index the start
-    read (kept current there): brought up to date from what this run wrote, not read again."""
+    read (kept current there): brought up to date from what this run wrote, not read again
+    (``deltas``: what the run saved of it during the run, taken from there)."""
     summary.wall_s = time.perf_counter() - t_start
     done = summary.images_ok + summary.images_error
     summary.images_per_s = (summary.run_ok + summary.run_error) / summary.wall_s if summary.wall_s > 0 else 0.0
     final, superseded, twice = repair_at_end(m.output.uri, storage, compression, fence=fence, written=written,
                                              changed=changed, retried=retried, completed=completed,
-                                             retried_rows=retried_rows, committed=committed, owned=True)
+                                             retried_rows=retried_rows, committed=committed, owned=True,
+                                             deltas=deltas or ())
     summary.rows_superseded += superseded
     summary.rows_deduplicated += twice
     if summary.interrupted:

@@ -226,6 +226,11 @@ class RuntimeConfig(_Strict):
                                             "port; a joined cluster exports them as it is set up to")
     progress_interval_s: float = Field(default=30.0, gt=0, description="without a terminal, a progress line this "
                                        "often (on a terminal a live line is redrawn instead)")
+    index_save_interval_s: float | None = Field(default=600.0, gt=0, description="during a run, the files it "
+                                                "published are read back and saved in the committed index under "
+                                                "output.uri/_index/ this often (sooner past 2^21 rows), so that a run "
+                                                "killed has its next start read only the files since; null: the index "
+                                                "is saved at a run's end only")
 
     @model_validator(mode="after")
     def _heartbeat_within_stale(self) -> "RuntimeConfig":

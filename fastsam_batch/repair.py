@@ -21,6 +21,7 @@ every write and delete the job makes, with its fence and crash-safety argument, 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -276,7 +277,8 @@ def repair_at_start(output_uri: str, storage: Storage, committed: Committed, com
 def repair_at_end(output_uri: str, storage: Storage, compression: str | None, *, fence, written: set[str],
                   changed: dict[str, str], retried: set[str], completed: dict[str, str] | None = None,
                   retried_rows: dict[str, set[bytes]] | None = None,
-                  committed: Committed | None = None, log=None, owned: bool = False) -> tuple[Committed, int, int]:
+                  committed: Committed | None = None, log=None, owned: bool = False,
+                  deltas: Sequence[str] = ()) -> tuple[Committed, int, int]:
     """After the segmentation (finished or interrupted): rows of objects that changed replaced by
     this run's, rows of old container versions and of retried error rows dropped where their new
     rows are committed, ``_units/`` records merged, duplicates reduced to one (this run's row
@@ -286,11 +288,13 @@ def repair_at_end(output_uri: str, storage: Storage, compression: str | None, *,
     more before the duplicates are chosen (a file deleted meanwhile must not be the copy kept).
     Each index made here is closed (its scratch files removed) as soon as a newer one replaces it;
     ``committed`` too if ``owned`` (the caller hands it over and does not use it after).
+    ``deltas``: the run's index deltas (what it wrote, read back during the run): files they hold
+    as listed now are taken from them, not read again (:func:`.resume.refresh_committed`).
     Returns the committed rows as they are now, rows superseded and rows deduplicated."""
     if committed is None:
         final, owned = read_committed(output_uri, storage), True
     else:
-        final = refresh_committed(committed, output_uri, storage, reread=written)
+        final = refresh_committed(committed, output_uri, storage, reread=written, deltas=deltas)
         owned = _replacing(committed, final, owned)
     superseded = deduplicated = 0
 

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -260,9 +260,9 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
     saved = load_index(output_uri, storage, listed)
     if saved is None:
         return Committed.from_files(iter_files_spread(output_uri, storage, list(listed), stamps=listed))
-    base, drop, read = saved  # the save's rows of files listed as it saw them kept; the rest read
+    base, drop, read, deltas = saved  # the saves' rows of files listed as they saw them kept; the rest read
     try:
-        return base.replaced(drop, iter_files_spread(output_uri, storage, read, stamps=listed))
+        return base.replaced(drop, _chained(deltas, iter_files_spread(output_uri, storage, read, stamps=listed)))
     except CommittedFileError:
         raise
     except OSError as e:  # the save's records gone during the pass (a local save is read in place, and
@@ -273,6 +273,16 @@ def read_committed(output_uri: str, storage: Storage) -> Committed:
         base.close()
     listed = list_parts_stamped(output_uri, storage)
     return Committed.from_files(iter_files_spread(output_uri, storage, list(listed), stamps=listed))
+
+
+def _chained(groups: Iterable, files: Iterator) -> Iterator:
+    """``groups`` then ``files`` (a generator of files being read: closed with this one, so that its
+    queued reads are cancelled when :meth:`.index.Committed.replaced` stops early)."""
+    try:
+        yield from groups
+        yield from files
+    finally:
+        files.close()
 
 
 SPREAD_FILES = 64  # committed files read by a task of planning's process pool, at most (threads inside it)
@@ -330,7 +340,7 @@ def iter_files_spread(output_uri: str, storage: Storage, paths: list[str], stamp
 
 
 def refresh_committed(committed: Committed, output_uri: str, storage: Storage,
-                      reread: Iterable[str] = ()) -> Committed:
+                      reread: Iterable[str] = (), deltas: Sequence[str] = ()) -> Committed:
     """``committed`` brought up to date with the output as listed now: the files it does not know
     (this run's commits; another run's last commit that landed after a takeover) read, those gone
     dropped, and those it knows read again where their listing entry (size, ETag or mtime) changed:
@@ -338,7 +348,9 @@ def refresh_committed(committed: Committed, output_uri: str, storage: Storage,
     ``--retry-errors`` run; a previous lease holder's commit in flight at a takeover) rewrites it
     under its own name. ``reread``: names of files read again whatever their entry (the files
     this run wrote: a storage whose entry did not change, e.g. an mtime of coarse resolution).
-    One listing, and reads of those files only."""
+    ``deltas``: the run's own index deltas (:mod:`.saved_index`, header paths): a file to read that
+    one of them holds as it is listed now is taken from it instead. One listing, and reads of those
+    files only."""
     now = list_parts_stamped(output_uri, storage)
     again = set(reread)
     known = set(committed.parts)
@@ -347,7 +359,13 @@ def refresh_committed(committed: Committed, output_uri: str, storage: Storage,
     gone = [p for p in committed.parts if p not in now]
     if not read and not gone:
         return committed
-    return committed.replaced(gone, iter_files(output_uri, storage, read, stamps=now))
+    if not deltas:
+        return committed.replaced(gone, iter_files(output_uri, storage, read, stamps=now))
+    from .saved_index import DeltaGroups
+
+    saved = DeltaGroups(output_uri, storage, list(deltas), {p: now[p] for p in read})
+    files = iter_files(output_uri, storage, [p for p in read if p not in saved.covered], stamps=now)
+    return committed.replaced(gone, _chained(saved, files))
 
 
 def apply_rewrites(committed: Committed, output_uri: str, storage: Storage,

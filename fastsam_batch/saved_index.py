@@ -22,6 +22,13 @@ time. A save that covers none of the files listed is not read at all.
 Keys persist across runs here (and only here): the id keys' BLAKE2b and the version and
 container keys' hash (:func:`.index.hash_texts`) are named by :data:`KEY_FORMAT`, which must
 change with either, so that a save of other keys is not used.
+
+During a run (:class:`.checkpoints.IndexCheckpoints`) the files it publishes are read back every so
+often and saved as a *delta*: ``_index/<token>.delta.rows`` and ``.delta.json``, the same records
+and header for just those files. A start takes the newest full save and every delta newer than it,
+each file's rows from the newest of them that covers it as it is listed now (the same trust, file
+by file), so a run that was killed has only the files since its last delta read again; a run's
+end uses its own deltas in place of reading back what it wrote, and its full save deletes them.
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ import shutil
 import sys
 import time
 import uuid
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from .index import ROW, Committed, _Scratch, _spans, _read
+from .index import ROW, Committed, FileGroup, _Scratch, _kept, _read, _spans
 from .retry import with_retries
 from .storage import Storage, join_uri, protocol_of, strip_protocol
 
@@ -99,12 +107,23 @@ def header_of(committed: Committed) -> dict:
                       for p in committed.parts]}
 
 
+def delta_header_of(group: FileGroup) -> dict:
+    """What a delta says of ``group`` (files read back during a run) besides its records (pure): a
+    full save's header of just those files (their records' ``part_of`` index its ``parts``)."""
+    return {"key_format": KEY_FORMAT, "byteorder": sys.byteorder, "dtype": str(ROW.descr),
+            "itemsize": ROW.itemsize, "rows": len(group.records), "checksum": _verified(group.records),
+            "reasons": list(group.reasons), "delta": True,
+            "parts": [[p.rsplit("/", 1)[-1], stamp, fingerprints] for p, fingerprints, stamp in group.files]}
+
+
 def _token() -> str:
     """A save's name: the time written first (zero-padded, so that names sort by it), then random."""
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
 
 
-_SAVE_NAME = re.compile(r"^[0-9]{20}-[0-9a-f]{12}\.(json|rows)$")  # _token() + .json / .rows: nothing else is a save's
+# _token() + .json / .rows (a full save), or + .delta.json / .delta.rows (a delta): nothing else is a save's
+_SAVE_NAME = re.compile(r"^[0-9]{20}-[0-9a-f]{12}(\.delta)?\.(json|rows)$")
+DELTA_HEAD = ".delta.json"
 
 
 def _saves(folder: str, storage: Storage) -> list[str]:
@@ -153,11 +172,33 @@ def save_index(output_uri: str, storage: Storage, committed: Committed, *, fence
     return head_uri
 
 
+def save_delta(output_uri: str, storage: Storage, group: FileGroup, *, fence) -> str:
+    """Saves ``group`` (files this run published, read back) as a delta under ``_index/``: its
+    records, then its header; each write only while ``fence`` passes. Returns the header's path.
+    Nothing is deleted (a full save deletes the deltas older than it)."""
+    from .write import put_atomic
+
+    folder = join_uri(output_uri, INDEX_DIR)
+    token = _token()
+    header = delta_header_of(group)
+    if protocol_of(output_uri) == "file":
+        os.makedirs(strip_protocol(folder), exist_ok=True)
+    fence.check(storage)
+    put_atomic(storage, join_uri(folder, f"{token}.delta.rows"), group.records.tobytes())
+    fence.check(storage)
+    head_uri = join_uri(folder, token + DELTA_HEAD)
+    put_atomic(storage, head_uri, json.dumps(header).encode())
+    return head_uri
+
+
 def saved_covers(output_uri: str, storage: Storage, committed: Committed) -> bool:
     """Whether the newest save holds just ``committed``'s files, each with the listing entry it has
-    there (so a save of it now would save nothing new): an output of no files needs none."""
+    there (so a save of it now would save nothing new): an output of no files needs none. A delta
+    newer than it: no (a full save then replaces them)."""
     folder = join_uri(output_uri, INDEX_DIR)
     heads = [p for p in _saves(folder, storage) if p.endswith(".json")]
+    if heads and heads[-1].endswith(DELTA_HEAD):
+        return False
     if not heads:
         return not committed.parts
     try:
@@ -200,52 +241,157 @@ def _load_records(fs, rows_path: str, header: dict, local: bool, bound: int) -> 
     return records, scratch
 
 
-def load_index(output_uri: str, storage: Storage, listed: dict[str, str],
-               memory_rows: int | None = None) -> tuple[Committed, list[str], list[str]] | None:
-    """The newest save, as a :class:`.index.Committed` of every file it covers (its parts named as
-    ``listed`` names them where listed), with (the files to drop from it: gone, changed, or of an
-    entry that does not tell content (:func:`.resume.stamp_tells_content`); the listed files to
-    read: not in it, or changed). ``listed``: the committed files now -> their listing entry
-    (:func:`.resume.list_parts_stamped`). None where there is no save, it covers none of the files
-    listed (its records not even read), or it cannot be used (a warning says why)."""
+class Saved(NamedTuple):
+    """What :func:`load_index` found: ``base`` (the newest full save's rows of the files it covers),
+    ``drop`` (its files gone or changed since), ``read`` (the listed files no save covers: read
+    them), ``deltas`` (the newer deltas' rows, :class:`DeltaGroups`: add them to ``base``)."""
+
+    base: Committed
+    drop: list[str]
+    read: list[str]
+    deltas: "DeltaGroups"
+
+
+def _checked_header(fs, head: str) -> dict:
+    """A save's header, read; a :class:`SavedIndexError` where it is of another format."""
+    header = json.loads(fs.cat_file(head))
+    for key, want in (("key_format", KEY_FORMAT), ("byteorder", sys.byteorder), ("dtype", str(ROW.descr))):
+        if header.get(key) != want:
+            raise SavedIndexError(f"its {key} is {header.get(key)!r}, this version's {want!r}")
+    names = [str(name) for name, _, _ in header["parts"]]
+    if len(set(names)) != len(names):
+        raise SavedIndexError("it names a file twice")
+    return header
+
+
+def _trusted(stamp: str, path: str | None, listed: dict[str, str]) -> bool:
+    """Whether a save's rows of a file (``stamp``: its entry then) stand for it as listed now."""
     from .resume import stamp_tells_content
 
+    return path is not None and stamp == listed[path] and stamp_tells_content(stamp)
+
+
+class DeltaGroups:
+    """The rows the deltas ``heads`` (header paths, oldest first) hold of the files listed in ``listed``
+    (path -> listing entry now) as they were when read, each file's from the newest delta that has
+    it: ``covered`` (those files) is known at once from the headers (a header that cannot be read is
+    a warning, its files not covered); iterating gives the rows as :class:`.index.FileGroup`, a delta
+    at a time (what :meth:`.index.Committed.replaced` takes); a delta whose records cannot be used
+    then is a warning, and its files are read instead."""
+
+    def __init__(self, output_uri: str, storage: Storage, heads: list[str], listed: dict[str, str]):
+        self.output_uri, self.storage, self.listed = output_uri, storage, listed
+        self.covered: set[str] = set()
+        self._taken: list[tuple[str, dict, dict[str, str]]] = []  # (head, header, name -> path taken)
+        if not heads:
+            return
+        fs = storage.fs(join_uri(output_uri, INDEX_DIR))
+        by_name = {p.rsplit("/", 1)[-1]: p for p in listed}
+        for head in reversed(heads):  # the newest first: a file's rows from the newest delta that has it
+            try:
+                header = _checked_header(fs, head)
+            except Exception as e:  # noqa: BLE001 - a save is only ever a saving: its files are read
+                _log.warning("the index delta %s is not used (%s: %s): the files it covers are read", head,
+                             type(e).__name__, e)
+                continue
+            keep = {}
+            for name, stamp, _ in header["parts"]:
+                path = by_name.get(str(name))
+                if path not in self.covered and _trusted(str(stamp), path, listed):
+                    keep[str(name)] = path
+            self.covered.update(keep.values())
+            if keep:
+                self._taken.append((head, header, keep))
+
+    def __iter__(self) -> Iterator[FileGroup]:
+        from .resume import iter_files
+
+        fs = self.storage.fs(join_uri(self.output_uri, INDEX_DIR))
+        for head, header, keep in reversed(self._taken):  # (the oldest first: the order they were written)
+            try:
+                group = _delta_group(fs, head, header, keep)
+            except Exception as e:  # noqa: BLE001 - see above
+                _log.warning("the index delta %s could not be read (%s: %s): the %d files it covers are read",
+                             head, type(e).__name__, e, len(keep))
+                paths = sorted(keep.values())
+                group = FileGroup.of(list(iter_files(self.output_uri, self.storage, paths, stamps=self.listed)))
+            yield group
+
+
+def _delta_group(fs, head: str, header: dict, keep: dict[str, str]) -> FileGroup:
+    """The records of delta ``head`` of the files ``keep`` names (name -> path as listed now), checked."""
+    rows_path = head[:-len(DELTA_HEAD)] + ".delta.rows"
+    records, _ = _load_records(fs, rows_path, header, False, max(1, int(header["rows"])))  # (in memory)
+    names = [str(name) for name, _, _ in header["parts"]]
+    wanted = [j for j, name in enumerate(names) if name in keep]
+    new_index = np.full(len(names), -1, np.int32)
+    new_index[wanted] = np.arange(len(wanted), dtype=np.int32)
+    rec = _kept(records, new_index[records["part_of"]] >= 0)
+    rec["part_of"] = new_index[rec["part_of"]]
+    files = [(keep[names[j]], {str(fp): int(n) for fp, n in dict(header["parts"][j][2]).items()},
+              str(header["parts"][j][1])) for j in wanted]
+    return FileGroup(files, rec, [str(r) for r in header["reasons"]])
+
+
+def load_index(output_uri: str, storage: Storage, listed: dict[str, str],
+               memory_rows: int | None = None) -> Saved | None:
+    """The newest full save, as a :class:`.index.Committed` of every file it covers (its parts named
+    as ``listed`` names them where listed), and the deltas newer than it (:class:`Saved`).
+    ``listed``: the committed files now -> their listing entry (:func:`.resume.list_parts_stamped`).
+    A file's rows are taken from a save only where its entry then and now are the same and tell
+    content (:func:`.resume.stamp_tells_content`). None where there is no save, or they cover none of
+    the files listed (the records not even read). A full save that cannot be used is a warning, and
+    the files it covers are read."""
     folder = join_uri(output_uri, INDEX_DIR)
     heads = [p for p in _saves(folder, storage) if p.endswith(".json")]
-    if not heads:
+    fulls = [p for p in heads if not p.endswith(DELTA_HEAD)]
+    head = fulls[-1] if fulls else None
+    newer = [p for p in heads if p.endswith(DELTA_HEAD) and (head is None or p.rsplit("/", 1)[-1] > head.rsplit("/", 1)[-1])]
+    if head is None and not newer:
         return None
-    head = heads[-1]
-    fs = storage.fs(folder)
+    deltas = DeltaGroups(output_uri, storage, newer, listed)
+    base, drop, covered = Committed(memory_rows=memory_rows), [], set(deltas.covered)
+    if head is not None:
+        try:
+            found = _load_full(storage.fs(folder), head, listed, protocol_of(output_uri) == "file", memory_rows)
+        except Exception as e:  # noqa: BLE001 - a save is only ever a saving: read the files instead
+            _log.warning("the committed index saved in %s is not used (%s: %s): the committed files it covers are "
+                         "read", head, type(e).__name__, e)
+            found = None
+        if found is not None:
+            base, drop, in_base = found
+            covered |= in_base
+    if not covered:
+        base.close()
+        return None  # (an output written anew since: --overwrite, or files all changed)
+    return Saved(base, drop, [p for p in listed if p not in covered], deltas)
+
+
+def _load_full(fs, head: str, listed: dict[str, str], local: bool,
+               memory_rows: int | None) -> tuple[Committed, list[str], set[str]] | None:
+    """A full save ``head`` as (a Committed of it, its files to drop, the listed files it covers);
+    None where it covers none (its records not read)."""
     by_name = {p.rsplit("/", 1)[-1]: p for p in listed}
     base = Committed(memory_rows=memory_rows)
-    try:
-        header = json.loads(fs.cat_file(head))
-        for key, want in (("key_format", KEY_FORMAT), ("byteorder", sys.byteorder), ("dtype", str(ROW.descr))):
-            if header.get(key) != want:
-                raise SavedIndexError(f"its {key} is {header.get(key)!r}, this version's {want!r}")
-        parts, drop, covered = [], [], set()
-        for name, stamp, fingerprints in header["parts"]:
-            path = by_name.get(name)
-            if path is not None and stamp == listed[path] and stamp_tells_content(stamp):
-                covered.add(path)
-                base.stamps[path] = stamp
-            else:
-                path = path or f"{INDEX_DIR}:gone/{name}"  # not listed: its rows are dropped at once
-                drop.append(path)
-            parts.append(path)
-            base.part_fingerprints[path] = {str(fp): int(n) for fp, n in dict(fingerprints).items()}
-        reasons = [str(r) for r in header["reasons"]]
-        if not covered:
-            return None  # (an output written anew since: --overwrite, or files all changed)
-        records, scratch = _load_records(fs, head[:-len(".json")] + ".rows", header,
-                                         protocol_of(output_uri) == "file", base.bound)
-    except Exception as e:  # noqa: BLE001 - a save is only ever a saving: read the files instead
-        _log.warning("the committed index saved in %s is not used (%s: %s): every committed file is read",
-                     head, type(e).__name__, e)
+    header = _checked_header(fs, head)
+    parts, drop, covered = [], [], set()
+    for name, stamp, fingerprints in header["parts"]:
+        path = by_name.get(name)
+        if _trusted(stamp, path, listed):
+            covered.add(path)
+            base.stamps[path] = stamp
+        else:
+            path = path or f"{INDEX_DIR}:gone/{name}"  # not listed: its rows are dropped at once
+            drop.append(path)
+        parts.append(path)
+        base.part_fingerprints[path] = {str(fp): int(n) for fp, n in dict(fingerprints).items()}
+    reasons = [str(r) for r in header["reasons"]]
+    if not covered:
         return None
+    records, scratch = _load_records(fs, head[:-len(".json")] + ".rows", header, local, base.bound)
     base.parts, base.rows, base.records, base.reasons = parts, len(records), records, reasons
     base._scratch = scratch
     for fps in base.part_fingerprints.values():
         for fp, n in fps.items():
             base.fingerprints[fp] = base.fingerprints.get(fp, 0) + n
-    return base, drop, [p for p in listed if p not in covered]
+    return base, drop, covered

@@ -15,7 +15,11 @@ import pytest
 import yaml
 
 from conftest import run_cli
+from fastsam_batch.resume import list_parts_stamped, read_committed
+from fastsam_batch.saved_index import load_index
+from fastsam_batch.storage import Storage
 from shapes import make_image
+from test_repair import index_rows, plain_read
 
 N_IMAGES = 24
 
@@ -28,7 +32,7 @@ def job(tmp_path, checkpoint):
         make_image(3000 + i, size=(160, 128))[0].save(images / f"{i:03d}.png")
     out = tmp_path / "out"
 
-    def manifest(name="m.yaml", conf=0.4, actors=2):
+    def manifest(name="m.yaml", conf=0.4, actors=2, **runtime):
         p = tmp_path / name
         p.write_text(yaml.safe_dump({
             "name": "resume",
@@ -38,7 +42,7 @@ def job(tmp_path, checkpoint):
             # the plan in files under out/_plan/; two actors, so that one held by the test-only slow
             # hook (the driver-kill test) leaves the other committing (one where that is not needed:
             # sooner on 2 cores)
-            "runtime": {"batch_size": 2, "plan_part_rows": 5, "num_actors": actors},
+            "runtime": {"batch_size": 2, "plan_part_rows": 5, "num_actors": actors, **runtime},
         }))
         return p
 
@@ -77,7 +81,8 @@ def processes_with_env(marker: str, agents: bool = True) -> list[int]:
 
 
 def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job, tmp_path):
-    m = job["manifest"]()
+    # the index saved during the run often (deltas, checkpoints.py): the kill lands after one
+    m = job["manifest"](index_save_interval_s=0.2)
     exe = Path(sys.executable).with_name("fastsam-batch")
     marker = f"FASTSAM_TEST_RUN={tmp_path.name}"
     # The last image takes an hour in this run (the test-only slow hook), so the run cannot finish
@@ -86,9 +91,9 @@ def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job, tmp_path):
         "FASTSAM_BATCH_TEST_SLOW": f"segment:{N_IMAGES - 1:03d}.png:3600"}
     proc = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while len(list(job["out"].glob("part-*.parquet"))) < 2:
+    while len(list(job["out"].glob("part-*.parquet"))) < 2 or not list(job["out"].glob("_index/*.delta.json")):
         assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "nothing was committed in 5 minutes"
+        assert time.time() < deadline, "nothing was committed and saved in the index in 5 minutes"
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -104,6 +109,14 @@ def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job, tmp_path):
     partial = rows(job["out"])
     assert 0 < len(partial) < N_IMAGES, "the kill should land mid-run"
     assert len(list((job["out"] / "_plan").glob("*/part-*.parquet"))) == 5  # 24 images in parts of 5
+    # the killed run's deltas: a start takes the files they hold from them (and reads the rest),
+    # with the rows a read of every file gives
+    listed = list_parts_stamped(str(job["out"]), Storage())
+    saved = load_index(str(job["out"]), Storage(), listed)
+    assert saved.deltas.covered and saved.deltas.covered <= set(listed)
+    assert sorted(saved.read) == sorted(set(listed) - saved.deltas.covered)
+    saved.base.close()
+    assert index_rows(read_committed(str(job["out"]), Storage())) == index_rows(plain_read(str(job["out"]), Storage()))
 
     r = run_cli("run", str(m))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -112,6 +125,7 @@ def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(job, tmp_path):
     assert f"already done in an earlier run (skipped): {len(partial)}" in r.stdout
     assert_exactly_once(job["out"])
     assert not list(job["out"].glob("_tmp-*")) and not (job["out"] / "_plan").exists()  # the killed run's plan too
+    assert not list(job["out"].glob("_index/*.delta.*"))  # the run's full save replaced every delta
 
     again = run_cli("run", str(m))
     assert again.returncode == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_a_start_reads_the_save_and_only_what_changed_since(output, memory_rows,
     assert len(names) == 2 and {n.rsplit(".", 1)[1] for n in names} == {"json", "rows"}
 
     # unchanged: the save stands for every file, none read (and see the test below)
-    base, drop, read = load_index(uri, storage, list_parts_stamped(uri, storage))
+    base, drop, read, _ = load_index(uri, storage, list_parts_stamped(uri, storage))
     assert (drop, read, base.rows, base.on_disk) == ([], [], 40, bool(memory_rows))
     base.close()
     again = read_committed(uri, storage)
@@ -77,7 +78,7 @@ def test_a_start_reads_the_save_and_only_what_changed_since(output, memory_rows,
     write_parts(uri, storage, range(100, 103), 7)
     fs.invalidate_cache()
     listed = list_parts_stamped(uri, storage)
-    base, drop, read = load_index(uri, storage, listed)
+    base, drop, read, _ = load_index(uri, storage, listed)
     new = [p for p in listed if p.rsplit("/", 1)[-1] == part_name([f"img{i:05d}.jpg" for i in range(100, 103)])]
     name = {p: p.rsplit("/", 1)[-1] for p in [*drop, *read]}
     assert sorted(name[p] for p in drop) == sorted(p.rsplit("/", 1)[-1] for p in paths[:2])
@@ -156,7 +157,7 @@ def test_a_save_that_cannot_be_used_is_a_warning_and_every_file_is_read(output, 
     with caplog.at_level(logging.WARNING, logger="fastsam_batch.saved_index"):
         got = read_committed(uri, storage)
     assert summary_of(got) == summary_of(plain_read(uri, storage))
-    assert any("is not used" in r.getMessage() and "every committed file is read" in r.getMessage()
+    assert any("is not used" in r.getMessage() and "the committed files it covers are read" in r.getMessage()
                for r in caplog.records)
 
 
@@ -212,7 +213,7 @@ def test_a_local_save_is_where_the_output_is(tmp_path):
     head = save_index(uri, storage, read_committed(uri, storage), fence=fence)
     assert os.path.dirname(strip_protocol(head)) == os.path.join(uri, INDEX_DIR)
     listed = list_parts_stamped(uri, storage)
-    base, drop, read = load_index(uri, storage, listed)
+    base, drop, read, _ = load_index(uri, storage, listed)
     assert (drop, read, sorted(base.parts)) == ([], [], sorted(listed))
 
 
@@ -249,7 +250,7 @@ def test_other_files_in_the_index_folder_are_left_alone(output):
     head = save_index(uri, storage, read_committed(uri, storage), fence=fence)
     fs.invalidate_cache()
     assert fs.exists(stray) and fs.exists(head)
-    base, drop, read = load_index(uri, storage, list_parts_stamped(uri, storage))
+    base, drop, read, _ = load_index(uri, storage, list_parts_stamped(uri, storage))
     assert (drop, read, base.rows) == ([], [], 6)
     base.close()
 
@@ -303,3 +304,196 @@ def test_a_save_covers_an_index_of_just_its_files(output):
     write_parts(uri, storage, range(8, 10), 4)
     storage.fs(uri).invalidate_cache()
     assert not saved_covers(uri, storage, read_committed(uri, storage))
+
+
+# ---------------------------------------------------------------------------------------------
+# Deltas: the files a run publishes, read back and saved during the run (checkpoints.py)
+
+
+def _published(uri: str, storage: Storage, checkpoints, images: range, per_file: int) -> list[str]:
+    """Files written as a run publishes them, each told to ``checkpoints`` (name, rows)."""
+    paths = write_parts(uri, storage, images, per_file)
+    for p in paths:
+        checkpoints.published(p.rsplit("/", 1)[-1], min(per_file, images.stop - images.start))
+    storage.fs(uri).invalidate_cache()
+    return paths
+
+
+def _counting_reads(monkeypatch) -> list[str]:
+    from fastsam_batch import resume
+
+    reads: list[str] = []
+    real = resume.read_file_rows
+    monkeypatch.setattr(resume, "read_file_rows", lambda path, *a, **k: reads.append(path.rsplit("/", 1)[-1])
+                        or real(path, *a, **k))
+    return reads
+
+
+def _names(paths) -> list[str]:
+    return sorted(p.rsplit("/", 1)[-1] for p in paths)
+
+
+@pytest.mark.parametrize("memory_rows", [None, 4], ids=["in-memory", "on-disk"])
+def test_deltas_saved_during_a_run_stand_for_their_files_at_the_next_start(output, memory_rows, monkeypatch, caplog):
+    """A full save, then a run that publishes files and saves two deltas before it is killed (one
+    more file published after the last): the next start reads only that file; its rows and every
+    other are exactly those of a read of every file. A file rewritten or deleted after its delta
+    is read (or dropped) as it is now."""
+    from fastsam_batch.checkpoints import IndexCheckpoints
+
+    uri, storage, fence = output
+    if memory_rows:
+        monkeypatch.setattr("fastsam_batch.index.MEMORY_ROWS", memory_rows)
+    write_parts(uri, storage, range(0, 20), 5)
+    save_index(uri, storage, read_committed(uri, storage), fence=fence)
+    cp = IndexCheckpoints(uri, storage, fence, interval_s=3600)
+    first = _published(uri, storage, cp, range(20, 35), 5)
+    head1 = cp.save_pending()
+    assert head1 is not None and head1.endswith(".delta.json") and cp.save_pending() is None  # nothing pending
+    second = _published(uri, storage, cp, range(35, 45), 5)
+    head2 = cp.save_pending()
+    assert cp.heads == [head1, head2]
+    last = _published(uri, storage, cp, range(45, 50), 5)  # in no delta (the run killed before the next)
+    with caplog.at_level(logging.WARNING):
+        reads = _counting_reads(monkeypatch)
+        now = read_committed(uri, storage)
+    assert reads == _names(last)
+    assert summary_of(now) == summary_of(plain_read(uri, storage))
+    assert not [r for r in caplog.records if r.name.startswith("fastsam_batch")]
+
+    # after the deltas: a file of the first rewritten (other rows), one of the second deleted
+    put(storage, first[1], [(f"img{i:05d}.jpg", "v/2", "ok", "x") for i in range(25, 30)])
+    storage.fs(uri).rm(second[0])
+    storage.fs(uri).invalidate_cache()
+    reads.clear()
+    now = read_committed(uri, storage)
+    assert reads == sorted(_names(last) + _names(first[1:2]))
+    assert summary_of(now) == summary_of(plain_read(uri, storage))
+    assert len(index_rows(now)) == 50 - 5
+
+    # a newer delta of a file has its rows (the older delta's are not taken, also where the file is
+    # unchanged, as first[2] here: its rows are not doubled); the file left pending goes into it too
+    cp.published(first[1].rsplit("/", 1)[-1], 5)
+    cp.published(first[2].rsplit("/", 1)[-1], 5)
+    assert cp.save_pending() is not None
+    reads.clear()
+    now = read_committed(uri, storage)
+    assert reads == []
+    assert len(index_rows(now)) == 50 - 5
+    assert summary_of(now) == summary_of(plain_read(uri, storage))
+
+
+def test_a_runs_end_takes_its_deltas_in_place_of_reading_back_what_it_wrote(output, monkeypatch):
+    """refresh_committed (the end of a run) with the run's deltas: the files they hold as listed now
+    are not read; one published after the last delta is. Then the run's full save replaces the
+    deltas, and a start with it reads nothing."""
+    from fastsam_batch.checkpoints import IndexCheckpoints
+    from fastsam_batch.resume import refresh_committed
+
+    uri, storage, fence = output
+    write_parts(uri, storage, range(0, 10), 5)
+    start = read_committed(uri, storage)
+    cp = IndexCheckpoints(uri, storage, fence, interval_s=3600)
+    written = _published(uri, storage, cp, range(10, 30), 5)
+    cp.save_pending()
+    late = _published(uri, storage, cp, range(30, 33), 5)
+    deltas = cp.close()
+    assert len(deltas) == 1 and saved_index.saved_covers(uri, storage, start) is False
+    reads = _counting_reads(monkeypatch)
+    final = refresh_committed(start, uri, storage, reread=_names(written + late), deltas=deltas)
+    assert reads == _names(late)
+    assert summary_of(final) == summary_of(plain_read(uri, storage))
+    head = save_index(uri, storage, final, fence=fence)
+    token = head.rsplit("/", 1)[-1][:-len(".json")]
+    assert saves(uri, storage) == [f"{token}.json", f"{token}.rows"]  # the deltas deleted with the older saves
+    assert saved_index.saved_covers(uri, storage, final)
+    reads.clear()
+    assert summary_of(read_committed(uri, storage)) == summary_of(final) and reads == []
+
+
+@pytest.mark.parametrize("spoil", ["records", "header"])
+def test_a_delta_that_cannot_be_used_is_a_warning_and_its_files_are_read(tmp_path, spoil, monkeypatch, caplog):
+    from fastsam_batch.checkpoints import IndexCheckpoints
+
+    uri, storage, lease = _local_output(tmp_path)
+    cp = IndexCheckpoints(uri, storage, lease.fence(), interval_s=3600)
+    spoilt = _published(uri, storage, cp, range(0, 10), 5)
+    head = cp.save_pending()
+    kept = _published(uri, storage, cp, range(10, 20), 5)
+    cp.save_pending()
+    if spoil == "records":  # one bit of a record: its checksum
+        path = head[:-len(".json")] + ".rows"
+        raw = bytearray(open(path, "rb").read())
+        raw[3] ^= 1
+        open(path, "wb").write(bytes(raw))
+    else:
+        open(head, "w").write("{not json")
+    reads = _counting_reads(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="fastsam_batch.saved_index"):
+        now = read_committed(uri, storage)
+    assert reads == _names(spoilt)  # the other delta's files not read
+    assert summary_of(now) == summary_of(plain_read(uri, storage))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert head in said and ("could not be read" if spoil == "records" else "is not used") in said
+    assert _names(kept)  # (both deltas had files)
+
+
+def test_a_delta_is_written_only_while_the_run_holds_its_lease(output):
+    from fastsam_batch.checkpoints import IndexCheckpoints
+
+    uri, storage, fence = output
+    cp = IndexCheckpoints(uri, storage, fence, interval_s=3600)
+    _published(uri, storage, cp, range(0, 10), 5)
+    Lease(storage, uri, "run-other").acquire(break_lease=True)
+    assert cp.save_pending() is None
+    assert saves(uri, storage) == []
+    assert cp.close(flush=True) == []
+
+
+def test_the_checkpoint_thread_saves_by_time_by_rows_and_on_a_flush(tmp_path):
+    """By time: a short interval saves what was published (waited for, as a condition). By rows: a
+    long interval and the rows past ``max_rows`` wake it. A flush at close saves what is left. A
+    file published again (rewritten) before its delta is read once, as it is then."""
+    from fastsam_batch.checkpoints import IndexCheckpoints
+
+    def wait_for(cond) -> None:
+        deadline = time.monotonic() + 120
+        while not cond():
+            assert time.monotonic() < deadline, "no delta within 2 minutes"
+            time.sleep(0.05)
+
+    uri, storage, lease = _local_output(tmp_path)
+    timed = IndexCheckpoints(uri, storage, lease.fence(), interval_s=0.05).start()
+    _published(uri, storage, timed, range(0, 10), 5)
+    wait_for(lambda: timed.heads)
+    assert timed.close() == timed.heads and len(timed.heads) >= 1
+
+    by_rows = IndexCheckpoints(uri, storage, lease.fence(), interval_s=3600, max_rows=12).start()
+    _published(uri, storage, by_rows, range(100, 110), 5)
+    assert by_rows.heads == []  # (10 rows: under the bound, and the interval an hour)
+    again = _published(uri, storage, by_rows, range(100, 105), 5)  # the first file published again
+    assert by_rows.heads == []
+    _published(uri, storage, by_rows, range(110, 115), 5)  # 15 rows pending: past 12
+    wait_for(lambda: by_rows.heads)
+    _published(uri, storage, by_rows, range(200, 203), 5)
+    heads = by_rows.close(flush=True)
+    assert len(heads) == 2
+    header = json.loads(open(heads[0]).read())
+    assert [name for name, _, _ in header["parts"]].count(again[0].rsplit("/", 1)[-1]) == 1
+    assert header["rows"] == 15
+    assert summary_of(read_committed(uri, storage)) == summary_of(plain_read(uri, storage))
+
+
+def test_a_published_file_gone_before_its_delta_is_left_out_and_the_rest_saved(output):
+    from fastsam_batch.checkpoints import IndexCheckpoints
+
+    uri, storage, fence = output
+    cp = IndexCheckpoints(uri, storage, fence, interval_s=3600)
+    paths = _published(uri, storage, cp, range(0, 15), 5)
+    storage.fs(uri).rm(paths[1])  # (a repair emptied it, say)
+    storage.fs(uri).invalidate_cache()
+    head = cp.save_pending()
+    assert head is not None and cp.save_pending() is None  # nothing left pending
+    header = json.loads(storage.fs(uri).cat_file(head))
+    assert sorted(name for name, _, _ in header["parts"]) == _names([paths[0], paths[2]])
+    assert summary_of(read_committed(uri, storage)) == summary_of(plain_read(uri, storage))

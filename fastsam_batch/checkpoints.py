@@ -1,0 +1,142 @@
+"""The committed index saved during a run (issue 23), so that a run killed at a billion images does
+not leave its next start every file it published to read again.
+
+:class:`IndexCheckpoints` is told of each file the run publishes; in a thread of its own, every
+``runtime.index_save_interval_s`` (or as soon as :data:`.index.MEMORY_ROWS` rows wait, so that a
+delta is held in memory whole) it reads those files back (a few columns, as a start reads them:
+:func:`.resume.iter_files`) and saves them as a delta of the index under ``_index/``
+(:func:`.saved_index.save_delta`, each write only while the run holds its lease). A start takes the
+deltas with the full save (:func:`.saved_index.load_index`); the run's own end takes them in place
+of reading back what it wrote (:func:`.resume.refresh_committed`), then its full save replaces them.
+A delta that fails (the storage) is a warning, and its files wait for the next; a lease taken over
+stops the deltas (the run finds that out itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from . import index
+from .index import FileGroup
+from .lease import LeaseLost
+from .resume import CommittedFileError
+from .storage import Storage, join_uri
+
+_log = logging.getLogger(__name__)
+
+
+class IndexCheckpoints:
+    """The deltas of one run (see the module). ``interval_s`` None: none (the index is saved at the
+    run's end only). ``published`` is called from the driver's publishing thread; ``close`` once,
+    at the end, returns the deltas written (their header paths)."""
+
+    def __init__(self, output_uri: str, storage: Storage, fence, interval_s: float | None,
+                 max_rows: int | None = None):
+        self.output_uri, self.storage, self.fence, self.interval_s = output_uri, storage, fence, interval_s
+        self.max_rows = max_rows if max_rows is not None else index.MEMORY_ROWS
+        self.heads: list[str] = []
+        self._pending: dict[str, tuple[int, int]] = {}  # file name -> (publish number, rows), in publish order
+        self._rows = 0  # rows of the pending files
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lost = False
+        self._thread: threading.Thread | None = None
+
+    def published(self, name: str, rows: int) -> None:
+        """File ``name`` (under the output) was published with ``rows`` rows (a name published again,
+        rewritten, is read again)."""
+        if self.interval_s is None:
+            return
+        with self._lock:
+            self._seq += 1
+            old = self._pending.pop(name, None)
+            self._rows += rows - (old[1] if old else 0)
+            self._pending[name] = (self._seq, rows)
+            full = self._rows >= self.max_rows
+        if full:
+            self._wake.set()
+
+    def start(self) -> "IndexCheckpoints":
+        if self.interval_s is not None:
+            self._thread = threading.Thread(target=self._loop, name="index-checkpoints", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        last, failed = time.monotonic(), False
+        while not self._stop.is_set() and not self._lost:
+            self._wake.wait(timeout=max(0.0, last + self.interval_s - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            timely = time.monotonic() >= last + self.interval_s
+            with self._lock:
+                # (after a failed save, the next waits for the interval whatever the rows)
+                due = self._pending and (timely or (self._rows >= self.max_rows and not failed))
+            if due:
+                failed = self.save_pending() is None
+                last = time.monotonic()
+            elif timely:
+                last = time.monotonic()  # nothing published this interval
+
+    def save_pending(self) -> str | None:
+        """The files published and not yet in a delta, read back and saved as one (now, in the
+        caller's thread). Returns the delta's header path; None where none was written."""
+        from .resume import iter_files, local_paths
+        from .saved_index import save_delta
+
+        with self._lock:
+            if self._lost or not self._pending:
+                return None
+            taken = dict(self._pending)
+        paths = local_paths(self.output_uri, [join_uri(self.output_uri, name) for name in taken])
+        try:
+            # each file's listing entry asked for before it is read (what a start checks it against)
+            try:
+                files = list(iter_files(self.output_uri, self.storage, paths))
+            except CommittedFileError:  # one gone or rewritten as it was read: the others still saved
+                files = [f for f in (self._read_or_none(p) for p in paths) if f is not None]
+            group = FileGroup.of(files)
+            head = save_delta(self.output_uri, self.storage, group, fence=self.fence)
+        except LeaseLost:
+            with self._lock:
+                self._lost = True
+            return None
+        except Exception as e:  # noqa: BLE001 - a delta is only a saving: its files wait for the next
+            _log.warning("the committed index was not saved under %s during the run (%s: %s): its files are in the "
+                         "next save", join_uri(self.output_uri, "_index"), type(e).__name__, e)
+            return None
+        with self._lock:
+            for name, (seq, rows) in taken.items():
+                if self._pending.get(name, (None,))[0] == seq:  # (published again since: read again next time)
+                    del self._pending[name]
+                    self._rows -= rows
+            self.heads.append(head)
+        return head
+
+    def _read_or_none(self, path: str):
+        """A file's rows; None where it cannot be read (left out of the delta, and no longer pending:
+        a start or the run's end reads it, as any file no save covers)."""
+        from .resume import read_file_rows
+
+        try:
+            return read_file_rows(path, self.storage.fs(self.output_uri))
+        except CommittedFileError as e:
+            _log.info("not in the index delta: %s", e)
+            return None
+
+    def close(self, flush: bool = False) -> list[str]:
+        """Stops the thread (a delta being saved is finished first); with ``flush`` the files still
+        pending are saved as one more delta. Returns the deltas written."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if flush and self.interval_s is not None:
+            self.save_pending()
+        return list(self.heads)
