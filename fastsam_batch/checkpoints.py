@@ -2,10 +2,12 @@
 not leave its next start every file it published to read again.
 
 :class:`IndexCheckpoints` is told of each file the run publishes; in a thread of its own, every
-``runtime.index_save_interval_s`` (or as soon as :data:`.index.MEMORY_ROWS` rows wait, so that a
-delta is held in memory whole) it reads those files back (a few columns, as a start reads them:
-:func:`.resume.iter_files`) and saves them as a delta of the index under ``_index/``
-(:func:`.saved_index.save_delta`, each write only while the run holds its lease). A start takes the
+``runtime.index_save_interval_s`` (or as soon as :data:`.index.MEMORY_ROWS` rows wait) it reads
+those files back (a few columns, as a start reads them: :func:`.resume.iter_files`; a file whose
+listing entry after the read is not the one before is left out) and saves them as deltas of the
+index under ``_index/`` of at most that many rows each, so that a delta is built and later loaded
+in memory whole within that bound (:func:`.saved_index.save_delta`, each write only while the run
+holds its lease). A start takes the
 deltas with the full save (:func:`.saved_index.load_index`); the run's own end takes them in place
 of reading back what it wrote (:func:`.resume.refresh_committed`), then its full save replaces them.
 A delta that fails (the storage) is a warning, and its files wait for the next; a lease taken over
@@ -84,15 +86,39 @@ class IndexCheckpoints:
                 last = time.monotonic()  # nothing published this interval
 
     def save_pending(self) -> str | None:
-        """The files published and not yet in a delta, read back and saved as one (now, in the
-        caller's thread). Returns the delta's header path; None where none was written."""
+        """The files published and not yet in a delta, read back and saved (now, in the caller's
+        thread), in deltas of at most ``max_rows`` rows (a file of more is a delta of its own).
+        Returns the last delta's header path; None where the files could not be saved (a warning,
+        the lease lost) or none was pending."""
+        head = None
+        while True:
+            with self._lock:
+                if self._lost or not self._pending:
+                    return head
+                taken, rows = {}, 0
+                for name, (seq, n) in self._pending.items():  # in publish order
+                    if taken and rows + n > self.max_rows:
+                        break
+                    taken[name] = (seq, n)
+                    rows += n
+            saved = self._save(taken)
+            if saved is False:
+                return None
+            with self._lock:
+                for name, (seq, n) in taken.items():
+                    if self._pending.get(name, (None,))[0] == seq:  # (published again since: read again next time)
+                        del self._pending[name]
+                        self._rows -= n
+                if saved:
+                    self.heads.append(saved)
+                    head = saved
+
+    def _save(self, taken: dict[str, tuple[int, int]]) -> str | bool | None:
+        """One delta of the files ``taken``: its header path; None where none of them could be read
+        (no delta: they are read as any file no save covers); False where it failed (or the lease is lost)."""
         from .resume import iter_files, local_paths
         from .saved_index import save_delta
 
-        with self._lock:
-            if self._lost or not self._pending:
-                return None
-            taken = dict(self._pending)
         paths = local_paths(self.output_uri, [join_uri(self.output_uri, name) for name in taken])
         try:
             # each file's listing entry asked for before it is read (what a start checks it against)
@@ -100,23 +126,40 @@ class IndexCheckpoints:
                 files = list(iter_files(self.output_uri, self.storage, paths))
             except CommittedFileError:  # one gone or rewritten as it was read: the others still saved
                 files = [f for f in (self._read_or_none(p) for p in paths) if f is not None]
-            group = FileGroup.of(files)
-            head = save_delta(self.output_uri, self.storage, group, fence=self.fence)
+            files = self._unchanged(files)
+            if not files:
+                return None
+            return save_delta(self.output_uri, self.storage, FileGroup.of(files), fence=self.fence)
         except LeaseLost:
             with self._lock:
                 self._lost = True
-            return None
+            return False
         except Exception as e:  # noqa: BLE001 - a delta is only a saving: its files wait for the next
             _log.warning("the committed index was not saved under %s during the run (%s: %s): its files are in the "
                          "next save", join_uri(self.output_uri, "_index"), type(e).__name__, e)
-            return None
-        with self._lock:
-            for name, (seq, rows) in taken.items():
-                if self._pending.get(name, (None,))[0] == seq:  # (published again since: read again next time)
-                    del self._pending[name]
-                    self._rows -= rows
-            self.heads.append(head)
-        return head
+            return False
+
+    def _unchanged(self, files: list) -> list:
+        """The files read whose listing entry after the read is the one asked for before it (one
+        rewritten while it was read is left out: its rows and entry might not be of one content)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .resume import listing_stamp, read_threads
+
+        fs = self.storage.fs(self.output_uri)
+
+        def now(f) -> str | None:
+            try:
+                fs.invalidate_cache(f.part)
+                return listing_stamp(fs.info(f.part))
+            except OSError:
+                return None
+
+        if not files:
+            return files
+        with ThreadPoolExecutor(min(len(files), read_threads(self.output_uri))) as pool:
+            stamps = list(pool.map(now, files))
+        return [f for f, stamp in zip(files, stamps) if stamp == f.stamp]
 
     def _read_or_none(self, path: str):
         """A file's rows; None where it cannot be read (left out of the delta, and no longer pending:
@@ -129,14 +172,18 @@ class IndexCheckpoints:
             _log.info("not in the index delta: %s", e)
             return None
 
-    def close(self, flush: bool = False) -> list[str]:
-        """Stops the thread (a delta being saved is finished first); with ``flush`` the files still
-        pending are saved as one more delta. Returns the deltas written."""
+    def stop(self) -> None:
+        """Stops the thread (a delta being saved is finished first); no more deltas unless flushed."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def close(self, flush: bool = False) -> list[str]:
+        """:meth:`stop`; with ``flush`` the files still pending are saved as more deltas. Returns the
+        deltas written."""
+        self.stop()
         if flush and self.interval_s is not None:
             self.save_pending()
         return list(self.heads)

@@ -567,6 +567,7 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
             summary.interrupted = True
             silence_ray(debug)
         finally:
+            checkpoints.stop()  # (first: whatever fails below, no delta is written after this)
             if streaming and planned is None:  # stopped (Ctrl-C, an error): planning ended, what it planned kept
                 if not stream.done.is_set():
                     log("stopping: planning ends at its next batch of the listing (what it planned is kept)")
@@ -578,7 +579,8 @@ def _run_holding_lease(m: Manifest, overwrite: bool, retry: frozenset[str] | Non
             summary.writers, summary.writers_restarted = (count, writers.died) if plan.count else (0, 0)
             progress.close()
             plan.remove()
-            # (a Ctrl-C: what was published and is in no delta yet is saved as one, for the next start)
+            # a Ctrl-C: what was published and is in no delta yet is saved, for the next start (read
+            # back now, not at the end below: the end takes it from there)
             deltas = checkpoints.close(flush=summary.interrupted and lease.lost is None)
         if lease.lost is not None:
             raise JobError(_lease_lost(m, lease))

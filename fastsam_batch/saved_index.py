@@ -25,9 +25,9 @@ change with either, so that a save of other keys is not used.
 
 During a run (:class:`.checkpoints.IndexCheckpoints`) the files it publishes are read back every so
 often and saved as a *delta*: ``_index/<token>.delta.rows`` and ``.delta.json``, the same records
-and header for just those files. A start takes the newest full save and every delta newer than it,
-each file's rows from the newest of them that covers it as it is listed now (the same trust, file
-by file), so a run that was killed has only the files since its last delta read again; a run's
+and header for just those files. A start takes the newest full save and every delta there, each
+file's rows from the newest delta that holds it as it is listed now, else from the full save (the
+same trust, file by file), so a run that was killed has only the files since its last delta read again; a run's
 end uses its own deltas in place of reading back what it wrote, and its full save deletes them.
 """
 
@@ -193,12 +193,13 @@ def save_delta(output_uri: str, storage: Storage, group: FileGroup, *, fence) ->
 
 def saved_covers(output_uri: str, storage: Storage, committed: Committed) -> bool:
     """Whether the newest save holds just ``committed``'s files, each with the listing entry it has
-    there (so a save of it now would save nothing new): an output of no files needs none. A delta
-    newer than it: no (a full save then replaces them)."""
+    there (so a save of it now would save nothing new): an output of no files needs none. Any
+    delta there: no (a full save then replaces them)."""
     folder = join_uri(output_uri, INDEX_DIR)
     heads = [p for p in _saves(folder, storage) if p.endswith(".json")]
-    if heads and heads[-1].endswith(DELTA_HEAD):
+    if any(p.endswith(DELTA_HEAD) for p in heads):
         return False
+    heads = [p for p in heads if not p.endswith(DELTA_HEAD)]
     if not heads:
         return not committed.parts
     try:
@@ -326,6 +327,10 @@ def _delta_group(fs, head: str, header: dict, keep: dict[str, str]) -> FileGroup
     wanted = [j for j, name in enumerate(names) if name in keep]
     new_index = np.full(len(names), -1, np.int32)
     new_index[wanted] = np.arange(len(wanted), dtype=np.int32)
+    counts = np.bincount(records["part_of"].astype(np.int64), minlength=len(names))
+    said = [sum(int(n) for n in dict(fps).values()) for _, _, fps in header["parts"]]
+    if counts.tolist() != said:  # (a file's rows are its fingerprints' counts: none left out)
+        raise SavedIndexError(f"{rows_path}: its rows per file are not those its header counts")
     rec = _kept(records, new_index[records["part_of"]] >= 0)
     rec["part_of"] = new_index[rec["part_of"]]
     files = [(keep[names[j]], {str(fp): int(n) for fp, n in dict(header["parts"][j][2]).items()},
@@ -336,7 +341,7 @@ def _delta_group(fs, head: str, header: dict, keep: dict[str, str]) -> FileGroup
 def load_index(output_uri: str, storage: Storage, listed: dict[str, str],
                memory_rows: int | None = None) -> Saved | None:
     """The newest full save, as a :class:`.index.Committed` of every file it covers (its parts named
-    as ``listed`` names them where listed), and the deltas newer than it (:class:`Saved`).
+    as ``listed`` names them where listed), and every delta (:class:`Saved`).
     ``listed``: the committed files now -> their listing entry (:func:`.resume.list_parts_stamped`).
     A file's rows are taken from a save only where its entry then and now are the same and tell
     content (:func:`.resume.stamp_tells_content`). None where there is no save, or they cover none of
@@ -346,10 +351,12 @@ def load_index(output_uri: str, storage: Storage, listed: dict[str, str],
     heads = [p for p in _saves(folder, storage) if p.endswith(".json")]
     fulls = [p for p in heads if not p.endswith(DELTA_HEAD)]
     head = fulls[-1] if fulls else None
-    newer = [p for p in heads if p.endswith(DELTA_HEAD) and (head is None or p.rsplit("/", 1)[-1] > head.rsplit("/", 1)[-1])]
-    if head is None and not newer:
+    # every delta there (a full save deletes those before it; one left by a delete that failed, or
+    # named by a clock behind the full save's, is as safe: its rows are trusted file by file)
+    found = [p for p in heads if p.endswith(DELTA_HEAD)]
+    if head is None and not found:
         return None
-    deltas = DeltaGroups(output_uri, storage, newer, listed)
+    deltas = DeltaGroups(output_uri, storage, found, listed)
     base, drop, covered = Committed(memory_rows=memory_rows), [], set(deltas.covered)
     if head is not None:
         try:

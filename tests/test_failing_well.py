@@ -383,6 +383,15 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     assert record["images"] == len(committed) and record["last_run"]["status"] == "interrupted"
     assert not list(out.glob("_tmp-*"))  # everything the writers had staged was published
     assert json.loads(next(out.glob("_runs/*.json")).read_text())["writers"] == 4
+    # what it published was saved in the index at the Ctrl-C (deltas): the next start reads no file
+    from fastsam_batch.resume import list_parts_stamped
+    from fastsam_batch.saved_index import load_index
+    from fastsam_batch.storage import Storage
+
+    listed = list_parts_stamped(str(out), Storage())
+    saved = load_index(str(out), Storage(), listed)
+    assert list(out.glob("_index/*.delta.json")) and saved.read == [] and saved.deltas.covered == set(listed)
+    saved.base.close()
 
     r = run_cli("run", str(m), "--debug")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -346,7 +346,7 @@ def test_deltas_saved_during_a_run_stand_for_their_files_at_the_next_start(outpu
         monkeypatch.setattr("fastsam_batch.index.MEMORY_ROWS", memory_rows)
     write_parts(uri, storage, range(0, 20), 5)
     save_index(uri, storage, read_committed(uri, storage), fence=fence)
-    cp = IndexCheckpoints(uri, storage, fence, interval_s=3600)
+    cp = IndexCheckpoints(uri, storage, fence, interval_s=3600, max_rows=1000)  # (a delta a save_pending)
     first = _published(uri, storage, cp, range(20, 35), 5)
     head1 = cp.save_pending()
     assert head1 is not None and head1.endswith(".delta.json") and cp.save_pending() is None  # nothing pending
@@ -367,7 +367,7 @@ def test_deltas_saved_during_a_run_stand_for_their_files_at_the_next_start(outpu
     storage.fs(uri).invalidate_cache()
     reads.clear()
     now = read_committed(uri, storage)
-    assert reads == sorted(_names(last) + _names(first[1:2]))
+    assert sorted(reads) == sorted(_names(last) + _names(first[1:2]))
     assert summary_of(now) == summary_of(plain_read(uri, storage))
     assert len(index_rows(now)) == 50 - 5
 
@@ -411,7 +411,7 @@ def test_a_runs_end_takes_its_deltas_in_place_of_reading_back_what_it_wrote(outp
     assert summary_of(read_committed(uri, storage)) == summary_of(final) and reads == []
 
 
-@pytest.mark.parametrize("spoil", ["records", "header"])
+@pytest.mark.parametrize("spoil", ["records", "header", "counts"])
 def test_a_delta_that_cannot_be_used_is_a_warning_and_its_files_are_read(tmp_path, spoil, monkeypatch, caplog):
     from fastsam_batch.checkpoints import IndexCheckpoints
 
@@ -426,16 +426,21 @@ def test_a_delta_that_cannot_be_used_is_a_warning_and_its_files_are_read(tmp_pat
         raw = bytearray(open(path, "rb").read())
         raw[3] ^= 1
         open(path, "wb").write(bytes(raw))
-    else:
+    elif spoil == "header":
         open(head, "w").write("{not json")
+    else:  # the header counts a file's rows one fewer than the records hold (checksums agree)
+        header = json.loads(open(head).read())
+        fps = header["parts"][0][2]
+        fps[next(iter(fps))] -= 1
+        open(head, "w").write(json.dumps(header))
     reads = _counting_reads(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="fastsam_batch.saved_index"):
         now = read_committed(uri, storage)
-    assert reads == _names(spoilt)  # the other delta's files not read
+    assert sorted(reads) == _names(spoilt)  # the other delta's files not read
     assert summary_of(now) == summary_of(plain_read(uri, storage))
     said = " ".join(r.getMessage() for r in caplog.records)
-    assert head in said and ("could not be read" if spoil == "records" else "is not used") in said
-    assert _names(kept)  # (both deltas had files)
+    assert head in said and ("is not used" if spoil == "header" else "could not be read") in said
+    assert len(kept) == 2  # (read from their delta: not among the reads above)
 
 
 def test_a_delta_is_written_only_while_the_run_holds_its_lease(output):
@@ -474,13 +479,12 @@ def test_the_checkpoint_thread_saves_by_time_by_rows_and_on_a_flush(tmp_path):
     again = _published(uri, storage, by_rows, range(100, 105), 5)  # the first file published again
     assert by_rows.heads == []
     _published(uri, storage, by_rows, range(110, 115), 5)  # 15 rows pending: past 12
-    wait_for(lambda: by_rows.heads)
+    wait_for(lambda: len(by_rows.heads) == 2)  # in deltas of at most 12 rows: 10 and 5
     _published(uri, storage, by_rows, range(200, 203), 5)
     heads = by_rows.close(flush=True)
-    assert len(heads) == 2
-    header = json.loads(open(heads[0]).read())
-    assert [name for name, _, _ in header["parts"]].count(again[0].rsplit("/", 1)[-1]) == 1
-    assert header["rows"] == 15
+    headers = [json.loads(open(h).read()) for h in heads]
+    assert [h["rows"] for h in headers] == [10, 5, 3]
+    assert [name for h in headers for name, _, _ in h["parts"]].count(again[0].rsplit("/", 1)[-1]) == 1
     assert summary_of(read_committed(uri, storage)) == summary_of(plain_read(uri, storage))
 
 
@@ -497,3 +501,26 @@ def test_a_published_file_gone_before_its_delta_is_left_out_and_the_rest_saved(o
     header = json.loads(storage.fs(uri).cat_file(head))
     assert sorted(name for name, _, _ in header["parts"]) == _names([paths[0], paths[2]])
     assert summary_of(read_committed(uri, storage)) == summary_of(plain_read(uri, storage))
+
+
+def test_a_delta_named_before_the_full_save_is_taken_too(output, monkeypatch):
+    """A delta whose name sorts before the newest full save (its writer's clock behind the full
+    save's, or a delete that failed) is used all the same: its rows are trusted file by file."""
+    from fastsam_batch.checkpoints import IndexCheckpoints
+
+    uri, storage, fence = output
+    write_parts(uri, storage, range(0, 10), 5)
+    full = save_index(uri, storage, read_committed(uri, storage), fence=fence)
+    cp = IndexCheckpoints(uri, storage, fence, interval_s=3600)
+    later = _published(uri, storage, cp, range(10, 20), 5)
+    head = cp.save_pending()
+    fs = storage.fs(uri)
+    early = "00000000000000000001-0123456789ab"
+    for ext in (".delta.rows", ".delta.json"):
+        fs.mv(head[:-len(".delta.json")] + ext, join_uri(uri, INDEX_DIR, early + ext))
+    fs.invalidate_cache()
+    assert saves(uri, storage)[0].startswith(early) and full.rsplit("/", 1)[-1] in saves(uri, storage)
+    reads = _counting_reads(monkeypatch)
+    now = read_committed(uri, storage)
+    assert reads == [] and len(later) == 2
+    assert summary_of(now) == summary_of(plain_read(uri, storage))
