@@ -7,9 +7,9 @@ those files back (a few columns, as a start reads them: :func:`.resume.iter_file
 listing entry after the read is not the one before is left out) and saves them as deltas of the
 index under ``_index/`` of at most that many rows each, so that a delta is built and later loaded
 in memory whole within that bound (:func:`.saved_index.save_delta`, each write only while the run
-holds its lease). A start takes the
-deltas with the full save (:func:`.saved_index.load_index`); the run's own end takes them in place
-of reading back what it wrote (:func:`.resume.refresh_committed`), then its full save replaces them.
+holds its lease). A start takes the deltas with the full save (:func:`.saved_index.load_index`);
+the run's own end takes them in place of reading back what it wrote
+(:func:`.resume.refresh_committed`), then its full save replaces them.
 A delta that fails (the storage) is a warning, and its files wait for the next; a lease taken over
 stops the deltas (the run finds that out itself).
 """

@@ -245,7 +245,7 @@ def _load_records(fs, rows_path: str, header: dict, local: bool, bound: int) -> 
 class Saved(NamedTuple):
     """What :func:`load_index` found: ``base`` (the newest full save's rows of the files it covers),
     ``drop`` (its files gone or changed since), ``read`` (the listed files no save covers: read
-    them), ``deltas`` (the newer deltas' rows, :class:`DeltaGroups`: add them to ``base``)."""
+    them), ``deltas`` (the deltas' rows, :class:`DeltaGroups`: add them to ``base``)."""
 
     base: Committed
     drop: list[str]
@@ -331,8 +331,10 @@ def _delta_group(fs, head: str, header: dict, keep: dict[str, str]) -> FileGroup
     said = [sum(int(n) for n in dict(fps).values()) for _, _, fps in header["parts"]]
     if counts.tolist() != said:  # (a file's rows are its fingerprints' counts: none left out)
         raise SavedIndexError(f"{rows_path}: its rows per file are not those its header counts")
-    rec = _kept(records, new_index[records["part_of"]] >= 0)
-    rec["part_of"] = new_index[rec["part_of"]]
+    if len(wanted) < len(names):  # (where every file is taken, as a start after a kill: no copy)
+        records = _kept(records, new_index[records["part_of"]] >= 0)
+        records["part_of"] = new_index[records["part_of"]]
+    rec = records
     files = [(keep[names[j]], {str(fp): int(n) for fp, n in dict(header["parts"][j][2]).items()},
               str(header["parts"][j][1])) for j in wanted]
     return FileGroup(files, rec, [str(r) for r in header["reasons"]])
@@ -353,20 +355,20 @@ def load_index(output_uri: str, storage: Storage, listed: dict[str, str],
     head = fulls[-1] if fulls else None
     # every delta there (a full save deletes those before it; one left by a delete that failed, or
     # named by a clock behind the full save's, is as safe: its rows are trusted file by file)
-    found = [p for p in heads if p.endswith(DELTA_HEAD)]
-    if head is None and not found:
+    delta_heads = [p for p in heads if p.endswith(DELTA_HEAD)]
+    if head is None and not delta_heads:
         return None
-    deltas = DeltaGroups(output_uri, storage, found, listed)
+    deltas = DeltaGroups(output_uri, storage, delta_heads, listed)
     base, drop, covered = Committed(memory_rows=memory_rows), [], set(deltas.covered)
     if head is not None:
         try:
-            found = _load_full(storage.fs(folder), head, listed, protocol_of(output_uri) == "file", memory_rows)
+            loaded = _load_full(storage.fs(folder), head, listed, protocol_of(output_uri) == "file", memory_rows)
         except Exception as e:  # noqa: BLE001 - a save is only ever a saving: read the files instead
             _log.warning("the committed index saved in %s is not used (%s: %s): the committed files it covers are "
                          "read", head, type(e).__name__, e)
-            found = None
-        if found is not None:
-            base, drop, in_base = found
+            loaded = None
+        if loaded is not None:
+            base, drop, in_base = loaded
             covered |= in_base
     if not covered:
         base.close()
