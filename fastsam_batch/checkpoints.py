@@ -46,12 +46,14 @@ class IndexCheckpoints:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lost = False
+        self._failed = False  # the last delta tried failed (the next waits for the interval)
+        self._useless = False  # the storage's entries do not tell content: no delta is of use
         self._thread: threading.Thread | None = None
 
     def published(self, name: str, rows: int) -> None:
         """File ``name`` (under the output) was published with ``rows`` rows (a name published again,
         rewritten, is read again)."""
-        if self.interval_s is None:
+        if self.interval_s is None or self._useless:
             return
         with self._lock:
             self._seq += 1
@@ -69,8 +71,8 @@ class IndexCheckpoints:
         return self
 
     def _loop(self) -> None:
-        last, failed = time.monotonic(), False
-        while not self._stop.is_set() and not self._lost:
+        last = time.monotonic()
+        while not self._stop.is_set() and not self._lost and not self._useless:
             self._wake.wait(timeout=max(0.0, last + self.interval_s - time.monotonic()))
             self._wake.clear()
             if self._stop.is_set():
@@ -78,32 +80,43 @@ class IndexCheckpoints:
             timely = time.monotonic() >= last + self.interval_s
             with self._lock:
                 # (after a failed save, the next waits for the interval whatever the rows)
-                due = self._pending and (timely or (self._rows >= self.max_rows and not failed))
+                by_rows = self._rows >= self.max_rows and not self._failed
+                due = self._pending and (timely or by_rows)
             if due:
-                failed = self.save_pending() is None
-                last = time.monotonic()
+                # by rows: only deltas of max_rows (the rest waits for more, or for the interval)
+                self.save_pending(full_only=not timely, stoppable=True)
+                if timely or self._failed:
+                    last = time.monotonic()
             elif timely:
                 last = time.monotonic()  # nothing published this interval
 
-    def save_pending(self) -> str | None:
-        """The files published and not yet in a delta, read back and saved (now, in the caller's
-        thread), in deltas of at most ``max_rows`` rows (a file of more is a delta of its own).
-        Returns the last delta's header path; None where the files could not be saved (a warning,
-        the lease lost) or none was pending."""
+    def save_pending(self, full_only: bool = False, stoppable: bool = False) -> str | None:
+        """The files published (up to now: not those published while this runs) and not yet in a
+        delta, read back and saved in the caller's thread, in deltas of at most ``max_rows`` rows (a
+        file of more is a delta of its own); ``full_only``: only deltas of ``max_rows`` rows (the
+        rest stays pending); ``stoppable``: stops between deltas once :meth:`stop` is called.
+        Returns the last delta's header path; None where none was written (a failure is a warning,
+        and the files stay pending; the lease lost; none pending)."""
         head = None
-        while True:
+        with self._lock:
+            upto = self._seq
+        while not (stoppable and self._stop.is_set()):
             with self._lock:
-                if self._lost or not self._pending:
+                if self._lost or self._useless:
                     return head
-                taken, rows = {}, 0
+                taken, rows, waiting = {}, 0, 0
                 for name, (seq, n) in self._pending.items():  # in publish order
-                    if taken and rows + n > self.max_rows:
-                        break
-                    taken[name] = (seq, n)
-                    rows += n
+                    if seq > upto:
+                        continue
+                    waiting += n
+                    if not taken or rows + n <= self.max_rows:
+                        taken[name] = (seq, n)
+                        rows += n
+                if not taken or (full_only and waiting < self.max_rows):
+                    return head
             saved = self._save(taken)
             if saved is False:
-                return None
+                return head
             with self._lock:
                 for name, (seq, n) in taken.items():
                     if self._pending.get(name, (None,))[0] == seq:  # (published again since: read again next time)
@@ -112,10 +125,12 @@ class IndexCheckpoints:
                 if saved:
                     self.heads.append(saved)
                     head = saved
+        return head
 
     def _save(self, taken: dict[str, tuple[int, int]]) -> str | bool | None:
         """One delta of the files ``taken``: its header path; None where none of them could be read
-        (no delta: they are read as any file no save covers); False where it failed (or the lease is lost)."""
+        (no delta: they are read as any file no save covers); False where it failed (or the lease is
+        lost): a warning, and they stay pending."""
         from .resume import iter_files, local_paths
         from .saved_index import save_delta
 
@@ -125,11 +140,9 @@ class IndexCheckpoints:
             try:
                 files = list(iter_files(self.output_uri, self.storage, paths))
             except CommittedFileError:  # one gone or rewritten as it was read: the others still saved
-                files = [f for f in (self._read_or_none(p) for p in paths) if f is not None]
+                files = [f for f in self._map(self._read_or_none, paths) if f is not None]
             files = self._unchanged(files)
-            if not files:
-                return None
-            return save_delta(self.output_uri, self.storage, FileGroup.of(files), fence=self.fence)
+            head = save_delta(self.output_uri, self.storage, FileGroup.of(files), fence=self.fence) if files else None
         except LeaseLost:
             with self._lock:
                 self._lost = True
@@ -137,28 +150,43 @@ class IndexCheckpoints:
         except Exception as e:  # noqa: BLE001 - a delta is only a saving: its files wait for the next
             _log.warning("the committed index was not saved under %s during the run (%s: %s): its files are in the "
                          "next save", join_uri(self.output_uri, "_index"), type(e).__name__, e)
+            self._failed = True
             return False
+        self._failed = False
+        return head
+
+    def _map(self, fn, items: list) -> list:
+        """``fn`` of each item, in threads as many as the output's reads take (resume.read_threads)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .resume import read_threads
+
+        if len(items) <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(min(len(items), read_threads(self.output_uri))) as pool:
+            return list(pool.map(fn, items))
 
     def _unchanged(self, files: list) -> list:
         """The files read whose listing entry after the read is the one asked for before it (one
-        rewritten while it was read is left out: its rows and entry might not be of one content)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from .resume import listing_stamp, read_threads
+        rewritten while it was read is left out: its rows and entry might not be of one content).
+        Where the storage's entries do not tell content (:func:`.resume.stamp_tells_content`: no
+        ETag), no start could trust a delta: none is made again in this run (said once)."""
+        from .resume import listing_stamp, stamp_tells_content
 
         fs = self.storage.fs(self.output_uri)
 
         def now(f) -> str | None:
             try:
-                fs.invalidate_cache(f.part)
-                return listing_stamp(fs.info(f.part))
+                return listing_stamp(fs.info(f.part, refresh=True))  # (not a listing cached meanwhile)
             except OSError:
                 return None
 
-        if not files:
-            return files
-        with ThreadPoolExecutor(min(len(files), read_threads(self.output_uri))) as pool:
-            stamps = list(pool.map(now, files))
+        if files and not all(stamp_tells_content(f.stamp) for f in files):
+            self._useless = True
+            _log.info("the committed index is not saved during this run: the storage's listing entries of %s do not "
+                      "tell a file's content apart (no ETag), so no start could use it", self.output_uri)
+            return []
+        stamps = self._map(now, files)
         return [f for f, stamp in zip(files, stamps) if stamp == f.stamp]
 
     def _read_or_none(self, path: str):

@@ -479,11 +479,11 @@ def test_the_checkpoint_thread_saves_by_time_by_rows_and_on_a_flush(tmp_path):
     again = _published(uri, storage, by_rows, range(100, 105), 5)  # the first file published again
     assert by_rows.heads == []
     _published(uri, storage, by_rows, range(110, 115), 5)  # 15 rows pending: past 12
-    wait_for(lambda: len(by_rows.heads) == 2)  # in deltas of at most 12 rows: 10 and 5
-    _published(uri, storage, by_rows, range(200, 203), 5)
-    heads = by_rows.close(flush=True)
+    wait_for(lambda: by_rows.heads)  # a delta of at most 12 rows (10); the other 5 wait
+    _published(uri, storage, by_rows, range(200, 203), 5)  # 8 rows pending: under 12
+    heads = by_rows.close(flush=True)  # the flush saves them
     headers = [json.loads(open(h).read()) for h in heads]
-    assert [h["rows"] for h in headers] == [10, 5, 3]
+    assert [h["rows"] for h in headers] == [10, 8]
     assert [name for h in headers for name, _, _ in h["parts"]].count(again[0].rsplit("/", 1)[-1]) == 1
     assert summary_of(read_committed(uri, storage)) == summary_of(plain_read(uri, storage))
 
@@ -524,3 +524,78 @@ def test_a_delta_named_before_the_full_save_is_taken_too(output, monkeypatch):
     now = read_committed(uri, storage)
     assert reads == [] and len(later) == 2
     assert summary_of(now) == summary_of(plain_read(uri, storage))
+
+
+def test_a_file_rewritten_while_it_is_read_back_is_left_out_of_the_delta(tmp_path, monkeypatch):
+    """The file's entry after its read is not the one before it: its rows are not saved (they
+    might be of either content); the next start reads it."""
+    from fastsam_batch import resume
+    from fastsam_batch.checkpoints import IndexCheckpoints
+
+    uri, storage, lease = _local_output(tmp_path)
+    cp = IndexCheckpoints(uri, storage, lease.fence(), interval_s=3600)
+    paths = _published(uri, storage, cp, range(0, 15), 5)
+    real = resume.read_file_rows
+
+    def read_then_rewrite(path, *a, **k):
+        f = real(path, *a, **k)
+        if path == paths[1]:
+            put(storage, paths[1], [(f"img{i:05d}.jpg", "v/3", "ok", "y") for i in range(5, 10)])
+        return f
+
+    monkeypatch.setattr(resume, "read_file_rows", read_then_rewrite)
+    head = cp.save_pending()
+    monkeypatch.setattr(resume, "read_file_rows", real)
+    header = json.loads(open(head).read())
+    assert sorted(name for name, _, _ in header["parts"]) == _names([paths[0], paths[2]])
+    reads = _counting_reads(monkeypatch)
+    now = read_committed(uri, storage)
+    assert reads == _names(paths[1:2])
+    assert summary_of(now) == summary_of(plain_read(uri, storage))
+
+
+def test_a_save_takes_the_files_published_before_it_began_and_stops_when_asked(tmp_path, monkeypatch):
+    """Files published while a save reads (the run goes on publishing) wait for the next save: a
+    save ends however fast files come. A save stoppable by stop() ends between deltas."""
+    from fastsam_batch import resume
+    from fastsam_batch.checkpoints import IndexCheckpoints
+
+    uri, storage, lease = _local_output(tmp_path)
+    cp = IndexCheckpoints(uri, storage, lease.fence(), interval_s=3600, max_rows=5)  # a delta a file
+    _published(uri, storage, cp, range(0, 15), 5)
+    real = resume.read_file_rows
+    made = iter(range(100, 10_000, 5))
+
+    def read_while_publishing(path, *a, **k):
+        n = next(made)
+        _published(uri, storage, cp, range(n, n + 5), 5)  # one more file each time one is read
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(resume, "read_file_rows", read_while_publishing)
+    cp.save_pending()
+    assert len(cp.heads) == 3 and len(cp._pending) == 3  # (three published meanwhile: the next save's)
+    cp._stop.set()
+    cp.save_pending(stoppable=True)
+    assert len(cp.heads) == 3
+    monkeypatch.setattr(resume, "read_file_rows", real)
+    cp.save_pending()  # (not stoppable: a flush at the end)
+    assert len(cp.heads) == 6 and not cp._pending
+    assert summary_of(read_committed(uri, storage)) == summary_of(plain_read(uri, storage))
+
+
+def test_no_delta_where_the_storage_entries_do_not_tell_content(tmp_path, monkeypatch, caplog):
+    """An object store without ETags: no start could trust a delta, so none is made (said once),
+    and no file is read back again in the run."""
+    from fastsam_batch import resume
+    from fastsam_batch.checkpoints import IndexCheckpoints
+
+    monkeypatch.setattr(resume, "stamp_tells_content", lambda stamp: False)
+    uri, storage, lease = _local_output(tmp_path)
+    cp = IndexCheckpoints(uri, storage, lease.fence(), interval_s=3600)
+    _published(uri, storage, cp, range(0, 10), 5)
+    with caplog.at_level(logging.INFO, logger="fastsam_batch.checkpoints"):
+        assert cp.save_pending() is None
+    assert saves(uri, storage) == [] and "do not tell a file's content apart" in caplog.text
+    _published(uri, storage, cp, range(10, 15), 5)
+    reads = _counting_reads(monkeypatch)
+    assert cp.close(flush=True) == [] and reads == []
