@@ -359,11 +359,9 @@ def refresh_committed(committed: Committed, output_uri: str, storage: Storage,
     gone = [p for p in committed.parts if p not in now]
     if not read and not gone:
         return committed
-    if not deltas:
-        return committed.replaced(gone, iter_files(output_uri, storage, read, stamps=now))
     from .saved_index import DeltaGroups
 
-    saved = DeltaGroups(output_uri, storage, list(deltas), {p: now[p] for p in read})
+    saved = DeltaGroups(output_uri, storage, list(deltas), {p: now[p] for p in read})  # (none: no I/O, empty)
     files = iter_files(output_uri, storage, [p for p in read if p not in saved.covered], stamps=now)
     return committed.replaced(gone, _chained(saved, files))
 

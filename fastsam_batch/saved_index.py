@@ -98,22 +98,27 @@ def _verified(records: np.ndarray, parts: int | None = None, reasons: int | None
     return total
 
 
+def _header(records: np.ndarray, rows: int, reasons: list[str], parts: list[list]) -> dict:
+    """A save's header (full or delta): the format, the row count and checksum of ``records``, the
+    reasons and the files ([name, listing entry, fingerprints]) their fields index (pure)."""
+    return {"key_format": KEY_FORMAT, "byteorder": sys.byteorder, "dtype": str(ROW.descr),
+            "itemsize": ROW.itemsize, "rows": rows, "checksum": _verified(records), "reasons": list(reasons),
+            "parts": parts}
+
+
 def header_of(committed: Committed) -> dict:
     """What the save says of ``committed`` besides its records (pure)."""
-    return {"key_format": KEY_FORMAT, "byteorder": sys.byteorder, "dtype": str(ROW.descr),
-            "itemsize": ROW.itemsize, "rows": committed.rows, "checksum": _verified(committed.records),
-            "reasons": list(committed.reasons),
-            "parts": [[p.rsplit("/", 1)[-1], committed.stamps.get(p, ""), committed.part_fingerprints.get(p, {})]
-                      for p in committed.parts]}
+    return _header(committed.records, committed.rows, committed.reasons,
+                   [[p.rsplit("/", 1)[-1], committed.stamps.get(p, ""), committed.part_fingerprints.get(p, {})]
+                    for p in committed.parts])
 
 
 def delta_header_of(group: FileGroup) -> dict:
     """What a delta says of ``group`` (files read back during a run) besides its records (pure): a
     full save's header of just those files (their records' ``part_of`` index its ``parts``)."""
-    return {"key_format": KEY_FORMAT, "byteorder": sys.byteorder, "dtype": str(ROW.descr),
-            "itemsize": ROW.itemsize, "rows": len(group.records), "checksum": _verified(group.records),
-            "reasons": list(group.reasons), "delta": True,
-            "parts": [[p.rsplit("/", 1)[-1], stamp, fingerprints] for p, fingerprints, stamp in group.files]}
+    return {**_header(group.records, len(group.records), group.reasons,
+                      [[p.rsplit("/", 1)[-1], stamp, fingerprints] for p, fingerprints, stamp in group.files]),
+            "delta": True}
 
 
 def _token() -> str:
