@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -343,19 +344,26 @@ class _Writer:
 @contextmanager
 def storage_operations(kill: _Kill):
     """The local filesystem's mutating calls wrapped by ``kill`` (test code only: production is not
-    touched). fsspec's LocalFileSystem and write.put_atomic go through these."""
+    touched). fsspec's LocalFileSystem and write.put_atomic go through these. Only calls from this
+    thread and from threads started inside the block count: the patch is process-wide, and a thread
+    that was already running (another test's folder removed in the background) must not add
+    operations the forked repair never makes."""
     real_open, real = builtins.open, {n: getattr(os, n) for n in ("replace", "rename", "remove", "unlink", "rmdir")}
     real_rmtree = shutil.rmtree
+    others = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
+
+    def counts() -> bool:
+        return threading.get_ident() not in others
 
     def wrapped(fn):
         def call(*a, **k):
-            if kill.step():
+            if counts() and kill.step():
                 kill.die()
             return fn(*a, **k)
         return call
 
     def open_(file, mode="r", *a, **k):
-        if any(c in mode for c in "wax+"):
+        if counts() and any(c in mode for c in "wax+"):
             if kill.step():
                 kill.die()
             return _Writer(real_open(file, mode, *a, **k), kill)
