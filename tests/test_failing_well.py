@@ -360,7 +360,9 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     m = manifest(tmp_path / "m.yaml", str(images), str(CHECKPOINT), str(out),
                  output={"rows_per_file": 1000, "commit_interval_s": 1, "writers": 4})
     exe = Path(sys.executable).with_name("fastsam-batch")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"FASTSAM_BATCH_TEST_SLOW": "decode:zz-slow:600"}
+    reads = tmp_path / "reads.txt"  # each committed file a run reads back, a line (tests/inject)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"FASTSAM_BATCH_TEST_SLOW": "decode:zz-slow:600",
+                                                                        "FASTSAM_BATCH_TEST_READS": str(reads)}
     proc = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not list(out.glob("part-*.parquet")):
@@ -392,9 +394,15 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     saved = load_index(str(out), Storage(), listed)
     assert list(out.glob("_index/*.delta.json")) and saved.read == [] and saved.deltas.covered == set(listed)
     saved.base.close()
+    # and the run read each file it committed once: the deltas' read-back; its end took them from there
+    assert sorted(_names(reads)) == sorted(_names(listed)), (reads.read_text(), listed)
 
-    r = run_cli("run", str(m), "--debug")
+    again = tmp_path / "reads-again.txt"
+    r = run_cli("run", str(m), "--debug", env={"FASTSAM_BATCH_TEST_READS": str(again)})
     assert r.returncode == 0, r.stdout + r.stderr
+    # the rerun's start took the deltas (no file read), its end read each file it wrote once
+    assert sorted(_names(again)) == sorted(_names(list_parts_stamped(str(out), Storage())) - _names(listed)), \
+        again.read_text() if again.exists() else "no file read"
     assert f"resuming: {len(committed)} images already have rows" in r.stdout
     assert f"run 'failing-well': {len(names) - len(committed)} images in" in r.stdout, r.stdout  # this run's
     assert "constructor arguments in the object store" in r.stdout + r.stderr  # Ray's noise, shown with --debug
@@ -405,6 +413,13 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     assert [json.loads(p.read_text())["interrupted"] for p in runs] == [True, False]
     record = json.loads((out / "_run.json").read_text())
     assert (record["images"], record["images_ok"], record["last_run"]["status"]) == (len(names), len(names), "finished")
+
+
+def _names(paths) -> list[str] | set[str]:
+    """The file names in ``paths`` (a FASTSAM_BATCH_TEST_READS file: a list, one a read; else a set)."""
+    if isinstance(paths, Path):
+        return [line.rsplit("/", 1)[-1] for line in paths.read_text().splitlines()] if paths.exists() else []
+    return {p.rsplit("/", 1)[-1] for p in paths}
 
 
 def test_a_ctrl_c_while_ray_shuts_down_ends_quietly():

@@ -11,6 +11,9 @@ does nothing unless one of these is set in the process's environment:
 - ``FASTSAM_BATCH_CRASH_ONCE=<path>``: the first segmentation call that finds no file at ``<path>``
   creates it and ends its own process mid-batch (exit 137), as a dying GPU worker would; exactly once
   per path, whichever process gets there first.
+- ``FASTSAM_BATCH_TEST_READS=<file>``: each committed file the process reads back
+  (``resume.read_file_rows``: a start's index, the end's refresh, the index deltas) appends a line
+  ``<path>`` to that file, so a test can count how often a run read each of its committed files.
 
 The modules are patched as they are imported (an import hook), so a process that never imports them
 pays nothing but this file.
@@ -22,6 +25,7 @@ import os
 
 SLOW = os.environ.get("FASTSAM_BATCH_TEST_SLOW")
 CRASH_ONCE = os.environ.get("FASTSAM_BATCH_CRASH_ONCE")
+READS = os.environ.get("FASTSAM_BATCH_TEST_READS")
 
 
 def _slow_watchdog(module) -> None:
@@ -60,11 +64,27 @@ def _crash_once(module) -> None:
     module.SegmentActor.__call__ = crashing
 
 
+def _count_reads(module) -> None:
+    read = module.read_file_rows
+
+    def counted(path, *a, **k):
+        fd = os.open(READS, os.O_CREAT | os.O_WRONLY | os.O_APPEND)
+        try:  # one write of one short line: whole, whichever threads and processes append at once
+            os.write(fd, f"{path}\n".encode())
+        finally:
+            os.close(fd)
+        return read(path, *a, **k)
+
+    module.read_file_rows = counted
+
+
 PATCHES = {}
 if SLOW:
     PATCHES["fastsam_batch.watchdog"] = _slow_watchdog
 if CRASH_ONCE:
     PATCHES["fastsam_batch.segment"] = _crash_once
+if READS:
+    PATCHES["fastsam_batch.resume"] = _count_reads
 
 
 if PATCHES:
