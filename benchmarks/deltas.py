@@ -14,10 +14,12 @@ process of its own, this tree's code:
 - ``full save``: the index saved whole (as a run's end saves it), and a start with it (the bound).
 
 Per step: wall seconds and CPU seconds of the process (and of the plan pool's processes, where the
-start uses one). Prints a table and writes JSON.
+start uses one). Prints a table and writes JSON. ``--s3``: the output copied to a moto S3 server
+started here (its own process, on this machine's cores too), and every step against it over HTTP:
+where each file read waits on the storage.
 
     PYTHONPATH=. .venv/bin/python benchmarks/deltas.py --rows 1000000 3000000 [--rows-per-file 4000]
-        [--work /tmp/deltas] [--out benchmarks/out/deltas.json]
+        [--s3] [--work /tmp/deltas] [--out benchmarks/out/deltas.json]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from fastsam_batch.lease import Lease
 from fastsam_batch.storage import Storage
 
 out, step = sys.argv[1], sys.argv[2]
-storage = Storage()
+storage = Storage(json.loads(sys.argv[3]))
 
 
 def cpu():
@@ -61,8 +63,10 @@ elif step == "deltas":
     cp = IndexCheckpoints(out, storage, lease.fence(), interval_s=3600)
     import pyarrow.parquet as pq
     rows = 0
+    fs = storage.fs(out)
     for p in sorted(list_parts_stamped(out, storage)):
-        n = pq.ParquetFile(p).metadata.num_rows
+        with fs.open(p, "rb") as f:
+            n = pq.ParquetFile(f).metadata.num_rows
         rows += n
         cp.published(p.rsplit("/", 1)[-1], n)
     t0, c0 = time.perf_counter(), cpu()  # (the files' row counts above: what the run's stats give it)
@@ -83,41 +87,52 @@ print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": cpu() - c0, "rows
 """
 
 
-def step(out: Path, name: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", STEP, str(out), name], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                       cwd=ROOT, capture_output=True, text=True)
+def step(out: str, name: str, options: dict) -> dict:
+    """One step in a process of its own; with a moto server, the server's CPU during it too."""
+    moto = options.get("moto_pid")
+    before = _cpu_of(moto) if moto else None
+    r = subprocess.run([sys.executable, "-c", STEP, out, name,
+                        json.dumps({k: v for k, v in options.items() if k != "moto_pid"})],
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"step {name} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    if moto:
+        got["storage_server_cpu_s"] = round(_cpu_of(moto) - before, 2)  # (the whole step, setup included)
+    return got
+
+
+def _cpu_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 3_000_000])
     ap.add_argument("--rows-per-file", type=int, default=4000)
+    ap.add_argument("--s3", action="store_true", help="the output on a moto S3 server started here")
     ap.add_argument("--work", type=Path, default=Path("/tmp/deltas"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "deltas.json")
     a = ap.parse_args()
-    from scale import make
+    from fastsam_batch.storage import Storage
 
+    moto, options = None, {}
+    if a.s3:
+        from bench import moto_server  # benchmarks/bench.py
+
+        moto, endpoint = moto_server()
+        options = {"endpoint_url": endpoint, "key": "k", "secret": "s", "moto_pid": moto.pid}
+    storage = Storage({k: v for k, v in options.items() if k != "moto_pid"})
     results = []
-    for n in a.rows:
-        path, made_s = make(a.work, n, "list", rows_per_file=a.rows_per_file)
-        out = Path(json.loads(path.read_text())["output"]["uri"])
-        index = out / "_index"
-        shutil.rmtree(index, ignore_errors=True)
-        r = {"rows": n, "rows_per_file": a.rows_per_file, "files": len(list(out.glob("part-*.parquet")))}
-        r["start_no_save"] = step(out, "start")
-        r["make_deltas"] = step(out, "deltas")
-        r["deltas"] = len(list(index.glob("*.delta.json")))
-        r["start_with_deltas"] = step(out, "start")
-        shutil.rmtree(index, ignore_errors=True)
-        r["full_save"] = step(out, "full")
-        r["start_with_full_save"] = step(out, "start")
-        shutil.rmtree(index, ignore_errors=True)
-        for k in ("start_no_save", "make_deltas", "start_with_deltas", "full_save", "start_with_full_save"):
-            assert k == "make_deltas" or k == "full_save" or r[k]["rows"] == n, (k, r[k])
-        results.append(r)
+    try:
+        for n in a.rows:
+            results.append(measure(a, n, storage, options))
+    finally:
+        if moto is not None:
+            moto.terminate()
+    for r in results:
+        n = r["rows"]
         print(f"{n:>10,} rows ({r['files']} files, {r['deltas']} deltas): "
               + "  ".join(f"{k} {r[k]['wall_s']:.1f} s wall / {r[k]['cpu_s']:.1f} s CPU"
                           for k in ("start_no_save", "make_deltas", "start_with_deltas", "full_save",
@@ -132,8 +147,45 @@ def main() -> None:
         slopes = {}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                                 "storage": "moto S3 (HTTP, this machine)" if a.s3 else "local disk",
                                  "results": results, "cpu_us_a_row": slopes}, indent=2))
     print(f"wrote {a.out}")
+
+
+def measure(a, n: int, storage, options: dict) -> dict:
+    """The steps on an output of ``n`` committed rows (made once under ``--work``; with ``--s3``
+    copied to a bucket of the moto server first)."""
+    from scale import make
+
+    path, _ = make(a.work, n, "list", rows_per_file=a.rows_per_file)
+    local = Path(json.loads(path.read_text())["output"]["uri"])
+    shutil.rmtree(local / "_index", ignore_errors=True)
+    out = str(local)
+    if options:
+        out = f"s3://bench-deltas/{n}"
+        fs = storage.fs(out)
+        if not fs.exists("bench-deltas"):
+            fs.mkdir("bench-deltas")
+        fs.put([str(p) for p in local.glob("part-*.parquet")], out + "/")
+    fs = storage.fs(out)
+    index = out.rstrip("/") + "/_index"
+
+    def clear_index() -> None:
+        if fs.exists(index):
+            fs.rm(index, recursive=True)
+
+    r = {"rows": n, "rows_per_file": a.rows_per_file, "files": len(list(local.glob("part-*.parquet")))}
+    r["start_no_save"] = step(out, "start", options)
+    r["make_deltas"] = step(out, "deltas", options)
+    r["deltas"] = len(fs.glob(index + "/*.delta.json"))
+    r["start_with_deltas"] = step(out, "start", options)
+    clear_index()
+    r["full_save"] = step(out, "full", options)
+    r["start_with_full_save"] = step(out, "start", options)
+    clear_index()
+    for k in ("start_no_save", "make_deltas", "start_with_deltas", "full_save", "start_with_full_save"):
+        assert k == "make_deltas" or k == "full_save" or r[k]["rows"] == n, (k, r[k])
+    return r
 
 
 if __name__ == "__main__":
