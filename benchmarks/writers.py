@@ -13,8 +13,12 @@ CPU, so it does not show there) and how many of the machine's cores were busy (/
 before, the one writer on the driver (write.Committer + ParquetWriter, the blocks fetched to the
 driver). Prints a table and writes JSON.
 
+With ``--deltas S``, each K runs a second time with the run's index deltas beside the publishing
+(checkpoints.IndexCheckpoints every S seconds: the driver reads back what it published, in its own
+threads, as a run does): what that read-back costs the driver's publishing.
+
     PYTHONPATH=. .venv/bin/python benchmarks/writers.py [--rows 12000] [--pool 1500] [--writers 1 2 4]
-        [--target-mb 16] [--s3] [--out benchmarks/out/writers.json]
+        [--target-mb 16] [--s3] [--deltas S] [--out benchmarks/out/writers.json]
 """
 
 from __future__ import annotations
@@ -134,12 +138,27 @@ def machine_busy_s() -> float:
     return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
 
 
-def with_writers(refs, sizes, out: str, k: int, target_mb: float, storage) -> dict:
+def with_writers(refs, sizes, out: str, k: int, target_mb: float, storage, deltas_s: float | None = None) -> dict:
+    """``deltas_s``: as a run does, the driver also reads back what it publishes and saves it as
+    index deltas (checkpoints.IndexCheckpoints, every ``deltas_s`` seconds), beside the publishing."""
     from fastsam_batch.pipeline import WriterPool
     from fastsam_batch.writers import Ledger, publish
 
     files: list[dict] = []
-    ledger = Ledger(lambda s: publish(storage, s), files.append)
+    checkpoints = lease = None
+    on_commit = files.append
+    if deltas_s is not None:
+        from fastsam_batch.checkpoints import IndexCheckpoints
+        from fastsam_batch.lease import Lease
+
+        lease = Lease(storage, out, "bench-writers")
+        lease.acquire()
+        checkpoints = IndexCheckpoints(out, storage, lease.fence(), interval_s=deltas_s)
+
+        def on_commit(stats: dict) -> None:
+            files.append(stats)
+            checkpoints.published(stats["file"], stats["rows"])
+    ledger = Ledger(lambda s: publish(storage, s), on_commit)
     pool = WriterPool(manifest(out, k, target_mb), storage, k, ledger, local_output=not out.startswith("s3://"),
                       run_id="bench")
     pool.start()  # the actors up before the clock starts (a run starts them while Ray Data starts its own)
@@ -149,12 +168,19 @@ def with_writers(refs, sizes, out: str, k: int, target_mb: float, storage) -> di
     pids = ray.get([h.pid.remote() for h in pool.handles])
     w0 = [proc_cpu_s(p) for p in pids]  # the writers run on this machine (one node)
     t0, c0, m0 = time.perf_counter(), cpu_s(), machine_busy_s()
+    if checkpoints is not None:
+        checkpoints.start()
     pool.run(_Bundles(refs, sizes), keep=True)  # every file published; the writers kept to read their CPU
     wall, cpu, busy = time.perf_counter() - t0, cpu_s() - c0, machine_busy_s() - m0
     writers_cpu = [proc_cpu_s(p) - c for p, c in zip(pids, w0)]
     pool.stop(clean=pool.died > 0)  # as run() itself stops them when it does not keep them
-    return {"files": len(files), "rows": sum(f["rows"] for f in files), "wall_s": wall, "driver_cpu_s": cpu,
-            "writers_cpu_s": writers_cpu, "machine_busy_s": busy, "bytes": published_bytes(out, storage, files)}
+    r = {"files": len(files), "rows": sum(f["rows"] for f in files), "wall_s": wall, "driver_cpu_s": cpu,
+         "writers_cpu_s": writers_cpu, "machine_busy_s": busy, "bytes": published_bytes(out, storage, files)}
+    if checkpoints is not None:
+        checkpoints.stop()
+        r["deltas_saved"] = len(checkpoints.close(flush=False))
+        lease.release()
+    return r
 
 
 def on_driver(refs, out: str, target_mb: float, storage) -> dict:
@@ -191,6 +217,8 @@ def main() -> None:
     ap.add_argument("--writers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--target-mb", type=float, default=16)
     ap.add_argument("--s3", action="store_true", help="write to a moto S3 server (started here) instead of a folder")
+    ap.add_argument("--deltas", type=float, default=None, metavar="S",
+                    help="each K also run with the index deltas saved every S seconds beside the publishing")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "writers.json")
     args = ap.parse_args()
 
@@ -226,23 +254,27 @@ def main() -> None:
         refs = [ray.put(b) for b in blocks]
         sizes = [b.num_rows for b in blocks]
         del blocks
-        plans = [("driver (main)", None)] + [(f"{k} writer{'s' if k > 1 else ''}", k) for k in args.writers]
-        for name, k in plans:
-            out = f"{base}/{name.split()[0]}-{k or 0}"
+        plans = [("driver (main)", None, None)]
+        for k in args.writers:  # (each K with and without deltas one after the other: the machine's drift shared)
+            plans += [(f"{k} writer{'s' if k > 1 else ''}" + ("+deltas" if d is not None else ""), k, d)
+                      for d in ([None] if args.deltas is None else [None, args.deltas])]
+        for name, k, deltas_s in plans:
+            out = f"{base}/{name.split()[0]}-{k or 0}" + ("-deltas" if deltas_s is not None else "")
             r = on_driver(refs, out, args.target_mb, storage) if k is None else \
-                with_writers(refs, sizes, out, k, args.target_mb, storage)
+                with_writers(refs, sizes, out, k, args.target_mb, storage, deltas_s)
             assert r["rows"] == args.rows, r
             # what the writers' work costs a row (CPU only: time a writer spends waiting uses none), and
             # how busy the machine's cores were meanwhile
             wcpu = sum(r["writers_cpu_s"]) or r["driver_cpu_s"]
-            r.update(name=name, writers=k, rows_per_s=r["rows"] / r["wall_s"], mb_per_s=r["bytes"] / r["wall_s"] / 1e6,
+            r.update(name=name, writers=k, deltas_every_s=deltas_s, rows_per_s=r["rows"] / r["wall_s"], mb_per_s=r["bytes"] / r["wall_s"] / 1e6,
                      rows_per_writer_cpu_s=r["rows"] / wcpu, cores_busy=r["machine_busy_s"] / r["wall_s"],
                      load_avg=os.getloadavg()[0])
             results["runs"].append(r)
-            print(f"{name:>14}: {r['rows_per_s']:8.0f} rows/s  {r['mb_per_s']:6.1f} MB/s  ({r['files']} files, "
+            print(f"{name:>21}: {r['rows_per_s']:8.0f} rows/s  {r['mb_per_s']:6.1f} MB/s  ({r['files']} files, "
                   f"{r['bytes'] / 1e6:.0f} MB, {r['wall_s']:.1f} s; driver CPU {r['driver_cpu_s']:.1f} s; writers' CPU "
                   f"{sum(r['writers_cpu_s']):.1f} s, {r['rows_per_writer_cpu_s']:.0f} rows a writer-CPU-second; "
-                  f"cores busy {r['cores_busy']:.2f} of {os.cpu_count()}; load {r['load_avg']:.1f})", flush=True)
+                  f"cores busy {r['cores_busy']:.2f} of {os.cpu_count()}; load {r['load_avg']:.1f}"
+                  + (f"; {r['deltas_saved']} deltas" if deltas_s is not None else "") + ")", flush=True)
     finally:
         ray.shutdown()
         if moto is not None:
