@@ -163,10 +163,14 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
         make_image(3100 + i, size=(160, 128))[0].save(local / f"{i}.png")
         fs.put_file(str(local / f"{i}.png"), f"grows/images/{i}.png")
     fs.put_file(str(checkpoint), "grows/models/fixture.pt")
+    # index deltas saved often (checkpoints.py) on S3: files as the ETags tell them
     m = write_job(tmp_path / "job.yaml", "incremental", "s3://grows/images/", "s3://grows/models/fixture.pt",
-                  "s3://grows/masks/", 4)
+                  "s3://grows/masks/", 4, index_save_interval_s=0.2)
     env = {**s3_env, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache")}
-    assert run_cli("run", str(m), env=env).returncode == 0
+    reads = [tmp_path / "reads-1.txt", tmp_path / "reads-2.txt"]  # each committed file a run read back (tests/inject)
+    assert run_cli("run", str(m), env={**env, "FASTSAM_BATCH_TEST_READS": str(reads[0])}).returncode == 0
+    first = part_names(fs)
+    assert sorted(read_names(reads[0])) == sorted(first)  # each file it wrote read back once (a delta or its end)
 
     # The prefix grows by three objects, and one object is replaced by another image (new ETag, size).
     for i in range(6, 9):
@@ -174,9 +178,13 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
         fs.put_file(str(local / f"{i}.png"), f"grows/images/{i}.png")
     make_image(3999, size=(200, 150))[0].save(local / "new-2.png")
     fs.put_file(str(local / "new-2.png"), "grows/images/2.png")
-    r = run_cli("run", str(m), env=env)
+    r = run_cli("run", str(m), env={**env, "FASTSAM_BATCH_TEST_READS": str(reads[1])})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming: 5 images already have rows; 4 to do (1 of them changed" in r.stdout
+    # the first run's files were taken from its saved index, not read; what this run wrote (and the
+    # file its old row of 2.png was dropped from, rewritten) read once each
+    second = read_names(reads[1])
+    assert len(second) == len(set(second)) and set(second) == part_names(fs) - first, (second, first)
     fs.invalidate_cache()
     summary = json.loads(fs.cat_file("grows/masks/_run.json"))["last_run_summary"]
     assert (summary["images_skipped_done"], summary["images_changed"], summary["rows_superseded"]) == (5, 1, 1)
@@ -192,6 +200,15 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
 
     again = run_cli("run", str(m), env=env)
     assert "nothing to do: all 9 images already have rows" in again.stdout
+
+
+def part_names(fs) -> set[str]:
+    fs.invalidate_cache()
+    return {p.rsplit("/", 1)[-1] for p in fs.glob("grows/masks/part-*.parquet")}
+
+
+def read_names(path: Path) -> list[str]:
+    return [line.rsplit("/", 1)[-1] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_superseded_rows_are_found_only_where_a_current_row_exists():
