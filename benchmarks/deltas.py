@@ -50,8 +50,19 @@ def cpu():
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
+SERVER = int(os.environ.get("BENCH_SERVER_PID") or 0)  # a storage server's process (--s3): its CPU too
+
+
+def server_cpu():
+    if not SERVER:
+        return 0.0
+    with open(f"/proc/{SERVER}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 from fastsam_batch.resume import list_parts_stamped, read_committed
-t0, c0 = time.perf_counter(), cpu()
+t0, c0, s0 = time.perf_counter(), cpu(), server_cpu()
 if step == "start":
     c = read_committed(out, storage)
     rows = c.rows
@@ -69,7 +80,7 @@ elif step == "deltas":
             n = pq.ParquetFile(f).metadata.num_rows
         rows += n
         cp.published(p.rsplit("/", 1)[-1], n)
-    t0, c0 = time.perf_counter(), cpu()  # (the files' row counts above: what the run's stats give it)
+    t0, c0, s0 = time.perf_counter(), cpu(), server_cpu()  # (the files' row counts above: what the run's stats give it)
     cp.save_pending()
     assert not cp._pending, "files left pending"
     lease.release()
@@ -79,32 +90,24 @@ elif step == "full":
     lease.acquire(break_lease=True)
     c = read_committed(out, storage)
     rows = c.rows
-    t0, c0 = time.perf_counter(), cpu()
+    t0, c0, s0 = time.perf_counter(), cpu(), server_cpu()
     save_index(out, storage, c, fence=lease.fence())
     c.close()
     lease.release()
-print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": cpu() - c0, "rows": rows}))
+print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": cpu() - c0, "rows": rows,
+                  **({"storage_server_cpu_s": round(server_cpu() - s0, 2)} if SERVER else {})}))
 """
 
 
 def step(out: str, name: str, options: dict) -> dict:
-    """One step in a process of its own; with a moto server, the server's CPU during it too."""
-    moto = options.get("moto_pid")
-    before = _cpu_of(moto) if moto else None
+    """One step in a process of its own; with a moto server, the server's CPU over the timed part."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_SERVER_PID": str(options.get("moto_pid") or "")}
     r = subprocess.run([sys.executable, "-c", STEP, out, name,
                         json.dumps({k: v for k, v in options.items() if k != "moto_pid"})],
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True)
+                       env=env, cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"step {name} failed:\n{r.stderr[-3000:]}")
-    got = json.loads(r.stdout.strip().splitlines()[-1])
-    if moto:
-        got["storage_server_cpu_s"] = round(_cpu_of(moto) - before, 2)  # (the whole step, setup included)
-    return got
-
-
-def _cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ CPU, so it does not show there) and how many of the machine's cores were busy (/
 before, the one writer on the driver (write.Committer + ParquetWriter, the blocks fetched to the
 driver). Prints a table and writes JSON.
 
-With ``--deltas S``, each K runs a second time with the run's index deltas beside the publishing
-(checkpoints.IndexCheckpoints every S seconds: the driver reads back what it published, in its own
-threads, as a run does): what that read-back costs the driver's publishing.
+With ``--deltas S``, each K runs four times, without, with, with and without the run's index deltas
+beside the publishing (checkpoints.IndexCheckpoints every S seconds: the driver reads back what it
+published, in its own threads, as a run does): what that read-back costs the driver's publishing.
 
     PYTHONPATH=. .venv/bin/python benchmarks/writers.py [--rows 12000] [--pool 1500] [--writers 1 2 4]
         [--target-mb 16] [--s3] [--deltas S] [--out benchmarks/out/writers.json]
@@ -255,11 +255,12 @@ def main() -> None:
         sizes = [b.num_rows for b in blocks]
         del blocks
         plans = [("driver (main)", None, None)]
-        for k in args.writers:  # (each K with and without deltas one after the other: the machine's drift shared)
+        for k in args.writers:  # with --deltas: without, with, with, without (ABBA: the machine's drift
+            # falls on both alike; each is reported, and their means)
             plans += [(f"{k} writer{'s' if k > 1 else ''}" + ("+deltas" if d is not None else ""), k, d)
-                      for d in ([None] if args.deltas is None else [None, args.deltas])]
-        for name, k, deltas_s in plans:
-            out = f"{base}/{name.split()[0]}-{k or 0}" + ("-deltas" if deltas_s is not None else "")
+                      for d in ([None] if args.deltas is None else [None, args.deltas, args.deltas, None])]
+        for i, (name, k, deltas_s) in enumerate(plans):
+            out = f"{base}/{i}-{name.split()[0]}-{k or 0}" + ("-deltas" if deltas_s is not None else "")
             r = on_driver(refs, out, args.target_mb, storage) if k is None else \
                 with_writers(refs, sizes, out, k, args.target_mb, storage, deltas_s)
             assert r["rows"] == args.rows, r
@@ -275,6 +276,14 @@ def main() -> None:
                   f"{sum(r['writers_cpu_s']):.1f} s, {r['rows_per_writer_cpu_s']:.0f} rows a writer-CPU-second; "
                   f"cores busy {r['cores_busy']:.2f} of {os.cpu_count()}; load {r['load_avg']:.1f}"
                   + (f"; {r['deltas_saved']} deltas" if deltas_s is not None else "") + ")", flush=True)
+        if args.deltas is not None:
+            for k in args.writers:
+                mine = [r for r in results["runs"] if r["writers"] == k]
+                means = {d: sum(r["rows_per_s"] for r in mine if (r["deltas_every_s"] is not None) == d)
+                         / sum(1 for r in mine if (r["deltas_every_s"] is not None) == d) for d in (False, True)}
+                results.setdefault("mean_rows_per_s", {})[str(k)] = {"without": means[False], "with_deltas": means[True]}
+                print(f"{k} writer(s): mean {means[False]:.0f} rows/s without deltas, {means[True]:.0f} with "
+                      f"({means[True] / means[False] - 1:+.1%})", flush=True)
     finally:
         ray.shutdown()
         if moto is not None:

@@ -360,7 +360,7 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     m = manifest(tmp_path / "m.yaml", str(images), str(CHECKPOINT), str(out),
                  output={"rows_per_file": 1000, "commit_interval_s": 1, "writers": 4})
     exe = Path(sys.executable).with_name("fastsam-batch")
-    reads = tmp_path / "reads.txt"  # each committed file a run reads back, a line (tests/inject)
+    reads = tmp_path / "reads.txt"  # each committed file the index reads (resume.read_file_rows), a line (tests/inject)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"FASTSAM_BATCH_TEST_SLOW": "decode:zz-slow:600",
                                                                         "FASTSAM_BATCH_TEST_READS": str(reads)}
     proc = subprocess.Popen([str(exe), "run", str(m)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

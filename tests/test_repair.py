@@ -350,10 +350,10 @@ def storage_operations(kill: _Kill):
     operations the forked repair never makes."""
     real_open, real = builtins.open, {n: getattr(os, n) for n in ("replace", "rename", "remove", "unlink", "rmdir")}
     real_rmtree = shutil.rmtree
-    others = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
+    others = set(threading.enumerate()) - {threading.current_thread()}  # (objects: an id can be reused)
 
     def counts() -> bool:
-        return threading.get_ident() not in others
+        return threading.current_thread() not in others
 
     def wrapped(fn):
         def call(*a, **k):

@@ -163,11 +163,14 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
         make_image(3100 + i, size=(160, 128))[0].save(local / f"{i}.png")
         fs.put_file(str(local / f"{i}.png"), f"grows/images/{i}.png")
     fs.put_file(str(checkpoint), "grows/models/fixture.pt")
-    # index deltas saved often (checkpoints.py) on S3: files as the ETags tell them
+    # index deltas every 0.2 s (checkpoints.py) on S3, where ETags tell a file's content. Whether a
+    # delta is made before a run ends depends on timing; either way each file a run commits is read
+    # by its index once (by a delta's read-back, else at the run's end), and a delta that failed or
+    # was not taken at the end would make it twice. (Deltas made for sure: test_failing_well's Ctrl-C.)
     m = write_job(tmp_path / "job.yaml", "incremental", "s3://grows/images/", "s3://grows/models/fixture.pt",
                   "s3://grows/masks/", 4, index_save_interval_s=0.2)
     env = {**s3_env, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache")}
-    reads = [tmp_path / "reads-1.txt", tmp_path / "reads-2.txt"]  # each committed file a run read back (tests/inject)
+    reads = [tmp_path / "reads-1.txt", tmp_path / "reads-2.txt"]  # each read of the index's (tests/inject), a line
     assert run_cli("run", str(m), env={**env, "FASTSAM_BATCH_TEST_READS": str(reads[0])}).returncode == 0
     first = part_names(fs)
     assert sorted(read_names(reads[0])) == sorted(first)  # each file it wrote read back once (a delta or its end)
