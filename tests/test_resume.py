@@ -163,17 +163,35 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
         make_image(3100 + i, size=(160, 128))[0].save(local / f"{i}.png")
         fs.put_file(str(local / f"{i}.png"), f"grows/images/{i}.png")
     fs.put_file(str(checkpoint), "grows/models/fixture.pt")
-    # index deltas every 0.2 s (checkpoints.py) on S3, where ETags tell a file's content. Whether a
-    # delta is made before a run ends depends on timing; either way each file a run commits is read
-    # by its index once (by a delta's read-back, else at the run's end), and a delta that failed or
-    # was not taken at the end would make it twice. (Deltas made for sure: test_failing_well's Ctrl-C.)
+    # Index deltas every 0.2 s (checkpoints.py) on S3, where ETags tell a file's content. The first
+    # run is held open (its last image's decoding, the test-only slow hook) until a delta of its first
+    # file is on S3, then let finish: each file it commits is read by its index once (the delta's
+    # read-back, or its end's for the files after it); an end that read a delta's files again would
+    # make it twice.
     m = write_job(tmp_path / "job.yaml", "incremental", "s3://grows/images/", "s3://grows/models/fixture.pt",
                   "s3://grows/masks/", 4, index_save_interval_s=0.2)
     env = {**s3_env, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache")}
     reads = [tmp_path / "reads-1.txt", tmp_path / "reads-2.txt"]  # each read of the index's (tests/inject), a line
-    assert run_cli("run", str(m), env={**env, "FASTSAM_BATCH_TEST_READS": str(reads[0])}).returncode == 0
+    release = tmp_path / "release"
+    held = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"} | env | {
+        "FASTSAM_BATCH_TEST_READS": str(reads[0]), "FASTSAM_BATCH_TEST_SLOW": "decode:5.png:600",
+        "FASTSAM_BATCH_TEST_SLOW_UNTIL": str(release)}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("fastsam-batch")), "run", str(m)], env=held,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not fs.glob("grows/masks/_index/*.delta.json"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no index delta on S3 in 5 minutes"
+            time.sleep(0.2)
+            fs.invalidate_cache()
+    finally:
+        release.touch()  # (on a failure too: the held run ends by itself)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout + stderr
     first = part_names(fs)
-    assert sorted(read_names(reads[0])) == sorted(first)  # each file it wrote read back once (a delta or its end)
+    assert sorted(read_names(reads[0])) == sorted(first)  # each file it wrote read once: by a delta or by its end
+    assert not fs.glob("grows/masks/_index/*.delta.*")  # its full save at the end replaced the deltas
 
     # The prefix grows by three objects, and one object is replaced by another image (new ETag, size).
     for i in range(6, 9):

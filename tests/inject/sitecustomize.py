@@ -7,7 +7,9 @@ does nothing unless one of these is set in the process's environment:
   ``<text>`` in ``<stage>`` (``decode``, or ``segment``: a batch or an image alone) takes that long,
   as a pathological file would: the sleep is inside the run's own watchdog (watchdog.Watchdog.watch),
   where the real work is. With ``FASTSAM_BATCH_TEST_SLOW_MARK=<file>`` that file is created first, so
-  a test can wait for a run to be inside such an image instead of guessing when it is.
+  a test can wait for a run to be inside such an image instead of guessing when it is. With
+  ``FASTSAM_BATCH_TEST_SLOW_UNTIL=<file>`` the work ends as soon as that file exists (at the latest
+  after the seconds): a test holds a run open until what it waits for has happened, then lets it end.
 - ``FASTSAM_BATCH_CRASH_ONCE=<path>``: the first segmentation call that finds no file at ``<path>``
   creates it and ends its own process mid-batch (exit 137), as a dying GPU worker would; exactly once
   per path, whichever process gets there first.
@@ -43,7 +45,13 @@ def _slow_watchdog(module) -> None:
                 mark = os.environ.get("FASTSAM_BATCH_TEST_SLOW_MARK")
                 if mark:
                     Path(mark).touch()
-                time.sleep(float(seconds))
+                until = os.environ.get("FASTSAM_BATCH_TEST_SLOW_UNTIL")
+                if until:
+                    deadline = time.monotonic() + float(seconds)
+                    while time.monotonic() < deadline and not Path(until).exists():
+                        time.sleep(0.05)
+                else:
+                    time.sleep(float(seconds))
             yield
 
     module.Watchdog.watch = slowed
