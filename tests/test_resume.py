@@ -185,9 +185,13 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
             assert time.time() < deadline, "no index delta on S3 in 5 minutes"
             time.sleep(0.2)
             fs.invalidate_cache()
+        release.touch()
+        stdout, stderr = proc.communicate(timeout=600)
     finally:
-        release.touch()  # (on a failure too: the held run ends by itself)
-    stdout, stderr = proc.communicate(timeout=600)
+        if proc.poll() is None:  # a failure above: the run is not left running beside the next tests
+            release.touch()
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, stdout + stderr
     first = part_names(fs)
     assert sorted(read_names(reads[0])) == sorted(first)  # each file it wrote read once: by a delta or by its end
