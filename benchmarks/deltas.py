@@ -16,7 +16,8 @@ process of its own, this tree's code:
 Per step: wall seconds and CPU seconds of the process (and of the plan pool's processes, where the
 start uses one). Prints a table and writes JSON. ``--s3``: the output copied to a moto S3 server
 started here (its own process, on this machine's cores too), and every step against it over HTTP:
-where each file read waits on the storage.
+each file read is requests to a storage server (on this machine: no network latency), whose CPU
+over each timed part is recorded too.
 
     PYTHONPATH=. .venv/bin/python benchmarks/deltas.py --rows 1000000 3000000 [--rows-per-file 4000]
         [--s3] [--work /tmp/deltas] [--out benchmarks/out/deltas.json]
