@@ -55,11 +55,9 @@ SERVER = int(os.environ.get("BENCH_SERVER_PID") or 0)  # a storage server's proc
 
 
 def server_cpu():
-    if not SERVER:
-        return 0.0
-    with open(f"/proc/{SERVER}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    from scale import proc_cpu_s  # benchmarks/scale.py
+
+    return proc_cpu_s(SERVER) if SERVER else 0.0
 
 
 from fastsam_batch.resume import list_parts_stamped, read_committed
@@ -102,7 +100,8 @@ print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": cpu() - c0, "rows
 
 def step(out: str, name: str, options: dict) -> dict:
     """One step in a process of its own; with a moto server, the server's CPU over the timed part."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_SERVER_PID": str(options.get("moto_pid") or "")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]),
+           "BENCH_SERVER_PID": str(options.get("moto_pid") or "")}
     r = subprocess.run([sys.executable, "-c", STEP, out, name,
                         json.dumps({k: v for k, v in options.items() if k != "moto_pid"})],
                        env=env, cwd=ROOT, capture_output=True, text=True)
@@ -164,14 +163,12 @@ def measure(a, n: int, storage, options: dict) -> dict:
     path, _ = make(a.work, n, "list", rows_per_file=a.rows_per_file)
     local = Path(json.loads(path.read_text())["output"]["uri"])
     shutil.rmtree(local / "_index", ignore_errors=True)
-    out = str(local)
+    out = f"s3://bench-deltas/{n}" if options else str(local)
+    fs = storage.fs(out)
     if options:
-        out = f"s3://bench-deltas/{n}"
-        fs = storage.fs(out)
         if not fs.exists("bench-deltas"):
             fs.mkdir("bench-deltas")
         fs.put([str(p) for p in local.glob("part-*.parquet")], out + "/")
-    fs = storage.fs(out)
     index = out.rstrip("/") + "/_index"
 
     def clear_index() -> None:

@@ -152,12 +152,22 @@ def make_bucket(s3_env: dict, name: str) -> None:
                  aws_secret_access_key=FAKE_SECRET, region_name="us-east-1").create_bucket(Bucket=name)
 
 
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a ``fastsam-batch`` run a test starts: this one's without AWS settings or
+    RAY_ADDRESS (an embedded Ray of its own), with ``env`` added."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"} | (env or {})
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """``fastsam-batch ARGS`` in a subprocess, as a user runs it."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
-    full_env.update(env or {})
     exe = Path(sys.executable).with_name("fastsam-batch")
-    return subprocess.run([str(exe), *args], env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(exe), *args], env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def files_read(path: Path) -> list[str]:
+    """The names of the committed files a run's index read, one a read, from the file its
+    FASTSAM_BATCH_TEST_READS named (tests/inject); none where it read none."""
+    return [line.rsplit("/", 1)[-1] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from conftest import CHECKPOINT, free_port, moto_server, run_cli, save_shapes
+from conftest import CHECKPOINT, files_read, free_port, moto_server, run_cli, save_shapes
 from shapes import make_image
 
 BUCKET = "fw-data"
@@ -395,13 +395,13 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     assert list(out.glob("_index/*.delta.json")) and saved.read == [] and saved.deltas.covered == set(listed)
     saved.base.close()
     # and the run read each file it committed once: the deltas' read-back; its end took them from there
-    assert sorted(_names(reads)) == sorted(_names(listed)), (reads.read_text(), listed)
+    assert sorted(files_read(reads)) == sorted(_names(listed)), (reads.read_text(), listed)
 
     again = tmp_path / "reads-again.txt"
     r = run_cli("run", str(m), "--debug", env={"FASTSAM_BATCH_TEST_READS": str(again)})
     assert r.returncode == 0, r.stdout + r.stderr
     # the rerun's start took the deltas (no file read), its end read each file it wrote once
-    assert sorted(_names(again)) == sorted(_names(list_parts_stamped(str(out), Storage())) - _names(listed)), \
+    assert sorted(files_read(again)) == sorted(_names(list_parts_stamped(str(out), Storage())) - _names(listed)), \
         again.read_text() if again.exists() else "no file read"
     assert f"resuming: {len(committed)} images already have rows" in r.stdout
     assert f"run 'failing-well': {len(names) - len(committed)} images in" in r.stdout, r.stdout  # this run's
@@ -415,10 +415,7 @@ def test_ctrl_c_commits_what_is_done_and_the_same_command_resumes(tmp_path):
     assert (record["images"], record["images_ok"], record["last_run"]["status"]) == (len(names), len(names), "finished")
 
 
-def _names(paths) -> list[str] | set[str]:
-    """The file names in ``paths`` (a FASTSAM_BATCH_TEST_READS file: a list, one a read; else a set)."""
-    if isinstance(paths, Path):
-        return [line.rsplit("/", 1)[-1] for line in paths.read_text().splitlines()] if paths.exists() else []
+def _names(paths) -> set[str]:
     return {p.rsplit("/", 1)[-1] for p in paths}
 
 

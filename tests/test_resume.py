@@ -153,7 +153,7 @@ def test_resume_with_a_changed_setting_is_refused_unless_overwrite(job):
 
 
 def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_client, s3_env, checkpoint, tmp_path):
-    from conftest import make_bucket, write_job
+    from conftest import cli_env, files_read, make_bucket, write_job
 
     fs = s3fs_client
     make_bucket(s3_env, "grows")
@@ -173,9 +173,8 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
     env = {**s3_env, "FASTSAM_BATCH_CACHE": str(tmp_path / "cache")}
     reads = [tmp_path / "reads-1.txt", tmp_path / "reads-2.txt"]  # each read of the index's (tests/inject), a line
     release = tmp_path / "release"
-    held = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"} | env | {
-        "FASTSAM_BATCH_TEST_READS": str(reads[0]), "FASTSAM_BATCH_TEST_SLOW": "decode:5.png:600",
-        "FASTSAM_BATCH_TEST_SLOW_UNTIL": str(release)}
+    held = cli_env({**env, "FASTSAM_BATCH_TEST_READS": str(reads[0]), "FASTSAM_BATCH_TEST_SLOW": "decode:5.png:600",
+                    "FASTSAM_BATCH_TEST_SLOW_UNTIL": str(release)})
     proc = subprocess.Popen([str(Path(sys.executable).with_name("fastsam-batch")), "run", str(m)], env=held,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -194,7 +193,7 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
             proc.communicate()
     assert proc.returncode == 0, stdout + stderr
     first = part_names(fs)
-    assert sorted(read_names(reads[0])) == sorted(first)  # each file it wrote read once: by a delta or by its end
+    assert sorted(files_read(reads[0])) == sorted(first)  # each file it wrote read once: by a delta or by its end
     assert not fs.glob("grows/masks/_index/*.delta.*")  # its full save at the end replaced the deltas
 
     # The prefix grows by three objects, and one object is replaced by another image (new ETag, size).
@@ -208,7 +207,7 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
     assert "resuming: 5 images already have rows; 4 to do (1 of them changed" in r.stdout
     # the first run's files were taken from its saved index, not read; what this run wrote (and the
     # file its old row of 2.png was dropped from, rewritten) read once each
-    second = read_names(reads[1])
+    second = files_read(reads[1])
     assert len(second) == len(set(second)) and set(second) == part_names(fs) - first, (second, first)
     fs.invalidate_cache()
     summary = json.loads(fs.cat_file("grows/masks/_run.json"))["last_run_summary"]
@@ -230,10 +229,6 @@ def test_incremental_run_on_s3_processes_only_new_and_changed_objects(s3fs_clien
 def part_names(fs) -> set[str]:
     fs.invalidate_cache()
     return {p.rsplit("/", 1)[-1] for p in fs.glob("grows/masks/part-*.parquet")}
-
-
-def read_names(path: Path) -> list[str]:
-    return [line.rsplit("/", 1)[-1] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_superseded_rows_are_found_only_where_a_current_row_exists():
